@@ -1,0 +1,60 @@
+"""Every exception qktrace raises on purpose, in one place.
+
+    QKTraceError                 base; its message is one line that names the problem and the fix
+    ├── ModelLoadError           path missing, not a causal LM, hub unreachable
+    ├── UnsupportedModelError    a family the anatomy layer does not know
+    ├── SAELoadError             corrupt or unknown SAE file, missing optional extra
+    ├── SAEMismatchError         SAE d_in differs from the model, hook is not a residual checkpoint
+    ├── InputError               empty prompt, bad token ids
+    ├── OutOfRangeError          layer, head, position or feature index out of range
+    └── GraphFileError           graph JSON that is corrupt or of an unknown version
+
+The CLI catches QKTraceError and prints its message on one line (exit 2), never a traceback.
+"""
+
+from __future__ import annotations
+
+
+class QKTraceError(Exception):
+    """Base class: the message is a single line that says what happened and how to fix it."""
+
+
+class ModelLoadError(QKTraceError):
+    pass
+
+
+class UnsupportedModelError(QKTraceError):
+    pass
+
+
+class SAELoadError(QKTraceError):
+    pass
+
+
+class SAEMismatchError(QKTraceError):
+    pass
+
+
+class InputError(QKTraceError):
+    pass
+
+
+class OutOfRangeError(QKTraceError):
+    pass
+
+
+class GraphFileError(QKTraceError):
+    pass
+
+
+def check_index(value: int, size: int, what: str, *, allow_negative: bool = False) -> int:
+    """Return `value` as a non-negative index into `size` items, or raise OutOfRangeError.
+
+    Negative values count from the end when `allow_negative` is set (positions do; layers and heads don't).
+    """
+    if allow_negative and -size <= value < 0:
+        return value + size
+    if 0 <= value < size:
+        return value
+    lo = -size if allow_negative else 0
+    raise OutOfRangeError(f"{what} {value} is out of range: valid values are {lo}..{size - 1}")

@@ -1,0 +1,280 @@
+"""The one place that knows how each Hugging Face family names and packs its weights.
+
+A family is a row of `FAMILIES`: where the blocks live, what each sub-module is called, which norm
+it uses and how its q/k/v projection is packed. Adding a family is one row (plus, if its q/k/v
+packing is new, one small split function) and one tiny-config test.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import UnsupportedModelError
+from .anatomy import Anatomy, Layer, Norm, NormKind, Rotary
+
+# (W_Q [head, d_model, d_head], W_K, W_V [kv_head, d_model, d_head], b_Q, b_K, b_V, W_O, b_O)
+Split = tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]
+
+
+def _bias(linear: nn.Module, n: int, like: Tensor) -> Tensor:
+    b = getattr(linear, "bias", None)
+    return b.detach() if b is not None else torch.zeros(n, dtype=like.dtype, device=like.device)
+
+
+def _split_linear(attn: nn.Module, n_heads: int, n_kv: int, d_head: int) -> Split:
+    """Llama-style separate q_proj/k_proj/v_proj/o_proj nn.Linear (weight [out, in])."""
+
+    def heads(lin: nn.Module, n: int) -> tuple[Tensor, Tensor]:
+        w = lin.weight.detach()  # [n * d_head, d_model]
+        W = w.T.reshape(w.shape[1], n, d_head).permute(1, 0, 2)  # [n, d_model, d_head]
+        return W.contiguous(), _bias(lin, n * d_head, w).reshape(n, d_head)
+
+    W_Q, b_Q = heads(attn.q_proj, n_heads)
+    W_K, b_K = heads(attn.k_proj, n_kv)
+    W_V, b_V = heads(attn.v_proj, n_kv)
+    wo = attn.o_proj.weight.detach()  # [d_model, head * d_head]
+    W_O = wo.T.reshape(n_heads, d_head, wo.shape[0]).contiguous()
+    return W_Q, W_K, W_V, b_Q, b_K, b_V, W_O, _bias(attn.o_proj, wo.shape[0], wo)
+
+
+def _split_gpt2(attn: nn.Module, n_heads: int, n_kv: int, d_head: int) -> Split:
+    """GPT-2 Conv1D c_attn (weight [d_model, 3 * d_model], y = x W + b), columns q | k | v."""
+    w = attn.c_attn.weight.detach()
+    d_model = w.shape[0]
+    b = attn.c_attn.bias.detach()
+    Ws = w.reshape(d_model, 3, n_heads, d_head).permute(1, 2, 0, 3)  # [3, head, d_model, d_head]
+    bs = b.reshape(3, n_heads, d_head)
+    wo = attn.c_proj.weight.detach()  # [head * d_head, d_model]
+    W_O = wo.reshape(n_heads, d_head, d_model).contiguous()
+    return (*(Ws[i].contiguous() for i in range(3)), bs[0], bs[1], bs[2], W_O, attn.c_proj.bias.detach())  # type: ignore[return-value]
+
+
+def _split_neox(attn: nn.Module, n_heads: int, n_kv: int, d_head: int) -> Split:
+    """GPT-NeoX fused query_key_value: output viewed as [head, 3 * d_head] and chunked q | k | v."""
+    lin = attn.query_key_value
+    w = lin.weight.detach()  # [3 * d_model, d_model]
+    d_model = w.shape[1]
+    Ws = w.T.reshape(d_model, n_heads, 3, d_head).permute(2, 1, 0, 3)  # [3, head, d_model, d_head]
+    bs = _bias(lin, 3 * d_model, w).reshape(n_heads, 3, d_head).permute(1, 0, 2)
+    wo = attn.dense.weight.detach()
+    W_O = wo.T.reshape(n_heads, d_head, d_model).contiguous()
+    return (*(Ws[i].contiguous() for i in range(3)), bs[0], bs[1], bs[2], W_O, _bias(attn.dense, d_model, wo))  # type: ignore[return-value]
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    model_types: tuple[str, ...]
+    base: str  # attribute of the CausalLM holding the decoder
+    layers: str
+    embed: str
+    pos_embed: str | None
+    final_norm: str
+    attn: str
+    mlp: str
+    ln_attn: str
+    ln_mlp: str
+    post_attn: str | None
+    post_mlp: str | None
+    norm: NormKind
+    gemma_norm: bool  # RMSNorm gain is (1 + w)
+    split: Callable[[nn.Module, int, int, int], Split]
+    parallel: Callable[[object], bool] = lambda cfg: False
+
+
+_LLAMA_LIKE = dict(
+    base="model",
+    layers="layers",
+    embed="embed_tokens",
+    pos_embed=None,
+    final_norm="norm",
+    attn="self_attn",
+    mlp="mlp",
+    ln_attn="input_layernorm",
+    ln_mlp="post_attention_layernorm",
+    post_attn=None,
+    post_mlp=None,
+    norm="rmsnorm",
+    gemma_norm=False,
+    split=_split_linear,
+)
+
+FAMILIES: tuple[Family, ...] = (
+    Family(
+        name="gpt2",
+        model_types=("gpt2",),
+        base="transformer",
+        layers="h",
+        embed="wte",
+        pos_embed="wpe",
+        final_norm="ln_f",
+        attn="attn",
+        mlp="mlp",
+        ln_attn="ln_1",
+        ln_mlp="ln_2",
+        post_attn=None,
+        post_mlp=None,
+        norm="layernorm",
+        gemma_norm=False,
+        split=_split_gpt2,
+    ),
+    Family(
+        name="gpt_neox",
+        model_types=("gpt_neox",),
+        base="gpt_neox",
+        layers="layers",
+        embed="embed_in",
+        pos_embed=None,
+        final_norm="final_layer_norm",
+        attn="attention",
+        mlp="mlp",
+        ln_attn="input_layernorm",
+        ln_mlp="post_attention_layernorm",
+        post_attn=None,
+        post_mlp=None,
+        norm="layernorm",
+        gemma_norm=False,
+        split=_split_neox,
+        parallel=lambda cfg: bool(getattr(cfg, "use_parallel_residual", False)),
+    ),
+    Family(name="llama", model_types=("llama", "mistral"), **_LLAMA_LIKE),  # type: ignore[arg-type]
+    Family(name="qwen2", model_types=("qwen2",), **_LLAMA_LIKE),  # type: ignore[arg-type]
+    Family(name="qwen3", model_types=("qwen3",), **_LLAMA_LIKE),  # type: ignore[arg-type]
+    Family(
+        name="gemma2",
+        model_types=("gemma2",),
+        **{  # type: ignore[arg-type]
+            **_LLAMA_LIKE,
+            "ln_mlp": "pre_feedforward_layernorm",
+            "post_attn": "post_attention_layernorm",
+            "post_mlp": "post_feedforward_layernorm",
+            "gemma_norm": True,
+        },
+    ),
+)
+
+SUPPORTED = tuple(t for f in FAMILIES for t in f.model_types)
+
+
+def family_for(model_type: str) -> Family:
+    for fam in FAMILIES:
+        if model_type in fam.model_types:
+            return fam
+    raise UnsupportedModelError(
+        f"model type '{model_type}' is not supported: qktrace supports {', '.join(SUPPORTED)}"
+    )
+
+
+def _norm(module: nn.Module, kind: NormKind, gemma: bool) -> Norm:
+    w = module.weight.detach()
+    eps = getattr(module, "eps", None)
+    if eps is None:
+        eps = getattr(module, "variance_epsilon", 1e-6)
+    bias = getattr(module, "bias", None)
+    return Norm(
+        kind=kind,
+        weight=(1.0 + w.float()).to(w.dtype) if gemma else w,
+        bias=bias.detach() if bias is not None else None,
+        eps=float(eps),
+    )
+
+
+def _rotary(hf: nn.Module, fam: Family, d_head: int) -> Rotary | None:
+    base = getattr(hf, fam.base)
+    rot = getattr(base, "rotary_emb", None)
+    if rot is None:
+        return None
+    probe = next(hf.parameters())
+
+    def cos_sin(positions: Tensor) -> tuple[Tensor, Tensor]:
+        x = torch.zeros(1, dtype=probe.dtype, device=probe.device)
+        cos, sin = rot(x, positions.to(probe.device).reshape(1, -1))
+        return cos[0], sin[0]  # [pos, rotary_dim]
+
+    rotary_dim = cos_sin(torch.zeros(1, dtype=torch.long))[0].shape[-1]
+    return Rotary(rotary_dim=int(rotary_dim), cos_sin=cos_sin)
+
+
+def read_anatomy(hf: nn.Module) -> Anatomy:
+    """Build the uniform anatomy of a loaded HF causal LM (weights are views, not copies, where possible)."""
+    cfg = hf.config
+    fam = family_for(cfg.model_type)
+    base = getattr(hf, fam.base)
+    n_heads = cfg.num_attention_heads
+    n_kv = getattr(cfg, "num_key_value_heads", None) or n_heads
+    d_head = getattr(cfg, "head_dim", None) or cfg.hidden_size // n_heads
+    layers = []
+    for i, block in enumerate(getattr(base, fam.layers)):
+        attn = getattr(block, fam.attn)
+        W_Q, W_K, W_V, b_Q, b_K, b_V, W_O, b_O = fam.split(attn, n_heads, n_kv, d_head)
+        group = n_heads // n_kv
+        q_norm = getattr(attn, "q_norm", None)
+        k_norm = getattr(attn, "k_norm", None)
+        softcap = getattr(attn, "attn_logit_softcapping", None)
+        layers.append(
+            Layer(
+                index=i,
+                ln_attn=_norm(getattr(block, fam.ln_attn), fam.norm, fam.gemma_norm),
+                ln_mlp=_norm(getattr(block, fam.ln_mlp), fam.norm, fam.gemma_norm),
+                post_attn=_norm(getattr(block, fam.post_attn), fam.norm, fam.gemma_norm) if fam.post_attn else None,
+                post_mlp=_norm(getattr(block, fam.post_mlp), fam.norm, fam.gemma_norm) if fam.post_mlp else None,
+                W_Q=W_Q,
+                W_K=W_K,
+                W_V=W_V,
+                W_O=W_O,
+                b_Q=b_Q,
+                b_K=b_K,
+                b_V=b_V,
+                b_O=b_O,
+                kv_head=tuple(h // group for h in range(n_heads)),
+                q_norm=_norm(q_norm, "rmsnorm", fam.gemma_norm) if q_norm is not None else None,
+                k_norm=_norm(k_norm, "rmsnorm", fam.gemma_norm) if k_norm is not None else None,
+                scale=float(attn.scaling),
+                softcap=float(softcap) if softcap else None,
+                sliding_window=getattr(attn, "sliding_window", None),
+                parallel=fam.parallel(cfg),
+                mlp=getattr(block, fam.mlp),
+            )
+        )
+    embed = getattr(base, fam.embed)
+    W_E = embed.weight.detach()
+    embed_scale = getattr(embed, "embed_scale", None)
+    if embed_scale is not None:
+        W_E = W_E * embed_scale.to(W_E.dtype)
+    pos = getattr(base, fam.pos_embed).weight.detach() if fam.pos_embed else None
+    head = hf.get_output_embeddings()
+    logit_softcap = getattr(cfg, "final_logit_softcapping", None)
+    return Anatomy(
+        family=fam.name,
+        layers=tuple(layers),
+        rotary=_rotary(hf, fam, d_head),
+        final_norm=_norm(getattr(base, fam.final_norm), fam.norm, fam.gemma_norm),
+        W_E=W_E,
+        W_pos=pos,
+        W_U=head.weight.detach().T,
+        b_U=head.bias.detach() if getattr(head, "bias", None) is not None else None,
+        logit_softcap=float(logit_softcap) if logit_softcap else None,
+    )
+
+
+def module_paths(hf: nn.Module) -> dict[str, object]:
+    """The HF modules qktrace hooks, per layer, addressed by the model's own names."""
+    fam = family_for(hf.config.model_type)
+    base = getattr(hf, fam.base)
+    blocks = list(getattr(base, fam.layers))
+    return {
+        "family": fam,
+        "blocks": blocks,
+        "attn": [getattr(b, fam.attn) for b in blocks],
+        "mlp": [getattr(b, fam.mlp) for b in blocks],
+        "ln_attn": [getattr(b, fam.ln_attn) for b in blocks],
+        "ln_mlp": [getattr(b, fam.ln_mlp) for b in blocks],
+        "post_attn": [getattr(b, fam.post_attn) for b in blocks] if fam.post_attn else None,
+        "post_mlp": [getattr(b, fam.post_mlp) for b in blocks] if fam.post_mlp else None,
+        "final_norm": getattr(base, fam.final_norm),
+        "embed": getattr(base, fam.embed),
+    }

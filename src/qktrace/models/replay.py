@@ -1,0 +1,103 @@
+"""Recompute a layer from the anatomy at the frozen scales and patterns of a Trace.
+
+These pure functions are the executable statement of what "linearised at frozen scales" means, and
+the exactness tests compare them with what HF computed: scores, the attention output, a whole layer.
+Each seam is its own function, named as in the attention diagram: input->query, input->key,
+input->value, (query, key)->scores, (pattern, value)->output.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .anatomy import Anatomy, Layer
+from .model import Trace
+
+
+def project(layer: Layer, side: str, xn: Tensor, bias: bool = True) -> Tensor:
+    """input->{query,key,value}: normed input xn [pos, d_model] -> [head or kv_head, pos, d_head]."""
+    W, b = {"q": (layer.W_Q, layer.b_Q), "k": (layer.W_K, layer.b_K), "v": (layer.W_V, layer.b_V)}[side]
+    out = torch.einsum("pd,hde->hpe", xn, W)
+    return out + b[:, None, :] if bias else out
+
+
+def qk_norm_and_rotate(
+    anatomy: Anatomy, layer: Layer, side: str, x: Tensor, positions: Tensor, trace: Trace, rotate: bool = True
+) -> Tensor:
+    """QK-norm at its frozen scale, then rotary at `positions`: x [h, pos, d_head] -> same.
+
+    `x` may be any linear share of the projected q (or k) at those positions: both steps are linear
+    once the scale is frozen.
+    """
+    norm = layer.q_norm if side == "q" else layer.k_norm
+    if norm is not None:
+        scales = trace.scale_q_norm if side == "q" else trace.scale_k_norm
+        assert scales is not None
+        s = scales[layer.index][:, positions]  # [h, pos]
+        x = x * s[..., None] * norm.weight
+    if rotate and anatomy.rotary is not None:
+        x = anatomy.rotary.rotate(x, positions)
+    return x
+
+
+def queries_keys(anatomy: Anatomy, trace: Trace, layer_idx: int) -> tuple[Tensor, Tensor]:
+    """q [head, pos, d_head] and k [kv_head, pos, d_head] recomputed from the residual stream."""
+    layer = anatomy.layers[layer_idx]
+    x = trace.resid[layer_idx]
+    xn = layer.ln_attn(x, trace.scale_ln_attn[layer_idx])
+    pos = trace.positions
+    q = qk_norm_and_rotate(anatomy, layer, "q", project(layer, "q", xn), pos, trace)
+    k = qk_norm_and_rotate(anatomy, layer, "k", project(layer, "k", xn), pos, trace)
+    return q, k
+
+
+def scores_from(layer: Layer, q: Tensor, k: Tensor, capped: bool = True) -> Tensor:
+    """(query, key)->scores: [head, q_pos, k_pos], causal positions only (others -inf)."""
+    kh = k[layer.kv_index()]  # [head, pos, d_head]
+    s = torch.einsum("hqe,hke->hqk", q, kh) * layer.scale
+    if capped and layer.softcap is not None:
+        s = layer.softcap * torch.tanh(s / layer.softcap)
+    return s
+
+
+def allowed_mask(trace: Trace, layer_idx: int) -> Tensor:
+    """[head, q_pos, k_pos] bool: where HF let the query attend (causal, sliding window)."""
+    return torch.isfinite(trace.scores[layer_idx])
+
+
+def attention_output(anatomy: Anatomy, trace: Trace, layer_idx: int) -> Tensor:
+    """(pattern, value)->output at frozen patterns: per-head writes summed, plus b_O: [pos, d_model]."""
+    layer = anatomy.layers[layer_idx]
+    xn = layer.ln_attn(trace.resid[layer_idx], trace.scale_ln_attn[layer_idx])
+    v = project(layer, "v", xn)[layer.kv_index()]  # [head, pos, d_head]
+    z = torch.einsum("hqk,hke->hqe", trace.patterns[layer_idx], v)
+    return torch.einsum("hqe,hed->qd", z, layer.W_O) + layer.b_O
+
+
+def replay_layer(anatomy: Anatomy, trace: Trace, layer_idx: int) -> Tensor:
+    """The layer's output residual [pos, d_model] from its input, frozen norms and patterns, HF MLP."""
+    layer = anatomy.layers[layer_idx]
+    x = trace.resid[layer_idx]
+    attn = attention_output(anatomy, trace, layer_idx)
+    if layer.post_attn is not None:
+        assert trace.scale_post_attn is not None
+        attn = layer.post_attn(attn, trace.scale_post_attn[layer_idx])
+    mid = x if layer.parallel else x + attn
+    mlp_in = layer.ln_mlp(mid, trace.scale_ln_mlp[layer_idx])
+    with torch.no_grad():
+        mlp = layer.mlp(mlp_in[None])[0]
+    if layer.post_mlp is not None:
+        assert trace.scale_post_mlp is not None
+        mlp = layer.post_mlp(mlp, trace.scale_post_mlp[layer_idx])
+    return x + attn + mlp if layer.parallel else mid + mlp
+
+
+def logits_from(anatomy: Anatomy, resid: Tensor, scale: Tensor) -> Tensor:
+    """Final norm at its frozen scale and unembedding: resid [pos, d_model] -> logits [pos, vocab]."""
+    logits = anatomy.final_norm(resid, scale) @ anatomy.W_U
+    if anatomy.b_U is not None:
+        logits = logits + anatomy.b_U
+    if anatomy.logit_softcap is not None:
+        logits = anatomy.logit_softcap * torch.tanh(logits / anatomy.logit_softcap)
+    return logits

@@ -1,0 +1,89 @@
+"""The anatomy reproduces the HF model's own numbers, for every supported family."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from qktrace.errors import InputError, ModelLoadError, UnsupportedModelError
+from qktrace.models import load_model
+from qktrace.models.replay import attention_output, logits_from, queries_keys, replay_layer, scores_from
+from qktrace.testing import random_prompt
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-12))
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_scores_from_anatomy_equal_hf_scores(tiny_models, family, seed):
+    model = tiny_models[family]
+    trace = model.run(random_prompt(14, seed))
+    for layer in range(model.n_layers):
+        q, k = queries_keys(model.anatomy, trace, layer)
+        assert rel_err(q, trace.q[layer]) < 1e-5
+        assert rel_err(k, trace.k[layer]) < 1e-5
+        mine = scores_from(model.anatomy.layers[layer], q, k)
+        hf = trace.scores[layer]
+        ok = torch.isfinite(hf)
+        assert ok.sum() > 0
+        assert rel_err(mine[ok], hf[ok]) < 1e-5
+        # the scores are not trivially small: the test would catch a wrong scale
+        assert hf[ok].abs().max() > 0.5
+
+
+def test_patterns_equal_output_attentions(tiny_models, family):
+    model = tiny_models[family]
+    trace = model.run(random_prompt(10, 3))
+    with torch.no_grad():
+        out = model.hf(input_ids=trace.tokens[None], output_attentions=True, use_cache=False)
+    for layer in range(model.n_layers):
+        assert torch.allclose(trace.patterns[layer], out.attentions[layer][0], atol=1e-6)
+    assert torch.allclose(trace.logits, out.logits[0], atol=1e-5)
+
+
+def test_layer_replay_reproduces_output_residual(tiny_models, family):
+    model = tiny_models[family]
+    trace = model.run(random_prompt(12, 5))
+    for layer in range(model.n_layers):
+        attn = attention_output(model.anatomy, trace, layer)
+        assert rel_err(attn, trace.attn_out[layer]) < 1e-5
+        out = replay_layer(model.anatomy, trace, layer)
+        assert rel_err(out, trace.resid[layer + 1]) < 1e-5
+    logits = logits_from(model.anatomy, trace.resid[-1], trace.scale_final)
+    assert rel_err(logits, trace.logits) < 1e-5
+
+
+def test_sliding_window_masks_far_keys(tiny_models):
+    model = tiny_models["mistral"]  # sliding_window=5
+    trace = model.run(random_prompt(12, 1))
+    allowed = torch.isfinite(trace.scores[0, 0])
+    assert bool(allowed[11, 11]) and not bool(allowed[11, 2])
+
+
+def test_gemma_softcap_bounds_scores(tiny_models):
+    trace = tiny_models["gemma2"].run(random_prompt(12, 2))
+    finite = trace.scores[torch.isfinite(trace.scores)]
+    assert finite.abs().max() <= 3.0 + 1e-6
+
+
+def test_missing_path_is_one_clear_error(tmp_path):
+    with pytest.raises(ModelLoadError, match="does not exist"):
+        load_model(tmp_path / "nope")
+
+
+def test_unsupported_family_names_supported_ones(tmp_path):
+    import transformers as T
+
+    cfg = T.BloomConfig(vocab_size=50, hidden_size=16, n_layer=1, n_head=2)
+    T.AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path)
+    with pytest.raises(UnsupportedModelError, match="gpt2.*llama.*gemma2"):
+        load_model(tmp_path)
+
+
+def test_empty_prompt_and_bad_ids(tiny_models):
+    model = tiny_models["llama"]
+    with pytest.raises(InputError, match="empty"):
+        model.run("   ")
+    with pytest.raises(InputError, match="token ids"):
+        model.run([10_000])
