@@ -1,0 +1,85 @@
+"""The one place that knows how graph nodes are identified, written and parsed.
+
+A node is typed and positioned: (kind, checkpoint, pos, index). Its id is a '/'-joined string with a
+prefix per field, so ids never collide and always parse back:
+
+    token/c0/p5/t412        the embedding of token 412 at position 5 (checkpoint 0)
+    feature/c3/p5/f1234     SAE feature 1234 at checkpoint 3, position 5
+    error/c3/p5             the SAE reconstruction error at checkpoint 3, position 5
+    sae_bias/c3/p5          the SAE decoder bias at checkpoint 3, position 5
+    attn_bias/c3/p5         layer 2's attention output biases (b_O, and b_V through the pattern), at checkpoint 3
+    mlp_bias/c3/p5          what layer 2's MLP writes when its input carries only constants, at checkpoint 3
+    logit/c4/p9/t77         the logit of token 77 at the last position (checkpoint = n_layers)
+
+Checkpoint c is the residual stream at the input of layer c; c = n_layers is the final residual.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from enum import Enum
+
+from .errors import InputError
+
+
+class Kind(str, Enum):
+    TOKEN = "token"
+    FEATURE = "feature"
+    ERROR = "error"
+    SAE_BIAS = "sae_bias"
+    ATTN_BIAS = "attn_bias"
+    MLP_BIAS = "mlp_bias"
+    LOGIT = "logit"
+
+
+_INDEXED = {Kind.TOKEN: "t", Kind.FEATURE: "f", Kind.LOGIT: "t"}
+_PATTERN = re.compile(r"^(?P<kind>[a-z_]+)/c(?P<c>\d+)/p(?P<p>\d+)(?:/(?P<tag>[ft])(?P<i>\d+))?$")
+
+
+@dataclass(frozen=True, order=True)
+class Node:
+    kind: Kind
+    checkpoint: int
+    pos: int
+    index: int = -1  # feature id (FEATURE), token id (TOKEN, LOGIT), else -1
+
+    @property
+    def id(self) -> str:
+        base = f"{self.kind.value}/c{self.checkpoint}/p{self.pos}"
+        tag = _INDEXED.get(self.kind)
+        return f"{base}/{tag}{self.index}" if tag else base
+
+    def __str__(self) -> str:
+        return self.id
+
+    @staticmethod
+    def parse(node_id: str) -> Node:
+        m = _PATTERN.match(node_id)
+        try:
+            kind = Kind(m.group("kind")) if m else None
+        except ValueError:
+            kind = None
+        if m is None or kind is None or (m.group("tag") or None) != _INDEXED.get(kind):
+            raise InputError(f"'{node_id}' is not a node id: expected e.g. 'feature/c3/p5/f1234' or 'error/c3/p5'")
+        return Node(kind, int(m.group("c")), int(m.group("p")), int(m.group("i")) if m.group("i") else -1)
+
+
+def feature(checkpoint: int, pos: int, index: int) -> Node:
+    return Node(Kind.FEATURE, checkpoint, pos, index)
+
+
+def token(pos: int, token_id: int) -> Node:
+    return Node(Kind.TOKEN, 0, pos, token_id)
+
+
+def error(checkpoint: int, pos: int) -> Node:
+    return Node(Kind.ERROR, checkpoint, pos)
+
+
+def sae_bias(checkpoint: int, pos: int) -> Node:
+    return Node(Kind.SAE_BIAS, checkpoint, pos)
+
+
+def logit(checkpoint: int, pos: int, token_id: int) -> Node:
+    return Node(Kind.LOGIT, checkpoint, pos, token_id)
