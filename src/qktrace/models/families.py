@@ -164,9 +164,7 @@ def family_for(model_type: str) -> Family:
     for fam in FAMILIES:
         if model_type in fam.model_types:
             return fam
-    raise UnsupportedModelError(
-        f"model type '{model_type}' is not supported: qktrace supports {', '.join(SUPPORTED)}"
-    )
+    raise UnsupportedModelError(f"model type '{model_type}' is not supported: qktrace supports {', '.join(SUPPORTED)}")
 
 
 def _norm(module: nn.Module, kind: NormKind, gemma: bool) -> Norm:

@@ -22,6 +22,12 @@ def project(layer: Layer, side: str, xn: Tensor, bias: bool = True) -> Tensor:
     return out + b[:, None, :] if bias else out
 
 
+def qk_norm_frozen(layer: Layer, side: str, x: Tensor, scale: Tensor) -> Tensor:
+    """QK-norm at its frozen scale: x [..., d_head], scale [...] -> x * scale * weight (identity if none)."""
+    norm = layer.q_norm if side == "q" else layer.k_norm
+    return x if norm is None else x * scale[..., None] * norm.weight
+
+
 def qk_norm_and_rotate(
     anatomy: Anatomy, layer: Layer, side: str, x: Tensor, positions: Tensor, trace: Trace, rotate: bool = True
 ) -> Tensor:
@@ -30,12 +36,9 @@ def qk_norm_and_rotate(
     `x` may be any linear share of the projected q (or k) at those positions: both steps are linear
     once the scale is frozen.
     """
-    norm = layer.q_norm if side == "q" else layer.k_norm
-    if norm is not None:
-        scales = trace.scale_q_norm if side == "q" else trace.scale_k_norm
-        assert scales is not None
-        s = scales[layer.index][:, positions]  # [h, pos]
-        x = x * s[..., None] * norm.weight
+    scales = trace.scale_q_norm if side == "q" else trace.scale_k_norm
+    if scales is not None:
+        x = qk_norm_frozen(layer, side, x, scales[layer.index][:, positions])
     if rotate and anatomy.rotary is not None:
         x = anatomy.rotary.rotate(x, positions)
     return x

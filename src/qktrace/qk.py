@@ -1,0 +1,321 @@
+"""QK attributions: a head's pre-softmax score as a sum of (query component x key component) terms.
+
+Algorithm, for head h of layer l, query position q and key positions K (the paper's "QK attributions",
+cut at penzai's seams input->query, input->key, (query, key)->scores):
+
+1. Split the residual stream at checkpoint l (the layer's input) at q and at each k in K into
+   components: every active SAE feature a_i v_i, the SAE decoder bias, the reconstruction error; they
+   sum to the residual exactly.
+2. input->query: push each query component through the attention-input norm *linearised at the
+   frozen scale of its position* (LayerNorm centering is linear), then W_Q[h] -- into d_head space,
+   once per component (factored: no d_model x d_model matrix is ever built) -- then QK-norm at its
+   frozen scale and rotary at q. The constant part (norm bias through W_Q, plus b_Q) is one more
+   component, "head bias". Same for keys with W_K of h's kv head, rotary at each k.
+3. (query, key)->scores: terms = Q_comp @ K_comp^T * scale. For each key, the terms sum to the
+   model's own pre-softmax score (before soft-capping; the capped score is reported beside).
+4. Beyond the paper: each term's value without rotary (its positional share is the difference),
+   its first-order effect on the attention probability of a chosen key, p_k (t_k - sum_j p_j t_j),
+   and contrastive attribution of score(A) - score(B).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import pandas as pd
+import torch
+from torch import Tensor
+
+from . import nodes
+from .errors import InputError, OutOfRangeError, check_index
+from .models import Model, Trace
+from .models.replay import qk_norm_frozen
+from .saes import SAE, FeatureActs
+
+
+@dataclass(frozen=True)
+class SideComponents:
+    """One side's components at some positions, projected into a head's d_head space."""
+
+    ids: tuple[str, ...]  # node ids (feature/, sae_bias/, error/, head_bias/)
+    pos: Tensor  # [component] position of each component
+    rotated: Tensor  # [component, d_head] after QK-norm and rotary (what the score sees)
+    unrotated: Tensor  # [component, d_head] the same without rotary
+
+
+def split_residual(sae: SAE, acts: FeatureActs, positions: Sequence[int]) -> tuple[list[str], Tensor, Tensor]:
+    """Components of the residual at `positions`: (ids, vectors [component, d_model], pos [component])."""
+    ids: list[str] = []
+    vecs: list[Tensor] = []
+    pos: list[int] = []
+    c = sae.checkpoint
+    for p in positions:
+        feats, a = acts.at(p)
+        ids += [nodes.feature(c, p, int(f)).id for f in feats]
+        vecs.append(a[:, None] * sae.W_dec[feats])
+        ids += [nodes.sae_bias(c, p).id, nodes.error(c, p).id]
+        vecs.append(torch.stack([sae.b_dec, acts.error[p]]))
+        pos += [p] * (len(feats) + 2)
+    return ids, torch.cat(vecs), torch.tensor(pos, dtype=torch.long, device=sae.W_dec.device)
+
+
+def project_side(
+    model: Model, trace: Trace, sae: SAE, acts: FeatureActs, layer: int, head: int, side: str, positions: Sequence[int]
+) -> SideComponents:
+    """Steps 1-2 for one side ("q" or "k") of head `head`: components in d_head space."""
+    an = model.anatomy
+    ly = an.layers[layer]
+    h = head if side == "q" else ly.kv_head[head]
+    ids, X, pos = split_residual(sae, acts, positions)
+    lin = ly.ln_attn.linear(X, trace.scale_ln_attn[layer][pos])  # [component, d_model]
+    W = ly.W_Q if side == "q" else ly.W_K
+    b = ly.b_Q if side == "q" else ly.b_K
+    proj = lin @ W[h]  # [component, d_head]
+    # the constant part at each position: norm bias through W, plus the projection bias
+    const = b[h] if ly.ln_attn.bias is None else ly.ln_attn.bias @ W[h] + b[h]
+    ppos = torch.tensor(list(positions), dtype=torch.long, device=X.device)
+    proj = torch.cat([proj, const.expand(len(positions), -1)])
+    pos = torch.cat([pos, ppos])
+    ids += [f"head_bias/c{layer}/p{p}" for p in positions]
+    # QK-norm at its frozen scale (per position and head), then rotary at each component's own position
+    scales = trace.scale_q_norm if side == "q" else trace.scale_k_norm
+    unrot = proj if scales is None else qk_norm_frozen(ly, side, proj, scales[layer, h, pos])
+    rot = an.rotary.rotate(unrot, pos) if an.rotary is not None else unrot
+    return SideComponents(ids=tuple(ids), pos=pos, rotated=rot, unrotated=unrot)
+
+
+@dataclass(frozen=True)
+class QKAttribution:
+    """The decomposition of head (layer, head)'s scores from `query_pos` to each of `key_positions`."""
+
+    layer: int
+    head: int
+    query_pos: int
+    key_positions: tuple[int, ...]
+    query: SideComponents
+    key: SideComponents
+    terms: Tensor  # [q_component, k_component] contributions to the pre-cap score
+    unrotated: Tensor  # [q_component, k_component] the same with rotary removed
+    score: Tensor  # [key] the model's own pre-softmax score (soft-capped where the family caps)
+    sum_of_terms: Tensor  # [key] pre-cap sums of terms
+    capped_sum: Tensor  # [key] softcap(sum_of_terms), comparable with `score`
+    pattern: Tensor  # [key] attention probabilities
+    softcap: float | None
+    labels: Mapping[str, str] = field(default_factory=dict)
+    str_tokens: tuple[str, ...] = ()
+
+    # -- checks ------------------------------------------------------------------------------------
+    @property
+    def difference(self) -> Tensor:
+        """capped_sum - score, per key: float32 rounding only."""
+        return self.capped_sum - self.score
+
+    def max_relative_error(self) -> float:
+        scale = torch.maximum(self.score.abs().max(), self.terms.abs().max()).clamp_min(1e-12)
+        return float(self.difference.abs().max() / scale)
+
+    def _key_index(self, key_pos: int) -> int:
+        if key_pos not in self.key_positions:
+            raise OutOfRangeError(f"key position {key_pos} is not in this attribution ({list(self.key_positions)})")
+        return self.key_positions.index(key_pos)
+
+    # -- tables ------------------------------------------------------------------------------------
+    def label(self, component: str) -> str:
+        return self.labels.get(component, component)
+
+    def terms_frame(self, top: int | None = 50, key_pos: int | None = None) -> pd.DataFrame:
+        """Terms sorted by |value|: query, key, key_pos, value, unrotated, positional, labels, prob_effect."""
+        t = self.terms
+        mask = torch.ones_like(t, dtype=torch.bool)
+        if key_pos is not None:
+            mask &= (self.key.pos == key_pos)[None, :]
+        flat = torch.where(mask, t, torch.zeros_like(t)).abs().flatten()
+        n = int(mask.sum()) if top is None else min(top, int(mask.sum()))
+        idx = torch.topk(flat, n).indices
+        qi, ki = idx // t.shape[1], idx % t.shape[1]
+        effect = self.prob_effects()
+        rows = {
+            "query": [self.query.ids[i] for i in qi.tolist()],
+            "key": [self.key.ids[i] for i in ki.tolist()],
+            "key_pos": self.key.pos[ki].tolist(),
+            "value": t[qi, ki].tolist(),
+            "unrotated": self.unrotated[qi, ki].tolist(),
+            "positional": (t[qi, ki] - self.unrotated[qi, ki]).tolist(),
+            "prob_effect": effect[qi, ki].tolist(),
+        }
+        df = pd.DataFrame(rows)
+        df.insert(1, "query_label", [self.label(c) for c in df["query"]])
+        df.insert(3, "key_label", [self.label(c) for c in df["key"]])
+        return df
+
+    def query_marginals(self) -> pd.Series:
+        """Each query component's total contribution (summed over key components, per key if several)."""
+        return self._marginal(self.terms.sum(1) if len(self.key_positions) == 1 else self.terms.sum(1), self.query.ids)
+
+    def key_marginals(self) -> pd.Series:
+        return self._marginal(self.terms.sum(0), self.key.ids)
+
+    def _marginal(self, values: Tensor, ids: Sequence[str]) -> pd.Series:
+        s = pd.Series(values.tolist(), index=list(ids), name="value")
+        return s.reindex(s.abs().sort_values(ascending=False).index)
+
+    def group(self, groups: Mapping[str, Sequence[str]]) -> pd.DataFrame:
+        """Supernodes: user-named groups of components (ids, or feature ids without position like
+        'feature/c3/f12', matching that feature at any position). Returns the group x group table of
+        summed terms; components in no group fall into 'other'."""
+
+        def assign(ids: Sequence[str]) -> list[str]:
+            out = []
+            for c in ids:
+                name = "other"
+                for g, members in groups.items():
+                    if c in members or _positionless(c) in members:
+                        name = g
+                        break
+                out.append(name)
+            return out
+
+        qg, kg = assign(self.query.ids), assign(self.key.ids)
+        df = pd.DataFrame(self.terms.numpy(), index=qg, columns=kg)
+        return df.T.groupby(level=0).sum().T.groupby(level=0).sum()
+
+    # -- beyond the paper --------------------------------------------------------------------------
+    def prob_effects(self, target_key: int | None = None) -> Tensor:
+        """First-order effect of each term on the attention probability of `target_key` (default: the
+        most attended key): p_k (delta_jk - p_j) c'(s_j) t, where t adds to the pre-cap score of key j
+        and c' is the soft-cap's slope (1 without capping). Inhibitory terms at competing keys get
+        positive effects when they lower a rival; negative terms at the target key get negative ones."""
+        k = int(self.pattern.argmax()) if target_key is None else self._key_index(target_key)
+        p = self.pattern
+        slope = torch.ones_like(self.sum_of_terms)
+        if self.softcap is not None:
+            slope = 1 - torch.tanh(self.sum_of_terms / self.softcap) ** 2
+        key_index = torch.tensor([self.key_positions.index(int(x)) for x in self.key.pos], dtype=torch.long)
+        delta = (key_index == k).to(p.dtype)
+        coef = p[k] * (delta - p[key_index]) * slope[key_index]  # [k_component]
+        return self.terms * coef[None, :]
+
+    def contrast(self, key_a: int, key_b: int, top: int | None = 30) -> pd.DataFrame:
+        """Why key A rather than key B: terms of score(A) - score(B), with the same feature at both
+        positions netted out (keys are matched by feature id without position)."""
+        ia, ib = self._key_index(key_a), self._key_index(key_b)
+        sel_a, sel_b = self.key.pos == key_a, self.key.pos == key_b
+        rows: dict[tuple[str, str], list[float]] = {}
+        for sel, col in ((sel_a, 0), (sel_b, 1)):
+            idx = sel.nonzero().flatten().tolist()
+            block = self.terms[:, idx]
+            for qi, q_id in enumerate(self.query.ids):
+                for j, ki in enumerate(idx):
+                    key = (q_id, _positionless(self.key.ids[ki]))
+                    rows.setdefault(key, [0.0, 0.0])[col] += float(block[qi, j])
+        df = pd.DataFrame(
+            [(q, k, a, b, a - b) for (q, k), (a, b) in rows.items()],
+            columns=["query", "key", "value_a", "value_b", "diff"],
+        )
+        df = df.reindex(df["diff"].abs().sort_values(ascending=False).index).reset_index(drop=True)
+        df.insert(1, "query_label", [self.label(c) for c in df["query"]])
+        df.attrs["score_diff"] = float(self.sum_of_terms[ia] - self.sum_of_terms[ib])
+        return df if top is None else df.head(top)
+
+    def summary(self) -> dict[str, object]:
+        return {
+            "layer": self.layer,
+            "head": self.head,
+            "query_pos": self.query_pos,
+            "key_positions": list(self.key_positions),
+            "score": self.score.tolist(),
+            "sum_of_terms": self.sum_of_terms.tolist(),
+            "capped_sum": self.capped_sum.tolist(),
+            "max_relative_error": self.max_relative_error(),
+            "pattern": self.pattern.tolist(),
+        }
+
+    def to_json(self, top: int = 50) -> dict[str, object]:
+        """One JSON-ready object: score check, top terms, marginals (the CLI's --json and the server)."""
+        df = self.terms_frame(top=top)
+        qm, km = self.query_marginals().head(top), self.key_marginals().head(top)
+        return {
+            **self.summary(),
+            "terms": df.to_dict(orient="records"),
+            "query_marginals": [{"component": c, "label": self.label(c), "value": v} for c, v in qm.items()],
+            "key_marginals": [{"component": c, "label": self.label(c), "value": v} for c, v in km.items()],
+        }
+
+
+def _positionless(component: str) -> str:
+    """'feature/c3/p5/f12' -> 'feature/c3/f12'; 'error/c3/p5' -> 'error/c3'."""
+    parts = component.split("/")
+    return "/".join(p for p in parts if not (p.startswith("p") and p[1:].isdigit()))
+
+
+def qk_attribution(
+    model: Model,
+    trace: Trace,
+    sae: SAE,
+    acts: FeatureActs,
+    layer: int,
+    head: int,
+    query_pos: int,
+    key_pos: int | Sequence[int] | None = None,
+) -> QKAttribution:
+    """Decompose head (layer, head)'s scores from `query_pos` to `key_pos` (None: every key it may see)."""
+    n = trace.n_pos
+    layer = check_index(layer, model.n_layers, "layer")
+    ly = model.anatomy.layers[layer]
+    head = check_index(head, ly.n_heads, f"head (layer {layer} has {ly.n_heads})")
+    q = check_index(query_pos, n, "query position", allow_negative=True)
+    if sae.checkpoint != layer:
+        raise InputError(f"the SAE given is at checkpoint {sae.checkpoint}, but layer {layer} reads checkpoint {layer}")
+    allowed = torch.isfinite(trace.scores[layer, head, q])
+    if key_pos is None:
+        keys = allowed.nonzero().flatten().tolist()
+    else:
+        raw = [key_pos] if isinstance(key_pos, int) else list(key_pos)
+        keys = [check_index(int(k), n, "key position", allow_negative=True) for k in raw]
+        for k in keys:
+            if not bool(allowed[k]):
+                raise OutOfRangeError(
+                    f"query position {q} cannot attend to key position {k} in layer {layer} "
+                    f"(causal mask or sliding window): choose a key in {allowed.nonzero().flatten().tolist()[:1]}"
+                    f"..{q}"
+                )
+    Q = project_side(model, trace, sae, acts, layer, head, "q", [q])
+    K = project_side(model, trace, sae, acts, layer, head, "k", keys)
+    terms = (Q.rotated @ K.rotated.T) * ly.scale  # [q_component, k_component]
+    unrot = (Q.unrotated @ K.unrotated.T) * ly.scale
+    key_index = torch.tensor([keys.index(int(p)) for p in K.pos], dtype=torch.long)
+    sums = torch.zeros(len(keys), dtype=terms.dtype).index_add_(0, key_index, terms.sum(0))
+    capped = sums if ly.softcap is None else ly.softcap * torch.tanh(sums / ly.softcap)
+    labels = _labels(sae, Q.ids + K.ids, trace.str_tokens)
+    return QKAttribution(
+        layer=layer,
+        head=head,
+        query_pos=q,
+        key_positions=tuple(keys),
+        query=Q,
+        key=K,
+        terms=terms,
+        unrotated=unrot,
+        score=trace.scores[layer, head, q, keys],
+        sum_of_terms=sums,
+        capped_sum=capped,
+        pattern=trace.patterns[layer, head, q, keys],
+        softcap=ly.softcap,
+        labels=labels,
+        str_tokens=trace.str_tokens,
+    )
+
+
+def _labels(sae: SAE, ids: Sequence[str], str_tokens: Sequence[str]) -> dict[str, str]:
+    out = {}
+    for c in ids:
+        node_kind = c.split("/")[0]
+        pos = int(c.split("/")[2][1:])
+        tok = str_tokens[pos] if pos < len(str_tokens) else "?"
+        if node_kind == "feature":
+            f = int(c.split("/")[3][1:])
+            out[c] = f"{sae.label(f)} @{pos}{tok!r}"
+        else:
+            out[c] = f"{node_kind} @{pos}{tok!r}"
+    return out

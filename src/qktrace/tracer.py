@@ -1,0 +1,94 @@
+"""The user facade: `Tracer(model, saes).run(prompt)` -> `Traced`, which answers questions about it.
+
+The only stateful object in qktrace: it holds the model, the SAEs and, per traced prompt, the
+forward-pass caches and the SAE encodings (computed once, lazily). Every answer comes from a pure
+function in `qk`, `graph` or `interventions`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+from .errors import InputError
+from .models import Model, Trace, load_model
+from .qk import QKAttribution, qk_attribution
+from .saes import SAE, FeatureActs, SAESet, load_saes
+
+if TYPE_CHECKING:
+    from .graph import Graph
+
+
+class Tracer:
+    """Holds a model and its SAEs; `run(prompt)` traces one prompt."""
+
+    def __init__(self, model: Model, saes: SAESet | None = None):
+        self.model = model
+        self.saes = saes if saes is not None else SAESet({})
+
+    @classmethod
+    def load(
+        cls,
+        model: str | os.PathLike[str],
+        saes: str | os.PathLike[str] | None = None,
+        *,
+        sae_ids: Sequence[str] | None = None,
+        device: str = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ) -> Tracer:
+        m = load_model(model, dtype=dtype, device=device)
+        s = load_saes(saes, m, sae_ids=sae_ids, device=device, dtype=dtype) if saes is not None else None
+        return cls(m, s)
+
+    def run(self, prompt: str | Sequence[int] | Tensor) -> Traced:
+        return Traced(self.model, self.saes, self.model.run(prompt))
+
+
+@dataclass(eq=False)
+class Traced:
+    """One traced prompt: caches of its forward pass, and SAE encodings on demand."""
+
+    model: Model
+    saes: SAESet
+    trace: Trace
+    _acts: dict[int, FeatureActs] = field(default_factory=dict, repr=False)
+
+    @property
+    def str_tokens(self) -> tuple[str, ...]:
+        return self.trace.str_tokens
+
+    def sae(self, checkpoint: int) -> SAE:
+        if checkpoint not in self.saes:
+            loaded = ", ".join(map(str, self.saes.checkpoints)) or "none"
+            raise InputError(
+                f"checkpoint {checkpoint} (the input of layer {checkpoint}) has no SAE (loaded: {loaded}): "
+                f"load one with hook_name blocks.{checkpoint}.hook_resid_pre"
+            )
+        return self.saes[checkpoint]
+
+    def acts(self, checkpoint: int) -> FeatureActs:
+        """Active features at a checkpoint, encoded once from the cached residual stream."""
+        if checkpoint not in self._acts:
+            sae = self.sae(checkpoint)
+            self._acts[checkpoint] = sae.sparse(self.trace.resid[checkpoint])
+        return self._acts[checkpoint]
+
+    def qk(self, layer: int, head: int, query_pos: int, key_pos: int | Sequence[int] | None = None) -> QKAttribution:
+        """QK attribution of head (layer, head) from `query_pos` to `key_pos` (None: the whole row)."""
+        from .errors import check_index
+
+        layer = check_index(layer, self.model.n_layers, "layer")
+        return qk_attribution(
+            self.model, self.trace, self.sae(layer), self.acts(layer), layer, head, query_pos, key_pos
+        )
+
+    def graph(self, **kwargs: Any) -> Graph:
+        """The attribution graph of this prompt with head loadings (see `qktrace.graph.build_graph`)."""
+        from .graph import build_graph
+
+        return build_graph(self.model, self.saes, self.trace, **kwargs)

@@ -1,0 +1,148 @@
+"""QK attributions sum to the model's own pre-softmax scores, for every family and SAE architecture."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from qktrace import Tracer
+from qktrace.errors import InputError, OutOfRangeError
+from qktrace.saes import SAE, SAESet
+from qktrace.testing import random_prompt
+
+
+def random_saes(model, arch: str, d_sae: int = 48, seed: int = 0) -> SAESet:
+    g = torch.Generator().manual_seed(seed)
+    d = model.d_model
+    out = {}
+    for c in range(model.n_layers + 1):
+        kw: dict = {}
+        if arch == "topk":
+            kw["k"] = 6
+        if arch == "jumprelu":
+            kw["threshold"] = torch.rand(d_sae, generator=g) * 0.5
+        out[c] = SAE(
+            checkpoint=c,
+            architecture=arch,
+            W_enc=torch.randn(d, d_sae, generator=g) * 0.3,
+            b_enc=torch.randn(d_sae, generator=g) * 0.1,
+            W_dec=torch.randn(d_sae, d, generator=g) * 0.3,
+            b_dec=torch.randn(d, generator=g) * 0.2,
+            apply_b_dec_to_input=False,
+            **kw,
+        )
+    return SAESet(out)
+
+
+@pytest.fixture(scope="module")
+def tracers(tiny_models):
+    archs = ["standard", "jumprelu", "topk"]
+    return {(f, a): Tracer(m, random_saes(m, a, seed=i)) for i, (f, m) in enumerate(tiny_models.items()) for a in archs}
+
+
+@pytest.mark.parametrize("arch", ["standard", "jumprelu", "topk"])
+def test_terms_sum_to_hf_score_whole_row(tracers, family, arch):
+    tracer = tracers[(family, arch)]
+    traced = tracer.run(random_prompt(12, 7))
+    for layer in range(tracer.model.n_layers):
+        for head in range(tracer.model.n_heads):
+            att = traced.qk(layer, head, -1)
+            assert att.max_relative_error() < 1e-4
+            # the model's own numbers were captured independently (HF's softmax input)
+            assert torch.equal(att.score, traced.trace.scores[layer, head, -1, list(att.key_positions)])
+            assert att.terms.shape[0] == len(att.query.ids)
+            assert att.terms.abs().max() > 1e-3
+    # at least one SAE feature is active at the query, so feature terms are real
+    assert any(c.startswith("feature/") for c in att.query.ids)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    fam=st.sampled_from(["gpt2", "gpt_neox", "llama", "mistral", "qwen2", "qwen3", "gemma2"]),
+    seed=st.integers(0, 10_000),
+    n=st.integers(2, 16),
+    head=st.integers(0, 3),
+    layer=st.integers(0, 1),
+    data=st.data(),
+)
+def test_hypothesis_single_key(tracers, fam, seed, n, head, layer, data):
+    traced = tracers[(fam, "topk")].run(random_prompt(n, seed))
+    n_pos = traced.trace.n_pos
+    q = data.draw(st.integers(0, n_pos - 1))
+    allowed = torch.isfinite(traced.trace.scores[layer, head, q]).nonzero().flatten().tolist()
+    k = data.draw(st.sampled_from(allowed))
+    att = traced.qk(layer, head, q, k)
+    assert att.max_relative_error() < 1e-4
+    whole = traced.qk(layer, head, q)
+    i = whole.key_positions.index(k)
+    assert torch.allclose(whole.sum_of_terms[i], att.sum_of_terms[0], rtol=1e-5, atol=1e-5)
+
+
+def test_unrotated_equals_rotated_without_rotary(tracers):
+    att = tracers[("gpt2", "topk")].run(random_prompt(8, 1)).qk(1, 2, -1)
+    assert torch.equal(att.terms, att.unrotated)
+    rot = tracers[("llama", "topk")].run(random_prompt(8, 1)).qk(1, 2, -1)
+    # rotary changes cross-position terms; at the query's own position the rotation cancels
+    same = rot.key.pos == rot.query_pos
+    assert torch.allclose(rot.terms[:, same], rot.unrotated[:, same], atol=1e-5)
+    assert not torch.allclose(rot.terms[:, ~same], rot.unrotated[:, ~same], atol=1e-3)
+
+
+def test_gemma_softcap_reports_precap_and_capped(tracers):
+    att = tracers[("gemma2", "standard")].run(random_prompt(10, 3)).qk(0, 1, -1)
+    assert att.softcap == 3.0
+    assert torch.allclose(att.capped_sum, 3.0 * torch.tanh(att.sum_of_terms / 3.0))
+    assert torch.allclose(att.capped_sum, att.score, atol=1e-4)
+
+
+def test_marginals_and_groups_sum_to_score(tracers):
+    att = tracers[("qwen3", "jumprelu")].run(random_prompt(10, 4)).qk(1, 3, -1, -3)
+    total = float(att.sum_of_terms[0])
+    assert abs(att.query_marginals().sum() - total) < 1e-4 * max(1, abs(total))
+    assert abs(att.key_marginals().sum() - total) < 1e-4 * max(1, abs(total))
+    feats = [c for c in att.query.ids if c.startswith("feature/")]
+    table = att.group({"q-features": feats})
+    assert abs(table.to_numpy().sum() - total) < 1e-4 * max(1, abs(total))
+    df = att.terms_frame(top=5)
+    assert list(df["value"].abs()) == sorted(df["value"].abs(), reverse=True)
+
+
+def test_prob_effects_match_finite_difference(tracers):
+    """p_k(delta - p_j) t predicts the change of the attention probability when a term is removed."""
+    att = tracers[("llama", "topk")].run(random_prompt(9, 5)).qk(0, 0, -1)
+    k = int(att.pattern.argmax())
+    eff = att.prob_effects()
+    qi, ki = divmod(int(att.terms.abs().argmax()), att.terms.shape[1])
+    eps = 1e-6
+    s = att.sum_of_terms.double()
+    j = att.key_positions.index(int(att.key.pos[ki]))
+    bumped = s.clone()
+    bumped[j] += eps * float(att.terms[qi, ki])
+    fd = (torch.softmax(bumped, 0)[k] - torch.softmax(s, 0)[k]) / eps
+    assert abs(float(fd)) > 1e-6
+    assert abs(float(fd) - float(eff[qi, ki])) < 2e-3 * abs(float(fd))
+
+
+def test_contrast_sums_to_score_difference(tracers):
+    att = tracers[("mistral", "topk")].run(random_prompt(9, 6)).qk(1, 1, -1)
+    a, b = att.key_positions[-1], att.key_positions[-2]
+    df = att.contrast(a, b, top=None)
+    want = float(att.sum_of_terms[att.key_positions.index(a)] - att.sum_of_terms[att.key_positions.index(b)])
+    assert abs(df["diff"].sum() - want) < 1e-4 * max(1.0, abs(want))
+
+
+def test_errors_are_clear(tracers, tiny_models):
+    traced = tracers[("llama", "topk")].run(random_prompt(6, 0))
+    with pytest.raises(OutOfRangeError, match="layer 9"):
+        traced.qk(9, 0, -1)
+    with pytest.raises(OutOfRangeError, match="head"):
+        traced.qk(0, 4, -1)
+    with pytest.raises(OutOfRangeError, match="query position 40"):
+        traced.qk(0, 0, 40)
+    with pytest.raises(OutOfRangeError, match="cannot attend"):
+        traced.qk(0, 0, 2, 5)
+    no_sae = Tracer(tiny_models["llama"], SAESet({})).run(random_prompt(6, 0))
+    with pytest.raises(InputError, match="has no SAE"):
+        no_sae.qk(0, 0, -1)
