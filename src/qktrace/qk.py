@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import pandas as pd
 import torch
@@ -33,56 +34,72 @@ from .models import Model, Trace
 from .models.replay import qk_norm_frozen
 from .saes import SAE, FeatureActs
 
+FEATURE, SAE_BIAS, ERROR, HEAD_BIAS = 0, 1, 2, 3
+_KIND_NAMES = {FEATURE: "feature", SAE_BIAS: "sae_bias", ERROR: "error", HEAD_BIAS: "head_bias"}
+
 
 @dataclass(frozen=True)
 class SideComponents:
-    """One side's components at some positions, projected into a head's d_head space."""
+    """One side's components at some positions, projected into a head's d_head space.
 
-    ids: tuple[str, ...]  # node ids (feature/, sae_bias/, error/, head_bias/)
+    Components are described by integer columns (kind, pos, feature) rather than strings, so a row of
+    thousands of keys costs no Python loop; `ids` spells them as node ids on demand.
+    """
+
+    checkpoint: int
+    kind: Tensor  # [component] FEATURE | SAE_BIAS | ERROR | HEAD_BIAS
     pos: Tensor  # [component] position of each component
+    feature: Tensor  # [component] SAE feature index, -1 for the others
     rotated: Tensor  # [component, d_head] after QK-norm and rotary (what the score sees)
     unrotated: Tensor  # [component, d_head] the same without rotary
 
+    def id(self, i: int) -> str:
+        kind, pos, f = int(self.kind[i]), int(self.pos[i]), int(self.feature[i])
+        if kind == FEATURE:
+            return nodes.feature(self.checkpoint, pos, f).id
+        return f"{_KIND_NAMES[kind]}/c{self.checkpoint}/p{pos}"
 
-def split_residual(sae: SAE, acts: FeatureActs, positions: Sequence[int]) -> tuple[list[str], Tensor, Tensor]:
-    """Components of the residual at `positions`: (ids, vectors [component, d_model], pos [component])."""
-    ids: list[str] = []
-    vecs: list[Tensor] = []
-    pos: list[int] = []
-    c = sae.checkpoint
-    for p in positions:
-        feats, a = acts.at(p)
-        ids += [nodes.feature(c, p, int(f)).id for f in feats]
-        vecs.append(a[:, None] * sae.W_dec[feats])
-        ids += [nodes.sae_bias(c, p).id, nodes.error(c, p).id]
-        vecs.append(torch.stack([sae.b_dec, acts.error[p]]))
-        pos += [p] * (len(feats) + 2)
-    return ids, torch.cat(vecs), torch.tensor(pos, dtype=torch.long, device=sae.W_dec.device)
+    @cached_property
+    def ids(self) -> tuple[str, ...]:
+        return tuple(self.id(i) for i in range(len(self.kind)))
 
 
 def project_side(
     model: Model, trace: Trace, sae: SAE, acts: FeatureActs, layer: int, head: int, side: str, positions: Sequence[int]
 ) -> SideComponents:
-    """Steps 1-2 for one side ("q" or "k") of head `head`: components in d_head space."""
+    """Steps 1-2 for one side ("q" or "k") of head `head`: components in d_head space, no Python loops.
+
+    Features are projected once per distinct feature: ln_linear(a v, s) @ W = a s (ln_linear(v, 1) @ W).
+    """
     an = model.anatomy
     ly = an.layers[layer]
     h = head if side == "q" else ly.kv_head[head]
-    ids, X, pos = split_residual(sae, acts, positions)
-    lin = ly.ln_attn.linear(X, trace.scale_ln_attn[layer][pos])  # [component, d_model]
-    W = ly.W_Q if side == "q" else ly.W_K
-    b = ly.b_Q if side == "q" else ly.b_K
-    proj = lin @ W[h]  # [component, d_head]
-    # the constant part at each position: norm bias through W, plus the projection bias
-    const = b[h] if ly.ln_attn.bias is None else ly.ln_attn.bias @ W[h] + b[h]
-    ppos = torch.tensor(list(positions), dtype=torch.long, device=X.device)
-    proj = torch.cat([proj, const.expand(len(positions), -1)])
-    pos = torch.cat([pos, ppos])
-    ids += [f"head_bias/c{layer}/p{p}" for p in positions]
+    W = (ly.W_Q if side == "q" else ly.W_K)[h]  # [d_model, d_head]
+    b = (ly.b_Q if side == "q" else ly.b_K)[h]  # [d_head]
+    dev = W.device
+    P = torch.as_tensor(list(positions), dtype=torch.long, device=dev)
+    s_ln = trace.scale_ln_attn[layer]  # [pos]
+    # active features at those positions
+    sel = torch.isin(acts.pos, P)
+    fpos, feat, a = acts.pos[sel], acts.feature[sel], acts.act[sel]
+    uniq, inv = torch.unique(feat, return_inverse=True)
+    per_feature = ly.ln_attn.linear(sae.W_dec[uniq], 1.0) @ W  # [distinct feature, d_head]
+    feat_proj = per_feature[inv] * (a * s_ln[fpos])[:, None]
+    # per position: SAE decoder bias, reconstruction error, and the head bias (norm bias through W, + b)
+    rest = torch.stack([sae.b_dec.expand(len(P), -1), acts.error[P]], 1)  # [pos, 2, d_model]
+    rest_proj = ly.ln_attn.linear(rest, s_ln[P][:, None]) @ W  # [pos, 2, d_head]
+    const = b if ly.ln_attn.bias is None else ly.ln_attn.bias @ W + b
+    rest_proj = torch.cat([rest_proj, const.expand(len(P), 1, -1)], 1).reshape(-1, W.shape[1])
+    proj = torch.cat([feat_proj, rest_proj])
+    pos = torch.cat([fpos, P.repeat_interleave(3)])
+    kinds = torch.tensor([SAE_BIAS, ERROR, HEAD_BIAS], device=dev).repeat(len(P))
+    kind = torch.cat([torch.full_like(fpos, FEATURE), kinds])
+    feature = torch.cat([feat, torch.full_like(kinds, -1)])
     # QK-norm at its frozen scale (per position and head), then rotary at each component's own position
     scales = trace.scale_q_norm if side == "q" else trace.scale_k_norm
     unrot = proj if scales is None else qk_norm_frozen(ly, side, proj, scales[layer, h, pos])
     rot = an.rotary.rotate(unrot, pos) if an.rotary is not None else unrot
-    return SideComponents(ids=tuple(ids), pos=pos, rotated=rot, unrotated=unrot)
+    return SideComponents(sae.checkpoint, kind, pos, feature, rot, unrot)
 
 
 @dataclass(frozen=True)
@@ -102,7 +119,8 @@ class QKAttribution:
     capped_sum: Tensor  # [key] softcap(sum_of_terms), comparable with `score`
     pattern: Tensor  # [key] attention probabilities
     softcap: float | None
-    labels: Mapping[str, str] = field(default_factory=dict)
+    key_index: Tensor  # [k_component] index into key_positions of each key component
+    feature_labels: Mapping[int, str] = field(default_factory=dict)  # the SAE's labels
     str_tokens: tuple[str, ...] = ()
 
     # -- checks ------------------------------------------------------------------------------------
@@ -122,7 +140,16 @@ class QKAttribution:
 
     # -- tables ------------------------------------------------------------------------------------
     def label(self, component: str) -> str:
-        return self.labels.get(component, component)
+        """'feature/c3/p5/f12' -> 'label of f12 @5'tok''; other kinds by kind and position."""
+        parts = component.split("/")
+        pos = int(parts[2][1:])
+        tok = self.str_tokens[pos] if pos < len(self.str_tokens) else "?"
+        if parts[0] == "feature":
+            f = int(parts[3][1:])
+            name = self.feature_labels.get(f, f"f{f}")
+        else:
+            name = parts[0]
+        return f"{name} @{pos}{tok!r}"
 
     def terms_frame(self, top: int | None = 50, key_pos: int | None = None) -> pd.DataFrame:
         """Terms sorted by |value|: query, key, key_pos, value, unrotated, positional, labels, prob_effect."""
@@ -136,8 +163,8 @@ class QKAttribution:
         qi, ki = idx // t.shape[1], idx % t.shape[1]
         effect = self.prob_effects()
         rows = {
-            "query": [self.query.ids[i] for i in qi.tolist()],
-            "key": [self.key.ids[i] for i in ki.tolist()],
+            "query": [self.query.id(i) for i in qi.tolist()],
+            "key": [self.key.id(i) for i in ki.tolist()],
             "key_pos": self.key.pos[ki].tolist(),
             "value": t[qi, ki].tolist(),
             "unrotated": self.unrotated[qi, ki].tolist(),
@@ -151,7 +178,7 @@ class QKAttribution:
 
     def query_marginals(self) -> pd.Series:
         """Each query component's total contribution (summed over key components, per key if several)."""
-        return self._marginal(self.terms.sum(1) if len(self.key_positions) == 1 else self.terms.sum(1), self.query.ids)
+        return self._marginal(self.terms.sum(1), self.query.ids)
 
     def key_marginals(self) -> pd.Series:
         return self._marginal(self.terms.sum(0), self.key.ids)
@@ -191,7 +218,7 @@ class QKAttribution:
         slope = torch.ones_like(self.sum_of_terms)
         if self.softcap is not None:
             slope = 1 - torch.tanh(self.sum_of_terms / self.softcap) ** 2
-        key_index = torch.tensor([self.key_positions.index(int(x)) for x in self.key.pos], dtype=torch.long)
+        key_index = self.key_index
         delta = (key_index == k).to(p.dtype)
         coef = p[k] * (delta - p[key_index]) * slope[key_index]  # [k_component]
         return self.terms * coef[None, :]
@@ -204,11 +231,11 @@ class QKAttribution:
         rows: dict[tuple[str, str], list[float]] = {}
         for sel, col in ((sel_a, 0), (sel_b, 1)):
             idx = sel.nonzero().flatten().tolist()
-            block = self.terms[:, idx]
+            block = self.terms[:, idx].tolist()
+            key_ids = [_positionless(self.key.id(ki)) for ki in idx]
             for qi, q_id in enumerate(self.query.ids):
-                for j, ki in enumerate(idx):
-                    key = (q_id, _positionless(self.key.ids[ki]))
-                    rows.setdefault(key, [0.0, 0.0])[col] += float(block[qi, j])
+                for j, k_id in enumerate(key_ids):
+                    rows.setdefault((q_id, k_id), [0.0, 0.0])[col] += block[qi][j]
         df = pd.DataFrame(
             [(q, k, a, b, a - b) for (q, k), (a, b) in rows.items()],
             columns=["query", "key", "value_a", "value_b", "diff"],
@@ -284,10 +311,11 @@ def qk_attribution(
     K = project_side(model, trace, sae, acts, layer, head, "k", keys)
     terms = (Q.rotated @ K.rotated.T) * ly.scale  # [q_component, k_component]
     unrot = (Q.unrotated @ K.unrotated.T) * ly.scale
-    key_index = torch.tensor([keys.index(int(p)) for p in K.pos], dtype=torch.long)
+    lookup = torch.full((n,), -1, dtype=torch.long)
+    lookup[torch.tensor(keys, dtype=torch.long)] = torch.arange(len(keys))
+    key_index = lookup[K.pos]
     sums = torch.zeros(len(keys), dtype=terms.dtype).index_add_(0, key_index, terms.sum(0))
     capped = sums if ly.softcap is None else ly.softcap * torch.tanh(sums / ly.softcap)
-    labels = _labels(sae, Q.ids + K.ids, trace.str_tokens)
     return QKAttribution(
         layer=layer,
         head=head,
@@ -302,20 +330,7 @@ def qk_attribution(
         capped_sum=capped,
         pattern=trace.patterns[layer, head, q, keys],
         softcap=ly.softcap,
-        labels=labels,
+        key_index=key_index,
+        feature_labels=sae.labels,
         str_tokens=trace.str_tokens,
     )
-
-
-def _labels(sae: SAE, ids: Sequence[str], str_tokens: Sequence[str]) -> dict[str, str]:
-    out = {}
-    for c in ids:
-        node_kind = c.split("/")[0]
-        pos = int(c.split("/")[2][1:])
-        tok = str_tokens[pos] if pos < len(str_tokens) else "?"
-        if node_kind == "feature":
-            f = int(c.split("/")[3][1:])
-            out[c] = f"{sae.label(f)} @{pos}{tok!r}"
-        else:
-            out[c] = f"{node_kind} @{pos}{tok!r}"
-    return out

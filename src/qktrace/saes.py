@@ -37,8 +37,11 @@ LABELS_FILE, NPZ_FILE = "labels.json", "params.npz"
 
 
 class ModelLike(Protocol):
-    d_model: int
-    n_layers: int
+    @property
+    def d_model(self) -> int: ...
+    @property
+    def n_layers(self) -> int: ...
+
     name: str
 
 
@@ -100,9 +103,7 @@ class SAE:
         expected["b_dec"] = (d_model,)
         if self.architecture == "jumprelu":
             if self.threshold is None:
-                raise SAELoadError(
-                    f"{where} is jumprelu but has no threshold: add a [d_sae] threshold tensor"
-                )
+                raise SAELoadError(f"{where} is jumprelu but has no threshold: add a [d_sae] threshold tensor")
             expected["threshold"] = (d_sae,)
         for name, shape in expected.items():
             got = tuple(getattr(self, name).shape)
@@ -164,9 +165,7 @@ class SAE:
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> SAE:
         """A copy with every tensor moved to `device` and/or cast to `dtype`."""
         names = ("W_enc", "b_enc", "W_dec", "b_dec") + (("threshold",) if self.threshold is not None else ())
-        return dataclasses.replace(
-            self, **{n: getattr(self, n).to(device=device, dtype=dtype) for n in names}
-        )
+        return dataclasses.replace(self, **{n: getattr(self, n).to(device=device, dtype=dtype) for n in names})
 
     def label(self, feature: int) -> str:
         """Short human label of a feature: from labels.json when known, else `c{checkpoint}/f{feature}`."""
@@ -233,9 +232,7 @@ def _resolve_sae_lens_cfg(cfg: dict[str, Any], path: Path) -> tuple[str, str, in
     meta = cfg.get("metadata") or cfg.get("meta") or {}
     hook = meta.get("hook_name") or cfg.get("hook_name") or cfg.get("hook_point")
     if not isinstance(hook, str):
-        raise SAELoadError(
-            f'{path} has no hook_name: add "metadata": {{"hook_name": "blocks.L.hook_resid_pre"}}'
-        )
+        raise SAELoadError(f'{path} has no hook_name: add "metadata": {{"hook_name": "blocks.L.hook_resid_pre"}}')
     norm = cfg.get("normalize_activations") or "none"
     if norm != "none":
         raise SAELoadError(
@@ -246,9 +243,7 @@ def _resolve_sae_lens_cfg(cfg: dict[str, Any], path: Path) -> tuple[str, str, in
     act_kwargs = cfg.get("activation_fn_kwargs") or {}
     arch = cfg.get("architecture") or ("topk" if act_fn == "topk" else "standard")
     if arch == "standard" and act_fn not in ("relu", "topk"):
-        raise SAELoadError(
-            f"{path} has activation_fn_str='{act_fn}': only relu, topk and jumprelu are supported"
-        )
+        raise SAELoadError(f"{path} has activation_fn_str='{act_fn}': only relu, topk and jumprelu are supported")
     if act_fn == "topk" and arch == "standard":
         arch = "topk"
     k = cfg.get("k", act_kwargs.get("k")) if arch == "topk" else None
@@ -266,9 +261,7 @@ def _load_sae_lens_dir(directory: Path, device: str | torch.device, dtype: torch
         if not isinstance(cfg, dict):
             raise ValueError("not an object")
     except (ValueError, OSError) as e:
-        raise SAELoadError(
-            f"{cfg_path} is not a valid SAELens cfg.json ({e}): re-download or re-export it"
-        ) from None
+        raise SAELoadError(f"{cfg_path} is not a valid SAELens cfg.json ({e}): re-download or re-export it") from None
     arch, hook, k, apply_b_dec = _resolve_sae_lens_cfg(cfg, cfg_path)
     if not weights_path.is_file():
         raise SAELoadError(f"{weights_path} is missing: put {WEIGHTS_FILE} beside {cfg_path.name}")
@@ -316,9 +309,7 @@ def _assemble(
     needed = ["W_enc", "b_enc", "W_dec", "b_dec"] + (["threshold"] if arch == "jumprelu" else [])
     missing = [n for n in needed if n not in w]
     if missing:
-        raise SAELoadError(
-            f"SAE weights at {source} lack {', '.join(missing)}: re-export with all of {needed}"
-        )
+        raise SAELoadError(f"SAE weights at {source} lack {', '.join(missing)}: re-export with all of {needed}")
     t = {n: w[n].detach().to(device=device, dtype=dtype) for n in needed}
     c = hook_checkpoint(hook, f"SAE at {source}")
     return SAE(c, arch, t["W_enc"], t["b_enc"], t["W_dec"], t["b_dec"], t.get("threshold"), k, apply_b_dec,
@@ -363,9 +354,7 @@ def _load_from_sae_lens(
             loaded = sae_lens.SAE.from_pretrained(release, sae_id, device=str(device))
         except Exception as e:
             msg = " ".join(str(e).split())[:200]
-            raise SAELoadError(
-                f"sae_lens could not load {source} ({type(e).__name__}: {msg}): check the ids"
-            ) from None
+            raise SAELoadError(f"sae_lens could not load {source} ({type(e).__name__}: {msg}): check the ids") from None
         sae = loaded[0] if isinstance(loaded, tuple) else loaded  # sae_lens < 6 returns (sae, cfg, sparsity)
         cfg_dict = dict(sae.cfg.to_dict())  # v6: architecture + metadata.hook_name; v5: both top level
         meta = cfg_dict.get("metadata") or cfg_dict.get("meta") or {}

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -20,15 +21,15 @@ from .anatomy import Anatomy, Layer, Norm, NormKind, Rotary
 Split = tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]
 
 
-def _bias(linear: nn.Module, n: int, like: Tensor) -> Tensor:
+def _bias(linear: Any, n: int, like: Tensor) -> Tensor:
     b = getattr(linear, "bias", None)
     return b.detach() if b is not None else torch.zeros(n, dtype=like.dtype, device=like.device)
 
 
-def _split_linear(attn: nn.Module, n_heads: int, n_kv: int, d_head: int) -> Split:
+def _split_linear(attn: Any, n_heads: int, n_kv: int, d_head: int) -> Split:
     """Llama-style separate q_proj/k_proj/v_proj/o_proj nn.Linear (weight [out, in])."""
 
-    def heads(lin: nn.Module, n: int) -> tuple[Tensor, Tensor]:
+    def heads(lin: Any, n: int) -> tuple[Tensor, Tensor]:
         w = lin.weight.detach()  # [n * d_head, d_model]
         W = w.T.reshape(w.shape[1], n, d_head).permute(1, 0, 2)  # [n, d_model, d_head]
         return W.contiguous(), _bias(lin, n * d_head, w).reshape(n, d_head)
@@ -41,7 +42,7 @@ def _split_linear(attn: nn.Module, n_heads: int, n_kv: int, d_head: int) -> Spli
     return W_Q, W_K, W_V, b_Q, b_K, b_V, W_O, _bias(attn.o_proj, wo.shape[0], wo)
 
 
-def _split_gpt2(attn: nn.Module, n_heads: int, n_kv: int, d_head: int) -> Split:
+def _split_gpt2(attn: Any, n_heads: int, n_kv: int, d_head: int) -> Split:
     """GPT-2 Conv1D c_attn (weight [d_model, 3 * d_model], y = x W + b), columns q | k | v."""
     w = attn.c_attn.weight.detach()
     d_model = w.shape[0]
@@ -53,7 +54,7 @@ def _split_gpt2(attn: nn.Module, n_heads: int, n_kv: int, d_head: int) -> Split:
     return (*(Ws[i].contiguous() for i in range(3)), bs[0], bs[1], bs[2], W_O, attn.c_proj.bias.detach())  # type: ignore[return-value]
 
 
-def _split_neox(attn: nn.Module, n_heads: int, n_kv: int, d_head: int) -> Split:
+def _split_neox(attn: Any, n_heads: int, n_kv: int, d_head: int) -> Split:
     """GPT-NeoX fused query_key_value: output viewed as [head, 3 * d_head] and chunked q | k | v."""
     lin = attn.query_key_value
     w = lin.weight.detach()  # [3 * d_model, d_model]
@@ -82,7 +83,7 @@ class Family:
     post_mlp: str | None
     norm: NormKind
     gemma_norm: bool  # RMSNorm gain is (1 + w)
-    split: Callable[[nn.Module, int, int, int], Split]
+    split: Callable[[Any, int, int, int], Split]
     parallel: Callable[[object], bool] = lambda cfg: False
 
 
@@ -167,9 +168,9 @@ def family_for(model_type: str) -> Family:
     raise UnsupportedModelError(f"model type '{model_type}' is not supported: qktrace supports {', '.join(SUPPORTED)}")
 
 
-def _norm(module: nn.Module, kind: NormKind, gemma: bool) -> Norm:
+def _norm(module: Any, kind: NormKind, gemma: bool) -> Norm:
     w = module.weight.detach()
-    eps = getattr(module, "eps", None)
+    eps: Any = getattr(module, "eps", None)
     if eps is None:
         eps = getattr(module, "variance_epsilon", 1e-6)
     bias = getattr(module, "bias", None)
@@ -181,7 +182,7 @@ def _norm(module: nn.Module, kind: NormKind, gemma: bool) -> Norm:
     )
 
 
-def _rotary(hf: nn.Module, fam: Family, d_head: int) -> Rotary | None:
+def _rotary(hf: Any, fam: Family, d_head: int) -> Rotary | None:
     base = getattr(hf, fam.base)
     rot = getattr(base, "rotary_emb", None)
     if rot is None:
@@ -197,7 +198,7 @@ def _rotary(hf: nn.Module, fam: Family, d_head: int) -> Rotary | None:
     return Rotary(rotary_dim=int(rotary_dim), cos_sin=cos_sin)
 
 
-def read_anatomy(hf: nn.Module) -> Anatomy:
+def read_anatomy(hf: Any) -> Anatomy:
     """Build the uniform anatomy of a loaded HF causal LM (weights are views, not copies, where possible)."""
     cfg = hf.config
     fam = family_for(cfg.model_type)
@@ -259,7 +260,7 @@ def read_anatomy(hf: nn.Module) -> Anatomy:
     )
 
 
-def module_paths(hf: nn.Module) -> dict[str, object]:
+def module_paths(hf: Any) -> dict[str, object]:
     """The HF modules qktrace hooks, per layer, addressed by the model's own names."""
     fam = family_for(hf.config.model_type)
     base = getattr(hf, fam.base)

@@ -7,6 +7,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -59,12 +60,12 @@ class Trace:
 class Model:
     """A loaded HF causal LM with its tokenizer and uniform anatomy. Stateless apart from the weights."""
 
-    def __init__(self, hf: nn.Module, tokenizer: object | None = None, name: str | None = None):
-        self.hf = hf.eval()
-        self.tokenizer = tokenizer
+    def __init__(self, hf: Any, tokenizer: Any = None, name: str | None = None):
+        self.hf: Any = hf.eval()
+        self.tokenizer: Any = tokenizer
         self.name = name or getattr(hf.config, "_name_or_path", "") or hf.config.model_type
         self.anatomy: Anatomy = read_anatomy(hf)
-        self._modules = module_paths(hf)
+        self._modules: dict[str, Any] = module_paths(hf)
 
     # -- shape facts -------------------------------------------------------------------------------
     @property
@@ -194,13 +195,13 @@ class Model:
             return torch.stack([d[i] for i in range(L)])
 
         def scales(key: str) -> Tensor:
-            norms = {
+            norms: dict[str, list[Any]] = {
                 "ln_attn": [ly.ln_attn for ly in an.layers],
                 "ln_mlp": [ly.ln_mlp for ly in an.layers],
                 "post_attn": [ly.post_attn for ly in an.layers],
                 "post_mlp": [ly.post_mlp for ly in an.layers],
-            }[key]
-            return torch.stack([norms[i].scale(rec.norm_in[(key, i)]) for i in range(L)])  # type: ignore[union-attr]
+            }
+            return torch.stack([norms[key][i].scale(rec.norm_in[(key, i)]) for i in range(L)])
 
         def qk_scales(key: str) -> Tensor:
             # norm input [pos, head, d_head] -> [head, pos]
@@ -275,7 +276,7 @@ def load_model(
         raise ModelLoadError(f"could not load model '{name}': {first}") from e
     family_for(config.model_type)  # fail fast on unsupported families, before loading weights
     try:
-        hf = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, attn_implementation="eager")
+        hf: Any = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, attn_implementation="eager")
     except (OSError, ValueError, RuntimeError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ModelLoadError(f"could not load weights of '{name}': {first}") from e

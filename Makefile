@@ -1,0 +1,42 @@
+# Two commands do all set-up on a fresh machine: `make demo` and `make test`.
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.qktrace-installed
+
+.PHONY: demo test lint typecheck pytest bench train-demo install browser clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	# torch first, pinned: the local CPU build; an unpinned torch would pull GBs of CUDA wheels
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e ".[dev,server]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/qktrace demo
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check src tests bench
+	$(VENV)/bin/ruff format --check src tests bench
+
+typecheck: $(STAMP)
+	$(VENV)/bin/mypy
+
+pytest: $(STAMP)
+	bash scripts/pytest.sh
+
+test: lint typecheck pytest
+
+bench: $(STAMP)
+	$(PY) bench/bench_qk.py
+	$(PY) bench/bench_graph.py
+
+train-demo: $(STAMP)
+	$(PY) -m qktrace.demo.train
+	$(PY) -m qktrace.demo.train_saes
+	$(PY) -m qktrace.demo.dashboards
+
+clean:
+	rm -rf $(VENV) demo-output .pytest_cache .ruff_cache .mypy_cache

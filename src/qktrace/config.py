@@ -1,0 +1,39 @@
+"""One source of defaults, shared by the Python API, the CLI and the server."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+DEMO_ASSETS = Path(__file__).parent / "demo" / "assets"
+DEMO_MODEL = DEMO_ASSETS / "model"
+DEMO_SAES = DEMO_ASSETS / "saes"
+
+
+@dataclass(frozen=True)
+class GraphDefaults:
+    node_threshold: float = 0.8
+    edge_threshold: float = 0.98
+    max_logits: int = 10
+    logit_probability: float = 0.95
+    readout: str = "decoder"
+
+
+@dataclass(frozen=True)
+class QKDefaults:
+    top: int = 20
+
+
+GRAPH = GraphDefaults()
+QK = QKDefaults()
+
+
+def resolve_model(name: str) -> str:
+    """'demo' names the embedded demo model; anything else is a path or hub id."""
+    return str(DEMO_MODEL) if name == "demo" else name
+
+
+def resolve_saes(model: str, saes: str | None) -> str | None:
+    if saes is None and model == "demo":
+        return str(DEMO_SAES)
+    return saes
