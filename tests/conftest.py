@@ -11,7 +11,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 logging.getLogger("transformers").setLevel(logging.ERROR)
 
+import torch  # noqa: E402
+
 from qktrace.testing import TINY_FAMILIES, make_tiny_model  # noqa: E402
+
+# tiny tensors: one thread is faster than two fighting each other (and a background training run)
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

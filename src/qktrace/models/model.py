@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from ..errors import InputError, ModelLoadError, QKTraceError
 from .anatomy import Anatomy
@@ -89,8 +89,14 @@ class Model:
         return self.anatomy.W_E.device
 
     @property
-    def attn_modules(self) -> list[nn.Module]:
-        return self._modules["attn"]  # type: ignore[return-value]
+    def attn_modules(self) -> list[Any]:
+        """The HF attention module of each layer (what `attention_seam` wraps)."""
+        return self._modules["attn"]
+
+    @property
+    def blocks(self) -> list[Any]:
+        """The HF decoder block of each layer (block c's input is checkpoint c)."""
+        return self._modules["blocks"]
 
     # -- tokens ------------------------------------------------------------------------------------
     def tokenize(self, prompt: str | Sequence[int] | Tensor) -> Tensor:
