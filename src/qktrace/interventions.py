@@ -1,0 +1,493 @@
+"""Interventions that test a QK explanation: steer features, steer them inside chosen QK circuits only,
+freeze or scale attention heads -- all at once, by ordinary hooks that are always removed.
+
+The algorithm of `run_with(model, saes, prompt, interventions)`:
+
+1. Run the prompt cleanly (only when an intervention needs it): the residual at every checkpoint, the
+   frozen norm scales, q/k after rotary and QK-norm, and every head's pattern.
+2. Turn each intervention into explicit numbers, all from the clean run. A feature f with activation a
+   at position p (the SAE encoding of the clean residual) and decoder row v is steered by adding
+   c * v with c = (scale - 1) * a, or c = value - a to set (or inject) the activation.
+   - `SteerFeature`: c * v is added to the residual at checkpoint c (forward-pre hook on block c, or
+     a forward hook on the last block for the final residual).
+   - `SteerQK`: c * v is pushed through the QK circuit only, linearised at the clean run's frozen
+     scales: attention-input norm, W_Q (or W_K of the head's kv head), QK-norm, rotary at p. The
+     result is a delta on the query (or key) of each chosen head, kept per *query* head.
+3. Run again with the hooks in place. At the attention seam each steered head's scores are recomputed
+   from HF's own q and k plus the deltas (same scale, soft-cap and mask as HF), and soft-maxed; every
+   other head keeps exactly the pattern HF computed. Frozen heads then get their clean pattern, and
+   `ScaleHead` multiplies a head's pattern (the same as scaling its z before W_O).
+
+Why scores are recomputed instead of editing HF's key tensor: in GQA models several query heads share
+one key tensor, so editing it would steer heads that were not chosen. A per-query-head delta on the
+scores steers exactly the chosen heads, and for q (or k) only scores depend on it, so this equals
+running the model with that head's own steered q (or k).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import Tensor
+
+from .errors import InputError, OutOfRangeError, check_index
+from .models.capture import SeamHooks, attention_seam, first_tensor, forward_hooks, output_tensor
+from .models.model import Model, Trace
+from .models.replay import project, qk_norm_and_rotate
+
+log = logging.getLogger(__name__)
+
+Positions = int | Sequence[int] | slice | range
+
+
+class SAELike(Protocol):
+    """What interventions need from an SAE (qktrace.saes.SAE satisfies it)."""
+
+    checkpoint: int
+    W_dec: Tensor  # [d_sae, d_model]
+
+    def encode(self, resid: Tensor) -> Tensor: ...  # [pos, d_model] -> [pos, d_sae]
+
+
+class ScalePlaceholder:
+    """Stands for the swept value in interventions given to `sweep` (use the `SCALE` instance)."""
+
+    def __repr__(self) -> str:
+        return "SCALE"
+
+
+SCALE = ScalePlaceholder()
+Amount = float | ScalePlaceholder | None
+
+
+def _freeze_positions(obj: Any) -> None:
+    p = obj.positions
+    if not isinstance(p, int | slice | range):
+        object.__setattr__(obj, "positions", tuple(int(i) for i in p))
+    if (obj.scale is None) == (obj.value is None):
+        raise InputError(f"{type(obj).__name__} needs exactly one of scale= or value=, got {obj.scale}, {obj.value}")
+
+
+@dataclass(frozen=True)
+class SteerFeature:
+    """Residual steering of one SAE feature at checkpoint c (the input of layer c; n_layers = final)."""
+
+    checkpoint: int
+    feature: int
+    positions: Positions  # int, list of ints, slice or range; negative counts from the end of the prompt
+    scale: Amount = None  # activation becomes scale * a
+    value: Amount = None  # activation becomes value (injects where the feature is inactive)
+
+    def __post_init__(self) -> None:
+        _freeze_positions(self)
+
+
+@dataclass(frozen=True)
+class SteerQK:
+    """Steer a feature of checkpoint `layer` only inside the QK circuit of `heads` of that layer."""
+
+    layer: int
+    heads: int | tuple[int, ...]
+    side: Literal["query", "key"]
+    feature: int
+    positions: Positions  # query positions (side="query") or key positions (side="key")
+    scale: Amount = None
+    value: Amount = None
+
+    def __post_init__(self) -> None:
+        _freeze_positions(self)
+        heads = (self.heads,) if isinstance(self.heads, int) else tuple(int(h) for h in self.heads)
+        object.__setattr__(self, "heads", heads)
+        if self.side not in ("query", "key"):
+            raise InputError(f"SteerQK side must be 'query' or 'key', got '{self.side}'")
+
+
+@dataclass(frozen=True)
+class FreezeAttention:
+    """Keep clean patterns: of every head no SteerQK steers (heads=None), or of the given (layer, head)s."""
+
+    heads: frozenset[tuple[int, int]] | None = None
+
+    def __post_init__(self) -> None:
+        if self.heads is not None:
+            object.__setattr__(self, "heads", frozenset((int(ly), int(h)) for ly, h in self.heads))
+
+
+@dataclass(frozen=True)
+class ScaleHead:
+    """Multiply one head's output (its pattern, hence its z before W_O) by `scale`; 0 ablates it."""
+
+    layer: int
+    head: int
+    scale: float | ScalePlaceholder
+
+
+Intervention = SteerFeature | SteerQK | FreezeAttention | ScaleHead
+
+
+@dataclass(frozen=True, eq=False)
+class InterventionResult:
+    """One intervened forward pass."""
+
+    tokens: Tensor  # [pos]
+    logits: Tensor  # [pos, vocab]
+    patterns: Tensor  # [layer, head, q_pos, k_pos] the patterns used (after freezing and scaling)
+    scores: Tensor  # [layer, head, q_pos, k_pos] softmax input (soft-capped), masked = -inf
+    resid: Tensor  # [checkpoint, pos, d_model] residual stream with every steer applied
+
+    def probs(self, pos: int = -1) -> Tensor:
+        """Next-token probabilities [vocab] at `pos`."""
+        return torch.softmax(self.logits[pos].float(), dim=-1)
+
+
+# -- turning interventions into numbers ------------------------------------------------------------
+
+
+def resolve_positions(positions: Positions, n_pos: int) -> list[int]:
+    """Sorted distinct non-negative positions; negative indices count from the end."""
+    if isinstance(positions, slice | range):
+        out = list(range(n_pos)[positions]) if isinstance(positions, slice) else list(positions)
+    elif isinstance(positions, int):
+        out = [positions]
+    else:
+        out = list(positions)
+    if not out:
+        raise InputError(f"positions {positions!r} select nothing in a prompt of {n_pos} tokens: give at least one")
+    return sorted({check_index(int(p), n_pos, "position", allow_negative=True) for p in out})
+
+
+def _sae(saes: Mapping[int, SAELike], checkpoint: int) -> SAELike:
+    if checkpoint not in saes:
+        have = ", ".join(str(c) for c in sorted(saes)) or "none"
+        raise OutOfRangeError(f"no SAE at checkpoint {checkpoint} (loaded: {have}): load one or pick another")
+    return saes[checkpoint]
+
+
+def _coefficients(iv: SteerFeature | SteerQK, acts: Tensor, pos: list[int]) -> Tensor:
+    """c per position [n]: (scale - 1) * a, or value - a."""
+    a = acts[pos, iv.feature]
+    if isinstance(iv.scale, ScalePlaceholder) or isinstance(iv.value, ScalePlaceholder):
+        raise InputError(f"{iv} still holds the SCALE placeholder: only sweep() fills it in")
+    return (iv.scale - 1.0) * a if iv.scale is not None else float(iv.value) - a  # type: ignore[arg-type]
+
+
+@dataclass
+class _Plan:
+    """The explicit numbers of a list of interventions for one sequence (scratch, built per run)."""
+
+    resid_add: dict[int, Tensor] = field(default_factory=dict)  # checkpoint -> [pos, d_model]
+    q_delta: dict[int, Tensor] = field(default_factory=dict)  # layer -> [head, pos, d_head]
+    k_delta: dict[int, Tensor] = field(default_factory=dict)  # layer -> [head, pos, d_head] per query head
+    recompute: dict[int, set[int]] = field(default_factory=dict)  # layer -> heads whose scores change
+    frozen: set[tuple[int, int]] = field(default_factory=set)
+    head_scale: dict[tuple[int, int], float] = field(default_factory=dict)
+
+
+def _plan(model: Model, saes: Mapping[int, SAELike], clean: Trace | None, ivs: Sequence[Intervention]) -> _Plan:
+    an, L, H = model.anatomy, model.n_layers, model.n_heads
+    plan = _Plan()
+    acts: dict[int, Tensor] = {}
+
+    def feature_row(c: int, f: int) -> tuple[Tensor, Tensor]:
+        assert clean is not None
+        sae = _sae(saes, c)
+        check_index(f, int(sae.W_dec.shape[0]), f"feature (SAE at checkpoint {c})")
+        if c not in acts:
+            with torch.no_grad():
+                acts[c] = sae.encode(clean.resid[c]).to(clean.resid.dtype)
+        return acts[c], sae.W_dec[f].to(clean.resid)
+
+    declared: set[tuple[int, int]] = set()
+    for iv in ivs:
+        if isinstance(iv, SteerFeature):
+            assert clean is not None
+            c = check_index(iv.checkpoint, L + 1, "checkpoint")
+            a, v = feature_row(c, iv.feature)
+            pos = resolve_positions(iv.positions, clean.n_pos)
+            coef = _coefficients(iv, a, pos)
+            if bool((coef != 0).any()):
+                add = plan.resid_add.setdefault(c, torch.zeros_like(clean.resid[c]))
+                add[pos] += coef[:, None] * v
+        elif isinstance(iv, SteerQK):
+            assert clean is not None
+            layer = check_index(iv.layer, L, "layer")
+            heads = [check_index(h, H, "head") for h in iv.heads]  # type: ignore[union-attr]
+            declared.update((layer, h) for h in heads)
+            a, v = feature_row(layer, iv.feature)
+            pos = resolve_positions(iv.positions, clean.n_pos)
+            coef = _coefficients(iv, a, pos)
+            if not bool((coef != 0).any()):
+                continue
+            ly, side = an.layers[layer], "q" if iv.side == "query" else "k"
+            pos_t = torch.tensor(pos, device=clean.resid.device)
+            xn = ly.ln_attn.linear(coef[:, None] * v, clean.scale_ln_attn[layer, pos_t])  # [n, d_model]
+            d = qk_norm_and_rotate(an, ly, side, project(ly, side, xn, bias=False), pos_t, clean)
+            if side == "k":
+                d = d[ly.kv_index()]  # [kv_head, n, d_head] -> [head, n, d_head]
+            store = plan.q_delta if side == "q" else plan.k_delta
+            delta = store.setdefault(layer, torch.zeros_like(clean.q[layer]))  # [head, pos, d_head]
+            for h in heads:
+                delta[h, pos_t] += d[h]
+            plan.recompute.setdefault(layer, set()).update(heads)
+        elif isinstance(iv, ScaleHead):
+            key = (check_index(iv.layer, L, "layer"), check_index(iv.head, H, "head"))
+            if isinstance(iv.scale, ScalePlaceholder):
+                raise InputError(f"{iv} still holds the SCALE placeholder: only sweep() fills it in")
+            plan.head_scale[key] = plan.head_scale.get(key, 1.0) * float(iv.scale)
+    for iv in ivs:
+        if isinstance(iv, FreezeAttention):
+            if iv.heads is None:
+                plan.frozen |= {(i, h) for i in range(L) for h in range(H)} - declared
+            else:
+                both = sorted(iv.heads & declared)
+                if both:
+                    raise InputError(f"heads {both} are both steered and frozen: drop them from FreezeAttention")
+                for i, h in iv.heads:
+                    plan.frozen.add((check_index(i, L, "layer"), check_index(h, H, "head")))
+    return plan
+
+
+def _needs_clean(ivs: Sequence[Intervention]) -> bool:
+    return any(isinstance(iv, SteerFeature | SteerQK | FreezeAttention) for iv in ivs)
+
+
+# -- the hooks -------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Record:
+    resid: dict[int, Tensor] = field(default_factory=dict)
+    scores: dict[int, Tensor] = field(default_factory=dict)
+    patterns: dict[int, Tensor] = field(default_factory=dict)
+
+
+@contextlib.contextmanager
+def _applied(model: Model, plan: _Plan, clean: Trace | None) -> Iterator[_Record]:
+    """Install the plan's hooks plus recorders; every hook is removed on exit, even on error."""
+    an, L = model.anatomy, model.n_layers
+    blocks: list[torch.nn.Module] = list(model.blocks)  # type: ignore[arg-type]
+    rec = _Record()
+    seen: dict[int, tuple[Tensor, Tensor]] = {}
+
+    def steer_in(add: Tensor) -> Callable[..., Any]:
+        def hook(mod: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+            x = first_tensor(args, kwargs)
+            x = x + add.to(x.dtype)[None]
+            if args and isinstance(args[0], Tensor):
+                return (x, *args[1:]), kwargs
+            return args, {**kwargs, "hidden_states": x}
+
+        return hook
+
+    def steer_out(add: Tensor) -> Callable[..., Any]:
+        def hook(mod: Any, args: Any, kwargs: Any, out: Any) -> Any:
+            x = output_tensor(out)
+            x = x + add.to(x.dtype)[None]
+            return x if isinstance(out, Tensor) else (x, *out[1:])
+
+        return hook
+
+    def record_in(c: int) -> Callable[..., Any]:
+        return lambda mod, args, kwargs: rec.resid.__setitem__(c, first_tensor(args, kwargs)[0].detach())
+
+    def record_out(mod: Any, args: Any, kwargs: Any, out: Any) -> None:
+        rec.resid[L] = output_tensor(out)[0].detach()
+
+    def on_inputs(layer: int, q: Tensor, k: Tensor, v: Tensor) -> None:
+        if layer in plan.recompute:
+            seen[layer] = (q, k)
+        return None
+
+    def on_pattern(layer: int, x: Tensor, probs: Tensor) -> Tensor | None:
+        masked = x <= torch.finfo(x.dtype).min / 2
+        new = probs
+        if layer in plan.recompute:
+            ly = an.layers[layer]
+            q, k = seen.pop(layer)
+            kv = ly.kv_head
+            x, new = x.clone(), probs.clone()
+            for h in sorted(plan.recompute[layer]):
+                qh, kh = q[h], k[kv[h]]  # [pos, d_head]
+                if layer in plan.q_delta:
+                    qh = qh + plan.q_delta[layer][h].to(qh.dtype)
+                if layer in plan.k_delta:
+                    kh = kh + plan.k_delta[layer][h].to(kh.dtype)
+                s = torch.matmul(qh, kh.T) * ly.scale  # [q_pos, k_pos]
+                if ly.softcap is not None:
+                    s = ly.softcap * torch.tanh(s / ly.softcap)
+                x[h] = torch.where(masked[h], x[h], s)
+                new[h] = torch.softmax(x[h].float(), dim=-1).to(probs.dtype)
+        heads = [h for (ly_, h) in plan.frozen if ly_ == layer]
+        scaled = [(h, s) for (ly_, h), s in plan.head_scale.items() if ly_ == layer]
+        if heads or scaled:
+            new = new.clone() if new is probs else new
+            for h in heads:
+                assert clean is not None
+                new[h] = clean.patterns[layer, h].to(new.dtype)
+            for h, factor in scaled:
+                new[h] = new[h] * factor
+        rec.scores[layer] = x.detach().masked_fill(masked, float("-inf"))
+        rec.patterns[layer] = new.detach().to(x.dtype)
+        return None if new is probs else new
+
+    steer_pre = [(blocks[c], steer_in(add)) for c, add in plan.resid_add.items() if c < L]
+    steer_post = [(blocks[-1], steer_out(plan.resid_add[L]))] if L in plan.resid_add else []
+    with (
+        forward_hooks(steer_pre, pre=True),
+        forward_hooks(steer_post),
+        forward_hooks([(b, record_in(c)) for c, b in enumerate(blocks)], pre=True),
+        forward_hooks([(blocks[-1], record_out)]),
+        attention_seam(model.attn_modules, SeamHooks(inputs=on_inputs, pattern=on_pattern)),
+    ):
+        yield rec
+
+
+# -- public entry points ---------------------------------------------------------------------------
+
+
+def run_with(
+    model: Model,
+    saes: Mapping[int, SAELike],
+    prompt: str | Sequence[int] | Tensor,
+    interventions: Sequence[Intervention],
+    clean: Trace | None = None,
+) -> InterventionResult:
+    """One forward pass of `prompt` under all `interventions` (pass `clean` to reuse a clean run)."""
+    ids = model.tokenize(prompt)
+    ivs = list(interventions)
+    if clean is None and _needs_clean(ivs):
+        clean = model.run(ids)
+    if clean is not None and not torch.equal(clean.tokens, ids):
+        raise InputError("the clean trace is of a different prompt: pass model.run(prompt) of this prompt")
+    plan = _plan(model, saes, clean, ivs)
+    with _applied(model, plan, clean) as rec:
+        logits = model.forward(ids)
+    L = model.n_layers
+    return InterventionResult(
+        tokens=ids,
+        logits=logits.detach(),
+        patterns=torch.stack([rec.patterns[i] for i in range(L)]),
+        scores=torch.stack([rec.scores[i] for i in range(L)]),
+        resid=torch.stack([rec.resid[c] for c in range(L + 1)]),
+    )
+
+
+def _pin_positions(ivs: Sequence[Intervention], n_pos: int) -> list[Intervention]:
+    """Resolve every position spec against the prompt, so that it keeps meaning while tokens are added."""
+    out: list[Intervention] = []
+    for iv in ivs:
+        if isinstance(iv, SteerFeature | SteerQK):
+            iv = dataclasses.replace(iv, positions=tuple(resolve_positions(iv.positions, n_pos)))
+        out.append(iv)
+    return out
+
+
+def generate_with(
+    model: Model,
+    saes: Mapping[int, SAELike],
+    prompt: str | Sequence[int] | Tensor,
+    interventions: Sequence[Intervention],
+    max_new_tokens: int = 5,
+) -> str:
+    """Greedy continuation with the interventions re-applied at every step (use_cache off).
+
+    Positions are resolved against the prompt once, so they keep naming prompt tokens; activations and
+    frozen patterns come from a clean run of the sequence so far, redone at each step.
+    """
+    ids = model.tokenize(prompt)
+    n = int(ids.shape[0])
+    ivs = _pin_positions(interventions, n)
+    for _ in range(max_new_tokens):
+        res = run_with(model, saes, ids, ivs)
+        ids = torch.cat([ids, res.logits[-1].argmax().reshape(1)])
+    new = ids[n:]
+    if model.tokenizer is None:
+        return "".join(model.str_tokens(new))
+    return str(model.tokenizer.decode(new.tolist()))  # type: ignore[attr-defined]
+
+
+# -- sweeps ----------------------------------------------------------------------------------------
+
+
+def parse_scales(spec: str | Sequence[float]) -> list[float]:
+    """'-4:4:9' -> 9 evenly spaced values from -4 to 4; '0,1,2' -> those values; a sequence as is."""
+    if not isinstance(spec, str):
+        return [float(s) for s in spec]
+    try:
+        if ":" in spec:
+            start, stop, count = spec.split(":")
+            n = int(count)
+            if n < 1:
+                raise ValueError
+            return [float(s) for s in np.linspace(float(start), float(stop), n)]
+        return [float(s) for s in spec.split(",") if s.strip()]
+    except ValueError:
+        raise InputError(f"scale spec '{spec}' is not 'start:stop:count' (e.g. -4:4:9) or 'a,b,c'") from None
+
+
+def _fill(ivs: Sequence[Intervention], s: float) -> list[Intervention]:
+    out: list[Intervention] = []
+    for iv in ivs:
+        changes = {k: s for k in ("scale", "value") if isinstance(getattr(iv, k, None), ScalePlaceholder)}
+        out.append(dataclasses.replace(iv, **changes) if changes else iv)  # type: ignore[arg-type]
+    return out
+
+
+def watch_column(layer: int, head: int, q_pos: int, k_pos: int) -> str:
+    return f"attn:L{layer}.H{head}:{q_pos}->{k_pos}"
+
+
+def sweep(
+    model: Model,
+    saes: Mapping[int, SAELike],
+    prompt: str | Sequence[int] | Tensor,
+    interventions: Callable[[float], Sequence[Intervention]] | Sequence[Intervention],
+    scales: str | Sequence[float],
+    watch_tokens: Sequence[str | int] = (),
+    watch_attention: Sequence[tuple[int, int, int, int]] = (),
+    top_k: int = 5,
+    pos: int = -1,
+) -> pd.DataFrame:
+    """One row per scale: top-k next tokens and probabilities at `pos`, watched tokens' probabilities,
+    the logit difference of the first two watched tokens, and watched attention weights.
+
+    Columns: scale, top_1..top_k, p_top_1..p_top_k, 'p:<token>' per watched token, logit_diff (with
+    two or more watched tokens), and 'attn:L<layer>.H<head>:<q_pos>-><k_pos>' per watched weight.
+    """
+    ids = model.tokenize(prompt)
+    n = int(ids.shape[0])
+    make = interventions if callable(interventions) else (lambda s: _fill(interventions, s))  # type: ignore[arg-type]
+    tok_ids = [model.token_id(t) if isinstance(t, str) else int(t) for t in watch_tokens]
+    tok_names = [model.str_tokens(torch.tensor([t]))[0] for t in tok_ids]
+    watched = []
+    for ly, h, qp, kp in watch_attention:
+        ly, h = check_index(ly, model.n_layers, "layer"), check_index(h, model.n_heads, "head")
+        qp, kp = (check_index(p, n, "position", allow_negative=True) for p in (qp, kp))
+        watched.append((ly, h, qp, kp))
+    p = check_index(pos, n, "position", allow_negative=True)
+    clean = model.run(ids)
+    rows = []
+    for s in parse_scales(scales):
+        res = run_with(model, saes, ids, list(make(s)), clean=clean)
+        logits = res.logits[p].float()
+        probs = torch.softmax(logits, dim=-1)
+        top = probs.topk(min(top_k, probs.shape[0]))
+        names = model.str_tokens(top.indices)
+        row: dict[str, Any] = {"scale": s}
+        row.update({f"top_{i + 1}": names[i] for i in range(len(names))})
+        row.update({f"p_top_{i + 1}": float(top.values[i]) for i in range(len(names))})
+        row.update({f"p:{name}": float(probs[t]) for name, t in zip(tok_names, tok_ids)})
+        if len(tok_ids) >= 2:
+            row["logit_diff"] = float(logits[tok_ids[0]] - logits[tok_ids[1]])
+        row.update({watch_column(*w): float(res.patterns[w]) for w in watched})
+        rows.append(row)
+        log.info("scale %g: top-1 %r (p=%.3f)", s, names[0], float(top.values[0]))
+    return pd.DataFrame(rows)
