@@ -107,6 +107,99 @@ def cmd_graph(args: argparse.Namespace) -> int:
     return 0
 
 
+def _positions(spec: str) -> int | slice | list[int]:
+    """'5' -> 5, '3:7' -> slice(3, 7), '2,4' -> [2, 4]; negatives count from the end."""
+    from .errors import InputError
+
+    try:
+        if ":" in spec:
+            a, b = spec.split(":")
+            return slice(int(a) if a else None, int(b) if b else None)
+        if "," in spec:
+            return [int(x) for x in spec.split(",")]
+        return int(spec)
+    except ValueError:
+        raise InputError(f"positions '{spec}' not understood: use 5, 3:7 or 2,4") from None
+
+
+def _watch_attn(spec: str) -> tuple[int, int, int, int]:
+    from .errors import InputError
+
+    try:
+        layer, head, q, k = (int(x) for x in spec.split(","))
+    except ValueError:
+        raise InputError(f"--watch-attn '{spec}' not understood: use LAYER,HEAD,QUERY_POS,KEY_POS") from None
+    return layer, head, q, k
+
+
+def cmd_steer(args: argparse.Namespace) -> int:
+    from . import interventions as iv
+    from .errors import InputError, check_index
+
+    tracer = _tracer(args)
+    model = tracer.model
+    n_pos = int(model.tokenize(args.prompt).shape[0])
+    pos = _positions(args.positions)
+    if args.heads:
+        heads = tuple(int(h) for h in args.heads.split(","))
+        layer = check_index(args.layer, model.n_layers, "layer")
+        for h in heads:
+            check_index(h, model.anatomy.layers[layer].n_heads, "head")
+        steer: list[iv.Intervention] = [iv.SteerQK(layer, heads, args.side, args.feature, pos, scale=iv.SCALE)]
+        if args.freeze_others:
+            steer.append(iv.FreezeAttention())
+        watch = [_watch_attn(w) for w in args.watch_attn] or [
+            (layer, heads[0], n_pos - 1, p) for p in _pos_list(pos, n_pos)
+        ]
+    else:
+        if args.freeze_others:
+            raise InputError("--freeze-others needs --heads (QK-only steering); residual steering changes every head")
+        steer = [iv.SteerFeature(args.layer, args.feature, pos, scale=iv.SCALE)]
+        watch = [_watch_attn(w) for w in args.watch_attn]
+    acts = tracer.saes[args.layer].encode(model.run(args.prompt).resid[args.layer])[:, args.feature]
+    where = iv.resolve_positions(pos, n_pos)
+    if not bool((acts[where] != 0).any()):
+        active = (acts != 0).nonzero().flatten().tolist()
+        raise InputError(
+            f"feature {args.feature} is not active at positions {where} of checkpoint {args.layer}, so scaling it "
+            f"changes nothing: it is active at {active or 'no position'}"
+        )
+    df = iv.sweep(model, tracer.saes, args.prompt, steer, args.scales, watch_tokens=args.watch, watch_attention=watch)
+    if args.plot:
+        from .plots import plot_sweep
+
+        plot_sweep(
+            df, args.plot, title=f"steer feature {args.feature} ({'QK ' + args.side if args.heads else 'residual'})"
+        )
+    if args.json:
+        print(df.to_json(orient="records"))
+    else:
+        _console().print(df.to_string(index=False, float_format=lambda x: f"{x:.4f}"))
+        if args.plot:
+            _console().print(f"wrote {args.plot}")
+    return 0
+
+
+def _pos_list(pos: int | slice | list[int], n: int) -> list[int]:
+    from .interventions import resolve_positions
+
+    return resolve_positions(pos, n)[:4]
+
+
+def cmd_heads(args: argparse.Namespace) -> int:
+    from .heads import heads_table
+    from .plots import plot_heads
+
+    tracer = _tracer(args)
+    table = heads_table(tracer.model, sort_by=args.sort)
+    con = _console()
+    con.print(table.head(args.top).to_string(index=False, float_format=lambda x: f"{x:+.3f}"))
+    if args.plot:
+        plot_heads(table, args.plot)
+        con.print(f"wrote {args.plot}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo.run import run_demo
 
@@ -148,6 +241,29 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--max-nodes", type=int, default=None)
     sp.set_defaults(func=cmd_graph)
 
+    sp = sub.add_parser("steer", help="sweep a feature's scale inside chosen heads' QK circuit (or the residual)")
+    model_args(sp)
+    sp.add_argument("--prompt", required=True)
+    sp.add_argument("--layer", type=int, required=True, help="the layer whose input checkpoint holds the feature")
+    sp.add_argument("--feature", type=int, required=True)
+    sp.add_argument("--positions", required=True, help="5, 3:7 or 2,4 (negative counts from the end)")
+    sp.add_argument("--heads", help="comma-separated heads of --layer: steer only inside their QK circuit")
+    sp.add_argument("--side", choices=("query", "key"), default="key")
+    sp.add_argument("--scales", default="-4:4:9", help="start:stop:count or a comma list")
+    sp.add_argument("--freeze-others", action="store_true", help="keep every other head's clean pattern")
+    sp.add_argument("--watch", action="append", default=[], help="a token whose probability to report (repeat)")
+    sp.add_argument("--watch-attn", action="append", default=[], help="LAYER,HEAD,Q,K attention weight to report")
+    sp.add_argument("--json", action="store_true")
+    sp.add_argument("--plot", help="write a PNG of the sweep")
+    sp.set_defaults(func=cmd_steer)
+
+    sp = sub.add_parser("heads", help="rank heads: previous-token, induction, duplicate-token, W_QK sign skew")
+    model_args(sp)
+    sp.add_argument("--sort", default="induction", choices=("induction", "prev_token", "duplicate", "qk_skew"))
+    sp.add_argument("--top", type=int, default=20)
+    sp.add_argument("--plot", default=None, help="write a heat-map PNG")
+    sp.set_defaults(func=cmd_heads)
+
     sp = sub.add_parser("demo", help="run the case studies on the embedded demo model")
     sp.add_argument("--out", default="demo-output")
     sp.add_argument("--no-serve", action="store_true", help="do everything but serving the web UI")
@@ -164,8 +280,21 @@ def _quiet_transformers() -> None:
     hf_logging.disable_progress_bar()
 
 
+def _join_negative_values(argv: Sequence[str]) -> list[str]:
+    """argparse takes '-4:4:9' after --scales for an option; glue such values to their flag."""
+    out: list[str] = []
+    it = iter(argv)
+    for a in it:
+        if a in ("--scales", "--positions"):
+            nxt = next(it, None)
+            out.append(a if nxt is None else f"{a}={nxt}")
+        else:
+            out.append(a)
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(_join_negative_values(sys.argv[1:] if argv is None else argv))
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     _quiet_transformers()
