@@ -51,8 +51,10 @@ Positions = int | Sequence[int] | slice | range
 class SAELike(Protocol):
     """What interventions need from an SAE (qktrace.saes.SAE satisfies it)."""
 
-    checkpoint: int
-    W_dec: Tensor  # [d_sae, d_model]
+    @property
+    def checkpoint(self) -> int: ...
+    @property
+    def W_dec(self) -> Tensor: ...  # [d_sae, d_model]
 
     def encode(self, resid: Tensor) -> Tensor: ...  # [pos, d_model] -> [pos, d_sae]
 

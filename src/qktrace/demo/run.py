@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from ..config import DEMO_MODEL, DEMO_SAES
-from ..interventions import SCALE, FreezeAttention, SteerQK, sweep
+from ..interventions import SCALE, FreezeAttention, Intervention, SteerQK, sweep
 from ..plots import plot_sweep
 from ..tracer import Traced, Tracer
 
@@ -150,7 +150,10 @@ def study(tracer: Tracer, case: CaseStudy, out: Path) -> CaseResult:
     rows: list[dict[str, Any]] = []
     p_ablated = float(probs[answer_id])
     if feature >= 0:
-        ivs = [SteerQK(layer, steer_heads, case.side, feature, positions, scale=SCALE), FreezeAttention()]  # type: ignore[arg-type]
+        ivs: list[Intervention] = [
+            SteerQK(layer, steer_heads, case.side, feature, positions, scale=SCALE),  # type: ignore[arg-type]
+            FreezeAttention(),
+        ]
         watch = [case.answer] + ([case.rival] if case.rival and _single_token(traced, case.rival) else [])
         df = sweep(
             model,
