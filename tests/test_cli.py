@@ -57,6 +57,8 @@ def test_qk_json_sums_to_score(capsys, tiny_paths, saes_dir):
     ("args", "needle"),
     [
         (["info", "/nonexistent/model"], "does not exist"),
+        (["info", "no-such-org/no-such-model-xyz"], "could not load model"),
+        (["info", "@M", "--saes", "saelens:gpt2-small-res-jb"], "sae"),
         (["qk", "@M", "--saes", "@S", "--prompt", " ", "--layer", "0", "--head", "0"], "empty"),
         (["qk", "@M", "--saes", "@S", "--prompt", "w1 w2", "--layer", "7", "--head", "0"], "layer 7 is out of range"),
         (["qk", "@M", "--saes", "@S", "--prompt", "w1 w2", "--layer", "0", "--head", "9"], "head"),

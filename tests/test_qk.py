@@ -146,3 +146,12 @@ def test_errors_are_clear(tracers, tiny_models):
     no_sae = Tracer(tiny_models["llama"], SAESet({})).run(random_prompt(6, 0))
     with pytest.raises(InputError, match="has no SAE"):
         no_sae.qk(0, 0, -1)
+
+
+def test_effects_frame_ranks_inhibition(tracers):
+    att = tracers[("qwen2", "topk")].run(random_prompt(10, 8)).qk(1, 0, -1)
+    inh = att.effects_frame(top=5)
+    assert list(inh["prob_effect"]) == sorted(inh["prob_effect"])
+    assert inh["prob_effect"].iloc[0] == float(att.prob_effects().min())
+    exc = att.effects_frame(top=5, inhibitory=False)
+    assert exc["prob_effect"].iloc[0] == float(att.prob_effects().max())

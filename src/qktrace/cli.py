@@ -22,7 +22,8 @@ def _console():  # type: ignore[no-untyped-def]
 def _tracer(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     from .tracer import Tracer
 
-    return Tracer.load(config.resolve_model(args.model), config.resolve_saes(args.model, args.saes))
+    ids = args.sae_ids.split(",") if getattr(args, "sae_ids", None) else None
+    return Tracer.load(config.resolve_model(args.model), config.resolve_saes(args.model, args.saes), sae_ids=ids)
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -215,7 +216,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     def model_args(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("model", help="a save_pretrained directory, a hub id, or 'demo' for the embedded model")
-        sp.add_argument("--saes", help="SAE directory (SAELens layout or Gemma Scope params.npz files)")
+        sp.add_argument(
+            "--saes", help="SAE directory (SAELens layout or Gemma Scope params.npz files), or saelens:RELEASE"
+        )
+        sp.add_argument("--sae-ids", help="comma-separated SAE ids within --saes (e.g. blocks.3.hook_resid_pre)")
 
     sp = sub.add_parser("info", help="print the model's anatomy and the SAE set")
     model_args(sp)

@@ -223,6 +223,26 @@ class QKAttribution:
         coef = p[k] * (delta - p[key_index]) * slope[key_index]  # [k_component]
         return self.terms * coef[None, :]
 
+    def effects_frame(self, target_key: int | None = None, top: int = 10, inhibitory: bool = True) -> pd.DataFrame:
+        """The terms that most lower (inhibitory=True) or raise the attention probability of `target_key`
+        (default: the most attended key), ranked by their first-order effect: inhibition at competing
+        keys surfaces here without manual inspection."""
+        eff = self.prob_effects(target_key)
+        flat = (-eff if inhibitory else eff).flatten()
+        idx = torch.topk(flat, min(top, flat.numel())).indices
+        qi, ki = idx // eff.shape[1], idx % eff.shape[1]
+        return pd.DataFrame(
+            {
+                "query": [self.query.id(i) for i in qi.tolist()],
+                "query_label": [self.label(self.query.id(i)) for i in qi.tolist()],
+                "key": [self.key.id(i) for i in ki.tolist()],
+                "key_label": [self.label(self.key.id(i)) for i in ki.tolist()],
+                "key_pos": self.key.pos[ki].tolist(),
+                "value": self.terms[qi, ki].tolist(),
+                "prob_effect": eff[qi, ki].tolist(),
+            }
+        )
+
     def contrast(self, key_a: int, key_b: int, top: int | None = 30) -> pd.DataFrame:
         """Why key A rather than key B: terms of score(A) - score(B), with the same feature at both
         positions netted out (keys are matched by feature id without position)."""
