@@ -282,6 +282,13 @@ def _quiet_transformers() -> None:
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
+    logging.getLogger("huggingface_hub").setLevel(logging.ERROR)
+    try:
+        from huggingface_hub.utils import logging as hub_logging
+
+        hub_logging.set_verbosity_error()
+    except ImportError:  # pragma: no cover - huggingface_hub always comes with transformers
+        pass
 
 
 def _join_negative_values(argv: Sequence[str]) -> list[str]:

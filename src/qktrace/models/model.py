@@ -279,7 +279,9 @@ def load_model(
         config = AutoConfig.from_pretrained(source)
     except (OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ModelLoadError(f"could not load model '{name}': {first}") from e
+        raise ModelLoadError(
+            f"could not load model '{name}': {first} Check the name, or give a local save_pretrained directory"
+        ) from e
     family_for(config.model_type)  # fail fast on unsupported families, before loading weights
     try:
         hf: Any = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, attn_implementation="eager")
