@@ -77,9 +77,7 @@ def assert_same_weights(a: SAE, b: SAE) -> None:
 
 @pytest.mark.parametrize("arch", ["standard", "jumprelu", "topk"])
 @pytest.mark.parametrize("apply_b_dec", [True, False])
-def test_save_load_roundtrip_and_encode_matches_reference(
-    tmp_path: Path, arch: str, apply_b_dec: bool
-) -> None:
+def test_save_load_roundtrip_and_encode_matches_reference(tmp_path: Path, arch: str, apply_b_dec: bool) -> None:
     sae = make_sae(arch, apply_b_dec_to_input=apply_b_dec)
     folder = save_sae_lens(sae, tmp_path / "blocks.2.hook_resid_pre")
     assert (folder / "cfg.json").is_file() and (folder / "sae_weights.safetensors").is_file()
@@ -246,9 +244,7 @@ def test_v5_cfg_topk_and_relu(tmp_path: Path) -> None:
     assert_same_weights(ref, got)
     x = torch.randn(4, D_MODEL)
     assert (got.encode(x) > 0).sum(-1).max() <= 3
-    relu_dir = _write_raw(
-        tmp_path / "relu", {**v5, "activation_fn_str": "relu", "apply_b_dec_to_input": False}, w
-    )
+    relu_dir = _write_raw(tmp_path / "relu", {**v5, "activation_fn_str": "relu", "apply_b_dec_to_input": False}, w)
     std = load_saes(relu_dir, MODEL)[1]
     assert (std.architecture, std.k, std.apply_b_dec_to_input) == ("standard", None, False)
     torch.testing.assert_close(std.encode(x), (x @ ref.W_enc + ref.b_enc).relu())
@@ -257,9 +253,7 @@ def test_v5_cfg_topk_and_relu(tmp_path: Path) -> None:
 def test_log_threshold_is_exponentiated(tmp_path: Path) -> None:
     ref = make_sae("jumprelu", seed=6)
     assert ref.threshold is not None
-    w = {n: getattr(ref, n) for n in ("W_enc", "b_enc", "W_dec", "b_dec")} | {
-        "log_threshold": ref.threshold.log()
-    }
+    w = {n: getattr(ref, n) for n in ("W_enc", "b_enc", "W_dec", "b_dec")} | {"log_threshold": ref.threshold.log()}
     cfg = {
         "architecture": "jumprelu",
         "d_in": D_MODEL,
@@ -358,9 +352,7 @@ def test_missing_weight_and_unsupported_cfg(tmp_path: Path) -> None:
     with pytest.raises(SAELoadError) as e:
         load_saes(_write_raw(tmp_path / "nothr", cfg, w), MODEL)
     one_line(e, "threshold", str(tmp_path / "nothr"))
-    norm = _write_raw(
-        tmp_path / "norm", {**cfg, "architecture": "standard", "normalize_activations": "layer_norm"}, w
-    )
+    norm = _write_raw(tmp_path / "norm", {**cfg, "architecture": "standard", "normalize_activations": "layer_norm"}, w)
     with pytest.raises(SAELoadError) as e:
         load_saes(norm, MODEL)
     one_line(e, "layer_norm", "not supported", str(norm / "cfg.json"))
@@ -426,9 +418,7 @@ def test_saelens_release_conversion_with_a_fake_package(monkeypatch: pytest.Monk
         calls.append((release, sae_id, device))
         return fake if sae_id == "v6" else (fake, {}, None)
 
-    monkeypatch.setitem(
-        sys.modules, "sae_lens", SimpleNamespace(SAE=SimpleNamespace(from_pretrained=from_pretrained))
-    )
+    monkeypatch.setitem(sys.modules, "sae_lens", SimpleNamespace(SAE=SimpleNamespace(from_pretrained=from_pretrained)))
     got = load_saes("saelens:my-release", MODEL, sae_ids=["v6"])[2]
     assert calls == [("my-release", "v6", "cpu")]
     assert (got.architecture, got.k, got.hook_name, got.source) == (
