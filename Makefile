@@ -24,7 +24,10 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(VENV)/bin/mypy
 
-pytest: $(STAMP)
+browser:
+	bash scripts/ensure-chromium.sh
+
+pytest: $(STAMP) browser
 	bash scripts/pytest.sh
 
 test: lint typecheck pytest

@@ -201,6 +201,13 @@ def cmd_heads(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .server import serve
+
+    serve(args.paths, model=args.model, saes=args.saes, host=args.host, port=args.port, open_browser=args.open)
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo.run import run_demo
 
@@ -267,6 +274,15 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--top", type=int, default=20)
     sp.add_argument("--plot", default=None, help="write a heat-map PNG")
     sp.set_defaults(func=cmd_heads)
+
+    sp = sub.add_parser("serve", help="the web UI: graphs, head loadings, QK attributions, steering")
+    sp.add_argument("paths", nargs="*", help="graph JSON files and/or one directory of them")
+    sp.add_argument("--model", help="a model to compute new graphs, QK attributions and sweeps ('demo' works)")
+    sp.add_argument("--saes", help="its SAEs (default for 'demo': the embedded ones)")
+    sp.add_argument("--host", default="127.0.0.1", help="default 127.0.0.1 (this machine only)")
+    sp.add_argument("--port", type=int, default=8000)
+    sp.add_argument("--open", action="store_true", help="open a browser tab")
+    sp.set_defaults(func=cmd_serve)
 
     sp = sub.add_parser("demo", help="run the case studies on the embedded demo model")
     sp.add_argument("--out", default="demo-output")

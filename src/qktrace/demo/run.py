@@ -278,5 +278,6 @@ def run_demo(
         except ImportError:
             con.print("the web UI is not available (install qktrace[server]); stopping here")
             return 0
-        serve_ui([str(out)], model=str(DEMO_MODEL), saes=str(DEMO_SAES), port=port)
+        con.print(f"serving the web UI on http://127.0.0.1:{port} (Ctrl-C to stop)")
+        serve_ui([str(out)], saes=str(DEMO_SAES), port=port, tracer=tracer)
     return 0

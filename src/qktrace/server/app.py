@@ -1,0 +1,177 @@
+"""`create_app(data_dir, tracer=None)`: the local web app's JSON API and its static page.
+
+    GET  /                                   the page (static files from qktrace/web/static, no CDN)
+    GET  /api/info                           what is loaded: model, SAE checkpoints, whether it can compute
+    GET  /api/graphs                         graph JSON files in the data directory (and files given)
+    GET  /api/graphs/{name}                  one graph: {"version", "name", "graph": <circuit-tracer JSON>}
+    POST /api/graph                          build a graph in the background -> job; saved to the data dir
+    GET  /api/jobs/{id}                      the job's stage, then the saved graph's name or the error
+    POST /api/qk                             QK attribution at (layer, head, query_pos, key_pos), the head's
+                                             attention row, inhibitory terms, contrast with the rival key
+    POST /api/sweep                          steer a feature inside chosen heads' QK circuits over scales
+    GET  /api/features/{checkpoint}/{f}      a feature's label and dashboard (dashboards.json) if any
+
+Safety (STYLE point 10): the app never unpickles; graph names are plain file names resolved inside the
+data directory (`..`, absolute paths, encoded slashes and symlinks out are refused); no CORS; every
+response is versioned JSON; QKTraceError -> 4xx {"version": 1, "error": "<its one-line message>"}.
+Graph files and dashboards: `store`; what needs the model (behind one lock): `compute`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ..errors import GraphFileError, QKTraceError
+from ..tracer import Tracer
+from . import schemas as S
+from .compute import Engine, qk_response, sweep_response
+from .store import ApiError, Features, GraphStore
+
+log = logging.getLogger(__name__)
+STATIC = Path(__file__).resolve().parent.parent / "web" / "static"
+CSP = "default-src 'self'; img-src 'self' data: blob:; style-src 'self'; script-src 'self'"
+
+
+def _hostname(host: str) -> str:
+    """'127.0.0.1:8000' -> '127.0.0.1', '[::1]:8000' -> '[::1]'."""
+    if host.startswith("["):
+        return host[: host.find("]") + 1]
+    return host.rsplit(":", 1)[0]
+
+
+def _error(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"version": S.API_VERSION, "error": " ".join(message.split())}, status_code=status)
+
+
+# -- the app ---------------------------------------------------------------------------------------------
+
+
+def create_app(
+    data_dir: str | Path,
+    tracer: Tracer | None = None,
+    *,
+    files: Sequence[str | Path] = (),
+    saes_dir: str | Path | None = None,
+    allowed_hosts: Sequence[str] | None = None,
+) -> FastAPI:
+    """The web app over graph files in `data_dir` (plus `files`), computing with `tracer` when given.
+
+    `saes_dir`: where to find labels and dashboards without a model. `allowed_hosts`: Host headers to
+    accept (`serve` passes the loopback names, which blocks DNS rebinding); None accepts any.
+    """
+    store = GraphStore(data_dir, files)
+    features = Features(tracer, saes_dir)
+    engine = Engine(tracer) if tracer is not None else None
+    app = FastAPI(title="qktrace", version=str(S.API_VERSION), docs_url=None, redoc_url=None, openapi_url=None)
+    hosts = set(allowed_hosts or ())
+
+    @app.middleware("http")
+    async def headers(request: Request, call_next: Any) -> Response:
+        host = _hostname(request.headers.get("host", ""))
+        if hosts and host not in hosts:
+            return _error(400, f"host '{host[:80]}' is not served here: open the page at http://127.0.0.1 instead")
+        response: Response = await call_next(request)
+        response.headers.setdefault("Content-Security-Policy", CSP)
+        response.headers["X-Content-Type-Options"] = "nosniff"
+        response.headers["Referrer-Policy"] = "no-referrer"
+        response.headers["X-Frame-Options"] = "DENY"
+        return response
+
+    @app.exception_handler(QKTraceError)
+    async def on_qktrace_error(request: Request, e: QKTraceError) -> JSONResponse:
+        return _error(422 if isinstance(e, GraphFileError) else 400, str(e))
+
+    @app.exception_handler(ApiError)
+    async def on_api_error(request: Request, e: ApiError) -> JSONResponse:
+        return _error(e.status, str(e))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def on_http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
+        what = f"{request.method} {request.url.path[:120]}"
+        msg = f"{what} is not an endpoint: see GET /api/info" if e.status_code in (404, 405) else str(e.detail)
+        if e.status_code == 404 and request.url.path.startswith("/static/"):
+            msg = f"no static file {request.url.path[:120]}: the page's files are index.html, app.js, style.css"
+        return _error(e.status_code, msg)
+
+    @app.exception_handler(RequestValidationError)
+    async def on_invalid(request: Request, e: RequestValidationError) -> JSONResponse:
+        parts = []
+        for err in e.errors()[:3]:
+            loc = ".".join(str(x) for x in err.get("loc", ()) if x != "body")
+            parts.append(f"{loc}: {err.get('msg', 'invalid')}" if loc else str(err.get("msg", "invalid")))
+        return _error(422, "bad request: " + "; ".join(parts))
+
+    def need_engine() -> Engine:
+        if engine is None:
+            raise ApiError(409, "no model is loaded (view only): restart with qktrace serve --model PATH --saes DIR")
+        return engine
+
+    @app.get("/", include_in_schema=False)
+    def index() -> FileResponse:
+        return FileResponse(STATIC / "index.html")
+
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+
+    @app.get("/api/info")
+    def info() -> S.InfoResponse:
+        if tracer is None:
+            return S.InfoResponse(
+                model=None, checkpoints=sorted(features.d_sae), can_compute=False, features=bool(features.d_sae)
+            )
+        m = tracer.model
+        return S.InfoResponse(
+            model=m.name,
+            family=m.family,
+            n_layers=m.n_layers,
+            n_heads=m.n_heads,
+            checkpoints=list(tracer.saes.checkpoints),
+            can_compute=True,
+            features=bool(features.d_sae),
+        )
+
+    @app.get("/api/graphs")
+    def graphs() -> S.GraphList:
+        return store.listing()
+
+    @app.get("/api/graphs/{name:path}")
+    def graph(name: str) -> Response:
+        fname, data = store.read(name)
+        body = {"version": S.API_VERSION, "name": fname, "graph": data}
+        return Response(json.dumps(body, separators=(",", ":"), allow_nan=False), media_type="application/json")
+
+    @app.post("/api/graph", status_code=202)
+    def build(req: S.GraphRequest) -> S.Job:
+        return need_engine().start_graph(req, store).view()
+
+    @app.get("/api/jobs/{job_id}")
+    def job(job_id: str) -> S.Job:
+        state = need_engine().jobs.get(job_id)
+        if state is None:
+            raise ApiError(404, f"no job '{job_id[:40]}': jobs live in memory until the server restarts")
+        return state.view()
+
+    @app.post("/api/qk")
+    def qk(req: S.QKRequest) -> S.QKResponse:
+        with need_engine().traced(req) as traced:
+            return qk_response(traced, req)
+
+    @app.post("/api/sweep")
+    def steer(req: S.SweepRequest) -> S.SweepResponse:
+        with need_engine().traced(req) as traced:
+            return sweep_response(traced, req)
+
+    @app.get("/api/features/{checkpoint}/{feature}")
+    def feature(checkpoint: int, feature: int) -> S.FeatureResponse:
+        return features.get(checkpoint, feature)
+
+    return app

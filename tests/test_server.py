@@ -1,0 +1,398 @@
+"""The web app's JSON API on a tiny random model: every endpoint, its numbers against the library's own,
+and the requests it must refuse (path traversal, out-of-range heads, empty prompts) while it keeps serving."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("fastapi")
+pytest.importorskip("httpx")
+
+from fastapi.testclient import TestClient  # noqa: E402
+
+from qktrace.saes import SAE, SAESet, save_sae_lens  # noqa: E402
+from qktrace.server import API_VERSION, create_app  # noqa: E402
+from qktrace.testing import make_tiny_model, random_prompt  # noqa: E402
+from qktrace.tracer import Tracer  # noqa: E402
+
+GRAPH_NAME = "tiny.json"
+SECRET = "TOPSECRET-not-a-graph"
+
+
+@dataclass
+class Setup:
+    root: Path
+    data: Path
+    saes: Path
+    tracer: Tracer
+    tokens: list[int]
+    graph: dict
+
+
+def random_saes(model, d_sae: int = 24, seed: int = 0) -> SAESet:
+    g = torch.Generator().manual_seed(seed)
+    d = model.d_model
+    out = {}
+    for c in range(model.n_layers + 1):
+        out[c] = SAE(
+            checkpoint=c,
+            architecture="topk",
+            k=5,
+            W_enc=torch.randn(d, d_sae, generator=g) * 0.3,
+            b_enc=torch.randn(d_sae, generator=g) * 0.1,
+            W_dec=torch.randn(d_sae, d, generator=g) * 0.3,
+            b_dec=torch.randn(d, generator=g) * 0.2,
+            apply_b_dec_to_input=False,
+            labels={f: f"c{c} feature {f}" for f in range(0, d_sae, 2)},
+        )
+    return SAESet(out)
+
+
+def build_fixture(root: Path, n_words: int = 6) -> Setup:
+    """A tiny llama, random SAEs saved as SAELens folders (labels + one dashboards.json), one graph."""
+    model_dir = make_tiny_model("llama", root / "model")
+    plain = Tracer.load(model_dir)
+    sae_dir = root / "saes"
+    for c, sae in random_saes(plain.model).items():
+        save_sae_lens(sae, sae_dir / f"blocks.{c}.hook_resid_pre")
+    dash = {
+        "checkpoint": 1,
+        "features": {
+            "3": {
+                "label": "dash label",
+                "freq": 0.012,
+                "max_act": 2.5,
+                "top_out": ["Sally", "Bob"],
+                "contexts": [{"tokens": ["Aunt", "Sally", "is"], "i": 1, "act": 2.5}],
+            }
+        },
+    }
+    (sae_dir / "blocks.1.hook_resid_pre" / "dashboards.json").write_text(json.dumps(dash))
+    tracer = Tracer.load(model_dir, sae_dir)
+    traced = tracer.run(random_prompt(n_words, seed=1))
+    data = root / "graphs"
+    data.mkdir()
+    graph = traced.graph(progress=False)
+    graph.save(data / GRAPH_NAME)
+    tokens = traced.trace.tokens.tolist()
+    return Setup(root, data, sae_dir, tracer, tokens, json.loads((data / GRAPH_NAME).read_text()))
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory) -> Setup:
+    s = build_fixture(tmp_path_factory.mktemp("server"))
+    (s.data / "broken.json").write_text("{not json")
+    (s.data / "other.json").write_text(json.dumps({"hello": 1}))
+    (s.root / "secret.json").write_text(json.dumps({"secret": SECRET}))
+    os.symlink(s.root / "secret.json", s.data / "escape.json")
+    return s
+
+
+@pytest.fixture(scope="module")
+def client(setup) -> TestClient:
+    return TestClient(create_app(setup.data, setup.tracer))
+
+
+@pytest.fixture(scope="module")
+def viewer(setup) -> TestClient:
+    """No model: view only, labels and dashboards read from the SAE directory."""
+    return TestClient(create_app(setup.data, saes_dir=setup.saes))
+
+
+def ok(r, status=200):
+    assert r.status_code == status, r.text
+    body = r.json()
+    assert body["version"] == API_VERSION
+    return body
+
+
+def refused(r, *statuses):
+    assert r.status_code in (statuses or (400, 404, 409, 422)), r.text
+    body = r.json()
+    assert body["version"] == API_VERSION and isinstance(body["error"], str) and "\n" not in body["error"]
+    assert SECRET not in r.text
+    return body["error"]
+
+
+# -- graphs -----------------------------------------------------------------------------------------
+
+
+def test_info(client, viewer, setup):
+    info = ok(client.get("/api/info"))
+    assert info["can_compute"] and info["model"] == setup.tracer.model.name
+    assert info["n_layers"] == 2 and info["checkpoints"] == [0, 1, 2] and info["features"]
+    view = ok(viewer.get("/api/info"))
+    assert not view["can_compute"] and view["model"] is None and view["checkpoints"] == [0, 1, 2]
+
+
+def test_list_graphs(client):
+    listing = ok(client.get("/api/graphs"))
+    names = [g["name"] for g in listing["graphs"]]
+    assert GRAPH_NAME in names
+    tiny = next(g for g in listing["graphs"] if g["name"] == GRAPH_NAME)
+    assert tiny["n_nodes"] > 0 and tiny["n_links"] > 0
+    bad = {b["name"]: b["error"] for b in listing["invalid"]}
+    assert {"broken.json", "other.json", "escape.json"} <= set(bad)
+    assert "outside the data directory" in bad["escape.json"]
+
+
+@pytest.mark.parametrize("name", ["tiny.json", "tiny"])
+def test_get_graph(client, setup, name):
+    body = ok(client.get(f"/api/graphs/{name}"))
+    assert body["name"] == GRAPH_NAME and body["graph"] == setup.graph
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/api/graphs/..%2fsecret.json",
+        "/api/graphs/..%2F..%2Fsecret.json",
+        "/api/graphs/%2e%2e%2fsecret.json",
+        "/api/graphs/%2e%2e/secret.json",
+        "/api/graphs/..%5csecret.json",
+        "/api/graphs/%2Ftmp%2Fsecret.json",
+        "/api/graphs//etc/passwd",
+        "/api/graphs/..",
+        "/api/graphs/.hidden.json",
+        "/api/graphs/escape.json",
+        "/api/graphs/nope.json",
+        "/api/graphs/graphs%00.json",
+        "/static/..%2f..%2fserver%2fapp.py",
+    ],
+)
+def test_traversal_refused(client, path):
+    refused(client.get(path), 400, 404)
+    ok(client.get("/api/info"))  # still serving
+
+
+def test_absolute_path_names_the_problem(client, setup):
+    msg = refused(client.get(f"/api/graphs/{setup.root / 'secret.json'}"), 400)
+    assert "plain file name" in msg
+
+
+def test_unknown_and_corrupt_graphs(client):
+    assert "no graph named 'missing.json'" in refused(client.get("/api/graphs/missing"), 404)
+    assert "broken.json" in refused(client.get("/api/graphs/broken.json"), 422)
+    assert "not a qktrace graph" in refused(client.get("/api/graphs/other.json"), 422)
+    assert "not an endpoint" in refused(client.get("/api/nothing"), 404)
+
+
+# -- QK ---------------------------------------------------------------------------------------------
+
+
+def cross_link(graph):
+    for link in sorted(graph["links"], key=lambda x: -abs(x["weight"])):
+        s, t = (int(link[k].split("/")[2][1:]) for k in ("source", "target"))
+        if s != t and link["head_loadings"]:
+            return link, t, s
+    raise AssertionError("the tiny graph has no cross-position link")
+
+
+def test_qk_equals_direct(client, setup):
+    link, q, k = cross_link(setup.graph)
+    head = link["head_loadings"][0]
+    req = {"tokens": setup.tokens, "layer": head["layer"], "head": head["head"], "query_pos": q, "key_pos": k, "top": 7}
+    body = ok(client.post("/api/qk", json=req))
+    traced = setup.tracer.run(setup.tokens)
+    direct = traced.qk(head["layer"], head["head"], q, k)
+    assert body["qk"] == json.loads(json.dumps(direct.to_json(7)))
+    row = traced.qk(head["layer"], head["head"], q)
+    assert body["row"]["key_positions"] == list(row.key_positions) == list(range(q + 1))
+    assert body["row"]["pattern"] == row.pattern.tolist()
+    assert body["key_pos"] == k and body["str_tokens"] == list(traced.str_tokens)
+    effects = row.prob_effects(k)
+    inhibitory = [t["prob_effect"] for t in body["inhibitory"]]
+    assert inhibitory == sorted(inhibitory) and all(v < 0 for v in inhibitory)
+    assert inhibitory[0] == pytest.approx(float(effects.min()))
+    rival = max((i for i in row.key_positions if i != k), key=lambda i: float(row.pattern[i]))
+    c = body["contrast"]
+    assert c["key_a"] == k and c["key_b"] == rival
+    frame = row.contrast(k, rival, top=7)
+    assert c["score_diff"] == pytest.approx(frame.attrs["score_diff"])
+    assert [t["diff"] for t in c["terms"]] == pytest.approx(frame["diff"].tolist())
+
+
+def test_qk_defaults_to_the_most_attended_key(client, setup):
+    body = ok(
+        client.post("/api/qk", json={"prompt": "Aunt Sally is the opposite of", "layer": 1, "head": 2, "query_pos": -1})
+    )
+    row = body["row"]
+    assert body["key_pos"] == row["key_positions"][max(range(len(row["pattern"])), key=row["pattern"].__getitem__)]
+    assert body["query_pos"] == len(body["str_tokens"]) - 1
+
+
+@pytest.mark.parametrize(
+    ("change", "words"),
+    [
+        ({"head": 4}, "4 is out of range: valid values are 0..3"),
+        ({"layer": 2}, "layer 2 is out of range"),
+        ({"layer": -1}, "layer -1 is out of range"),
+        ({"query_pos": 40}, "query position 40 is out of range"),
+        ({"key_pos": 5, "query_pos": 2}, "cannot attend to key position 5"),
+        ({"prompt": "   ", "tokens": None}, "prompt is empty"),
+        ({"prompt": "w1 w2"}, "exactly one of 'prompt'"),
+        ({"tokens": [0, 10_000]}, "token ids must lie in"),
+        ({"layer": "one"}, "layer"),
+    ],
+)
+def test_qk_bad_requests(client, setup, change, words):
+    req = {"tokens": setup.tokens, "layer": 1, "head": 0, "query_pos": 3} | change
+    msg = refused(client.post("/api/qk", json=req), 400, 422)
+    assert words in msg
+    ok(client.get("/api/info"))
+
+
+# -- graph jobs -------------------------------------------------------------------------------------
+
+
+def test_build_graph_job(client, setup):
+    job = ok(client.post("/api/graph", json={"prompt": "Aunt Sally is the opposite of", "name": "built"}), 202)
+    deadline = time.monotonic() + 120
+    while job["status"] == "running" and time.monotonic() < deadline:
+        time.sleep(0.1)
+        job = ok(client.get(f"/api/jobs/{job['id']}"))
+    assert job["status"] == "done", job
+    assert job["graph"] == "built.json"
+    assert "built.json" in [g["name"] for g in ok(client.get("/api/graphs"))["graphs"]]
+    graph = ok(client.get("/api/graphs/built"))["graph"]
+    filled = [x for x in graph["links"] if x.get("qk_top_terms")]
+    assert filled, "cross-position links should carry their heads' top QK terms"
+    entry = filled[0]["qk_top_terms"][0]
+    traced = setup.tracer.run("Aunt Sally is the opposite of")
+    frame = traced.qk(entry["layer"], entry["head"], entry["query_pos"]).terms_frame(top=8, key_pos=entry["key_pos"])
+    assert [t["value"] for t in entry["terms"]] == pytest.approx(frame["value"].tolist())
+    assert [t["key"] for t in entry["terms"]] == frame["key"].tolist()
+
+
+def test_graph_job_errors(client):
+    assert "plain file name" in refused(client.post("/api/graph", json={"prompt": "w1 w2", "name": "../x"}), 400)
+    assert "prompt is empty" in refused(client.post("/api/graph", json={"prompt": ""}), 400)
+    assert "no job" in refused(client.get("/api/jobs/deadbeef"), 404)
+
+
+# -- sweeps -----------------------------------------------------------------------------------------
+
+
+def test_sweep_equals_direct(client, setup):
+    from qktrace.interventions import SCALE, FreezeAttention, SteerQK, sweep
+
+    n = len(setup.tokens)
+    req = {
+        "tokens": setup.tokens,
+        "heads": [[1, 0], [1, 3]],
+        "side": "key",
+        "feature": 3,
+        "positions": [2, 3],
+        "scales": "0:2:3",
+        "freeze_others": True,
+        "watch_tokens": ["Sally", 5],
+        "watch_attention": [[1, 0, n - 1, 2]],
+    }
+    body = ok(client.post("/api/sweep", json=req))
+    assert len(body["rows"]) == 3 and body["columns"][0] == "scale"
+    ivs = [SteerQK(1, (0, 3), "key", 3, [2, 3], scale=SCALE), FreezeAttention()]
+    m = setup.tracer.model
+    df = sweep(m, setup.tracer.saes, torch.tensor(setup.tokens), ivs, "0:2:3", ["Sally", 5], [(1, 0, n - 1, 2)])
+    assert body["columns"] == list(df.columns)
+    assert body["rows"] == json.loads(json.dumps(df.to_dict(orient="records")))
+    clean = setup.tracer.run(setup.tokens).trace
+    col = f"attn:L1.H0:{n - 1}->2"
+    assert body["rows"][1][col] == pytest.approx(float(clean.patterns[1, 0, n - 1, 2]), abs=1e-6)  # scale 1: clean
+
+
+def test_sweep_residual_and_errors(client, setup):
+    req = {"tokens": setup.tokens, "checkpoint": 1, "feature": 2, "positions": 1, "scales": [0.0, 1.0]}
+    assert len(ok(client.post("/api/sweep", json=req))["rows"]) == 2
+    base = {"tokens": setup.tokens, "heads": [[1, 0]], "feature": 2, "positions": [1]}
+    cases = [
+        ({"heads": [[0, 1], [1, 0]]}, "one layer at a time"),
+        ({"feature": 999}, "checkpoint 1 feature 999 is out of range"),
+        ({"heads": [[1, 9]]}, "head 9 is out of range"),
+        ({"checkpoint": 0}, "pick a feature of checkpoint 1"),
+        ({"scales": "a:b"}, "scale spec"),
+        ({"scales": "0:1:100"}, "a sweep takes"),
+        ({"positions": [99]}, "position 99 is out of range"),
+        ({"heads": [], "checkpoint": None}, "give heads"),
+        ({"watch_tokens": ["no such token at all"]}, "single token"),
+    ]
+    for change, words in cases:
+        assert words in refused(client.post("/api/sweep", json=base | change), 400, 422), change
+    ok(client.get("/api/info"))
+
+
+# -- features, view-only, static, headers -----------------------------------------------------------------
+
+
+def test_features(client, viewer):
+    for c in (client, viewer):
+        body = ok(c.get("/api/features/1/3"))
+        assert body["label"] == "dash label" and body["dashboard"]["contexts"][0]["i"] == 1
+        body = ok(c.get("/api/features/2/4"))
+        assert body["label"] == "c2 feature 4" and body["dashboard"] is None
+        assert ok(c.get("/api/features/0/5"))["label"] == "c0/f5"
+        assert "no SAE at checkpoint 7" in refused(c.get("/api/features/7/1"), 404)
+        assert "checkpoint 1 feature 24 is out of range" in refused(c.get("/api/features/1/24"), 400)
+        refused(c.get("/api/features/1/x"), 422)
+
+
+def test_view_only_refuses_compute(viewer, setup):
+    for path, req in [
+        ("/api/qk", {"tokens": setup.tokens, "layer": 0, "head": 0, "query_pos": 1}),
+        ("/api/graph", {"prompt": "w1"}),
+        ("/api/sweep", {"tokens": setup.tokens, "heads": [[0, 0]], "feature": 1, "positions": 1}),
+    ]:
+        assert "no model is loaded" in refused(viewer.post(path, json=req), 409)
+    assert ok(viewer.get(f"/api/graphs/{GRAPH_NAME}"))["graph"] == setup.graph
+
+
+def test_static_page_is_offline(client):
+    page = client.get("/")
+    assert page.status_code == 200 and "/static/app.js" in page.text
+    assert "default-src 'self'" in page.headers["content-security-policy"]
+    for name in ("app.js", "style.css"):
+        r = client.get(f"/static/{name}")
+        assert r.status_code == 200
+        text = r.text.replace("http://www.w3.org/2000/svg", "")
+        assert "http://" not in text and "https://" not in text and "//cdn" not in text
+    assert "https://" not in page.text
+
+
+def test_no_cors(client):
+    r = client.options("/api/qk", headers={"Origin": "http://evil.example", "Access-Control-Request-Method": "POST"})
+    assert "access-control-allow-origin" not in r.headers
+    r = client.get("/api/graphs", headers={"Origin": "http://evil.example"})
+    assert r.status_code == 200 and "access-control-allow-origin" not in r.headers
+
+
+def test_form_posts_are_not_json(client, setup):
+    body = json.dumps({"tokens": setup.tokens, "layer": 0, "head": 0, "query_pos": 1})
+    r = client.post("/api/qk", content=body, headers={"Content-Type": "text/plain"})
+    refused(r, 422)
+
+
+def test_trusted_hosts(setup):
+    app = create_app(setup.data, allowed_hosts=["127.0.0.1", "localhost"])
+    assert TestClient(app, base_url="http://127.0.0.1:8000").get("/api/info").status_code == 200
+    assert "not served here" in refused(TestClient(app, base_url="http://rebound.example").get("/api/info"), 400)
+
+
+def test_serve_paths(setup, tmp_path):
+    from qktrace.errors import InputError
+    from qktrace.server.__main__ import split_paths
+
+    assert split_paths([str(setup.data)]) == (setup.data, [])
+    data_dir, files = split_paths([str(setup.data / GRAPH_NAME)])
+    assert files == [setup.data / GRAPH_NAME] and data_dir.is_dir()
+    with pytest.raises(InputError, match="does not exist"):
+        split_paths([str(tmp_path / "missing")])
+    with pytest.raises(InputError, match="serve one data directory"):
+        split_paths([str(setup.data), str(tmp_path)])
+    app = create_app(tmp_path, files=[setup.data / GRAPH_NAME])
+    assert ok(TestClient(app).get("/api/graphs/tiny"))["graph"] == setup.graph
