@@ -1,21 +1,36 @@
-"""qktrace: why attention heads attend where they do, in terms of SAE features."""
+"""qktrace: why attention heads attend where they do, in terms of SAE features.
+
+The public API is exactly `__all__` (a test holds it there).
+"""
 
 from .errors import QKTraceError
+from .graph import Graph, build_graph, load_graph
+from .interventions import FreezeAttention, ScaleHead, SteerFeature, SteerQK, run_with, sweep
 from .models import Model, Trace, load_model
-from .qk import QKAttribution
+from .qk import QKAttribution, qk_attribution
 from .saes import SAE, SAESet, load_saes
 from .tracer import Traced, Tracer
 
 __all__ = [
     "SAE",
+    "FreezeAttention",
+    "Graph",
     "Model",
     "QKAttribution",
     "QKTraceError",
     "SAESet",
+    "ScaleHead",
+    "SteerFeature",
+    "SteerQK",
     "Trace",
     "Traced",
     "Tracer",
+    "build_graph",
+    "load_graph",
     "load_model",
     "load_saes",
+    "qk_attribution",
+    "run_with",
+    "sweep",
 ]
 __version__ = "0.1.0"

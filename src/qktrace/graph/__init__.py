@@ -1,0 +1,20 @@
+"""Attribution graphs over residual-stream SAE features, with the heads that carried each edge.
+
+`build_graph(model, saes, trace)` -> `Graph` (pruned, with head loadings); `attribute(...)` -> the
+unpruned layered `Attribution` it starts from; `Graph.save(path)` / `load_graph(path)` write and read
+the circuit-tracer / Neuronpedia JSON with head loadings per link.
+"""
+
+from .build import Attribution, attribute, build_graph
+from .graph import FORMAT_VERSION, Graph, GraphNode, HeadLoading, load_graph
+
+__all__ = [
+    "FORMAT_VERSION",
+    "Attribution",
+    "Graph",
+    "GraphNode",
+    "HeadLoading",
+    "attribute",
+    "build_graph",
+    "load_graph",
+]
