@@ -5,6 +5,7 @@ where the page shows the graph's stored QK terms. Screenshots go to $QKTRACE_SCR
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -36,8 +37,8 @@ from selenium.webdriver.common.keys import Keys  # noqa: E402
 from selenium.webdriver.support import expected_conditions as EC  # noqa: E402
 from selenium.webdriver.support.ui import Select, WebDriverWait  # noqa: E402
 
+from qktrace.graph import load_graph  # noqa: E402
 from qktrace.server import create_app  # noqa: E402
-from qktrace.server.compute import add_qk_terms  # noqa: E402
 from tests.test_server import GRAPH_NAME, build_fixture  # noqa: E402
 
 pytestmark = pytest.mark.browser
@@ -80,9 +81,10 @@ class LiveServer:
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     s = build_fixture(tmp_path_factory.mktemp("browser"))
-    data = json.loads((s.data / GRAPH_NAME).read_text())
-    add_qk_terms(s.tracer.run(s.tokens), data)
-    (s.data / STORED).write_text(json.dumps(data))
+    traced = s.tracer.run(s.tokens)
+    graph = load_graph(s.data / GRAPH_NAME)
+    with_terms = dataclasses.replace(graph, qk_terms=traced.link_qk_terms(graph))
+    (s.data / STORED).write_text(json.dumps(with_terms.to_json()))
     return s
 
 

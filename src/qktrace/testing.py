@@ -8,6 +8,7 @@ back through `load_model`, the path users take.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -17,7 +18,10 @@ WORDS = [f"w{i}" for i in range(90)] + ["Aunt", "Sally", "Uncle", "Bob", ".", ",
 def tiny_config(family: str, vocab: int, **overrides: object):  # type: ignore[no-untyped-def]
     import transformers as T
 
-    common = dict(vocab_size=vocab, hidden_size=32, num_attention_heads=4, num_hidden_layers=2, intermediate_size=48)
+    cfg: Any
+    common: dict[str, Any] = dict(
+        vocab_size=vocab, hidden_size=32, num_attention_heads=4, num_hidden_layers=2, intermediate_size=48
+    )
     if family == "gpt2":
         cfg = T.GPT2Config(vocab_size=vocab, n_embd=32, n_head=4, n_layer=2, n_positions=128, n_inner=48)
     elif family == "gpt_neox":
@@ -51,7 +55,7 @@ def tiny_config(family: str, vocab: int, **overrides: object):  # type: ignore[n
 TINY_FAMILIES = ("gpt2", "gpt_neox", "llama", "mistral", "qwen2", "qwen3", "gemma2")
 
 
-def randomize(model: torch.nn.Module, seed: int = 0, std: float = 0.35) -> None:
+def randomize(model: Any, seed: int = 0, std: float = 0.35) -> None:
     """Large random weights: matrices N(0, std), norm gains 1 + N(0, 0.2), biases N(0, 0.2)."""
     g = torch.Generator().manual_seed(seed)
     gemma = model.config.model_type == "gemma2"

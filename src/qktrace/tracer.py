@@ -87,8 +87,54 @@ class Traced:
             self.model, self.trace, self.sae(layer), self.acts(layer), layer, head, query_pos, key_pos
         )
 
-    def graph(self, **kwargs: Any) -> Graph:
-        """The attribution graph of this prompt with head loadings (see `qktrace.graph.build_graph`)."""
+    def graph(
+        self, *, qk_terms: bool = True, qk_links: int = 200, heads_per_link: int = 2, top_terms: int = 8, **kwargs: Any
+    ) -> Graph:
+        """The attribution graph of this prompt with head loadings (see `qktrace.graph.build_graph`).
+
+        With `qk_terms`, the `qk_links` most influential cross-position links also carry the top QK
+        terms of their `heads_per_link` top heads at (target position, source position): the paper's
+        jump from an edge to why its heads attended there.
+        """
+        import dataclasses
+
         from .graph import build_graph
 
-        return build_graph(self.model, self.saes, self.trace, **kwargs)
+        graph = build_graph(self.model, self.saes, self.trace, **kwargs)
+        if not qk_terms:
+            return graph
+        return dataclasses.replace(graph, qk_terms=self.link_qk_terms(graph, qk_links, heads_per_link, top_terms))
+
+    def link_qk_terms(
+        self, graph: Graph, links: int = 200, heads_per_link: int = 2, top: int = 8
+    ) -> dict[int, list[dict[str, Any]]]:
+        """Per cross-position edge: for each of its top heads, the score and top terms at (q, k)."""
+        rows: dict[tuple[int, int, int], QKAttribution | None] = {}
+        out: dict[int, list[dict[str, Any]]] = {}
+        cols = ["query", "query_label", "key", "key_label", "value"]
+        for e in graph.cross_position_edges(links):
+            src, tgt = graph.nodes[int(graph.source[e])].node, graph.nodes[int(graph.target[e])].node
+            per_head = []
+            for hl in graph._loadings(e)[:heads_per_link]:
+                key = (hl.layer, hl.head, tgt.pos)
+                if key not in rows:
+                    rows[key] = self.qk(*key) if hl.layer in self.saes else None
+                att = rows[key]
+                if att is None or src.pos not in att.key_positions:
+                    continue
+                k = att.key_positions.index(src.pos)
+                df = att.terms_frame(top=top, key_pos=src.pos)
+                per_head.append(
+                    {
+                        "layer": hl.layer,
+                        "head": hl.head,
+                        "query_pos": tgt.pos,
+                        "key_pos": src.pos,
+                        "score": float(att.sum_of_terms[k]),
+                        "pattern": float(att.pattern[k]),
+                        "terms": [dict(zip(cols, r)) for r in df[cols].itertuples(index=False)],
+                    }
+                )
+            if per_head:
+                out[e] = per_head
+        return out

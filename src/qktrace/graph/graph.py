@@ -86,6 +86,7 @@ class Graph:
     replacement: float
     completeness: float
     settings: Mapping[str, Any] = field(default_factory=dict)
+    qk_terms: Mapping[int, list[dict[str, Any]]] = field(default_factory=dict)  # edge -> per top head
 
     # -- lookup ------------------------------------------------------------------------------------
     @property
@@ -181,7 +182,7 @@ class Graph:
                 if h >= 0
             ]
             if pos[s] != pos[t]:
-                link["qk_top_terms"] = None
+                link["qk_top_terms"] = self.qk_terms.get(e)
             links.append(link)
         meta = {
             "slug": str(self.settings.get("slug", "qktrace-graph")),
@@ -203,6 +204,13 @@ class Graph:
         }
         qparams = {"pinnedIds": [], "supernodes": [], "linkType": "both", "clickedId": "", "sg_pos": ""}
         return {"metadata": meta, "qParams": qparams, "nodes": nodes, "links": links}
+
+    def cross_position_edges(self, top: int | None = None) -> list[int]:
+        """Kept edges that cross positions (through attention), most influential first."""
+        pos = torch.tensor([n.node.pos for n in self.nodes], dtype=torch.long)
+        cross = ((self.head_layer >= 0) & (pos[self.source] != pos[self.target])).nonzero().flatten()
+        order = cross[torch.argsort(self.influence[cross], descending=True)]
+        return order[:top].tolist() if top is not None else order.tolist()
 
     def save(self, path: str | os.PathLike[str]) -> Path:
         out = Path(path)
@@ -327,4 +335,5 @@ def _from_json(data: Mapping[str, Any]) -> Graph:
         replacement=float(ours["replacement"]),
         completeness=float(ours["completeness"]),
         settings=settings,
+        qk_terms={e: link["qk_top_terms"] for e, link in enumerate(links) if link.get("qk_top_terms")},
     )

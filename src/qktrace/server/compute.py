@@ -22,7 +22,6 @@ import torch
 
 from ..errors import InputError, QKTraceError, check_index
 from ..interventions import SCALE, FreezeAttention, SteerFeature, SteerQK, parse_scales, sweep
-from ..nodes import Node
 from ..tracer import Traced, Tracer
 from . import schemas as S
 from .store import NAME, GraphStore, graph_name
@@ -94,12 +93,14 @@ class Engine:
             job.stage = "waiting for the model"
             with self.traced(req) as traced:
                 job.stage = "building the graph"
-                kw = {"node_threshold": req.node_threshold, "edge_threshold": req.edge_threshold}
-                graph = traced.graph(**kw, max_nodes=req.max_nodes, progress=False)
+                graph = traced.graph(
+                    node_threshold=req.node_threshold,
+                    edge_threshold=req.edge_threshold,
+                    max_nodes=req.max_nodes,
+                    progress=False,
+                    qk_terms=req.qk_terms,
+                )
                 data = graph.to_json()
-                if req.qk_terms:
-                    job.stage = "QK terms of cross-position links"
-                    add_qk_terms(traced, data)
             job.stage = "saving"
             job.graph = store.save(name, data)
             job.status, job.stage = "done", "done"
@@ -108,42 +109,6 @@ class Engine:
         except Exception as e:  # a bug: keep serving, say what happened
             log.exception("graph job %s failed", job.id)
             job.status, job.error = "error", f"internal error ({type(e).__name__}: {e}): see the server log"
-
-
-def add_qk_terms(traced: Traced, data: dict[str, Any], heads_per_link: int = 2, top: int = 8) -> None:
-    """Fill `qk_top_terms` of cross-position links: per top head, its score and top terms at (q, k)."""
-    rows: dict[tuple[int, int, int], Any] = {}
-    for link in data["links"]:
-        if "qk_top_terms" not in link:
-            continue
-        src, tgt = Node.parse(link["source"]), Node.parse(link["target"])
-        out = []
-        for hl in (link.get("head_loadings") or [])[:heads_per_link]:
-            key = (hl["layer"], hl["head"], tgt.pos)
-            if key not in rows:
-                try:
-                    rows[key] = traced.qk(*key)
-                except QKTraceError:
-                    rows[key] = None  # no SAE at that checkpoint: nothing to store
-            qk = rows[key]
-            if qk is None or src.pos not in qk.key_positions:
-                continue
-            k = qk.key_positions.index(src.pos)
-            df = qk.terms_frame(top=top, key_pos=src.pos)
-            cols = ["query", "query_label", "key", "key_label", "value"]
-            terms = [dict(zip(cols, r)) for r in df[cols].itertuples(index=False)]
-            out.append(
-                {
-                    "layer": hl["layer"],
-                    "head": hl["head"],
-                    "query_pos": tgt.pos,
-                    "key_pos": src.pos,
-                    "score": float(qk.sum_of_terms[k]),
-                    "pattern": float(qk.pattern[k]),
-                    "terms": terms,
-                }
-            )
-        link["qk_top_terms"] = out or None
 
 
 # -- QK and sweeps -------------------------------------------------------------------------------------
