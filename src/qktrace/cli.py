@@ -249,7 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--out", required=True)
     sp.add_argument("--node-threshold", type=float, default=config.GRAPH.node_threshold)
     sp.add_argument("--edge-threshold", type=float, default=config.GRAPH.edge_threshold)
-    sp.add_argument("--max-nodes", type=int, default=None)
+    sp.add_argument("--max-nodes", type=int, default=config.GRAPH.max_nodes, help="features kept after pruning")
     sp.set_defaults(func=cmd_graph)
 
     sp = sub.add_parser("steer", help="sweep a feature's scale inside chosen heads' QK circuit (or the residual)")

@@ -17,6 +17,9 @@ class GraphDefaults:
     max_logits: int = 10
     logit_probability: float = 0.95
     readout: str = "decoder"
+    # features kept after pruning: graphs past a few thousand edges are unreadable in a browser and
+    # take minutes to write (a random GPT-2-small keeps 14k nodes / 2M edges at the thresholds alone)
+    max_nodes: int | None = 600
 
 
 @dataclass(frozen=True)

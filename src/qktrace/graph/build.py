@@ -312,7 +312,7 @@ def build_graph(
     readout: str = GRAPH.readout,
     node_threshold: float = GRAPH.node_threshold,
     edge_threshold: float = GRAPH.edge_threshold,
-    max_nodes: int | None = None,
+    max_nodes: int | None = GRAPH.max_nodes,
     mode: str = "full",
     max_nodes_per_checkpoint: int = 256,
     top_heads: int = 5,

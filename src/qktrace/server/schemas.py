@@ -46,7 +46,7 @@ class GraphRequest(PromptRequest):
     name: str | None = Field(None, description="file name to save under (default: from the prompt)")
     node_threshold: float = Field(GRAPH.node_threshold, gt=0, le=1)
     edge_threshold: float = Field(GRAPH.edge_threshold, gt=0, le=1)
-    max_nodes: int | None = Field(None, ge=1)
+    max_nodes: int | None = Field(GRAPH.max_nodes, ge=1)
     qk_terms: bool = Field(True, description="store the top QK terms of each cross-position link's top heads")
 
 
