@@ -62,7 +62,7 @@ CASES = (
     CaseStudy(
         "multiple_choice",
         "Multiple choice: attending to the correct option",
-        "Question: What is the capital of France?\n(A) Rome\n(B) Paris\n(C) Madrid\nAnswer: (",
+        "Human: In what year did World War II end?\n(A) 1776\n(B) 1945\n(C) 1865\nAssistant: Answer: (",
         "B",
         "A",
         "key",
@@ -70,7 +70,7 @@ CASES = (
     CaseStudy(
         "correctness",
         "Correctness: concordance between the stated property and the object",
-        "The color of a banana is yellow?",
+        "Answer with yes or no. The color of a banana is yellow?",
         " Yes",
         " No",
         "query",

@@ -1,0 +1,240 @@
+"""Train TopK residual-stream SAEs for the demo model at every checkpoint.
+
+    python -m qktrace.demo.train_saes [--model DIR] [--out DIR] [--minutes M]
+
+Checkpoint c < n_layers is the input of layer c (forward pre-hook on `model.model.layers[c]`);
+checkpoint n_layers is the output of the last layer before the final norm (forward hook). Activations
+come from the synthetic training corpus; the BOS position is excluded (its residual is a huge outlier
+that would otherwise dominate the reconstruction loss). Each SAE is saved in SAELens format under
+`blocks.{c}.hook_resid_pre` (or `blocks.{n_layers-1}.hook_resid_post`) with `cfg.json` and
+`sae_weights.safetensors`; held-out variance explained and L0 go to `eval.json`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+from torch import Tensor, nn
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from .corpus import training_documents
+
+ASSETS = Path(__file__).parent / "assets"
+
+
+def hook_name(c: int, n_layers: int) -> str:
+    """SAELens hook name of checkpoint c."""
+    return f"blocks.{c}.hook_resid_pre" if c < n_layers else f"blocks.{n_layers - 1}.hook_resid_post"
+
+
+def load_model(model_dir: Path):  # type: ignore[no-untyped-def]
+    model = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="eager", dtype=torch.float32)
+    return model.eval(), AutoTokenizer.from_pretrained(model_dir)
+
+
+@contextmanager
+def capture_residuals(model: nn.Module, store: list[Tensor | None]) -> Iterator[None]:
+    """Fill store[c] with the residual at every checkpoint c = 0..n_layers during a forward pass."""
+    layers: nn.ModuleList = model.model.layers  # type: ignore[assignment,union-attr]
+    handles = []
+
+    def pre(c: int):  # type: ignore[no-untyped-def]
+        def hook(_mod, args, kwargs):  # type: ignore[no-untyped-def]
+            store[c] = (args[0] if args else kwargs["hidden_states"]).detach()
+
+        return hook
+
+    def post(_mod, _args, out):  # type: ignore[no-untyped-def]
+        store[len(layers)] = (out[0] if isinstance(out, tuple) else out).detach()
+
+    for c, layer in enumerate(layers):
+        handles.append(layer.register_forward_pre_hook(pre(c), with_kwargs=True))
+    handles.append(layers[-1].register_forward_hook(post))
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@torch.no_grad()
+def residuals(model: nn.Module, ids: Tensor) -> Tensor:
+    """ids [batch, pos] -> residuals [checkpoint, batch, pos, d_model]."""
+    n = len(model.model.layers)  # type: ignore[arg-type,union-attr]
+    store: list[Tensor | None] = [None] * (n + 1)
+    with capture_residuals(model, store):
+        model(input_ids=ids)
+    return torch.stack([s for s in store if s is not None])
+
+
+def corpus_blocks(tokenizer, seed: int, n_docs: int, seq_len: int = 128) -> Tensor:  # type: ignore[no-untyped-def]
+    """[n_docs, seq_len] token blocks (BOS first) from seeded training-distribution documents."""
+    docs = training_documents(seed, n_docs, min_chars=int(seq_len * 4.6))
+    rows = [ids[:seq_len] for ids in tokenizer(docs)["input_ids"]]
+    rows = [r for r in rows if len(r) == seq_len]
+    return torch.tensor(rows, dtype=torch.long)
+
+
+def collect(model: nn.Module, blocks: Tensor, batch: int = 32) -> Tensor:
+    """[checkpoint, n_tokens, d_model] residuals of every non-BOS position."""
+    out = [residuals(model, blocks[i : i + batch])[:, :, 1:].flatten(1, 2) for i in range(0, len(blocks), batch)]
+    return torch.cat(out, dim=1)
+
+
+class TopKSAE(nn.Module):
+    """pre = x @ W_enc + b_enc; keep the top k of pre, relu; x_hat = acts @ W_dec + b_dec."""
+
+    def __init__(self, d_in: int, d_sae: int, k: int, mean: Tensor) -> None:
+        super().__init__()
+        w = torch.randn(d_sae, d_in)
+        w = w / w.norm(dim=-1, keepdim=True)
+        self.W_dec = nn.Parameter(w)
+        self.W_enc = nn.Parameter(w.t().clone())
+        self.b_enc = nn.Parameter(torch.zeros(d_sae))
+        self.b_dec = nn.Parameter(mean.clone())
+        self.k = k
+
+    def pre(self, x: Tensor) -> Tensor:
+        return x @ self.W_enc + self.b_enc
+
+    def decode_sparse(self, idx: Tensor, val: Tensor) -> Tensor:
+        return F.embedding_bag(idx, self.W_dec, per_sample_weights=val, mode="sum") + self.b_dec
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        pre = self.pre(x)
+        val, idx = pre.topk(self.k, dim=-1)
+        val = val.relu()
+        return self.decode_sparse(idx, val), idx, val, pre
+
+    @torch.no_grad()
+    def normalize_decoder(self) -> None:
+        self.W_dec.div_(self.W_dec.norm(dim=-1, keepdim=True).clamp_min(1e-8))
+
+
+def train_sae(
+    acts: Tensor, d_sae: int, k: int, steps: int, seconds: float, seed: int, batch: int = 2048, lr: float = 2e-3
+) -> tuple[TopKSAE, int]:
+    """TopK SAE with an AuxK loss on dead latents; fixed step count, `seconds` is a safety cap."""
+    torch.manual_seed(seed)
+    sae = TopKSAE(acts.shape[1], d_sae, k, acts.mean(0))
+    opt = torch.optim.Adam(sae.parameters(), lr=lr, betas=(0.9, 0.999))
+    last_fired = torch.zeros(d_sae, dtype=torch.long)
+    k_aux, dead_after = min(acts.shape[1] // 2, 2 * k), 200
+    gen = torch.Generator().manual_seed(seed)
+    t0, step = time.time(), 0
+    while step < steps and time.time() - t0 < seconds:
+        frac = max(step / steps, (time.time() - t0) / seconds)
+        for g in opt.param_groups:  # constant, then linear decay over the last 30%
+            g["lr"] = lr * min(1.0, (1 - frac) / 0.3)
+        x = acts[torch.randint(0, len(acts), (batch,), generator=gen)]
+        x_hat, idx, val, pre = sae(x)
+        var = (x - x.mean(0)).pow(2).sum(-1).mean()
+        loss = (x - x_hat).pow(2).sum(-1).mean() / var
+        fired = torch.zeros(d_sae, dtype=torch.bool)
+        fired[idx[val > 0]] = True
+        last_fired = torch.where(fired, torch.full_like(last_fired, step), last_fired)
+        dead = (step - last_fired) > dead_after
+        if dead.any():
+            err = (x - x_hat).detach()
+            aux_pre = pre.masked_fill(~dead, -math.inf)
+            av, ai = aux_pre.topk(min(k_aux, int(dead.sum())), dim=-1)
+            e_hat = F.embedding_bag(ai, sae.W_dec, per_sample_weights=av.relu(), mode="sum")
+            aux = (err - e_hat).pow(2).sum(-1).mean() / err.pow(2).sum(-1).mean().clamp_min(1e-8)
+            loss = loss + aux / 32
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sae.normalize_decoder()
+        step += 1
+    return sae, step
+
+
+@torch.no_grad()
+def evaluate_sae(sae: TopKSAE, acts: Tensor) -> dict[str, float]:
+    """Variance explained (1 - SSE / SST around the per-dimension mean), L0, dead fraction."""
+    x_hat, idx, val, _ = sae(acts)
+    sse = (acts - x_hat).pow(2).sum()
+    sst = (acts - acts.mean(0)).pow(2).sum()
+    fired = torch.zeros(sae.W_dec.shape[0], dtype=torch.bool)
+    fired[idx[val > 0]] = True
+    l0 = float((val > 0).sum(-1).float().mean())
+    return {
+        "variance_explained": round(float(1 - sse / sst), 4),
+        "l0": round(l0, 2),
+        "dead_fraction": round(float(1 - fired.float().mean()), 4),
+        "n_tokens": int(len(acts)),
+    }
+
+
+def save_sae(sae: TopKSAE, out: Path, hook: str) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    d_sae, d_in = sae.W_dec.shape
+    cfg = {
+        "architecture": "topk",
+        "d_in": int(d_in),
+        "d_sae": int(d_sae),
+        "k": sae.k,
+        "apply_b_dec_to_input": False,
+        "normalize_activations": "none",
+        "dtype": "float32",
+        "metadata": {"hook_name": hook, "model_name": "qktrace-demo"},
+    }
+    weights = {"W_enc": sae.W_enc, "b_enc": sae.b_enc, "W_dec": sae.W_dec, "b_dec": sae.b_dec}
+    save_file({n: t.detach().float().contiguous() for n, t in weights.items()}, str(out / "sae_weights.safetensors"))
+    (out / "cfg.json").write_text(json.dumps(cfg, indent=2) + "\n")
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", type=Path, default=ASSETS / "model")
+    ap.add_argument("--out", type=Path, default=ASSETS / "saes")
+    ap.add_argument("--minutes", type=float, default=20.0, help="wall-clock cap on SAE training, all checkpoints")
+    ap.add_argument("--steps", type=int, default=2500, help="optimizer steps per SAE")
+    ap.add_argument("--d-sae", type=int, default=1024)
+    ap.add_argument("--k", type=int, default=24)
+    ap.add_argument("--train-docs", type=int, default=2000)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    t0 = time.time()
+
+    model, tokenizer = load_model(args.model)
+    n_layers = len(model.model.layers)
+    train_acts = collect(model, corpus_blocks(tokenizer, args.seed + 20_000, args.train_docs))
+    test_acts = collect(model, corpus_blocks(tokenizer, args.seed + 30_000, 160))
+    print(
+        f"collected {train_acts.shape[1]:,} train / {test_acts.shape[1]:,} held-out tokens per checkpoint "
+        f"in {time.time() - t0:.0f}s",
+        flush=True,
+    )
+
+    report: dict[str, object] = {"bos_excluded": True, "d_sae": args.d_sae, "k": args.k, "checkpoints": {}}
+    budget = args.minutes * 60 - (time.time() - t0)
+    for c in range(n_layers + 1):
+        t_c = time.time()
+        seconds = max(10.0, budget / (n_layers + 1 - c))
+        sae, steps = train_sae(train_acts[c], args.d_sae, args.k, args.steps, seconds, args.seed + c)
+        hook = hook_name(c, n_layers)
+        save_sae(sae, args.out / hook, hook)
+        stats = evaluate_sae(sae, test_acts[c]) | {"steps": steps, "seconds": round(time.time() - t_c, 1)}
+        report["checkpoints"][str(c)] = {"hook_name": hook} | stats  # type: ignore[index]
+        print(f"checkpoint {c} ({hook}): {stats}", flush=True)
+        budget -= time.time() - t_c
+    report["total_minutes"] = round((time.time() - t0) / 60, 2)
+    (args.out / "eval.json").write_text(json.dumps(report, indent=1) + "\n")
+    print(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main()
