@@ -95,6 +95,38 @@ class CaseResult:
     sweep: list[dict[str, Any]]
     p_answer_ablated: float
     files: list[str]
+    candidates: list[Candidate]
+    share_top3: float
+
+
+N_HEADS = 4  # top heads of the graph considered per case
+N_FEATURES = 2  # features per head tried
+
+
+@dataclass(frozen=True)
+class Candidate:
+    head: tuple[int, int]
+    steer_heads: tuple[int, ...]
+    key_pos: int
+    feature: int
+    label: str
+    term: float  # its summed QK terms at (query, key) on the study's side
+    effect: float  # change of the metric when it is removed from the QK circuit (negative = as predicted)
+
+
+def _side_values(att: Any, side: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per component of the study's side: summed terms at the attribution's (single) key, kind, feature."""
+    if side == "key":
+        return att.terms.sum(0), att.key.kind, att.key.feature
+    return att.terms.sum(1), att.query.kind, att.query.feature
+
+
+def _metric(row: Any, model: Any, watch: list[str], answer_id: int) -> float:
+    """Logit difference answer - rival when there is a rival, else log p(answer)."""
+    if len(watch) > 1:
+        return float(row["logit_diff"])
+    name = model.str_tokens(torch.tensor([answer_id]))[0]
+    return float(torch.tensor(row[f"p:{name}"]).clamp_min(1e-12).log())
 
 
 def _single_token(traced: Traced, text: str) -> bool:
@@ -112,64 +144,84 @@ def study(tracer: Tracer, case: CaseStudy, out: Path) -> CaseResult:
     answer_id = model.token_id(case.answer)
     prediction = model.str_tokens(trace.logits[-1].argmax().reshape(1))[0]
     files: list[str] = []
+    clean = sweep(
+        model,
+        tracer.saes,
+        case.prompt,
+        [],
+        [1.0],
+        watch_tokens=[case.answer] + ([case.rival] if case.rival and _single_token(traced, case.rival) else []),
+    ).iloc[0]
 
     graph = traced.graph(targets=[case.answer], progress=False)
     gpath = out / f"{case.slug}.graph.json"
     graph.save(gpath)
     files.append(gpath.name)
     heads = graph.top_heads(8) or [{"layer": model.n_layers - 1, "head": 0, "influence": 0.0}]
-    layer, head = int(heads[0]["layer"]), int(heads[0]["head"])
-    steer_heads = tuple(int(h["head"]) for h in heads if int(h["layer"]) == layer)[:3]
-
     q = trace.n_pos - 1
-    row = trace.patterns[layer, head, q].clone()
-    row[0] = -1.0  # the first token is an attention sink, not a mechanism
-    key_pos = int(row.argmax())
+    rival = case.rival if case.rival and _single_token(traced, case.rival) else None
+    watch = [case.answer] + ([rival] if rival else [])
+
+    # Candidates: for each of the top heads, the features that most raise its score at the key it
+    # attends to (past the first token) on the study's side. Each is removed (scale 0) inside the QK
+    # circuit of that layer's top heads, all other heads frozen; the one whose removal moves the
+    # answer most against the rival (or its log-probability) is swept. Every candidate is reported.
+    candidates: list[Candidate] = []
+    for h in heads[:N_HEADS]:
+        layer, head = int(h["layer"]), int(h["head"])
+        steer_heads = tuple(dict.fromkeys([head] + [int(x["head"]) for x in heads if int(x["layer"]) == layer]))[:3]
+        row = trace.patterns[layer, head, q].clone()
+        row[0] = -1.0  # the first token is an attention sink, not a mechanism
+        key_pos = int(row.argmax())
+        att = traced.qk(layer, head, q, key_pos)
+        values, kinds, feats = _side_values(att, case.side)
+        positions: Any = key_pos if case.side == "key" else q
+        for i in values.argsort(descending=True).tolist():
+            if len([c for c in candidates if c.head == (layer, head)]) >= N_FEATURES:
+                break
+            if int(kinds[i]) != 0 or float(values[i]) <= 0:
+                continue
+            feature = int(feats[i])
+            ivs: list[Intervention] = [
+                SteerQK(layer, steer_heads, case.side, feature, positions, scale=0.0),  # type: ignore[arg-type]
+                FreezeAttention(),
+            ]
+            r0 = sweep(model, tracer.saes, case.prompt, ivs, [0.0], watch_tokens=watch).iloc[0]
+            effect = _metric(r0, model, watch, answer_id) - _metric(clean, model, watch, answer_id)
+            label = tracer.saes[layer].label(feature)
+            candidates.append(Candidate((layer, head), steer_heads, key_pos, feature, label, float(values[i]), effect))
+    if not candidates:
+        raise RuntimeError(f"{case.slug}: no active feature raises any top head's score")
+    best = min(candidates, key=lambda c: c.effect)
+    layer, head = best.head
+    steer_heads, key_pos, feature, label = best.steer_heads, best.key_pos, best.feature, best.label
+    positions = key_pos if case.side == "key" else q
+
     att = traced.qk(layer, head, q)
     qk_json = att.to_json(top=25)
     qpath = out / f"{case.slug}.qk.json"
     qpath.write_text(json.dumps(qk_json))
     files.append(qpath.name)
+    row = trace.patterns[layer, head, q].clone()
     order = [p for p in row.argsort(descending=True).tolist() if p != key_pos and p != 0]
     contrast = att.contrast(key_pos, order[0], top=10).to_dict(orient="records") if order else []
 
-    # the feature that drives this score on the study's side
-    at_key = att.key.pos == key_pos
-    if case.side == "key":
-        values = att.terms[:, at_key].sum(0)
-        kinds, feats = att.key.kind[at_key], att.key.feature[at_key]
-        positions: Any = key_pos
-    else:
-        values = att.terms[:, at_key].sum(1)
-        kinds, feats = att.query.kind, att.query.feature
-        positions = q
-    values = torch.where(kinds == 0, values, torch.full_like(values, float("-inf")))
-    feature = int(feats[values.argmax()]) if bool(torch.isfinite(values).any()) else -1
-    label = tracer.saes[layer].label(feature) if feature >= 0 else "none"
-
-    rows: list[dict[str, Any]] = []
-    p_ablated = float(probs[answer_id])
-    if feature >= 0:
-        ivs: list[Intervention] = [
-            SteerQK(layer, steer_heads, case.side, feature, positions, scale=SCALE),  # type: ignore[arg-type]
-            FreezeAttention(),
-        ]
-        watch = [case.answer] + ([case.rival] if case.rival and _single_token(traced, case.rival) else [])
-        df = sweep(
-            model,
-            tracer.saes,
-            case.prompt,
-            ivs,
-            case.scales,
-            watch_tokens=watch,
-            watch_attention=[(layer, h, q, key_pos) for h in steer_heads],
-        )
-        png = out / f"{case.slug}.steer.png"
-        plot_sweep(df, png, title=f"{case.slug}: {case.side}-side feature {feature} ({label}) in L{layer} heads")
-        files.append(png.name)
-        rows = df.to_dict(orient="records")
-        zero = df.iloc[(df["scale"] - 0.0).abs().argsort()[:1]]
-        p_ablated = float(zero[f"p:{model.str_tokens(torch.tensor([answer_id]))[0]}"].iloc[0])
+    ivs = [SteerQK(layer, steer_heads, case.side, feature, positions, scale=SCALE), FreezeAttention()]  # type: ignore[arg-type]
+    df = sweep(
+        model,
+        tracer.saes,
+        case.prompt,
+        ivs,  # type: ignore[arg-type]
+        case.scales,
+        watch_tokens=watch,
+        watch_attention=[(layer, h, q, key_pos) for h in steer_heads],
+    )
+    png = out / f"{case.slug}.steer.png"
+    plot_sweep(df, png, title=f"{case.slug}: {case.side}-side feature {feature} ({label}) in L{layer} heads")
+    files.append(png.name)
+    rows = df.to_dict(orient="records")
+    zero = df.iloc[(df["scale"] - 0.0).abs().argsort()[:1]]
+    p_ablated = float(zero[f"p:{model.str_tokens(torch.tensor([answer_id]))[0]}"].iloc[0])
     return CaseResult(
         case=case,
         prediction=prediction,
@@ -186,6 +238,8 @@ def study(tracer: Tracer, case: CaseStudy, out: Path) -> CaseResult:
         sweep=rows,
         p_answer_ablated=p_ablated,
         files=files,
+        candidates=candidates,
+        share_top3=sum(float(h["influence"]) for h in heads[:3]),
     )
 
 
@@ -216,6 +270,7 @@ def report(results: list[CaseResult], tracer: Tracer, seconds: float) -> str:
             f"{g['completeness']:.3f}, replacement {g['replacement']:.3f}. Heads carrying the most "
             f"cross-position influence: {heads or 'none'}.\n"
         )
+        md.append(f"The top three heads carry {r.share_top3:.0%} of the cross-position influence.\n")
         L, H = r.head
         i = toks.index(r.key_pos)
         md.append(
@@ -233,6 +288,28 @@ def report(results: list[CaseResult], tracer: Tracer, seconds: float) -> str:
         if r.contrast:
             md.append("\nWhy this key rather than the next best (contrast, top 5):\n\n")
             md.append(_md_table(r.contrast[:5], ["query_label", "key", "diff"], {"diff": "+.3f"}))
+        metric = "logit difference " + f"{c.answer!r} − {c.rival!r}" if c.rival else f"log p({c.answer!r})"
+        md.append(
+            f"\n**Candidates** ({c.side} side): for each top head, the active features that most raise its score "
+            f"at the key it attends to; each removed (scale 0) inside the QK circuit of its layer's top heads, "
+            f"other heads frozen; effect on the {metric}:\n\n"
+        )
+        md.append(
+            _md_table(
+                [
+                    {
+                        "head": f"L{x.head[0]}H{x.head[1]}",
+                        "key": x.key_pos,
+                        "feature": f"{x.feature} {x.label}",
+                        "QK term": x.term,
+                        "effect": x.effect,
+                    }
+                    for x in r.candidates
+                ],
+                ["head", "key", "feature", "QK term", "effect"],
+                {"QK term": "+.3f", "effect": "+.3f"},
+            )
+        )
         md.append(
             f"\n**Steering** {c.side}-side feature {r.feature} ({r.feature_label}) only inside the QK circuit of "
             f"L{L} heads {list(r.steer_heads)}, other heads frozen: p({c.answer!r}) goes from {r.p_answer:.3f} "
@@ -267,7 +344,8 @@ def run_demo(
         con.print(
             f"  predicts {r.prediction!r} (p({case.answer!r}) = {r.p_answer:.3f}); top head L{r.head[0]}H{r.head[1]} "
             f"attends to key {r.key_pos}; steering {case.side}-side feature {r.feature} ({r.feature_label}) to 0 "
-            f"in L{r.head[0]} heads {list(r.steer_heads)}: p = {r.p_answer_ablated:.3f}"
+            f"in L{r.head[0]} heads {list(r.steer_heads)}: p = {r.p_answer_ablated:.3f} "
+            f"({len(r.candidates)} candidates tried)"
         )
     seconds = time.perf_counter() - start
     (out / "report.md").write_text(report(results, tracer, seconds))
