@@ -323,3 +323,61 @@ def test_view_only_shows_stored_terms(setup, shots, driver):
         assert "stored in the graph" in driver.find_element(By.ID, "qk-title").text
         driver.save_screenshot(str(shots / "05-view-only.png"))
         assert console_errors(driver) == []
+
+
+def test_demo_graph_in_the_browser(tmp_path, shots, driver):
+    """The embedded demo: its induction graph, the strongest cross-position edge, its top head's QK panel
+    (numbers equal to the API's), a feature's real dashboard on hover, and a sweep."""
+    from qktrace.config import DEMO_MODEL, DEMO_SAES
+    from qktrace.demo.run import CASES
+    from qktrace.tracer import Tracer
+
+    tracer = Tracer.load(DEMO_MODEL, DEMO_SAES)
+    traced = tracer.run(CASES[0].prompt)
+    data = tmp_path / "graphs"
+    data.mkdir()
+    traced.graph(targets=[CASES[0].answer], progress=False).save(data / "induction.graph.json")
+    graph = json.loads((data / "induction.graph.json").read_text())
+    link, q, k = visible_cross_link(graph)
+    top = link["head_loadings"][0]
+    with LiveServer(create_app(data, tracer, saes_dir=DEMO_SAES)) as server:
+        open_graph(driver, server, "induction.graph.json")
+        tokens = [t.text for t in driver.find_elements(By.CSS_SELECTOR, "#graph-svg text.token-label")]
+        assert tokens[-2:] == [",", "Aunt"]
+        click(driver, driver.find_element(By.CSS_SELECTOR, f'#graph-svg g.node[data-id="{link["target"]}"]'))
+        wait(driver, "#node-panel table.links")
+        click(driver, driver.find_element(By.CSS_SELECTOR, f'#node-panel tr[data-link="{graph["links"].index(link)}"]'))
+        wait(driver, "#head-table tr.head-row")
+        rows = driver.find_elements(By.CSS_SELECTOR, "#head-table tr.head-row")
+        click(driver, rows[0].find_element(By.CSS_SELECTOR, "button.head-btn"))
+        wait(driver, "#qk-check td[data-field=score]")
+        api = server.post(
+            "/api/qk",
+            {
+                "tokens": traced.trace.tokens.tolist(),
+                "layer": top["layer"],
+                "head": top["head"],
+                "query_pos": q,
+                "key_pos": k,
+                "top": 12,
+            },
+        )["qk"]
+        for field in ("score", "sum_of_terms", "pattern"):
+            assert (
+                numbers(driver.find_element(By.CSS_SELECTOR, f"#qk-check td[data-field={field}]"))[1] == api[field][0]
+            )
+        assert abs(api["score"][0] - api["sum_of_terms"][0]) <= 1e-4 * max(1.0, abs(api["score"][0]))
+        labels = [c.text for c in driver.find_elements(By.CSS_SELECTOR, "#qk-terms tr.qk-term td:first-child")]
+        assert labels == [t["query_label"] for t in api["terms"]]
+        driver.execute_script("document.getElementById('qk-panel').scrollIntoView()")
+        driver.save_screenshot(str(shots / "06-demo-qk.png"))
+
+        # a feature's dashboard, from the shipped dashboards.json, on hover
+        comp = driver.find_element(By.CSS_SELECTOR, "#qk-terms span.comp[data-component^='feature/']")
+        checkpoint, feature = (int(p[1:]) for p in comp.get_attribute("data-component").split("/")[1::2][:2])
+        dash = json.loads((DEMO_SAES / f"blocks.{checkpoint}.hook_resid_pre" / "dashboards.json").read_text())
+        ActionChains(driver).move_to_element(comp).perform()
+        tip = WebDriverWait(driver, 10).until(lambda d: d.find_element(By.ID, "tooltip"))
+        WebDriverWait(driver, 10).until(lambda d: dash["features"][str(feature)]["top_out"][0].strip() in tip.text)
+        driver.save_screenshot(str(shots / "07-demo-dashboard.png"))
+        assert console_errors(driver) == []

@@ -36,7 +36,8 @@ def resolve_model(name: str) -> str:
     return str(DEMO_MODEL) if name == "demo" else name
 
 
-def resolve_saes(model: str, saes: str | None) -> str | None:
-    if saes is None and model == "demo":
+def resolve_saes(model: str | None, saes: str | None) -> str | None:
+    """'demo' names the embedded demo SAEs, which are also the default for the demo model."""
+    if saes == "demo" or (saes is None and model == "demo"):
         return str(DEMO_SAES)
     return saes

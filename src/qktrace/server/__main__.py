@@ -72,7 +72,7 @@ def serve(
         tracer = Tracer.load(resolve_model(model), resolve_saes(model, saes))
     if tracer is not None and not isinstance(tracer, Tracer):
         raise InputError(f"tracer must be a qktrace Tracer, got {type(tracer).__name__}")
-    saes_dir = resolve_saes(model, saes) if model is not None else saes
+    saes_dir = resolve_saes(model, saes)
     loopback = _is_loopback(host)
     if not loopback:
         log.warning("serving on %s: anyone who can reach this address can read the graphs and run the model", host)
