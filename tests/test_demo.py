@@ -21,7 +21,7 @@ from qktrace.demo.run import CASES, report, run_demo, study
 
 @pytest.fixture(scope="module")
 def tracer() -> qktrace.Tracer:
-    return qktrace.Tracer.load(DEMO_MODEL, DEMO_SAES)
+    return qktrace.Tracer.load("demo")  # the name users type; its SAEs come with it
 
 
 def test_assets_are_small_and_complete() -> None:
@@ -37,6 +37,8 @@ def test_assets_are_small_and_complete() -> None:
 
 def test_demo_loads_like_any_checkpoint(tracer: qktrace.Tracer) -> None:
     model, saes = tracer.model, tracer.saes
+    assert model.name == "demo" and qktrace.load_model(DEMO_MODEL).name == "demo"
+    assert len(qktrace.load_saes("demo", model)) == len(saes) == len(qktrace.load_saes(DEMO_SAES, model))
     assert model.family == "llama" and model.n_heads == 8 and model.anatomy.layers[0].n_kv_heads == 4
     assert sorted(saes) == list(range(model.n_layers + 1))  # an SAE at every checkpoint
     labels = [saes[c].label(f) for c in saes for f in range(0, 1024, 97)]

@@ -8,6 +8,7 @@ from pathlib import Path
 DEMO_ASSETS = Path(__file__).parent / "demo" / "assets"
 DEMO_MODEL = DEMO_ASSETS / "model"
 DEMO_SAES = DEMO_ASSETS / "saes"
+DEMO_NAME = "demo"  # what users type for the embedded model and SAEs
 
 
 @dataclass(frozen=True)
@@ -33,11 +34,11 @@ QK = QKDefaults()
 
 def resolve_model(name: str) -> str:
     """'demo' names the embedded demo model; anything else is a path or hub id."""
-    return str(DEMO_MODEL) if name == "demo" else name
+    return str(DEMO_MODEL) if name == DEMO_NAME else name
 
 
 def resolve_saes(model: str | None, saes: str | None) -> str | None:
     """'demo' names the embedded demo SAEs, which are also the default for the demo model."""
-    if saes == "demo" or (saes is None and model == "demo"):
+    if saes == DEMO_NAME or (saes is None and model is not None and str(model) in (DEMO_NAME, str(DEMO_MODEL))):
         return str(DEMO_SAES)
     return saes

@@ -25,6 +25,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from qktrace.config import DEMO_NAME, DEMO_SAES
 from qktrace.errors import OutOfRangeError, SAELoadError, SAEMismatchError, check_index
 
 logger = logging.getLogger(__name__)
@@ -387,7 +388,7 @@ def load_saes(
             raise SAELoadError(f"'{source}' needs sae_ids, e.g. sae_ids=['blocks.8.hook_resid_pre']")
         saes = _load_from_sae_lens(release, sae_ids, device, dtype)
     else:
-        root = Path(source).expanduser()
+        root = DEMO_SAES if str(source) == DEMO_NAME else Path(source).expanduser()
         paths = [root / i for i in sae_ids] if sae_ids else [root]
         saes = [s for p in paths for s in _load_path(p, device, dtype)]
     by_checkpoint: dict[int, SAE] = {}

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
+from .config import resolve_saes
 from .errors import InputError
 from .models import Model, Trace, load_model
 from .qk import QKAttribution, qk_attribution
@@ -41,7 +42,9 @@ class Tracer:
         device: str = "cpu",
         dtype: torch.dtype = torch.float32,
     ) -> Tracer:
+        """`model`: a save_pretrained directory, a hub id, or "demo" (whose SAEs are the default `saes`)."""
         m = load_model(model, dtype=dtype, device=device)
+        saes = resolve_saes(str(model), None if saes is None else str(saes))
         s = load_saes(saes, m, sae_ids=sae_ids, device=device, dtype=dtype) if saes is not None else None
         return cls(m, s)
 

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..config import DEMO_MODEL, DEMO_NAME
 from ..errors import InputError, ModelLoadError, QKTraceError
 from .anatomy import Anatomy
 from .capture import Recorder, SeamHooks, attention_seam, first_tensor, forward_hooks, output_tensor
@@ -262,11 +263,15 @@ def load_model(
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
 ) -> Model:
-    """Load an HF causal LM (eager attention, so patterns are exposed) and its tokenizer."""
+    """Load an HF causal LM (eager attention, so patterns are exposed) and its tokenizer.
+
+    `name_or_path`: a `save_pretrained` directory, a hub id, or "demo" for the embedded demo model."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     name = str(name_or_path)
     path = Path(name).expanduser()
+    if name == DEMO_NAME or path.resolve() == DEMO_MODEL.resolve():  # the embedded demo model
+        name, path = DEMO_NAME, DEMO_MODEL
     if path.exists():
         if not (path / "config.json").is_file():
             raise ModelLoadError(f"'{name}' has no config.json: point at a save_pretrained directory")
