@@ -89,6 +89,7 @@ class CaseResult:
     key_pos: int
     qk: dict[str, Any]
     top_terms: list[dict[str, Any]]
+    feature_terms: list[dict[str, Any]]  # the top terms that pair two SAE features
     contrast: list[dict[str, Any]]
     feature: int
     feature_label: str
@@ -119,6 +120,12 @@ def _side_values(att: Any, side: str) -> tuple[torch.Tensor, torch.Tensor, torch
     if side == "key":
         return att.terms.sum(0), att.key.kind, att.key.feature
     return att.terms.sum(1), att.query.kind, att.query.feature
+
+
+def _feature_pairs(att: Any, key_pos: int, top: int) -> list[dict[str, Any]]:
+    df = att.terms_frame(top=None, key_pos=key_pos)
+    both = df["query"].str.startswith("feature/") & df["key"].str.startswith("feature/")
+    return list(df[both].head(top).to_dict(orient="records"))
 
 
 def _metric(row: Any, model: Any, watch: list[str], answer_id: int) -> float:
@@ -232,6 +239,7 @@ def study(tracer: Tracer, case: CaseStudy, out: Path) -> CaseResult:
         key_pos=key_pos,
         qk=qk_json,
         top_terms=att.terms_frame(top=8, key_pos=key_pos).to_dict(orient="records"),
+        feature_terms=_feature_pairs(att, key_pos, 6),
         contrast=contrast,
         feature=feature,
         feature_label=label,
@@ -285,6 +293,15 @@ def report(results: list[CaseResult], tracer: Tracer, seconds: float) -> str:
                 {"value": "+.3f", "positional": "+.3f"},
             )
         )
+        if r.feature_terms:
+            md.append("\nThe strongest terms between two SAE features (no bias or error components):\n\n")
+            md.append(
+                _md_table(
+                    r.feature_terms,
+                    ["query_label", "key_label", "value", "positional"],
+                    {"value": "+.3f", "positional": "+.3f"},
+                )
+            )
         if r.contrast:
             md.append("\nWhy this key rather than the next best (contrast, top 5):\n\n")
             md.append(_md_table(r.contrast[:5], ["query_label", "key", "diff"], {"diff": "+.3f"}))
