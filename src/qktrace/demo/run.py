@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from ..config import DEMO_MODEL, DEMO_SAES
-from ..interventions import SCALE, FreezeAttention, Intervention, SteerQK, sweep
+from ..interventions import SCALE, FreezeAttention, Intervention, ScaleHead, SteerQK, sweep
 from ..plots import plot_sweep
 from ..tracer import Traced, Tracer
 
@@ -46,9 +46,10 @@ CASES = (
     CaseStudy(
         "induction",
         "Induction: carrying a name to the second mention of its title",
-        "I always loved visiting Aunt Sally. Whenever I was feeling sad, Aunt",
+        # the paper's prompt with a distractor: the title alone no longer tells which name to copy
+        "I always loved visiting Aunt Sally. Then Uncle Peter came home. Whenever I was feeling sad, Aunt",
         " Sally",
-        None,
+        " Peter",
         "key",
     ),
     CaseStudy(
@@ -78,30 +79,11 @@ CASES = (
 )
 
 
-@dataclass
-class CaseResult:
-    case: CaseStudy
-    prediction: str
-    p_answer: float
-    graph_summary: dict[str, Any]
+@dataclass(frozen=True)
+class HeadAblation:
     head: tuple[int, int]
-    steer_heads: tuple[int, ...]
-    key_pos: int
-    qk: dict[str, Any]
-    top_terms: list[dict[str, Any]]
-    feature_terms: list[dict[str, Any]]  # the top terms that pair two SAE features
-    contrast: list[dict[str, Any]]
-    feature: int
-    feature_label: str
-    sweep: list[dict[str, Any]]
-    p_answer_ablated: float
-    files: list[str]
-    candidates: list[Candidate]
-    share_top3: float
-
-
-N_HEADS = 4  # top heads of the graph considered per case
-N_FEATURES = 2  # features per head tried
+    influence: float  # its share of the graph's cross-position influence
+    effect: float  # change of the logit difference answer - rival when its output is zeroed, others frozen
 
 
 @dataclass(frozen=True)
@@ -109,10 +91,40 @@ class Candidate:
     head: tuple[int, int]
     steer_heads: tuple[int, ...]
     key_pos: int
-    feature: int
+    features: tuple[int, ...]
     label: str
-    term: float  # its summed QK terms at (query, key) on the study's side
-    effect: float  # change of the metric when it is removed from the QK circuit (negative = as predicted)
+    term: float  # their summed QK terms at (query, key) on the study's side
+    effect: float  # change of the logit difference when removed from the QK circuit (negative = as predicted)
+
+
+@dataclass
+class CaseResult:
+    case: CaseStudy
+    prediction: str
+    answer: str
+    rival: str
+    p_answer: float
+    graph_summary: dict[str, Any]
+    ablations: list[HeadAblation]
+    head: tuple[int, int]
+    steer_heads: tuple[int, ...]
+    key_pos: int
+    qk: dict[str, Any]
+    top_terms: list[dict[str, Any]]
+    feature_terms: list[dict[str, Any]]  # the top terms that pair two SAE features
+    contrast: list[dict[str, Any]]
+    features: tuple[int, ...]
+    feature_label: str
+    sweep: list[dict[str, Any]]
+    p_answer_ablated: float  # at scale 0
+    p_answer_reversed: float  # at the most negative scale
+    files: list[str]
+    candidates: list[Candidate]
+    share_top3: float
+
+
+N_HEADS = 4  # top heads of the graph considered per case (plus the two whose ablation hurts most)
+N_FEATURES = 2  # features per head tried, alone and together
 
 
 def _side_values(att: Any, side: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -126,14 +138,6 @@ def _feature_pairs(att: Any, key_pos: int, top: int) -> list[dict[str, Any]]:
     df = att.terms_frame(top=None, key_pos=key_pos)
     both = df["query"].str.startswith("feature/") & df["key"].str.startswith("feature/")
     return list(df[both].head(top).to_dict(orient="records"))
-
-
-def _metric(row: Any, model: Any, watch: list[str], answer_id: int) -> float:
-    """Logit difference answer - rival when there is a rival, else log p(answer)."""
-    if len(watch) > 1:
-        return float(row["logit_diff"])
-    name = model.str_tokens(torch.tensor([answer_id]))[0]
-    return float(torch.tensor(row[f"p:{name}"]).clamp_min(1e-12).log())
 
 
 def _single_token(traced: Traced, text: str) -> bool:
@@ -150,90 +154,104 @@ def study(tracer: Tracer, case: CaseStudy, out: Path) -> CaseResult:
     probs = torch.softmax(trace.logits[-1].double(), -1)
     answer_id = model.token_id(case.answer)
     prediction = model.str_tokens(trace.logits[-1].argmax().reshape(1))[0]
-    files: list[str] = []
-    clean = sweep(
-        model,
-        tracer.saes,
-        case.prompt,
-        [],
-        [1.0],
-        watch_tokens=[case.answer] + ([case.rival] if case.rival and _single_token(traced, case.rival) else []),
-    ).iloc[0]
+    q = trace.n_pos - 1
+    # the rival: the case's own, else the clean runner-up; the metric is the logit difference
+    if case.rival and _single_token(traced, case.rival):
+        rival_id = model.token_id(case.rival)
+    else:
+        rival_id = int(next(t for t in trace.logits[-1].argsort(descending=True).tolist() if t != answer_id))
+    watch = [answer_id, rival_id]
+    answer, rival = model.str_tokens(torch.tensor(watch))
 
+    def diff(ivs: list[Intervention]) -> float:
+        return float(sweep(model, tracer.saes, case.prompt, ivs, [0.0], watch_tokens=watch).iloc[0]["logit_diff"])
+
+    clean = diff([])
+    files: list[str] = []
     graph = traced.graph(targets=[case.answer], progress=False)
     gpath = out / f"{case.slug}.graph.json"
     graph.save(gpath)
     files.append(gpath.name)
     heads = graph.top_heads(8) or [{"layer": model.n_layers - 1, "head": 0, "influence": 0.0}]
-    q = trace.n_pos - 1
-    rival = case.rival if case.rival and _single_token(traced, case.rival) else None
-    watch = [case.answer] + ([rival] if rival else [])
 
-    # Candidates: for each of the top heads, the features that most raise its score at the key it
-    # attends to (past the first token) on the study's side. Each is removed (scale 0) inside the QK
-    # circuit of that layer's top heads, all other heads frozen; the one whose removal moves the
-    # answer most against the rival (or its log-probability) is swept. Every candidate is reported.
+    # Necessity: each top head's output ablated, every other head's pattern frozen.
+    ablations = [
+        HeadAblation(
+            (int(h["layer"]), int(h["head"])),
+            float(h["influence"]),
+            diff([ScaleHead(int(h["layer"]), int(h["head"]), scale=0.0), FreezeAttention()]) - clean,
+        )
+        for h in heads
+    ]
+    # Candidate heads: the top ones by graph influence, then the ones whose ablation hurts the answer most.
+    order = [a.head for a in ablations[:N_HEADS]]
+    order += [a.head for a in sorted(ablations, key=lambda a: a.effect)[:2] if a.head not in order]
+
+    # Candidates: for each such head, the features that most raise its score at the key it attends to
+    # (past the first token) on the study's side, alone and together. Each is removed (scale 0) inside
+    # the QK circuit of that layer's top heads, all other heads frozen; the one whose removal moves
+    # the answer most against the rival is swept. Every candidate is reported.
     candidates: list[Candidate] = []
-    for h in heads[:N_HEADS]:
-        layer, head = int(h["layer"]), int(h["head"])
-        steer_heads = tuple(dict.fromkeys([head] + [int(x["head"]) for x in heads if int(x["layer"]) == layer]))[:3]
+    for layer, head in order:
+        same_layer = [a.head[1] for a in ablations if a.head[0] == layer]
+        steer_heads = tuple(dict.fromkeys([head, *same_layer]))[:3]
         row = trace.patterns[layer, head, q].clone()
         row[0] = -1.0  # the first token is an attention sink, not a mechanism
         key_pos = int(row.argmax())
-        att = traced.qk(layer, head, q, key_pos)
-        values, kinds, feats = _side_values(att, case.side)
-        positions: Any = key_pos if case.side == "key" else q
-        for i in values.argsort(descending=True).tolist():
-            if len([c for c in candidates if c.head == (layer, head)]) >= N_FEATURES:
-                break
-            if int(kinds[i]) != 0 or float(values[i]) <= 0:
-                continue
-            feature = int(feats[i])
+        values, kinds, feats = _side_values(traced.qk(layer, head, q, key_pos), case.side)
+        top = [i for i in values.argsort(descending=True).tolist() if int(kinds[i]) == 0 and float(values[i]) > 0]
+        top = top[:N_FEATURES]
+        positions = key_pos if case.side == "key" else q
+        for group in [[i] for i in top] + ([top] if len(top) > 1 else []):
+            features = tuple(int(feats[i]) for i in group)
             ivs: list[Intervention] = [
-                SteerQK(layer, steer_heads, case.side, feature, positions, scale=0.0),  # type: ignore[arg-type]
-                FreezeAttention(),
+                SteerQK(layer, steer_heads, case.side, f, positions, scale=0.0)  # type: ignore[arg-type]
+                for f in features
             ]
-            r0 = sweep(model, tracer.saes, case.prompt, ivs, [0.0], watch_tokens=watch).iloc[0]
-            effect = _metric(r0, model, watch, answer_id) - _metric(clean, model, watch, answer_id)
-            label = tracer.saes[layer].label(feature)
-            candidates.append(Candidate((layer, head), steer_heads, key_pos, feature, label, float(values[i]), effect))
+            effect = diff([*ivs, FreezeAttention()]) - clean
+            label = " + ".join(tracer.saes[layer].label(f) for f in features)
+            term = float(values[group].sum())
+            candidates.append(Candidate((layer, head), steer_heads, key_pos, features, label, term, effect))
     if not candidates:
         raise RuntimeError(f"{case.slug}: no active feature raises any top head's score")
     best = min(candidates, key=lambda c: c.effect)
-    layer, head = best.head
-    steer_heads, key_pos, feature, label = best.steer_heads, best.key_pos, best.feature, best.label
-    positions = key_pos if case.side == "key" else q
+    (layer, head), steer_heads, key_pos = best.head, best.steer_heads, best.key_pos
 
     att = traced.qk(layer, head, q)
     qk_json = att.to_json(top=25)
     qpath = out / f"{case.slug}.qk.json"
     qpath.write_text(json.dumps(qk_json))
     files.append(qpath.name)
-    row = trace.patterns[layer, head, q].clone()
-    order = [p for p in row.argsort(descending=True).tolist() if p != key_pos and p != 0]
-    contrast = att.contrast(key_pos, order[0], top=10).to_dict(orient="records") if order else []
+    others = [p for p in trace.patterns[layer, head, q].argsort(descending=True).tolist() if p not in (key_pos, 0)]
+    contrast = att.contrast(key_pos, others[0], top=10).to_dict(orient="records") if others else []
 
-    ivs = [SteerQK(layer, steer_heads, case.side, feature, positions, scale=SCALE), FreezeAttention()]  # type: ignore[arg-type]
+    positions = key_pos if case.side == "key" else q
+    steer: list[Intervention] = [
+        SteerQK(layer, steer_heads, case.side, f, positions, scale=SCALE)  # type: ignore[arg-type]
+        for f in best.features
+    ]
     df = sweep(
         model,
         tracer.saes,
         case.prompt,
-        ivs,  # type: ignore[arg-type]
+        [*steer, FreezeAttention()],
         case.scales,
         watch_tokens=watch,
         watch_attention=[(layer, h, q, key_pos) for h in steer_heads],
     )
     png = out / f"{case.slug}.steer.png"
-    plot_sweep(df, png, title=f"{case.slug}: {case.side}-side feature {feature} ({label}) in L{layer} heads")
+    what = f"{case.side}-side {'+'.join(map(str, best.features))} ({best.label})"
+    plot_sweep(df, png, title=f"{case.slug}: {what} in L{layer} heads {list(steer_heads)}")
     files.append(png.name)
-    rows = df.to_dict(orient="records")
-    zero = df.iloc[(df["scale"] - 0.0).abs().argsort()[:1]]
-    p_ablated = float(zero[f"p:{model.str_tokens(torch.tensor([answer_id]))[0]}"].iloc[0])
+    at = {float(s): float(p) for s, p in zip(df["scale"], df[f"p:{answer}"])}
     return CaseResult(
         case=case,
         prediction=prediction,
+        answer=answer,
+        rival=rival,
         p_answer=float(probs[answer_id]),
         graph_summary=graph.summary(),
+        ablations=ablations,
         head=(layer, head),
         steer_heads=steer_heads,
         key_pos=key_pos,
@@ -241,10 +259,11 @@ def study(tracer: Tracer, case: CaseStudy, out: Path) -> CaseResult:
         top_terms=att.terms_frame(top=8, key_pos=key_pos).to_dict(orient="records"),
         feature_terms=_feature_pairs(att, key_pos, 6),
         contrast=contrast,
-        feature=feature,
-        feature_label=label,
-        sweep=rows,
-        p_answer_ablated=p_ablated,
+        features=best.features,
+        feature_label=best.label,
+        sweep=df.to_dict(orient="records"),
+        p_answer_ablated=at[min(at, key=abs)],
+        p_answer_reversed=at[min(at)],
         files=files,
         candidates=candidates,
         share_top3=sum(float(h["influence"]) for h in heads[:3]),
@@ -264,21 +283,35 @@ def _md_table(rows: list[dict[str, Any]], cols: list[str], fmt: dict[str, str] |
     return head + body
 
 
+def _steered(r: CaseResult) -> str:
+    feats = " + ".join(map(str, r.features))
+    return f"{r.case.side}-side feature{'s' if len(r.features) > 1 else ''} {feats} ({r.feature_label})"
+
+
 def report(results: list[CaseResult], tracer: Tracer, seconds: float) -> str:
     md = ["# qktrace demo report\n", f"Model: `{tracer.model.name}`; {len(tracer.saes)} SAEs; {seconds:.0f} s.\n"]
     for r in results:
         c = r.case
         toks = r.qk["key_positions"]
         md.append(f"\n## {c.title}\n")
-        md.append(f"Prompt: `{c.prompt!r}` → prediction `{r.prediction!r}`, p({c.answer!r}) = {r.p_answer:.3f}\n")
+        md.append(f"Prompt: `{c.prompt!r}` → prediction `{r.prediction!r}`, p({r.answer!r}) = {r.p_answer:.3f}\n")
         g = r.graph_summary
-        heads = ", ".join(f"L{h['layer']}H{h['head']} ({h['influence']:.0%})" for h in g["top_cross_position_heads"])
         md.append(
             f"\n**Graph** (`{c.slug}.graph.json`): {g['n_nodes']} nodes, {g['n_edges']} edges, completeness "
-            f"{g['completeness']:.3f}, replacement {g['replacement']:.3f}. Heads carrying the most "
-            f"cross-position influence: {heads or 'none'}.\n"
+            f"{g['completeness']:.3f}, replacement {g['replacement']:.3f}. The top three heads carry "
+            f"{r.share_top3:.0%} of the cross-position influence. Each top head's output ablated, every other "
+            f"head's pattern frozen (effect on the logit difference {r.answer!r} − {r.rival!r}):\n\n"
         )
-        md.append(f"The top three heads carry {r.share_top3:.0%} of the cross-position influence.\n")
+        md.append(
+            _md_table(
+                [
+                    {"head": f"L{a.head[0]}H{a.head[1]}", "influence": a.influence, "ablated": a.effect}
+                    for a in r.ablations
+                ],
+                ["head", "influence", "ablated"],
+                {"influence": ".1%", "ablated": "+.3f"},
+            )
+        )
         L, H = r.head
         i = toks.index(r.key_pos)
         md.append(
@@ -286,30 +319,18 @@ def report(results: list[CaseResult], tracer: Tracer, seconds: float) -> str:
             f"(attention {r.qk['pattern'][i]:.3f}): score {r.qk['score'][i]:+.4f}, sum of terms "
             f"{r.qk['capped_sum'][i]:+.4f} (max relative error {r.qk['max_relative_error']:.1e}). Top terms:\n\n"
         )
-        md.append(
-            _md_table(
-                r.top_terms,
-                ["query_label", "key_label", "value", "positional"],
-                {"value": "+.3f", "positional": "+.3f"},
-            )
-        )
+        cols = ["query_label", "key_label", "value", "positional"]
+        md.append(_md_table(r.top_terms, cols, {"value": "+.3f", "positional": "+.3f"}))
         if r.feature_terms:
             md.append("\nThe strongest terms between two SAE features (no bias or error components):\n\n")
-            md.append(
-                _md_table(
-                    r.feature_terms,
-                    ["query_label", "key_label", "value", "positional"],
-                    {"value": "+.3f", "positional": "+.3f"},
-                )
-            )
+            md.append(_md_table(r.feature_terms, cols, {"value": "+.3f", "positional": "+.3f"}))
         if r.contrast:
             md.append("\nWhy this key rather than the next best (contrast, top 5):\n\n")
             md.append(_md_table(r.contrast[:5], ["query_label", "key", "diff"], {"diff": "+.3f"}))
-        metric = "logit difference " + f"{c.answer!r} − {c.rival!r}" if c.rival else f"log p({c.answer!r})"
         md.append(
             f"\n**Candidates** ({c.side} side): for each top head, the active features that most raise its score "
-            f"at the key it attends to; each removed (scale 0) inside the QK circuit of its layer's top heads, "
-            f"other heads frozen; effect on the {metric}:\n\n"
+            f"at the key it attends to, alone and together; each removed (scale 0) inside the QK circuit of its "
+            f"layer's top heads, other heads frozen; effect on the logit difference {r.answer!r} − {r.rival!r}:\n\n"
         )
         md.append(
             _md_table(
@@ -317,23 +338,25 @@ def report(results: list[CaseResult], tracer: Tracer, seconds: float) -> str:
                     {
                         "head": f"L{x.head[0]}H{x.head[1]}",
                         "key": x.key_pos,
-                        "feature": f"{x.feature} {x.label}",
+                        "features": f"{' + '.join(map(str, x.features))}: {x.label}",
                         "QK term": x.term,
                         "effect": x.effect,
                     }
                     for x in r.candidates
                 ],
-                ["head", "key", "feature", "QK term", "effect"],
+                ["head", "key", "features", "QK term", "effect"],
                 {"QK term": "+.3f", "effect": "+.3f"},
             )
         )
         md.append(
-            f"\n**Steering** {c.side}-side feature {r.feature} ({r.feature_label}) only inside the QK circuit of "
-            f"L{L} heads {list(r.steer_heads)}, other heads frozen: p({c.answer!r}) goes from {r.p_answer:.3f} "
-            f"(scale 1) to {r.p_answer_ablated:.3f} (scale 0). Plot: `{c.slug}.steer.png`.\n"
+            f"\n**Steering** {_steered(r)} only inside the QK circuit of L{L} heads {list(r.steer_heads)}, other "
+            f"heads frozen: p({r.answer!r}) goes from {r.p_answer:.3f} (scale 1) to {r.p_answer_ablated:.3f} "
+            f"(scale 0) and {r.p_answer_reversed:.3f} (most negative scale). Plot: `{c.slug}.steer.png`.\n"
         )
         if r.sweep:
-            cols = ["scale", "top_1", "p_top_1"] + [k for k in r.sweep[0] if k.startswith(("p:", "attn:"))]
+            cols = ["scale", "top_1", "p_top_1", "logit_diff"] + [
+                k for k in r.sweep[0] if k.startswith(("p:", "attn:"))
+            ]
             md.append("\n" + _md_table(r.sweep, cols, {k: ".3f" for k in cols if k != "top_1"}))
     return "".join(md)
 
@@ -360,9 +383,8 @@ def run_demo(
         results.append(r)
         con.print(
             f"  predicts {r.prediction!r} (p({case.answer!r}) = {r.p_answer:.3f}); top head L{r.head[0]}H{r.head[1]} "
-            f"attends to key {r.key_pos}; steering {case.side}-side feature {r.feature} ({r.feature_label}) to 0 "
-            f"in L{r.head[0]} heads {list(r.steer_heads)}: p = {r.p_answer_ablated:.3f} "
-            f"({len(r.candidates)} candidates tried)"
+            f"attends to key {r.key_pos}; {_steered(r)} in L{r.head[0]} heads {list(r.steer_heads)} at scale 0: "
+            f"p = {r.p_answer_ablated:.3f}, reversed: {r.p_answer_reversed:.3f} ({len(r.candidates)} candidates tried)"
         )
     seconds = time.perf_counter() - start
     (out / "report.md").write_text(report(results, tracer, seconds))

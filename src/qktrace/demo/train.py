@@ -6,6 +6,10 @@ Builds the tokenizer, trains a `LlamaForCausalLM` (RoPE, RMSNorm, GQA) with Adam
 warmup + cosine schedule for a fixed number of steps (reproducible for a seed; `--minutes` is only a
 safety cap), saves model + tokenizer with `save_pretrained`, then measures greedy next-token
 accuracy on the held-out prompts of every task family and writes `eval.json`.
+
+`--init DIR --mix stage2` continues a saved model (keeping its tokenizer) on a mixture weighted towards
+facts, multiple choice and yes/no; `make train-demo` runs the two stages that made the shipped model.
+`--eval-only` re-measures the model in `--out`.
 """
 
 from __future__ import annotations
