@@ -1,14 +1,15 @@
 """`qktrace demo`: the paper's four case studies on the embedded demo model, end to end.
 
 For each case study, by the tool's own evidence (nothing about the demo model is hard-coded beyond
-the prompt and the expected answer):
-1. trace the prompt; record the prediction and the answer's probability;
-2. build the attribution graph towards the answer's logit; the heads carrying the most
-   cross-position influence come from its head loadings;
-3. for the top head, find the key it attends to most (past the first token) and compute the QK
-   attribution of its whole row: top terms, marginals, the contrast against the next best key;
-4. pick the feature that drives that score on the study's side (key or query) and sweep its scale
-   inside the QK circuit of the top heads of that layer, other heads frozen; plot it;
+the prompt, the expected answer and, where the task has one, its rival):
+1. trace the prompt; the metric is logit(answer) - logit(rival), the rival defaulting to the runner-up;
+2. build the attribution graph towards the answer; rank heads by cross-position influence (head
+   loadings) and ablate each of the top ones, every other head frozen, to see which are necessary;
+3. for the top heads, the features that most raise the score at the key each attends to (past the
+   first token), on the study's side, alone and together, are removed inside the QK circuit of that
+   layer's top heads, other heads frozen; every candidate's effect is reported;
+4. the strongest is swept over scales and plotted; its head's QK row is written in full, with the
+   top terms, the feature x feature terms and the contrast against the next best key;
 5. write graph JSON, QK JSON, PNGs and a Markdown report to the output folder.
 """
 
