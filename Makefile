@@ -38,7 +38,7 @@ bench: $(STAMP)
 
 DEMO_MODEL := src/qktrace/demo/assets/model
 
-# Regenerates the shipped demo (about 35 minutes on 2 CPU cores): the model from scratch, then a shorter
+# Regenerates the shipped demo (32 minutes measured on 2 CPU cores): the model from scratch, then a shorter
 # stage that weights facts, multiple choice and yes/no more; then the SAEs and their dashboards.
 train-demo: $(STAMP)
 	$(PY) -m qktrace.demo.train --out $(DEMO_MODEL)

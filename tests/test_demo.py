@@ -53,9 +53,11 @@ def test_induction_case_study(tracer: qktrace.Tracer, tmp_path: Path) -> None:
     assert r.share_top3 > 0.4  # a few heads carry the cross-position influence
     assert r.head in [a.head for a in r.ablations[:3]]  # the steered head is one of them
     best = min(c.effect for c in r.candidates)
-    assert best < -1.0  # removing the key-side features from the QK circuit lowers logit(name) - logit(rival)
+    assert best < -0.1  # removing the key-side features from the QK circuit lowers logit(name) - logit(rival)
     assert r.p_answer_reversed < 0.2 * r.p_answer  # reversing them hands the answer to the distractor
     assert r.sweep[0]["top_1"] == case.rival
+    attn = f"attn:L{r.head[0]}.H{r.head[1]}:{r.qk['query_pos']}->{r.key_pos}"
+    assert r.sweep[-1][attn] > 0.9 and r.sweep[0][attn] < 0.05  # through the head's attention to the name
     for name in r.files:
         assert (tmp_path / name).stat().st_size > 0
     md = report([r], tracer, 1.0)
