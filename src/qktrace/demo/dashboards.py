@@ -19,10 +19,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file
 
+from ..models import load_model
+from ..saes import SAE, load_saes
 from .corpus import LETTERS
-from .train_saes import ASSETS, collect, corpus_blocks, hook_name, load_model
+from .train_saes import ASSETS, collect, corpus_blocks, hook_name
 from .world import ALL_NAMES, ANTONYMS_EN, ANTONYMS_FR, FACTS, TITLES
 
 N_CONTEXTS, BEFORE, AFTER, LABEL_POOL = 8, 8, 1, 24
@@ -88,20 +89,17 @@ def auto_label(cur: list[str], prev: list[str]) -> str:
 
 @torch.no_grad()
 def build(
-    c: int,
-    sae_dir: Path,
+    sae: SAE,
+    hook: str,
     acts: torch.Tensor,
     blocks: torch.Tensor,
     vocab: list[str],
     unembed: tuple[torch.Tensor, torch.Tensor],
 ) -> tuple[dict[str, str], dict[str, object]]:
-    """(labels, dashboard) for the SAE in `sae_dir` on residuals `acts` [n_tokens, d_model]."""
-    cfg = json.loads((sae_dir / "cfg.json").read_text())
-    w = load_file(str(sae_dir / "sae_weights.safetensors"))
-    pre = acts @ w["W_enc"] + w["b_enc"]
-    val, idx = pre.topk(int(cfg["k"]), dim=-1)
-    val = val.relu()
-    d_sae, n_tok = int(cfg["d_sae"]), len(acts)
+    """(labels, dashboard) for `sae` (encoded as tracing encodes it) on residuals `acts` [n_tokens, d_model]."""
+    d_sae, n_tok = sae.W_dec.shape[0], len(acts)
+    k = sae.k if sae.k is not None else d_sae  # TopK: its k; other architectures: every feature
+    val, idx = sae.encode(acts).topk(k, dim=-1)
     seq = blocks.shape[1] - 1  # BOS excluded from acts
     flat_v, flat_f = val.flatten().numpy(), idx.flatten().numpy()
     flat_p = np.repeat(np.arange(n_tok), idx.shape[1])
@@ -110,7 +108,7 @@ def build(
     order = np.lexsort((-flat_v, flat_f))  # by feature, then activation descending
     flat_v, flat_f, flat_p = flat_v[order], flat_f[order], flat_p[order]
     starts = np.searchsorted(flat_f, np.arange(d_sae + 1))
-    out_logits = (w["W_dec"] * unembed[0]) @ unembed[1].T  # [d_sae, vocab]
+    out_logits = (sae.W_dec * unembed[0]) @ unembed[1].T  # [d_sae, vocab]
     top_out = out_logits.topk(5, dim=-1).indices.tolist()
     labels: dict[str, str] = {}
     feats: dict[str, object] = {}
@@ -146,11 +144,11 @@ def build(
             "contexts": ctxs,
         }
     dash = {
-        "checkpoint": c,
-        "hook_name": cfg["metadata"]["hook_name"],
+        "checkpoint": sae.checkpoint,
+        "hook_name": hook,
         "n_tokens": n_tok,
         "d_sae": d_sae,
-        "k": int(cfg["k"]),
+        "k": k,
         "n_alive": len(feats),
         "features": feats,
     }
@@ -167,18 +165,16 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     t0 = time.time()
-    model, tokenizer = load_model(args.model)
-    n_layers = len(model.model.layers)
+    loaded = load_model(args.model)  # the user path: the same model and SAE objects that tracing uses
+    model, tokenizer, n_layers = loaded.hf, loaded.tokenizer, loaded.n_layers
+    saes = load_saes(args.saes, loaded)
     vocab = [tokenizer.decode([i]) for i in range(len(tokenizer))]
     unembed = (model.model.norm.weight.detach(), model.lm_head.weight.detach())
     blocks = corpus_blocks(tokenizer, args.seed + 40_000, args.docs)
     acts = collect(model, blocks)
-    for c in range(n_layers + 1):
+    for c in saes.checkpoints:
         sae_dir = args.saes / hook_name(c, n_layers)
-        if not (sae_dir / "cfg.json").is_file():
-            print(f"checkpoint {c}: no SAE at {sae_dir}, skipped")
-            continue
-        labels, dash = build(c, sae_dir, acts[c], blocks, vocab, unembed)
+        labels, dash = build(saes[c], hook_name(c, n_layers), acts[c], blocks, vocab, unembed)
         (sae_dir / "labels.json").write_text(json.dumps(labels, ensure_ascii=False, indent=0) + "\n")
         (sae_dir / "dashboards.json").write_text(json.dumps(dash, ensure_ascii=False, separators=(",", ":")))
         common = Counter(v for v in labels.values() if v != "dead").most_common(6)
