@@ -4,6 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 DEMO_ASSETS = Path(__file__).parent / "demo" / "assets"
 DEMO_MODEL = DEMO_ASSETS / "model"
@@ -42,3 +46,51 @@ def resolve_saes(model: str | None, saes: str | None) -> str | None:
     if saes == DEMO_NAME or (saes is None and model is not None and str(model) in (DEMO_NAME, str(DEMO_MODEL))):
         return str(DEMO_SAES)
     return saes
+
+
+DTYPES = ("float32", "bfloat16", "float16")
+DEVICES_HELP = "cpu, cuda, cuda:N or auto"
+
+
+def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    """'float32' | 'bfloat16' | 'float16' (or a torch.dtype among them) -> torch.dtype; InputError otherwise."""
+    import torch
+
+    from .errors import InputError
+
+    if isinstance(dtype, torch.dtype):
+        name = str(dtype).removeprefix("torch.")
+    else:
+        name = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}.get(dtype, dtype)
+    if name not in DTYPES:
+        raise InputError(f"dtype '{dtype}' is not supported: use one of {', '.join(DTYPES)}")
+    return getattr(torch, name)  # type: ignore[no-any-return]
+
+
+def parse_device(device: str | torch.device) -> torch.device:
+    """'cpu' | 'cuda' | 'cuda:N' | 'auto' (CUDA when visible, else CPU) -> torch.device; InputError when the
+    device is unknown or not visible on this machine."""
+    import torch
+
+    from .errors import InputError
+
+    if isinstance(device, torch.device):
+        name = str(device)
+    else:
+        name = device.strip().lower()
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise InputError(f"device '{device}' is not understood: use {DEVICES_HELP}") from None
+    if dev.type == "cpu":
+        return torch.device("cpu")
+    if dev.type != "cuda":
+        raise InputError(f"device '{device}' is not supported: use {DEVICES_HELP}")
+    if not torch.cuda.is_available():
+        raise InputError(f"device '{device}' was asked for but no CUDA GPU is visible: use --device cpu (or auto)")
+    n = torch.cuda.device_count()
+    if dev.index is not None and dev.index >= n:
+        raise InputError(f"device '{device}' does not exist: this machine has cuda:0..cuda:{n - 1}")
+    return dev
