@@ -15,9 +15,9 @@ import torch
 from qktrace.errors import GraphFileError, InputError, SAEMismatchError
 from qktrace.graph import Graph, build_graph, load_graph
 from qktrace.graph.build import Attribution, attribute
-from qktrace.graph.edges import attention_bias, edge_parts, frozen_layer
+from qktrace.graph.edges import attention_bias, edge_parts
 from qktrace.models import Model, Trace, load_model
-from qktrace.models.replay import logits_from
+from qktrace.models.replay import frozen_layer, logits_from
 from qktrace.nodes import Kind, Node
 from qktrace.saes import SAE, SAESet
 from qktrace.testing import random_prompt
@@ -315,7 +315,7 @@ def test_save_load_round_trip_with_circuit_tracer_fields(graph32, tmp_path):
 def test_pruning_keeps_logits_tokens_and_scores(graph32):
     model, trace, _, graph = graph32
     ids = {n.id for n in graph.nodes}
-    probs = torch.softmax(trace.logits[-1].float(), -1)
+    probs = torch.softmax(trace.last_logits.float(), -1)
     logits = [n for n in graph.nodes if n.node.kind is Kind.LOGIT]
     assert logits and all(n.id in ids for n in logits)
     assert sum(n.token_prob for n in logits) >= 0.95 or len(logits) == 10

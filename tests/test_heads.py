@@ -13,6 +13,7 @@ from qktrace.heads import feature_pair_skew, head_scores, heads_table, qk_factor
 from qktrace.models import Model
 from qktrace.plots import plot_heads
 from qktrace.testing import random_prompt
+from tests.hf_reference import hf_attention
 
 
 def dense_qk(layer, head: int) -> torch.Tensor:
@@ -57,7 +58,7 @@ def test_factors_with_rotary_offset_give_hf_scores(tiny_models):
     x = trace.resid[1].double()
     s = trace.scale_ln_attn[1].double()
     mine = (s[q_pos] * x[q_pos] @ A) @ (s[k_pos] * x[k_pos] @ B)
-    assert float(mine) == pytest.approx(float(trace.scores[1, h, q_pos, k_pos]), rel=1e-4)
+    assert float(mine) == pytest.approx(float(hf_attention(model, trace.tokens).scores[1][h, q_pos, k_pos]), rel=1e-4)
     with pytest.raises(InputError, match="rotary"):
         qk_spectrum(ly, h, offset=-2)
 

@@ -23,8 +23,26 @@ from qktrace.models.capture import forward_hooks
 from qktrace.plots import plot_sweep
 from qktrace.saes import SAE
 from qktrace.testing import random_prompt
+from tests.hf_reference import hf_attention
 
 PROMPT = random_prompt(9, seed=4) + " Aunt Sally . the Aunt"
+
+
+def stacked(per_layer) -> torch.Tensor:
+    """A result's recorded patterns/scores (layer -> [head, q, k]) as one [layer, head, q, k] tensor."""
+    return torch.stack([per_layer[i] for i in sorted(per_layer)])
+
+
+def clean_patterns(clean) -> torch.Tensor:
+    return torch.stack([clean.pattern(i) for i in range(clean.n_layers)])
+
+
+def clean_scores(clean) -> torch.Tensor:
+    return torch.stack([clean.scores(i) for i in range(clean.n_layers)])
+
+
+def same_resid(a, b) -> bool:
+    return len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b))
 
 
 def make_saes(model, d_sae: int = 24, seed: int = 0) -> dict[int, SAE]:
@@ -74,8 +92,9 @@ def test_empty_and_scale_one_reproduce_clean_exactly(tiny_models, family):
     model = tiny_models[family]
     saes = make_saes(model)
     clean = model.run(PROMPT)
+    plain = model.forward(clean.tokens)  # HF's own logits, no hooks
     f, _ = active(saes[1], clean.resid[1], -1)
-    assert torch.equal(run_with(model, saes, PROMPT, []).logits, clean.logits)
+    assert torch.equal(run_with(model, saes, PROMPT, []).logits, plain)
     ivs = [
         SteerFeature(1, f, -1, scale=1.0),
         SteerQK(1, (0, 2), "key", f, slice(2, 6), scale=1.0),
@@ -83,11 +102,12 @@ def test_empty_and_scale_one_reproduce_clean_exactly(tiny_models, family):
         FreezeAttention(),
         ScaleHead(0, 3, 1.0),
     ]
-    res = run_with(model, saes, PROMPT, ivs)
-    assert torch.equal(res.logits, clean.logits)
-    assert torch.equal(res.patterns, clean.patterns)
-    assert torch.equal(res.scores, clean.scores)
-    assert torch.equal(res.resid, clean.resid)
+    res = run_with(model, saes, PROMPT, ivs, record_attention=True)
+    assert torch.equal(res.logits, plain)
+    hf = hf_attention(model, clean.tokens)
+    assert torch.equal(stacked(res.patterns), torch.stack(hf.patterns))
+    assert torch.equal(stacked(res.scores), torch.stack(hf.scores))
+    assert same_resid(res.resid, clean.resid)
 
 
 def test_query_side_steering_changes_only_the_predicted_scores(tiny_models, family):
@@ -97,22 +117,25 @@ def test_query_side_steering_changes_only_the_predicted_scores(tiny_models, fami
     L, h, p, s = 1, 1, clean.n_pos - 1, -2.0
     ly = model.anatomy.layers[L]
     f, a = active(saes[L], clean.resid[L], p)
-    res = run_with(model, saes, PROMPT, [SteerQK(L, h, "query", f, p, scale=s)], clean=clean)
+    res = run_with(model, saes, PROMPT, [SteerQK(L, h, "query", f, p, scale=s)], clean=clean, record_attention=True)
+    res_scores, res_patterns = stacked(res.scores), stacked(res.patterns)
+    hf = hf_attention(model, clean.tokens)
+    ref_scores, ref_patterns = torch.stack(hf.scores), torch.stack(hf.patterns)
 
     kv = ly.kv_head[h]
     dq = query_delta(model, clean, L, h, p, (s - 1) * a * saes[L].W_dec[f])
     raw = clean.q[L, h] @ clean.k[L, kv].T * ly.scale  # [q_pos, k_pos] clean, before any soft-cap
     raw[p] += (dq @ clean.k[L, kv].T) * ly.scale
-    ok = torch.isfinite(clean.scores[L, h])
-    assert rel_err(res.scores[L, h][ok], capped(ly, raw)[ok]) < 1e-4
-    assert (res.scores[L, h] - clean.scores[L, h])[ok].abs().max() > 1e-2  # the steer did something
-    assert torch.equal(res.scores[L, h, :p], clean.scores[L, h, :p])  # other query rows untouched
+    ok = torch.isfinite(ref_scores[L, h])
+    assert rel_err(res_scores[L, h][ok], capped(ly, raw)[ok]) < 1e-4
+    assert (res_scores[L, h] - ref_scores[L, h])[ok].abs().max() > 1e-2  # the steer did something
+    assert torch.equal(res_scores[L, h, :p], ref_scores[L, h, :p])  # other query rows untouched
     for other in range(model.n_heads):
         if other != h:
-            assert torch.equal(res.scores[L, other], clean.scores[L, other])
-            assert torch.equal(res.patterns[L, other], clean.patterns[L, other])
-    assert torch.equal(res.scores[:L], clean.scores[:L])
-    assert torch.equal(res.patterns[:L], clean.patterns[:L])
+            assert torch.equal(res_scores[L, other], ref_scores[L, other])
+            assert torch.equal(res_patterns[L, other], ref_patterns[L, other])
+    assert torch.equal(res_scores[:L], ref_scores[:L])
+    assert torch.equal(res_patterns[:L], ref_patterns[:L])
 
 
 def test_key_side_steering_of_one_head_in_a_kv_group(tiny_models, family):
@@ -123,22 +146,25 @@ def test_key_side_steering_of_one_head_in_a_kv_group(tiny_models, family):
     ly = model.anatomy.layers[L]
     kv = ly.kv_head[h]
     f, a = active(saes[L], clean.resid[L], p)
-    res = run_with(model, saes, PROMPT, [SteerQK(L, [h], "key", f, [p], scale=s)], clean=clean)
+    res = run_with(model, saes, PROMPT, [SteerQK(L, [h], "key", f, [p], scale=s)], clean=clean, record_attention=True)
+    res_scores, res_patterns = stacked(res.scores), stacked(res.patterns)
+    hf = hf_attention(model, clean.tokens)
+    ref_scores, ref_patterns = torch.stack(hf.scores), torch.stack(hf.patterns)
 
     dk = key_delta(model, clean, L, kv, p, (s - 1) * a * saes[L].W_dec[f])
     raw = clean.q[L, h] @ clean.k[L, kv].T * ly.scale
     raw[:, p] += (clean.q[L, h] @ dk) * ly.scale
-    ok = torch.isfinite(clean.scores[L, h])
-    assert rel_err(res.scores[L, h][ok], capped(ly, raw)[ok]) < 1e-4
-    assert (res.scores[L, h, :, p] - clean.scores[L, h, :, p])[ok[:, p]].abs().max() > 1e-2
+    ok = torch.isfinite(ref_scores[L, h])
+    assert rel_err(res_scores[L, h][ok], capped(ly, raw)[ok]) < 1e-4
+    assert (res_scores[L, h, :, p] - ref_scores[L, h, :, p])[ok[:, p]].abs().max() > 1e-2
     sharing = [o for o in range(model.n_heads) if o != h and ly.kv_head[o] == kv]
     if ly.n_kv_heads < ly.n_heads:
         assert sharing  # GQA: the head beside it reads the same key tensor and must not move
     for other in range(model.n_heads):
         if other != h:
-            assert torch.equal(res.scores[L, other], clean.scores[L, other])
-            assert torch.equal(res.patterns[L, other], clean.patterns[L, other])
-    assert torch.equal(res.patterns[:L], clean.patterns[:L])
+            assert torch.equal(res_scores[L, other], ref_scores[L, other])
+            assert torch.equal(res_patterns[L, other], ref_patterns[L, other])
+    assert torch.equal(res_patterns[:L], ref_patterns[:L])
 
 
 def test_freeze_attention_keeps_every_other_pattern_clean(tiny_models, family):
@@ -147,17 +173,21 @@ def test_freeze_attention_keeps_every_other_pattern_clean(tiny_models, family):
     clean = model.run(PROMPT)
     f, _ = active(saes[0], clean.resid[0], 4)
     steer = SteerQK(0, 0, "key", f, 4, scale=-3.0)
-    free = run_with(model, saes, PROMPT, [steer], clean=clean)
-    frozen = run_with(model, saes, PROMPT, [steer, FreezeAttention()], clean=clean)
-    assert torch.equal(frozen.patterns[0, 0], free.patterns[0, 0])
-    assert not torch.equal(frozen.patterns[0, 0], clean.patterns[0, 0])
-    assert not torch.equal(free.patterns[1], clean.patterns[1])  # downstream heads move without freezing
+    free = stacked(run_with(model, saes, PROMPT, [steer], clean=clean, record_attention=True).patterns)
+    frozen = stacked(
+        run_with(model, saes, PROMPT, [steer, FreezeAttention()], clean=clean, record_attention=True).patterns
+    )
+    ref = torch.stack(hf_attention(model, clean.tokens).patterns)  # HF's clean patterns
+    assert torch.equal(frozen[0, 0], free[0, 0])
+    assert not torch.equal(frozen[0, 0], ref[0, 0])
+    assert not torch.equal(free[1], ref[1])  # downstream heads move without freezing
     for layer in range(model.n_layers):
         for head in range(model.n_heads):
             if (layer, head) != (0, 0):
-                assert torch.equal(frozen.patterns[layer, head], clean.patterns[layer, head])
-    only = run_with(model, saes, PROMPT, [steer, FreezeAttention(frozenset({(1, 2)}))], clean=clean)
-    assert torch.equal(only.patterns[1, 2], clean.patterns[1, 2])
+                assert torch.allclose(frozen[layer, head], ref[layer, head], atol=1e-6)
+    ivs = [steer, FreezeAttention(frozenset({(1, 2)}))]
+    only = stacked(run_with(model, saes, PROMPT, ivs, clean=clean, record_attention=[1]).patterns)
+    assert torch.allclose(only[0, 2], ref[1, 2], atol=1e-6)
     with pytest.raises(InputError, match="both steered and frozen"):
         run_with(model, saes, PROMPT, [steer, FreezeAttention(frozenset({(0, 0)}))], clean=clean)
 
@@ -174,8 +204,8 @@ def test_residual_steering_removes_exactly_a_v(tiny_models, family_name):
         res = run_with(model, saes, PROMPT, [SteerFeature(c, f, p, scale=0.0)], clean=clean)
         assert torch.equal(res.resid[c, p], clean.resid[c, p] - a * v)
         assert torch.equal(res.resid[c, :p], clean.resid[c, :p])
-        assert torch.equal(res.resid[:c], clean.resid[:c])
-        assert not torch.equal(res.logits[p], clean.logits[p])
+        assert same_resid(res.resid[:c], clean.resid[:c])
+        assert not torch.equal(res.logits[p], model.forward(clean.tokens)[p])
     # inject a feature that is inactive somewhere: the residual moves by value * v
     acts = saes[1].encode(clean.resid[1])
     pos, f = (acts == 0).nonzero()[0].tolist()
@@ -188,16 +218,17 @@ def test_scale_head_zero_ablates_its_output(tiny_models):
     seen = {}
     grab = lambda mod, args, kwargs, out: seen.__setitem__("attn", out[0][0].detach())
     with forward_hooks([(model.attn_modules[1], grab)]):
-        res = run_with(model, {}, PROMPT, [ScaleHead(1, 2, 0.0)])
+        res = run_with(model, {}, PROMPT, [ScaleHead(1, 2, 0.0)], record_attention=True)
     clean = model.run(PROMPT)
-    assert float(res.patterns[1, 2].abs().max()) == 0.0
-    assert torch.equal(res.patterns[1, :2], clean.patterns[1, :2])
+    hf = hf_attention(model, clean.tokens)
+    assert float(res.patterns[1][2].abs().max()) == 0.0
+    assert torch.equal(res.patterns[1][:2], hf.patterns[1][:2])
     # the attention output loses exactly the head's z @ W_O
     ly = model.anatomy.layers[1]
-    z = clean.patterns[1, 2] @ clean.v[1, ly.kv_head[2]]  # [pos, d_head]
-    assert rel_err(seen["attn"], clean.attn_out[1] - z @ ly.W_O[2]) < 1e-5
-    half = run_with(model, {}, PROMPT, [ScaleHead(1, 2, 0.5)])
-    assert torch.allclose(half.patterns[1, 2], 0.5 * clean.patterns[1, 2])
+    z = hf.patterns[1][2] @ clean.v[1, ly.kv_head[2]]  # [pos, d_head]
+    assert rel_err(seen["attn"], hf.attn_out[1] - z @ ly.W_O[2]) < 1e-5
+    half = run_with(model, {}, PROMPT, [ScaleHead(1, 2, 0.5)], record_attention=[1])
+    assert torch.allclose(half.patterns[1][2], 0.5 * hf.patterns[1][2])
 
 
 def test_generate_with_is_greedy_and_applies_interventions(tiny_models):
@@ -251,9 +282,9 @@ def test_sweep_rows_columns_and_plot(tiny_models, tmp_path):
     for col in ("top_1", "p_top_1", "top_5", "p_top_5", "p:Sally", "p:Aunt", "logit_diff", attn):
         assert col in df.columns
     last = df.iloc[-1]  # scale 1 = clean
-    probs = torch.softmax(clean.logits[-1], -1)
+    probs = torch.softmax(clean.last_logits, -1)
     assert last["p:Sally"] == pytest.approx(float(probs[model.token_id("Sally")]), abs=1e-6)
-    assert last[attn] == pytest.approx(float(clean.patterns[1, 0, -1, 11]), abs=1e-6)
+    assert last[attn] == pytest.approx(float(hf_attention(model, clean.tokens).patterns[1][0, -1, 11]), abs=1e-6)
     assert df[attn].nunique() > 1
     same = sweep(model, saes, PROMPT, lambda s: [SteerQK(1, (0, 1), "key", f, 11, scale=s)], [-2.0])
     assert same["p_top_1"].iloc[0] == pytest.approx(df["p_top_1"].iloc[0])

@@ -7,11 +7,13 @@ import torch
 
 from qktrace.errors import InputError, ModelLoadError, UnsupportedModelError
 from qktrace.models import load_model
-from qktrace.models.replay import attention_output, logits_from, queries_keys, replay_layer, scores_from
+from qktrace.models.replay import attention_output, frozen_layer, logits_from, queries_keys, scores_from
 from qktrace.testing import random_prompt
+from tests.hf_reference import hf_attention
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.detach(), b.detach()
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-12))
 
 
@@ -19,15 +21,19 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 def test_scores_from_anatomy_equal_hf_scores(tiny_models, family, seed):
     model = tiny_models[family]
     trace = model.run(random_prompt(14, seed))
+    ref = hf_attention(model, trace.tokens)
     for layer in range(model.n_layers):
         q, k = queries_keys(model.anatomy, trace, layer)
         assert rel_err(q, trace.q[layer]) < 1e-5
         assert rel_err(k, trace.k[layer]) < 1e-5
         mine = scores_from(model.anatomy.layers[layer], q, k)
-        hf = trace.scores[layer]
+        hf = ref.scores[layer]
         ok = torch.isfinite(hf)
         assert ok.sum() > 0
         assert rel_err(mine[ok], hf[ok]) < 1e-5
+        # the trace's on-demand scores: the same mask, the same numbers
+        assert torch.equal(torch.isfinite(trace.scores(layer)), ok)
+        assert rel_err(trace.scores(layer)[ok], hf[ok]) < 1e-6
         # the scores are not trivially small: the test would catch a wrong scale
         assert hf[ok].abs().max() > 0.5
 
@@ -35,36 +41,41 @@ def test_scores_from_anatomy_equal_hf_scores(tiny_models, family, seed):
 def test_patterns_equal_output_attentions(tiny_models, family):
     model = tiny_models[family]
     trace = model.run(random_prompt(10, 3))
-    with torch.no_grad():
-        out = model.hf(input_ids=trace.tokens[None], output_attentions=True, use_cache=False)
+    ref = hf_attention(model, trace.tokens)
     for layer in range(model.n_layers):
-        assert torch.allclose(trace.patterns[layer], out.attentions[layer][0], atol=1e-6)
-    assert torch.allclose(trace.logits, out.logits[0], atol=1e-5)
+        assert torch.allclose(trace.pattern(layer), ref.patterns[layer], atol=1e-6)
+        rows = torch.tensor([2, 9])
+        assert torch.allclose(trace.pattern(layer, rows, heads=[1, 3]), ref.patterns[layer][[1, 3]][:, rows], atol=1e-6)
+    assert torch.allclose(trace.last_logits, ref.logits[-1], atol=1e-5)
 
 
 def test_layer_replay_reproduces_output_residual(tiny_models, family):
     model = tiny_models[family]
     trace = model.run(random_prompt(12, 5))
+    ref = hf_attention(model, trace.tokens)
     for layer in range(model.n_layers):
         attn = attention_output(model.anatomy, trace, layer)
-        assert rel_err(attn, trace.attn_out[layer]) < 1e-5
-        out = replay_layer(model.anatomy, trace, layer)
+        assert rel_err(attn, ref.attn_out[layer]) < 1e-5
+        out = frozen_layer(model.anatomy, trace, layer, trace.resid[layer])
         assert rel_err(out, trace.resid[layer + 1]) < 1e-5
     logits = logits_from(model.anatomy, trace.resid[-1], trace.scale_final)
-    assert rel_err(logits, trace.logits) < 1e-5
+    assert rel_err(logits, ref.logits) < 1e-5
 
 
 def test_sliding_window_masks_far_keys(tiny_models):
     model = tiny_models["mistral"]  # sliding_window=5
     trace = model.run(random_prompt(12, 1))
-    allowed = torch.isfinite(trace.scores[0, 0])
+    allowed = torch.isfinite(trace.scores(0)[0])
     assert bool(allowed[11, 11]) and not bool(allowed[11, 2])
+    assert trace.keys(0, 11) == list(range(7, 12))  # the window HF applied: keys 7..11
 
 
 def test_gemma_softcap_bounds_scores(tiny_models):
     trace = tiny_models["gemma2"].run(random_prompt(12, 2))
-    finite = trace.scores[torch.isfinite(trace.scores)]
-    assert finite.abs().max() <= 3.0 + 1e-6
+    for layer in range(trace.n_layers):
+        scores = trace.scores(layer)
+        finite = scores[torch.isfinite(scores)]
+        assert finite.abs().max() <= 3.0 + 1e-6
 
 
 def test_missing_path_is_one_clear_error(tmp_path):

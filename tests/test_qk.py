@@ -11,6 +11,7 @@ from qktrace import Tracer
 from qktrace.errors import InputError, OutOfRangeError
 from qktrace.saes import SAE, SAESet
 from qktrace.testing import random_prompt
+from tests.hf_reference import hf_attention
 
 
 def random_saes(model, arch: str, d_sae: int = 48, seed: int = 0) -> SAESet:
@@ -46,12 +47,16 @@ def tracers(tiny_models):
 def test_terms_sum_to_hf_score_whole_row(tracers, family, arch):
     tracer = tracers[(family, arch)]
     traced = tracer.run(random_prompt(12, 7))
+    hf = hf_attention(tracer.model, traced.trace.tokens)  # HF's softmax input, captured by its own spy
     for layer in range(tracer.model.n_layers):
         for head in range(tracer.model.n_heads):
             att = traced.qk(layer, head, -1)
             assert att.max_relative_error() < 1e-4
-            # the model's own numbers were captured independently (HF's softmax input)
-            assert torch.equal(att.score, traced.trace.scores[layer, head, -1, list(att.key_positions)])
+            model_score = hf.scores[layer][head, -1, list(att.key_positions)]
+            assert torch.isfinite(model_score).all()
+            scale = float(att.terms.abs().max())
+            assert float((att.capped_sum - model_score).abs().max()) < 1e-4 * scale
+            assert float((att.score - model_score).abs().max()) < 1e-5 * scale
             assert att.terms.shape[0] == len(att.query.ids)
             assert att.terms.abs().max() > 1e-3
     # at least one SAE feature is active at the query, so feature terms are real
@@ -71,7 +76,7 @@ def test_hypothesis_single_key(tracers, fam, seed, n, head, layer, data):
     traced = tracers[(fam, "topk")].run(random_prompt(n, seed))
     n_pos = traced.trace.n_pos
     q = data.draw(st.integers(0, n_pos - 1))
-    allowed = torch.isfinite(traced.trace.scores[layer, head, q]).nonzero().flatten().tolist()
+    allowed = torch.isfinite(traced.trace.scores(layer, q, [head])[0, 0]).nonzero().flatten().tolist()
     k = data.draw(st.sampled_from(allowed))
     att = traced.qk(layer, head, q, k)
     assert att.max_relative_error() < 1e-4
@@ -83,11 +88,35 @@ def test_hypothesis_single_key(tracers, fam, seed, n, head, layer, data):
 def test_unrotated_equals_rotated_without_rotary(tracers):
     att = tracers[("gpt2", "topk")].run(random_prompt(8, 1)).qk(1, 2, -1)
     assert torch.equal(att.terms, att.unrotated)
-    rot = tracers[("llama", "topk")].run(random_prompt(8, 1)).qk(1, 2, -1)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt_neox", "qwen3"])
+def test_positional_share_is_what_rotary_adds(tracers, family):
+    """The unrotated terms are recomputed independently: each component's d_head vector un-rotated by
+    its own position's rotation (rotary is orthogonal), so positional = terms - unrotated is rotary's share."""
+    tracer = tracers[(family, "topk")]
+    att = tracer.run(random_prompt(9, 1)).qk(1, 2, -1)
+    rotary = tracer.model.anatomy.rotary
+    assert rotary is not None
+
+    def unrotate(x, pos):  # R(p)^T x: rotate by -p, i.e. the inverse rotation
+        cos, sin = rotary.cos_sin(pos)
+        r, half = rotary.rotary_dim, rotary.rotary_dim // 2
+        xr, xp = x[..., :r], x[..., r:]
+        back = torch.cat((xr[..., half:], -xr[..., :half]), -1)  # rotate_half transposed
+        return torch.cat((xr * cos + back * sin, xp), -1)
+
+    q = unrotate(att.query.rotated, att.query.pos)
+    k = unrotate(att.key.rotated, att.key.pos)
+    ly = tracer.model.anatomy.layers[1]
+    assert torch.allclose(q, att.query.unrotated, atol=1e-4)
+    expected = (q @ k.T) * ly.scale
+    assert torch.allclose(att.unrotated, expected, atol=1e-4 * float(att.terms.abs().max()))
     # rotary changes cross-position terms; at the query's own position the rotation cancels
-    same = rot.key.pos == rot.query_pos
-    assert torch.allclose(rot.terms[:, same], rot.unrotated[:, same], atol=1e-5)
-    assert not torch.allclose(rot.terms[:, ~same], rot.unrotated[:, ~same], atol=1e-3)
+    same = att.key.pos == att.query_pos
+    assert torch.allclose(att.terms[:, same], att.unrotated[:, same], atol=1e-5)
+    positional = att.terms - att.unrotated
+    assert float(positional[:, ~same].abs().max()) > 1e-3 * float(att.terms.abs().max())
 
 
 def test_gemma_softcap_reports_precap_and_capped(tracers):

@@ -304,7 +304,7 @@ def test_sweep_equals_direct(client, setup):
     assert body["rows"] == json.loads(json.dumps(df.to_dict(orient="records")))
     clean = setup.tracer.run(setup.tokens).trace
     col = f"attn:L1.H0:{n - 1}->2"
-    assert body["rows"][1][col] == pytest.approx(float(clean.patterns[1, 0, n - 1, 2]), abs=1e-6)  # scale 1: clean
+    assert body["rows"][1][col] == pytest.approx(float(clean.pattern(1, n - 1, [0])[0, 0, 2]), abs=1e-6)  # scale 1
 
 
 def test_sweep_residual_and_errors(client, setup):

@@ -7,7 +7,9 @@ import torch
 
 from qktrace import Tracer
 from qktrace.interventions import FreezeAttention, SteerQK, run_with
+from qktrace.nodes import CODE, Kind
 from qktrace.testing import random_prompt
+from tests.hf_reference import hf_attention
 from tests.test_qk import random_saes
 
 
@@ -21,22 +23,23 @@ def test_qk_steer_changes_score_by_attributed_terms(tiny_models, fam, side):
     att = traced.qk(layer, head, q)
     # steer the feature with the largest |marginal| on the chosen side
     comps = att.query if side == "query" else att.key
-    feats = (comps.kind == 0).nonzero().flatten()
+    feats = (comps.kind == CODE[Kind.FEATURE]).nonzero().flatten()
     marg = (att.terms.sum(1) if side == "query" else att.terms.sum(0))[feats]
     i = int(feats[marg.abs().argmax()])
     f, p = int(comps.feature[i]), int(comps.pos[i])
     scale = -1.5
     ivs = [SteerQK(layer, head, side, f, p, scale=scale), FreezeAttention()]
-    res = run_with(model, saes, traced.trace.tokens, ivs, clean=traced.trace)
+    res = run_with(model, saes, traced.trace.tokens, ivs, clean=traced.trace, record_attention=[layer])
     if side == "query":
         delta = torch.zeros_like(att.sum_of_terms).index_add_(0, att.key_index, att.terms[i])
         predicted = att.sum_of_terms + (scale - 1) * delta
     else:
         predicted = att.sum_of_terms.clone()
         predicted[att.key_index[i]] += (scale - 1) * float(att.terms[:, i].sum())
-    got = res.scores[layer, head, q, list(att.key_positions)]
+    got = res.scores[layer][head, q, list(att.key_positions)]
     assert (got - predicted).abs().max() < 1e-4 * predicted.abs().max()
     assert (got - att.score).abs().max() > 1e-3  # it really moved
     # every other head of the layer is bit-identical to the clean run
     others = [h for h in range(model.n_heads) if h != head]
-    assert torch.equal(res.scores[layer, others], traced.trace.scores[layer, others])
+    hf = hf_attention(model, traced.trace.tokens)  # HF's own clean scores
+    assert torch.equal(res.scores[layer][others], hf.scores[layer][others])

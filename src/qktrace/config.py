@@ -32,8 +32,17 @@ class QKDefaults:
     top: int = 20
 
 
+@dataclass(frozen=True)
+class MemoryDefaults:
+    # whole-layer scores/patterns a Trace keeps for reuse (a layer of a 1k-token, 12-head prompt is 48 MB)
+    pattern_cache_bytes: int = 256 << 20
+    # full-mode graphs: the share of the device's free memory (RAM on CPU) a build may use by default
+    budget_fraction: float = 0.5
+
+
 GRAPH = GraphDefaults()
 QK = QKDefaults()
+MEMORY = MemoryDefaults()
 
 
 def resolve_model(name: str) -> str:
@@ -48,7 +57,7 @@ def resolve_saes(model: str | None, saes: str | None) -> str | None:
     return saes
 
 
-DTYPES = ("float32", "bfloat16", "float16")
+DTYPES = ("float32", "bfloat16", "float16", "float64")  # float64: for exactness checks
 DEVICES_HELP = "cpu, cuda, cuda:N or auto"
 
 

@@ -144,14 +144,14 @@ def repeated_sequence(model: Model, n_tokens: int, generator: torch.Generator) -
     vocab = int(model.anatomy.W_E.shape[0])
     tok = model.tokenizer
     special = set(getattr(tok, "all_special_ids", []) or []) if tok is not None else set()
-    candidates = torch.tensor([i for i in range(vocab) if i not in special])
+    candidates = torch.tensor([i for i in range(vocab) if i not in special], device=model.device)
     if n_tokens < 2 or n_tokens > len(candidates):
         raise InputError(f"n_tokens={n_tokens} must be in 2..{len(candidates)} (distinct ordinary tokens)")
-    half = candidates[torch.randperm(len(candidates), generator=generator)[:n_tokens]]
+    half = candidates[torch.randperm(len(candidates), generator=generator).to(candidates.device)[:n_tokens]]
     seq = torch.cat([half, half])
     bos = getattr(tok, "bos_token_id", None) if tok is not None else None
     if bos is not None:
-        seq = torch.cat([torch.tensor([int(bos)]), seq])
+        seq = torch.cat([torch.tensor([int(bos)], device=seq.device), seq])
     return seq
 
 
@@ -161,10 +161,12 @@ def head_scores(model: Model, n_tokens: int = 20, seed: int = 0, n_seqs: int = 4
     n = n_tokens
     totals = torch.zeros(3, model.n_layers, model.n_heads, dtype=torch.float64)
     for _ in range(n_seqs):
-        p = model.run(repeated_sequence(model, n, g)).patterns.double()  # [layer, head, q_pos, k_pos]
-        totals[0] += p.diagonal(-1, dim1=-2, dim2=-1).mean(-1)
-        totals[1] += p.diagonal(-(n - 1), dim1=-2, dim2=-1)[..., -n:].mean(-1)
-        totals[2] += p.diagonal(-n, dim1=-2, dim2=-1)[..., -n:].mean(-1)
+        trace = model.run(repeated_sequence(model, n, g))
+        for layer in range(model.n_layers):  # one layer's [head, q_pos, k_pos] at a time
+            p = trace.pattern(layer).double().cpu()
+            totals[0, layer] += p.diagonal(-1, dim1=-2, dim2=-1).mean(-1)
+            totals[1, layer] += p.diagonal(-(n - 1), dim1=-2, dim2=-1)[..., -n:].mean(-1)
+            totals[2, layer] += p.diagonal(-n, dim1=-2, dim2=-1)[..., -n:].mean(-1)
     totals /= n_seqs
     return HeadScores(totals[0], totals[1], totals[2], n_tokens=n, n_seqs=n_seqs, seed=seed)
 

@@ -15,8 +15,12 @@ The algorithm of `run_with(model, saes, prompt, interventions)`:
      result is a delta on the query (or key) of each chosen head, kept per *query* head.
 3. Run again with the hooks in place. At the attention seam each steered head's scores are recomputed
    from HF's own q and k plus the deltas (same scale, soft-cap and mask as HF), and soft-maxed; every
-   other head keeps exactly the pattern HF computed. Frozen heads then get their clean pattern, and
-   `ScaleHead` multiplies a head's pattern (the same as scaling its z before W_O).
+   other head keeps exactly the pattern HF computed. Frozen heads then get their clean pattern
+   (recomputed from the clean trace's q and k, one layer at a time), and `ScaleHead` multiplies a
+   head's pattern (the same as scaling its z before W_O).
+
+Memory: a result keeps the residual stream and logits; attention scores and patterns only of the
+layers asked for (`record_attention`), never of every layer.
 
 Why scores are recomputed instead of editing HF's key tensor: in GQA models several query heads share
 one key tensor, so editing it would steer heads that were not chosen. A per-query-head delta on the
@@ -29,7 +33,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
@@ -40,8 +44,9 @@ from torch import Tensor
 
 from .errors import InputError, OutOfRangeError, check_index
 from .models.capture import SeamHooks, attention_seam, first_tensor, forward_hooks, output_tensor
-from .models.model import Model, Trace
+from .models.model import Model
 from .models.replay import project, qk_norm_and_rotate
+from .models.trace import PerLayer, Trace
 
 log = logging.getLogger(__name__)
 
@@ -140,10 +145,10 @@ class InterventionResult:
     """One intervened forward pass."""
 
     tokens: Tensor  # [pos]
-    logits: Tensor  # [pos, vocab]
-    patterns: Tensor  # [layer, head, q_pos, k_pos] the patterns used (after freezing and scaling)
-    scores: Tensor  # [layer, head, q_pos, k_pos] softmax input (soft-capped), masked = -inf
-    resid: Tensor  # [checkpoint, pos, d_model] residual stream with every steer applied
+    logits: Tensor  # [pos, vocab], or [1, vocab] (the last position) when run with last_only
+    patterns: Mapping[int, Tensor]  # layer -> [head, q_pos, k_pos] the patterns used (after freezing, scaling)
+    scores: Mapping[int, Tensor]  # layer -> [head, q_pos, k_pos] softmax input (soft-capped), masked = -inf
+    resid: PerLayer  # [checkpoint][pos, d_model] residual stream with every steer applied
 
     def probs(self, pos: int = -1) -> Tensor:
         """Next-token probabilities [vocab] at `pos`."""
@@ -202,10 +207,11 @@ def _plan(model: Model, saes: Mapping[int, SAELike], clean: Trace | None, ivs: S
         assert clean is not None
         sae = _sae(saes, c)
         check_index(f, int(sae.W_dec.shape[0]), f"feature (SAE at checkpoint {c})")
+        resid = clean.resid[c]
         if c not in acts:
             with torch.no_grad():
-                acts[c] = sae.encode(clean.resid[c]).to(clean.resid.dtype)
-        return acts[c], sae.W_dec[f].to(clean.resid)
+                acts[c] = sae.encode(resid).to(device=resid.device, dtype=resid.dtype)
+        return acts[c], sae.W_dec[f].to(resid)
 
     declared: set[tuple[int, int]] = set()
     for iv in ivs:
@@ -229,7 +235,7 @@ def _plan(model: Model, saes: Mapping[int, SAELike], clean: Trace | None, ivs: S
             if not bool((coef != 0).any()):
                 continue
             ly, side = an.layers[layer], "q" if iv.side == "query" else "k"
-            pos_t = torch.tensor(pos, device=clean.resid.device)
+            pos_t = torch.tensor(pos, device=clean.resid[layer].device)
             xn = ly.ln_attn.linear(coef[:, None] * v, clean.scale_ln_attn[layer, pos_t])  # [n, d_model]
             d = qk_norm_and_rotate(an, ly, side, project(ly, side, xn, bias=False), pos_t, clean)
             if side == "k":
@@ -272,8 +278,9 @@ class _Record:
 
 
 @contextlib.contextmanager
-def _applied(model: Model, plan: _Plan, clean: Trace | None) -> Iterator[_Record]:
-    """Install the plan's hooks plus recorders; every hook is removed on exit, even on error."""
+def _applied(model: Model, plan: _Plan, clean: Trace | None, record: set[int]) -> Iterator[_Record]:
+    """Install the plan's hooks plus recorders (attention of the layers in `record`); every hook is
+    removed on exit, even on error."""
     an, L = model.anatomy, model.n_layers
     blocks: list[torch.nn.Module] = list(model.blocks)  # type: ignore[arg-type]
     rec = _Record()
@@ -331,13 +338,14 @@ def _applied(model: Model, plan: _Plan, clean: Trace | None) -> Iterator[_Record
         scaled = [(h, s) for (ly_, h), s in plan.head_scale.items() if ly_ == layer]
         if heads or scaled:
             new = new.clone() if new is probs else new
-            for h in heads:
+            if heads:
                 assert clean is not None
-                new[h] = clean.patterns[layer, h].to(new.dtype)
+                new[heads] = clean.pattern(layer, heads=heads).to(device=new.device, dtype=new.dtype)
             for h, factor in scaled:
                 new[h] = new[h] * factor
-        rec.scores[layer] = x.detach().masked_fill(masked, float("-inf"))
-        rec.patterns[layer] = new.detach().to(x.dtype)
+        if layer in record:
+            rec.scores[layer] = x.detach().float().masked_fill(masked, float("-inf"))
+            rec.patterns[layer] = new.detach().float()
         return None if new is probs else new
 
     steer_pre = [(blocks[c], steer_in(add)) for c, add in plan.resid_add.items() if c < L]
@@ -361,24 +369,33 @@ def run_with(
     prompt: str | Sequence[int] | Tensor,
     interventions: Sequence[Intervention],
     clean: Trace | None = None,
+    *,
+    record_attention: bool | Iterable[int] = False,
+    last_only: bool = False,
 ) -> InterventionResult:
-    """One forward pass of `prompt` under all `interventions` (pass `clean` to reuse a clean run)."""
+    """One forward pass of `prompt` under all `interventions` (pass `clean` to reuse a clean run).
+
+    `record_attention`: keep the scores and patterns of every layer (True) or of the layers given;
+    `last_only`: logits of the last position only."""
     ids = model.tokenize(prompt)
     ivs = list(interventions)
     if clean is None and _needs_clean(ivs):
         clean = model.run(ids)
     if clean is not None and not torch.equal(clean.tokens, ids):
         raise InputError("the clean trace is of a different prompt: pass model.run(prompt) of this prompt")
-    plan = _plan(model, saes, clean, ivs)
-    with _applied(model, plan, clean) as rec:
-        logits = model.forward(ids)
     L = model.n_layers
+    record = (
+        set(range(L)) if record_attention is True else set() if record_attention is False else set(record_attention)
+    )
+    plan = _plan(model, saes, clean, ivs)
+    with _applied(model, plan, clean, record) as rec:
+        logits = model.forward(ids, last_only=last_only)
     return InterventionResult(
         tokens=ids,
-        logits=logits.detach(),
-        patterns=torch.stack([rec.patterns[i] for i in range(L)]),
-        scores=torch.stack([rec.scores[i] for i in range(L)]),
-        resid=torch.stack([rec.resid[c] for c in range(L + 1)]),
+        logits=logits.detach().float(),
+        patterns=dict(sorted(rec.patterns.items())),
+        scores=dict(sorted(rec.scores.items())),
+        resid=PerLayer(rec.resid[c].float() for c in range(L + 1)),
     )
 
 
@@ -408,7 +425,7 @@ def generate_with(
     n = int(ids.shape[0])
     ivs = _pin_positions(interventions, n)
     for _ in range(max_new_tokens):
-        res = run_with(model, saes, ids, ivs)
+        res = run_with(model, saes, ids, ivs, last_only=True)
         ids = torch.cat([ids, res.logits[-1].argmax().reshape(1)])
     new = ids[n:]
     if model.tokenizer is None:
@@ -477,9 +494,10 @@ def sweep(
     p = check_index(pos, n, "position", allow_negative=True)
     clean = model.run(ids)
     rows = []
+    layers = {w[0] for w in watched}
     for s in parse_scales(scales):
-        res = run_with(model, saes, ids, list(make(s)), clean=clean)
-        logits = res.logits[p].float()
+        res = run_with(model, saes, ids, list(make(s)), clean=clean, record_attention=layers, last_only=p == n - 1)
+        logits = res.logits[p if p < n - 1 else -1].float()
         probs = torch.softmax(logits, dim=-1)
         top = probs.topk(min(top_k, probs.shape[0]))
         names = model.str_tokens(top.indices)
@@ -489,7 +507,7 @@ def sweep(
         row.update({f"p:{name}": float(probs[t]) for name, t in zip(tok_names, tok_ids)})
         if len(tok_ids) >= 2:
             row["logit_diff"] = float(logits[tok_ids[0]] - logits[tok_ids[1]])
-        row.update({watch_column(*w): float(res.patterns[w]) for w in watched})
+        row.update({watch_column(*w): float(res.patterns[w[0]][w[1:]]) for w in watched})
         rows.append(row)
         log.info("scale %g: top-1 %r (p=%.3f)", s, names[0], float(top.values[0]))
     return pd.DataFrame(rows)

@@ -10,8 +10,13 @@ prefix per field, so ids never collide and always parse back:
     attn_bias/c3/p5         layer 2's attention output biases (b_O, and b_V through the pattern), at checkpoint 3
     mlp_bias/c3/p5          what layer 2's MLP writes when its input carries only constants, at checkpoint 3
     logit/c4/p9/t77         the logit of token 77 at the last position (checkpoint = n_layers)
+    head_bias/c3/p5         a QK component, not a graph node: the constant part of one head's query or
+                            key at position 5 of layer 3 (the norm's bias through W_Q/W_K, plus b_Q/b_K)
 
 Checkpoint c is the residual stream at the input of layer c; c = n_layers is the final residual.
+A *positionless* id drops the position (`feature/c3/f1234`, `error/c3`): the same feature at any position.
+
+Tensors of many nodes store a kind as an integer: `CODE[kind]` writes it, `KINDS[code]` reads it back.
 """
 
 from __future__ import annotations
@@ -31,10 +36,17 @@ class Kind(str, Enum):
     ATTN_BIAS = "attn_bias"
     MLP_BIAS = "mlp_bias"
     LOGIT = "logit"
+    HEAD_BIAS = "head_bias"
+
+
+KINDS: tuple[Kind, ...] = tuple(Kind)
+CODE: dict[Kind, int] = {kind: i for i, kind in enumerate(KINDS)}
+LEAF_KINDS = (Kind.ERROR, Kind.SAE_BIAS, Kind.ATTN_BIAS, Kind.MLP_BIAS)  # graph nodes no edge enters
 
 
 _INDEXED = {Kind.TOKEN: "t", Kind.FEATURE: "f", Kind.LOGIT: "t"}
 _PATTERN = re.compile(r"^(?P<kind>[a-z_]+)/c(?P<c>\d+)/p(?P<p>\d+)(?:/(?P<tag>[ft])(?P<i>\d+))?$")
+_POSITIONLESS = re.compile(r"^(?P<kind>[a-z_]+)/c(?P<c>\d+)(?:/(?P<tag>[ft])(?P<i>\d+))?$")
 
 
 @dataclass(frozen=True, order=True)
@@ -64,6 +76,34 @@ class Node:
             raise InputError(f"'{node_id}' is not a node id: expected e.g. 'feature/c3/p5/f1234' or 'error/c3/p5'")
         return Node(kind, int(m.group("c")), int(m.group("p")), int(m.group("i")) if m.group("i") else -1)
 
+    @property
+    def positionless(self) -> str:
+        """The id without the position: 'feature/c3/f1234', 'error/c3'."""
+        tag = _INDEXED.get(self.kind)
+        base = f"{self.kind.value}/c{self.checkpoint}"
+        return f"{base}/{tag}{self.index}" if tag else base
+
+
+def parse_positionless(node_id: str) -> tuple[Kind, int, int]:
+    """'feature/c3/f12' -> (FEATURE, 3, 12); 'error/c3' -> (ERROR, 3, -1). Full ids are accepted too."""
+    m = _POSITIONLESS.match(node_id)
+    if m is None:
+        node = Node.parse(node_id)
+        return node.kind, node.checkpoint, node.index
+    try:
+        kind = Kind(m.group("kind"))
+    except ValueError:
+        kind = None
+    if kind is None or (m.group("tag") or None) != _INDEXED.get(kind):
+        raise InputError(f"'{node_id}' is not a node id: expected e.g. 'feature/c3/f1234' or 'error/c3'")
+    return kind, int(m.group("c")), int(m.group("i")) if m.group("i") else -1
+
+
+def positionless(node_id: str) -> str:
+    """'feature/c3/p5/f12' -> 'feature/c3/f12'; 'error/c3/p5' -> 'error/c3' (positionless ids pass through)."""
+    kind, checkpoint, index = parse_positionless(node_id)
+    return Node(kind, checkpoint, 0, index).positionless
+
 
 def feature(checkpoint: int, pos: int, index: int) -> Node:
     return Node(Kind.FEATURE, checkpoint, pos, index)
@@ -83,3 +123,8 @@ def sae_bias(checkpoint: int, pos: int) -> Node:
 
 def logit(checkpoint: int, pos: int, token_id: int) -> Node:
     return Node(Kind.LOGIT, checkpoint, pos, token_id)
+
+
+def of_code(code: int, checkpoint: int, pos: int, index: int = -1) -> Node:
+    """The node with integer kind `code` (see CODE): how node tables stored as tensors are read back."""
+    return Node(KINDS[code], checkpoint, pos, index if KINDS[code] in _INDEXED else -1)

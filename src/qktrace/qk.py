@@ -28,14 +28,13 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from . import nodes
 from .errors import InputError, OutOfRangeError, check_index
 from .models import Model, Trace
 from .models.replay import qk_norm_frozen
+from .nodes import CODE, Kind, Node, of_code, parse_positionless, positionless
 from .saes import SAE, FeatureActs
 
-FEATURE, SAE_BIAS, ERROR, HEAD_BIAS = 0, 1, 2, 3
-_KIND_NAMES = {FEATURE: "feature", SAE_BIAS: "sae_bias", ERROR: "error", HEAD_BIAS: "head_bias"}
+FEATURE, SAE_BIAS, ERROR, HEAD_BIAS = (CODE[k] for k in (Kind.FEATURE, Kind.SAE_BIAS, Kind.ERROR, Kind.HEAD_BIAS))
 
 
 @dataclass(frozen=True)
@@ -47,17 +46,14 @@ class SideComponents:
     """
 
     checkpoint: int
-    kind: Tensor  # [component] FEATURE | SAE_BIAS | ERROR | HEAD_BIAS
+    kind: Tensor  # [component] nodes.CODE of FEATURE | SAE_BIAS | ERROR | HEAD_BIAS
     pos: Tensor  # [component] position of each component
     feature: Tensor  # [component] SAE feature index, -1 for the others
     rotated: Tensor  # [component, d_head] after QK-norm and rotary (what the score sees)
     unrotated: Tensor  # [component, d_head] the same without rotary
 
     def id(self, i: int) -> str:
-        kind, pos, f = int(self.kind[i]), int(self.pos[i]), int(self.feature[i])
-        if kind == FEATURE:
-            return nodes.feature(self.checkpoint, pos, f).id
-        return f"{_KIND_NAMES[kind]}/c{self.checkpoint}/p{pos}"
+        return of_code(int(self.kind[i]), self.checkpoint, int(self.pos[i]), int(self.feature[i])).id
 
     @cached_property
     def ids(self) -> tuple[str, ...]:
@@ -74,19 +70,23 @@ def project_side(
     an = model.anatomy
     ly = an.layers[layer]
     h = head if side == "q" else ly.kv_head[head]
-    W = (ly.W_Q if side == "q" else ly.W_K)[h]  # [d_model, d_head]
+    W = (ly.W_Q if side == "q" else ly.W_K)[h]  # [d_model, d_head], float32 on the layer's device
     b = (ly.b_Q if side == "q" else ly.b_K)[h]  # [d_head]
     dev = W.device
-    P = torch.as_tensor(list(positions), dtype=torch.long, device=dev)
+    P = torch.as_tensor(list(positions), dtype=torch.long).to(dev)
     s_ln = trace.scale_ln_attn[layer]  # [pos]
-    # active features at those positions
-    sel = torch.isin(acts.pos, P)
-    fpos, feat, a = acts.pos[sel], acts.feature[sel], acts.act[sel]
+    # active features at those positions (the SAE may live elsewhere: bring its few rows here, in float32)
+    cdt = W.dtype
+    apos = acts.pos.to(dev)
+    sel = torch.isin(apos, P)
+    fpos, feat, a = apos[sel], acts.feature.to(dev)[sel], acts.act.to(dev, cdt)[sel]
     uniq, inv = torch.unique(feat, return_inverse=True)
-    per_feature = ly.ln_attn.linear(sae.W_dec[uniq], 1.0) @ W  # [distinct feature, d_head]
+    rows = sae.W_dec[uniq.to(sae.W_dec.device)].to(dev, cdt)
+    per_feature = ly.ln_attn.linear(rows, 1.0) @ W  # [distinct feature, d_head]
     feat_proj = per_feature[inv] * (a * s_ln[fpos])[:, None]
     # per position: SAE decoder bias, reconstruction error, and the head bias (norm bias through W, + b)
-    rest = torch.stack([sae.b_dec.expand(len(P), -1), acts.error[P]], 1)  # [pos, 2, d_model]
+    b_dec = sae.b_dec.to(dev, cdt)
+    rest = torch.stack([b_dec.expand(len(P), -1), acts.error[P.to(acts.error.device)].to(dev, cdt)], 1)
     rest_proj = ly.ln_attn.linear(rest, s_ln[P][:, None]) @ W  # [pos, 2, d_head]
     const = b if ly.ln_attn.bias is None else ly.ln_attn.bias @ W + b
     rest_proj = torch.cat([rest_proj, const.expand(len(P), 1, -1)], 1).reshape(-1, W.shape[1])
@@ -141,15 +141,17 @@ class QKAttribution:
     # -- tables ------------------------------------------------------------------------------------
     def label(self, component: str) -> str:
         """'feature/c3/p5/f12' -> 'label of f12 @5'tok''; other kinds by kind and position."""
-        parts = component.split("/")
-        pos = int(parts[2][1:])
+        node = Node.parse(component)
+        pos = node.pos
         tok = self.str_tokens[pos] if pos < len(self.str_tokens) else "?"
-        if parts[0] == "feature":
-            f = int(parts[3][1:])
-            name = self.feature_labels.get(f, f"f{f}")
-        else:
-            name = parts[0]
-        return f"{name} @{pos}{tok!r}"
+        return f"{self.plain_label(component)} @{pos}{tok!r}"
+
+    def plain_label(self, component: str) -> str:
+        """A component's label without position: its feature's label, or its kind ('error', 'head_bias')."""
+        kind, _, index = parse_positionless(component)
+        if kind is Kind.FEATURE:
+            return str(self.feature_labels.get(index, f"f{index}"))
+        return kind.value
 
     def terms_frame(self, top: int | None = 50, key_pos: int | None = None) -> pd.DataFrame:
         """Terms sorted by |value|: query, key, key_pos, value, unrotated, positional, labels, prob_effect."""
@@ -197,14 +199,14 @@ class QKAttribution:
             for c in ids:
                 name = "other"
                 for g, members in groups.items():
-                    if c in members or _positionless(c) in members:
+                    if c in members or positionless(c) in members:
                         name = g
                         break
                 out.append(name)
             return out
 
         qg, kg = assign(self.query.ids), assign(self.key.ids)
-        df = pd.DataFrame(self.terms.numpy(), index=qg, columns=kg)
+        df = pd.DataFrame(self.terms.detach().cpu().numpy(), index=qg, columns=kg)
         return df.T.groupby(level=0).sum().T.groupby(level=0).sum()
 
     # -- beyond the paper --------------------------------------------------------------------------
@@ -252,7 +254,7 @@ class QKAttribution:
         for sel, col in ((sel_a, 0), (sel_b, 1)):
             idx = sel.nonzero().flatten().tolist()
             block = self.terms[:, idx].tolist()
-            key_ids = [_positionless(self.key.id(ki)) for ki in idx]
+            key_ids = [positionless(self.key.id(ki)) for ki in idx]
             for qi, q_id in enumerate(self.query.ids):
                 for j, k_id in enumerate(key_ids):
                     rows.setdefault((q_id, k_id), [0.0, 0.0])[col] += block[qi][j]
@@ -290,12 +292,6 @@ class QKAttribution:
         }
 
 
-def _positionless(component: str) -> str:
-    """'feature/c3/p5/f12' -> 'feature/c3/f12'; 'error/c3/p5' -> 'error/c3'."""
-    parts = component.split("/")
-    return "/".join(p for p in parts if not (p.startswith("p") and p[1:].isdigit()))
-
-
 def qk_attribution(
     model: Model,
     trace: Trace,
@@ -314,27 +310,28 @@ def qk_attribution(
     q = check_index(query_pos, n, "query position", allow_negative=True)
     if sae.checkpoint != layer:
         raise InputError(f"the SAE given is at checkpoint {sae.checkpoint}, but layer {layer} reads checkpoint {layer}")
-    allowed = torch.isfinite(trace.scores[layer, head, q])
+    visible = trace.keys(layer, q)
     if key_pos is None:
-        keys = allowed.nonzero().flatten().tolist()
+        keys = visible
     else:
         raw = [key_pos] if isinstance(key_pos, int) else list(key_pos)
         keys = [check_index(int(k), n, "key position", allow_negative=True) for k in raw]
         for k in keys:
-            if not bool(allowed[k]):
+            if k not in visible:
                 raise OutOfRangeError(
                     f"query position {q} cannot attend to key position {k} in layer {layer} "
-                    f"(causal mask or sliding window): choose a key in {allowed.nonzero().flatten().tolist()[:1]}"
-                    f"..{q}"
+                    f"(causal mask or sliding window): choose a key in {visible[0]}..{visible[-1]}"
                 )
     Q = project_side(model, trace, sae, acts, layer, head, "q", [q])
     K = project_side(model, trace, sae, acts, layer, head, "k", keys)
     terms = (Q.rotated @ K.rotated.T) * ly.scale  # [q_component, k_component]
     unrot = (Q.unrotated @ K.unrotated.T) * ly.scale
-    lookup = torch.full((n,), -1, dtype=torch.long)
-    lookup[torch.tensor(keys, dtype=torch.long)] = torch.arange(len(keys))
+    dev = terms.device
+    key_t = torch.tensor(keys, dtype=torch.long, device=dev)
+    lookup = torch.full((n,), -1, dtype=torch.long, device=dev)
+    lookup[key_t] = torch.arange(len(keys), device=dev)
     key_index = lookup[K.pos]
-    sums = torch.zeros(len(keys), dtype=terms.dtype).index_add_(0, key_index, terms.sum(0))
+    sums = torch.zeros(len(keys), dtype=terms.dtype, device=dev).index_add_(0, key_index, terms.sum(0))
     capped = sums if ly.softcap is None else ly.softcap * torch.tanh(sums / ly.softcap)
     return QKAttribution(
         layer=layer,
@@ -345,10 +342,10 @@ def qk_attribution(
         key=K,
         terms=terms,
         unrotated=unrot,
-        score=trace.scores[layer, head, q, keys],
+        score=trace.scores(layer, q, [head])[0, 0, key_t],
         sum_of_terms=sums,
         capped_sum=capped,
-        pattern=trace.patterns[layer, head, q, keys],
+        pattern=trace.pattern(layer, q, [head])[0, 0, key_t],
         softcap=ly.softcap,
         key_index=key_index,
         feature_labels=sae.labels,

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from .config import resolve_saes
+from .config import DEMO_MODEL, DEMO_NAME, resolve_saes
 from .errors import InputError
 from .models import Model, Trace, load_model
 from .qk import QKAttribution, qk_attribution
@@ -39,17 +39,30 @@ class Tracer:
         saes: str | os.PathLike[str] | None = None,
         *,
         sae_ids: Sequence[str] | None = None,
-        device: str = "cpu",
-        dtype: torch.dtype = torch.float32,
+        device: str | torch.device = "cpu",
+        dtype: str | torch.dtype = "float32",
+        device_map: str | dict[str, Any] | None = None,
     ) -> Tracer:
-        """`model`: a save_pretrained directory, a hub id, or "demo" (whose SAEs are the default `saes`)."""
-        m = load_model(model, dtype=dtype, device=device)
-        saes = resolve_saes(str(model), None if saes is None else str(saes))
-        s = load_saes(saes, m, sae_ids=sae_ids, device=device, dtype=dtype) if saes is not None else None
+        """`model`: a save_pretrained directory, a hub id, or "demo" (whose SAEs are the default `saes`).
+
+        `device`: cpu, cuda, cuda:N or auto; `dtype`: float32, bfloat16 or float16 (decompositions
+        accumulate in float32); `device_map`: spread a model too large for one device over several
+        (accelerate); each SAE then sits on the device of the layer that reads its checkpoint."""
+        name = str(model)
+        source = DEMO_MODEL if name == DEMO_NAME else model
+        m = load_model(source, dtype=dtype, device=device, device_map=device_map, name=name)
+        saes = resolve_saes(name, None if saes is None else str(saes))
+        s = load_saes(saes, m, sae_ids=sae_ids, device=m.device, dtype=m.anatomy.dtype) if saes is not None else None
+        if s is not None and device_map is not None:
+            s = SAESet({c: sae.to(m.checkpoint_device(c)) for c, sae in s.items()})
         return cls(m, s)
 
+    def tokenize(self, prompt: str | Sequence[int] | Tensor) -> Tensor:
+        """Token ids as this model and these SAEs expect them (BOS first when the SAEs were trained with it)."""
+        return self.model.tokenize(prompt, prepend_bos=getattr(self.saes, "prepend_bos", None))
+
     def run(self, prompt: str | Sequence[int] | Tensor) -> Traced:
-        return Traced(self.model, self.saes, self.model.run(prompt))
+        return Traced(self.model, self.saes, self.model.run(self.tokenize(prompt)))
 
 
 @dataclass(eq=False)
@@ -64,6 +77,14 @@ class Traced:
     @property
     def str_tokens(self) -> tuple[str, ...]:
         return self.trace.str_tokens
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held for this prompt: the trace, its pattern cache and the SAE encodings made so far."""
+        held = sum(
+            t.numel() * t.element_size() for a in self._acts.values() for t in (a.pos, a.feature, a.act, a.error)
+        )
+        return self.trace.nbytes + held
 
     def sae(self, checkpoint: int) -> SAE:
         if checkpoint not in self.saes:
@@ -80,6 +101,15 @@ class Traced:
             sae = self.sae(checkpoint)
             self._acts[checkpoint] = sae.sparse(self.trace.resid[checkpoint])
         return self._acts[checkpoint]
+
+    def pattern(self, layer: int, head: int, query_pos: int) -> Tensor:
+        """Head (layer, head)'s attention [k_pos] from `query_pos` (negative counts from the end)."""
+        from .errors import check_index
+
+        layer = check_index(layer, self.model.n_layers, "layer")
+        head = check_index(head, self.model.anatomy.layers[layer].n_heads, "head")
+        q = check_index(query_pos, self.trace.n_pos, "query position", allow_negative=True)
+        return self.trace.pattern(layer, q, [head])[0, 0]
 
     def qk(self, layer: int, head: int, query_pos: int, key_pos: int | Sequence[int] | None = None) -> QKAttribution:
         """QK attribution of head (layer, head) from `query_pos` to `key_pos` (None: the whole row)."""

@@ -26,6 +26,7 @@ import torch
 
 from ..config import DEMO_MODEL, DEMO_SAES
 from ..interventions import SCALE, FreezeAttention, Intervention, ScaleHead, SteerQK, sweep
+from ..nodes import CODE, Kind
 from ..plots import plot_sweep
 from ..tracer import Traced, Tracer
 
@@ -152,15 +153,15 @@ def _single_token(traced: Traced, text: str) -> bool:
 def study(tracer: Tracer, case: CaseStudy, out: Path) -> CaseResult:
     traced = tracer.run(case.prompt)
     model, trace = traced.model, traced.trace
-    probs = torch.softmax(trace.logits[-1].double(), -1)
+    probs = torch.softmax(trace.last_logits.double(), -1)
     answer_id = model.token_id(case.answer)
-    prediction = model.str_tokens(trace.logits[-1].argmax().reshape(1))[0]
+    prediction = model.str_tokens(trace.last_logits.argmax().reshape(1))[0]
     q = trace.n_pos - 1
     # the rival: the case's own, else the clean runner-up; the metric is the logit difference
     if case.rival and _single_token(traced, case.rival):
         rival_id = model.token_id(case.rival)
     else:
-        rival_id = int(next(t for t in trace.logits[-1].argsort(descending=True).tolist() if t != answer_id))
+        rival_id = int(next(t for t in trace.last_logits.argsort(descending=True).tolist() if t != answer_id))
     watch = [answer_id, rival_id]
     answer, rival = model.str_tokens(torch.tensor(watch))
 
@@ -196,11 +197,12 @@ def study(tracer: Tracer, case: CaseStudy, out: Path) -> CaseResult:
     for layer, head in order:
         same_layer = [a.head[1] for a in ablations if a.head[0] == layer]
         steer_heads = tuple(dict.fromkeys([head, *same_layer]))[:3]
-        row = trace.patterns[layer, head, q].clone()
+        row = traced.pattern(layer, head, q).clone()
         row[0] = -1.0  # the first token is an attention sink, not a mechanism
         key_pos = int(row.argmax())
         values, kinds, feats = _side_values(traced.qk(layer, head, q, key_pos), case.side)
-        top = [i for i in values.argsort(descending=True).tolist() if int(kinds[i]) == 0 and float(values[i]) > 0]
+        feature = CODE[Kind.FEATURE]
+        top = [i for i in values.argsort(descending=True).tolist() if int(kinds[i]) == feature and float(values[i]) > 0]
         top = top[:N_FEATURES]
         positions = key_pos if case.side == "key" else q
         for group in [[i] for i in top] + ([top] if len(top) > 1 else []):
@@ -223,7 +225,7 @@ def study(tracer: Tracer, case: CaseStudy, out: Path) -> CaseResult:
     qpath = out / f"{case.slug}.qk.json"
     qpath.write_text(json.dumps(qk_json))
     files.append(qpath.name)
-    others = [p for p in trace.patterns[layer, head, q].argsort(descending=True).tolist() if p not in (key_pos, 0)]
+    others = [p for p in traced.pattern(layer, head, q).argsort(descending=True).tolist() if p not in (key_pos, 0)]
     contrast = att.contrast(key_pos, others[0], top=10).to_dict(orient="records") if others else []
 
     positions = key_pos if case.side == "key" else q

@@ -8,8 +8,11 @@
    features, error and SAE-bias nodes, and the previous layer's attention- and MLP-bias nodes.
 4. Blocks, from the logits down (`edges`): logits <- checkpoint n_layers (read through the final
    norm); checkpoint l+1 features <- checkpoint l and layer l's bias nodes (closed form); checkpoint-0
-   features <- tokens. mode="target" computes edges into the current frontier only and keeps the top
-   `max_nodes_per_checkpoint` features by influence before going one checkpoint down.
+   features <- tokens. mode="full" defines every block lazily: its rows are computed when a sweep
+   reads them, within the memory budget (`blocks.BlockStore`: whole blocks are kept while they fit,
+   the rest recomputed a chunk of targets at a time). mode="target" computes edges into the current
+   frontier only and keeps the top `max_nodes_per_checkpoint` features by influence before going one
+   checkpoint down.
 5. Prune and score (`prune`), then split each kept edge over the heads of its layer (`head_loadings`,
    recomputed for the kept edges only), and assemble the `Graph`.
 """
@@ -19,6 +22,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -26,15 +30,16 @@ from torch import Tensor
 
 from ..config import GRAPH
 from ..errors import InputError, OutOfRangeError, SAEMismatchError
-from ..models.model import Model, Trace
-from ..nodes import Kind, Node
+from ..models.model import Model
+from ..models.trace import Trace
+from ..nodes import CODE, Kind, Node, of_code
 from ..saes import SAE, FeatureActs, SAESet
 from . import edges as E
+from .blocks import Block, BlockStore, memory_budget
 from .graph import Graph, GraphNode
-from .prune import KIND_CODE, Block, Pruned, graph_scores, prune, select_sources
+from .prune import KeptEdges, Pruned, prune, select_sources
 
 log = logging.getLogger(__name__)
-KINDS = list(Kind)
 Tick = Callable[[], object]
 
 
@@ -49,44 +54,62 @@ class Checkpoint:
     n_features: int
     sae: SAE | None
     acts: FeatureActs | None
+    resid: Tensor  # [pos, d_model] this checkpoint's residual (its device and compute dtype)
     embeddings: Tensor  # [pos, d_model] checkpoint-0 residual (the token parts when sae is None)
     readout: str
     attn_bias: Tensor | None  # [pos] node index of the previous layer's attention bias at each position
     mlp_bias: Tensor | None
 
+    def _rows(self, rows: Tensor | None, n: int) -> Tensor:
+        return torch.arange(n, device=self.resid.device) if rows is None else rows.to(self.resid.device)
+
     def parts(self, rows: Tensor | None = None) -> E.Vectors:
         """What the parts `rows` (default all) write."""
-        rows = torch.arange(len(self.nodes), device=self.nodes.device) if rows is None else rows
-        pos = self.pos[rows]
+        rows = self._rows(rows, len(self.nodes))
+        pos = self.pos.to(rows.device)[rows]
         if self.sae is None or self.acts is None:
-            return E.Vectors(pos, self.embeddings[pos])
-        n_pos = self.embeddings.shape[0]
-        vec = self.embeddings.new_empty(len(rows), self.embeddings.shape[1])
+            return E.Vectors(pos, self.embeddings[pos.to(self.embeddings.device)].to(self.resid.device))
+        n_pos = self.resid.shape[0]
+        cdt, dev = self.resid.dtype, self.resid.device
+        vec = self.resid.new_empty(len(rows), self.resid.shape[1])
         kind = torch.div(rows - self.n_features, n_pos, rounding_mode="floor").clamp_min(-1)  # -1 f, 0 e, 1 b
         feat = rows[kind < 0]
-        vec[kind < 0] = (self.acts.act[feat, None] * self.sae.W_dec[self.acts.feature[feat]]).to(vec.dtype)
-        vec[kind == 0] = self.acts.error[pos[kind == 0]].to(vec.dtype)
-        vec[kind == 1] = self.sae.b_dec.to(vec.dtype)
+        w = self.sae.W_dec[self.acts.feature[feat].to(self.sae.W_dec.device)].to(dev, cdt)
+        vec[kind < 0] = self.acts.act[feat].to(dev, cdt)[:, None] * w
+        vec[kind == 0] = self.acts.error[pos[kind == 0]].to(dev, cdt)
+        vec[kind == 1] = self.sae.b_dec.to(dev, cdt)
         return E.Vectors(pos, vec)
 
     def readouts(self, rows: Tensor | None = None) -> E.Vectors:
         """How the features `rows` (default all; rows < n_features) read the residual."""
         assert self.sae is not None and self.acts is not None
-        rows = torch.arange(self.n_features, device=self.nodes.device) if rows is None else rows
-        feat, act = self.acts.feature[rows], self.acts.act[rows, None]
-        sae = self.sae
-        vec = act * (sae.W_dec[feat] if self.readout == "decoder" else sae.W_enc[:, feat].T)
-        return E.Vectors(self.acts.pos[rows], vec.to(self.embeddings.dtype))
+        rows = self._rows(rows, self.n_features)
+        sae, cdt, dev = self.sae, self.resid.dtype, self.resid.device
+        feat = self.acts.feature[rows].to(sae.W_dec.device)
+        act = self.acts.act[rows].to(dev, cdt)[:, None]
+        w = sae.W_dec[feat] if self.readout == "decoder" else sae.W_enc[:, feat].T
+        return E.Vectors(self.acts.pos[rows].to(dev), act * w.to(dev, cdt))
 
 
 @dataclass(frozen=True, eq=False)
 class LayerInputs:
-    """What `head_loadings` needs for the edges of one block that crosses layer `layer`."""
+    """What `head_loadings` needs for the edges of one block that crosses layer `layer`: its targets
+    (rows of the upper checkpoint's features) and its first len(source_rows) sources (parts of the
+    lower checkpoint; bias columns follow). Vectors are rebuilt on demand."""
 
     layer: int
-    targets: E.Vectors
-    mlp_readout: Tensor
-    sources: E.Vectors  # the block's first len(sources) columns; bias columns follow
+    upper: Checkpoint
+    target_rows: Tensor
+    lower: Checkpoint
+    source_rows: Tensor
+
+    @cached_property
+    def targets(self) -> E.Vectors:
+        return self.upper.readouts(self.target_rows)
+
+    @cached_property
+    def sources(self) -> E.Vectors:
+        return self.lower.parts(self.source_rows)
 
 
 class NodeTable:
@@ -100,10 +123,11 @@ class NodeTable:
     def add(self, kind: Kind, checkpoint: int, pos: Tensor, index: Tensor | None = None, act: Tensor | None = None):
         n = int(pos.shape[0])
         full = lambda v: torch.full((n,), v, dtype=torch.long, device=self.device)  # noqa: E731
-        cols = (full(KIND_CODE[kind]), full(checkpoint), pos.long(), full(-1) if index is None else index.long())
-        for store, col in zip(self.columns, cols):
+        idx = full(-1) if index is None else index.long().to(self.device)
+        for store, col in zip(self.columns, (full(CODE[kind]), full(checkpoint), pos.long().to(self.device), idx)):
             store.append(col)
-        self.columns[4].append(torch.full((n,), float("nan"), device=self.device) if act is None else act.float())
+        nan = torch.full((n,), float("nan"), device=self.device)
+        self.columns[4].append(nan if act is None else act.float().to(self.device))
         out = torch.arange(self.size, self.size + n, device=self.device)
         self.size += n
         return out
@@ -127,10 +151,12 @@ def _check_saes(model: Model, saes: SAESet) -> None:
 
 def logit_targets(model: Model, trace: Trace, targets: Sequence[str | int] | str | int | None) -> tuple[Tensor, Tensor]:
     """(token ids, probabilities) of the logit nodes at the last position."""
-    probs = torch.softmax(trace.logits[-1].float(), -1)
+    probs = torch.softmax(trace.last_logits.float(), -1)
+    dev = probs.device
     if targets is None:
         p, ids = torch.sort(probs, descending=True)
-        n = int(torch.searchsorted(torch.cumsum(p, 0), torch.tensor([GRAPH.logit_probability]))) + 1
+        goal = torch.tensor([GRAPH.logit_probability], dtype=p.dtype, device=dev)
+        n = int(torch.searchsorted(torch.cumsum(p, 0), goal)) + 1
         ids = ids[: min(n, GRAPH.max_logits)]
     else:
         if isinstance(targets, (str, int)):
@@ -142,15 +168,15 @@ def logit_targets(model: Model, trace: Trace, targets: Sequence[str | int] | str
         for t in chosen:
             if not 0 <= t < vocab:
                 raise OutOfRangeError(f"target token id {t} is out of range: valid ids are 0..{vocab - 1}")
-        ids = torch.tensor(list(dict.fromkeys(chosen)), dtype=torch.long, device=probs.device)
-    return ids.to(trace.tokens.device), probs[ids]
+        ids = torch.tensor(list(dict.fromkeys(chosen)), dtype=torch.long, device=dev)
+    return ids, probs[ids]
 
 
 def _checkpoints(
     model: Model, saes: SAESet, trace: Trace, table: NodeTable, readout: str
 ) -> tuple[Tensor, list[Checkpoint]]:
     """(token node indices, one Checkpoint per checkpoint 0..n_layers), adding every node to the table."""
-    P, dev = trace.n_pos, trace.tokens.device
+    P, dev = trace.n_pos, table.device
     positions = torch.arange(P, device=dev)
     tokens = table.add(Kind.TOKEN, 0, positions, trace.tokens)
     out = []
@@ -158,59 +184,68 @@ def _checkpoints(
         ab = table.add(Kind.ATTN_BIAS, c, positions) if c > 0 else None
         mb = table.add(Kind.MLP_BIAS, c, positions) if c > 0 else None
         sae: SAE | None = saes.get(c)
+        resid = trace.resid[c]
         if sae is None:  # checkpoint 0 without an SAE: the token embeddings are the parts
-            out.append(Checkpoint(tokens, positions, 0, None, None, trace.resid[0], readout, ab, mb))
+            out.append(Checkpoint(tokens, positions, 0, None, None, resid, trace.resid[0], readout, ab, mb))
             continue
-        acts = sae.sparse(trace.resid[c])
+        acts = sae.sparse(resid)
         feats = table.add(Kind.FEATURE, c, acts.pos, acts.feature, acts.act)
         errs = table.add(Kind.ERROR, c, positions)
         bias = table.add(Kind.SAE_BIAS, c, positions)
-        nodes, pos = torch.cat([feats, errs, bias]), torch.cat([acts.pos, positions, positions])
-        out.append(Checkpoint(nodes, pos, len(acts.pos), sae, acts, trace.resid[0], readout, ab, mb))
+        nodes, pos = torch.cat([feats, errs, bias]), torch.cat([acts.pos.to(dev), positions, positions])
+        out.append(Checkpoint(nodes, pos, len(acts.pos), sae, acts, resid, trace.resid[0], readout, ab, mb))
     return tokens, out
 
 
 def _tokens(trace: Trace) -> E.Vectors:
-    return E.Vectors(torch.arange(trace.n_pos, device=trace.tokens.device), trace.resid[0])
+    return E.Vectors(torch.arange(trace.n_pos, device=trace.resid[0].device), trace.resid[0])
 
 
-def _same_position_block(targets: Tensor, readouts: E.Vectors, sources: Tensor, parts: E.Vectors) -> Block:
+def _same_position(targets: Tensor, readouts: E.Vectors, sources: Tensor, parts: E.Vectors) -> Block:
     """Edges of an identity step (tokens -> checkpoint-0 features, checkpoint n_layers -> logits)."""
+    parts = parts.to(readouts.vec.device)
     same = readouts.pos[:, None] == parts.pos[None, :]
-    return Block(targets, sources, (readouts.vec @ parts.vec.T) * same)
+    return Block.dense(targets, sources, (readouts.vec @ parts.vec.T) * same)
 
 
-def _layer_block(edges: E.LayerEdges, targets: Tensor, pos: Tensor, src_nodes: Tensor, top: Checkpoint) -> Block:
-    """The closed-form edges, then one column per bias node of the target checkpoint."""
-    assert top.attn_bias is not None and top.mlp_bias is not None
-    n_pos = top.attn_bias.shape[0]
-    bias = edges.weight.new_zeros(len(targets), 2 * n_pos)
-    rows = torch.arange(len(targets), device=bias.device)
+def _with_bias_columns(edges: E.LayerEdges, pos: Tensor, n_pos: int) -> Tensor:
+    """The closed-form edges, then one column per bias node of the target checkpoint: [tgt, src + 2 pos]."""
+    bias = edges.weight.new_zeros(len(pos), 2 * n_pos)
+    rows = torch.arange(len(pos), device=bias.device)
+    pos = pos.to(bias.device)
     bias[rows, pos] = edges.attn_bias
     bias[rows, n_pos + pos] = edges.mlp_bias
-    sources = torch.cat([src_nodes, top.attn_bias, top.mlp_bias])
-    return Block(targets, sources, torch.cat([edges.weight, bias], 1))
+    return torch.cat([edges.weight, bias], 1)
+
+
+def _bias_sources(src_nodes: Tensor, top: Checkpoint) -> Tensor:
+    assert top.attn_bias is not None and top.mlp_bias is not None
+    return torch.cat([src_nodes, top.attn_bias, top.mlp_bias])
 
 
 Layered = tuple[list[Block], dict[int, LayerInputs]]  # blocks from the logits down; block -> head inputs
 
 
-def _full(
-    model: Model, trace: Trace, tokens: Tensor, cps: list[Checkpoint], logits: Tensor, lr: E.Vectors, tick: Tick
-) -> Layered:
+def _full(model: Model, trace: Trace, tokens: Tensor, cps: list[Checkpoint], logits: Tensor, lr: E.Vectors) -> Layered:
+    """Every block, defined lazily: a block's rows are computed when a sweep reads them."""
     an, L = model.anatomy, model.n_layers
-    blocks = [_same_position_block(logits, lr, cps[L].nodes, cps[L].parts())]
+    blocks = [_same_position(logits, lr, cps[L].nodes, cps[L].parts())]
     inputs: dict[int, LayerInputs] = {}
     for layer in reversed(range(L)):
         hi, lo = cps[layer + 1], cps[layer]
-        targets, sources = hi.readouts(), lo.parts()
-        edges = E.layer_edges(an, trace, layer, targets, sources)
-        inputs[len(blocks)] = LayerInputs(layer, targets, edges.mlp_readout, sources)
-        blocks.append(_layer_block(edges, hi.nodes[: hi.n_features], targets.pos, lo.nodes, hi))
-        tick()
+
+        def rows(r: Tensor, layer: int = layer, hi: Checkpoint = hi, lo: Checkpoint = lo) -> Tensor:
+            targets = hi.readouts(r)
+            edges = E.layer_edges(an, trace, layer, targets, lo.parts())
+            return _with_bias_columns(edges, targets.pos, trace.n_pos)
+
+        every = torch.arange(hi.n_features, device=hi.resid.device)
+        all_parts = torch.arange(len(lo.nodes), device=lo.resid.device)
+        inputs[len(blocks)] = LayerInputs(layer, hi, every, lo, all_parts)
+        blocks.append(Block(hi.nodes[: hi.n_features], _bias_sources(lo.nodes, hi), rows))
     c0 = cps[0]
     if c0.sae is not None:
-        blocks.append(_same_position_block(c0.nodes[: c0.n_features], c0.readouts(), tokens, _tokens(trace)))
+        blocks.append(_same_position(c0.nodes[: c0.n_features], c0.readouts(), tokens, _tokens(trace)))
     return blocks, inputs
 
 
@@ -224,29 +259,35 @@ def _target(
     at_last = (top.pos == trace.n_pos - 1).nonzero().squeeze(1)
 
     def expand(block: Block, n_parts: int, n_features: int, rows: Tensor) -> tuple[Block, Tensor, Tensor]:
-        keep, contrib = select_sources(block.weight, weights[block.targets], kinds[block.sources], k)
-        weights.index_add_(0, block.sources, contrib.to(weights.dtype))
-        kept_parts = keep[:n_parts].nonzero().squeeze(1)
+        w = block.weight
+        dev = w.device
+        keep, contrib = select_sources(w, weights[block.targets].to(dev), kinds[block.sources].to(dev), k)
+        weights.index_add_(0, block.sources, contrib.to(weights))
+        kept_parts = keep[:n_parts].nonzero().squeeze(1).to(rows.device)
         frontier = rows[kept_parts][rows[kept_parts] < n_features]
-        return Block(block.targets, block.sources[keep], block.weight[:, keep]), kept_parts, frontier
+        keep = keep.to(block.sources.device)
+        return Block.dense(block.targets, block.sources[keep], w[:, keep.to(dev)]), kept_parts, frontier
 
-    first = _same_position_block(logits, lr, top.nodes[at_last], top.parts(at_last))
+    first = _same_position(logits, lr, top.nodes[at_last], top.parts(at_last))
     block, _, frontier = expand(first, len(at_last), top.n_features, at_last)
     blocks, inputs = [block], {}
     for layer in reversed(range(L)):
         hi, lo = cps[layer + 1], cps[layer]
         targets = hi.readouts(frontier)
         reach = (lo.pos <= int(targets.pos.max())).nonzero().squeeze(1) if len(frontier) else frontier
-        sources = lo.parts(reach)
-        edges = E.layer_edges_by_position(an, trace, layer, targets, sources)
-        full = _layer_block(edges, hi.nodes[frontier], targets.pos, lo.nodes[reach], hi)
-        block, kept_parts, frontier = expand(full, len(reach), lo.n_features, reach)
-        inputs[len(blocks)] = LayerInputs(layer, targets, edges.mlp_readout, sources.take(kept_parts))
+        edges = E.layer_edges_by_position(an, trace, layer, targets, lo.parts(reach))
+        weight = _with_bias_columns(edges, targets.pos, trace.n_pos)
+        full = Block.dense(
+            hi.nodes[frontier.to(hi.nodes.device)], _bias_sources(lo.nodes[reach.to(lo.nodes.device)], hi), weight
+        )
+        block, kept_parts, next_frontier = expand(full, len(reach), lo.n_features, reach)
+        inputs[len(blocks)] = LayerInputs(layer, hi, frontier, lo, reach[kept_parts])
         blocks.append(block)
+        frontier = next_frontier
         tick()
     c0 = cps[0]
     if c0.sae is not None:
-        blocks.append(_same_position_block(c0.nodes[frontier], c0.readouts(frontier), tokens, _tokens(trace)))
+        blocks.append(_same_position(c0.nodes[frontier], c0.readouts(frontier), tokens, _tokens(trace)))
     return blocks, inputs
 
 
@@ -254,18 +295,22 @@ def _target(
 class Attribution:
     """The unpruned layered graph: node arrays, blocks from the logits down, logit weights."""
 
-    kinds: Tensor  # [node] KIND_CODE
+    kinds: Tensor  # [node] nodes.CODE
     checkpoints: Tensor  # [node]
     pos: Tensor  # [node]
     index: Tensor  # [node] feature or token id, -1 otherwise
     acts: Tensor  # [node] activation (NaN where none)
     logit_weights: Tensor  # [node] probability on logit nodes, 0 elsewhere
     logits: Tensor  # [logit] node indices of the logit nodes
-    blocks: list[Block]
+    store: BlockStore
     inputs: dict[int, LayerInputs]  # block index -> what its head loadings need
 
+    @property
+    def blocks(self) -> list[Block]:
+        return self.store.blocks
+
     def node(self, i: int) -> Node:
-        return Node(KINDS[int(self.kinds[i])], int(self.checkpoints[i]), int(self.pos[i]), int(self.index[i]))
+        return of_code(int(self.kinds[i]), int(self.checkpoints[i]), int(self.pos[i]), int(self.index[i]))
 
 
 def attribute(
@@ -277,30 +322,35 @@ def attribute(
     readout: str = GRAPH.readout,
     mode: str = "full",
     max_nodes_per_checkpoint: int = 256,
+    max_memory: int | None = None,
     tick: Tick = lambda: None,
 ) -> Attribution:
-    """Steps 1-4: every edge (mode="full") or the target-driven subset (mode="target"), unpruned."""
+    """Steps 1-4: every edge (mode="full", computed lazily within `max_memory` bytes, default a share of
+    the device's free memory) or the target-driven subset (mode="target"), unpruned."""
     if readout not in ("decoder", "encoder"):
         raise InputError(f"readout='{readout}' is not known: use 'decoder' (the paper's) or 'encoder'")
     if mode not in ("full", "target"):
         raise InputError(f"mode='{mode}' is not known: use 'full' or 'target'")
+    if max_nodes_per_checkpoint < 1:
+        raise InputError(f"max_nodes_per_checkpoint={max_nodes_per_checkpoint} must be at least 1")
     _check_saes(model, saes)
+    budget = memory_budget(model.device, max_memory)
     with torch.no_grad():
-        table = NodeTable(trace.tokens.device)
+        table = NodeTable(model.device)
         tokens, cps = _checkpoints(model, saes, trace, table, readout)
         ids, probs = logit_targets(model, trace, targets)
         last = torch.full_like(ids, trace.n_pos - 1)
-        logits = table.add(Kind.LOGIT, model.n_layers, last, ids, trace.logits[-1, ids])
+        logits = table.add(Kind.LOGIT, model.n_layers, last, ids, trace.last_logits[ids])
         kinds, checkpoints, pos, index, acts = table.arrays()
-        logit_w = torch.zeros(table.size, dtype=trace.resid.dtype, device=kinds.device)
-        logit_w[logits] = probs.to(logit_w.dtype)
+        logit_w = torch.zeros(table.size, dtype=trace.resid[0].dtype, device=kinds.device)
+        logit_w[logits] = probs.to(logit_w)
         lr = E.logit_readouts(model.anatomy, trace, ids)
         if mode == "full":
-            blocks, inputs = _full(model, trace, tokens, cps, logits, lr, tick)
+            blocks, inputs = _full(model, trace, tokens, cps, logits, lr)
         else:
             k = max_nodes_per_checkpoint
             blocks, inputs = _target(model, trace, tokens, cps, logits, lr, logit_w.clone(), kinds, k, tick)
-    return Attribution(kinds, checkpoints, pos, index, acts, logit_w, logits, blocks, inputs)
+    return Attribution(kinds, checkpoints, pos, index, acts, logit_w, logits, BlockStore(blocks, budget), inputs)
 
 
 def build_graph(
@@ -316,6 +366,7 @@ def build_graph(
     mode: str = "full",
     max_nodes_per_checkpoint: int = 256,
     top_heads: int = 5,
+    max_memory: int | None = None,
     progress: bool = True,
 ) -> Graph:
     """The attribution graph of `trace` from its logits down to its tokens, with head loadings.
@@ -325,29 +376,32 @@ def build_graph(
     "encoder" (a * W_enc column). `max_nodes`: keep at most this many features after pruning.
     `mode`: "full" computes every edge; "target" expands from the logits, keeping the top
     `max_nodes_per_checkpoint` features per checkpoint. `top_heads`: head loadings kept per edge.
+    `max_memory`: bytes a full-mode build may hold (default: half the device's free memory); blocks
+    that do not fit are recomputed in chunks of targets, with the same edges.
     """
     saes = saes if isinstance(saes, SAESet) else SAESet(saes)
+    if max_nodes is not None and max_nodes < 1:
+        raise InputError(f"max_nodes={max_nodes} must be at least 1 (or None for no limit)")
+    if top_heads < 0:
+        raise InputError(f"top_heads={top_heads} must be 0 or more")
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with torch.no_grad(), Progress(*columns, transient=True, disable=not progress) as bar:
-        task = bar.add_task("edges, layer by layer", total=model.n_layers)
+        task = bar.add_task("edges, layer by layer", total=model.n_layers if mode == "target" else None)
         att = attribute(
             model, saes, trace, targets=targets, readout=readout, mode=mode,
-            max_nodes_per_checkpoint=max_nodes_per_checkpoint, tick=lambda: bar.advance(task),
+            max_nodes_per_checkpoint=max_nodes_per_checkpoint, max_memory=max_memory,
+            tick=lambda: bar.advance(task),
         )  # fmt: skip
-        replacement, completeness = graph_scores(att.blocks, att.kinds, att.logit_weights)
-        pruned = prune(att.blocks, att.kinds, att.logit_weights, node_threshold, edge_threshold, max_nodes)
+        bar.update(task, description="influence and pruning (3 sweeps)")
+        pruned = prune(att.store, att.kinds, att.logit_weights, node_threshold, edge_threshold, max_nodes)
         task = bar.add_task("head loadings", total=len(att.blocks))
         top = max(0, min(top_heads, model.n_heads))
-        edge_cols = _kept_edges(model, trace, att, pruned, top, lambda: bar.advance(task))
-    keep = pruned.node_mask.nonzero().squeeze(1)
-    final = torch.full((len(att.kinds),), -1, dtype=torch.long, device=keep.device)
-    final[keep] = torch.arange(len(keep), device=keep.device)
-    node_rows = (att.kinds, att.checkpoints, att.pos, att.index, att.acts, pruned.influence, pruned.cumulative)
-    nodes = _graph_nodes(model, saes, trace, keep, (*node_rows, att.logit_weights), att.logits)
-    src, tgt, w, score, layer, heads, direct, via = edge_cols
-    cpu = lambda t: t.detach().to("cpu")  # noqa: E731
-    f32 = lambda t: t.detach().to("cpu", torch.float32)  # noqa: E731
-    settings = {
+        edge_cols = _kept_edges(model, trace, att, pruned.edges, top, lambda: bar.advance(task))
+    if att.store.recomputed:
+        log.info(
+            "graph: %d target rows recomputed to stay within %.1f GB", att.store.recomputed, att.store.budget / 1e9
+        )
+    return _assemble(model, saes, trace, att, pruned, edge_cols, top, {
         "readout": readout,
         "mode": mode,
         "node_threshold": node_threshold,
@@ -355,13 +409,28 @@ def build_graph(
         "max_nodes": max_nodes,
         "max_nodes_per_checkpoint": max_nodes_per_checkpoint if mode == "target" else None,
         "top_heads": top,
-    }
+    })  # fmt: skip
+
+
+def _assemble(
+    model: Model, saes: SAESet, trace: Trace, att: Attribution, pruned: Pruned, edge_cols: tuple[Tensor, ...],
+    top: int, settings: dict[str, object],
+) -> Graph:  # fmt: skip
+    keep = pruned.node_mask.nonzero().squeeze(1)
+    final = torch.full((len(att.kinds),), -1, dtype=torch.long, device=keep.device)
+    final[keep] = torch.arange(len(keep), device=keep.device)
+    node_rows = (att.kinds, att.checkpoints, att.pos, att.index, att.acts, pruned.influence, pruned.cumulative)
+    nodes = _graph_nodes(model, saes, trace, keep, (*node_rows, att.logit_weights), att.logits)
+    e = pruned.edges
+    layer, heads, direct, via = edge_cols
+    cpu = lambda t: t.detach().to("cpu")  # noqa: E731
+    f32 = lambda t: t.detach().to("cpu", torch.float32)  # noqa: E731
     graph = Graph(
         nodes=nodes,
-        source=cpu(final[src]),
-        target=cpu(final[tgt]),
-        weight=f32(w),
-        influence=f32(score),
+        source=cpu(final[e.source]),
+        target=cpu(final[e.target]),
+        weight=f32(e.weight),
+        influence=f32(e.score),
         head_layer=cpu(layer),
         heads=cpu(heads),
         direct=f32(direct),
@@ -371,8 +440,8 @@ def build_graph(
         prompt=_prompt(model, trace),
         model_name=model.name,
         n_layers=model.n_layers,
-        replacement=replacement,
-        completeness=completeness,
+        replacement=pruned.replacement,
+        completeness=pruned.completeness,
         settings=settings,
     )
     log.info("graph: %s", graph.summary_text())
@@ -380,35 +449,35 @@ def build_graph(
 
 
 def _kept_edges(
-    model: Model, trace: Trace, att: Attribution, pruned: Pruned, top: int, tick: Tick
+    model: Model, trace: Trace, att: Attribution, kept: KeptEdges, top: int, tick: Tick
 ) -> tuple[Tensor, ...]:
-    """Kept edges as columns (source, target, weight, score, layer, heads, direct, via_mlp)."""
-    cols: list[list[Tensor]] = [[] for _ in range(8)]
-    for b, block in enumerate(att.blocks):
-        t, s = pruned.edge_masks[b].nonzero(as_tuple=True)
-        n = len(t)
-        dev = block.weight.device
-        layer = torch.full((n,), -1, dtype=torch.long, device=dev)
-        heads = torch.full((n, top), -1, dtype=torch.long, device=dev)
-        direct = block.weight.new_zeros(n, top)
-        via = block.weight.new_zeros(n, top)
+    """Head loadings of the kept edges as columns (layer, heads, direct, via_mlp), in the edges' order."""
+    n, dev = len(kept.block), kept.block.device
+    layer = torch.full((n,), -1, dtype=torch.long, device=dev)
+    heads = torch.full((n, top), -1, dtype=torch.long, device=dev)
+    direct = torch.zeros(n, top, device=dev)
+    via = torch.zeros(n, top, device=dev)
+    for b in range(len(att.blocks)):
         info: LayerInputs | None = att.inputs.get(b)
-        if info is not None and n and top:
-            regular = (s < len(info.sources)).nonzero().squeeze(1)
-            d, v = E.head_loadings(
-                model.anatomy, trace, info.layer, info.targets, info.mlp_readout, info.sources, (t[regular], s[regular])
-            )
-            order = torch.topk((d + v).abs(), min(top, d.shape[1]), dim=1).indices  # sorted, largest first
-            width = order.shape[1]
-            heads[regular, :width] = order
-            direct[regular, :width] = d.gather(1, order)
-            via[regular, :width] = v.gather(1, order)
-            layer[regular] = info.layer
-        found = (block.sources[s], block.targets[t], block.weight[t, s], pruned.edge_scores[b][t, s])
-        for store, col in zip(cols, (*found, layer, heads, direct, via)):
-            store.append(col)
         tick()
-    return tuple(torch.cat(c) for c in cols)
+        if info is None or not top:
+            continue
+        here = ((kept.block == b) & (kept.col < len(info.source_rows))).nonzero().squeeze(1)
+        if not len(here):
+            continue
+        t_uniq, t_of = torch.unique(kept.row[here], return_inverse=True)
+        s_uniq, s_of = torch.unique(kept.col[here], return_inverse=True)
+        targets = info.upper.readouts(info.target_rows[t_uniq.to(info.target_rows.device)])
+        g = E.mlp_pullback(model.anatomy, trace, info.layer, targets)[1]
+        sources = info.lower.parts(info.source_rows[s_uniq.to(info.source_rows.device)])
+        d, v = E.head_loadings(model.anatomy, trace, info.layer, targets, g, sources, (t_of, s_of))
+        order = torch.topk((d + v).abs(), min(top, d.shape[1]), dim=1).indices  # sorted, largest first
+        width = order.shape[1]
+        heads[here, :width] = order.to(dev)
+        direct[here, :width] = d.gather(1, order).to(dev, direct.dtype)
+        via[here, :width] = v.gather(1, order).to(dev, via.dtype)
+        layer[here] = info.layer
+    return layer, heads, direct, via
 
 
 def _graph_nodes(
@@ -418,8 +487,7 @@ def _graph_nodes(
     first_logit = int(logits[0]) if len(logits) else -1
     out = []
     for i, g in enumerate(keep.tolist()):
-        kind = KINDS[kinds[i]]
-        node = Node(kind, checkpoints[i], pos[i], index[i])
+        node = of_code(kinds[i], checkpoints[i], pos[i], index[i])
         act = acts[i] if acts[i] == acts[i] else None  # NaN: no activation
         out.append(
             GraphNode(
@@ -428,7 +496,7 @@ def _graph_nodes(
                 influence=float(infl[i]),
                 cumulative=float(cum[i]),
                 label=_label(model, saes, trace, node, float(logit_w[i])),
-                token_prob=float(logit_w[i]) if kind is Kind.LOGIT else 0.0,
+                token_prob=float(logit_w[i]) if node.kind is Kind.LOGIT else 0.0,
                 is_target_logit=g == first_logit,
             )
         )

@@ -21,24 +21,30 @@ A source s at checkpoint l writes u_s at p_s; a target t at checkpoint l + 1 rea
     through the frozen pattern and W_O), and mlp_bias(p_t) -> t = r_t . mlp_write[p_t] - h_t .
     (mlp_in[p_t] - ln_mlp.bias): what remains of the MLP once its linear share is attributed.
 
-Then r_t . resid_{l+1}[p_t] = sum_s edge(s, t) + attn_bias + mlp_bias exactly. `head_loadings`
-recomputes the per-head direct (r_t) and via-MLP (g_t) parts for chosen edges; `layer_edges_by_position`
-is the same sum contracted in the other order (each target pulled back to a d_model vector per
-source position), cheaper when a few targets face many sources (target-driven graphs).
+Then r_t . resid_{l+1}[p_t] = sum_s edge(s, t) + attn_bias + mlp_bias exactly (the edges are the
+exact linearisation of `models.replay.frozen_layer`). `head_loadings` recomputes the per-head direct
+(r_t) and via-MLP (g_t) parts for chosen edges; `layer_edges_by_position` is the same sum contracted in
+the other order (each target pulled back to a d_model vector per source position), cheaper when a few
+targets face many sources (target-driven graphs).
+
+Patterns are read from the trace a few query rows at a time (`Trace.pattern(layer, rows)`), never as a
+whole [layer, head, pos, pos] tensor; everything is computed on the layer's own device, in the
+anatomy's compute dtype (float32 for half-precision models, whose MLP is run as a float32 copy).
 """
 
 from __future__ import annotations
 
+import copy
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from ..models.anatomy import Anatomy, Layer, Norm
-from ..models.model import Trace
-from ..saes import SAE, FeatureActs
+from ..models.anatomy import Anatomy, Norm
+from ..models.trace import Trace
 
-TILE = 1 << 24  # elements of one [source position, target, d_model] tile (target-driven edges)
+TILE = 1 << 24  # elements of one [source position, target, d_model] tile, or of a block of pattern rows
 
 
 @dataclass(frozen=True, eq=False)
@@ -53,6 +59,9 @@ class Vectors:
 
     def take(self, idx: Tensor) -> Vectors:
         return Vectors(self.pos[idx], self.vec[idx])
+
+    def to(self, device: torch.device, dtype: torch.dtype | None = None) -> Vectors:
+        return Vectors(self.pos.to(device), self.vec.to(device=device, dtype=dtype or self.vec.dtype))
 
 
 @dataclass(frozen=True, eq=False)
@@ -82,17 +91,6 @@ class EdgeParts:
 # ------------------------------------------------------------------------------------------ readouts
 
 
-def feature_vectors(sae: SAE, acts: FeatureActs) -> Vectors:
-    """What each active feature writes: a * W_dec[f], at its position."""
-    return Vectors(acts.pos, acts.act[:, None] * sae.W_dec[acts.feature])
-
-
-def feature_readouts(sae: SAE, acts: FeatureActs, readout: str = "decoder") -> Vectors:
-    """How each active feature reads the residual: a * W_dec[f] (paper) or a * W_enc[:, f]."""
-    rows = sae.W_dec[acts.feature] if readout == "decoder" else sae.W_enc[:, acts.feature].T
-    return Vectors(acts.pos, acts.act[:, None] * rows)
-
-
 def norm_adjoint(norm: Norm | None, y: Tensor, scale: Tensor) -> Tensor:
     """Transpose of `norm.linear` at frozen scales: y [..., d_model], scale [...] -> [..., d_model]."""
     if norm is None:
@@ -105,11 +103,13 @@ def logit_readouts(anatomy: Anatomy, trace: Trace, token_ids: Tensor) -> Vectors
     """d logit / d resid_final at the last position: final norm at its frozen scale, W_U column,
     soft-capping linearised at the actual logit."""
     last = trace.n_pos - 1
-    cols = anatomy.W_U[:, token_ids].T  # [n, d_model]
-    pos = torch.full_like(token_ids, last)
+    dev = trace.scale_final.device
+    ids = token_ids.to(dev)
+    cols = anatomy.W_U[:, ids.to(anatomy.W_U.device)].T.to(dev, anatomy.compute_dtype)  # [n, d_model]
+    pos = torch.full_like(ids, last)
     r = norm_adjoint(anatomy.final_norm, cols, trace.scale_final[pos])
     if anatomy.logit_softcap is not None:
-        capped = trace.logits[last, token_ids] / anatomy.logit_softcap
+        capped = trace.last_logits[ids] / anatomy.logit_softcap
         r = r * (1 - capped.square())[:, None]
     return Vectors(pos, r)
 
@@ -117,45 +117,47 @@ def logit_readouts(anatomy: Anatomy, trace: Trace, token_ids: Tensor) -> Vectors
 # ------------------------------------------------------------------------------- the frozen layer
 
 
-def frozen_layer(anatomy: Anatomy, trace: Trace, layer: int, x: Tensor) -> Tensor:
-    """The executable definition: x [..., pos, d_model] -> resid_{l+1}, patterns and norm scales frozen."""
-    ly = anatomy.layers[layer]
-    xn = ly.ln_attn(x, trace.scale_ln_attn[layer])
-    v = torch.einsum("...pd,kde->...kpe", xn, ly.W_V) + ly.b_V[:, None, :]
-    v = v[..., ly.kv_index(), :, :]  # [..., head, pos, d_head]
-    z = torch.einsum("hqk,...hke->...hqe", trace.patterns[layer], v)
-    attn = torch.einsum("...hqe,hed->...qd", z, ly.W_O) + ly.b_O
-    if ly.post_attn is not None:
-        assert trace.scale_post_attn is not None
-        attn = ly.post_attn(attn, trace.scale_post_attn[layer])
-    mid = x if ly.parallel else x + attn
-    mlp = ly.mlp(ly.ln_mlp(mid, trace.scale_ln_mlp[layer]))
-    if ly.post_mlp is not None:
-        assert trace.scale_post_mlp is not None
-        mlp = ly.post_mlp(mlp, trace.scale_post_mlp[layer])
-    return x + attn + mlp if ly.parallel else mid + mlp
+def pattern_rows(trace: Trace, layer: int, positions: Tensor) -> Iterator[tuple[Tensor, Tensor]]:
+    """(query positions, their pattern rows [head, n, k_pos]) for `positions`, a tile of rows at a time."""
+    heads = trace.anatomy.layers[layer].n_heads
+    step = max(1, TILE // max(1, heads * trace.n_pos))
+    for i in range(0, len(positions), step):
+        rows = positions[i : i + step]
+        yield rows, trace.pattern(layer, rows)
 
 
-def attention_bias(anatomy: Anatomy, trace: Trace, layer: int) -> Tensor:
-    """attn_bias vectors [pos, d_model]: the attention write of a zero residual at frozen patterns."""
+def float_mlp(anatomy: Anatomy, layer: int) -> Callable[[Tensor], Tensor]:
+    """The layer's HF MLP as a function in the compute dtype (a float32 copy for half-precision models)."""
+    mlp = anatomy.layers[layer].mlp
+    if anatomy.dtype == anatomy.compute_dtype:
+        return mlp  # type: ignore[no-any-return]
+    return copy.deepcopy(mlp).to(anatomy.compute_dtype)  # type: ignore[no-any-return]
+
+
+def attention_bias(anatomy: Anatomy, trace: Trace, layer: int, pos: Tensor | None = None) -> Tensor:
+    """attn_bias vectors [pos, d_model] at `pos` (default every position): the attention write of a
+    zero residual at frozen patterns."""
     ly = anatomy.layers[layer]
+    pos = torch.arange(trace.n_pos, device=ly.device) if pos is None else pos.to(ly.device)
     v0 = ly.b_V if ly.ln_attn.bias is None else ly.b_V + torch.einsum("d,kde->ke", ly.ln_attn.bias, ly.W_V)
     per_head = torch.einsum("he,hed->hd", v0[ly.kv_index()], ly.W_O)  # [head, d_model]
-    rows = trace.patterns[layer].sum(-1)  # [head, q_pos], 1 up to rounding
-    out = torch.einsum("hq,hd->qd", rows, per_head) + ly.b_O
+    uniq, inverse = torch.unique(pos, return_inverse=True)
+    sums = torch.cat([p.sum(-1) for _, p in pattern_rows(trace, layer, uniq)], 1)  # [head, n], 1 up to rounding
+    out = torch.einsum("hq,hd->qd", sums, per_head)[inverse] + ly.b_O
     if ly.post_attn is not None:
         assert trace.scale_post_attn is not None
-        out = ly.post_attn(out, trace.scale_post_attn[layer])
+        out = ly.post_attn(out, trace.scale_post_attn[layer][pos])
     return out
 
 
-def mlp_write(anatomy: Anatomy, trace: Trace, layer: int) -> Tensor:
-    """What the MLP path added to the residual [pos, d_model] (after any post-norm)."""
+def mlp_write(anatomy: Anatomy, trace: Trace, layer: int, pos: Tensor) -> Tensor:
+    """What the MLP path added to the residual [n, d_model] at positions `pos` (after any post-norm)."""
     ly = anatomy.layers[layer]
+    out = trace.mlp_out[layer][pos]
     if ly.post_mlp is None:
-        return trace.mlp_out[layer]
+        return out
     assert trace.scale_post_mlp is not None
-    return ly.post_mlp(trace.mlp_out[layer], trace.scale_post_mlp[layer])
+    return ly.post_mlp(out, trace.scale_post_mlp[layer][pos])
 
 
 def _slots(pos: Tensor) -> tuple[Tensor, int]:
@@ -170,7 +172,7 @@ def _slots(pos: Tensor) -> tuple[Tensor, int]:
     return rank, int(rank.max()) + 1
 
 
-def _mlp_vjp(ly: Layer, mlp_in: Tensor, pos: Tensor, cot: Tensor) -> Tensor:
+def _mlp_vjp(mlp: Callable[[Tensor], Tensor], mlp_in: Tensor, pos: Tensor, cot: Tensor) -> Tensor:
     """J_mlp(mlp_in[pos])^T cot [n, d_model] through the HF module, one batched backward."""
     if len(pos) == 0:
         return torch.zeros_like(cot)
@@ -178,24 +180,26 @@ def _mlp_vjp(ly: Layer, mlp_in: Tensor, pos: Tensor, cot: Tensor) -> Tensor:
     rank, m = _slots(pos)
     with torch.enable_grad():
         if len(uniq) * (1 + m) < 2 * len(pos):  # one forward per position, m cotangents each
-            _, pullback = torch.func.vjp(ly.mlp, mlp_in[uniq].detach())[:2]
+            _, pullback = torch.func.vjp(mlp, mlp_in[uniq].detach())[:2]
             cots = cot.new_zeros(m, len(uniq), cot.shape[1])
             cots[rank, inverse] = cot
             (grad,) = torch.func.vmap(pullback)(cots)  # [rank, position, d_model]
             return grad[rank, inverse].detach()
         x = mlp_in[pos].detach().requires_grad_(True)  # one forward row per target
-        (grad,) = torch.autograd.grad(ly.mlp(x), x, cot)
+        (grad,) = torch.autograd.grad(mlp(x), x, cot)
         return grad.detach()
 
 
-def mlp_pullback(anatomy: Anatomy, trace: Trace, layer: int, targets: Vectors) -> tuple[Tensor, Tensor]:
+def mlp_pullback(
+    anatomy: Anatomy, trace: Trace, layer: int, targets: Vectors, mlp: Callable[[Tensor], Tensor] | None = None
+) -> tuple[Tensor, Tensor]:
     """(h, g) [tgt, d_model]: the readout pulled back to the MLP input (h) and to the residual (g)."""
     ly = anatomy.layers[layer]
     r, pt = targets.vec, targets.pos
     if ly.post_mlp is not None:
         assert trace.scale_post_mlp is not None
         r = norm_adjoint(ly.post_mlp, r, trace.scale_post_mlp[layer][pt])
-    h = _mlp_vjp(ly, trace.mlp_in[layer], pt, r)
+    h = _mlp_vjp(mlp or float_mlp(anatomy, layer), trace.mlp_in[layer], pt, r)
     return h, norm_adjoint(ly.ln_mlp, h, trace.scale_ln_mlp[layer][pt])
 
 
@@ -241,11 +245,11 @@ def _bias_edges(
 ) -> tuple[Tensor, Tensor]:
     ly = anatomy.layers[layer]
     pt = targets.pos
-    attn_bias = (attn_reader * attention_bias(anatomy, trace, layer)[pt]).sum(-1)
+    attn_bias = (attn_reader * attention_bias(anatomy, trace, layer, pt)).sum(-1)
     mlp_in = trace.mlp_in[layer][pt]
     if ly.ln_mlp.bias is not None:
         mlp_in = mlp_in - ly.ln_mlp.bias
-    mlp_bias = (targets.vec * mlp_write(anatomy, trace, layer)[pt]).sum(-1) - (h * mlp_in).sum(-1)
+    mlp_bias = (targets.vec * mlp_write(anatomy, trace, layer, pt)).sum(-1) - (h * mlp_in).sum(-1)
     return attn_bias, mlp_bias
 
 
@@ -274,6 +278,7 @@ def _sorted(v: Vectors) -> tuple[Vectors, Tensor]:
 def layer_edges(anatomy: Anatomy, trace: Trace, layer: int, targets: Vectors, sources: Vectors) -> LayerEdges:
     """All edges from sources at checkpoint `layer` into targets at `layer + 1`, head-factored."""
     ly = anatomy.layers[layer]
+    targets, sources = targets.to(ly.device), sources.to(ly.device)
     h, g = mlp_pullback(anatomy, trace, layer, targets)
     rg = targets.vec + g
     attn_reader = targets.vec if ly.parallel else rg
@@ -284,14 +289,17 @@ def layer_edges(anatomy: Anatomy, trace: Trace, layer: int, targets: Vectors, so
     R = _attn_readers(anatomy, trace, layer, tgt.pos, attn_reader[t_order])  # [head, tgt, d_head]
     R = R.permute(1, 0, 2).reshape(len(tgt), -1)  # [tgt, head * d_head]
     V = _values(anatomy, trace, layer, src)[ly.kv_index()].permute(1, 0, 2).contiguous()  # [src, head, d_head]
-    pattern = trace.patterns[layer]  # [head, q_pos, k_pos]
-    t0 = 0
-    for p, n in zip(*(x.tolist() for x in torch.unique_consecutive(tgt.pos, return_counts=True))):
-        n_s = int(torch.searchsorted(src.pos, p, right=True))  # causal: keys up to the query position
-        a = pattern[:, p, src.pos[:n_s]].T  # [src, head]
-        scaled = (V[:n_s] * a[:, :, None]).reshape(n_s, -1)  # [src, head * d_head]
-        weight[t0 : t0 + n, :n_s].addmm_(R[t0 : t0 + n], scaled.T)  # sum over heads and d_head at once
-        t0 += n
+    t_pos, counts = torch.unique_consecutive(tgt.pos, return_counts=True)
+    starts = (torch.cumsum(counts, 0) - counts).tolist()
+    i = 0
+    for rows, pattern in pattern_rows(trace, layer, t_pos):  # pattern [head, n, k_pos] of a tile of positions
+        for j, p in enumerate(rows.tolist()):
+            t0, n = starts[i], int(counts[i])
+            i += 1
+            n_s = int(torch.searchsorted(src.pos, p, right=True))  # causal: keys up to the query position
+            a = pattern[:, j, src.pos[:n_s]].T  # [src, head]
+            scaled = (V[:n_s] * a[:, :, None]).reshape(n_s, -1)  # [src, head * d_head]
+            weight[t0 : t0 + n, :n_s].addmm_(R[t0 : t0 + n], scaled.T)  # sum over heads and d_head at once
     out = _unsort(_unsort(weight, 0, t_order), 1, s_order)
     attn_bias, mlp_bias = _bias_edges(anatomy, trace, layer, targets, h, attn_reader)
     return LayerEdges(out, attn_bias, mlp_bias, g)
@@ -303,6 +311,7 @@ def layer_edges_by_position(
     """The same edges as `layer_edges`, contracted target-first: each target becomes one d_model
     vector per source position (its exact gradient there), dotted with that position's sources."""
     ly = anatomy.layers[layer]
+    targets, sources = targets.to(ly.device), sources.to(ly.device)
     h, g = mlp_pullback(anatomy, trace, layer, targets)
     rg = targets.vec + g
     attn_reader = targets.vec if ly.parallel else rg
@@ -318,7 +327,7 @@ def layer_edges_by_position(
     for t0 in range(0, len(targets), chunk):
         t1 = min(len(targets), t0 + chunk)
         pt = targets.pos[t0:t1]
-        a = trace.patterns[layer][:, pt, :n_pos]  # [head, tgt, k_pos]
+        a = trace.pattern(layer, pt)[:, :, :n_pos]  # [head, tgt, k_pos]
         grad = torch.einsum("htk,htd->ktd", a, pulled[:, t0:t1])  # [k_pos, tgt, d_model]
         grad = norm_adjoint(ly.ln_attn, grad, scale[:, None])
         grad[pt, torch.arange(t1 - t0, device=pt.device)] += rg[t0:t1]
@@ -343,7 +352,8 @@ def head_loadings(
     [head, tgt, src] tile of head scores over them, from which the pairs are read.
     """
     ly = anatomy.layers[layer]
-    ti, si = pairs
+    targets, sources, mlp_readout = targets.to(ly.device), sources.to(ly.device), mlp_readout.to(ly.device)
+    ti, si = pairs[0].to(ly.device), pairs[1].to(ly.device)
     rows, t_of = _compact(ti, len(targets))
     cols, s_of = _compact(si, len(sources))
     tgt = targets.take(rows)
@@ -363,7 +373,7 @@ def head_loadings(
         e0 += n
         at_p = (tgt.pos == p).nonzero().squeeze(1)  # tile rows, in t_rank order
         r, c = t_rank[t_of[here]], s_of[here]
-        a = trace.patterns[layer][:, p, src.pos[c]]  # [head, edge]
+        a = trace.pattern(layer, [p])[:, 0, src.pos[c]]  # [head, edge]
         direct[here] = (torch.bmm(R[:, at_p], Vt)[:, r, c] * a).T
         if G is not None:
             via[here] = (torch.bmm(G[:, at_p], Vt)[:, r, c] * a).T
@@ -372,6 +382,8 @@ def head_loadings(
 
 def edge_parts(anatomy: Anatomy, trace: Trace, layer: int, targets: Vectors, sources: Vectors) -> EdgeParts:
     """Residual, MLP and per-head (direct, via-MLP) parts of every (target, source) pair, densely."""
+    ly = anatomy.layers[layer]
+    targets, sources = targets.to(ly.device), sources.to(ly.device)
     h, g = mlp_pullback(anatomy, trace, layer, targets)
     same = (targets.pos[:, None] == sources.pos[None, :]).to(g.dtype)
     dev = targets.pos.device

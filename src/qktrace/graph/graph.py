@@ -125,7 +125,7 @@ class Graph:
         """Heads carrying the most cross-position influence: per kept cross-position edge, each head's
         share of |direct + via_mlp| (among the stored heads) times the edge's influence, summed and
         divided by the total influence of those edges."""
-        pos = torch.tensor([node.node.pos for node in self.nodes], dtype=torch.long)
+        pos = torch.tensor([node.node.pos for node in self.nodes], dtype=torch.long, device=self.source.device)
         cross = (self.head_layer >= 0) & (pos[self.source] != pos[self.target])
         if not bool(cross.any()) or self.heads.numel() == 0:
             return []
@@ -135,7 +135,7 @@ class Graph:
         n_heads = int(self.heads.max()) + 1
         key = layer * n_heads + self.heads[cross]
         valid = self.heads[cross] >= 0
-        totals = torch.zeros(self.n_layers * n_heads, dtype=carried.dtype)
+        totals = torch.zeros(self.n_layers * n_heads, dtype=carried.dtype, device=carried.device)
         totals.index_add_(0, key[valid], carried[valid])
         total = max(float(self.influence[cross].sum()), 1e-30)
         order = torch.argsort(totals, descending=True)[:n]
@@ -207,7 +207,7 @@ class Graph:
 
     def cross_position_edges(self, top: int | None = None) -> list[int]:
         """Kept edges that cross positions (through attention), most influential first."""
-        pos = torch.tensor([n.node.pos for n in self.nodes], dtype=torch.long)
+        pos = torch.tensor([n.node.pos for n in self.nodes], dtype=torch.long, device=self.source.device)
         cross = ((self.head_layer >= 0) & (pos[self.source] != pos[self.target])).nonzero().flatten()
         order = cross[torch.argsort(self.influence[cross], descending=True)]
         return order[:top].tolist() if top is not None else order.tolist()

@@ -5,6 +5,12 @@ Every family looks the same from here on: per layer an attention-input norm, per
 biases, a head -> kv_head map, optional QK-norm, the score scale, soft-capping, and an MLP that we
 always *call* (the HF module) rather than reimplement.
 
+Weights are held in float32 whatever the model's dtype (a copy for half-precision models; float64
+models, which exactness tests use, stay float64), so every decomposition accumulates in float32. The
+MLP stays the HF module, and the embedding and unembedding stay views in the model's dtype (columns
+are cast where they are read). Each layer's tensors live on that layer's device (a model dispatched
+with `device_map` spreads them).
+
 Norms are the one non-linearity between the residual stream and the QK/OV circuits. `Norm.scale`
 gives the per-position factor 1/sqrt(var + eps); at that frozen scale a norm is the linear map
 `Norm.linear` (LayerNorm's centering is linear too) plus the constant `Norm.bias`.
@@ -64,9 +70,9 @@ class Rotary:
     cos_sin: Callable[[Tensor], tuple[Tensor, Tensor]]  # positions [pos] -> cos, sin [pos, rotary_dim]
 
     def rotate(self, x: Tensor, positions: Tensor) -> Tensor:
-        """x [..., pos, d_head] rotated to `positions` [pos]."""
+        """x [..., pos, d_head] rotated to `positions` [pos] (cos and sin in float32, then x's dtype)."""
         cos, sin = self.cos_sin(positions)
-        cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+        cos, sin = cos.to(device=x.device, dtype=x.dtype), sin.to(device=x.device, dtype=x.dtype)
         r = self.rotary_dim
         x_rot, x_pass = x[..., :r], x[..., r:]
         half = r // 2
@@ -105,6 +111,10 @@ class Layer:
         return self.W_Q.shape[0]
 
     @property
+    def device(self) -> torch.device:
+        return self.W_Q.device
+
+    @property
     def n_kv_heads(self) -> int:
         return self.W_K.shape[0]
 
@@ -124,9 +134,16 @@ class Anatomy:
     layers: tuple[Layer, ...]
     rotary: Rotary | None
     final_norm: Norm
-    W_E: Tensor  # [vocab, d_model], includes any embedding scale (Gemma's sqrt(d_model))
-    W_pos: Tensor | None  # [n_ctx, d_model] learned positions (GPT-2)
-    W_U: Tensor  # [d_model, vocab]
+    dtype: torch.dtype  # the HF model's own dtype
+    compute_dtype: (
+        torch.dtype
+    )  # what the anatomy's weights and every decomposition use: float32 (float64 models: float64)
+    softmax_float32: bool  # HF's eager attention soft-maxes in float32 (else in the scores' dtype)
+    max_positions: int | None  # the longest prompt the model takes (max_position_embeddings), if it says
+    W_E: Tensor  # [vocab, d_model] a view of the HF table, in the model's dtype
+    embed_scale: float | None  # Gemma multiplies embeddings by sqrt(d_model)
+    W_pos: Tensor | None  # [n_ctx, d_model] learned positions (GPT-2), the model's dtype
+    W_U: Tensor  # [d_model, vocab] a view, the model's dtype (columns are cast to float32 where read)
     b_U: Tensor | None  # [vocab]
     logit_softcap: float | None
 

@@ -12,13 +12,18 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from ..errors import UnsupportedModelError
 from .anatomy import Anatomy, Layer, Norm, NormKind, Rotary
 
 # (W_Q [head, d_model, d_head], W_K, W_V [kv_head, d_model, d_head], b_Q, b_K, b_V, W_O, b_O)
 Split = tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Decompositions accumulate in float32 (float64 models, used by exactness tests, stay float64)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _bias(linear: Any, n: int, like: Tensor) -> Tensor:
@@ -85,6 +90,7 @@ class Family:
     gemma_norm: bool  # RMSNorm gain is (1 + w)
     split: Callable[[Any, int, int, int], Split]
     parallel: Callable[[object], bool] = lambda cfg: False
+    softmax_float32: bool = True  # eager attention soft-maxes in float32 (GPT-2's: in the scores' dtype)
 
 
 _LLAMA_LIKE = dict(
@@ -122,6 +128,7 @@ FAMILIES: tuple[Family, ...] = (
         norm="layernorm",
         gemma_norm=False,
         split=_split_gpt2,
+        softmax_float32=False,
     ),
     Family(
         name="gpt_neox",
@@ -168,16 +175,16 @@ def family_for(model_type: str) -> Family:
     raise UnsupportedModelError(f"model type '{model_type}' is not supported: qktrace supports {', '.join(SUPPORTED)}")
 
 
-def _norm(module: Any, kind: NormKind, gemma: bool) -> Norm:
-    w = module.weight.detach()
+def _norm(module: Any, kind: NormKind, gemma: bool, dtype: torch.dtype) -> Norm:
+    w = module.weight.detach().to(dtype)
     eps: Any = getattr(module, "eps", None)
     if eps is None:
         eps = getattr(module, "variance_epsilon", 1e-6)
     bias = getattr(module, "bias", None)
     return Norm(
         kind=kind,
-        weight=(1.0 + w.float()).to(w.dtype) if gemma else w,
-        bias=bias.detach() if bias is not None else None,
+        weight=1.0 + w if gemma else w,
+        bias=bias.detach().to(dtype) if bias is not None else None,
         eps=float(eps),
     )
 
@@ -187,14 +194,16 @@ def _rotary(hf: Any, fam: Family, d_head: int) -> Rotary | None:
     rot = getattr(base, "rotary_emb", None)
     if rot is None:
         return None
-    probe = next(hf.parameters())
+    buffers = list(rot.buffers())
+    device = buffers[0].device if buffers else next(hf.parameters()).device
 
     def cos_sin(positions: Tensor) -> tuple[Tensor, Tensor]:
-        x = torch.zeros(1, dtype=probe.dtype, device=probe.device)
-        cos, sin = rot(x, positions.to(probe.device).reshape(1, -1))
+        # HF's rotary module computes in float32 and casts to the probe's dtype: ask for float32
+        x = torch.zeros(1, dtype=torch.float32, device=device)
+        cos, sin = rot(x, positions.to(device).reshape(1, -1))
         return cos[0], sin[0]  # [pos, rotary_dim]
 
-    rotary_dim = cos_sin(torch.zeros(1, dtype=torch.long))[0].shape[-1]
+    rotary_dim = cos_sin(torch.zeros(1, dtype=torch.long, device=device))[0].shape[-1]
     return Rotary(rotary_dim=int(rotary_dim), cos_sin=cos_sin)
 
 
@@ -202,6 +211,9 @@ def read_anatomy(hf: Any) -> Anatomy:
     """Build the uniform anatomy of a loaded HF causal LM (weights are views, not copies, where possible)."""
     cfg = hf.config
     fam = family_for(cfg.model_type)
+    dtype = next(hf.parameters()).dtype
+    cdt = compute_dtype(dtype)
+    norm = lambda module: _norm(module, fam.norm, fam.gemma_norm, cdt)  # noqa: E731
     base = getattr(hf, fam.base)
     n_heads = cfg.num_attention_heads
     n_kv = getattr(cfg, "num_key_value_heads", None) or n_heads
@@ -209,7 +221,8 @@ def read_anatomy(hf: Any) -> Anatomy:
     layers = []
     for i, block in enumerate(getattr(base, fam.layers)):
         attn = getattr(block, fam.attn)
-        W_Q, W_K, W_V, b_Q, b_K, b_V, W_O, b_O = fam.split(attn, n_heads, n_kv, d_head)
+        split = fam.split(attn, n_heads, n_kv, d_head)
+        W_Q, W_K, W_V, b_Q, b_K, b_V, W_O, b_O = (t.to(cdt) for t in split)  # copies for half precision
         group = n_heads // n_kv
         q_norm = getattr(attn, "q_norm", None)
         k_norm = getattr(attn, "k_norm", None)
@@ -217,10 +230,10 @@ def read_anatomy(hf: Any) -> Anatomy:
         layers.append(
             Layer(
                 index=i,
-                ln_attn=_norm(getattr(block, fam.ln_attn), fam.norm, fam.gemma_norm),
-                ln_mlp=_norm(getattr(block, fam.ln_mlp), fam.norm, fam.gemma_norm),
-                post_attn=_norm(getattr(block, fam.post_attn), fam.norm, fam.gemma_norm) if fam.post_attn else None,
-                post_mlp=_norm(getattr(block, fam.post_mlp), fam.norm, fam.gemma_norm) if fam.post_mlp else None,
+                ln_attn=norm(getattr(block, fam.ln_attn)),
+                ln_mlp=norm(getattr(block, fam.ln_mlp)),
+                post_attn=norm(getattr(block, fam.post_attn)) if fam.post_attn else None,
+                post_mlp=norm(getattr(block, fam.post_mlp)) if fam.post_mlp else None,
                 W_Q=W_Q,
                 W_K=W_K,
                 W_V=W_V,
@@ -230,8 +243,8 @@ def read_anatomy(hf: Any) -> Anatomy:
                 b_V=b_V,
                 b_O=b_O,
                 kv_head=tuple(h // group for h in range(n_heads)),
-                q_norm=_norm(q_norm, "rmsnorm", fam.gemma_norm) if q_norm is not None else None,
-                k_norm=_norm(k_norm, "rmsnorm", fam.gemma_norm) if k_norm is not None else None,
+                q_norm=_norm(q_norm, "rmsnorm", fam.gemma_norm, cdt) if q_norm is not None else None,
+                k_norm=_norm(k_norm, "rmsnorm", fam.gemma_norm, cdt) if k_norm is not None else None,
                 scale=float(attn.scaling),
                 softcap=float(softcap) if softcap else None,
                 sliding_window=getattr(attn, "sliding_window", None),
@@ -240,10 +253,7 @@ def read_anatomy(hf: Any) -> Anatomy:
             )
         )
     embed = getattr(base, fam.embed)
-    W_E = embed.weight.detach()
     embed_scale = getattr(embed, "embed_scale", None)
-    if embed_scale is not None:
-        W_E = W_E * embed_scale.to(W_E.dtype)
     pos = getattr(base, fam.pos_embed).weight.detach() if fam.pos_embed else None
     head = hf.get_output_embeddings()
     logit_softcap = getattr(cfg, "final_logit_softcapping", None)
@@ -251,29 +261,65 @@ def read_anatomy(hf: Any) -> Anatomy:
         family=fam.name,
         layers=tuple(layers),
         rotary=_rotary(hf, fam, d_head),
-        final_norm=_norm(getattr(base, fam.final_norm), fam.norm, fam.gemma_norm),
-        W_E=W_E,
+        final_norm=norm(getattr(base, fam.final_norm)),
+        W_E=embed.weight.detach(),
+        embed_scale=float(embed_scale) if embed_scale is not None else None,
         W_pos=pos,
         W_U=head.weight.detach().T,
-        b_U=head.bias.detach() if getattr(head, "bias", None) is not None else None,
+        b_U=head.bias.detach().to(cdt) if getattr(head, "bias", None) is not None else None,
         logit_softcap=float(logit_softcap) if logit_softcap else None,
+        dtype=dtype,
+        compute_dtype=cdt,
+        softmax_float32=fam.softmax_float32,
+        max_positions=_max_positions(cfg),
     )
 
 
-def module_paths(hf: Any) -> dict[str, object]:
-    """The HF modules qktrace hooks, per layer, addressed by the model's own names."""
+def _max_positions(cfg: Any) -> int | None:
+    for name in ("max_position_embeddings", "n_positions", "n_ctx"):
+        value = getattr(cfg, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+@dataclass(frozen=True, eq=False)
+class ModuleHandles:
+    """The HF modules qktrace hooks, per layer, addressed by the model's own names (nnsight-style)."""
+
+    blocks: tuple[nn.Module, ...]  # block c's input is checkpoint c
+    attn: tuple[nn.Module, ...]  # what `capture.attention_seam` wraps
+    mlp: tuple[nn.Module, ...]
+    ln_attn: tuple[nn.Module, ...]
+    ln_mlp: tuple[nn.Module, ...]
+    post_attn: tuple[nn.Module, ...] | None  # Gemma-2's post-norms
+    post_mlp: tuple[nn.Module, ...] | None
+    q_norm: tuple[nn.Module, ...] | None  # Qwen3's QK-norm (on the attention module)
+    k_norm: tuple[nn.Module, ...] | None
+    final_norm: nn.Module
+    embed: nn.Module
+
+
+def module_handles(hf: Any) -> ModuleHandles:
     fam = family_for(hf.config.model_type)
     base = getattr(hf, fam.base)
-    blocks = list(getattr(base, fam.layers))
-    return {
-        "family": fam,
-        "blocks": blocks,
-        "attn": [getattr(b, fam.attn) for b in blocks],
-        "mlp": [getattr(b, fam.mlp) for b in blocks],
-        "ln_attn": [getattr(b, fam.ln_attn) for b in blocks],
-        "ln_mlp": [getattr(b, fam.ln_mlp) for b in blocks],
-        "post_attn": [getattr(b, fam.post_attn) for b in blocks] if fam.post_attn else None,
-        "post_mlp": [getattr(b, fam.post_mlp) for b in blocks] if fam.post_mlp else None,
-        "final_norm": getattr(base, fam.final_norm),
-        "embed": getattr(base, fam.embed),
-    }
+    blocks = tuple(getattr(base, fam.layers))
+
+    def each(name: str | None) -> tuple[nn.Module, ...] | None:
+        return None if name is None else tuple(getattr(b, name) for b in blocks)
+
+    attn = tuple(getattr(b, fam.attn) for b in blocks)
+    qk_norm = getattr(attn[0], "q_norm", None) is not None
+    return ModuleHandles(
+        blocks=blocks,
+        attn=attn,
+        mlp=each(fam.mlp),  # type: ignore[arg-type]
+        ln_attn=each(fam.ln_attn),  # type: ignore[arg-type]
+        ln_mlp=each(fam.ln_mlp),  # type: ignore[arg-type]
+        post_attn=each(fam.post_attn),
+        post_mlp=each(fam.post_mlp),
+        q_norm=tuple(a.q_norm for a in attn) if qk_norm else None,
+        k_norm=tuple(a.k_norm for a in attn) if qk_norm else None,
+        final_norm=getattr(base, fam.final_norm),
+        embed=getattr(base, fam.embed),
+    )

@@ -1,9 +1,11 @@
 """Recompute a layer from the anatomy at the frozen scales and patterns of a Trace.
 
 These pure functions are the executable statement of what "linearised at frozen scales" means, and
-the exactness tests compare them with what HF computed: scores, the attention output, a whole layer.
-Each seam is its own function, named as in the attention diagram: input->query, input->key,
-input->value, (query, key)->scores, (pattern, value)->output.
+the exactness tests compare them with what HF computed: queries and keys, scores, the attention output,
+a whole layer. Each seam is its own function, named as in the attention diagram: input->query,
+input->key, input->value, (query, key)->scores, (pattern, value)->output. `frozen_layer` is the one
+definition of a layer with everything but the MLP frozen; the graph's closed-form edges are its exact
+linearisation, and its autograd Jacobian is what the graph tests compare them with.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import torch
 from torch import Tensor
 
 from .anatomy import Anatomy, Layer
-from .model import Trace
+from .trace import Trace
 
 
 def project(layer: Layer, side: str, xn: Tensor, bias: bool = True) -> Tensor:
@@ -49,14 +51,14 @@ def queries_keys(anatomy: Anatomy, trace: Trace, layer_idx: int) -> tuple[Tensor
     layer = anatomy.layers[layer_idx]
     x = trace.resid[layer_idx]
     xn = layer.ln_attn(x, trace.scale_ln_attn[layer_idx])
-    pos = trace.positions
+    pos = torch.arange(trace.n_pos, device=x.device)
     q = qk_norm_and_rotate(anatomy, layer, "q", project(layer, "q", xn), pos, trace)
     k = qk_norm_and_rotate(anatomy, layer, "k", project(layer, "k", xn), pos, trace)
     return q, k
 
 
 def scores_from(layer: Layer, q: Tensor, k: Tensor, capped: bool = True) -> Tensor:
-    """(query, key)->scores: [head, q_pos, k_pos], causal positions only (others -inf)."""
+    """(query, key)->scores: [head, q_pos, k_pos] for every pair (no mask)."""
     kh = k[layer.kv_index()]  # [head, pos, d_head]
     s = torch.einsum("hqe,hke->hqk", q, kh) * layer.scale
     if capped and layer.softcap is not None:
@@ -64,41 +66,40 @@ def scores_from(layer: Layer, q: Tensor, k: Tensor, capped: bool = True) -> Tens
     return s
 
 
-def allowed_mask(trace: Trace, layer_idx: int) -> Tensor:
-    """[head, q_pos, k_pos] bool: where HF let the query attend (causal, sliding window)."""
-    return torch.isfinite(trace.scores[layer_idx])
+def frozen_layer(anatomy: Anatomy, trace: Trace, layer: int, x: Tensor) -> Tensor:
+    """Layer `layer` at frozen patterns and norm scales, calling the HF MLP: x [..., pos, d_model] ->
+    resid_{l+1} [..., pos, d_model]. At x = trace.resid[layer] it reproduces HF's output."""
+    ly = anatomy.layers[layer]
+    xn = ly.ln_attn(x, trace.scale_ln_attn[layer])
+    v = torch.einsum("...pd,kde->...kpe", xn, ly.W_V) + ly.b_V[:, None, :]
+    v = v[..., ly.kv_index(), :, :]  # [..., head, pos, d_head]
+    z = torch.einsum("hqk,...hke->...hqe", trace.pattern(layer), v)
+    attn = torch.einsum("...hqe,hed->...qd", z, ly.W_O) + ly.b_O
+    if ly.post_attn is not None:
+        assert trace.scale_post_attn is not None
+        attn = ly.post_attn(attn, trace.scale_post_attn[layer])
+    mid = x if ly.parallel else x + attn
+    mlp_in = ly.ln_mlp(mid, trace.scale_ln_mlp[layer])
+    mlp = ly.mlp(mlp_in.to(anatomy.dtype)).to(x.dtype)
+    if ly.post_mlp is not None:
+        assert trace.scale_post_mlp is not None
+        mlp = ly.post_mlp(mlp, trace.scale_post_mlp[layer])
+    return x + attn + mlp if ly.parallel else mid + mlp
 
 
 def attention_output(anatomy: Anatomy, trace: Trace, layer_idx: int) -> Tensor:
-    """(pattern, value)->output at frozen patterns: per-head writes summed, plus b_O: [pos, d_model]."""
+    """(pattern, value)->output at frozen patterns: per-head writes summed, plus b_O: [pos, d_model]
+    (before any post-norm; what HF's o_proj returned)."""
     layer = anatomy.layers[layer_idx]
     xn = layer.ln_attn(trace.resid[layer_idx], trace.scale_ln_attn[layer_idx])
     v = project(layer, "v", xn)[layer.kv_index()]  # [head, pos, d_head]
-    z = torch.einsum("hqk,hke->hqe", trace.patterns[layer_idx], v)
+    z = torch.einsum("hqk,hke->hqe", trace.pattern(layer_idx), v)
     return torch.einsum("hqe,hed->qd", z, layer.W_O) + layer.b_O
-
-
-def replay_layer(anatomy: Anatomy, trace: Trace, layer_idx: int) -> Tensor:
-    """The layer's output residual [pos, d_model] from its input, frozen norms and patterns, HF MLP."""
-    layer = anatomy.layers[layer_idx]
-    x = trace.resid[layer_idx]
-    attn = attention_output(anatomy, trace, layer_idx)
-    if layer.post_attn is not None:
-        assert trace.scale_post_attn is not None
-        attn = layer.post_attn(attn, trace.scale_post_attn[layer_idx])
-    mid = x if layer.parallel else x + attn
-    mlp_in = layer.ln_mlp(mid, trace.scale_ln_mlp[layer_idx])
-    with torch.no_grad():
-        mlp = layer.mlp(mlp_in[None])[0]
-    if layer.post_mlp is not None:
-        assert trace.scale_post_mlp is not None
-        mlp = layer.post_mlp(mlp, trace.scale_post_mlp[layer_idx])
-    return x + attn + mlp if layer.parallel else mid + mlp
 
 
 def logits_from(anatomy: Anatomy, resid: Tensor, scale: Tensor) -> Tensor:
     """Final norm at its frozen scale and unembedding: resid [pos, d_model] -> logits [pos, vocab]."""
-    logits = anatomy.final_norm(resid, scale) @ anatomy.W_U
+    logits = anatomy.final_norm(resid, scale) @ anatomy.W_U.to(resid.dtype)
     if anatomy.b_U is not None:
         logits = logits + anatomy.b_U
     if anatomy.logit_softcap is not None:
