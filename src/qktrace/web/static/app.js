@@ -163,11 +163,12 @@ async function buildGraph(prompt) {
 // -- start-up --------------------------------------------------------------------------------------
 
 function wire() {
-  const prune = $("prune");
-  prune.addEventListener("input", () => {
+  const prune = $("prune"), pruned = () => {
     $("prune-value").textContent = `${prune.value}%`;
     store.set({ prune: +prune.value });
-  });
+  };
+  prune.addEventListener("input", pruned);
+  pruned(); // a reload may have restored the slider
   $("weights-norm").addEventListener("change", (e) => store.set({ weights: e.target.checked ? "norm" : "raw" }));
   let resize = null;
   window.addEventListener("resize", () => { clearTimeout(resize); resize = setTimeout(view.fit, 100); });

@@ -9,11 +9,11 @@ import { L, layout, rowName } from "./layout.js";
 import { isCross, nodeLabel, quantile, weightOf } from "./model.js";
 
 export const LABEL_CHARS = 28; // longer labels are cut with "…"; the full text is in the label's title
-const LABEL_FONT = 11, LABEL_H = 15;
+const LABEL_FONT = 11, LABEL_H = 15; // on screen, whatever the drawing's scale
 
 /** handlers: onNode(n, event), onLink(l), onHover(n or null, event), onBackground(). */
 export function createGraphView(svg, state, { onNode, onLink, onHover, onBackground }) {
-  let model = null, size = null, edgeEls = [], nodeEls = new Map(), drawn = "";
+  let model = null, size = null, scale = 1, edgeEls = [], nodeEls = new Map(), drawn = "";
   const measure = document.createElement("canvas").getContext("2d");
   measure.font = `${LABEL_FONT}px ${FONT}`;
   svg.addEventListener("click", () => onBackground());
@@ -50,8 +50,7 @@ export function createGraphView(svg, state, { onNode, onLink, onHover, onBackgro
       nodes.append(g);
       nodeEls.set(n.id, g);
     }
-    svg.append(edges, sv("g", { class: "supernodes" }), nodes, sv("g", { class: "labels", "font-family": FONT,
-      "font-size": LABEL_FONT }));
+    svg.append(edges, sv("g", { class: "supernodes" }), nodes, sv("g", { class: "labels", "font-family": FONT }));
   }
 
   function grid(lay) {
@@ -89,6 +88,11 @@ export function createGraphView(svg, state, { onNode, onLink, onHover, onBackgro
     const k = Math.max(0.6, Math.min(2, (pane.clientWidth - 8) / w, (pane.clientHeight - 8) / h));
     svg.setAttribute("width", Math.floor(w * k));
     svg.setAttribute("height", Math.floor(h * k));
+    if (k !== scale) {
+      scale = k;
+      drawn = "";
+      drawLabels();
+    }
   }
 
   /** Which edges show (pruning), how thick (the shown weights), how strongly (selection), which nodes wear rings. */
@@ -126,16 +130,17 @@ export function createGraphView(svg, state, { onNode, onLink, onHover, onBackgro
     const ids = [selNode && selNode.id, selLink && selLink.t.id, selLink && selLink.s.id, ...pinned];
     const keep = [...new Set(ids.filter((id) => id && model.byId.has(id)))];
     const all = hover && !keep.includes(hover.id) ? [...keep, hover.id] : keep;
-    const key = all.map((id) => `${id}=${nodeLabel(model.byId.get(id))}`).join("\n");
+    const key = all.map((id) => `${keep.includes(id) ? "" : "hover:"}${id}=${nodeLabel(model.byId.get(id))}`).join("\n");
     if (key === drawn) return;
     drawn = key;
+    const u = 1 / scale; // one screen pixel in drawing units
     const items = all.map((id) => {
       const n = model.byId.get(id), text = truncate(nodeLabel(n), LABEL_CHARS);
-      return { id, x: n.x, y: n.y, w: Math.ceil(measure.measureText(text).width) + 8, h: LABEL_H, n, text };
+      return { id, x: n.x, y: n.y, w: (Math.ceil(measure.measureText(text).width) + 8) * u, h: LABEL_H * u, n, text };
     });
     const obstacles = model.nodes.map((n) => ({ x: n.x - 6, y: n.y - 6, w: 12, h: 12 }));
     const boxes = placeLabels(items, obstacles, { width: size[0], height: size[1] });
-    clear(layer);
+    clear(layer).setAttribute("font-size", (LABEL_FONT * u).toFixed(2));
     items.forEach((it, i) => {
       const { box } = boxes[i], n = it.n, full = nodeLabel(n), hoverOnly = !keep.includes(it.id);
       const cx = Math.max(box.x, Math.min(n.x, box.x + box.w)), cy = Math.max(box.y, Math.min(n.y, box.y + box.h));
@@ -144,9 +149,9 @@ export function createGraphView(svg, state, { onNode, onLink, onHover, onBackgro
         onclick: (e) => { e.stopPropagation(); onNode(n, e); },
         onmouseenter: (e) => onHover(n, e), onmouseleave: (e) => onHover(null, e) },
       far ? sv("line", { x1: n.x, y1: n.y, x2: cx, y2: cy, stroke: C.muted, "stroke-width": 0.8 }) : null,
-      sv("rect", { x: box.x, y: box.y, width: box.w, height: box.h, rx: 3, fill: "#ffffff", "fill-opacity": 0.92,
-        stroke: hoverOnly ? C.muted : C.sel, "stroke-width": 0.6 }),
-      sv("text", { x: box.x + 4, y: box.y + LABEL_H - 4, fill: C.sel }, it.text),
+      sv("rect", { x: box.x, y: box.y, width: box.w, height: box.h, rx: 3 * u, fill: "#ffffff", "fill-opacity": 0.92,
+        stroke: hoverOnly ? C.muted : C.sel, "stroke-width": 0.6 * u }),
+      sv("text", { x: box.x + 4 * u, y: box.y + (LABEL_H - 4) * u, fill: C.sel }, it.text),
       sv("title", {}, full)));
     });
   }
