@@ -19,7 +19,8 @@ export function exportJSON(state) {
   return blob.size;
 }
 
-/** Renders `view`'s SVG (without hit areas, tooltips and hidden edges) at up to 2x; resolves to {name, width, height, length}. */
+/** Renders `view`'s SVG (no hit areas, tooltips or hidden edges) at up to 2x and downloads it.
+ * Resolves to {name, width, height, length}. */
 export function exportPNG(view, name) {
   const clone = view.svg.cloneNode(true);
   clone.setAttribute("xmlns", SVGNS);

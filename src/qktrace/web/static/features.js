@@ -45,7 +45,9 @@ function dashboardView(d, fallback) {
   if (!dash) return out;
   out.push(el("div", { class: "muted" }, `fires on ${fmt(100 * (dash.freq || 0), 3)}% of tokens; max activation `
     + fmt(dash.max_act, 3)));
-  if (dash.top_out.length) out.push(el("div", { class: "chips" }, "top outputs: ", dash.top_out.map((t) => el("span", {}, t))));
+  if (dash.top_out.length) {
+    out.push(el("div", { class: "chips" }, "top outputs: ", dash.top_out.map((t) => el("span", {}, t))));
+  }
   for (const c of dash.contexts.slice(0, 6)) {
     out.push(el("div", { class: "ctx" }, el("span", { class: "muted" }, `${fmt(c.act, 3)} `),
       c.tokens.map((t, i) => el(i === c.i ? "mark" : "span", { class: "t" }, t))));

@@ -6,9 +6,8 @@
 import { C, FONT, clear, fmt, sv, truncate } from "./dom.js";
 import { placeLabels } from "./labels.js";
 import { L, layout, rowName } from "./layout.js";
-import { isCross, nodeLabel, quantile, weightOf } from "./model.js";
+import { isCross, nodeLabel, quantile, shortLabel, weightOf } from "./model.js";
 
-export const LABEL_CHARS = 28; // longer labels are cut with "…"; the full text is in the label's title
 const LABEL_FONT = 11, LABEL_H = 15; // on screen, whatever the drawing's scale
 
 /** handlers: onNode(n, event), onLink(l), onHover(n or null, event), onBackground(). */
@@ -135,7 +134,7 @@ export function createGraphView(svg, state, { onNode, onLink, onHover, onBackgro
     drawn = key;
     const u = 1 / scale; // one screen pixel in drawing units
     const items = all.map((id) => {
-      const n = model.byId.get(id), text = truncate(nodeLabel(n), LABEL_CHARS);
+      const n = model.byId.get(id), text = shortLabel(n); // the full text goes in its title
       return { id, x: n.x, y: n.y, w: (Math.ceil(measure.measureText(text).width) + 8) * u, h: LABEL_H * u, n, text };
     });
     const obstacles = model.nodes.map((n) => ({ x: n.x - 6, y: n.y - 6, w: 12, h: 12 }));

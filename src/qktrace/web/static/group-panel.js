@@ -1,8 +1,7 @@
 // The pins and supernodes panel: pinned nodes (shift-click or Pin), grouped into labelled supernodes.
 
-import { clear, el, truncate } from "./dom.js";
-import { nodeLabel, nodeWhere } from "./model.js";
-import { LABEL_CHARS } from "./graphview.js";
+import { clear, el } from "./dom.js";
+import { nodeLabel, nodeWhere, shortLabel } from "./model.js";
 
 const HINT = "Shift-click nodes (or use Pin) to pin them; group pinned nodes into a labelled supernode.";
 
@@ -34,7 +33,7 @@ export function createGroupPanel(body, { onNode, onPin, onGroup, onUngroup }) {
     if (supernodes.length) {
       body.append(el("h4", {}, "Supernodes"), el("table", { id: "supernode-table" }, supernodes.map((s, i) =>
         el("tr", {}, el("td", {}, el("b", {}, s.name)),
-          el("td", { class: "muted" }, s.ids.map((id) => truncate(nodeLabel(model.byId.get(id)), LABEL_CHARS)).join("; ")),
+          el("td", { class: "muted" }, s.ids.map((id) => shortLabel(model.byId.get(id))).join("; ")),
           el("td", {}, el("button", { type: "button", onclick: () => onUngroup(i) }, "ungroup"))))));
     }
   }

@@ -62,7 +62,8 @@ export function indexGraph(graph) {
 export const weightOf = (l, mode) => (mode === "norm" ? l.norm : l.weight);
 
 /** Links sorted by |shown weight|, strongest first. */
-export const strongest = (links, mode) => [...links].sort((a, b) => Math.abs(weightOf(b, mode)) - Math.abs(weightOf(a, mode)));
+export const strongest = (links, mode) =>
+  [...links].sort((a, b) => Math.abs(weightOf(b, mode)) - Math.abs(weightOf(a, mode)));
 
 /** The |weight| below which a fraction `q` of the links' shown |weights| lie (0 for q = 0). */
 export function quantile(model, mode, q) {
@@ -76,6 +77,11 @@ export function quantile(model, mode, q) {
 
 export const isCross = (l) => l.s.p.pos !== l.t.p.pos;
 export const nodeLabel = (n) => n.clerp || n.id;
+export const LABEL_CHARS = 28; // labels drawn on the graph and listed are cut to this with "…"
+export const shortLabel = (n) => {
+  const s = nodeLabel(n);
+  return s.length > LABEL_CHARS ? `${s.slice(0, LABEL_CHARS - 1)}…` : s;
+};
 export const tokText = (model, i) => (model.tokens[i] === undefined ? "?" : JSON.stringify(model.tokens[i]));
 export const nodeWhere = (model, n) => `@${n.p.pos} ${tokText(model, n.p.pos)}`;
 

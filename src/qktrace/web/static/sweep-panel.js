@@ -98,7 +98,8 @@ function lineChart(id, xs, series, yRange) {
     chart.append(sv("polyline", { points: pts.map(([x, y]) => `${X(x)},${Y(y)}`).join(" "), fill: "none",
       stroke: color, "stroke-width": 1.8, class: "series", "data-name": s.name }));
     for (const [x, y] of pts) {
-      chart.append(sv("circle", { cx: X(x), cy: Y(y), r: 2.5, fill: color }, sv("title", {}, `${s.name} at ${fmt(x)}: ${fmt(y)}`)));
+      chart.append(sv("circle", { cx: X(x), cy: Y(y), r: 2.5, fill: color },
+        sv("title", {}, `${s.name} at ${fmt(x)}: ${fmt(y)}`)));
     }
     const lx = m.l + (i % 3) * 150, ly = h + 4 + 16 * Math.floor(i / 3);
     chart.append(sv("rect", { x: lx, y: ly, width: 10, height: 3, fill: color }),
