@@ -1,13 +1,16 @@
 """The page end to end in headless Chromium (Debian's /usr/bin/chromium driven through /usr/bin/chromedriver,
 nothing downloaded): open a graph, click an edge, read its head loadings, explain a head, compare the QK
 panel's numbers with the API's, run a sweep, pin and group nodes, export a PNG; and the same without a model,
-where the page shows the graph's stored QK terms. Screenshots go to $QKTRACE_SCREENSHOTS or a tmp dir."""
+where the page shows the graph's stored QK terms; the page opening the first graph by itself, labels drawn
+for hovered and pinned nodes, weights normalised per target, graphs named in the URL, and its ES modules
+served as JavaScript. Screenshots go to $QKTRACE_SCREENSHOTS or a tmp dir."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
 import os
+import re
 import shutil
 import socket
 import threading
@@ -37,6 +40,7 @@ from selenium.webdriver.common.keys import Keys  # noqa: E402
 from selenium.webdriver.support import expected_conditions as EC  # noqa: E402
 from selenium.webdriver.support.ui import Select, WebDriverWait  # noqa: E402
 
+import qktrace  # noqa: E402
 from qktrace.graph import load_graph  # noqa: E402
 from qktrace.server import create_app  # noqa: E402
 from tests.test_server import GRAPH_NAME, build_fixture  # noqa: E402
@@ -141,6 +145,12 @@ def numbers(cell) -> tuple[float, float]:
     return float(cell.text.replace("−", "-")), float(cell.get_attribute("data-value"))
 
 
+def opened(driver, name: str, timeout: float = 30) -> None:
+    """Wait until the page says it opened graph `name` and has drawn its nodes."""
+    WebDriverWait(driver, timeout).until(lambda d: d.find_element(By.ID, "status").text == f"opened {name}")
+    wait(driver, "#graph-svg g.node")
+
+
 def open_graph(driver, server: LiveServer, name: str) -> None:
     driver.get(server.url + "/")
     WebDriverWait(driver, 30).until(
@@ -149,8 +159,7 @@ def open_graph(driver, server: LiveServer, name: str) -> None:
         )
     )
     Select(driver.find_element(By.ID, "graph-select")).select_by_value(name)
-    wait(driver, "#graph-svg g.node")
-    WebDriverWait(driver, 10).until(lambda d: name in d.find_element(By.ID, "status").text)
+    opened(driver, name)
 
 
 def console_errors(driver) -> list[str]:
@@ -381,3 +390,167 @@ def test_demo_graph_in_the_browser(tmp_path, shots, driver):
         WebDriverWait(driver, 10).until(lambda d: dash["features"][str(feature)]["top_out"][0].strip() in tip.text)
         driver.save_screenshot(str(shots / "07-demo-dashboard.png"))
         assert console_errors(driver) == []
+
+
+LONG_LABEL = "says a title such as Aunt or Uncle comes next, then a name (a long label)"
+
+
+def text_of(element) -> str:
+    return element.get_attribute("textContent")
+
+
+def label_boxes(driver) -> dict[str, tuple[float, float, float, float]]:
+    """The drawn labels' background boxes, by node id: (x, y, width, height) in SVG units."""
+    return driver.execute_script(
+        "return Object.fromEntries([...document.querySelectorAll('#graph-svg g.labels g.node-label')].map(g => {"
+        "  const r = g.querySelector('rect');"
+        "  return [g.dataset.id, ['x', 'y', 'width', 'height'].map(k => +r.getAttribute(k))]; }))"
+    )
+
+
+def strongest_input(graph: dict) -> tuple[dict, float]:
+    """An edge into the node with the most inputs (its strongest input, so the node panel lists it) and its
+    weight normalised per target, computed here from the file: weight / sum of |weight| into its target."""
+    ins: dict[str, list[dict]] = {}
+    for link in graph["links"]:
+        ins.setdefault(link["target"], []).append(link)
+    target = max(ins, key=lambda t: len(ins[t]))
+    link = max(ins[target], key=lambda x: abs(x["weight"]))
+    norm = link["weight"] / sum(abs(x["weight"]) for x in ins[target])
+    assert len(ins[target]) > 1 and abs(norm) < abs(link["weight"]), "pick a target whose inputs do not sum to 1"
+    return link, norm
+
+
+def test_first_graph_labels_normalised_weights_and_url(setup, shots, driver, tmp_path):
+    """No click: the page opens the first graph GET /api/graphs lists; hovering a node draws its label on the
+    graph (cut, the full text in its title), pinning keeps it, pinned labels do not overlap; the normalised
+    toggle shows a known edge's weight over its target's incoming |weights|, as computed here; a URL that
+    names a graph opens that graph, and choosing another one puts it into the URL."""
+    graph = json.loads((setup.data / GRAPH_NAME).read_text())
+    labelled = next(n for n in graph["nodes"] if n["node_id"].startswith("feature/"))
+    labelled["clerp"] = LONG_LABEL
+    node_id = labelled["node_id"]
+    data = tmp_path / "graphs"
+    data.mkdir()
+    (data / "b-other.json").write_text((setup.data / STORED).read_text())
+    (data / "a-first.json").write_text(json.dumps(graph))
+    with LiveServer(create_app(data)) as server:
+        with urllib.request.urlopen(server.url + "/api/graphs", timeout=30) as r:
+            first = json.loads(r.read())["graphs"][0]["name"]
+        assert first == "a-first.json"
+        driver.get(server.url + "/")
+        opened(driver, first)
+        assert Select(driver.find_element(By.ID, "graph-select")).first_selected_option.get_attribute("value") == first
+        assert driver.execute_script("return location.hash") == f"#graph={first}"
+        assert len(driver.find_elements(By.CSS_SELECTOR, "#graph-svg g.node")) == len(graph["nodes"])
+
+        # hover: the node's label, cut to 28 characters, the full text in its title; gone when the mouse leaves
+        marker = driver.find_element(By.CSS_SELECTOR, f'#graph-svg g.node[data-id="{node_id}"] > :first-child')
+        ActionChains(driver).move_to_element(marker).perform()
+        label = wait(driver, f'#graph-svg g.labels g.node-label[data-id="{node_id}"]', 10)
+        assert text_of(label.find_element(By.TAG_NAME, "text")) == LONG_LABEL[:27] + "…"
+        assert text_of(label.find_element(By.TAG_NAME, "title")) == LONG_LABEL
+        assert "hover-only" in label.get_attribute("class")
+        ActionChains(driver).move_to_element(driver.find_element(By.ID, "graph-info")).perform()
+        WebDriverWait(driver, 10).until(lambda d: not d.find_elements(By.CSS_SELECTOR, "#graph-svg g.node-label"))
+
+        # pin it and its three nearest nodes: their labels stay, and none covers another
+        xy = {
+            n["node_id"]: driver.execute_script(
+                "const g = arguments[0].transform.baseVal.consolidate().matrix; return [g.e, g.f]",
+                driver.find_element(By.CSS_SELECTOR, f'#graph-svg g.node[data-id="{n["node_id"]}"]'),
+            )
+            for n in graph["nodes"]
+        }
+        near = sorted(xy, key=lambda i: (xy[i][0] - xy[node_id][0]) ** 2 + (xy[i][1] - xy[node_id][1]) ** 2)[:4]
+        assert near[0] == node_id
+        for pin in near:
+            node = driver.find_element(By.CSS_SELECTOR, f'#graph-svg g.node[data-id="{pin}"] > :first-child')
+            driver.execute_script("arguments[0].scrollIntoView({block: 'center', inline: 'center'})", node)
+            ActionChains(driver).key_down(Keys.SHIFT).click(node).key_up(Keys.SHIFT).perform()
+        ActionChains(driver).move_to_element(driver.find_element(By.ID, "graph-info")).perform()
+        WebDriverWait(driver, 10).until(lambda d: set(label_boxes(d)) == set(near))
+        for label in driver.find_elements(By.CSS_SELECTOR, "#graph-svg g.node-label"):
+            assert "hover-only" not in label.get_attribute("class")
+        boxes = list(label_boxes(driver).values())
+        for i, (x, y, w, h) in enumerate(boxes):
+            for x2, y2, w2, h2 in boxes[i + 1 :]:
+                assert x + w <= x2 or x2 + w2 <= x or y + h <= y2 or y2 + h2 <= y, "two labels overlap"
+        driver.save_screenshot(str(shots / "08-labels.png"))
+
+        # raw, then normalised per target: the node panel's row, the edge's drawn weight, the edge panel
+        link, norm = strongest_input(graph)
+        index = graph["links"].index(link)
+        click(driver, driver.find_element(By.CSS_SELECTOR, f'#graph-svg g.node[data-id="{link["target"]}"]'))
+        cell = f'#node-panel tr[data-link="{index}"] td[data-field="weight"]'
+        edge = f'#graph-svg g.edge[data-i="{index}"]'
+        assert numbers(wait(driver, cell))[1] == pytest.approx(link["weight"], rel=1e-12)
+        assert float(driver.find_element(By.CSS_SELECTOR, edge).get_attribute("data-weight")) == pytest.approx(
+            link["weight"], rel=1e-12
+        )
+        raw_width = driver.find_element(By.CSS_SELECTOR, f"{edge} line.vis").get_attribute("stroke-width")
+        click(driver, driver.find_element(By.ID, "weights-norm"))
+        WebDriverWait(driver, 10).until(
+            lambda d: numbers(d.find_element(By.CSS_SELECTOR, cell))[1] == pytest.approx(norm, rel=1e-12)
+        )
+        assert numbers(driver.find_element(By.CSS_SELECTOR, cell))[0] == pytest.approx(norm, rel=1e-3)
+        assert float(driver.find_element(By.CSS_SELECTOR, edge).get_attribute("data-weight")) == pytest.approx(
+            norm, rel=1e-12
+        )
+        max_norm = max(
+            abs(x["weight"]) / sum(abs(y["weight"]) for y in graph["links"] if y["target"] == x["target"])
+            for x in graph["links"]
+        )
+        width = driver.find_element(By.CSS_SELECTOR, f"{edge} line.vis").get_attribute("stroke-width")
+        assert float(width) == pytest.approx(0.6 + 4.4 * (abs(norm) / max_norm) ** 0.5, abs=0.006)
+        assert width != raw_width
+        assert "weights=norm" in driver.execute_script("return location.hash")
+        click(driver, driver.find_element(By.CSS_SELECTOR, f'#node-panel tr[data-link="{index}"]'))
+        shown = wait(driver, "#edge-weight-norm")
+        assert float(shown.get_attribute("data-value")) == pytest.approx(norm, rel=1e-12)
+        assert float(shown.text) == pytest.approx(norm, rel=1e-3)
+        assert float(driver.find_element(By.ID, "edge-weight").get_attribute("data-value")) == pytest.approx(
+            link["weight"], rel=1e-12
+        )
+        driver.save_screenshot(str(shots / "09-normalised.png"))
+
+        # choosing another graph puts it into the URL; a reload comes back to it
+        Select(driver.find_element(By.ID, "graph-select")).select_by_value("b-other.json")
+        opened(driver, "b-other.json")
+        assert driver.execute_script("return location.hash") == "#graph=b-other.json&weights=norm"
+        driver.refresh()
+        opened(driver, "b-other.json")
+        assert driver.find_element(By.ID, "weights-norm").is_selected()
+        driver.back()  # the URL before: the first graph
+        opened(driver, first)
+
+        # a URL naming a graph opens it, in the hash or in the query
+        driver.get(server.url + "/?graph=b-other.json")
+        opened(driver, "b-other.json")
+        driver.get(server.url + "/#graph=a-first.json")
+        opened(driver, "a-first.json")
+        assert not driver.find_element(By.ID, "weights-norm").is_selected()
+        assert console_errors(driver) == []
+
+
+def test_page_modules_are_served_as_javascript(setup):
+    """Every module the page imports is a sibling file under /static, served with a JavaScript MIME type
+    (Chromium refuses module scripts otherwise) and without any external address."""
+    static = Path(qktrace.__file__).parent / "web" / "static"
+    with LiveServer(create_app(setup.data)) as server:
+        with urllib.request.urlopen(server.url + "/", timeout=30) as r:
+            page = r.read().decode()
+        assert '<script type="module" src="/static/app.js"></script>' in page
+        todo, seen = ["app.js"], set()
+        while todo:
+            name = todo.pop()
+            seen.add(name)
+            with urllib.request.urlopen(f"{server.url}/static/{name}", timeout=30) as r:
+                assert r.headers["Content-Type"].split(";")[0] in ("text/javascript", "application/javascript")
+                text = r.read().decode()
+            assert "https://" not in text and "http://" not in text.replace("http://www.w3.org/2000/svg", "")
+            for imported in re.findall(r'from "\./([\w-]+\.js)"', text):
+                assert (static / imported).is_file()
+                if imported not in seen:
+                    todo.append(imported)
+        assert seen == {p.name for p in static.glob("*.js")}, "a module no one imports, or one not found"

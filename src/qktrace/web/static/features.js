@@ -1,0 +1,100 @@
+// The tooltip, and what it shows for a feature: its label and dashboard (GET /api/features), fetched once.
+
+import * as API from "./api.js";
+import { $, clear, el, fmt } from "./dom.js";
+import { nodeLabel, nodeWhere, parseId } from "./model.js";
+import { store } from "./state.js";
+
+const cache = new Map(); // "checkpoint/feature" -> Promise<FeatureResponse | null>
+
+/** A feature's label and dashboard, or null when the server has none. */
+export function feature(cp, f) {
+  const key = `${cp}/${f}`;
+  if (!cache.has(key)) {
+    const info = store.state.info;
+    cache.set(key, info && info.features ? API.feature(cp, f).catch(() => null) : Promise.resolve(null));
+  }
+  return cache.get(key);
+}
+
+// -- the tooltip -----------------------------------------------------------------------------------
+
+const tip = () => $("tooltip");
+
+export function moveTip(e) {
+  const t = tip();
+  const x = Math.min(e.clientX + 14, window.innerWidth - t.offsetWidth - 8);
+  const y = Math.min(e.clientY + 14, window.innerHeight - t.offsetHeight - 8);
+  t.style.left = `${Math.max(4, x)}px`;
+  t.style.top = `${Math.max(4, y)}px`;
+}
+
+export const hideTip = () => { tip().hidden = true; };
+
+export function showTip(e, content) {
+  const t = clear(tip());
+  t.append(...[content].flat());
+  t.hidden = false;
+  moveTip(e);
+}
+
+function dashboardView(d, fallback) {
+  if (!d) return [el("b", {}, fallback)];
+  const out = [el("b", {}, d.label), el("div", { class: "muted" }, `checkpoint ${d.checkpoint}, feature ${d.feature}`)];
+  const dash = d.dashboard;
+  if (!dash) return out;
+  out.push(el("div", { class: "muted" }, `fires on ${fmt(100 * (dash.freq || 0), 3)}% of tokens; max activation `
+    + fmt(dash.max_act, 3)));
+  if (dash.top_out.length) {
+    out.push(el("div", { class: "chips" }, "top outputs: ", dash.top_out.map((t) => el("span", {}, t))));
+  }
+  for (const c of dash.contexts.slice(0, 6)) {
+    out.push(el("div", { class: "ctx" }, el("span", { class: "muted" }, `${fmt(c.act, 3)} `),
+      c.tokens.map((t, i) => el(i === c.i ? "mark" : "span", { class: "t" }, t))));
+  }
+  return out;
+}
+
+/** The tooltip for a component id (a node id or a QK term's component): its label, then its dashboard. */
+export function showFeatureTip(e, id, fallback) {
+  const p = parseId(id);
+  showTip(e, [el("b", {}, fallback), el("div", { class: "muted" }, id)]);
+  if (p.kind !== "feature") return;
+  const target = e.currentTarget;
+  feature(p.cp, p.index).then((d) => {
+    if (!tip().hidden && target.matches(":hover")) showTip(e, dashboardView(d, fallback));
+  });
+}
+
+export function showNodeTip(e, model, n) {
+  if (n.p.kind === "feature") return showFeatureTip(e, n.id, nodeLabel(n));
+  showTip(e, [el("b", {}, nodeLabel(n)), el("div", { class: "muted" }, `${n.id} ${nodeWhere(model, n)}`),
+    n.activation !== null && n.activation !== undefined ? el("div", {}, `value ${fmt(n.activation)}`) : null]);
+}
+
+/** Tooltips for every `[data-component]` span under `root`. */
+export function attachTips(root) {
+  for (const span of root.querySelectorAll("[data-component]")) {
+    span.addEventListener("mouseenter", (e) => showFeatureTip(e, span.dataset.component, span.textContent));
+    span.addEventListener("mousemove", moveTip);
+    span.addEventListener("mouseleave", hideTip);
+  }
+}
+
+/**
+ * Graphs built before the SAEs had labels carry placeholder clerps ("c3/f12"): ask the server for the real
+ * ones (4 requests at a time, at most 400) and call `changed()` once some label changed.
+ */
+export async function refreshLabels(model, changed) {
+  if (!store.state.info || !store.state.info.features) return;
+  const todo = model.nodes.filter((n) => n.p.kind === "feature" && /^c\d+\/f\d+$/.test(n.clerp || "")).slice(0, 400);
+  let any = false;
+  const worker = async () => {
+    for (let n = todo.shift(); n; n = todo.shift()) {
+      const d = await feature(n.p.cp, n.p.index);
+      if (d && d.label !== n.clerp) { n.clerp = d.label; any = true; }
+    }
+  };
+  await Promise.all([1, 2, 3, 4].map(worker));
+  if (any && store.state.model === model) changed();
+}

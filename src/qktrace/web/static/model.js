@@ -1,0 +1,94 @@
+// A graph file (circuit-tracer JSON with qktrace's fields), indexed for the views. No DOM here.
+//
+// Node ids are qktrace's `kind/c<checkpoint>/p<pos>[/f<feature>|/t<token>]` (qktrace/nodes.py writes
+// them); a node whose id is not one of those (another tool's graph) is placed from its own `feature_type`,
+// `layer`, `ctx_idx` and `feature` fields instead.
+//
+// Edge weights come in two kinds: raw (the file's `weight`), and normalised per target, as circuit-tracer
+// normalises the adjacency matrix before pruning: each edge's weight divided by the sum of |weight| over
+// every edge into its target, so a target's incoming |normalised weights| sum to 1 (the sign is kept).
+
+const ID = /^([a-z_]+)\/c(\d+)\/p(\d+)(?:\/([ft])(\d+))?$/;
+const FOREIGN_KINDS = { embedding: "token", logit: "logit", "mlp reconstruction error": "error" };
+
+export function parseId(id, node = {}) {
+  const m = ID.exec(id);
+  if (m) return { kind: m[1], cp: +m[2], pos: +m[3], index: m[5] === undefined ? -1 : +m[5] };
+  const type = String(node.feature_type || "");
+  const kind = FOREIGN_KINDS[type] || (/transcoder|feature/.test(type) ? "feature" : "unknown");
+  const layer = Number.parseInt(node.layer, 10);
+  const index = Number.isInteger(node.feature) ? node.feature : -1;
+  return { kind, cp: Number.isNaN(layer) ? 0 : layer, pos: Number.isInteger(node.ctx_idx) ? node.ctx_idx : 0, index };
+}
+
+export function indexGraph(graph) {
+  const meta = graph.metadata || {};
+  const ours = meta.qktrace || {};
+  const nodes = (graph.nodes || []).map((n) => ({ ...n, id: n.node_id, p: parseId(n.node_id, n), ins: [], outs: [] }));
+  const byId = new Map(nodes.map((n) => [n.id, n]));
+  const links = [];
+  for (const l of graph.links || []) {
+    const s = byId.get(l.source), t = byId.get(l.target);
+    if (!s || !t) continue;
+    const link = { ...l, i: links.length, s, t, abs: Math.abs(l.weight), norm: 0 };
+    links.push(link);
+    s.outs.push(link);
+    t.ins.push(link);
+  }
+  for (const n of nodes) {
+    const total = n.ins.reduce((acc, l) => acc + l.abs, 0);
+    for (const l of n.ins) l.norm = total > 0 ? l.weight / total : 0;
+  }
+  const inner = nodes.filter((n) => n.p.kind !== "logit" && n.p.kind !== "token").map((n) => n.p.cp);
+  const q = graph.qParams || {};
+  const pins = Array.isArray(q.pinnedIds) ? q.pinnedIds : String(q.pinnedIds || "").split(",").filter(Boolean);
+  return {
+    graph,
+    meta,
+    foreign: !meta.qktrace, // made by another tool: no head loadings, no QK terms
+    tokens: meta.prompt_tokens || [],
+    nLayers: ours.n_layers || (inner.length ? Math.max(...inner) : 0),
+    nodes,
+    byId,
+    links,
+    sortedAbs: new Map(), // weights mode -> every |shown weight|, ascending (for pruning quantiles)
+    pinned: pins.filter((id) => byId.has(id)),
+    supernodes: (q.supernodes || []).filter((s) => Array.isArray(s) && s.length > 1)
+      .map(([name, ...ids]) => ({ name: String(name), ids: ids.filter((id) => byId.has(id)) })),
+  };
+}
+
+/** The weight shown for a link: raw, or normalised per target. */
+export const weightOf = (l, mode) => (mode === "norm" ? l.norm : l.weight);
+
+/** Links sorted by |shown weight|, strongest first. */
+export const strongest = (links, mode) =>
+  [...links].sort((a, b) => Math.abs(weightOf(b, mode)) - Math.abs(weightOf(a, mode)));
+
+/** The |weight| below which a fraction `q` of the links' shown |weights| lie (0 for q = 0). */
+export function quantile(model, mode, q) {
+  if (!model.sortedAbs.has(mode)) {
+    model.sortedAbs.set(mode, model.links.map((l) => Math.abs(weightOf(l, mode))).sort((a, b) => a - b));
+  }
+  const sorted = model.sortedAbs.get(mode);
+  if (!sorted.length || q <= 0) return 0;
+  return sorted[Math.min(sorted.length - 1, Math.floor(q * sorted.length))];
+}
+
+export const isCross = (l) => l.s.p.pos !== l.t.p.pos;
+export const nodeLabel = (n) => n.clerp || n.id;
+export const LABEL_CHARS = 28; // labels drawn on the graph and listed are cut to this with "…"
+export const shortLabel = (n) => {
+  const s = nodeLabel(n);
+  return s.length > LABEL_CHARS ? `${s.slice(0, LABEL_CHARS - 1)}…` : s;
+};
+export const tokText = (model, i) => (model.tokens[i] === undefined ? "?" : JSON.stringify(model.tokens[i]));
+export const nodeWhere = (model, n) => `@${n.p.pos} ${tokText(model, n.p.pos)}`;
+
+/** The graph file as it should be saved: its qParams carry the pins, supernodes and clicked node. */
+export function withViewState(model, { pinned, supernodes, selNode }) {
+  const out = JSON.parse(JSON.stringify(model.graph));
+  out.qParams = { ...(out.qParams || {}), pinnedIds: [...pinned],
+    supernodes: supernodes.map((s) => [s.name, ...s.ids]), clickedId: selNode ? selNode.id : "" };
+  return out;
+}

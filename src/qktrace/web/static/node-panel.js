@@ -1,0 +1,54 @@
+// The node panel: a node's numbers, a pin button, and its strongest inputs and outputs in the shown weights.
+
+import { clear, el, fmt, num } from "./dom.js";
+import { nodeLabel, nodeWhere, strongest, weightOf } from "./model.js";
+import { attachTips } from "./features.js";
+
+const HINT = "Click a node.";
+const ROWS = 12;
+
+/** handlers: onLink(l), onPin(n), onNode(n). `show(state)` draws state.selNode; `refresh(state)` redraws
+ * the node last shown (pins or weights changed); `reset()` goes back to the hint. */
+export function createNodePanel(body, { onLink, onPin }) {
+  let current = null;
+
+  function reset() {
+    current = null;
+    clear(body).append(HINT);
+    body.className = "body hint";
+  }
+
+  function draw(state, n) {
+    current = n;
+    const { model, weights, pinned } = state;
+    clear(body).className = "body";
+    body.append(el("h3", {}, nodeLabel(n)), el("dl", { class: "kv" },
+      el("dt", {}, "id"), el("dd", {}, n.id),
+      el("dt", {}, "position"), el("dd", {}, nodeWhere(model, n)),
+      el("dt", {}, "activation"), el("dd", {}, fmt(n.activation)),
+      el("dt", {}, "influence"), el("dd", {}, `${fmt(n.raw_influence)} (cumulative ${fmt(n.influence, 3)})`)),
+    el("div", { class: "btnrow" },
+      el("button", { type: "button", id: "pin-btn", onclick: () => onPin(n) }, pinned.has(n.id) ? "Unpin" : "Pin")));
+    const column = weights === "norm" ? "normalised" : "weight";
+    const table = (title, links, end) => {
+      if (!links.length) return el("p", { class: "muted" }, `no ${title.toLowerCase()}`);
+      return [el("h4", {}, `${title} (${links.length})`), el("table", { class: "links" },
+        el("tr", {}, el("th", { class: "num" }, column), el("th", {}, end)),
+        strongest(links, weights).slice(0, ROWS).map((l) => {
+          const other = end === "from" ? l.s : l.t;
+          return el("tr", { class: "clickable", "data-link": l.i, onclick: () => onLink(l) },
+            num(weightOf(l, weights), "weight", 3),
+            el("td", {}, el("span", { class: other.p.kind === "feature" ? "comp" : "", "data-component": other.id },
+              nodeLabel(other)), " ", el("span", { class: "muted" }, nodeWhere(model, other))));
+        }))];
+    };
+    body.append(...[table("Strongest inputs", n.ins, "from"), table("Strongest outputs", n.outs, "to")].flat());
+    attachTips(body);
+  }
+
+  return {
+    show: (state) => draw(state, state.selNode),
+    refresh: (state) => { if (current) draw(state, current); },
+    reset,
+  };
+}

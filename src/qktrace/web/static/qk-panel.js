@@ -1,0 +1,149 @@
+// The QK panel: why a head's query attends to a key, as terms query-side component × key-side component
+// (POST /api/qk), with the head's attention row, inhibitory terms and the contrast with the rival key;
+// without a model, the terms a graph stored for its edges.
+
+import * as API from "./api.js";
+import { $, C, FONT, clear, el, errorBox, fmt, num, sv, truncate } from "./dom.js";
+import { attachTips } from "./features.js";
+import { tokText } from "./model.js";
+
+/** The prompt to compute on: the open graph's token ids, else the text in the prompt box. */
+export function promptPayload(state) {
+  const ours = state.model && state.model.meta.qktrace;
+  if (ours && Array.isArray(ours.tokens)) return { tokens: ours.tokens };
+  const text = $("prompt-input").value.trim();
+  if (!text) throw new Error("open a graph or type a prompt first");
+  return { prompt: text };
+}
+
+const tokOf = (res, i) => JSON.stringify(res.str_tokens[i] === undefined ? "?" : res.str_tokens[i]);
+const comp = (id, label) => el("td", {}, el("span", { class: "comp", "data-component": id }, label));
+
+/** `state()`: the store's state. Wires the QK form; `explainHead(link, layer, head)` fills it and explains. */
+export function createQKPanel(state) {
+  const body = $("qk-body");
+
+  $("qk-form").addEventListener("submit", (e) => {
+    e.preventDefault();
+    const key = $("qk-key").value.trim();
+    run({ layer: +$("qk-layer").value, head: +$("qk-head").value, query_pos: +$("qk-query").value,
+      key_pos: key === "" ? null : +key });
+  });
+
+  async function run(req) {
+    body.className = "body";
+    clear(body).append(el("p", { class: "muted" }, el("span", { class: "spinner" }),
+      `explaining L${req.layer}H${req.head} at query ${req.query_pos}…`));
+    try {
+      render(await API.qk({ ...promptPayload(state()), ...req, top: 12 }));
+    } catch (e) { errorBox(body, e); }
+  }
+
+  function render(res) {
+    const qk = res.qk, ours = state().model && state().model.meta.qktrace;
+    clear(body).append(el("h3", { id: "qk-title" }, `L${res.layer}H${res.head}: query ${res.query_pos} `
+      + `${tokOf(res, res.query_pos)} → key ${res.key_pos} ${tokOf(res, res.key_pos)}`));
+    if (ours && ours.model !== res.model) {
+      body.append(el("p", { class: "error" }, `computed with the loaded model ${res.model}, not the graph's`));
+    }
+    body.append(el("table", { id: "qk-check" },
+      el("tr", {}, el("th", {}, "score (model)"), el("th", {}, "sum of terms"), el("th", {}, "capped sum"),
+        el("th", {}, "p(key)"), el("th", {}, "max rel. error")),
+      el("tr", {}, num(qk.score[0], "score", 6), num(qk.sum_of_terms[0], "sum_of_terms", 6),
+        num(qk.capped_sum[0], "capped_sum", 6), num(qk.pattern[0], "pattern", 6),
+        num(qk.max_relative_error, "max_relative_error", 2))));
+    body.append(el("h4", {}, "Attention of the query over every key (blue: this key, amber: its rival; click a bar)"),
+      attentionChart(res, (k) => run({ layer: res.layer, head: res.head, query_pos: res.query_pos, key_pos: k })));
+    body.append(el("h4", {}, "Top terms: query-side × key-side components"), termTable(qk.terms, "qk-terms", false));
+    body.append(el("div", { class: "two-col" }, marginalTable(qk.query_marginals, "Query side (summed)", "qk-qmarg"),
+      marginalTable(qk.key_marginals, "Key side (summed)", "qk-kmarg")));
+    body.append(el("h4", {}, "Strongest inhibitory terms (lower p(key) most, over all keys)"),
+      res.inhibitory.length ? termTable(res.inhibitory, "qk-inhibitory", true) : el("p", { class: "muted" }, "none"));
+    if (res.contrast) body.append(...contrastView(res));
+    attachTips(body);
+  }
+
+  function stored(l, layer, head) {
+    const model = state().model;
+    clear(body).className = "body";
+    const entries = (Array.isArray(l.qk_top_terms) ? l.qk_top_terms : [])
+      .filter((e) => e && (e.layer === undefined || (e.layer === layer && e.head === head)));
+    if (!entries.length) {
+      body.append(el("p", { class: "muted" }, "No model is loaded and this graph stores no QK terms for this head: "
+        + "start qktrace serve with --model to compute them."));
+      return;
+    }
+    const q = l.t.p.pos, k = l.s.p.pos;
+    for (const e of entries) {
+      const terms = Array.isArray(e.terms) ? e.terms : [e];
+      body.append(el("h3", { id: "qk-title" }, `L${layer}H${head}: query ${q} ${tokText(model, q)} → key `
+        + `${k} ${tokText(model, k)} (stored in the graph; no model loaded)`));
+      if (e.score !== undefined) {
+        body.append(el("dl", { class: "kv" }, el("dt", {}, "score"), el("dd", {}, fmt(e.score)),
+          el("dt", {}, "p(key)"), el("dd", {}, fmt(e.pattern))));
+      }
+      body.append(el("table", { id: "qk-terms", class: "terms" },
+        el("tr", {}, el("th", {}, "query side"), el("th", {}, "key side"), el("th", { class: "num" }, "term")),
+        terms.map((t) => el("tr", { class: "qk-term" }, comp(t.query, t.query_label || t.query),
+          comp(t.key, t.key_label || t.key), num(t.value, "value")))));
+    }
+    attachTips(body);
+  }
+
+  function explainHead(l, layer, head) {
+    const q = l.t.p.pos, k = l.s.p.pos;
+    $("qk-layer").value = layer; $("qk-head").value = head; $("qk-query").value = q; $("qk-key").value = k;
+    const info = state().info;
+    if (info && info.can_compute) run({ layer, head, query_pos: q, key_pos: k });
+    else stored(l, layer, head);
+  }
+
+  return { run, explainHead };
+}
+
+function termTable(terms, id, withPos) {
+  return el("table", { id, class: "terms" },
+    el("tr", {}, el("th", {}, "query side"), el("th", {}, "key side"), withPos ? el("th", { class: "num" }, "key") : null,
+      el("th", { class: "num" }, "term"), el("th", { class: "num" }, "Δp(key)")),
+    terms.map((t) => el("tr", { class: "qk-term" }, comp(t.query, t.query_label), comp(t.key, t.key_label),
+      withPos ? el("td", { class: "num" }, String(t.key_pos)) : null, num(t.value, "value"),
+      num(t.prob_effect, "prob_effect"))));
+}
+
+function marginalTable(list, title, id) {
+  const max = Math.max(1e-30, ...list.map((m) => Math.abs(m.value)));
+  return el("div", {}, el("h4", {}, title), el("table", { id },
+    list.slice(0, 10).map((m) => el("tr", {}, comp(m.component, m.label), num(m.value, "value", 3),
+      el("td", {}, sv("svg", { width: 60, height: 8 }, sv("rect", { x: 0, y: 0, height: 8,
+        width: Math.max(1, (60 * Math.abs(m.value)) / max), fill: m.value >= 0 ? C.pos : C.neg })))))));
+}
+
+function contrastView(res) {
+  const c = res.contrast;
+  return [el("h4", {}, `Why key ${c.key_a} ${tokOf(res, c.key_a)} rather than key ${c.key_b} ${tokOf(res, c.key_b)}: `
+    + "score difference ", el("span", { id: "qk-score-diff", "data-value": c.score_diff }, fmt(c.score_diff))),
+  el("table", { id: "qk-contrast" },
+    el("tr", {}, el("th", {}, "query side"), el("th", {}, "key side (either key)"), el("th", { class: "num" }, "at key"),
+      el("th", { class: "num" }, "at rival"), el("th", { class: "num" }, "difference")),
+    c.terms.map((t) => el("tr", {}, comp(t.query, t.query_label), comp(t.key, t.key_label),
+      num(t.value_a, "value_a", 3), num(t.value_b, "value_b", 3), num(t.diff, "diff", 3))))];
+}
+
+function attentionChart(res, onKey) {
+  const row = res.row, n = row.key_positions.length;
+  const barW = Math.max(10, Math.min(36, Math.floor(500 / Math.max(n, 1)))), h = 90, top = 14;
+  const chart = sv("svg", { class: "chart", id: "attn-chart", width: n * barW + 10, height: h + top + 30,
+    "font-family": FONT, "font-size": 10 });
+  const rival = res.contrast ? res.contrast.key_b : null;
+  row.key_positions.forEach((k, i) => {
+    const p = row.pattern[i], x = 5 + i * barW, bh = Math.max(1, p * h);
+    const color = k === res.key_pos ? C.pos : k === rival ? C.rival : "#9ca3af";
+    const tok = res.str_tokens[k] === undefined ? "?" : res.str_tokens[k];
+    chart.append(sv("g", { class: "attn-bar", "data-key": k, "data-value": p, cursor: "pointer", onclick: () => onKey(k) },
+      sv("rect", { x: x + 1, y: top + h - bh, width: barW - 2, height: bh, fill: color }),
+      sv("text", { x: x + barW / 2, y: top + h + 12, "text-anchor": "middle", fill: C.sel }, truncate(tok, 5)),
+      sv("text", { x: x + barW / 2, y: top + h + 24, "text-anchor": "middle", fill: C.muted }, String(k)),
+      sv("title", {}, `key ${k} ${JSON.stringify(tok)}: p = ${fmt(p)}, score ${fmt(row.score[i])}`)));
+  });
+  return chart;
+}
