@@ -199,7 +199,8 @@ def test_gemma_scope_canonical(hf_cache: Path, tiny_models) -> None:
                      sae_ids=["layer_0/width_16k/canonical", "layer_1/width_16k/canonical"])  # fmt: skip
     assert saes.checkpoints == (1, 2)
     sae = saes[2]
-    assert (sae.hook_name, sae.architecture, sae.apply_b_dec_to_input) == ("blocks.1.hook_resid_post", "jumprelu", False)
+    assert (sae.hook_name, sae.architecture) == ("blocks.1.hook_resid_post", "jumprelu")
+    assert not sae.apply_b_dec_to_input
     assert (sae.prepend_bos, sae.context_size, sae.model_name) == (True, 1024, "gemma-2-2b")
     assert sae.neuronpedia_id == "gemma-2-2b/1-gemmascope-res-16k" and sae.conventions == ()
     tracer = Tracer(model, saes)
