@@ -104,9 +104,9 @@ def read_sae_lens_cfg(cfg: Mapping[str, Any], where: str, overrides: Mapping[str
                 return scope[key]
         return default
 
-    def get(key: str, kind: type, default: Any = None) -> Any:
+    def get(key: str, kind: type, default: Any = None, *, optional: bool = True) -> Any:
         value = raw(key, _MISSING)
-        return default if value is _MISSING else typed(value, key, kind, where, optional=True)
+        return default if value is _MISSING else typed(value, key, kind, where, optional=optional)
 
     version = get("sae_lens_version", str)
     pre_v6 = version is None or (_major(version) or 0) < 6
@@ -139,15 +139,17 @@ def read_sae_lens_cfg(cfg: Mapping[str, Any], where: str, overrides: Mapping[str
     return FileConfig(
         architecture=arch,
         hook_name=hook,
-        apply_b_dec_to_input=get("apply_b_dec_to_input", bool, defaults.get("apply_b_dec_to_input", True)),
+        apply_b_dec_to_input=get(
+            "apply_b_dec_to_input", bool, defaults.get("apply_b_dec_to_input", True), optional=False
+        ),
         k=k,
         d_in=get("d_in", int),
         d_sae=get("d_sae", int),
         normalize_activations=norm,
         scale=get("norm_scaling_factor", float),
         centre=centre,
-        rescale_acts_by_decoder_norm=bool(get("rescale_acts_by_decoder_norm", bool, False)),
-        finetuning_scaling_factor=bool(get("finetuning_scaling_factor", bool, False)),
+        rescale_acts_by_decoder_norm=bool(get("rescale_acts_by_decoder_norm", bool)),  # null: off
+        finetuning_scaling_factor=bool(get("finetuning_scaling_factor", bool)),
         model_name=get("model_name", str) or "",
         prepend_bos=get("prepend_bos", bool, defaults.get("prepend_bos")),
         context_size=get("context_size", int),
