@@ -15,6 +15,7 @@ import json
 import math
 import os
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -376,3 +377,36 @@ def test_hf_repo_id_as_release(hf_cache: Path, tiny_models) -> None:
     sae = load_saes("saelens:jbloom/GPT2-Small-SAEs-Reformatted", model, sae_ids=["blocks.1.hook_resid_pre"])[1]
     # the repo id alone carries no release conventions (as in SAELens): no centring
     assert sae.conventions == () and sae.hook_name == "blocks.1.hook_resid_pre"
+
+
+def test_release_scale_and_centring_together(hf_cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """expected_average_only_in with the release's norm_scaling_factor, on a centred release."""
+    site = tmp_path / "site"
+    (site / "sae_lens").mkdir(parents=True)
+    (site / "sae_lens" / "__init__.py").write_text("")
+    (site / "sae_lens" / "pretrained_saes.yaml").write_text(
+        "scaled-release:\n  repo_id: me/scaled\n  model: tiny\n  conversion_func: null\n"
+        "  config_overrides:\n    model_from_pretrained_kwargs:\n      center_writing_weights: true\n"
+        "  saes:\n  - id: a\n    path: a\n    norm_scaling_factor: 3.5\n"
+    )
+    monkeypatch.syspath_prepend(str(site))
+    g = torch.Generator().manual_seed(4)
+    d = 8
+    w = {"W_enc": torch.randn(d, D_SAE, generator=g), "b_enc": torch.randn(D_SAE, generator=g) * 0.3,
+         "W_dec": torch.randn(D_SAE, d, generator=g), "b_dec": torch.randn(d, generator=g) + 0.5}  # fmt: skip
+    model = SimpleNamespace(d_model=d, n_layers=4, name="tiny")  # says nothing of its norm: centring applies
+    cfg = {"architecture": "standard", "d_in": d, "d_sae": D_SAE, "apply_b_dec_to_input": True,
+           "normalize_activations": "expected_average_only_in",
+           "metadata": {"sae_lens_version": "6.0.0", "hook_name": "blocks.2.hook_resid_pre"}}  # fmt: skip
+    put(hf_cache, "me/scaled", "a/cfg.json", json.dumps(cfg).encode())
+    put(hf_cache, "me/scaled", "a/sae_weights.safetensors", safetensors_bytes(w))
+    sae = load_saes("saelens:scaled-release", model, sae_ids=["a"])[2]
+    assert sae.conventions == ("centred residual", "input scale 3.5")
+    s, scale = {k: v.double() for k, v in w.items()}, 3.5
+    X = torch.randn(7, d, generator=torch.Generator().manual_seed(99)).double() * 2 + 0.7
+    centred = X - X.mean(-1, keepdim=True)
+    acts = ((scale * centred - s["b_dec"]) @ s["W_enc"] + s["b_enc"]).relu()  # SAELens: scale, then subtract b_dec
+    recon = (acts @ s["W_dec"] + s["b_dec"]) / scale  # back to residual units
+    torch.testing.assert_close(sae.encode(X).double(), acts, atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(sae.decode(sae.encode(X)).double(), recon, atol=1e-4, rtol=1e-5)
+    assert int((acts > 0).sum()) > 0
