@@ -228,6 +228,12 @@ def test_non_residual_hooks_and_transcoders(tmp_path: Path) -> None:
     refused(folder, "hook_head_index")
     folder = llama_scope_dir(tmp_path / "tc", hook_out="blocks.1.hook_mlp_out")
     refused(folder, "transcoder")
+    npz = tmp_path / "gemma" / "embedding" / "width_4k" / "average_l0_6" / "params.npz"
+    npz.parent.mkdir(parents=True)
+    np.savez(npz, **{k: v.numpy() for k, v in weights(threshold=True).items()})
+    with pytest.raises(QKTraceError) as e:
+        load_saes(npz, MODEL)
+    assert "hook_embed" in str(e.value) and "residual" in str(e.value) and "\n" not in str(e.value)
 
 
 # ---------------------------------------------------------------------------------------------- Llama Scope helpers

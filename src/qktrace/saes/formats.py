@@ -31,7 +31,7 @@ from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 from torch import Tensor
 
-from ..errors import SAELoadError
+from ..errors import SAELoadError, SAEMismatchError
 from .conventions import FileConfig, check_tensors, read_sae_lens_cfg, typed
 from .labels import LABELS_FILE, read_labels_json
 from .releases import registry
@@ -92,7 +92,7 @@ def _require(w: Mapping[str, Tensor], names: tuple[str, ...], path: Path) -> Non
 
 
 def _release_extras(overrides: Mapping[str, Any] | None, where: str) -> dict[str, Any]:
-    """model_name / neuronpedia_id / norm_scaling_factor a release entry adds to a config-less layout."""
+    """model_name / neuronpedia_id that release overrides add to a layout without a config of its own."""
     o = overrides or {}
     return {
         "model_name": typed(o.get("model_name"), "model_name", str, where, optional=True) or "",
@@ -117,6 +117,11 @@ def read_gemma_npz(path: Path, overrides: Mapping[str, Any] | None = None, repo_
     layout = registry()["layouts"]["gemma_2"]
     # absolute(), not resolve(): the HF cache symlinks params.npz to a blob outside the layer_N folder
     layers = [int(m.group(1)) for part in path.absolute().parts if (m := _LAYER_DIR.match(part))]
+    if not layers and "embedding" in path.absolute().parts:
+        raise SAEMismatchError(
+            f"SAE at {path} reads the embedding (hook_embed): only residual-stream SAEs are supported "
+            "(blocks.L.hook_resid_pre or blocks.L.hook_resid_post): use a layer_N SAE"
+        )
     if not layers:
         raise SAELoadError(
             f"cannot tell the layer of {path}: put it under a layer_N folder as in Gemma Scope "

@@ -11,6 +11,7 @@ import importlib
 import logging
 import os
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -109,7 +110,8 @@ def _from_release(release: Release, sae_id: str) -> RawSAE:
         raw = read_path(paths[-1], release.overrides(sae_id), repo_kind)
     else:  # the folder holding the config (hf_hub_download keeps the repo's folder structure)
         raw = read_path(paths[0].parent, release.overrides(sae_id))
-    return RawSAE(raw.weights, raw.config, what, raw.config_file, raw.labels)
+    config = raw.config if raw.config.model_name else replace(raw.config, model_name=release.model)
+    return RawSAE(raw.weights, config, what, raw.config_file, raw.labels)
 
 
 def _with_sae_lens(release: str, sae_id: str) -> RawSAE:

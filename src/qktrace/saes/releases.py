@@ -54,9 +54,7 @@ class Release:
         """Config values the release sets for one SAE (what SAELens passes as cfg_overrides)."""
         entry = self.entry(sae_id)
         extra = {"neuronpedia_id": entry.get("neuronpedia"), "norm_scaling_factor": entry.get("norm_scaling_factor")}
-        out = {**{k: v for k, v in extra.items() if v is not None}, **self.config_overrides}
-        out.setdefault("model_name", self.model)
-        return out
+        return {**{k: v for k, v in extra.items() if v is not None}, **self.config_overrides}
 
 
 def _parse_entry(name: str, value: Any, origin: str) -> Release | None:
