@@ -31,9 +31,10 @@ from torch.utils.flop_counter import flop_registry
 
 from qktrace.graph import build_graph
 from qktrace.graph.build import attribute
-from qktrace.graph.edges import Vectors, frozen_layer
+from qktrace.graph.edges import Vectors
 from qktrace.models import Model
 from qktrace.models.model import Trace
+from qktrace.models.replay import frozen_layer
 from qktrace.saes import SAE, SAESet
 
 FULL = dict(layers=12, d_model=768, heads=12, d_sae=24576, k=64, tokens=64, long=1024)

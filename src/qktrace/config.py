@@ -40,6 +40,16 @@ class MemoryDefaults:
     budget_fraction: float = 0.5
 
 
+# How far a decomposition may sit from the model's own number, relative to the larger of |score| and the
+# largest |term|, per model dtype. Terms accumulate in float32; half-precision models round their own
+# q, k and scores (measured on the tiny random models of every family: bfloat16 <= 4.4e-3, float16 <= 6e-4).
+TOLERANCE = {"float64": 1e-10, "float32": 1e-4, "bfloat16": 2e-2, "float16": 3e-3}
+
+
+def tolerance(dtype: torch.dtype) -> float:
+    return TOLERANCE[str(dtype).removeprefix("torch.")]
+
+
 GRAPH = GraphDefaults()
 QK = QKDefaults()
 MEMORY = MemoryDefaults()

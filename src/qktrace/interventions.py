@@ -485,7 +485,7 @@ def sweep(
     n = int(ids.shape[0])
     make = interventions if callable(interventions) else (lambda s: _fill(interventions, s))  # type: ignore[arg-type]
     tok_ids = [model.token_id(t) if isinstance(t, str) else int(t) for t in watch_tokens]
-    tok_names = [model.str_tokens(torch.tensor([t]))[0] for t in tok_ids]
+    tok_names = [model.str_tokens(torch.tensor([t], device="cpu"))[0] for t in tok_ids]
     watched = []
     for ly, h, qp, kp in watch_attention:
         ly, h = check_index(ly, model.n_layers, "layer"), check_index(h, model.n_heads, "head")

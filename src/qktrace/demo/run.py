@@ -163,7 +163,7 @@ def study(tracer: Tracer, case: CaseStudy, out: Path) -> CaseResult:
     else:
         rival_id = int(next(t for t in trace.last_logits.argsort(descending=True).tolist() if t != answer_id))
     watch = [answer_id, rival_id]
-    answer, rival = model.str_tokens(torch.tensor(watch))
+    answer, rival = model.str_tokens(torch.tensor(watch, device="cpu"))
 
     def diff(ivs: list[Intervention]) -> float:
         return float(sweep(model, tracer.saes, case.prompt, ivs, [0.0], watch_tokens=watch).iloc[0]["logit_diff"])

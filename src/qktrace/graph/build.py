@@ -510,7 +510,7 @@ def _label(model: Model, saes: SAESet, trace: Trace, node: Node, prob: float) ->
     if node.kind is Kind.TOKEN:
         return trace.str_tokens[p]
     if node.kind is Kind.LOGIT:
-        return f'Output "{model.str_tokens(torch.tensor([node.index]))[0]}" (p={prob:.3f})'
+        return f'Output "{model.str_tokens(torch.tensor([node.index], device="cpu"))[0]}" (p={prob:.3f})'
     return {
         Kind.ERROR: f"SAE error at checkpoint {c}",
         Kind.SAE_BIAS: f"SAE decoder bias at checkpoint {c}",

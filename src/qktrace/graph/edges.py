@@ -34,7 +34,6 @@ anatomy's compute dtype (float32 for half-precision models, whose MLP is run as 
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -42,6 +41,7 @@ import torch
 from torch import Tensor
 
 from ..models.anatomy import Anatomy, Norm
+from ..models.replay import float_mlp
 from ..models.trace import Trace
 
 TILE = 1 << 24  # elements of one [source position, target, d_model] tile, or of a block of pattern rows
@@ -124,14 +124,6 @@ def pattern_rows(trace: Trace, layer: int, positions: Tensor) -> Iterator[tuple[
     for i in range(0, len(positions), step):
         rows = positions[i : i + step]
         yield rows, trace.pattern(layer, rows)
-
-
-def float_mlp(anatomy: Anatomy, layer: int) -> Callable[[Tensor], Tensor]:
-    """The layer's HF MLP as a function in the compute dtype (a float32 copy for half-precision models)."""
-    mlp = anatomy.layers[layer].mlp
-    if anatomy.dtype == anatomy.compute_dtype:
-        return mlp  # type: ignore[no-any-return]
-    return copy.deepcopy(mlp).to(anatomy.compute_dtype)  # type: ignore[no-any-return]
 
 
 def attention_bias(anatomy: Anatomy, trace: Trace, layer: int, pos: Tensor | None = None) -> Tensor:

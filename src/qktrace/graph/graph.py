@@ -311,18 +311,19 @@ def _from_json(data: Mapping[str, Any]) -> Graph:
     top = max((len(link.get("head_loadings") or []) for link in links), default=0)
     top = max(top, int(settings.get("top_heads") or 0))
     n = len(links)
-    heads = torch.full((n, top), -1, dtype=torch.long)
-    direct, via = torch.zeros(n, top), torch.zeros(n, top)
-    layer = torch.full((n,), -1, dtype=torch.long)
+    cpu = torch.device("cpu")  # a Graph lives on the CPU
+    heads = torch.full((n, top), -1, dtype=torch.long, device=cpu)
+    direct, via = torch.zeros(n, top, device=cpu), torch.zeros(n, top, device=cpu)
+    layer = torch.full((n,), -1, dtype=torch.long, device=cpu)
     for e, link in enumerate(links):
         for j, h in enumerate(link.get("head_loadings") or []):
             layer[e], heads[e, j], direct[e, j], via[e, j] = h["layer"], h["head"], h["direct"], h["via_mlp"]
     return Graph(
         nodes=nodes,
-        source=torch.tensor([index[link["source"]] for link in links], dtype=torch.long),
-        target=torch.tensor([index[link["target"]] for link in links], dtype=torch.long),
-        weight=torch.tensor([float(link["weight"]) for link in links]),
-        influence=torch.tensor([float(link.get("influence", 0.0)) for link in links]),
+        source=torch.tensor([index[link["source"]] for link in links], dtype=torch.long, device=cpu),
+        target=torch.tensor([index[link["target"]] for link in links], dtype=torch.long, device=cpu),
+        weight=torch.tensor([float(link["weight"]) for link in links], device=cpu),
+        influence=torch.tensor([float(link.get("influence", 0.0)) for link in links], device=cpu),
         head_layer=layer,
         heads=heads,
         direct=direct,

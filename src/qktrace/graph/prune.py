@@ -79,9 +79,12 @@ class CoverThreshold:
     def _cut(self) -> tuple[int, float, float]:
         """(bin where the cover is reached, mass of the bins above it, total)."""
         total = float(self.hist.sum())
-        above = torch.cumsum(self.hist.flip(0), 0)  # mass of the top bins
+        flipped = self.hist.flip(0)
+        above = torch.cumsum(flipped, 0)  # mass of the top bins
         goal = torch.tensor([self.fraction * total], dtype=above.dtype, device=above.device)
         k = min(int(torch.searchsorted(above, goal)), len(self.hist) - 1)
+        nonempty = (flipped[k:] > 0).nonzero()  # the cover is reached in a bin that holds a score
+        k += int(nonempty[0]) if len(nonempty) else 0
         return len(self.hist) - 1 - k, float(above[k - 1]) if k > 0 else 0.0, total
 
     def floor(self) -> float:

@@ -86,7 +86,7 @@ class Model:
             ids = self.tokenizer(prompt, return_tensors="pt")["input_ids"][0]  # type: ignore[operator]
         else:
             try:
-                ids = torch.as_tensor(prompt, dtype=torch.long).reshape(-1)
+                ids = torch.as_tensor(prompt, dtype=torch.long, device="cpu").reshape(-1)
             except (TypeError, ValueError, RuntimeError, OverflowError):
                 raise InputError("token ids must be a list of integers") from None
         if prepend_bos:
@@ -94,7 +94,7 @@ class Model:
             if bos is None:
                 raise InputError(f"the SAEs want a BOS token first but model '{self.name}' has none: pass token ids")
             if ids.numel() == 0 or int(ids[0]) != bos:
-                ids = torch.cat([torch.tensor([bos], dtype=torch.long), ids.cpu()])
+                ids = torch.cat([torch.tensor([bos], dtype=torch.long, device="cpu"), ids.cpu()])
         if ids.numel() == 0:
             raise InputError("the prompt is empty: give at least one token")
         vocab = self.anatomy.W_E.shape[0]

@@ -139,7 +139,7 @@ class Trace:
             return torch.arange(self.n_pos, device=dev)
         if isinstance(q_pos, int):
             q_pos = [q_pos]
-        return torch.as_tensor(q_pos, dtype=torch.long).to(dev).reshape(-1)
+        return torch.as_tensor(q_pos, dtype=torch.long, device=dev).reshape(-1)
 
     def allowed(self, layer: int, q_pos: Rows = None) -> Tensor:
         """[q, k_pos] bool: the keys each query may attend to (causal mask, sliding window)."""

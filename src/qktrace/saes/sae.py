@@ -49,13 +49,16 @@ class FeatureActs:
 
     pos: Tensor  # [n] long
     feature: Tensor  # [n] long
-    act: Tensor  # [n]
-    recon: Tensor  # [pos, d_model], decode(dense acts), includes b_dec
-    error: Tensor  # [pos, d_model], resid - recon
+    act: Tensor  # [n] in the SAE's dtype, as SAELens would compute it
+    error: Tensor  # [pos, d_model] resid - decode(acts), in float32 (float64 for float64 input)
+
+    @property
+    def n_pos(self) -> int:
+        return int(self.error.shape[0])
 
     def at(self, p: int) -> tuple[Tensor, Tensor]:
         """(features, acts) active at position p (negative counts from the end)."""
-        p = check_index(p, self.recon.shape[0], "position", allow_negative=True)
+        p = check_index(p, self.n_pos, "position", allow_negative=True)
         lo, hi = torch.searchsorted(self.pos, torch.tensor([p, p + 1], device=self.pos.device)).tolist()
         return self.feature[lo:hi], self.act[lo:hi]
 
@@ -144,17 +147,30 @@ class SAE:
         """acts [..., pos, d_sae] -> reconstruction [..., pos, d_model] (includes b_dec)."""
         return acts.to(self.W_dec.dtype) @ self.W_dec + self.b_dec
 
-    def sparse(self, resid: Tensor) -> FeatureActs:
-        """resid [pos, d_model] -> the active features, with resid == sum_i a_i W_dec[f_i] + b_dec + error."""
+    def sparse(self, resid: Tensor, chunk: int = 4096) -> FeatureActs:
+        """resid [pos, d_model] -> the active features, with resid == sum_i a_i W_dec[f_i] + b_dec + error.
+
+        Activations are computed in the SAE's dtype (as SAELens would); the reconstruction and the error
+        in float32 (float64 input: float64), so the split is exact whatever the SAE's precision. Positions
+        are encoded `chunk` at a time: a [pos, d_sae] tensor is never held for a long prompt."""
         if resid.dim() != 2:
             raise SAEMismatchError(
                 f"sparse() needs resid of shape [pos, d_model], got {list(resid.shape)}: pass one prompt"
             )
-        x = self._input(resid)
-        dense = self.encode(x)  # [pos, d_sae]
-        recon = self.decode(dense)  # [pos, d_model]
-        pos, feature = dense.nonzero(as_tuple=True)  # row-major, so sorted by (pos, feature)
-        return FeatureActs(pos=pos, feature=feature, act=dense[pos, feature], recon=recon, error=x - recon)
+        self._input(resid[:0])  # width check
+        cdt = torch.promote_types(resid.dtype, torch.float32)
+        W_dec, b_dec = self.W_dec.to(cdt), self.b_dec.to(cdt)
+        parts: list[tuple[Tensor, Tensor, Tensor]] = []
+        errors = []
+        for p0 in range(0, resid.shape[0], chunk):
+            x = resid[p0 : p0 + chunk]
+            dense = self.encode(x)  # [chunk, d_sae]
+            pos, feature = dense.nonzero(as_tuple=True)  # row-major, so sorted by (pos, feature)
+            parts.append((pos + p0, feature, dense[pos, feature]))
+            recon = dense.to(cdt) @ W_dec + b_dec
+            errors.append(x.to(device=recon.device, dtype=cdt) - recon)
+        pos, feature, act = (torch.cat(c) for c in zip(*parts))
+        return FeatureActs(pos=pos, feature=feature, act=act, error=torch.cat(errors))
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> SAE:
         """A copy with every tensor moved to `device` and/or cast to `dtype`."""
