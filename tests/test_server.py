@@ -308,9 +308,15 @@ def test_sweep_equals_direct(client, setup):
 
 
 def test_sweep_residual_and_errors(client, setup):
-    req = {"tokens": setup.tokens, "checkpoint": 1, "feature": 2, "positions": 1, "scales": [0.0, 1.0]}
+    acts = setup.tracer.run(setup.tokens).acts(1)
+    active = int(acts.feature[acts.pos == 1][0])
+    req = {"tokens": setup.tokens, "checkpoint": 1, "feature": active, "positions": 1, "scales": [0.0, 1.0]}
     assert len(ok(client.post("/api/sweep", json=req))["rows"]) == 2
-    base = {"tokens": setup.tokens, "heads": [[1, 0]], "feature": 2, "positions": [1]}
+    inactive = next(f for f in range(24) if f not in acts.feature[acts.pos == 1].tolist())
+    msg = refused(client.post("/api/sweep", json=req | {"feature": inactive}), 400)
+    assert f"feature {inactive} is not active at positions [1]" in msg
+    assert len(ok(client.post("/api/sweep", json=req | {"feature": inactive, "mode": "value"}))["rows"]) == 2
+    base = {"tokens": setup.tokens, "heads": [[1, 0]], "feature": active, "positions": [1]}
     cases = [
         ({"heads": [[0, 1], [1, 0]]}, "one layer at a time"),
         ({"feature": 999}, "checkpoint 1 feature 999 is out of range"),
