@@ -52,7 +52,10 @@ def _first_line(e: BaseException) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     from .commands import COMMANDS
 
-    args = build_parser(COMMANDS).parse_args(join_dash_values(sys.argv[1:] if argv is None else argv))
+    try:
+        args = build_parser(COMMANDS).parse_args(join_dash_values(sys.argv[1:] if argv is None else argv))
+    except SystemExit as e:  # a mistake (already one line on stderr, code 2) or --help (0)
+        return e.code if isinstance(e.code, int) else 2
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:

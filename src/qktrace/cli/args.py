@@ -51,8 +51,8 @@ def int_in(lo: int, hi: int | None = None) -> Callable[[str], int]:
         except ValueError:
             value = None
         if value is None or value < lo or (hi is not None and value > hi):
-            span = f"{lo}..{hi}" if hi is not None else f"{lo} or more"
-            raise argparse.ArgumentTypeError(f"{text[:40]!r} is not an integer in {span}")
+            span = f"in {lo}..{hi}" if hi is not None else f">= {lo}"
+            raise argparse.ArgumentTypeError(f"{text[:40]!r} is not an integer {span}")
         return value
 
     return parse

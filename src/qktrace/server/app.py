@@ -140,6 +140,7 @@ def create_app(
     features = Features(tracer, saes_dir)
     engine = Engine(tracer, limits, max_memory) if tracer is not None else None
     app = FastAPI(title="qktrace", version=str(S.API_VERSION), docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.store, app.state.engine = store, engine
     hosts = set(allowed_hosts or ())
 
     @app.middleware("http")
