@@ -26,9 +26,9 @@ SRC = str(Path(files.__file__).resolve().parents[1])
 
 
 def small_graph(n_links: int = 3, top: int = 2) -> Graph:
-    nodes = tuple(
-        GraphNode(Node(Kind.TOKEN, 0, p, 5 + p), None, 1.0, 1.0, f"tok{p}") for p in range(n_links + 1)
-    ) + (GraphNode(Node(Kind.LOGIT, 2, n_links, 7), 3.0, 1.0, 1.0, "logit", token_prob=0.5, is_target_logit=True),)
+    nodes = tuple(GraphNode(Node(Kind.TOKEN, 0, p, 5 + p), None, 1.0, 1.0, f"tok{p}") for p in range(n_links + 1)) + (
+        GraphNode(Node(Kind.LOGIT, 2, n_links, 7), 3.0, 1.0, 1.0, "logit", token_prob=0.5, is_target_logit=True),
+    )
     src = torch.arange(n_links)
     return Graph(
         nodes=nodes,
