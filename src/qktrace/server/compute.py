@@ -208,8 +208,8 @@ class Engine:
             return self.jobs.get(job_id)
 
     def _forget_finished(self) -> None:
-        over = len(self.jobs) - self.limits.max_queued_jobs - self.limits.max_finished_jobs
-        for jid in [j.id for j in self.jobs.values() if j.status != "running"][: max(0, over)]:
+        finished = [j.id for j in self.jobs.values() if j.status != "running"]  # oldest first
+        for jid in finished[: max(0, len(finished) - self.limits.max_finished_jobs)]:
             del self.jobs[jid]
 
     def _work(self, store: GraphStore) -> None:

@@ -140,7 +140,7 @@ class GraphStore:
         except InputError as e:
             if not overwrite and self.exists(fname):
                 raise ApiError(
-                    409, f"a graph named '{fname}' appeared meanwhile: build it again with another name"
+                    409, f"a graph named '{fname}' exists (it appeared while this one was built): use another name"
                 ) from e
             raise
         return fname
