@@ -216,6 +216,14 @@ class Steering:
 
 def _positions(spec: Positions, n_pos: int) -> list[int]:
     if isinstance(spec, slice):
+        for end in (spec.start, spec.stop):
+            if end is not None and not -n_pos <= _int(end, "position") <= n_pos:
+                raise InputError(
+                    f"positions {spec.start}:{spec.stop} run past the prompt of {n_pos} tokens: "
+                    f"give a range within {-n_pos}..{n_pos}"
+                )
+        if spec.step is not None:
+            raise InputError("positions with a step are not supported: give start:stop or a list")
         out = list(range(n_pos)[spec])
         if not out:
             raise InputError(f"positions {spec.start}:{spec.stop} select nothing in a prompt of {n_pos} tokens")

@@ -201,7 +201,7 @@ def steer_request(args: argparse.Namespace) -> SteerRequest:
 def cmd_steer(args: argparse.Namespace) -> int:
     check_text(args.prompt)
     checked = check_request(steer_request(args))
-    plot = check_output(args.plot, "plot", "--plot") if args.plot else None
+    plot = check_output(args.plot, "plot", "--plot") if args.plot is not None else None
     traced = _tracer(args).run(args.prompt)
     steering = build_steering(traced, checked)
     df = steering.run()
@@ -222,7 +222,7 @@ def cmd_heads(args: argparse.Namespace) -> int:
     from ..heads import heads_table
     from ..plots import plot_heads
 
-    plot = check_output(args.plot, "plot", "--plot") if args.plot else None
+    plot = check_output(args.plot, "plot", "--plot") if args.plot is not None else None
     tracer = _tracer(args)
     table = heads_table(tracer.model, sort_by=args.sort)
     con = _console()

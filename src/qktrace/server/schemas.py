@@ -19,7 +19,7 @@ API_VERSION = 1
 # conversion can overflow; what they index is checked against the model by the library
 Int = Annotated[int, Strict(), Field(ge=-(2**31), le=2**31 - 1)]
 TokenId = Annotated[int, Strict(), Field(ge=0, le=2**31 - 1)]
-Fraction = Annotated[float, Field(gt=0, le=1, allow_inf_nan=False)]
+Fraction = Annotated[float, Strict(), Field(gt=0, le=1, allow_inf_nan=False)]
 
 
 class Versioned(BaseModel):
@@ -78,7 +78,7 @@ class SweepRequest(PromptRequest):
     checkpoint: Int | None = Field(None, description="the feature's checkpoint (default: the heads' layer)")
     feature: Int
     positions: Int | list[Int]
-    scales: Annotated[str, Field(max_length=200)] | list[float] = "0:2:5"
+    scales: Annotated[str, Field(max_length=200)] | list[Annotated[float, Strict()]] = "0:2:5"
     mode: Literal["scale", "value"] = Field("scale", description="activation becomes scale * a, or the value itself")
     freeze_others: StrictBool = False
     watch_tokens: list[StrictStr | TokenId] = Field(default_factory=list)
