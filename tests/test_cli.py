@@ -266,3 +266,62 @@ def test_python_m_qktrace_server_is_the_serve_command(capsys):
 
     assert server_main(["--port", "99999"]) == 2
     assert "--port" in one_line_error(capsys.readouterr().err)
+
+
+# Load-time checks that live in models/ and saes.py (issue 12, done beside this work): the CLI already
+# turns their errors into one line; these tests turn green when the checks land (strict: then drop the mark).
+LANDS_ELSEWHERE = pytest.mark.xfail(strict=True, reason="the check lands in models/ or saes.py (issue 12)")
+
+
+def _broken_model(src, dst, how: str):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src, dst)
+    weights = dst / "model.safetensors"
+    if how == "truncated":
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    elif how == "nan":
+        tensors = load_file(weights)
+        name = next(k for k in tensors if k.endswith("q_proj.weight"))
+        tensors[name][0, 0] = float("nan")
+        save_file(tensors, weights, metadata={"format": "pt"})
+    elif how == "config-type":
+        cfg = json.loads((dst / "config.json").read_text())
+        cfg["num_hidden_layers"] = "two"
+        (dst / "config.json").write_text(json.dumps(cfg))
+    elif how == "config-deep":
+        (dst / "config.json").write_text("[" * 100_000 + "]" * 100_000)
+    return dst
+
+
+@LANDS_ELSEWHERE
+@pytest.mark.parametrize("how", ["truncated", "nan", "config-type", "config-deep"])
+def test_broken_model_files_are_one_line(capsys, tiny_paths, tmp_path, how):
+    model = _broken_model(tiny_paths["llama"], tmp_path / "m", how)
+    code, _, err = run(capsys, "info", str(model))
+    assert code == 2 and one_line_error(err)
+
+
+@LANDS_ELSEWHERE
+def test_nan_sae_weights_are_refused_at_load(capsys, tiny_paths, saes_dir, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(saes_dir / "blocks.1.hook_resid_pre", tmp_path / "blocks.1.hook_resid_pre")
+    weights = tmp_path / "blocks.1.hook_resid_pre" / "sae_weights.safetensors"
+    tensors = load_file(weights)
+    tensors["W_dec"][0, 0] = float("inf")
+    save_file(tensors, weights)
+    code, _, err = run(capsys, "info", str(tiny_paths["llama"]), "--saes", str(tmp_path))
+    assert code == 2 and "W_dec" in one_line_error(err)
+
+
+@LANDS_ELSEWHERE
+def test_a_prompt_past_the_context_names_both_numbers(capsys, tiny_paths):
+    long = " ".join(["w1"] * 200)  # the tiny GPT-2 has 128 positions
+    code, _, err = run(capsys, "qk", str(tiny_paths["gpt2"]), "--prompt", long, "--layer", "0", "--head", "0")
+    line = one_line_error(err)
+    assert code == 2 and "201" in line and "128" in line

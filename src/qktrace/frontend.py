@@ -18,6 +18,7 @@ steering sweeps. The front ends only translate their arguments; every check and 
 
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
 import math
@@ -75,13 +76,19 @@ def graph_options(
     if max_memory is not None:
         if not 1 <= _int(max_memory, "max_memory") <= LIMITS.max_memory_bytes:
             raise InputError(f"max_memory {max_memory} is out of range: give 1 byte to 1PiB, such as 8GB")
-        from .graph import build_graph
-
-        if "max_memory" in inspect.signature(build_graph).parameters:
+        if _builder_takes_max_memory():
             kw["max_memory"] = int(max_memory)
-        else:  # pragma: no cover - until the graph builder takes a budget
-            log.warning("this version builds graphs without a memory budget: max_memory %d is ignored", max_memory)
     return kw
+
+
+@functools.cache
+def _builder_takes_max_memory() -> bool:
+    from .graph import build_graph
+
+    takes = "max_memory" in inspect.signature(build_graph).parameters
+    if not takes:  # pragma: no cover - until the graph builder takes a budget
+        log.warning("this version builds graphs without a memory budget: max_memory is ignored")
+    return takes
 
 
 def _int(value: object, what: str) -> int:
@@ -136,6 +143,8 @@ def check_request(req: SteerRequest) -> Checked:
         raise InputError(f"mode {req.mode!r} is not understood: use 'scale' or 'value'")
     if len(req.heads) > LIMITS.max_heads:
         raise InputError(f"{len(req.heads)} heads given: steer at most {LIMITS.max_heads} heads at once")
+    if any(isinstance(p, str | bytes) or not isinstance(p, Sequence) or len(p) != 2 for p in req.heads):
+        raise InputError("heads are (layer, head) pairs, e.g. [[2, 5], [2, 7]]")
     pairs = [(_int(ly, "layer"), _int(h, "head")) for ly, h in req.heads]
     seen: set[tuple[int, int]] = set()
     for pair in pairs:
