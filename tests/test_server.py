@@ -580,3 +580,22 @@ def test_sweep_refuses_meaning_changes(client, setup):
         start = time.perf_counter()
         assert words in refused(post_raw(client, "/api/sweep", base | change), 400, 422), change
         assert time.perf_counter() - start < 5, change
+
+
+def test_a_bug_is_one_line_of_json_and_the_server_keeps_serving(setup, tmp_path, monkeypatch):
+    from qktrace.server import app as app_module
+    from qktrace.tracer import Traced
+
+    def boom(*a, **k):
+        raise RuntimeError("a bug\nwith two lines")
+
+    monkeypatch.setattr(app_module, "qk_response", boom)
+    monkeypatch.setattr(Traced, "graph", boom)
+    client = TestClient(create_app(tmp_path, setup.tracer))
+    r = client.post("/api/qk", json={"tokens": setup.tokens, "layer": 0, "head": 0, "query_pos": 1})
+    assert r.status_code == 500 and r.json()["version"] == API_VERSION
+    assert r.json()["error"] == "internal error (RuntimeError: a bug with two lines): see the server log"
+    job = wait_job(client, ok(client.post("/api/graph", json={"tokens": setup.tokens[:3]}), 202)["id"])
+    assert job["status"] == "error" and job["stage"] == "failed" and "internal error (RuntimeError" in job["error"]
+    assert list(tmp_path.iterdir()) == []
+    ok(client.get("/api/info"))

@@ -3,6 +3,11 @@
 A graph name is a plain file name (`x` or `x.json`: letters, digits, '.', '_', '-', no leading dot);
 it is looked up among the files given explicitly, else resolved inside the data directory with
 symlinks followed, and refused unless the real path is still inside it. Nothing is unpickled.
+
+A file that cannot be read for any reason (bad bytes, deep nesting, past `Limits.max_graph_file_bytes`,
+not a graph) is listed as invalid with its reason; the others are listed. New graphs are written through
+`qktrace.files` (a temp file created exclusively beside the target, links never followed, then renamed)
+and never replace an existing file unless the request asked to overwrite it.
 """
 
 from __future__ import annotations
