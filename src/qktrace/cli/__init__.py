@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from ..errors import QKTraceError
 from .args import build_parser, join_dash_values, one_line
 
-__all__ = ["build_parser", "main"]
+__all__ = ["main"]
 
 
 def _quiet_transformers() -> None:

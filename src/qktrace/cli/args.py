@@ -78,13 +78,10 @@ max_nodes = int_in(1, LIMITS.max_graph_nodes)
 feature = int_in(0)
 
 
-def _model_args(sp: argparse.ArgumentParser, saes: bool = True) -> None:
+def _model_args(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("model", help="a save_pretrained directory, a hub id, or 'demo' for the embedded model")
-    if saes:
-        sp.add_argument(
-            "--saes", help="SAE directory (SAELens layout or Gemma Scope params.npz files), or saelens:RELEASE"
-        )
-        sp.add_argument("--sae-ids", help="comma-separated SAE ids within --saes (e.g. blocks.3.hook_resid_pre)")
+    sp.add_argument("--saes", help="SAE directory (SAELens layout or Gemma Scope params.npz files), or saelens:RELEASE")
+    sp.add_argument("--sae-ids", help="comma-separated SAE ids within --saes (e.g. blocks.3.hook_resid_pre)")
     _device_args(sp)
 
 
@@ -146,7 +143,7 @@ def build_parser(commands: Mapping[str, Callable[[argparse.Namespace], int]]) ->
     sp.set_defaults(func=commands["steer"])
 
     sp = sub.add_parser("heads", help="rank heads: previous-token, induction, duplicate-token, W_QK sign skew")
-    _model_args(sp, saes=False)
+    _model_args(sp)
     sp.add_argument("--sort", default="induction", choices=("induction", "prev_token", "duplicate", "qk_skew"))
     sp.add_argument("--top", type=top, default=20)
     sp.add_argument("--plot", default=None, help="write a heat-map PNG")
