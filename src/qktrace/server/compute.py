@@ -78,6 +78,7 @@ def trace_nbytes(traced: Traced) -> int:
     """Bytes a traced prompt holds: `Trace.nbytes` where the Trace reports it, else its tensor fields."""
     trace = traced.trace
     n = getattr(trace, "nbytes", None)
+    n = n() if callable(n) else n
     if isinstance(n, int):
         return n
     fields = dataclasses.fields(trace) if dataclasses.is_dataclass(trace) else ()
