@@ -107,7 +107,6 @@ def measure(device: torch.device, fn: Callable[[], Any]) -> tuple[Any, dict[str,
 
 def run_shape(name: str, shape: dict[str, Any], tokens: list[int], full_upto: int, device: torch.device) -> None:
     from qktrace import Tracer
-    from qktrace.graph import build_graph
 
     model, saes = build(shape, device, max(tokens))
     tracer = Tracer(model, saes)
@@ -115,26 +114,37 @@ def run_shape(name: str, shape: dict[str, Any], tokens: list[int], full_upto: in
         json.dumps({"shape": name, "tokens": n, "step": step, **stats, **kw}), flush=True
     )  # noqa: E501, E731
     for n in tokens:
-        ids = torch.randint(shape["vocab"], (n,), generator=torch.Generator().manual_seed(n), device="cpu")
-        traced, stats = measure(device, lambda: tracer.run(ids))
-        emit("trace", n, stats, trace_gb=round(traced.trace.nbytes / 1e9, 3) if traced is not None else None)
-        if traced is None:
+        if not one_length(name, shape, model, saes, tracer, n, full_upto, device, emit):
             break
-        att, stats = measure(device, lambda: traced.qk(model.n_layers // 2, 0, -1))
-        emit("qk_row", n, stats, terms=att.terms.numel() if att is not None else None,
-             max_rel_error=att.max_relative_error() if att is not None else None)  # fmt: skip
-        del att
-        graph, stats = measure(device, lambda: build_graph(model, saes, traced.trace, mode="target", progress=False))
-        emit("graph_target", n, stats, edges=graph.n_edges if graph is not None else None)
-        if n <= full_upto:
-            budget = 20 * 10**9 if shape["family"] == "gemma2" and device.type == "cuda" else None
-            graph, stats = measure(
-                device, lambda: build_graph(model, saes, traced.trace, max_memory=budget, progress=False)
-            )
-            emit("graph_full", n, stats, edges=graph.n_edges if graph is not None else None, max_memory=budget)
-        del traced, graph
         if device.type == "cuda":
             torch.cuda.empty_cache()
+
+
+def one_length(
+    name: str, shape: dict[str, Any], model: Any, saes: Any, tracer: Any, n: int, full_upto: int,
+    device: torch.device, emit: Callable[..., None],
+) -> bool:  # fmt: skip
+    """Every step at one prompt length; False when the trace itself did not fit."""
+    from qktrace.graph import build_graph
+
+    ids = torch.randint(shape["vocab"], (n,), generator=torch.Generator().manual_seed(n), device="cpu")
+    traced, stats = measure(device, lambda: tracer.run(ids))
+    emit("trace", n, stats, trace_gb=round(traced.trace.nbytes / 1e9, 3) if traced is not None else None)
+    if traced is None:
+        return False
+    att, stats = measure(device, lambda: traced.qk(model.n_layers // 2, 0, -1))
+    emit("qk_row", n, stats, terms=att.terms.numel() if att is not None else None,
+         max_rel_error=att.max_relative_error() if att is not None else None)  # fmt: skip
+    del att
+    graph, stats = measure(device, lambda: build_graph(model, saes, traced.trace, mode="target", progress=False))
+    emit("graph_target", n, stats, edges=graph.n_edges if graph is not None else None)
+    if n <= full_upto:
+        budget = 20 * 10**9 if shape["family"] == "gemma2" and device.type == "cuda" else None
+        graph, stats = measure(
+            device, lambda: build_graph(model, saes, traced.trace, max_memory=budget, progress=False)
+        )
+        emit("graph_full", n, stats, edges=graph.n_edges if graph is not None else None, max_memory=budget)
+    return True
 
 
 def main() -> None:
