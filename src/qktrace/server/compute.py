@@ -230,15 +230,6 @@ class Engine:
 # -- QK and sweeps -------------------------------------------------------------------------------------
 
 
-def _plain_label(qk: Any, component: str) -> str:
-    """Label of a position-less component ('feature/c3/f12' -> its label, 'error/c3' -> 'error')."""
-    parts = component.split("/")
-    if parts[0] == "feature":
-        f = int(parts[-1][1:])
-        return str(qk.feature_labels.get(f, f"f{f}"))
-    return parts[0]
-
-
 def qk_response(traced: Traced, req: S.QKRequest) -> S.QKResponse:
     row = traced.qk(req.layer, req.head, req.query_pos)  # every key the query may see
     if req.key_pos is None:
@@ -260,7 +251,7 @@ def qk_response(traced: Traced, req: S.QKRequest) -> S.QKResponse:
                 query=r.query,
                 query_label=r.query_label,
                 key=r.key,
-                key_label=_plain_label(row, r.key),
+                key_label=row.plain_label(r.key),
                 value_a=r.value_a,
                 value_b=r.value_b,
                 diff=r.diff,
