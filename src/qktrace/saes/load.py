@@ -17,7 +17,7 @@ from typing import Any, Protocol
 
 import torch
 
-from ..config import DEMO_NAME, DEMO_SAES
+from ..config import parse_device, parse_dtype
 from ..errors import SAELoadError, SAEMismatchError
 from .conventions import check_config, check_tensors, fold, read_sae_lens_cfg
 from .formats import CFG_FILE, NPZ_FILE, WEIGHTS_FILE, RawSAE, find_saes, layout_of, read_path
@@ -160,7 +160,7 @@ def load_saes(
     *,
     sae_ids: Sequence[str] | None = None,
     device: str | torch.device = "cpu",
-    dtype: torch.dtype = torch.float32,
+    dtype: str | torch.dtype = "float32",
     labels: str | os.PathLike[str] | Sequence[str | os.PathLike[str]] | None = None,
 ) -> SAESet:
     """Load residual SAEs for `model` (anything with d_model, n_layers, name), keyed by checkpoint.
@@ -171,11 +171,14 @@ def load_saes(
     For a local directory, `sae_ids` picks sub-paths of it. Each release's input conventions are folded
     into the weights, so every SAE reads the model's raw residual (see `qktrace.saes.conventions`).
     `labels`: Neuronpedia explanation exports (.json / .jsonl / .gz, or folders of them) to label features.
+    `device` (cpu, cuda, cuda:N, auto) and `dtype` (float32, bfloat16, float16) as in `load_model`; the
+    embedded demo's SAEs are `qktrace.config.DEMO_SAES` (`Tracer.load("demo")` resolves the name).
     """
+    device, dtype = parse_device(device), parse_dtype(dtype)
     if isinstance(source, str) and source.startswith("saelens:"):
         raws = _release_saes(source.removeprefix("saelens:"), sae_ids)
     else:
-        root = DEMO_SAES if str(source) == DEMO_NAME else Path(source).expanduser()
+        root = Path(source).expanduser()
         raws = [r for p in ([root / i for i in sae_ids] if sae_ids else [root]) for r in _local(p)]
     norm = norm_kind(model)
     by_checkpoint: dict[int, SAE] = {}
