@@ -28,16 +28,12 @@ from .anatomy import Anatomy
 
 class PerLayer(tuple):  # type: ignore[type-arg]
     """One tensor per layer (or checkpoint), each on its layer's device. `x[l]` is layer l's tensor;
-    `x[l, ...]` indexes into it; `x.stack()` stacks them on the first one's device."""
+    `x[l, ...]` indexes into it."""
 
     def __getitem__(self, idx: Any) -> Any:
         if isinstance(idx, tuple):
             return tuple.__getitem__(self, idx[0])[idx[1:]]
         return tuple.__getitem__(self, idx)
-
-    def stack(self) -> Tensor:
-        first = tuple.__getitem__(self, 0)
-        return torch.stack([t.to(first.device) for t in self])
 
     @property
     def nbytes(self) -> int:
