@@ -13,6 +13,7 @@ training and feature dashboards call it on thousands of sequences.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
@@ -73,10 +74,8 @@ def residuals(
     if attention_mask is not None:
         kwargs["attention_mask"] = attention_mask.to(model.device)
     with torch.no_grad(), forward_hooks(pre_hooks, pre=True), forward_hooks(post_hooks):
-        try:
+        with contextlib.suppress(_Enough):
             model.hf(input_ids=ids.to(model.device), **kwargs)
-        except _Enough:
-            pass
     missing = [c for c in wanted if c not in store]
     if missing:
         raise RuntimeError(f"no residual was recorded at checkpoints {missing}: the model skipped those blocks")
