@@ -73,9 +73,9 @@ def residuals(
     kwargs: dict[str, Any] = {"use_cache": False}
     if attention_mask is not None:
         kwargs["attention_mask"] = attention_mask.to(model.device)
-    with torch.no_grad(), forward_hooks(pre_hooks, pre=True), forward_hooks(post_hooks):
-        with contextlib.suppress(_Enough):
-            model.hf(input_ids=ids.to(model.device), **kwargs)
+    hooks = (forward_hooks(pre_hooks, pre=True), forward_hooks(post_hooks))
+    with torch.no_grad(), hooks[0], hooks[1], contextlib.suppress(_Enough):
+        model.hf(input_ids=ids.to(model.device), **kwargs)
     missing = [c for c in wanted if c not in store]
     if missing:
         raise RuntimeError(f"no residual was recorded at checkpoints {missing}: the model skipped those blocks")
