@@ -224,9 +224,10 @@ def build_dashboards(
                 node = (c + f) * (c + f + 1) // 2 + f  # the Cantor pairing qktrace's graph JSON gives feature nodes
                 write_atomic(out / "features" / scan / f"{node}.json", json.dumps(data, ensure_ascii=False).encode())
     n_tokens = next(iter(merged.values())).n_tokens if merged else 0
-    index = {"version": VERSION, "model": info["saes"][min(merged)]["header"]["model"] if merged else None}
-    index |= {"n_docs": n_docs, "n_tokens": n_tokens, "checkpoints": entries}
-    if circuit_tracer and merged:
-        index["circuit_tracer_features"] = f"features/{_scan_folder(index['model'])}"
-    write_atomic(out / INDEX_FILE, (json.dumps(index, indent=1) + "\n").encode())
+    name: str | None = info["saes"][min(merged)]["header"]["model"] if merged else None
+    summary: dict[str, Any] = {"version": VERSION, "model": name, "n_docs": n_docs, "n_tokens": n_tokens}
+    summary["checkpoints"] = entries
+    if circuit_tracer and name is not None:
+        summary["circuit_tracer_features"] = f"features/{_scan_folder(name)}"
+    write_atomic(out / INDEX_FILE, (json.dumps(summary, indent=1) + "\n").encode())
     return DashboardsResult(out, folders, n_tokens, alive, n_shards, len(done), tokens)
