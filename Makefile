@@ -35,6 +35,7 @@ test: lint typecheck pytest
 bench: $(STAMP)
 	$(PY) bench/bench_qk.py
 	$(PY) bench/bench_graph.py
+	$(PY) bench/bench_dashboards.py
 
 DEMO_MODEL := src/qktrace/demo/assets/model
 
