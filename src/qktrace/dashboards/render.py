@@ -86,8 +86,8 @@ def top_outputs(model: Model, sae: SAE, n: int) -> tuple[np.ndarray, np.ndarray]
     tops: list[Tensor] = []
     bottoms: list[Tensor] = []
     for lo in range(0, sae.d_sae, rows):
-        d = sae.W_dec[lo : lo + rows].to(device=W_U.device, dtype=a.compute_dtype)  # [rows, d_model]
-        logits = a.final_norm.linear(d, 1.0) @ W_U  # [rows, vocab]
+        d = sae.W_dec[lo : lo + rows].to(device=a.final_norm.weight.device, dtype=a.compute_dtype)  # [rows, d_model]
+        logits = a.final_norm.linear(d, 1.0).to(W_U.device) @ W_U  # [rows, vocab]
         tops.append(logits.topk(n, dim=-1).indices.cpu())
         bottoms.append((-logits).topk(n, dim=-1).indices.cpu())
     return torch.cat(tops).numpy(), torch.cat(bottoms).numpy()
