@@ -12,6 +12,7 @@ import pytest
 import torch
 from pydantic import BaseModel
 
+import qktrace
 from qktrace.corpus import count_documents, iter_documents
 from qktrace.dashboards import HIST_EDGES, DashboardOptions, Partial, auto_label, build_dashboards, merge
 from qktrace.errors import InputError
@@ -194,6 +195,23 @@ def test_bad_input_is_one_line_before_any_work(setup: Setup, tmp_path: Path) -> 
     (tmp_path / "empty.jsonl").write_text("\n")
     with pytest.raises(InputError, match="no documents"):
         build_dashboards(setup.model, setup.saes, tmp_path / "empty.jsonl", tmp_path / "o", device="cpu")
+    tracer = qktrace.Tracer.load(setup.model, setup.saes)
+    with pytest.raises(InputError, match="Ray workers load their own replica"):
+        build_dashboards(tracer, None, setup.corpus, tmp_path / "o", workers=2)
+    assert not (tmp_path / "o").exists()
+
+
+def test_progress_bar_draws_shards_and_tokens_per_second() -> None:
+    from rich.console import Console
+
+    from qktrace.scale import Progress, progress_bar
+
+    console = Console(record=True, width=120, force_terminal=False)
+    with progress_bar("dashboards", console=console) as update:
+        update(Progress(0, 4, 1, 0, 0.0))
+        update(Progress(3, 4, 1, 2000, 2.0))
+    text = console.export_text()
+    assert "3/4" in text and "1,000 tokens/s" in text
 
 
 def test_labels() -> None:

@@ -328,8 +328,11 @@ def run_shards(
 
 
 @contextlib.contextmanager
-def progress_bar(description: str, unit: str = "shards", transient: bool = False) -> Iterator[ProgressFn]:
-    """A rich progress bar (shards done, tokens/s, elapsed, remaining) as a progress callback; for front ends."""
+def progress_bar(
+    description: str, unit: str = "shards", *, transient: bool = False, console: Any = None
+) -> Iterator[ProgressFn]:
+    """A rich progress bar (shards done, tokens/s, elapsed, remaining) as a progress callback; for front ends.
+    `console`: a rich Console (default: rich's, on stderr... as rich decides)."""
     from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
     from rich.progress import Progress as RichProgress
 
@@ -342,7 +345,7 @@ def progress_bar(description: str, unit: str = "shards", transient: bool = False
         TimeElapsedColumn(),
         TimeRemainingColumn(),
     )
-    with RichProgress(*columns, transient=transient) as bar:
+    with RichProgress(*columns, transient=transient, console=console) as bar:
         task = bar.add_task(description, total=None, rate="")
 
         def update(p: Progress) -> None:
