@@ -220,7 +220,8 @@ class RayPool(Pool):
             log.warning("%d workers asked for but the cluster has %d GPUs: running %d", workers, gpus, gpus)
             workers = gpus
         self.size, self.in_flight = workers, in_flight
-        threads = max(1, cpus // workers)
+        node_cpus = max((int(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n.get("Alive")), default=cpus)
+        threads = max(1, min(cpus // workers, node_cpus))  # an equal share, that one node can give
         actor = ray.remote(_RayWorker).options(num_cpus=threads if not per_gpu else 1, num_gpus=per_gpu)
         self.actors = [actor.remote(factory, None if per_gpu else threads) for _ in range(workers)]
         log.info("%d Ray workers (%s each)", workers, "1 GPU" if per_gpu else f"{threads} CPUs")
@@ -286,10 +287,17 @@ def worker_pool(
         return
     started = False
     if not ray.is_initialized():
-        if ray_address:
-            ray.init(address=ray_address, log_to_driver=False)
-        else:
-            ray.init(include_dashboard=False, log_to_driver=False)
+        try:
+            if ray_address:
+                ray.init(address=ray_address, log_to_driver=False)
+            else:
+                ray.init(include_dashboard=False, log_to_driver=False)
+        except (ConnectionError, RuntimeError, ValueError) as e:
+            where = f"the Ray cluster at {ray_address}" if ray_address else "a local Ray runtime"
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+            raise InputError(
+                f"could not start or reach {where} ({first}): check the address (ray://HOST:10001, or auto on a node)"
+            ) from None
         started = True
     pool = RayPool(ray, factory, workers, gpu)
     try:
