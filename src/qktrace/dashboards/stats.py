@@ -147,10 +147,10 @@ def collect(
     col = {c: _Collector(sae, keep, sae.W_enc.device) for c, sae in saes.items()}
     r = 0
     while r < len(chunks):
-        hi = r + 1
-        while hi < len(chunks) and (hi - r + 1) * int(lengths[r : hi + 1].max()) <= batch_tokens:
+        hi, width = r + 1, int(lengths[r])
+        while hi < len(chunks) and (hi - r + 1) * max(width, int(lengths[hi])) <= batch_tokens:
+            width = max(width, int(lengths[hi]))
             hi += 1
-        width = int(lengths[r:hi].max())
         ids = torch.zeros(hi - r, width, dtype=torch.long)
         real = torch.zeros(hi - r, width, dtype=torch.bool)
         for i, x in enumerate(chunks.ids[r:hi]):
