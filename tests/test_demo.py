@@ -16,8 +16,8 @@ import torch
 
 import qktrace
 from qktrace.config import DEMO_MODEL, DEMO_SAES
-from qktrace.demo.corpus import EVAL_FAMILIES, training_documents
 from qktrace.demo.run import CASES, report, run_demo, study
+from recipes.demo.corpus import EVAL_FAMILIES, training_documents
 
 
 @pytest.fixture(scope="module")
