@@ -320,3 +320,27 @@ def test_a_prompt_past_the_context_names_both_numbers(capsys, tiny_paths):
     code, _, err = run(capsys, "qk", str(tiny_paths["gpt2"]), "--prompt", long, "--layer", "0", "--head", "0")
     line = one_line_error(err)
     assert code == 2 and "201" in line and "128" in line
+
+
+def test_dashboards_and_batch_commands_write_what_the_library_writes(capsys, tiny_paths, saes_dir, tmp_path):
+    """The two scale-out commands are thin: their files equal the library's, run in one process."""
+    from qktrace.batch import BatchOptions, trace_batch
+    from qktrace.dashboards import DashboardOptions, build_dashboards
+
+    model = str(tiny_paths["llama"])
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text('{"text": "Aunt Sally is the w1 of w2 . the Aunt"}\n{"text": "Uncle Bob , w3 w4 w5"}\n')
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "Aunt Sally is the Aunt", "id": "a"}\n{"prompt": "w1 w2 w3 w1", "id": "b"}\n')
+    common = ["--saes", str(saes_dir), "--device", "cpu"]
+    code, out, err = run(capsys, "dashboards", model, *common, "--corpus", str(corpus), "--out", str(tmp_path / "d1"),
+                         "--seq-len", "16")  # fmt: skip
+    assert code == 0, err
+    build_dashboards(model, str(saes_dir), corpus, tmp_path / "d2", options=DashboardOptions(seq_len=16), device="cpu")
+    for name in ("blocks.1.hook_resid_pre/dashboards.json", "blocks.1.hook_resid_pre/labels.json", "index.json"):
+        assert (tmp_path / "d1" / name).read_bytes() == (tmp_path / "d2" / name).read_bytes(), name
+    code, out, err = run(capsys, "batch", model, *common, "--prompts", str(prompts), "--out", str(tmp_path / "b1"))
+    assert code == 0, err
+    trace_batch(model, str(saes_dir), prompts, tmp_path / "b2", options=BatchOptions(), device="cpu")
+    assert (tmp_path / "b1" / "summary.jsonl").read_bytes() == (tmp_path / "b2" / "summary.jsonl").read_bytes()
+    assert (tmp_path / "b1/prompts/a/graph.json").read_bytes() == (tmp_path / "b2/prompts/a/graph.json").read_bytes()

@@ -32,8 +32,6 @@ def test_every_tensor_factory_names_its_device():
     """STYLE 12: a tensor created without device= lands on the CPU and breaks the first GPU run."""
     missing = []
     for path in sorted(SRC.rglob("*.py")):
-        if path.parent.name == "demo" and path.name.startswith("train"):  # training recipes, leaving the package
-            continue
         for node in ast.walk(ast.parse(path.read_text())):
             if (
                 isinstance(node, ast.Call)

@@ -54,6 +54,10 @@ def world(tiny_paths, tmp_path_factory):
         "p.png": b"old plot",
         "h.png": b"old heads",
         "keep.txt": b"x",
+        "corpus.jsonl": b'{"text": "Aunt Sally is the w1 of w2"}\n{"text": "the Uncle Bob , w3 w4"}\n',
+        "prompts.jsonl": b'{"prompt": "Aunt Sally is the Aunt"}\n',
+        "empty.jsonl": b"",
+        "bad.jsonl": b'{"prompt": 3}\n{"text": "no prompt"}\n',
     }.items():
         (out / name).write_bytes(data)
     from qktrace.tracer import Tracer
@@ -101,6 +105,10 @@ def base_args(w) -> dict[str, dict[str, str | list[str]]]:
         "info": {"": m, "--saes": s, "--sae-ids": "blocks.1.hook_resid_pre", **common},
         "serve": {"": str(out), "--port": "8123", "--max-tokens": "64", "--max-memory": "1GB", **common},
         "demo": {"--out": str(out / "demo"), "--port": "8124", **common},
+        "dashboards": {"": m, "--saes": s, "--corpus": str(out / "corpus.jsonl"), "--out": str(out / "dash"),
+                       "--workers": "1", "--seq-len": "16", "--max-docs": "2", **common},  # fmt: skip
+        "batch": {"": m, "--saes": s, "--prompts": str(out / "prompts.jsonl"), "--out": str(out / "batch"),
+                  "--workers": "1", "--max-nodes": "20", **common},  # fmt: skip
     }
 
 
@@ -274,6 +282,17 @@ test_fuzz_heads = _fuzz("heads", BAD)
 test_fuzz_info = _fuzz("info", BAD)
 test_fuzz_serve = _fuzz("serve", SERVE_BAD)
 test_fuzz_demo = _fuzz("demo", {**BAD, "--out": st.sampled_from(["@OUT/keep.txt", "@OUT/keep.txt/x", ""])})
+SCALE_BAD = {
+    **BAD,
+    "--out": st.sampled_from(["@OUT/keep.txt", "@OUT/keep.txt/x", ""]),
+    "--corpus": st.sampled_from(["@OUT/no-corpus", "@OUT/keep.txt/x", "", "@OUT/empty.jsonl"]),
+    "--prompts": st.sampled_from(["@OUT/no-prompts", "@OUT/keep.txt", "@OUT/empty.jsonl", "@OUT/bad.jsonl", ""]),
+    "--workers": st.one_of(st.integers(max_value=0).map(str), st.integers(min_value=4097).map(str), not_int),
+    "--seq-len": st.one_of(st.integers(max_value=1).map(str), not_int),
+    "--max-docs": st.one_of(st.integers(max_value=0).map(str), not_int),
+}
+test_fuzz_dashboards = _fuzz("dashboards", SCALE_BAD)
+test_fuzz_batch = _fuzz("batch", SCALE_BAD)
 
 
 # -- what could allocate without bound, under a memory limit ----------------------------------------------

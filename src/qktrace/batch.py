@@ -165,7 +165,11 @@ def trace_prompt(tracer: Tracer, record: PromptRecord, options: BatchOptions | N
     top = int(logits.argmax())
     row: dict[str, Any] = {c: None for c in SUMMARY_COLUMNS}
     row |= {"id": record.id, "prompt": record.prompt, "n_tokens": len(traced.str_tokens)}
-    row |= {"top_token": model.str_tokens(torch.tensor([top]))[0], "top_prob": float(probs[top]), "explained": False}
+    row |= {
+        "top_token": model.str_tokens(torch.tensor([top], device="cpu"))[0],
+        "top_prob": float(probs[top]),
+        "explained": False,
+    }
     if record.answer is not None:
         a = model.token_id(record.answer)
         row |= {"answer": record.answer, "answer_prob": float(probs[a]), "answer_rank": int((logits > logits[a]).sum())}

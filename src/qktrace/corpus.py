@@ -40,9 +40,9 @@ def _is_dataset(path: Path) -> bool:
 def corpus_files(path: str | os.PathLike[str]) -> list[Path]:
     """The files (or the one `datasets` folder) a corpus path names, in reading order; InputError if none."""
     p = Path(path).expanduser()
-    if not p.exists():
+    if not str(path).strip() or not p.exists():  # an empty path would read the current folder
         raise InputError(
-            f"corpus {p} does not exist: pass a .jsonl or .txt file, a folder of them, or a datasets folder"
+            f"corpus {str(path)!r} does not exist: pass a .jsonl or .txt file, a folder of them, or a datasets folder"
         )
     if p.is_file() or _is_dataset(p):
         return [p]
@@ -192,12 +192,12 @@ def tokenize_chunks(
             if max_chunks_per_doc is not None and j >= max_chunks_per_doc:
                 break
             piece = ([bos] if bos is not None else []) + list(toks[start : start + body])
-            ids.append(torch.tensor(piece, dtype=torch.long))
+            ids.append(torch.tensor(piece, dtype=torch.long, device="cpu"))
             doc.append(d)
             offset.append(start)
     return Chunks(
         ids=ids,
-        doc=torch.tensor(doc, dtype=torch.long),
-        offset=torch.tensor(offset, dtype=torch.long),
+        doc=torch.tensor(doc, dtype=torch.long, device="cpu"),
+        offset=torch.tensor(offset, dtype=torch.long, device="cpu"),
         has_bos=bos is not None,
     )

@@ -21,13 +21,13 @@ import json
 import logging
 import os
 import time
-import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from .errors import InputError, QKTraceError
+from .files import atomic_write
 
 if TYPE_CHECKING:
     from .tracer import Tracer
@@ -118,16 +118,9 @@ class Worker(Protocol):
 
 
 def write_atomic(path: Path, data: bytes) -> None:
-    """Write `data` to a temp file created exclusively beside `path`, then rename it over `path`."""
+    """`files.atomic_write`, creating the folder first (shard and feature files go into new folders)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
-    try:
-        with open(tmp, "xb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    atomic_write(path, data)
 
 
 def check_job(out: Path, identity: Mapping[str, Any]) -> bool:
@@ -340,7 +333,8 @@ def progress_bar(
     description: str, unit: str = "shards", *, transient: bool = False, console: Any = None
 ) -> Iterator[ProgressFn]:
     """A rich progress bar (shards done, tokens/s, elapsed, remaining) as a progress callback; for front ends.
-    `console`: a rich Console (default: rich's, on stderr... as rich decides)."""
+    The bar appears with the job's first report, so an input the job refuses leaves one line, no bar.
+    `console`: a rich Console (default: rich's)."""
     from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
     from rich.progress import Progress as RichProgress
 
@@ -353,11 +347,17 @@ def progress_bar(
         TimeElapsedColumn(),
         TimeRemainingColumn(),
     )
-    with RichProgress(*columns, transient=transient, console=console) as bar:
-        task = bar.add_task(description, total=None, rate="")
+    bar = RichProgress(*columns, transient=transient, console=console)
+    task = bar.add_task(description, total=None, rate="")
 
-        def update(p: Progress) -> None:
-            rate = f"{p.tokens_per_s:,.0f} tokens/s" if p.tokens else ("resumed" if p.skipped else "")
-            bar.update(task, total=p.total, completed=p.done, rate=rate)
+    def update(p: Progress) -> None:
+        if not bar.live.is_started:  # drawn from the first report on: a refused job shows no bar
+            bar.start()
+        rate = f"{p.tokens_per_s:,.0f} tokens/s" if p.tokens else ("resumed" if p.skipped else "")
+        bar.update(task, total=p.total, completed=p.done, rate=rate)
 
+    try:
         yield update
+    finally:
+        if bar.live.is_started:
+            bar.stop()

@@ -90,6 +90,11 @@ def _device_args(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("--dtype", type=dtype, default="float32", help=f"{', '.join(config.DTYPES)} (default float32)")
 
 
+def _scale_args(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument("--workers", type=int_in(1, 4096), default=1, help="model replicas (more than 1: a local Ray)")
+    sp.add_argument("--ray-address", default=None, help="run on an existing Ray cluster (e.g. ray://head:10001)")
+
+
 def _graph_args(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("--max-memory", type=memory, help="memory budget for full-mode graphs, e.g. 8GB or 512MB")
 
@@ -165,6 +170,29 @@ def build_parser(commands: Mapping[str, Callable[[argparse.Namespace], int]]) ->
     sp.add_argument("--port", type=port, default=8000)
     sp.add_argument("--open", action="store_true", help="open a browser tab")
     sp.set_defaults(func=commands["serve"])
+
+    sp = sub.add_parser("dashboards", help="feature dashboards and labels of every SAE over a corpus (Ray optional)")
+    _model_args(sp)
+    sp.add_argument("--corpus", required=True, help=".jsonl/.txt files, a folder of them, or a datasets save_to_disk")
+    sp.add_argument("--out", required=True, help="output folder (a restarted job resumes from it)")
+    _scale_args(sp)
+    sp.add_argument("--seq-len", type=int_in(2, 1 << 16), default=128, help="tokens per chunk of a document")
+    sp.add_argument("--max-docs", type=int_in(1), default=None, help="read only the first N documents")
+    sp.add_argument("--text-field", default="text", help="the text field of JSONL records (default text)")
+    sp.add_argument("--contexts", type=int_in(1, 1000), default=10, help="top activating contexts kept per feature")
+    sp.add_argument("--circuit-tracer", action="store_true", help="also write circuit-tracer's per-feature files")
+    sp.set_defaults(func=commands["dashboards"])
+
+    sp = sub.add_parser("batch", help="trace a JSONL of prompts: graphs, QK rows of top heads, explain (Ray optional)")
+    _model_args(sp)
+    sp.add_argument("--prompts", required=True, help='JSONL: {"prompt": ..., optional "answer", "rival", "id"}')
+    sp.add_argument("--out", required=True, help="output folder (a restarted job resumes from it)")
+    _scale_args(sp)
+    sp.add_argument("--node-threshold", type=fraction, default=config.GRAPH.node_threshold)
+    sp.add_argument("--edge-threshold", type=fraction, default=config.GRAPH.edge_threshold)
+    sp.add_argument("--max-nodes", type=max_nodes, default=config.GRAPH.max_nodes, help="features kept after pruning")
+    sp.add_argument("--no-explain", action="store_true", help="skip explain() even where a prompt names an answer")
+    sp.set_defaults(func=commands["batch"])
 
     sp = sub.add_parser("demo", help="run the case studies on the embedded demo model")
     sp.add_argument("--out", default="demo-output")

@@ -251,6 +251,72 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _scale_source(args: argparse.Namespace) -> tuple[str, str | None, list[str] | None]:
+    """(model, saes, sae ids) as each worker loads them ('demo' resolved), checked here first: a wrong path
+    is one line before any worker starts."""
+    from pathlib import Path
+
+    from ..models.model import model_source
+    from ..saes.load import sae_paths
+
+    ids = [s.strip() for s in args.sae_ids.split(",")] if args.sae_ids else None
+    model, saes = config.resolve_model(args.model), config.resolve_saes(args.model, args.saes)
+    model_source(model, args.model)
+    if saes is not None and not saes.startswith("saelens:"):
+        root = Path(saes).expanduser()
+        for sub in ids or [""]:
+            sae_paths(root / sub if sub else root)
+    return model, saes, ids
+
+
+def _stderr_console():  # type: ignore[no-untyped-def]
+    from rich.console import Console
+
+    return Console(stderr=True)
+
+
+def cmd_dashboards(args: argparse.Namespace) -> int:
+    from ..corpus import corpus_files
+    from ..dashboards import DashboardOptions, build_dashboards
+    from ..scale import progress_bar
+
+    out = check_output_dir(args.out)
+    corpus_files(args.corpus)  # a missing or unreadable corpus is one line before any progress is drawn
+    model, saes, ids = _scale_source(args)
+    options = DashboardOptions(
+        seq_len=args.seq_len, max_docs=args.max_docs, text_field=args.text_field, n_contexts=args.contexts
+    )
+    with progress_bar("dashboards", console=_stderr_console()) as bar:
+        result = build_dashboards(
+            model, saes, args.corpus, out, workers=args.workers, ray_address=args.ray_address, progress=bar,
+            options=options, circuit_tracer=args.circuit_tracer, sae_ids=ids, device=str(args.device),
+            dtype=str(args.dtype).removeprefix("torch."),
+        )  # fmt: skip
+    _console().print(
+        f"{result.n_tokens} tokens in {result.shards} shards ({result.resumed} already done); "
+        f"{sum(result.n_alive.values())} features active; wrote {result.out}"
+    )
+    return 0
+
+
+def cmd_batch(args: argparse.Namespace) -> int:
+    from ..batch import BatchOptions, read_prompts, trace_batch
+    from ..scale import progress_bar
+
+    out = check_output_dir(args.out)
+    read_prompts(args.prompts)  # a bad prompts file is one line before any progress is drawn
+    model, saes, ids = _scale_source(args)
+    graph = graph_options(args.node_threshold, args.edge_threshold, args.max_nodes)
+    options = BatchOptions(**graph, explain=not args.no_explain)
+    with progress_bar("batch", unit="prompts", console=_stderr_console()) as bar:
+        result = trace_batch(
+            model, saes, args.prompts, out, workers=args.workers, ray_address=args.ray_address, progress=bar,
+            options=options, sae_ids=ids, device=str(args.device), dtype=str(args.dtype).removeprefix("torch."),
+        )  # fmt: skip
+    _console().print(f"{result.n_prompts} prompts ({result.resumed} already done); summary {result.summary}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from ..demo.run import run_demo
     from ..server.__main__ import check_port
@@ -269,5 +335,7 @@ COMMANDS = {
     "steer": cmd_steer,
     "heads": cmd_heads,
     "serve": cmd_serve,
+    "dashboards": cmd_dashboards,
+    "batch": cmd_batch,
     "demo": cmd_demo,
 }

@@ -140,10 +140,11 @@ def collect(
     attention leaves the real positions alone); residuals are encoded `encode_elements // d_sae` rows at a
     time. BOS positions are not counted."""
     skip = int(chunks.has_bos)
-    lengths = torch.tensor([len(x) for x in chunks.ids], dtype=torch.long)
+    cpu = torch.device("cpu")  # token bookkeeping; residuals go where the model is
+    lengths = torch.tensor([len(x) for x in chunks.ids], dtype=torch.long, device=cpu)
     # shard token index of every chunk position: chunk r's position p is token starts[r] + p
     starts = torch.cumsum(lengths, 0) - lengths
-    flat = torch.cat(chunks.ids) if chunks.ids else torch.zeros(0, dtype=torch.long)
+    flat = torch.cat(chunks.ids) if chunks.ids else torch.zeros(0, dtype=torch.long, device=cpu)
     col = {c: _Collector(sae, keep, sae.W_enc.device) for c, sae in saes.items()}
     r = 0
     while r < len(chunks):
@@ -151,13 +152,13 @@ def collect(
         while hi < len(chunks) and (hi - r + 1) * max(width, int(lengths[hi])) <= batch_tokens:
             width = max(width, int(lengths[hi]))
             hi += 1
-        ids = torch.zeros(hi - r, width, dtype=torch.long)
-        real = torch.zeros(hi - r, width, dtype=torch.bool)
+        ids = torch.zeros(hi - r, width, dtype=torch.long, device=cpu)
+        real = torch.zeros(hi - r, width, dtype=torch.bool, device=cpu)
         for i, x in enumerate(chunks.ids[r:hi]):
             ids[i, : len(x)] = x
             real[i, skip : len(x)] = True
         res = residuals(model, ids, sorted(saes))  # {c: [batch, pos, d_model]}
-        pos = torch.arange(width).expand(hi - r, width)
+        pos = torch.arange(width, device=cpu).expand(hi - r, width)
         doc = chunks.doc[r:hi, None].expand(hi - r, width)[real]
         where = (starts[r:hi, None] + pos)[real]
         for c, collector in col.items():
@@ -167,14 +168,20 @@ def collect(
         r = hi
     out = {}
     offsets = (
-        (chunks.offset - skip).repeat_interleave(lengths) + torch.arange(len(flat)) - starts.repeat_interleave(lengths)
+        (chunks.offset - skip).repeat_interleave(lengths)
+        + torch.arange(len(flat), device=cpu)
+        - starts.repeat_interleave(lengths)
     )
     chunk_start = starts.repeat_interleave(lengths)
     chunk_end = chunk_start + lengths.repeat_interleave(lengths)
-    span = torch.arange(-before, after + 1)
+    span = torch.arange(-before, after + 1, device=cpu)
     for c, k in col.items():
         k.reduce()
-        f, v, d, w = (torch.cat(x).cpu() for x in zip(*k.cand)) if k.cand else (torch.zeros(0, dtype=torch.long),) * 4
+        f, v, d, w = (
+            (torch.cat(x).cpu() for x in zip(*k.cand))
+            if k.cand
+            else (torch.zeros(0, dtype=torch.long, device=cpu),) * 4
+        )
         idx = w[:, None] + span  # [m, window]
         inside = (idx >= chunk_start[w, None]) & (idx < chunk_end[w, None])
         window = torch.where(inside, flat[idx.clamp(0, max(len(flat) - 1, 0))], torch.full_like(idx, PAD))

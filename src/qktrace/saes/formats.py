@@ -19,7 +19,6 @@ import json
 import math
 import os
 import re
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -32,6 +31,7 @@ from safetensors.torch import save as safetensors_bytes
 from torch import Tensor
 
 from ..errors import SAELoadError, SAEMismatchError
+from ..files import atomic_write
 from .conventions import FileConfig, check_tensors, read_sae_lens_cfg, typed
 from .labels import LABELS_FILE, read_labels_json
 from .releases import registry
@@ -236,18 +236,6 @@ def find_saes(root: Path) -> list[Path]:
 # ---------------------------------------------------------------------------------------------- writing
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write `data` to a temp file created exclusively beside `path`, then rename it over `path`."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def sae_lens_config(sae: SAE) -> dict[str, Any]:
     """The SAELens v6 cfg.json of `sae` (its weights read the raw residual: conventions are folded)."""
     meta: dict[str, Any] = {"sae_lens_version": SAE_LENS_FORMAT, "hook_name": sae.hook_name, "hook_head_index": None}
@@ -285,9 +273,9 @@ def save_sae_lens(sae: SAE, directory: str | os.PathLike[str]) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     names = _NEEDED + (("threshold",) if sae.threshold is not None else ())
     tensors = {n: getattr(sae, n).detach().cpu().contiguous() for n in names}
-    write_atomic(out / WEIGHTS_FILE, safetensors_bytes(tensors))
-    write_atomic(out / CFG_FILE, (json.dumps(sae_lens_config(sae), indent=2) + "\n").encode())
+    atomic_write(out / WEIGHTS_FILE, safetensors_bytes(tensors))
+    atomic_write(out / CFG_FILE, (json.dumps(sae_lens_config(sae), indent=2) + "\n").encode())
     if sae.labels:
         labels = {str(i): text for i, text in sorted(sae.labels.items())}
-        write_atomic(out / LABELS_FILE, (json.dumps(labels, indent=2) + "\n").encode())
+        atomic_write(out / LABELS_FILE, (json.dumps(labels, indent=2) + "\n").encode())
     return out

@@ -80,20 +80,31 @@ def build_sae(raw: RawSAE, norm: str | None, device: str | torch.device, dtype: 
     )
 
 
-def _local(path: Path) -> list[RawSAE]:
-    if not path.exists():
+def sae_paths(path: Path) -> list[Path]:
+    """The SAE folders or files a local source holds, found without reading any weights (front ends check a
+    source with it before starting work); SAELoadError, one line, when there are none."""
+    if not str(path).strip() or not path.exists():
         raise SAELoadError(
-            f"SAE path {path} does not exist: pass a SAELens SAE directory, a params.npz or 'saelens:RELEASE'"
+            f"SAE path {str(path)!r} does not exist: pass a SAELens SAE directory, a params.npz or 'saelens:RELEASE'"
         )
     if path.is_file() or layout_of(path) is not None:
-        return [read_path(path)]
+        if layout_of(path) is None:
+            raise SAELoadError(
+                f"{path} is not an SAE: pass a SAELens folder (cfg.json), a Gemma Scope params.npz "
+                "or a Llama Scope folder (hyperparams.json)"
+            )
+        return [path]
     found = find_saes(path)
     if not found:
         raise SAELoadError(
             f"no SAEs found under {path}: expected folders with {CFG_FILE} + {WEIGHTS_FILE}, Llama Scope "
             f"hyperparams.json, or {NPZ_FILE}"
         )
-    return [read_path(p) for p in found]
+    return found
+
+
+def _local(path: Path) -> list[RawSAE]:
+    return [read_path(p) for p in sae_paths(path)]
 
 
 def _from_release(release: Release, sae_id: str) -> RawSAE:
