@@ -105,10 +105,25 @@ def base_args(w) -> dict[str, dict[str, str | list[str]]]:
         "info": {"": m, "--saes": s, "--sae-ids": "blocks.1.hook_resid_pre", **common},
         "serve": {"": str(out), "--port": "8123", "--max-tokens": "64", "--max-memory": "1GB", **common},
         "demo": {"--out": str(out / "demo"), "--port": "8124", **common},
-        "dashboards": {"": m, "--saes": s, "--corpus": str(out / "corpus.jsonl"), "--out": str(out / "dash"),
-                       "--workers": "1", "--seq-len": "16", "--max-docs": "2", **common},  # fmt: skip
-        "batch": {"": m, "--saes": s, "--prompts": str(out / "prompts.jsonl"), "--out": str(out / "batch"),
-                  "--workers": "1", "--max-nodes": "20", **common},  # fmt: skip
+        "dashboards": {
+            "": m,
+            "--saes": s,
+            "--corpus": str(out / "corpus.jsonl"),
+            "--out": str(out / "dash"),
+            "--workers": "1",
+            "--seq-len": "16",
+            "--max-docs": "2",
+            **common,
+        },  # fmt: skip
+        "batch": {
+            "": m,
+            "--saes": s,
+            "--prompts": str(out / "prompts.jsonl"),
+            "--out": str(out / "batch"),
+            "--workers": "1",
+            "--max-nodes": "20",
+            **common,
+        },  # fmt: skip
     }
 
 
