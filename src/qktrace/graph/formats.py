@@ -588,8 +588,8 @@ def _theirs(data: GraphJSON, raw: Mapping[str, Any], kind: str) -> Graph:
     str_tokens = tuple(meta["prompt_tokens"])
     inner = [_layer_number(n["layer"]) for n in data["nodes"] if n["feature_type"] not in ("embedding", "logit")]
     logits = [_layer_number(n["layer"]) for n in data["nodes"] if n["feature_type"] == "logit"]
-    known = [x for x in inner if x is not None]
-    n_layers = max(known) + 1 if known else max([x - 1 for x in logits if x is not None] + [1])
+    # circuit-tracer puts logits at n_layers + 1, Neuronpedia's CRM converter at n_layers: the larger bound
+    n_layers = max([x + 1 for x in inner if x is not None] + [x - 1 for x in logits if x is not None] + [1])
     n_layers = _bounded_int(n_layers, 1, LIMITS.max_layers, "the file's number of layers")
     cantor_paired = meta.get("schema_version") == 1
     nodes = []

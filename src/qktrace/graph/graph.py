@@ -206,10 +206,12 @@ class Graph:
 
     def summary_text(self) -> str:
         s = self.summary()
+        size = f"{s['n_nodes']} nodes ({s['n_features']} features), {s['n_edges']} edges"
+        if self.origin != QKTRACE:
+            return f"{size}; made by {self.origin}: no head loadings"
         heads = ", ".join(f"L{h['layer']}H{h['head']} ({h['influence']:.0%})" for h in s["top_cross_position_heads"])
         return (
-            f"{s['n_nodes']} nodes ({s['n_features']} features), {s['n_edges']} edges; "
-            f"completeness {s['completeness']:.3f}, replacement {s['replacement']:.3f}; "
+            f"{size}; completeness {s['completeness']:.3f}, replacement {s['replacement']:.3f}; "
             f"cross-position heads: {heads or 'none'}"
         )
 
