@@ -50,7 +50,7 @@ import logging
 import math
 import re
 from collections.abc import Iterable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from pydantic import TypeAdapter, ValidationError
@@ -331,7 +331,7 @@ def to_json(graph: Graph) -> GraphJSON:
     if graph.raw is not None:
         return json.loads(json.dumps(graph.raw))  # a copy
     n_layers = graph.n_layers
-    shift = neuronpedia_source_set(graph.sources) if graph.sources else None
+    shift = _source_set(graph)
     offset = shift[1] if shift else 0
     ids = [n.id for n in graph.nodes]
     nodes = [_graph_node_json(n, n_layers, offset) for n in graph.nodes]
@@ -340,10 +340,10 @@ def to_json(graph: Graph) -> GraphJSON:
             "layer": tr.layer, "head": tr.head, "query_pos": tr.query_pos, "key_pos": tr.key_pos,
             "score": tr.score, "pattern": tr.pattern,
         }  # fmt: skip
-        nodes[i]["qk_tracing_results"] = {
-            "pair_wise_contributors": [(q, k, v) for q, k, v in tr.pairs],
-            "top_q_marginal_contributors": [(c, v) for c, v in tr.query],
-            "top_k_marginal_contributors": [(c, v) for c, v in tr.key],
+        nodes[i]["qk_tracing_results"] = {  # JSON arrays: lists, as they read back
+            "pair_wise_contributors": [cast(Any, [q, k, v]) for q, k, v in tr.pairs],
+            "top_q_marginal_contributors": [cast(Any, [c, v]) for c, v in tr.query],
+            "top_k_marginal_contributors": [cast(Any, [c, v]) for c, v in tr.key],
         }
         nodes[i]["qk_tracing_head"] = head
         nodes[i]["clerp"] = nodes[i].get("clerp", "") + qk_suffix(head)
@@ -379,9 +379,10 @@ def to_json(graph: Graph) -> GraphJSON:
         "transcoder_list": [],
         "prompt_tokens": list(graph.str_tokens),
         "prompt": graph.prompt,
-        "node_threshold": settings.get("node_threshold"),
         "schema_version": 1,
     }
+    if settings.get("node_threshold") is not None:  # Neuronpedia's schema takes a number or nothing
+        meta["node_threshold"] = settings["node_threshold"]
     if shift is not None:
         meta["feature_details"] = {"neuronpedia_source_set": shift[0]}
     from .. import __version__
@@ -403,6 +404,17 @@ def to_json(graph: Graph) -> GraphJSON:
         if only:
             out["qk_only_nodes"] = only
     return out
+
+
+def _source_set(graph: Graph) -> tuple[str, int] | None:
+    """`neuronpedia_source_set` of the graph's SAEs, if it covers every checkpoint a node of the graph
+    (or a QK component) sits at, and no layer number falls below 0."""
+    shift = neuronpedia_source_set(graph.sources) if graph.sources else None
+    if shift is None:
+        return None
+    nodes = [n.node for n in graph.nodes] + [Node.parse(c) for c in graph.qk_only]
+    used = {n.checkpoint for n in nodes if n.kind not in (Kind.TOKEN, Kind.LOGIT)}
+    return shift if used <= set(graph.sources) and min(used, default=0) + shift[1] >= 0 else None
 
 
 def _graph_node_json(n: GraphNode, n_layers: int, offset: int) -> NodeJSON:
