@@ -50,10 +50,10 @@ import logging
 import math
 import re
 from collections.abc import Iterable, Mapping
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Annotated, Any, cast
 
 import torch
-from pydantic import TypeAdapter, ValidationError
+from pydantic import ConfigDict, Strict, TypeAdapter, ValidationError, with_config
 from typing_extensions import NotRequired, TypedDict
 
 from ..config import DEMO_MODEL, DEMO_NAME, LIMITS
@@ -74,9 +74,9 @@ QKTRACE, CIRCUIT_TRACER, NEURONPEDIA = "qktrace", "circuit-tracer", "neuronpedia
 class QKTracingResults(TypedDict):
     """Neuronpedia's per-node QK tracing: [q_id, k_id, value], [q_id, value], [k_id, value]."""
 
-    pair_wise_contributors: list[tuple[str, str, float]]
-    top_q_marginal_contributors: list[tuple[str, float]]
-    top_k_marginal_contributors: list[tuple[str, float]]
+    pair_wise_contributors: list[Annotated[tuple[str, str, float], Strict(False)]]  # JSON arrays as tuples
+    top_q_marginal_contributors: list[Annotated[tuple[str, float], Strict(False)]]
+    top_k_marginal_contributors: list[Annotated[tuple[str, float], Strict(False)]]
 
 
 class QKTracingHead(TypedDict):
@@ -176,6 +176,7 @@ class QParamsJSON(TypedDict, total=False):
     sg_pos: str
 
 
+@with_config(ConfigDict(strict=True))  # JSON types as they are: no "2" for 2, no 1.0 for an index
 class GraphJSON(TypedDict):
     metadata: MetadataJSON
     qParams: NotRequired[QParamsJSON]  # required by both frontends' writers; Neuronpedia's CRM writes {}
@@ -451,9 +452,28 @@ def validate(data: Mapping[str, Any]) -> GraphJSON:
     try:
         return _GRAPH.validate_python(data)
     except ValidationError as e:
-        err = e.errors()[0]
-        where = ".".join(str(x) for x in err.get("loc", ()))
-        raise GraphFileError(f"{where or 'the file'}: {err.get('msg', 'invalid')}: is it a graph file?") from None
+        raise GraphFileError(_problem(e.errors()[0])) from None
+
+
+_EXPECTED = {
+    "list_type": "a list", "tuple_type": "a list", "int_type": "an integer", "float_type": "a number",
+    "string_type": "a string", "dict_type": "an object", "typed_dict_type": "an object", "bool_type": "true or false",
+}  # fmt: skip
+_JSON_NAMES = {"dict": "an object", "list": "a list", "str": "a string", "int": "an integer", "float": "a number",
+               "bool": "a boolean", "NoneType": "null"}  # fmt: skip
+
+
+def _problem(err: Any) -> str:
+    """One pydantic error as one line: where, what it is, what it should be."""
+    where = ".".join(str(x) for x in err.get("loc", ()) if x not in ("str", "int", "float", "none")) or "the file"
+    if err.get("type") == "missing":
+        return f"{where} is missing: is it a graph file?"
+    expected = _EXPECTED.get(err.get("type", ""))
+    if expected is None:
+        return f"{where}: {err.get('msg', 'invalid')}: is it a graph file?"
+    value = err.get("input")
+    got = _JSON_NAMES.get(type(value).__name__, type(value).__name__)
+    return f"{where} is {got} {str(value)[:40]!r}, not {expected}: is it a graph file?"
 
 
 def _bounded_int(value: Any, lo: int, hi: int, what: str) -> int:
