@@ -153,7 +153,7 @@ class Traced:
         names = {k: formats.check_name(v, k) for k, v in (("slug", slug), ("scan", scan)) if v is not None}
         graph = build_graph(self.model, self.saes, self.trace, **kwargs)
         sources = {c: sae.neuronpedia_id for c, sae in self.saes.items() if sae.neuronpedia_id}
-        slug = names.get("slug") or formats.graph_slug(graph.prompt, graph.model_name, graph.tokens, graph.settings)
+        slug = names.get("slug") or formats.default_slug(graph)
         scan = names.get("scan") or formats.neuronpedia_scan(graph.model_name, sources.values())
         graph = dataclasses.replace(graph, slug=slug, scan=scan, sources=sources)
         if not qk_terms:

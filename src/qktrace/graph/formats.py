@@ -283,12 +283,20 @@ def neuronpedia_scan(model_name: str, neuronpedia_ids: Iterable[str] = ()) -> st
     return NEURONPEDIA_MODELS.get(last) or sanitise(last) or "model"
 
 
-def graph_slug(prompt: str, model_name: str, tokens: Iterable[int], settings: Mapping[str, Any]) -> str:
-    """The prompt's first words, made safe, and a short hash of the model, tokens and settings."""
-    key = json.dumps([model_name, list(tokens), dict(settings)], sort_keys=True, default=str)
+def graph_slug(
+    prompt: str, model_name: str, tokens: Iterable[int], settings: Mapping[str, Any], targets: Iterable[str] = ()
+) -> str:
+    """The prompt's first words, made safe, and a short hash of the model, tokens, settings and logit targets."""
+    key = json.dumps([model_name, list(tokens), dict(settings), sorted(targets)], sort_keys=True, default=str)
     digest = hashlib.sha1(key.encode()).hexdigest()[:8]
     words = sanitise(prompt.lower(), 48) or "graph"
     return f"{words}-{digest}"
+
+
+def default_slug(graph: Graph) -> str:
+    """`graph_slug` of a graph: its prompt, model, tokens, settings and logit nodes."""
+    logits = [n.id for n in graph.nodes if n.node.kind is Kind.LOGIT]
+    return graph_slug(graph.prompt, graph.model_name, graph.tokens, graph.settings, logits)
 
 
 def neuronpedia_source_set(neuronpedia_ids: Mapping[int, str]) -> tuple[str, int] | None:
@@ -375,7 +383,7 @@ def to_json(graph: Graph) -> GraphJSON:
     if graph.sources:
         ours["neuronpedia_ids"] = {str(c): i for c, i in sorted(graph.sources.items())}
     meta: MetadataJSON = {
-        "slug": graph.slug or graph_slug(graph.prompt, graph.model_name, graph.tokens, settings),
+        "slug": graph.slug or default_slug(graph),
         "scan": graph.scan or neuronpedia_scan(graph.model_name, graph.sources.values()),
         "transcoder_list": [],
         "prompt_tokens": list(graph.str_tokens),
@@ -539,16 +547,19 @@ def _ours(data: GraphJSON) -> Graph:
     settings = dict(ours.get("settings") or {})
     top = max((len(link.get("head_loadings") or []) for link in links), default=0)
     top = max(top, _bounded_int(settings.get("top_heads") or 0, 0, LIMITS.max_heads_per_layer, "settings.top_heads"))
-    n_links = len(links)
-    cpu = torch.device("cpu")  # a Graph lives on the CPU
-    heads = torch.full((n_links, top), -1, dtype=torch.long, device=cpu)
-    direct, via = torch.zeros(n_links, top, device=cpu), torch.zeros(n_links, top, device=cpu)
-    layer = torch.full((n_links,), -1, dtype=torch.long, device=cpu)
+    n_links, pad = len(links), [(-1, 0.0, 0.0)] * top
+    layer, rows = [-1] * n_links, []  # per link: its layer, and (head, direct, via_mlp) padded to `top`
+    max_head = LIMITS.max_heads_per_layer - 1
     for e, link in enumerate(links):
-        for j, h in enumerate(link.get("head_loadings") or []):
+        row = [(h["head"], h["direct"], h["via_mlp"]) for h in link.get("head_loadings") or []]
+        for h in link.get("head_loadings") or []:
             layer[e] = _bounded_int(h["layer"], 0, n_layers - 1, "head_loadings layer")
-            heads[e, j] = _bounded_int(h["head"], 0, LIMITS.max_heads_per_layer - 1, "head_loadings head")
-            direct[e, j], via[e, j] = h["direct"], h["via_mlp"]
+            _bounded_int(h["head"], 0, max_head, "head_loadings head")
+        rows.append(row + pad[len(row) :])
+    cpu = torch.device("cpu")  # a Graph lives on the CPU
+    table = torch.tensor(rows, dtype=torch.float64, device=cpu).reshape(n_links, top, 3)
+    heads = table[..., 0].long()
+    direct, via = table[..., 1].float(), table[..., 2].float()
     try:
         ends = [(index[link["source"]], index[link["target"]]) for link in links]
     except KeyError as e:
@@ -567,7 +578,7 @@ def _ours(data: GraphJSON) -> Graph:
         target=torch.tensor([t for _, t in ends], dtype=torch.long, device=cpu),
         weight=torch.tensor([link["weight"] for link in links], device=cpu),
         influence=torch.tensor([link.get("influence", 0.0) for link in links], device=cpu),
-        head_layer=layer,
+        head_layer=torch.tensor(layer, dtype=torch.long, device=cpu),
         heads=heads,
         direct=direct,
         via_mlp=via,
