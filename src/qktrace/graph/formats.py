@@ -286,10 +286,12 @@ def neuronpedia_scan(model_name: str, neuronpedia_ids: Iterable[str] = ()) -> st
 def graph_slug(
     prompt: str, model_name: str, tokens: Iterable[int], settings: Mapping[str, Any], targets: Iterable[str] = ()
 ) -> str:
-    """The prompt's first words, made safe, and a short hash of the model, tokens, settings and logit targets."""
+    """The prompt's first words (letters and digits joined by '-') and a short hash of the model, tokens,
+    settings and logit targets: 'i-always-loved-visiting-aunt-sally-1f3a9c2e'."""
     key = json.dumps([model_name, list(tokens), dict(settings), sorted(targets)], sort_keys=True, default=str)
     digest = hashlib.sha1(key.encode()).hexdigest()[:8]
-    words = sanitise(prompt.lower(), 48) or "graph"
+    text = re.sub(r"<[^<>\s]{1,40}>", " ", prompt)  # special tokens such as <bos> or <|endoftext|> say nothing
+    words = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:48].strip("-") or "graph"
     return f"{words}-{digest}"
 
 
