@@ -42,6 +42,7 @@ from selenium.webdriver.support.ui import Select, WebDriverWait  # noqa: E402
 
 import qktrace  # noqa: E402
 from qktrace.graph import load_graph  # noqa: E402
+from qktrace.nodes import Kind, Node  # noqa: E402
 from qktrace.server import create_app  # noqa: E402
 from tests.test_server import GRAPH_NAME, build_fixture  # noqa: E402
 
@@ -162,6 +163,12 @@ def open_graph(driver, server: LiveServer, name: str) -> None:
     opened(driver, name)
 
 
+def feature_component(driver, where: str):
+    """The first component span under `where` that names an SAE feature."""
+    spans = driver.find_elements(By.CSS_SELECTOR, f"{where} span.comp[data-component]")
+    return next(s for s in spans if Node.parse(s.get_attribute("data-component")).kind is Kind.FEATURE)
+
+
 def console_errors(driver) -> list[str]:
     return [e["message"] for e in driver.get_log("browser") if e["level"] == "SEVERE"]
 
@@ -169,10 +176,11 @@ def console_errors(driver) -> list[str]:
 def visible_cross_link(graph: dict) -> tuple[dict, int, int]:
     """The strongest cross-position link with head loadings, from a feature if any, that is among its
     target's 12 strongest inputs (the node panel lists those)."""
-    links = sorted(graph["links"], key=lambda x: (not x["source"].startswith("feature/"), -abs(x["weight"])))
+    is_feature = lambda node_id: Node.parse(node_id).kind is Kind.FEATURE  # noqa: E731
+    links = sorted(graph["links"], key=lambda x: (not is_feature(x["source"]), -abs(x["weight"])))
     for link in links:
         ins = sorted((x for x in graph["links"] if x["target"] == link["target"]), key=lambda x: -abs(x["weight"]))
-        s, t = (int(link[key].split("/")[2][1:]) for key in ("source", "target"))
+        s, t = (Node.parse(link[key]).pos for key in ("source", "target"))
         if s != t and link["head_loadings"] and link in ins[:12]:
             return link, t, s
     raise AssertionError("no cross-position link to click in the tiny graph")
@@ -255,7 +263,7 @@ def test_explain_an_edge_end_to_end(setup, shots, driver):
         driver.save_screenshot(str(shots / "02-qk.png"))
 
         # hover a feature in the QK panel -> its label (and dashboard when it has one)
-        comp = driver.find_element(By.CSS_SELECTOR, "#qk-terms span.comp[data-component^='feature/']")
+        comp = feature_component(driver, "#qk-terms")
         ActionChains(driver).move_to_element(comp).perform()
         WebDriverWait(driver, 10).until(lambda d: d.find_element(By.ID, "tooltip").is_displayed())
 
@@ -334,6 +342,61 @@ def test_view_only_shows_stored_terms(setup, shots, driver):
         assert console_errors(driver) == []
 
 
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+def test_other_tools_graphs_and_qk_tracing(setup, shots, driver, tmp_path):
+    """circuit-tracer's and Neuronpedia's own graph files open beside qktrace's: drawn node for node, with
+    the notice that they have no head loadings (on the graph and on a clicked edge); a node's QK tracing
+    (qktrace's or Neuronpedia's fields) lists its pairs with the labels of the nodes or QK-only nodes named."""
+    data = tmp_path / "graphs"
+    data.mkdir()
+    for name in ("circuit_tracer_0.5_graph.json", "neuronpedia_graph.json"):
+        (data / name).write_text((FIXTURES / name).read_text())
+    (data / GRAPH_NAME).write_text((setup.data / GRAPH_NAME).read_text())
+    with LiveServer(create_app(data, saes_dir=setup.saes)) as server:
+        for name, maker in (("circuit_tracer_0.5_graph.json", "another tool"),
+                            ("neuronpedia_graph.json", "llamascopium (CRM) by OpenMOSS")):  # fmt: skip
+            raw = json.loads((data / name).read_text())
+            open_graph(driver, server, name)
+            option = driver.find_element(By.CSS_SELECTOR, f'#graph-select option[value="{name}"]').text
+            assert ("(circuit-tracer)" if "circuit" in name else "(neuronpedia)") in option
+            assert f"made by {maker}: no head loadings" in driver.find_element(By.ID, "graph-info").text
+            drawn = {g.get_attribute("data-id") for g in driver.find_elements(By.CSS_SELECTOR, "#graph-svg g.node")}
+            assert drawn == {n["node_id"] for n in raw["nodes"]}
+            assert len(driver.find_elements(By.CSS_SELECTOR, "#graph-svg g.edge")) == len(raw["links"])
+            link = max(raw["links"], key=lambda x: abs(x["weight"]))
+            edge = driver.find_element(
+                By.CSS_SELECTOR,
+                f'#graph-svg g.edge[data-source="{link["source"]}"][data-target="{link["target"]}"] line.hit',
+            )
+            driver.execute_script("arguments[0].dispatchEvent(new MouseEvent('click', {bubbles: true}))", edge)
+            WebDriverWait(driver, 10).until(
+                lambda d, m=maker: f"made by {m}: it has no head loadings" in d.find_element(By.ID, "edge-panel").text
+            )
+            driver.save_screenshot(str(shots / f"10-{name}.png"))
+        for name in ("neuronpedia_graph.json", GRAPH_NAME):
+            raw = json.loads((data / name).read_text())
+            labels = {n["node_id"]: n["clerp"] for n in raw["nodes"]}
+            labels |= {k: v["clerp"] for k, v in raw.get("qk_only_nodes", {}).items()}
+            traced = next(n for n in raw["nodes"] if "qk_tracing_results" in n)
+            open_graph(driver, server, name)
+            node = driver.find_element(
+                By.CSS_SELECTOR, f'#graph-svg g.node[data-id="{traced["node_id"]}"] > :first-child'
+            )
+            click(driver, node)
+            wait(driver, "#qk-tracing tr.qk-pair")
+            rows = driver.find_elements(By.CSS_SELECTOR, "#qk-tracing tr.qk-pair")
+            pairs = traced["qk_tracing_results"]["pair_wise_contributors"]
+            assert len(rows) == len(pairs)
+            for row, (q, k, v) in zip(rows, pairs):
+                cells = row.find_elements(By.CSS_SELECTOR, "td")
+                assert (text_of(cells[0]), text_of(cells[1])) == (labels[q], labels[k])
+                assert numbers(cells[2])[1] == v
+            driver.save_screenshot(str(shots / f"11-qk-tracing-{name}.png"))
+        assert console_errors(driver) == []
+
+
 def test_demo_graph_in_the_browser(tmp_path, shots, driver):
     """The embedded demo: its induction graph, the strongest cross-position edge, its top head's QK panel
     (numbers equal to the API's), a feature's real dashboard on hover, and a sweep."""
@@ -382,8 +445,9 @@ def test_demo_graph_in_the_browser(tmp_path, shots, driver):
         driver.save_screenshot(str(shots / "06-demo-qk.png"))
 
         # a feature's dashboard, from the shipped dashboards.json, on hover
-        comp = driver.find_element(By.CSS_SELECTOR, "#qk-terms span.comp[data-component^='feature/']")
-        checkpoint, feature = (int(p[1:]) for p in comp.get_attribute("data-component").split("/")[1::2][:2])
+        comp = feature_component(driver, "#qk-terms")
+        node = Node.parse(comp.get_attribute("data-component"))
+        checkpoint, feature = node.checkpoint, node.index
         dash = json.loads((DEMO_SAES / f"blocks.{checkpoint}.hook_resid_pre" / "dashboards.json").read_text())
         ActionChains(driver).move_to_element(comp).perform()
         tip = WebDriverWait(driver, 10).until(lambda d: d.find_element(By.ID, "tooltip"))
@@ -427,7 +491,7 @@ def test_first_graph_labels_normalised_weights_and_url(setup, shots, driver, tmp
     toggle shows a known edge's weight over its target's incoming |weights|, as computed here; a URL that
     names a graph opens that graph, and choosing another one puts it into the URL."""
     graph = json.loads((setup.data / GRAPH_NAME).read_text())
-    labelled = next(n for n in graph["nodes"] if n["node_id"].startswith("feature/"))
+    labelled = next(n for n in graph["nodes"] if Node.parse(n["node_id"]).kind is Kind.FEATURE)
     labelled["clerp"] = LONG_LABEL
     node_id = labelled["node_id"]
     data = tmp_path / "graphs"

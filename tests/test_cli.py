@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from qktrace.cli import main
+from qktrace.graph import FORMAT_VERSION
 from qktrace.saes import SAE, save_sae_lens
 
 
@@ -148,6 +149,17 @@ STEER = ["steer", "@M", "--saes", "@S", "--prompt", "Aunt Sally is the", "--laye
         (["demo", "--out", "@T/file.txt"], "not a folder"),
         (["demo", "--port", "-5"], "--port"),
         (["demo", "--dtype", "float64"], "dtype"),
+        (
+            ["graph", "@M", "--prompt", "w1", "--out", "@T/g.json", "--slug", "my graph"],
+            "slug 'my graph' may hold only",
+        ),
+        (["graph", "@M", "--prompt", "w1", "--out", "@T/g.json", "--scan", "org/model"], "scan 'org/model'"),
+        (["graph", "@M", "--prompt", "w1", "--out", "@T/g.json", "--slug", ""], "slug ''"),
+        (
+            ["qk", "@M", "--prompt", "w1", "--layer", "0", "--head", "0", "--labels", "@T/missing.json"],
+            "does not exist",
+        ),
+        (["serve", "--labels", "@T/file.txt"], "add --model"),
     ],
 )
 def test_mistakes_are_refused_before_loading(capsys, tmp_path, no_loading, args, needle):
@@ -206,7 +218,7 @@ def test_graph_replaces_out_atomically(capsys, tiny_paths, saes_dir, tmp_path):
     argv = ["graph", str(tiny_paths["llama"]), "--saes", str(saes_dir), "--prompt", "Aunt Sally is", "--out", str(out)]
     code, stdout, err = run(capsys, *argv, "--device", "cpu", "--dtype", "float32", "--max-memory", "1GB")
     assert code == 0, err
-    assert json.loads(out.read_text())["metadata"]["qktrace"]["format_version"] == 1
+    assert json.loads(out.read_text())["metadata"]["qktrace"]["format_version"] == FORMAT_VERSION
     assert sorted(p.name for p in tmp_path.iterdir()) == ["g.json"]
 
 
@@ -344,3 +356,42 @@ def test_dashboards_and_batch_commands_write_what_the_library_writes(capsys, tin
     trace_batch(model, str(saes_dir), prompts, tmp_path / "b2", options=BatchOptions(), device="cpu")
     assert (tmp_path / "b1" / "summary.jsonl").read_bytes() == (tmp_path / "b2" / "summary.jsonl").read_bytes()
     assert (tmp_path / "b1/prompts/a/graph.json").read_bytes() == (tmp_path / "b2/prompts/a/graph.json").read_bytes()
+
+
+def test_labels_slug_and_scan(capsys, tiny_paths, saes_dir, tmp_path):
+    """--labels (a Neuronpedia export) changes the labels that QK tables and graph nodes show; --slug and
+    --scan name the graph for Neuronpedia."""
+    from qktrace.nodes import Kind, Node
+
+    export = tmp_path / "explanations.jsonl"
+    records = [
+        {"modelId": "tiny", "layer": "1-res-test", "index": str(i), "description": f"np feature {i}"} for i in range(40)
+    ]
+    export.write_text("\n".join(json.dumps(r) for r in records))
+    qk = ["qk", str(tiny_paths["llama"]), "--saes", str(saes_dir), "--prompt", "Aunt Sally w1 . Aunt", "--layer", "1"]
+    qk += ["--head", "2", "--json", "--top", "50"]
+    shown = {}
+    for labels in ([], ["--labels", str(export)]):
+        code, out, err = run(capsys, *qk, *labels)
+        assert code == 0, err
+        terms = json.loads(out)["terms"]
+        shown[bool(labels)] = {
+            (t[side], t[f"{side}_label"]) for t in terms for side in ("query", "key")
+            if Node.parse(t[side]).kind is Kind.FEATURE
+        }  # fmt: skip
+    assert shown[True] and {c for c, _ in shown[True]} == {c for c, _ in shown[False]}
+    for component, label in shown[True]:
+        assert label.startswith(f"np feature {Node.parse(component).index} @"), label
+    for _, label in shown[False]:
+        assert not label.startswith("np feature")
+    out = tmp_path / "g.json"
+    graph = ["graph", str(tiny_paths["llama"]), "--saes", str(saes_dir), "--prompt", "Aunt Sally w1 . Aunt"]
+    code, _, err = run(
+        capsys, *graph, "--out", str(out), "--labels", str(export), "--slug", "my.graph_1", "--scan", "tiny-llama"
+    )
+    assert code == 0, err
+    data = json.loads(out.read_text())
+    assert (data["metadata"]["slug"], data["metadata"]["scan"]) == ("my.graph_1", "tiny-llama")
+    at1 = [(Node.parse(n["node_id"]), n["clerp"]) for n in data["nodes"]]
+    at1 = [(node, clerp) for node, clerp in at1 if node.kind is Kind.FEATURE and node.checkpoint == 1]
+    assert at1 and all(clerp.startswith(f"np feature {node.index}") for node, clerp in at1)

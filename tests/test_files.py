@@ -210,7 +210,7 @@ def _edited(tmp_path: Path, edit) -> Path:  # type: ignore[no-untyped-def]
         (lambda d: d["links"][0]["head_loadings"][0].update(layer=7), "head_loadings layer"),
         (lambda d: d["links"][0].update(head_loadings={"a": 1}), "not a list"),
         (lambda d: d["nodes"][0].update(node_id="token/c0/p99999999999/t1"), "outside the graph"),
-        (lambda d: d["metadata"]["qktrace"].update(tokens=[1, "2"]), "token id"),
+        (lambda d: d["metadata"]["qktrace"].update(tokens=[1, "2"]), "tokens.1 is a string '2', not an integer"),
         (lambda d: d.update(links=5), "not a list"),
     ],
 )

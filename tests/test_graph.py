@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from qktrace.errors import GraphFileError, InputError, SAEMismatchError
-from qktrace.graph import Graph, build_graph, load_graph
+from qktrace.graph import FORMAT_VERSION, Graph, build_graph, load_graph
 from qktrace.graph.build import Attribution, attribute
 from qktrace.graph.edges import attention_bias, edge_parts
 from qktrace.models import Model, Trace, load_model
@@ -292,8 +292,8 @@ def test_save_load_round_trip_with_circuit_tracer_fields(graph32, tmp_path):
     model, trace, _, graph = graph32
     path = graph.save(tmp_path / "g.json")
     data = json.loads(path.read_text())
-    assert set(data) == {"metadata", "qParams", "nodes", "links"}
-    assert set(data["metadata"]) >= CT_META and data["metadata"]["qktrace"]["format_version"] == 1
+    assert set(data) == {"metadata", "qParams", "nodes", "links"}  # no QK tracing without a tracer
+    assert set(data["metadata"]) >= CT_META and data["metadata"]["qktrace"]["format_version"] == FORMAT_VERSION == 2
     assert set(data["qParams"]) == {"pinnedIds", "supernodes", "linkType", "clickedId", "sg_pos"}
     assert all(set(n) >= CT_NODE for n in data["nodes"])
     by_id = {n["node_id"]: n for n in data["nodes"]}
@@ -310,6 +310,30 @@ def test_save_load_round_trip_with_circuit_tracer_fields(graph32, tmp_path):
         assert torch.equal(getattr(back, name), getattr(graph, name)), name
     assert back.summary() == graph.summary()
     assert back.completeness == graph.completeness and back.tokens == graph.tokens
+    assert back.to_json() == data  # the file, exactly, once read and written again
+
+
+def test_version_1_files_are_read(graph32, tmp_path):
+    """A file as qktrace wrote it before format 2 (biases typed as errors, feature -1, a fixed slug, the
+    load path as scan) reads to the same graph; saving it again writes format 2 with its own slug and scan."""
+    graph = graph32[3]
+    old = graph.to_json()
+    meta = old["metadata"]
+    meta.update(slug="qktrace-graph", scan="/some/path/model")
+    meta["qktrace"]["format_version"] = 1
+    for key in ("info", "generation_settings", "pruning_settings"):
+        meta.pop(key)
+    for n in old["nodes"]:
+        if Node.parse(n["node_id"]).kind not in (Kind.TOKEN, Kind.FEATURE, Kind.LOGIT):
+            n.update(feature=-1, feature_type="mlp reconstruction error")
+    path = tmp_path / "v1.json"
+    path.write_text(json.dumps(old))
+    back = load_graph(path)
+    assert [n.node for n in back.nodes] == [n.node for n in graph.nodes]
+    assert torch.equal(back.weight, graph.weight) and torch.equal(back.heads, graph.heads)
+    again = back.to_json()
+    assert again["metadata"]["qktrace"]["format_version"] == 2 and again == graph.to_json()
+    assert again["metadata"]["slug"] != "qktrace-graph" and "/" not in again["metadata"]["scan"]
 
 
 def test_pruning_keeps_logits_tokens_and_scores(graph32):

@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 
 from qktrace import Tracer
 from qktrace.errors import InputError, OutOfRangeError
+from qktrace.nodes import Kind, Node
 from qktrace.saes import SAE, SAESet
 from qktrace.testing import random_prompt
 from tests.hf_reference import hf_attention
@@ -60,7 +61,7 @@ def test_terms_sum_to_hf_score_whole_row(tracers, family, arch):
             assert att.terms.shape[0] == len(att.query.ids)
             assert att.terms.abs().max() > 1e-3
     # at least one SAE feature is active at the query, so feature terms are real
-    assert any(c.startswith("feature/") for c in att.query.ids)
+    assert any(Node.parse(c).kind is Kind.FEATURE for c in att.query.ids)
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -131,7 +132,7 @@ def test_marginals_and_groups_sum_to_score(tracers):
     total = float(att.sum_of_terms[0])
     assert abs(att.query_marginals().sum() - total) < 1e-4 * max(1, abs(total))
     assert abs(att.key_marginals().sum() - total) < 1e-4 * max(1, abs(total))
-    feats = [c for c in att.query.ids if c.startswith("feature/")]
+    feats = [c for c in att.query.ids if Node.parse(c).kind is Kind.FEATURE]
     table = att.group({"q-features": feats})
     assert abs(table.to_numpy().sum() - total) < 1e-4 * max(1, abs(total))
     df = att.terms_frame(top=5)

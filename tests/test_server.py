@@ -17,6 +17,7 @@ pytest.importorskip("httpx")
 
 from fastapi.testclient import TestClient  # noqa: E402
 
+from qktrace.nodes import Node  # noqa: E402
 from qktrace.saes import SAE, SAESet, save_sae_lens  # noqa: E402
 from qktrace.server import API_VERSION, create_app  # noqa: E402
 from qktrace.testing import make_tiny_model, random_prompt  # noqa: E402
@@ -189,7 +190,7 @@ def test_unknown_and_corrupt_graphs(client):
 
 def cross_link(graph):
     for link in sorted(graph["links"], key=lambda x: -abs(x["weight"])):
-        s, t = (int(link[k].split("/")[2][1:]) for k in ("source", "target"))
+        s, t = (Node.parse(link[k]).pos for k in ("source", "target"))
         if s != t and link["head_loadings"]:
             return link, t, s
     raise AssertionError("the tiny graph has no cross-position link")
@@ -253,7 +254,8 @@ def test_qk_bad_requests(client, setup, change, words):
 
 
 def test_build_graph_job(client, setup):
-    job = ok(client.post("/api/graph", json={"prompt": "Aunt Sally is the opposite of", "name": "built"}), 202)
+    req = {"prompt": "Aunt Sally is the opposite of", "name": "built", "slug": "aunt-sally.1", "scan": "tiny_llama"}
+    job = ok(client.post("/api/graph", json=req), 202)
     deadline = time.monotonic() + 120
     while job["status"] == "running" and time.monotonic() < deadline:
         time.sleep(0.1)
@@ -269,9 +271,15 @@ def test_build_graph_job(client, setup):
     frame = traced.qk(entry["layer"], entry["head"], entry["query_pos"]).terms_frame(top=8, key_pos=entry["key_pos"])
     assert [t["value"] for t in entry["terms"]] == pytest.approx(frame["value"].tolist())
     assert [t["key"] for t in entry["terms"]] == frame["key"].tolist()
+    assert (graph["metadata"]["slug"], graph["metadata"]["scan"]) == ("aunt-sally.1", "tiny_llama")
+    traced_nodes = [n for n in graph["nodes"] if "qk_tracing_results" in n]
+    assert traced_nodes, "targets of cross-position links should carry Neuronpedia's QK tracing"
 
 
 def test_graph_job_errors(client):
+    for field in ("slug", "scan"):
+        msg = refused(client.post("/api/graph", json={"prompt": "w1 w2", field: "a/b"}), 400)
+        assert f"{field} 'a/b' may hold only letters" in msg
     assert "plain file name" in refused(client.post("/api/graph", json={"prompt": "w1 w2", "name": "../x"}), 400)
     assert "prompt is empty" in refused(client.post("/api/graph", json={"prompt": ""}), 400)
     assert "no job" in refused(client.get("/api/jobs/deadbeef"), 404)
@@ -346,6 +354,42 @@ def test_features(client, viewer):
         assert "no SAE at checkpoint 7" in refused(c.get("/api/features/7/1"), 404)
         assert "checkpoint 1 feature 24 is out of range" in refused(c.get("/api/features/1/24"), 400)
         refused(c.get("/api/features/1/x"), 422)
+
+
+def test_neuronpedia_labels_reach_the_features_api(setup, tmp_path):
+    """A Neuronpedia export given to the loaded SAEs (serve --labels) replaces the labels /api/features shows."""
+    export = tmp_path / "export.json"
+    export.write_text(
+        json.dumps(
+            [{"modelId": "m", "layer": "2-res-x", "index": str(f), "description": f" NP {f}"} for f in range(24)]
+        )
+    )
+    labelled = Tracer.load(setup.root / "model", setup.saes, labels=export)
+    client = TestClient(create_app(setup.data, labelled))
+    assert ok(client.get("/api/features/2/4"))["label"] == "NP 4"  # was "c2 feature 4" (labels.json)
+    assert ok(client.get("/api/features/2/5"))["label"] == "NP 5"
+    assert ok(client.get("/api/features/1/4"))["label"] == "c1 feature 4"  # layer 1 is not in the export
+
+
+@pytest.mark.parametrize("name", ["circuit_tracer_0.5_graph.json", "neuronpedia_graph.json"])
+def test_other_tools_graphs_are_listed_and_served(setup, tmp_path, name):
+    """circuit-tracer's and Neuronpedia's own graph files open beside qktrace's, as they are."""
+    data = tmp_path / "graphs"
+    data.mkdir()
+    raw = (Path(__file__).parent / "fixtures" / name).read_text()
+    (data / name).write_text(raw)
+    (data / GRAPH_NAME).write_text(json.dumps(setup.graph))
+    for app in (create_app(data, setup.tracer), create_app(data, saes_dir=setup.saes)):
+        client = TestClient(app)
+        listing = ok(client.get("/api/graphs"))
+        assert not listing["invalid"]
+        entry = {g["name"]: g for g in listing["graphs"]}[name]
+        assert entry["origin"] == ("circuit-tracer" if name.startswith("circuit") else "neuronpedia")
+        assert entry["model"] == json.loads(raw)["metadata"]["scan"] and entry["n_nodes"] == len(
+            json.loads(raw)["nodes"]
+        )
+        assert {g["name"]: g for g in listing["graphs"]}[GRAPH_NAME]["origin"] == "qktrace"
+        assert ok(client.get(f"/api/graphs/{name}"))["graph"] == json.loads(raw)
 
 
 def test_view_only_refuses_compute(viewer, setup):

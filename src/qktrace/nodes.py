@@ -17,6 +17,9 @@ Checkpoint c is the residual stream at the input of layer c; c = n_layers is the
 A *positionless* id drops the position (`feature/c3/f1234`, `error/c3`): the same feature at any position.
 
 Tensors of many nodes store a kind as an integer: `CODE[kind]` writes it, `KINDS[code]` reads it back.
+`describe(node)` says in words what a node without a feature label is ("SAE error at checkpoint 3").
+How nodes are written for circuit-tracer and Neuronpedia (feature numbers, feature types) is
+`qktrace.graph.formats`; it builds and reads every id through this module.
 """
 
 from __future__ import annotations
@@ -103,6 +106,22 @@ def positionless(node_id: str) -> str:
     """'feature/c3/p5/f12' -> 'feature/c3/f12'; 'error/c3/p5' -> 'error/c3' (positionless ids pass through)."""
     kind, checkpoint, index = parse_positionless(node_id)
     return Node(kind, checkpoint, 0, index).positionless
+
+
+def describe(node: Node) -> str:
+    """A node in words, for kinds without a label of their own: tokens, features and logits get theirs from
+    the prompt, the SAE and the vocabulary."""
+    c = node.checkpoint
+    return {
+        Kind.TOKEN: f"token at position {node.pos}",
+        Kind.FEATURE: f"feature {node.index} at checkpoint {c}",
+        Kind.ERROR: f"SAE error at checkpoint {c}",
+        Kind.SAE_BIAS: f"SAE decoder bias at checkpoint {c}",
+        Kind.ATTN_BIAS: f"attention bias of layer {c - 1}",
+        Kind.MLP_BIAS: f"MLP bias of layer {c - 1}",
+        Kind.LOGIT: f"logit of token {node.index}",
+        Kind.HEAD_BIAS: f"head bias at layer {c} (norm bias through W_Q/W_K, plus b_Q/b_K)",
+    }[node.kind]
 
 
 def feature(checkpoint: int, pos: int, index: int) -> Node:

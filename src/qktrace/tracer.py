@@ -22,7 +22,7 @@ from .qk import QKAttribution, qk_attribution
 from .saes import SAE, FeatureActs, SAESet, load_saes
 
 if TYPE_CHECKING:
-    from .graph import Graph
+    from .graph import Graph, QKContributor, QKTracing
 
 
 class Tracer:
@@ -42,17 +42,23 @@ class Tracer:
         device: str | torch.device = "cpu",
         dtype: str | torch.dtype = "float32",
         device_map: str | dict[str, Any] | None = None,
+        labels: str | os.PathLike[str] | Sequence[str | os.PathLike[str]] | None = None,
     ) -> Tracer:
         """`model`: a save_pretrained directory, a hub id, or "demo" (whose SAEs are the default `saes`).
 
         `device`: cpu, cuda, cuda:N or auto; `dtype`: float32, bfloat16 or float16 (decompositions
         accumulate in float32); `device_map`: spread a model too large for one device over several
-        (accelerate); each SAE then sits on the device of the layer that reads its checkpoint."""
+        (accelerate); each SAE then sits on the device of the layer that reads its checkpoint.
+        `labels`: Neuronpedia explanation exports (files or folders) that label the SAEs' features."""
         name = str(model)
+        saes = resolve_saes(name, None if saes is None else str(saes))
+        if saes is None and labels is not None:
+            raise InputError("labels were given but no SAEs: pass the SAEs the Neuronpedia export describes")
         source = DEMO_MODEL if name == DEMO_NAME else model
         m = load_model(source, dtype=dtype, device=device, device_map=device_map, name=name)
-        saes = resolve_saes(name, None if saes is None else str(saes))
-        s = load_saes(saes, m, sae_ids=sae_ids, device=m.device, dtype=m.anatomy.dtype) if saes is not None else None
+        s = None
+        if saes is not None:
+            s = load_saes(saes, m, sae_ids=sae_ids, device=m.device, dtype=m.anatomy.dtype, labels=labels)
         if s is not None and device_map is not None:
             s = SAESet({c: sae.to(m.checkpoint_device(c)) for c, sae in s.items()})
         return cls(m, s)
@@ -121,38 +127,122 @@ class Traced:
         )
 
     def graph(
-        self, *, qk_terms: bool = True, qk_links: int = 200, heads_per_link: int = 2, top_terms: int = 8, **kwargs: Any
+        self,
+        *,
+        qk_terms: bool = True,
+        qk_links: int = 200,
+        heads_per_link: int = 2,
+        top_terms: int = 8,
+        slug: str | None = None,
+        scan: str | None = None,
+        **kwargs: Any,
     ) -> Graph:
         """The attribution graph of this prompt with head loadings (see `qktrace.graph.build_graph`).
 
         With `qk_terms`, the `qk_links` most influential cross-position links also carry the top QK
         terms of their `heads_per_link` top heads at (target position, source position): the paper's
-        jump from an edge to why its heads attended there.
+        jump from an edge to why its heads attended there; and their target nodes carry the QK tracing
+        of the head that carries most of their cross-position inputs (`qk_tracing`).
+        `slug`, `scan`: the graph's Neuronpedia name and model id ([a-zA-Z0-9_.-]; default: from the
+        prompt, and from the model and its SAEs).
         """
         import dataclasses
 
-        from .graph import build_graph
+        from .graph import build_graph, formats
 
+        names = {k: formats.check_name(v, k) for k, v in (("slug", slug), ("scan", scan)) if v is not None}
         graph = build_graph(self.model, self.saes, self.trace, **kwargs)
+        sources = {c: sae.neuronpedia_id for c, sae in self.saes.items() if sae.neuronpedia_id}
+        slug = names.get("slug") or formats.default_slug(graph)
+        scan = names.get("scan") or formats.neuronpedia_scan(graph.model_name, sources.values())
+        graph = dataclasses.replace(graph, slug=slug, scan=scan, sources=sources)
         if not qk_terms:
             return graph
-        return dataclasses.replace(graph, qk_terms=self.link_qk_terms(graph, qk_links, heads_per_link, top_terms))
+        rows: dict[tuple[int, int, int], QKAttribution | None] = {}  # whole QK rows, shared by both
+        terms = self.link_qk_terms(graph, qk_links, heads_per_link, top_terms, rows=rows)
+        tracing, only = self.qk_tracing(graph, qk_links, top_terms, rows=rows)
+        return dataclasses.replace(graph, qk_terms=terms, qk_tracing=tracing, qk_only=only)
+
+    def _row(self, rows: dict[tuple[int, int, int], QKAttribution | None], layer: int, head: int, q: int):  # type: ignore[no-untyped-def]
+        """Head (layer, head)'s QK attribution of every key from `q` (None without an SAE at `layer`), cached."""
+        if (layer, head, q) not in rows:
+            rows[layer, head, q] = self.qk(layer, head, q) if layer in self.saes else None
+        return rows[layer, head, q]
+
+    def qk_tracing(
+        self,
+        graph: Graph,
+        links: int = 200,
+        top: int = 8,
+        *,
+        rows: dict[tuple[int, int, int], QKAttribution | None] | None = None,
+    ) -> tuple[dict[int, QKTracing], dict[str, QKContributor]]:
+        """Per target node of the `links` most influential cross-position links: the QK attribution of
+        the head that carries most of its cross-position inputs (`Graph.carrier`), from its position to
+        the key that head carries most from -- the top `top` term pairs, and each side's components summed
+        over the other side's. Also the label and activation of every component named there that is not a
+        node of the graph. `rows`: a cache of whole QK rows to reuse (see `graph`)."""
+        from .graph import QKContributor, QKTracing
+        from .nodes import Kind, Node, describe
+
+        rows = {} if rows is None else rows
+        ids = {n.id for n in graph.nodes}
+        out: dict[int, QKTracing] = {}
+        only: dict[str, QKContributor] = {}
+        for t in dict.fromkeys(int(graph.target[e]) for e in graph.cross_position_edges(links)):
+            carrier = graph.carrier(t)
+            att = None if carrier is None else self._row(rows, carrier[0], carrier[1], graph.nodes[t].node.pos)
+            if carrier is None or att is None or carrier[2] not in att.key_positions:
+                continue
+            layer, head, key = carrier
+            cols = (att.key.pos == key).nonzero().flatten()
+            terms = att.terms[:, cols]  # [q_component, k_component at the key]
+            q_ids, k_ids = att.query.ids, [att.key.id(int(i)) for i in cols]
+            flat = terms.flatten()
+            best = torch.topk(flat.abs(), min(top, flat.numel())).indices.tolist()
+            q_sum, k_sum = terms.sum(1), terms.sum(0)
+            q_top = torch.topk(q_sum.abs(), min(top, len(q_sum))).indices.tolist()
+            k_top = torch.topk(k_sum.abs(), min(top, len(k_sum))).indices.tolist()
+            i = att.key_positions.index(key)
+            out[t] = QKTracing(
+                layer, head, att.query_pos, key, float(att.sum_of_terms[i]), float(att.pattern[i]),
+                pairs=tuple((q_ids[j // len(k_ids)], k_ids[j % len(k_ids)], float(flat[j])) for j in best),
+                query=tuple((q_ids[j], float(q_sum[j])) for j in q_top),
+                key=tuple((k_ids[j], float(k_sum[j])) for j in k_top),
+            )  # fmt: skip
+            named = [c for q, k, _ in out[t].pairs for c in (q, k)] + [c for c, _ in out[t].query + out[t].key]
+            for cid in named:
+                if cid in ids or cid in only:
+                    continue
+                node = Node.parse(cid)
+                if node.kind is Kind.FEATURE:
+                    feats, values = self.acts(layer).at(node.pos)
+                    hit = (feats == node.index).nonzero().flatten()
+                    act = float(values[hit[0]]) if len(hit) else None
+                    only[cid] = QKContributor(self.saes[layer].label(node.index), act)
+                else:
+                    only[cid] = QKContributor(describe(node), None)
+        return out, only
 
     def link_qk_terms(
-        self, graph: Graph, links: int = 200, heads_per_link: int = 2, top: int = 8
+        self,
+        graph: Graph,
+        links: int = 200,
+        heads_per_link: int = 2,
+        top: int = 8,
+        *,
+        rows: dict[tuple[int, int, int], QKAttribution | None] | None = None,
     ) -> dict[int, list[dict[str, Any]]]:
-        """Per cross-position edge: for each of its top heads, the score and top terms at (q, k)."""
-        rows: dict[tuple[int, int, int], QKAttribution | None] = {}
+        """Per cross-position edge: for each of its top heads, the score and top terms at (q, k).
+        `rows`: a cache of whole QK rows to reuse (see `graph`)."""
+        rows = {} if rows is None else rows
         out: dict[int, list[dict[str, Any]]] = {}
         cols = ["query", "query_label", "key", "key_label", "value"]
         for e in graph.cross_position_edges(links):
             src, tgt = graph.nodes[int(graph.source[e])].node, graph.nodes[int(graph.target[e])].node
             per_head = []
             for hl in graph._loadings(e)[:heads_per_link]:
-                key = (hl.layer, hl.head, tgt.pos)
-                if key not in rows:
-                    rows[key] = self.qk(*key) if hl.layer in self.saes else None
-                att = rows[key]
+                att = self._row(rows, hl.layer, hl.head, tgt.pos)
                 if att is None or src.pos not in att.key_positions:
                     continue
                 k = att.key_positions.index(src.pos)

@@ -69,6 +69,27 @@ def fraction(text: str) -> float:
     return value
 
 
+def labels_path(text: str) -> str:
+    """A Neuronpedia explanation export that exists: a .json / .jsonl / .gz file or a folder of them."""
+    from pathlib import Path
+
+    if not text.strip() or not Path(text).expanduser().exists():
+        raise argparse.ArgumentTypeError(
+            f"{text[:80]!r} does not exist: pass a Neuronpedia explanation export (.json, .jsonl, .gz) or a folder"
+        )
+    return text
+
+
+def _name(what: str) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        from ..graph.formats import check_name
+
+        return check_name(text, what)
+
+    return _typed(what, parse)
+
+
+slug, scan = _name("slug"), _name("scan")
 device = _typed("device", config.parse_device)
 dtype = _typed("dtype", config.parse_dtype)
 memory = _typed("memory budget", config.parse_bytes)
@@ -82,7 +103,18 @@ def _model_args(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("model", help="a save_pretrained directory, a hub id, or 'demo' for the embedded model")
     sp.add_argument("--saes", help="SAE directory (SAELens layout or Gemma Scope params.npz files), or saelens:RELEASE")
     sp.add_argument("--sae-ids", help="comma-separated SAE ids within --saes (e.g. blocks.3.hook_resid_pre)")
+    _labels_arg(sp)
     _device_args(sp)
+
+
+def _labels_arg(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument(
+        "--labels",
+        action="append",
+        type=labels_path,
+        metavar="PATH",
+        help="Neuronpedia explanation export(s) labelling the SAEs' features (.json, .jsonl, .gz or a folder; repeat)",
+    )
 
 
 def _device_args(sp: argparse.ArgumentParser) -> None:
@@ -127,6 +159,8 @@ def build_parser(commands: Mapping[str, Callable[[argparse.Namespace], int]]) ->
     sp.add_argument("--node-threshold", type=fraction, default=config.GRAPH.node_threshold)
     sp.add_argument("--edge-threshold", type=fraction, default=config.GRAPH.edge_threshold)
     sp.add_argument("--max-nodes", type=max_nodes, default=config.GRAPH.max_nodes, help="features kept after pruning")
+    sp.add_argument("--slug", type=slug, help="the graph's Neuronpedia name (default: the prompt's words and a hash)")
+    sp.add_argument("--scan", type=scan, help="its Neuronpedia model id (default: from the model and SAEs)")
     _graph_args(sp)
     sp.set_defaults(func=commands["graph"])
 
@@ -158,6 +192,7 @@ def build_parser(commands: Mapping[str, Callable[[argparse.Namespace], int]]) ->
     sp.add_argument("paths", nargs="*", help="graph JSON files and/or one directory of them")
     sp.add_argument("--model", help="a model to compute new graphs, QK attributions and sweeps ('demo' works)")
     sp.add_argument("--saes", help="its SAEs (default for 'demo': the embedded ones)")
+    _labels_arg(sp)
     _device_args(sp)
     _graph_args(sp)
     sp.add_argument(
@@ -204,7 +239,7 @@ def build_parser(commands: Mapping[str, Callable[[argparse.Namespace], int]]) ->
 
 
 # options whose value may start with '-' (a negative scale or position, a prompt, a token)
-_VALUED = ("--scales", "--positions", "--prompt", "--watch", "--watch-attn", "--heads")
+_VALUED = ("--scales", "--positions", "--prompt", "--watch", "--watch-attn", "--heads", "--slug", "--scan")
 
 
 def join_dash_values(argv: Sequence[str]) -> list[str]:

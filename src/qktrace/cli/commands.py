@@ -37,6 +37,7 @@ def _tracer(args: argparse.Namespace, model: str | None = None, saes: str | None
         sae_ids=ids,
         device=args.device,
         dtype=args.dtype,
+        labels=getattr(args, "labels", None),
     )
 
 
@@ -128,7 +129,7 @@ def cmd_graph(args: argparse.Namespace) -> int:
     out = check_output(args.out, "graph")
     kw = graph_options(args.node_threshold, args.edge_threshold, args.max_nodes, args.max_memory)
     traced = _tracer(args).run(args.prompt)
-    graph = traced.graph(**kw)
+    graph = traced.graph(slug=args.slug, scan=args.scan, **kw)
     graph.save(out)
     con = _console()
     con.print(graph.summary_text())
@@ -247,6 +248,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         max_memory=args.max_memory,
         max_tokens=args.max_tokens,
+        labels=args.labels,
     )
     return 0
 

@@ -2,11 +2,12 @@
 
 `build_graph(model, saes, trace)` -> `Graph` (pruned, with head loadings); `attribute(...)` -> the
 unpruned layered `Attribution` it starts from; `Graph.save(path)` / `load_graph(path)` write and read
-the circuit-tracer / Neuronpedia JSON with head loadings per link.
+the circuit-tracer / Neuronpedia JSON with head loadings per link and QK tracing (`formats`), and
+`load_graph` opens circuit-tracer's and Neuronpedia's own graph files.
 """
 
 from .build import Attribution, attribute, build_graph
-from .graph import FORMAT_VERSION, Graph, GraphNode, HeadLoading, load_graph
+from .graph import FORMAT_VERSION, Graph, GraphNode, HeadLoading, QKContributor, QKTracing, load_graph
 
 __all__ = [
     "FORMAT_VERSION",
@@ -14,6 +15,8 @@ __all__ = [
     "Graph",
     "GraphNode",
     "HeadLoading",
+    "QKContributor",
+    "QKTracing",
     "attribute",
     "build_graph",
     "load_graph",

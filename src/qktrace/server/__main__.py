@@ -90,13 +90,15 @@ def serve(
     dtype: str | torch.dtype = "float32",
     max_memory: int | str | None = None,
     max_tokens: int | None = None,
+    labels: str | Sequence[str] | None = None,
 ) -> None:
     """Serve graph files (a directory and/or files) and, with a model (a path, hub id or 'demo'; or an
     already loaded `tracer`), compute graphs, QK attributions and sweeps. Blocks until interrupted.
 
     `device`, `dtype`: where and how the model is loaded (`config.parse_device` / `parse_dtype`).
     `max_memory`: byte budget of full-mode graph builds ("8GB"). `max_tokens`: the longest prompt the
-    server traces (default `LIMITS.server_max_tokens`). Every argument is checked before any loading."""
+    server traces (default `LIMITS.server_max_tokens`). `labels`: Neuronpedia explanation exports that label
+    the model's SAEs (needs `model`). Every argument is checked before any loading."""
     try:
         import uvicorn
     except ImportError:
@@ -111,10 +113,18 @@ def serve(
         if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
             raise InputError(f"max_tokens {max_tokens!r} is not a positive number of tokens")
         limits = dataclasses.replace(LIMITS, server_max_tokens=max_tokens)
+    if labels is not None and (model is None or tracer is not None):
+        raise InputError("--labels label the SAEs of the model serve loads: add --model (and --saes)")
     check_port(host, port)
     data_dir, files = split_paths(paths)
     if tracer is None and model is not None:
-        tracer = Tracer.load(resolve_model(model), resolve_saes(model, saes), device=dev, dtype=dt)  # type: ignore[arg-type]
+        tracer = Tracer.load(
+            resolve_model(model),
+            resolve_saes(model, saes),
+            device=dev,
+            dtype=dt,
+            labels=labels,  # type: ignore[arg-type]
+        )
     if tracer is not None and not isinstance(tracer, Tracer):
         raise InputError(f"tracer must be a qktrace Tracer, got {type(tracer).__name__}")
     saes_dir = resolve_saes(model, saes)

@@ -35,6 +35,7 @@ import pandas as pd
 from ..config import LIMITS, Limits
 from ..errors import InputError, QKTraceError, check_index
 from ..frontend import Checked, SteerRequest, build_steering, check_request, check_text, graph_options
+from ..graph.formats import check_name
 from ..models import Model
 from ..tracer import Traced, Tracer
 from . import schemas as S
@@ -177,6 +178,9 @@ class Engine:
         """Check the request (options, prompt, token limit, name) and queue it; 429 when the queue is full."""
         options = graph_options(req.node_threshold, req.edge_threshold, req.max_nodes, self.max_memory)
         options.update(progress=False, qk_terms=req.qk_terms)
+        for what in ("slug", "scan"):  # Neuronpedia's names, checked as the CLI checks them
+            if getattr(req, what) is not None:
+                options[what] = check_name(getattr(req, what), what)
         ids = self.ids(req)
         with self._jobs_lock:
             active = sum(j.status == "running" for j in self.jobs.values())

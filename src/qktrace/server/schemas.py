@@ -58,6 +58,8 @@ class GraphRequest(PromptRequest):
     edge_threshold: Fraction = GRAPH.edge_threshold
     max_nodes: Annotated[int, Strict(), Field(ge=1, le=LIMITS.max_graph_nodes)] | None = GRAPH.max_nodes
     qk_terms: StrictBool = Field(True, description="store the top QK terms of each cross-position link's top heads")
+    slug: StrictStr | None = Field(None, max_length=200, description="Neuronpedia name (default: from the prompt)")
+    scan: StrictStr | None = Field(None, max_length=200, description="Neuronpedia model id (default: the model's)")
 
 
 class QKRequest(PromptRequest):
@@ -106,6 +108,9 @@ class GraphSummary(BaseModel):
     n_nodes: int
     n_links: int
     modified: float
+    origin: Literal["qktrace", "circuit-tracer", "neuronpedia"] = Field(
+        "qktrace", description="the tool that wrote it; only qktrace's graphs have head loadings"
+    )
 
 
 class InvalidGraph(BaseModel):
@@ -115,7 +120,7 @@ class InvalidGraph(BaseModel):
 
 class GraphList(Versioned):
     graphs: list[GraphSummary]
-    invalid: list[InvalidGraph] = Field(default_factory=list, description="JSON files that are not qktrace graphs")
+    invalid: list[InvalidGraph] = Field(default_factory=list, description="JSON files that are not graphs")
 
 
 class Job(Versioned):

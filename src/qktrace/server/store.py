@@ -1,5 +1,8 @@
 """Files the app serves: graph JSON confined to one data directory, and SAE labels and dashboards.
 
+Graph files are qktrace's own or circuit-tracer's / Neuronpedia's (`qktrace.graph.formats`): all are
+listed and served, the others marked with their origin (they have no head loadings).
+
 A graph name is a plain file name (`x` or `x.json`: letters, digits, '.', '_', '-', no leading dot);
 it is looked up among the files given explicitly, else resolved inside the data directory with
 symlinks followed, and refused unless the real path is still inside it. Nothing is unpickled.
@@ -24,7 +27,7 @@ from typing import Any
 from ..config import LIMITS, Limits
 from ..errors import GraphFileError, InputError, QKTraceError, check_index
 from ..files import atomic_write
-from ..graph import Graph
+from ..graph import Graph, formats
 from ..saes import hook_checkpoint
 from ..tracer import Tracer
 from . import schemas as S
@@ -174,19 +177,24 @@ def _no_constant(name: str) -> None:
 
 
 def _summary(name: str, path: Path, mtime: float, limits: Limits) -> S.GraphSummary | S.InvalidGraph:
+    """What the list shows of a graph file: qktrace's own, or circuit-tracer's / Neuronpedia's."""
     try:
         data = _read_json(path, limits)
-        meta = data.get("metadata") or {}
-        ours = meta.get("qktrace") if isinstance(meta, dict) else None
-        if not isinstance(ours, dict) or "format_version" not in ours:
-            raise GraphFileError(f"{name} has no metadata.qktrace.format_version: not a qktrace graph")
+        try:
+            kind = formats.origin(data)
+        except GraphFileError as e:
+            raise GraphFileError(f"{name}: {e}") from None
+        meta = data["metadata"]
+        ours = meta.get("qktrace") if kind == formats.QKTRACE else None
+        model = ours.get("model", "") if isinstance(ours, dict) else meta.get("scan", "")
         return S.GraphSummary(
             name=name,
             prompt=str(meta.get("prompt", "")),
-            model=str(ours.get("model", "")),
+            model=str(model),
             n_nodes=len(data.get("nodes") or []),
             n_links=len(data.get("links") or []),
             modified=mtime,
+            origin=kind,  # type: ignore[arg-type]
         )
     except QKTraceError as e:
         return S.InvalidGraph(name=name, error=str(e))

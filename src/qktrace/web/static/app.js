@@ -110,7 +110,7 @@ async function listGraphs() {
   sel.append(el("option", { value: "" }, data.graphs.length ? "(choose a graph)" : "(no graphs yet)"));
   for (const g of data.graphs) {
     sel.append(el("option", { value: g.name, title: `${g.prompt} — ${g.n_nodes} nodes, ${g.n_links} links` },
-      `${g.name} — ${truncate(g.prompt, 40)}`));
+      `${g.name} — ${truncate(g.prompt, 40)}${g.origin && g.origin !== "qktrace" ? ` (${g.origin})` : ""}`));
   }
   for (const bad of data.invalid) {
     sel.append(el("option", { value: "", disabled: true, title: bad.error }, `${bad.name} (not a graph)`));
@@ -144,7 +144,7 @@ function graphInfo(model) {
   const meta = model.meta, ours = meta.qktrace || {}, loaded = store.state.info && store.state.info.model;
   const info = $("graph-info");
   info.textContent = `${meta.prompt || ""} · ${model.nodes.length} nodes · model ${ours.model || meta.scan || "?"}`
-    + (model.foreign ? " · made by another tool: no head loadings"
+    + (model.foreign ? ` · made by ${model.maker}: no head loadings`
       : ` · completeness ${fmt(ours.completeness, 3)} · replacement ${fmt(ours.replacement, 3)}`);
   const mismatch = loaded && ours.model && loaded !== ours.model;
   info.className = mismatch ? "warn" : "";

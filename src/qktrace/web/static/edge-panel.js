@@ -30,7 +30,7 @@ export function createEdgePanel(body, { onHead }) {
       el("dt", {}, "kind"), el("dd", {}, isCross(l) ? "cross-position (carried by attention)" : "same position")));
     const loads = l.head_loadings || [];
     if (!loads.length) {
-      const why = model.foreign ? "This graph was made by another tool: it has no head loadings."
+      const why = model.foreign ? `This graph was made by ${model.maker}: it has no head loadings.`
         : "This edge does not cross an attention layer: no head loadings.";
       body.append(el("p", { class: "muted" }, why));
       return attachTips(body);

@@ -2,7 +2,7 @@
 
 import * as API from "./api.js";
 import { $, clear, el, fmt } from "./dom.js";
-import { nodeLabel, nodeWhere, parseId } from "./model.js";
+import { nodeLabel, nodeWhere, parseId, qkSuffix } from "./model.js";
 import { store } from "./state.js";
 
 const cache = new Map(); // "checkpoint/feature" -> Promise<FeatureResponse | null>
@@ -82,17 +82,20 @@ export function attachTips(root) {
 }
 
 /**
- * Graphs built before the SAEs had labels carry placeholder clerps ("c3/f12"): ask the server for the real
+ * Graphs built before the SAEs had labels carry placeholder clerps ("c3/f12", after which a node with QK tracing
+ * names its head, see `qkSuffix`): ask the server for the real
  * ones (4 requests at a time, at most 400) and call `changed()` once some label changed.
  */
 export async function refreshLabels(model, changed) {
   if (!store.state.info || !store.state.info.features) return;
-  const todo = model.nodes.filter((n) => n.p.kind === "feature" && /^c\d+\/f\d+$/.test(n.clerp || "")).slice(0, 400);
+  const base = (n) => { const c = n.clerp || "", s = qkSuffix(n); return s && c.endsWith(s) ? c.slice(0, -s.length) : c; };
+  const todo = model.nodes.filter((n) => n.p.kind === "feature" && /^c\d+\/f\d+$/.test(base(n))).slice(0, 400);
   let any = false;
   const worker = async () => {
     for (let n = todo.shift(); n; n = todo.shift()) {
       const d = await feature(n.p.cp, n.p.index);
-      if (d && d.label !== n.clerp) { n.clerp = d.label; any = true; }
+      const label = d && d.label + (base(n) === n.clerp ? "" : qkSuffix(n));
+      if (d && label !== n.clerp) { n.clerp = label; any = true; }
     }
   };
   await Promise.all([1, 2, 3, 4].map(worker));

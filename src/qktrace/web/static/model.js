@@ -1,21 +1,25 @@
 // A graph file (circuit-tracer JSON with qktrace's fields), indexed for the views. No DOM here.
 //
 // Node ids are qktrace's `kind/c<checkpoint>/p<pos>[/f<feature>|/t<token>]` (qktrace/nodes.py writes
-// them); a node whose id is not one of those (another tool's graph) is placed from its own `feature_type`,
-// `layer`, `ctx_idx` and `feature` fields instead.
+// them); `parseId` is the page's one reader of them. A node whose id is not one of those (a circuit-tracer
+// or Neuronpedia graph) is placed from its own `feature_type`, `layer`, `ctx_idx` and `feature` fields.
+//
+// QK tracing (Neuronpedia's fields, which qktrace writes too): a node's `qk_tracing_results` name their
+// components by node id, either a node of the graph or a key of the graph's `qk_only_nodes`.
 //
 // Edge weights come in two kinds: raw (the file's `weight`), and normalised per target, as circuit-tracer
 // normalises the adjacency matrix before pruning: each edge's weight divided by the sum of |weight| over
 // every edge into its target, so a target's incoming |normalised weights| sum to 1 (the sign is kept).
 
 const ID = /^([a-z_]+)\/c(\d+)\/p(\d+)(?:\/([ft])(\d+))?$/;
-const FOREIGN_KINDS = { embedding: "token", logit: "logit", "mlp reconstruction error": "error" };
+const FOREIGN_KINDS = { embedding: "token", logit: "logit", bias: "sae_bias" };
 
 export function parseId(id, node = {}) {
   const m = ID.exec(id);
   if (m) return { kind: m[1], cp: +m[2], pos: +m[3], index: m[5] === undefined ? -1 : +m[5] };
   const type = String(node.feature_type || "");
-  const kind = FOREIGN_KINDS[type] || (/transcoder|feature/.test(type) ? "feature" : "unknown");
+  const kind = FOREIGN_KINDS[type] || (/error/.test(type) ? "error"
+    : /transcoder|feature|lorsa/.test(type) ? "feature" : "unknown");
   const layer = Number.parseInt(node.layer, 10);
   const index = Number.isInteger(node.feature) ? node.feature : -1;
   return { kind, cp: Number.isNaN(layer) ? 0 : layer, pos: Number.isInteger(node.ctx_idx) ? node.ctx_idx : 0, index };
@@ -24,7 +28,14 @@ export function parseId(id, node = {}) {
 export function indexGraph(graph) {
   const meta = graph.metadata || {};
   const ours = meta.qktrace || {};
-  const nodes = (graph.nodes || []).map((n) => ({ ...n, id: n.node_id, p: parseId(n.node_id, n), ins: [], outs: [] }));
+  const tokens = meta.prompt_tokens || [];
+  const nodes = (graph.nodes || []).map((n) => {
+    const p = parseId(n.node_id, n);
+    // circuit-tracer leaves token and error labels empty and its page writes them: so does this one
+    const tok = JSON.stringify(tokens[p.pos] === undefined ? "?" : tokens[p.pos]);
+    const clerp = n.clerp || (p.kind === "token" ? `Emb: ${tok}` : p.kind === "error" ? `Err: ${tok}` : "");
+    return { ...n, clerp, id: n.node_id, p, ins: [], outs: [] };
+  });
   const byId = new Map(nodes.map((n) => [n.id, n]));
   const links = [];
   for (const l of graph.links || []) {
@@ -46,7 +57,9 @@ export function indexGraph(graph) {
     graph,
     meta,
     foreign: !meta.qktrace, // made by another tool: no head loadings, no QK terms
-    tokens: meta.prompt_tokens || [],
+    maker: meta.qktrace ? "qktrace" : (meta.info && meta.info.generator && meta.info.generator.name) || "another tool",
+    qkOnly: graph.qk_only_nodes || {}, // QK tracing components that are not nodes, by id
+    tokens,
     nLayers: ours.n_layers || (inner.length ? Math.max(...inner) : 0),
     nodes,
     byId,
@@ -76,6 +89,18 @@ export function quantile(model, mode, q) {
 }
 
 export const isCross = (l) => l.s.p.pos !== l.t.p.pos;
+
+/** What qktrace appends to the label of a node with QK tracing (qktrace.graph.formats.qk_suffix), or "". */
+export const qkSuffix = (n) => {
+  const h = n.qk_tracing_head;
+  return h ? ` [QK L${h.layer}H${h.head} @${h.key_pos}]` : "";
+};
+
+/** The label of a QK tracing component: its node's, its `qk_only_nodes` entry's, or its id. */
+export function componentLabel(model, id) {
+  const n = model.byId.get(id) || model.qkOnly[id];
+  return n ? nodeLabel({ ...n, id }) : id;
+}
 export const nodeLabel = (n) => n.clerp || n.id;
 export const LABEL_CHARS = 28; // labels drawn on the graph and listed are cut to this with "…"
 export const shortLabel = (n) => {

@@ -1,7 +1,9 @@
-// The node panel: a node's numbers, a pin button, and its strongest inputs and outputs in the shown weights.
+// The node panel: a node's numbers, a pin button, its QK tracing (why the head that carries most of its
+// cross-position inputs attended there, when the graph stores it), and its strongest inputs and outputs in
+// the shown weights.
 
 import { clear, el, fmt, num } from "./dom.js";
-import { nodeLabel, nodeWhere, strongest, weightOf } from "./model.js";
+import { componentLabel, nodeLabel, nodeWhere, strongest, weightOf } from "./model.js";
 import { attachTips } from "./features.js";
 
 const HINT = "Click a node.";
@@ -42,6 +44,7 @@ export function createNodePanel(body, { onLink, onPin }) {
               nodeLabel(other)), " ", el("span", { class: "muted" }, nodeWhere(model, other))));
         }))];
     };
+    if (n.qk_tracing_results) body.append(...qkTracing(model, n));
     body.append(...[table("Strongest inputs", n.ins, "from"), table("Strongest outputs", n.outs, "to")].flat());
     attachTips(body);
   }
@@ -51,4 +54,20 @@ export function createNodePanel(body, { onLink, onPin }) {
     refresh: (state) => { if (current) draw(state, current); },
     reset,
   };
+}
+
+/** Neuronpedia's qk_tracing_results of a node: the top (query, key) term pairs and each side summed. */
+function qkTracing(model, n) {
+  const r = n.qk_tracing_results, h = n.qk_tracing_head;
+  const comp = (id) => el("td", {}, el("span", { class: "comp", "data-component": id }, componentLabel(model, id)));
+  const title = h ? `QK tracing of L${h.layer}H${h.head}: query ${h.query_pos} → key ${h.key_pos} `
+    + `(score ${fmt(h.score)}, p ${fmt(h.pattern, 3)})` : "QK tracing";
+  const side = (list, what, id) => el("div", {}, el("h4", {}, what), el("table", { id },
+    (list || []).map(([c, v]) => el("tr", {}, comp(c), num(v, "value", 3)))));
+  return [el("h4", {}, title), el("table", { id: "qk-tracing", class: "terms" },
+    el("tr", {}, el("th", {}, "query side"), el("th", {}, "key side"), el("th", { class: "num" }, "term")),
+    (r.pair_wise_contributors || []).map(([q, k, v]) => el("tr", { class: "qk-pair" }, comp(q), comp(k),
+      num(v, "value", 3)))),
+  el("div", { class: "two-col" }, side(r.top_q_marginal_contributors, "Query side (summed)", "qk-tracing-q"),
+    side(r.top_k_marginal_contributors, "Key side (summed)", "qk-tracing-k"))];
 }
