@@ -22,6 +22,7 @@ from .qk import QKAttribution, qk_attribution
 from .saes import SAE, FeatureActs, SAESet, load_saes
 
 if TYPE_CHECKING:
+    from .compare import Comparison
     from .graph import Graph
 
 
@@ -137,6 +138,12 @@ class Traced:
         if not qk_terms:
             return graph
         return dataclasses.replace(graph, qk_terms=self.link_qk_terms(graph, qk_links, heads_per_link, top_terms))
+
+    def compare(self, other: Traced, **kwargs: Any) -> Comparison:
+        """This prompt (A) against `other` (B), whose tokens align, head by head (see `qktrace.compare.compare`)."""
+        from .compare import compare
+
+        return compare(self, other, **kwargs)
 
     def link_qk_terms(
         self, graph: Graph, links: int = 200, heads_per_link: int = 2, top: int = 8
