@@ -128,3 +128,32 @@ def test_demo_yellow_red():
     banana = c.str_tokens_a.index(" banana")
     at = c.at_key(banana)
     assert at.iloc[0]["diff"] < -0.2 and at.iloc[-1]["diff"] > 0.2  # both kinds of heads exist here
+
+
+def test_compare_endpoint(tiny_models, tmp_path):
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+
+    from qktrace.server import create_app
+
+    model = tiny_models["llama"]
+    tracer = Tracer(model, random_saes(model, "topk", seed=2))
+    client = TestClient(create_app(tmp_path, tracer))
+    a, b = tracer.run(A), tracer.run(B)
+    r = client.post(
+        "/api/compare", json={"tokens_a": a.trace.tokens.tolist(), "prompt_b": B, "answer": "Sally", "top": 2}
+    )
+    assert r.status_code == 200, r.text
+    body = r.json()
+    want = compare(a, b, answer="Sally", top=2, top_terms=8)
+    assert body["version"] == 1 and body["differing"] == [8] and body["metric_b"] == want.metric_b
+    got = [(h["layer"], h["head"], h["diff"]) for h in body["heads"]]
+    assert got == [(h.layer, h.head, h.diff) for h in want.heads]
+    assert body["terms"][0]["terms"][0]["diff"] == want.terms[0].terms[0].diff
+    assert torch.allclose(torch.tensor(body["attention_a"]), want.attention_a)
+    short = client.post("/api/compare", json={"prompt_a": A, "prompt_b": A + " Sally"})
+    assert short.status_code == 400 and "11 tokens" in short.json()["error"]
+    both = client.post("/api/compare", json={"prompt_a": A, "tokens_a": [1, 2], "prompt_b": B})
+    assert both.status_code == 422 and "exactly one" in both.json()["error"]
+    view_only = TestClient(create_app(tmp_path)).post("/api/compare", json={"prompt_a": A, "prompt_b": B})
+    assert view_only.status_code == 409

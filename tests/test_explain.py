@@ -216,3 +216,23 @@ def test_bad_settings_and_graph(demo):
     other = demo.run("The opposite of early is").graph(progress=False, qk_terms=False)
     with pytest.raises(QKTraceError, match="another prompt"):
         explain(demo, INDUCTION, " Sally", graph=other)
+
+
+def test_explain_endpoint(tiny_models, tmp_path):
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+
+    from qktrace.server import create_app
+
+    tracer = Tracer(tiny_models["llama"], random_saes(tiny_models["llama"], "topk", seed=5))
+    prompt = "Aunt Sally is the opposite of Uncle Bob . Aunt"
+    client = TestClient(create_app(tmp_path, tracer))
+    r = client.post("/api/explain", json={"prompt": prompt, "answer": "Sally", "side": "key"})
+    assert r.status_code == 200, r.text
+    got = r.json()["mechanism"]
+    want = explain(tracer, prompt, "Sally", side="key")
+    assert got["best"] == want.candidates.index(want.best) and got["rival"] == want.rival
+    assert [c["curve"][-1]["metric"] for c in got["candidates"]] == [c.curve[-1].metric for c in want.candidates]
+    assert got["prompt"] == prompt
+    bad = client.post("/api/explain", json={"prompt": prompt, "answer": "Sally Bob"})
+    assert bad.status_code == 400 and "name a single token" in bad.json()["error"]

@@ -235,7 +235,7 @@ def compare(
     `query_pos`: the attending position (negative counts from the end). `answer`/`rival`: token
     strings or ids for m = logit(answer) - logit(rival) in both prompts (the rival defaults to prompt
     a's runner-up). `top`: heads whose QK terms are compared; `top_terms`: terms kept per head."""
-    from .explain import token_of
+    from .explain import prompt_text, token_of
 
     na, nb = a.trace.n_pos, b.trace.n_pos
     if na != nb:
@@ -293,8 +293,8 @@ def compare(
         raise InputError("a rival was given without an answer: give the answer too")
 
     return Comparison(
-        prompt_a=_text(a),
-        prompt_b=_text(b),
+        prompt_a=prompt_text(a),
+        prompt_b=prompt_text(b),
         str_tokens_a=a.str_tokens,
         str_tokens_b=b.str_tokens,
         differing=differing,
@@ -344,11 +344,3 @@ def _named(component: str, label: str) -> str:
     """A feature's label with its index in front (several features often share a label)."""
     node = Node.parse(component)
     return f"f{node.index} {label}" if node.kind is Kind.FEATURE else label
-
-
-def _text(t: Traced) -> str:
-    """The prompt's text, decoded from its tokens (special tokens left out)."""
-    tok = t.model.tokenizer
-    if tok is None:
-        return " ".join(t.str_tokens)
-    return str(tok.decode(t.trace.tokens.tolist(), skip_special_tokens=True))  # type: ignore[attr-defined]

@@ -581,7 +581,7 @@ def explain(
 
     def assemble() -> Mechanism:
         return Mechanism(
-            prompt=prompt if isinstance(prompt, str) else "".join(traced.str_tokens),
+            prompt=prompt if isinstance(prompt, str) else prompt_text(traced),
             str_tokens=traced.str_tokens,
             answer=names[0],
             answer_id=answer_id,
@@ -638,6 +638,14 @@ def token_of(model: Model, token: str | int, what: str) -> int:
             "(e.g. its first piece, with its leading space)"
         )
     return int(ids[0])
+
+
+def prompt_text(traced: Traced) -> str:
+    """A traced prompt's text, decoded from its tokens (special tokens left out)."""
+    tok = traced.model.tokenizer
+    if tok is None:
+        return " ".join(traced.str_tokens)
+    return str(tok.decode(traced.trace.tokens.tolist(), skip_special_tokens=True))  # type: ignore[attr-defined]
 
 
 def attended_key(traced: Traced, layer: int, head: int, query_pos: int) -> int:
