@@ -62,7 +62,8 @@ def main() -> None:
                 "p_answer_min": None if best is None else min(p.p_answer for p in best.curve),
                 "n_candidates": len(m.candidates),
                 "any_candidate_confirms": any(
-                    min(p.p_answer for p in c.curve) <= 0.5 * m.p_answer or any(p.top_token != m.answer for p in c.curve)
+                    min(p.p_answer for p in c.curve) <= 0.5 * m.p_answer
+                    or any(p.top_token != m.answer for p in c.curve)
                     for c in m.candidates
                 ),
                 "n_passes": m.n_passes,
