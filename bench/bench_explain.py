@@ -9,7 +9,7 @@ whose confirmed mechanism flips the answer or at least halves p(answer) somewher
 least 85%); `explain`'s time per prompt and its forward passes; the load average while it ran (the machine
 is shared: say so beside the numbers).
 
-    python bench/bench_explain.py [--threads 2] [--limit N] [--side auto] [--out results.json]
+    python bench/bench_explain.py [--threads 2] [--limit N] [--every K] [--side auto] [--out results.json]
 """
 
 from __future__ import annotations
@@ -33,11 +33,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--limit", type=int, default=None, help="only the first N prompts (a smoke run)")
+    ap.add_argument("--every", type=int, default=1, help="only every k-th prompt (a timing sample of every family)")
     ap.add_argument("--side", default="auto", choices=("auto", "query", "key"))
     ap.add_argument("--out", default=None, help="write every prompt's result as JSON here")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    rows = [json.loads(line) for line in PROMPTS.read_text().splitlines() if line.strip()][: args.limit]
+    rows = [json.loads(line) for line in PROMPTS.read_text().splitlines() if line.strip()][:: args.every][: args.limit]
     tracer = qktrace.Tracer.load("demo")
     settings = ExplainSettings()
     load_before = os.getloadavg()[0]
@@ -102,7 +103,7 @@ def main() -> None:
         "threads": args.threads,
         "load_average_1min": [load_before, load_after],
         "cpus": os.cpu_count(),
-        "settings": {k: getattr(settings, k) for k in ("heads", "ablate", "candidates", "top_k", "scales")},
+        "settings": {k: getattr(settings, k) for k in ("sites", "ablate", "candidates", "top_k", "scales")},
     }
     print(json.dumps(summary, indent=1))
     if args.out:

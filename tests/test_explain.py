@@ -29,7 +29,7 @@ from qktrace.testing import TINY_FAMILIES
 from tests.test_qk import random_saes
 
 INDUCTION = "I always loved visiting Aunt Sally. Then Uncle Peter came home. Whenever I was feeling sad, Aunt"
-SMALL = ExplainSettings(heads=2, ablate=3, candidates=2, top_k=(2,), scales=(1.0, 0.0, -2.0))
+SMALL = ExplainSettings(sites=2, ablate=3, candidates=2, top_k=(2,), scales=(1.0, 0.0, -2.0))
 
 
 @pytest.fixture(scope="module")
@@ -184,7 +184,7 @@ def test_views(demo, induction, tmp_path: Path):
     m.save_json(tmp_path / "mech.json")
     assert json.loads((tmp_path / "mech.json").read_text())["answer"] == " Sally"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mech.json", "mech.png"]  # no temp files left
-    assert m.n_passes <= m.settings.ablate + m.settings.heads + 2 * (m.settings.heads * m.settings.candidates + 1) * (
+    assert m.n_passes <= m.settings.ablate + m.settings.sites + 2 * (m.settings.sites * m.settings.candidates + 1) * (
         len(m.scales) - 1
     )
 
@@ -210,7 +210,7 @@ def test_bad_input_is_one_line(demo, kwargs, error, words):
 
 
 def test_bad_settings_and_graph(demo):
-    for bad in ({"heads": 0}, {"top_k": (1,)}, {"scales": (1.0, 2.0)}, {"scales": (0.0, float("nan"))}):
+    for bad in ({"sites": 0}, {"top_k": (1,)}, {"scales": (1.0, 2.0)}, {"scales": (0.0, float("nan"))}):
         with pytest.raises(InputError):
             ExplainSettings(**bad)
     other = demo.run("The opposite of early is").graph(progress=False, qk_terms=False)
