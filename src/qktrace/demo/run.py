@@ -251,9 +251,11 @@ def verdict(p: PairResult) -> str:
             parts.append(f"no head behaves like a {role} head")
             continue
         means[role] = sum(skew.values()) / len(skew)
+        n = len(skew)
         parts.append(
-            f"{len(skew)} heads behave like {role} heads ({', '.join(sorted(skew))}), {len(agree)} of them with "
-            f"the {sign} W_QK skew the paper reports (mean skew {means[role]:+.3f})"
+            f"{n} head{'s' if n > 1 else ''} behave{'' if n > 1 else 's'} like {role} heads "
+            f"({', '.join(sorted(skew))}), {len(agree)} of {'them' if n > 1 else 'it'} with the {sign} W_QK skew the "
+            f"paper reports (mean skew {means[role]:+.3f})"
         )
     text = "On this model " + "; ".join(parts) + "."
     if len(means) == 2:
@@ -262,7 +264,11 @@ def verdict(p: PairResult) -> str:
             f" The concordance-like heads' mean skew lies {order} the discordance-like heads' "
             f"({'as' if order == 'above' else 'unlike'} in the paper)"
         )
-    return text + f"; {negative:.0%} of all this model's heads have a negative skew."
+    text += f"; {negative:.0%} of all this model's heads have a negative skew."
+    yes_true, yes_false = p.answers
+    if (yes_true > 0) == (yes_false > 0):
+        text += " The model gives both statements the same answer, so these heads do not decide it here."
+    return text
 
 
 def run_demo(
