@@ -9,7 +9,7 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	# torch first, pinned: the local CPU build; an unpinned torch would pull GBs of CUDA wheels
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e ".[dev,server]"
+	$(PY) -m pip install -q -e ".[dev,server,scale]"
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -18,8 +18,8 @@ demo: $(STAMP)
 	$(VENV)/bin/qktrace demo
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check src tests bench
-	$(VENV)/bin/ruff format --check src tests bench
+	$(VENV)/bin/ruff check src tests bench recipes
+	$(VENV)/bin/ruff format --check src tests bench recipes
 
 typecheck: $(STAMP)
 	$(VENV)/bin/mypy
@@ -35,16 +35,18 @@ test: lint typecheck pytest
 bench: $(STAMP)
 	$(PY) bench/bench_qk.py
 	$(PY) bench/bench_graph.py
+	$(PY) bench/bench_dashboards.py
 
 DEMO_MODEL := src/qktrace/demo/assets/model
 
-# Regenerates the shipped demo (32 minutes measured on 2 CPU cores): the model from scratch, then a shorter
-# stage that weights facts, multiple choice and yes/no more; then the SAEs and their dashboards.
+# Regenerates the shipped demo (32 minutes measured on 2 CPU cores) with the recipe in recipes/demo (beside the
+# package, run from the repository root): the model from scratch, then a shorter stage that weights facts,
+# multiple choice and yes/no more; then the SAEs and their dashboards (qktrace.dashboards).
 train-demo: $(STAMP)
-	$(PY) -m qktrace.demo.train --out $(DEMO_MODEL)
-	$(PY) -m qktrace.demo.train --init $(DEMO_MODEL) --out $(DEMO_MODEL) --mix stage2 --steps 2600 --lr 1e-3 --minutes 22
-	$(PY) -m qktrace.demo.train_saes
-	$(PY) -m qktrace.demo.dashboards
+	$(PY) -m recipes.demo.train --out $(DEMO_MODEL)
+	$(PY) -m recipes.demo.train --init $(DEMO_MODEL) --out $(DEMO_MODEL) --mix stage2 --steps 2600 --lr 1e-3 --minutes 22
+	$(PY) -m recipes.demo.train_saes
+	$(PY) -m recipes.demo.dashboards
 
 clean:
 	rm -rf $(VENV) demo-output .pytest_cache .ruff_cache .mypy_cache

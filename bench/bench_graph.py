@@ -9,6 +9,9 @@
         counted with torch's flop registry in a second run) against a measured matmul rate, and
         peak RSS.
   long: 1024 tokens in target-driven mode; wall time and peak RSS (target < 8 GB).
+  long4k: 4096 tokens: the trace, one QK row (the middle layer's head 0 from the last position over
+        every key) and the target-driven graph; each one's wall time, the trace's bytes, peak RSS
+        (target < 6 GB).
 
 Each part runs in its own process, so peak RSS is per part. `--quick` shrinks every shape.
 """
@@ -31,20 +34,21 @@ from torch.utils.flop_counter import flop_registry
 
 from qktrace.graph import build_graph
 from qktrace.graph.build import attribute
-from qktrace.graph.edges import Vectors, frozen_layer
+from qktrace.graph.edges import Vectors
 from qktrace.models import Model
 from qktrace.models.model import Trace
+from qktrace.models.replay import frozen_layer
 from qktrace.saes import SAE, SAESet
 
-FULL = dict(layers=12, d_model=768, heads=12, d_sae=24576, k=64, tokens=64, long=1024)
-QUICK = dict(layers=2, d_model=128, heads=4, d_sae=2048, k=16, tokens=24, long=128)
+FULL = dict(layers=12, d_model=768, heads=12, d_sae=24576, k=64, tokens=64, long=1024, long4k=4096)
+QUICK = dict(layers=2, d_model=128, heads=4, d_sae=2048, k=16, tokens=24, long=128, long4k=256)
 
 
-def gpt2_small(layers: int, d_model: int, heads: int) -> Model:
+def gpt2_small(layers: int, d_model: int, heads: int, n_positions: int = 1024) -> Model:
     import transformers as T
 
     logging.getLogger("transformers").setLevel(logging.ERROR)
-    cfg = T.GPT2Config(n_layer=layers, n_embd=d_model, n_head=heads, n_positions=1024, vocab_size=50257)
+    cfg = T.GPT2Config(n_layer=layers, n_embd=d_model, n_head=heads, n_positions=n_positions, vocab_size=50257)
     torch.manual_seed(0)
     hf = T.AutoModelForCausalLM.from_config(cfg, attn_implementation="eager")
     return Model(hf.eval(), tokenizer=None, name="gpt2-small-random")
@@ -62,7 +66,7 @@ def topk_saes(layers: int, d_model: int, d_sae: int, k: int) -> SAESet:
 
 
 def setup(shape: dict[str, int], n_tokens: int) -> tuple[Model, SAESet, Trace]:
-    model = gpt2_small(shape["layers"], shape["d_model"], shape["heads"])
+    model = gpt2_small(shape["layers"], shape["d_model"], shape["heads"], max(1024, n_tokens))
     saes = topk_saes(shape["layers"], shape["d_model"], shape["d_sae"], shape["k"])
     ids = torch.randint(50257, (n_tokens,), generator=torch.Generator().manual_seed(n_tokens))
     return model, saes, model.run(ids)
@@ -166,6 +170,36 @@ def part_full(shape: dict[str, int], quick: bool) -> dict[str, object]:
     }
 
 
+def part_long4k(shape: dict[str, int], quick: bool) -> dict[str, object]:
+    from qktrace import Tracer
+
+    model = gpt2_small(shape["layers"], shape["d_model"], shape["heads"], max(1024, shape["long4k"]))
+    saes = topk_saes(shape["layers"], shape["d_model"], shape["d_sae"], shape["k"])
+    ids = torch.randint(50257, (shape["long4k"],), generator=torch.Generator().manual_seed(4))
+    t = time.perf_counter()
+    traced = Tracer(model, saes).run(ids)
+    run_s = time.perf_counter() - t
+    t = time.perf_counter()
+    att = traced.qk(model.n_layers // 2, 0, -1)
+    qk_s = time.perf_counter() - t
+    t = time.perf_counter()
+    graph = traced.graph(mode="target", qk_terms=False, progress=False)
+    graph_s = time.perf_counter() - t
+    return {
+        "part": "long4k",
+        "tokens": traced.trace.n_pos,
+        "run_s": run_s,
+        "trace_gb": traced.trace.nbytes / 1e9,
+        "qk_s": qk_s,
+        "qk_terms": att.terms.numel(),
+        "qk_max_rel_error": att.max_relative_error(),
+        "graph_s": graph_s,
+        "nodes": len(graph.nodes),
+        "edges": graph.n_edges,
+        "peak_rss_gb": peak_rss_gb(),
+    }
+
+
 def part_long(shape: dict[str, int], quick: bool) -> dict[str, object]:
     model, saes, trace = setup(shape, shape["long"])
     t = time.perf_counter()
@@ -186,19 +220,19 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="small shapes for a smoke run")
     ap.add_argument("--threads", type=int, default=2, help="torch threads (default 2, the target machine)")
-    ap.add_argument("--part", choices=["full", "long"], help="run one part in this process (internal)")
+    ap.add_argument("--part", choices=["full", "long", "long4k"], help="run one part in this process (internal)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     shape = QUICK if args.quick else FULL
     if args.part:
-        out = (part_full if args.part == "full" else part_long)(shape, args.quick)
+        out = {"full": part_full, "long": part_long, "long4k": part_long4k}[args.part](shape, args.quick)
         print(json.dumps(out))
         return
     print(
         f"model: {shape['layers']} layers, d_model {shape['d_model']}, {shape['heads']} heads; "
         f"SAEs at all {shape['layers'] + 1} checkpoints, width {shape['d_sae']}, k={shape['k']}; {args.threads} threads"
     )
-    for part in ("full", "long"):
+    for part in ("full", "long", "long4k"):
         cmd = [sys.executable, __file__, "--part", part, "--threads", str(args.threads)]
         cmd += ["--quick"] if args.quick else []
         done = subprocess.run(cmd, capture_output=True, text=True, check=False)
@@ -221,11 +255,18 @@ def main() -> None:
                 f"  peak RSS {r['peak_rss_gb']:.2f} GB (graph build); saving the JSON: {r['save_s']:.1f} s, "
                 f"{r['json_mb']:.0f} MB"
             )
-        else:
+        elif part == "long":
             print(
                 f"long prompt, {r['tokens']} tokens, target-driven (top {r['max_nodes_per_checkpoint']} features "
                 f"per checkpoint): {r['wall_s']:.1f} s, {r['nodes']} nodes, {r['edges']} edges; "
                 f"peak RSS {r['peak_rss_gb']:.2f} GB (target < 8 GB)"
+            )
+        else:
+            print(
+                f"{r['tokens']} tokens: trace {r['run_s']:.1f} s ({r['trace_gb']:.2f} GB held), one QK row "
+                f"{r['qk_s']:.2f} s ({r['qk_terms']} terms, max relative error {r['qk_max_rel_error']:.1e}), "
+                f"target-driven graph {r['graph_s']:.1f} s ({r['nodes']} nodes, {r['edges']} edges); "
+                f"peak RSS {r['peak_rss_gb']:.2f} GB (target < 6 GB)"
             )
 
 

@@ -85,3 +85,262 @@ def test_corrupt_sae_file_is_one_line(capsys, tiny_paths, saes_dir, tmp_path):
     (bad / "sae_weights.safetensors").write_bytes(b"\x00\x01garbage")
     code, _, err = run(capsys, "info", str(tiny_paths["llama"]), "--saes", str(tmp_path))
     assert code == 2 and len(err.strip().splitlines()) == 1
+
+
+# -- reliability: every mistake one line before any work, nothing on disk lost ---------------------------
+
+
+def one_line_error(err: str) -> str:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert lines[0].startswith("qktrace: error: "), err
+    return lines[0]
+
+
+@pytest.fixture
+def no_loading(monkeypatch):
+    """Fail the test if a command loads a model: its arguments should have been refused first."""
+    from qktrace.tracer import Tracer
+
+    def refuse(*a, **k):
+        raise AssertionError("the model was loaded before the arguments were checked")
+
+    monkeypatch.setattr(Tracer, "load", refuse)
+
+
+STEER = ["steer", "@M", "--saes", "@S", "--prompt", "Aunt Sally is the", "--layer", "1", "--positions", "2"]
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["graph", "@M", "--prompt", "w1", "--out", "@T"], "is a directory"),
+        (["graph", "@M", "--prompt", "w1", "--out", "@T/missing/g.json"], "does not exist"),
+        (["graph", "@M", "--prompt", "w1", "--out", "@T/g.json", "--max-nodes", "0"], "--max-nodes"),
+        (["graph", "@M", "--prompt", "w1", "--out", "@T/g.json", "--max-nodes", "-3"], "--max-nodes"),
+        (["graph", "@M", "--prompt", "w1", "--out", "@T/g.json", "--node-threshold", "nan"], "--node-threshold"),
+        (["graph", "@M", "--prompt", "w1", "--out", "@T/g.json", "--max-memory", "lots"], "memory budget"),
+        (["graph", "@M", "--prompt", "w1", "--out", "@T/g.json", "--max-memory", "0GB"], "out of range"),
+        (["qk", "@M", "--prompt", "w1", "--layer", "0", "--head", "0", "--top", "0"], "--top"),
+        (["qk", "@M", "--prompt", "w1", "--layer", "0", "--head", "0", "--top", "-1"], "--top"),
+        (["qk", "@M", "--prompt", "w1 \udcff", "--layer", "0", "--head", "0"], "not valid UTF-8"),
+        (["qk", "@M", "--prompt", "w1", "--layer", "0", "--head", "0", "--device", "gpu"], "device 'gpu'"),
+        (["qk", "@M", "--prompt", "w1", "--layer", "0", "--head", "0", "--device", "cuda:99"], "cuda:99"),
+        (["qk", "@M", "--prompt", "w1", "--layer", "0", "--head", "0", "--dtype", "int8"], "dtype 'int8'"),
+        (["qk", "@M", "--prompt", "w1", "--layer", "0"], "required: --head"),
+        (["heads", "@M", "--plot", "@T"], "is a directory"),
+        (["heads", "@M", "--top", "0"], "--top"),
+        ([*STEER, "--feature", "1", "--heads", "2,2"], "given twice"),
+        ([*STEER, "--feature", "-1", "--heads", "2"], "--feature"),
+        ([*STEER, "--feature", "1", "--heads", "2", "--scales", "0:1:10000"], "10000 scales"),
+        ([*STEER, "--feature", "1", "--heads", "2", "--scales", "0:1:100000000000"], "a sweep takes 1..64"),
+        ([*STEER, "--feature", "1", "--heads", "2", "--scales", ""], "0 scales"),
+        ([*STEER, "--feature", "1", "--heads", "2", "--scales", "0,nan"], "not a finite number"),
+        ([*STEER, "--feature", "1", "--heads", "2", "--scales", "-inf:1:3"], "not a finite number"),
+        ([*STEER, "--feature", "1", "--heads", "2", "--watch-attn", "1,2"], "--watch-attn"),
+        ([*STEER, "--feature", "1", "--heads", ",".join(["1"] * 300)], "300 heads"),
+        ([*STEER, "--feature", "1", "--freeze-others"], "needs heads"),
+        ([*STEER, "--feature", "1", "--heads", "2", "--plot", "@T"], "is a directory"),
+        (["serve", "--port", "70000"], "--port"),
+        (["serve", "--port", "0"], "--port"),
+        (["serve", "@T/missing"], "does not exist"),
+        (["serve", "--host", "no such host!", "--port", "8123"], "host"),
+        (["demo", "--out", "@T/file.txt"], "not a folder"),
+        (["demo", "--port", "-5"], "--port"),
+        (["demo", "--dtype", "float64"], "dtype"),
+    ],
+)
+def test_mistakes_are_refused_before_loading(capsys, tmp_path, no_loading, args, needle):
+    (tmp_path / "file.txt").write_text("keep")
+    subst = {"@M": "/no/model/needed", "@S": "/no/saes", "@T": str(tmp_path)}
+    argv = [a.replace("@T", str(tmp_path)) if a.startswith("@T") else subst.get(a, a) for a in args]
+    code, out, err = run(capsys, *argv)
+    assert code == 2, err
+    assert needle in one_line_error(err)
+    assert (tmp_path / "file.txt").read_text() == "keep"
+
+
+@pytest.mark.parametrize(
+    ("extra", "needle"),
+    [
+        (["--feature", "40", "--heads", "2"], "checkpoint 1 feature 40 is out of range: valid values are 0..39"),
+        (["--feature", "1", "--heads", "4"], "head 4 is out of range: valid values are 0..3"),
+        (["--feature", "1", "--heads", "2", "--positions", "2,-3"], "position 2 is given twice"),
+        (["--feature", "1", "--heads", "2", "--positions", "9"], "position 9 is out of range"),
+        (["--feature", "1", "--heads", "2", "--watch", "Aunt Sally"], "single token"),
+        (["--feature", "1", "--heads", "2", "--watch-attn", "1,9,0,0"], "watched head 9"),
+    ],
+)
+def test_steer_checks_against_the_model(capsys, tiny_paths, saes_dir, extra, needle):
+    argv = [tiny_paths["llama"] if a == "@M" else saes_dir if a == "@S" else a for a in STEER]
+    code, _, err = run(capsys, *map(str, argv), *extra)
+    assert code == 2 and needle in one_line_error(err)
+
+
+def test_steer_refuses_inactive_feature_and_runs_an_active_one(capsys, tiny_paths, saes_dir, tmp_path):
+    from qktrace.tracer import Tracer
+
+    traced = Tracer.load(tiny_paths["llama"], saes_dir).run("Aunt Sally is the")
+    acts = traced.acts(1)
+    on = acts.feature[acts.pos == 2].tolist()
+    off = next(f for f in range(40) if f not in on)
+    argv = [str(tiny_paths["llama"]) if a == "@M" else str(saes_dir) if a == "@S" else a for a in STEER]
+    code, _, err = run(capsys, *argv, "--feature", str(off), "--heads", "2")
+    assert code == 2 and f"feature {off} is not active at positions [2]" in one_line_error(err)
+    plot = tmp_path / "sweep.png"
+    plot.write_bytes(b"old plot")
+    code, out, err = run(
+        capsys, *argv, "--feature", str(on[0]), "--heads", "2", "--scales", "0,1", "--json", "--plot", str(plot)
+    )
+    assert code == 0, err
+    rows = json.loads(out)
+    assert [r["scale"] for r in rows] == [0.0, 1.0] and "attn:L1.H2:4->2" in rows[0]
+    assert plot.read_bytes()[:4] == b"\x89PNG"
+    code, out, _ = run(capsys, *argv, "--feature", str(off), "--mode", "value", "--scales", "0,2", "--json")
+    assert code == 0 and len(json.loads(out)) == 2  # setting a value injects an inactive feature
+
+
+def test_graph_replaces_out_atomically(capsys, tiny_paths, saes_dir, tmp_path):
+    out = tmp_path / "g.json"
+    out.write_text("old graph")
+    argv = ["graph", str(tiny_paths["llama"]), "--saes", str(saes_dir), "--prompt", "Aunt Sally is", "--out", str(out)]
+    code, stdout, err = run(capsys, *argv, "--device", "cpu", "--dtype", "float32", "--max-memory", "1GB")
+    assert code == 0, err
+    assert json.loads(out.read_text())["metadata"]["qktrace"]["format_version"] == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["g.json"]
+
+
+def test_device_and_dtype_reach_the_loader(capsys, monkeypatch, tmp_path):
+    from qktrace.tracer import Tracer
+
+    seen = {}
+
+    def fake_load(model, saes=None, **kw):
+        seen.update(kw, model=model)
+        raise __import__("qktrace").errors.ModelLoadError("stop here")
+
+    monkeypatch.setattr(Tracer, "load", fake_load)
+    for cmd in (
+        ["info", "m"],
+        ["heads", "m"],
+        ["qk", "m", "--prompt", "w", "--layer", "0", "--head", "0"],
+        ["graph", "m", "--prompt", "w", "--out", str(tmp_path / "g.json")],
+        ["steer", "m", "--prompt", "w", "--layer", "0", "--feature", "0", "--positions", "0"],
+        ["demo"],
+    ):
+        seen.clear()
+        code, _, err = run(capsys, *cmd, "--device", "cpu", "--dtype", "bf16")
+        assert code == 2 and "stop here" in err, cmd
+        assert seen["device"] == torch.device("cpu") and seen["dtype"] == torch.bfloat16, cmd
+
+
+def test_a_bug_is_one_line_exit_1(capsys, monkeypatch):
+    from qktrace.cli import commands
+
+    def boom(args):
+        raise RuntimeError("something\nbroke")
+
+    monkeypatch.setitem(commands.COMMANDS, "info", boom)
+    code, _, err = run(capsys, "info", "m")
+    assert code == 1
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "internal error (RuntimeError: something)" in lines[0] and "-v" in lines[0]
+    code, _, err = run(capsys, "-v", "info", "m")
+    assert code == 1 and "Traceback" in err  # asked for
+
+
+def test_a_newline_in_a_value_stays_one_line(capsys, no_loading):
+    code, _, err = run(capsys, "graph", "m", "--prompt", "w", "--out", "/no/such\ndir\u2028/g.json")
+    assert code == 2 and "such\\ndir" in one_line_error(err)
+
+
+def test_json_output_is_valid_json_without_nan(capsys, monkeypatch):
+    from qktrace.cli import commands
+
+    commands._print_json({"a": float("nan"), "b": [1.0, float("inf")]})
+    assert json.loads(capsys.readouterr().out) == {"a": None, "b": [1.0, None]}
+
+
+def test_python_m_qktrace_server_is_the_serve_command(capsys):
+    from qktrace.server.__main__ import main as server_main
+
+    assert server_main(["--port", "99999"]) == 2
+    assert "--port" in one_line_error(capsys.readouterr().err)
+
+
+# Load-time checks that live in models/ and saes/: the CLI turns their errors into one line.
+
+
+def _broken_model(src, dst, how: str):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src, dst)
+    weights = dst / "model.safetensors"
+    if how == "truncated":
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    elif how == "nan":
+        tensors = load_file(weights)
+        name = next(k for k in tensors if k.endswith("q_proj.weight"))
+        tensors[name][0, 0] = float("nan")
+        save_file(tensors, weights, metadata={"format": "pt"})
+    elif how == "config-type":
+        cfg = json.loads((dst / "config.json").read_text())
+        cfg["num_hidden_layers"] = "two"
+        (dst / "config.json").write_text(json.dumps(cfg))
+    elif how == "config-deep":
+        (dst / "config.json").write_text("[" * 100_000 + "]" * 100_000)
+    return dst
+
+
+@pytest.mark.parametrize("how", ["truncated", "nan", "config-type", "config-deep"])
+def test_broken_model_files_are_one_line(capsys, tiny_paths, tmp_path, how):
+    model = _broken_model(tiny_paths["llama"], tmp_path / "m", how)
+    code, _, err = run(capsys, "info", str(model))
+    assert code == 2 and one_line_error(err)
+
+
+def test_nan_sae_weights_are_refused_at_load(capsys, tiny_paths, saes_dir, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(saes_dir / "blocks.1.hook_resid_pre", tmp_path / "blocks.1.hook_resid_pre")
+    weights = tmp_path / "blocks.1.hook_resid_pre" / "sae_weights.safetensors"
+    tensors = load_file(weights)
+    tensors["W_dec"][0, 0] = float("inf")
+    save_file(tensors, weights)
+    code, _, err = run(capsys, "info", str(tiny_paths["llama"]), "--saes", str(tmp_path))
+    assert code == 2 and "W_dec" in one_line_error(err)
+
+
+def test_a_prompt_past_the_context_names_both_numbers(capsys, tiny_paths):
+    long = " ".join(["w1"] * 200)  # the tiny GPT-2 has 128 positions
+    code, _, err = run(capsys, "qk", str(tiny_paths["gpt2"]), "--prompt", long, "--layer", "0", "--head", "0")
+    line = one_line_error(err)
+    assert code == 2 and "201" in line and "128" in line
+
+
+def test_dashboards_and_batch_commands_write_what_the_library_writes(capsys, tiny_paths, saes_dir, tmp_path):
+    """The two scale-out commands are thin: their files equal the library's, run in one process."""
+    from qktrace.batch import BatchOptions, trace_batch
+    from qktrace.dashboards import DashboardOptions, build_dashboards
+
+    model = str(tiny_paths["llama"])
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text('{"text": "Aunt Sally is the w1 of w2 . the Aunt"}\n{"text": "Uncle Bob , w3 w4 w5"}\n')
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "Aunt Sally is the Aunt", "id": "a"}\n{"prompt": "w1 w2 w3 w1", "id": "b"}\n')
+    common = ["--saes", str(saes_dir), "--device", "cpu"]
+    code, out, err = run(capsys, "dashboards", model, *common, "--corpus", str(corpus), "--out", str(tmp_path / "d1"),
+                         "--seq-len", "16")  # fmt: skip
+    assert code == 0, err
+    build_dashboards(model, str(saes_dir), corpus, tmp_path / "d2", options=DashboardOptions(seq_len=16), device="cpu")
+    for name in ("blocks.1.hook_resid_pre/dashboards.json", "blocks.1.hook_resid_pre/labels.json", "index.json"):
+        assert (tmp_path / "d1" / name).read_bytes() == (tmp_path / "d2" / name).read_bytes(), name
+    code, out, err = run(capsys, "batch", model, *common, "--prompts", str(prompts), "--out", str(tmp_path / "b1"))
+    assert code == 0, err
+    trace_batch(model, str(saes_dir), prompts, tmp_path / "b2", options=BatchOptions(), device="cpu")
+    assert (tmp_path / "b1" / "summary.jsonl").read_bytes() == (tmp_path / "b2" / "summary.jsonl").read_bytes()
+    assert (tmp_path / "b1/prompts/a/graph.json").read_bytes() == (tmp_path / "b2/prompts/a/graph.json").read_bytes()

@@ -18,8 +18,8 @@ import torch
 import qktrace
 from qktrace import FreezeAttention, SteerQK, run_with
 from qktrace.config import DEMO_MODEL, DEMO_SAES
-from qktrace.demo.corpus import EVAL_FAMILIES, training_documents
 from qktrace.demo.run import CASES, PAIRS, SHIFT, correctness, report, run_demo
+from recipes.demo.corpus import EVAL_FAMILIES, training_documents
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +53,7 @@ def test_demo_loads_like_any_checkpoint(tracer: qktrace.Tracer) -> None:
     model, saes = tracer.model, tracer.saes
     assert model.name == "demo"  # 'demo' is resolved once, at the entry point; load_model takes the path
     assert qktrace.load_model(DEMO_MODEL).name == str(DEMO_MODEL)
-    assert len(qktrace.load_saes("demo", model)) == len(saes) == len(qktrace.load_saes(DEMO_SAES, model))
+    assert len(saes) == len(qktrace.load_saes(DEMO_SAES, model))
     assert model.family == "llama" and model.n_heads == 8 and model.anatomy.layers[0].n_kv_heads == 4
     assert sorted(saes) == list(range(model.n_layers + 1))  # an SAE at every checkpoint
     labels = [saes[c].label(f) for c in saes for f in range(0, 1024, 97)]

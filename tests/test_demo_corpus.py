@@ -1,4 +1,4 @@
-"""Tests for the demo corpus generator and tokenizer (fast: small samples only)."""
+"""The demo recipe (`recipes/demo`, beside the package): corpus generator, tokenizer, SAE training path."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from qktrace.demo.corpus import (
+from recipes.demo.corpus import (
     EVAL_FAMILIES,
     FINALS_HELDOUT,
     INTROS_HELDOUT,
@@ -18,7 +18,7 @@ from qktrace.demo.corpus import (
     sum_heldout,
     training_documents,
 )
-from qktrace.demo.world import ALL_NAMES, HELDOUT_NAMES, TITLES, TRAIN_NAMES
+from recipes.demo.world import ALL_NAMES, HELDOUT_NAMES, TITLES, TRAIN_NAMES
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +72,7 @@ def test_eval_items_shape() -> None:
 
 
 def test_answers_are_single_tokens(docs: list[str]) -> None:
-    from qktrace.demo.tokenizer import single_token_id, train_tokenizer
+    from recipes.demo.tokenizer import single_token_id, train_tokenizer
 
     tok = train_tokenizer(docs[:200], required_tokens(), vocab_size=3072)
     items = eval_items(seed=5, n_per_family=50) + list(PAPER_PROMPTS)
@@ -85,3 +85,33 @@ def test_answers_are_single_tokens(docs: list[str]) -> None:
         assert full[0] == tok.bos_token_id
     names = [n for n in ALL_NAMES if single_token_id(tok, " " + n) is not None]
     assert len(names) == len(ALL_NAMES)
+
+
+def test_sae_training_path_uses_the_library(tmp_path) -> None:
+    """The recipe's residuals are HF's own hidden states (BOS dropped); a trained SAE, frozen into the
+    library's `SAE` and written by `save_sae_lens`, loads back and encodes as the trainer computes."""
+    import torch
+
+    from qktrace.config import DEMO_MODEL
+    from qktrace.models import load_model
+    from qktrace.saes import load_saes, save_sae_lens
+    from recipes.demo.train_saes import collect, corpus_blocks, hook_name, train_sae
+
+    model = load_model(DEMO_MODEL)
+    blocks = corpus_blocks(model.tokenizer, seed=5, n_docs=3)
+    acts = collect(model, blocks, batch=2)  # [checkpoint, n_tokens, d_model]
+    with torch.no_grad():
+        hidden = model.hf(input_ids=blocks[:2], output_hidden_states=True, use_cache=False).hidden_states
+    n_first = 2 * (blocks.shape[1] - 1)
+    for c in range(model.n_layers):  # hidden_states[c] is the input of layer c (the last one is post-norm)
+        torch.testing.assert_close(acts[c, :n_first], hidden[c][:, 1:].flatten(0, 1), rtol=0, atol=0)
+    trainer, steps = train_sae(acts[1], d_sae=64, k=4, steps=3, seconds=60, seed=0, batch=64)
+    assert steps == 3
+    saved = save_sae_lens(trainer.to_sae(1, hook_name(1, model.n_layers)), tmp_path / "blocks.1.hook_resid_pre")
+    sae = load_saes(saved, model)[1]
+    x = acts[1, :50]
+    with torch.no_grad():
+        x_hat, idx, val, _ = trainer(x)
+        dense = torch.zeros(50, 64).scatter(-1, idx, val)
+    torch.testing.assert_close(sae.encode(x), dense, rtol=0, atol=0)
+    torch.testing.assert_close(sae.decode(sae.encode(x)), x_hat, rtol=1e-5, atol=1e-5)

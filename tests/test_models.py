@@ -98,3 +98,37 @@ def test_empty_prompt_and_bad_ids(tiny_models):
         model.run("   ")
     with pytest.raises(InputError, match="token ids"):
         model.run([10_000])
+
+
+def test_two_threads_trace_and_intervene_at_once(tiny_models):
+    """The attention seam is process-wide (a module global, and softmax swapped for pattern hooks): traces and
+    interventions in two threads are serialised by its lock and give exactly what they give alone."""
+    import threading
+
+    from qktrace.interventions import ScaleHead, run_with
+
+    model = tiny_models["llama"]
+    prompts = [random_prompt(11, 1), random_prompt(13, 2)]
+    alone_trace = model.run(prompts[0])
+    alone_steer = run_with(model, {}, prompts[1], [ScaleHead(1, 2, 0.0)], last_only=True).logits
+    results: dict[str, list[torch.Tensor]] = {"trace": [], "steer": []}
+    barrier = threading.Barrier(2)
+
+    def tracing() -> None:
+        barrier.wait()
+        for _ in range(8):
+            results["trace"].append(model.run(prompts[0]).q[1])
+
+    def steering() -> None:
+        barrier.wait()
+        for _ in range(8):
+            results["steer"].append(run_with(model, {}, prompts[1], [ScaleHead(1, 2, 0.0)], last_only=True).logits)
+
+    threads = [threading.Thread(target=tracing), threading.Thread(target=steering)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(results["trace"]) == len(results["steer"]) == 8
+    assert all(torch.equal(q, alone_trace.q[1]) for q in results["trace"])
+    assert all(torch.equal(x, alone_steer) for x in results["steer"])

@@ -146,13 +146,17 @@ def test_sparse_decomposition_is_exact(arch: str) -> None:
     order = (fa.pos * D_SAE + fa.feature).tolist()
     assert order == sorted(order)  # sorted by pos, then feature
     assert torch.equal(fa.act, dense[fa.pos, fa.feature]) and bool((fa.act > 0).all())
-    torch.testing.assert_close(fa.recon, sae.decode(dense))
+    torch.testing.assert_close(resid - fa.error, sae.decode(dense))
     for p in range(6):
         feats, acts = fa.at(p)
         rebuilt = (acts[:, None] * sae.W_dec[feats]).sum(0) + sae.b_dec + fa.error[p]
         torch.testing.assert_close(rebuilt, resid[p], atol=1e-5, rtol=0)
         assert torch.equal(feats, dense[p].nonzero().flatten())
     assert all(torch.equal(a, b) for a, b in zip(fa.at(-1), fa.at(5)))
+    chunked = sae.sparse(resid, chunk=4)  # long prompts are encoded a few positions at a time
+    assert torch.equal(chunked.pos, fa.pos) and torch.equal(chunked.feature, fa.feature)
+    torch.testing.assert_close(chunked.act, fa.act)  # matmuls of other shapes round differently
+    torch.testing.assert_close(chunked.error, fa.error)
     with pytest.raises(OutOfRangeError) as e:
         fa.at(6)
     one_line(e, "6")
@@ -194,6 +198,9 @@ def test_directory_of_checkpoints_and_resid_post_mapping(tmp_path: Path) -> None
         "architecture": "topk",
         "k": K,
         "source": str(tmp_path / "blocks.3.hook_resid_post"),
+        "prepend_bos": None,
+        "context_size": None,
+        "conventions": "",
     }
     assert 1 not in saes and saes.get(1) is None and 2 in saes
     with pytest.raises(OutOfRangeError) as e:
@@ -355,7 +362,7 @@ def test_missing_weight_and_unsupported_cfg(tmp_path: Path) -> None:
     norm = _write_raw(tmp_path / "norm", {**cfg, "architecture": "standard", "normalize_activations": "layer_norm"}, w)
     with pytest.raises(SAELoadError) as e:
         load_saes(norm, MODEL)
-    one_line(e, "layer_norm", "not supported", str(norm / "cfg.json"))
+    one_line(e, "layer_norm", "cannot be folded", str(norm / "cfg.json"))
     gated = _write_raw(tmp_path / "gated", {**cfg, "architecture": "gated"}, w)
     with pytest.raises(SAELoadError) as e:
         load_saes(gated, MODEL)
@@ -395,14 +402,14 @@ def test_two_saes_at_one_checkpoint(tmp_path: Path) -> None:
     one_line(e, "checkpoint 2", str(tmp_path / "a"), str(tmp_path / "b"))
 
 
-def test_saelens_release_needs_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_unknown_release_needs_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "sae_lens", None)  # makes `import sae_lens` raise ImportError
     with pytest.raises(SAELoadError) as e:
-        load_saes("saelens:gpt2-small-res-jb", MODEL, sae_ids=["blocks.8.hook_resid_pre"])
-    one_line(e, "pip install 'qktrace[saelens]'", "gpt2-small-res-jb")
+        load_saes("saelens:no-such-release", MODEL, sae_ids=["blocks.8.hook_resid_pre"])
+    one_line(e, "pip install 'qktrace[saelens]'", "no-such-release", "gpt2-small-res-jb")
     with pytest.raises(SAELoadError) as e:
         load_saes("saelens:gpt2-small-res-jb", MODEL)
-    one_line(e, "sae_ids")
+    one_line(e, "sae_ids", "blocks.0.hook_resid_pre")
 
 
 def test_saelens_release_conversion_with_a_fake_package(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -308,9 +308,15 @@ def test_sweep_equals_direct(client, setup):
 
 
 def test_sweep_residual_and_errors(client, setup):
-    req = {"tokens": setup.tokens, "checkpoint": 1, "feature": 2, "positions": 1, "scales": [0.0, 1.0]}
+    acts = setup.tracer.run(setup.tokens).acts(1)
+    active = int(acts.feature[acts.pos == 1][0])
+    req = {"tokens": setup.tokens, "checkpoint": 1, "feature": active, "positions": 1, "scales": [0.0, 1.0]}
     assert len(ok(client.post("/api/sweep", json=req))["rows"]) == 2
-    base = {"tokens": setup.tokens, "heads": [[1, 0]], "feature": 2, "positions": [1]}
+    inactive = next(f for f in range(24) if f not in acts.feature[acts.pos == 1].tolist())
+    msg = refused(client.post("/api/sweep", json=req | {"feature": inactive}), 400)
+    assert f"feature {inactive} is not active at positions [1]" in msg
+    assert len(ok(client.post("/api/sweep", json=req | {"feature": inactive, "mode": "value"}))["rows"]) == 2
+    base = {"tokens": setup.tokens, "heads": [[1, 0]], "feature": active, "positions": [1]}
     cases = [
         ({"heads": [[0, 1], [1, 0]]}, "one layer at a time"),
         ({"feature": 999}, "checkpoint 1 feature 999 is out of range"),
@@ -396,3 +402,198 @@ def test_serve_paths(setup, tmp_path):
         split_paths([str(setup.data), str(tmp_path)])
     app = create_app(tmp_path, files=[setup.data / GRAPH_NAME])
     assert ok(TestClient(app).get("/api/graphs/tiny"))["graph"] == setup.graph
+
+
+# -- reliability: bounded work, nothing lost, one line of JSON for every mistake ---------------------------
+
+
+def post_raw(client, path, body):
+    """POST JSON that may hold NaN or Infinity (which Python's json writes and the server must refuse)."""
+    return client.post(path, content=json.dumps(body), headers={"content-type": "application/json"})
+
+
+def small_limits(**kw):
+    import dataclasses
+
+    from qktrace.config import LIMITS
+
+    return dataclasses.replace(LIMITS, **kw)
+
+
+def wait_job(client, job_id, timeout=120):
+    deadline = time.monotonic() + timeout
+    job = ok(client.get(f"/api/jobs/{job_id}"))
+    while job["status"] == "running" and time.monotonic() < deadline:
+        time.sleep(0.05)
+        job = ok(client.get(f"/api/jobs/{job_id}"))
+    return job
+
+
+def test_jobs_queue_is_bounded_and_running_jobs_are_never_forgotten(setup, tmp_path):
+    app = create_app(tmp_path, setup.tracer, limits=small_limits(max_queued_jobs=3, max_finished_jobs=1))
+    client, engine = TestClient(app), app.state.engine
+    with engine.lock:  # the model is busy: jobs queue up
+        ids = [
+            ok(client.post("/api/graph", json={"tokens": setup.tokens[:3], "name": f"q{i}"}), 202)["id"]
+            for i in range(3)
+        ]
+        r = client.post("/api/graph", json={"tokens": setup.tokens[:3], "name": "q3"})
+        assert "queued or running" in refused(r, 429) and int(r.headers["retry-after"]) > 0
+        for i in ids:  # all still known while queued
+            assert ok(client.get(f"/api/jobs/{i}"))["status"] == "running"
+    for i in ids:
+        assert wait_job(client, i)["status"] == "done"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["q0.json", "q1.json", "q2.json"]
+    later = ok(client.post("/api/graph", json={"tokens": setup.tokens[:3], "name": "q4"}), 202)["id"]
+    assert wait_job(client, later)["graph"] == "q4.json"
+    known = [i for i in ids if client.get(f"/api/jobs/{i}").status_code == 200]
+    assert len(known) <= 1  # finished jobs are forgotten, oldest first, past max_finished_jobs
+
+
+def test_graphs_are_never_overwritten_unless_asked(client, setup):
+    before = (setup.data / GRAPH_NAME).read_bytes()
+    msg = refused(client.post("/api/graph", json={"tokens": setup.tokens[:3], "name": "tiny"}), 409)
+    assert "exists" in msg and "overwrite" in msg
+    assert (setup.data / GRAPH_NAME).read_bytes() == before
+    # a name taken while the job waited: the job fails with that as its state, the file stays
+    engine = client.app.state.engine
+    with engine.lock:
+        a = ok(client.post("/api/graph", json={"tokens": setup.tokens[:3], "name": "race"}), 202)
+        b = ok(client.post("/api/graph", json={"tokens": setup.tokens[:4], "name": "race"}), 202)
+    assert wait_job(client, a["id"])["status"] == "done"
+    failed = wait_job(client, b["id"])
+    assert failed["status"] == "error" and failed["stage"] == "failed" and "race.json" in failed["error"]
+    first = (setup.data / "race.json").read_bytes()
+    job = ok(client.post("/api/graph", json={"tokens": setup.tokens[:4], "name": "race", "overwrite": True}), 202)
+    assert wait_job(client, job["id"])["status"] == "done"
+    assert (setup.data / "race.json").read_bytes() != first
+    # without a name, a graph of the same prompt gets a fresh file rather than replacing the first
+    names = []
+    for _ in range(2):
+        job = ok(client.post("/api/graph", json={"tokens": setup.tokens[:3]}), 202)
+        names.append(wait_job(client, job["id"])["graph"])
+    assert names[0] != names[1] and names[1] == names[0].replace(".json", "-2.json")
+    for name in ["race.json", *names]:
+        (setup.data / name).unlink()
+
+
+def test_save_never_follows_a_planted_link(setup, tmp_path, monkeypatch):
+    from qktrace import files
+    from qktrace.server.store import GraphStore
+
+    outside = tmp_path / "outside.json"
+    outside.write_text("precious")
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "g.json").symlink_to(outside)
+    names = iter(["planted", "fresh"])
+    monkeypatch.setattr(files.secrets, "token_hex", lambda n: next(names))
+    (data / ".new.json.planted.tmp").symlink_to(outside)
+    store = GraphStore(data)
+    with pytest.raises(Exception, match="exists"):
+        store.save("g.json", {"a": 1})  # a link at the name is an existing file
+    assert store.save("new.json", {"a": 1}) == "new.json"
+    assert outside.read_text() == "precious" and json.loads((data / "new.json").read_text()) == {"a": 1}
+
+
+def test_unreadable_files_are_listed_as_invalid_and_the_rest_listed(setup, tmp_path):
+    import shutil
+
+    shutil.copy(setup.data / GRAPH_NAME, tmp_path / GRAPH_NAME)
+    (tmp_path / "deep.json").write_bytes(b"[" * 100_000 + b"]" * 100_000)
+    (tmp_path / "utf8.json").write_bytes(b'{"metadata": "\xff"}')
+    (tmp_path / "nodes.json").write_text(json.dumps({"metadata": {"qktrace": {"format_version": 1}}, "nodes": 5}))
+    (tmp_path / "dir.json").mkdir()
+    data = setup.graph | {"metadata": setup.graph["metadata"] | {"qktrace": setup.graph["metadata"]["qktrace"] | {}}}
+    data["metadata"]["qktrace"]["settings"] = {"top_heads": 200_000}
+    (tmp_path / "huge.json").write_text(json.dumps(data))
+    client = TestClient(create_app(tmp_path, limits=small_limits(max_graph_file_bytes=1 << 20)))
+    (tmp_path / "big.json").write_bytes(b" " * (2 << 20))
+    listing = ok(client.get("/api/graphs"))
+    assert [g["name"] for g in listing["graphs"]] == ["huge.json", GRAPH_NAME]
+    bad = {b["name"]: b["error"] for b in listing["invalid"]}
+    assert set(bad) == {"deep.json", "utf8.json", "nodes.json", "dir.json", "big.json"}
+    assert "nested too deeply" in bad["deep.json"] and "MiB" in bad["big.json"]
+    start = time.perf_counter()
+    assert "settings.top_heads" in refused(client.get("/api/graphs/huge"), 422)
+    assert time.perf_counter() - start < 5
+    for name in ("deep", "utf8", "nodes", "big"):
+        refused(client.get(f"/api/graphs/{name}"), 422)
+
+
+def test_token_limit_and_trace_cache_bytes(setup, tmp_path):
+    one = setup.tracer.run(setup.tokens).nbytes
+    app = create_app(tmp_path, setup.tracer, limits=small_limits(server_max_tokens=8, trace_cache_bytes=2 * one))
+    client, engine = TestClient(app), app.state.engine
+    msg = refused(client.post("/api/qk", json={"prompt": " ".join(["w1"] * 12), "layer": 0, "head": 0, "query_pos": 1}))
+    assert "13 tokens" in msg and "8" in msg and "--max-tokens" in msg
+    msg = refused(client.post("/api/qk", json={"tokens": [1] * 9, "layer": 0, "head": 0, "query_pos": 1}))
+    assert "9 tokens" in msg
+    for i in range(4):
+        toks = setup.tokens[: 5 + i % 3] if i < 3 else setup.tokens
+        ok(client.post("/api/qk", json={"tokens": toks[:8], "layer": 0, "head": 0, "query_pos": 1}))
+        assert engine._cached_bytes <= 2 * one
+        assert engine._cached_bytes == sum(t.nbytes for t in engine._traced.values())
+    tiny = create_app(tmp_path, setup.tracer, limits=small_limits(trace_cache_bytes=1))
+    ok(TestClient(tiny).post("/api/qk", json={"tokens": setup.tokens, "layer": 0, "head": 0, "query_pos": 1}))
+    assert tiny.state.engine._cached_bytes == 0  # a trace larger than the cache is used, not kept
+
+
+def test_body_limit_and_plain_500s_are_gone(setup, tmp_path):
+    client = TestClient(create_app(tmp_path, setup.tracer, limits=small_limits(max_request_bytes=4096)))
+    big = {"tokens": setup.tokens, "heads": [[1, 0]] * 2000, "feature": 1, "positions": 1}
+    assert "larger than 4096 bytes" in refused(client.post("/api/sweep", json=big), 413)
+    assert "token" in refused(client.post("/api/qk", json={"tokens": [10**30], "layer": 0, "head": 0, "query_pos": 0}))
+    base = {"tokens": setup.tokens, "heads": [[1, 0]], "feature": 3, "positions": [2], "scales": "0,1"}
+    assert "watched token id 100000 is out of range" in refused(
+        client.post("/api/sweep", json=base | {"watch_tokens": [100000]})
+    )
+    assert "greater than or equal to 0" in refused(client.post("/api/sweep", json=base | {"watch_tokens": [-1]}))
+    r = client.post("/api/qk", content=b'{"tokens": [1], "layer": NaN}', headers={"content-type": "application/json"})
+    assert "layer" in refused(r, 422)
+    r = client.post("/api/qk", content=b"[" * 50_000, headers={"content-type": "application/json"})
+    refused(r, 400, 413)
+    msg = refused(post_raw(client, "/api/qk", {"prompt": "w1 \udcff", "layer": 0, "head": 0, "query_pos": 0}))
+    assert "prompt" in msg and "unicode" in msg
+
+
+def test_sweep_refuses_meaning_changes(client, setup):
+    base = {"tokens": setup.tokens, "heads": [[1, 0]], "feature": 3, "positions": [2, 3], "scales": "0:2:3"}
+    cases = [
+        ({"heads": [[1, 0], [1, 0]]}, "given twice"),
+        ({"feature": -1}, "negative"),
+        ({"positions": [2, 2 - len(setup.tokens)]}, "given twice"),
+        ({"scales": [0.0, float("nan")]}, "not a finite number"),
+        ({"scales": []}, "0 scales"),
+        ({"scales": "0:1:100000000"}, "100000000 scales"),
+        ({"scales": "1e400,1"}, "not a finite number"),
+        ({"layer": 1}, "Extra inputs"),
+        ({"feature": True}, "feature"),
+        ({"feature": "3"}, "feature"),
+        ({"freeze_others": "yes"}, "freeze_others"),
+        ({"heads": [[1, 0]] * 300}, "300 heads"),
+        ({"watch_attention": [[0, 0, 0, 0]] * 21}, "21 watched attention"),
+    ]
+    for change, words in cases:
+        start = time.perf_counter()
+        assert words in refused(post_raw(client, "/api/sweep", base | change), 400, 422), change
+        assert time.perf_counter() - start < 5, change
+
+
+def test_a_bug_is_one_line_of_json_and_the_server_keeps_serving(setup, tmp_path, monkeypatch):
+    from qktrace.server import app as app_module
+    from qktrace.tracer import Traced
+
+    def boom(*a, **k):
+        raise RuntimeError("a bug\nwith two lines")
+
+    monkeypatch.setattr(app_module, "qk_response", boom)
+    monkeypatch.setattr(Traced, "graph", boom)
+    client = TestClient(create_app(tmp_path, setup.tracer))
+    r = client.post("/api/qk", json={"tokens": setup.tokens, "layer": 0, "head": 0, "query_pos": 1})
+    assert r.status_code == 500 and r.json()["version"] == API_VERSION
+    assert r.json()["error"] == "internal error (RuntimeError: a bug with two lines): see the server log"
+    job = wait_job(client, ok(client.post("/api/graph", json={"tokens": setup.tokens[:3]}), 202)["id"])
+    assert job["status"] == "error" and job["stage"] == "failed" and "internal error (RuntimeError" in job["error"]
+    assert list(tmp_path.iterdir()) == []
+    ok(client.get("/api/info"))

@@ -253,12 +253,13 @@ def compare(
     rival_id = None if rival is None else token_of(model, rival, "rival")
     differing = tuple(int(i) for i in (a.trace.tokens != b.trace.tokens).nonzero().flatten().tolist())
 
-    # attention from q, every head, in both prompts: [layer, head, k_pos]
+    # attention from q, every head, in both prompts: [layer, head, k_pos] (results live on the CPU)
     att_a = torch.stack([a.trace.pattern(ly, q)[:, 0].float().cpu() for ly in range(model.n_layers)])
     att_b = torch.stack([b.trace.pattern(ly, q)[:, 0].float().cpu() for ly in range(model.n_layers)])
     skew = torch.tensor(
         [[qk_spectrum(layer, h).skew for h in range(layer.n_heads)] for layer in model.anatomy.layers],
         dtype=torch.float64,
+        device="cpu",
     )
     diff = att_b - att_a
     key = diff.abs().argmax(-1)  # [layer, head]
@@ -288,7 +289,7 @@ def compare(
             raise InputError(f"the rival {rival!r} is the answer itself: name another token, or leave rival out")
         metric_a = float(la[answer_id] - la[rival_id])
         metric_b = float(lb[answer_id] - lb[rival_id])
-        answer_name, rival_name = model.str_tokens(torch.tensor([answer_id, rival_id]))
+        answer_name, rival_name = model.str_tokens(torch.tensor([answer_id, rival_id], device="cpu"))
     elif rival_id is not None:
         raise InputError("a rival was given without an answer: give the answer too")
 

@@ -132,7 +132,7 @@ def explain(
     if rival_id is None:
         rival_id = next(int(t) for t in logits.argsort(descending=True).tolist() if int(t) != answer_id)
     probs = torch.softmax(logits, -1)
-    names = model.str_tokens(torch.tensor([answer_id, rival_id, int(logits.argmax())]))
+    names = model.str_tokens(torch.tensor([answer_id, rival_id, int(logits.argmax())], device="cpu"))
     q = trace.n_pos - 1
     probe = _Probe(traced, answer_id, rival_id)
 
@@ -240,7 +240,7 @@ def token_of(model: Model, token: str | int, what: str) -> int:
         raise InputError(f"model '{model.name}' has no tokenizer: give the {what} as a token id")
     ids = model.tokenizer(token, add_special_tokens=False)["input_ids"]  # type: ignore[operator]
     if len(ids) != 1:
-        pieces = model.str_tokens(torch.tensor(ids, dtype=torch.long)) if ids else ()
+        pieces = model.str_tokens(torch.tensor(ids, dtype=torch.long, device="cpu")) if ids else ()
         raise InputError(
             f"{what} {token!r} is {len(ids)} tokens for this tokenizer {list(pieces)}: name a single token "
             "(e.g. its first piece, with its leading space)"
@@ -396,7 +396,7 @@ class _Probe:
             p_answer=float(probs[self.a]),
             p_rival=float(probs[self.r]),
             attention=attention,
-            top_token=t.model.str_tokens(torch.tensor([top]))[0],
+            top_token=t.model.str_tokens(torch.tensor([top], device="cpu"))[0],
             top_p=float(probs[top]),
         )
 

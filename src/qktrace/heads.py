@@ -147,7 +147,8 @@ def repeated_sequence(model: Model, n_tokens: int, generator: torch.Generator) -
     candidates = torch.tensor([i for i in range(vocab) if i not in special], device=model.device)
     if n_tokens < 2 or n_tokens > len(candidates):
         raise InputError(f"n_tokens={n_tokens} must be in 2..{len(candidates)} (distinct ordinary tokens)")
-    half = candidates[torch.randperm(len(candidates), generator=generator).to(candidates.device)[:n_tokens]]
+    order = torch.randperm(len(candidates), generator=generator, device="cpu")  # the generator is a CPU one
+    half = candidates[order.to(candidates.device)[:n_tokens]]
     seq = torch.cat([half, half])
     bos = getattr(tok, "bos_token_id", None) if tok is not None else None
     if bos is not None:
@@ -159,7 +160,7 @@ def head_scores(model: Model, n_tokens: int = 20, seed: int = 0, n_seqs: int = 4
     """Previous-token, induction and duplicate-token scores per (layer, head), averaged over sequences."""
     g = torch.Generator().manual_seed(seed)
     n = n_tokens
-    totals = torch.zeros(3, model.n_layers, model.n_heads, dtype=torch.float64)
+    totals = torch.zeros(3, model.n_layers, model.n_heads, dtype=torch.float64, device="cpu")
     for _ in range(n_seqs):
         trace = model.run(repeated_sequence(model, n, g))
         for layer in range(model.n_layers):  # one layer's [head, q_pos, k_pos] at a time

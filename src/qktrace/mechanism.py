@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -17,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import pandas as pd
 
 from .errors import InputError
+from .files import atomic_open, atomic_write
 from .interventions import FreezeAttention, Intervention, SteerQK
 from .tables import markdown_table
 
@@ -263,6 +263,7 @@ class Mechanism:
         return pd.DataFrame([{"name": s.name, **asdict(s)} for s in self.sites])
 
     def to_json(self) -> dict[str, Any]:
+        """Everything but the time taken (`seconds`), so that the same prompt gives the same bytes."""
         best = self.best
         return {
             "prompt": self.prompt,
@@ -287,7 +288,6 @@ class Mechanism:
             "best": None if best is None else self.candidates.index(best),
             "scales": list(self.scales),
             "n_passes": self.n_passes,
-            "seconds": self.seconds,
             "settings": asdict(self.settings),
         }
 
@@ -403,29 +403,15 @@ class Mechanism:
             ax.grid(alpha=0.3)
         fig.tight_layout()
         FigureCanvasAgg(fig)
-        return _write_atomic(path, lambda f: fig.savefig(f, format="png", dpi=110))
+        out = Path(path)
+        with atomic_open(out) as f:  # a temp file beside `out`, renamed over it: never a half-written PNG
+            fig.savefig(f, format="png", dpi=110)
+        log.info("wrote %s", out)
+        return out
 
     def save_json(self, path: str | os.PathLike[str]) -> Path:
-        text = json.dumps(self.to_json(), allow_nan=False)
-        return _write_atomic(path, lambda f: f.write(text.encode()))
+        """`to_json()` written atomically."""
+        return atomic_write(path, json.dumps(self.to_json(), allow_nan=False))
 
     def _tok(self, pos: int) -> str:
         return repr(self.str_tokens[pos]) if 0 <= pos < len(self.str_tokens) else "?"
-
-
-def _write_atomic(path: str | os.PathLike[str], write: Any) -> Path:
-    """Write through a temporary file created exclusively beside `path`, then rename it over `path`."""
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    log.info("wrote %s", out)
-    return out

@@ -18,6 +18,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from .errors import InputError
+from .files import atomic_open
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +27,8 @@ def _save(fig: Figure, path: str | os.PathLike[str]) -> Path:
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     FigureCanvasAgg(fig)
-    fig.savefig(out, format="png", dpi=110)
+    with atomic_open(out) as f:  # a temp file beside `out`, renamed over it: never a half-written PNG
+        fig.savefig(f, format="png", dpi=110)
     log.info("wrote %s", out)
     return out
 

@@ -73,7 +73,7 @@ def project_side(
     W = (ly.W_Q if side == "q" else ly.W_K)[h]  # [d_model, d_head], float32 on the layer's device
     b = (ly.b_Q if side == "q" else ly.b_K)[h]  # [d_head]
     dev = W.device
-    P = torch.as_tensor(list(positions), dtype=torch.long).to(dev)
+    P = torch.as_tensor(list(positions), dtype=torch.long, device=dev)
     s_ln = trace.scale_ln_attn[layer]  # [pos]
     # active features at those positions (the SAE may live elsewhere: bring its few rows here, in float32)
     cdt = W.dtype

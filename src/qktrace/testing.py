@@ -61,7 +61,7 @@ def randomize(model: Any, seed: int = 0, std: float = 0.35) -> None:
     gemma = model.config.model_type == "gemma2"
     with torch.no_grad():
         for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=g)
+            noise = torch.randn(p.shape, generator=g, device="cpu")
             if "norm" in name or name.split(".")[-2].startswith("ln"):
                 p.copy_((0.0 if gemma and name.endswith("weight") else 1.0) * (name.endswith("weight")) + 0.2 * noise)
             elif p.ndim == 1:
@@ -102,5 +102,5 @@ def make_tiny_model(family: str, path: Path, seed: int = 0, **overrides: object)
 
 def random_prompt(n: int, seed: int = 0) -> str:
     g = torch.Generator().manual_seed(seed)
-    idx = torch.randint(len(WORDS), (n,), generator=g)
+    idx = torch.randint(len(WORDS), (n,), generator=g, device="cpu")
     return " ".join(WORDS[int(i)] for i in idx)

@@ -28,6 +28,7 @@ from typing import Any
 from ..compare import Comparison
 from ..config import DEMO_NAME, DEMO_SAES
 from ..explain import Mechanism, explain
+from ..files import atomic_write
 from ..tables import markdown_table
 from ..tracer import Tracer
 
@@ -141,9 +142,7 @@ def study(tracer: Tracer, case: CaseStudy, out: Path) -> CaseResult:
         att = traced.qk(part.layer, part.heads[0], len(m.str_tokens) - 1)
         qk = att.to_json(top=25)
         qk["top_terms"] = att.terms_frame(top=8, key_pos=part.key_pos).to_dict(orient="records")
-        path = out / f"{case.slug}.qk.json"
-        path.write_text(json.dumps(qk))
-        files.append(path.name)
+        files.append(atomic_write(out / f"{case.slug}.qk.json", json.dumps(qk)).name)
     return CaseResult(case, m, qk, graph.summary(), files)
 
 
@@ -168,9 +167,7 @@ def correctness(tracer: Tracer, pair: MinimalPair, out: Path) -> PairResult:
             agrees = row["skew"] > 0 if role == "concordance" else row["skew"] < 0
             heads.append({"query": q, "role": role, **row, "attention_true": row["attention_a"],
                           "attention_false": row["attention_b"], "skew_agrees": agrees})  # fmt: skip
-        path = out / f"{pair.slug}.{q}.compare.json"
-        path.write_text(json.dumps(c.to_json(top=12)))
-        files.append(path.name)
+        files.append(atomic_write(out / f"{pair.slug}.{q}.compare.json", json.dumps(c.to_json(top=12))).name)
     return PairResult(pair, key, comparisons, heads, files)
 
 
@@ -306,7 +303,7 @@ def run_demo(
         compared.append(p)
         con.print("  " + verdict(p))
     seconds = time.perf_counter() - start
-    (out / "report.md").write_text(report(results, compared, tracer, seconds))
+    atomic_write(out / "report.md", report(results, compared, tracer, seconds))
     n_files = sum(len(r.files) for r in results) + sum(len(p.files) for p in compared)
     con.print(f"wrote {out}/report.md and {n_files} files in {seconds:.0f} s")
     if serve:

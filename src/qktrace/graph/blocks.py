@@ -57,10 +57,6 @@ class Block:
             self._weight = self.rows(torch.arange(len(self.targets), device=self.targets.device))
         return self._weight
 
-    def drop(self) -> None:
-        """Forget the held weights (they are recomputed when asked)."""
-        self._weight = None
-
 
 class BlockStore:
     """The layered blocks of one graph, read in row chunks under `budget` bytes."""

@@ -92,6 +92,24 @@ class Checkpoint:
 
 
 @dataclass(frozen=True, eq=False)
+class LazyParts:
+    """Some parts of a checkpoint, their vectors made only when taken (`edges.Sources`)."""
+
+    checkpoint: Checkpoint
+    rows: Tensor
+
+    @property
+    def pos(self) -> Tensor:
+        return self.checkpoint.pos[self.rows.to(self.checkpoint.pos.device)]
+
+    def take(self, idx: Tensor) -> E.Vectors:
+        return self.checkpoint.parts(self.rows[idx.to(self.rows.device)])
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+
+@dataclass(frozen=True, eq=False)
 class LayerInputs:
     """What `head_loadings` needs for the edges of one block that crosses layer `layer`: its targets
     (rows of the upper checkpoint's features) and its first len(source_rows) sources (parts of the
@@ -275,7 +293,7 @@ def _target(
         hi, lo = cps[layer + 1], cps[layer]
         targets = hi.readouts(frontier)
         reach = (lo.pos <= int(targets.pos.max())).nonzero().squeeze(1) if len(frontier) else frontier
-        edges = E.layer_edges_by_position(an, trace, layer, targets, lo.parts(reach))
+        edges = E.layer_edges_by_position(an, trace, layer, targets, LazyParts(lo, reach))
         weight = _with_bias_columns(edges, targets.pos, trace.n_pos)
         full = Block.dense(
             hi.nodes[frontier.to(hi.nodes.device)], _bias_sources(lo.nodes[reach.to(lo.nodes.device)], hi), weight
@@ -510,7 +528,7 @@ def _label(model: Model, saes: SAESet, trace: Trace, node: Node, prob: float) ->
     if node.kind is Kind.TOKEN:
         return trace.str_tokens[p]
     if node.kind is Kind.LOGIT:
-        return f'Output "{model.str_tokens(torch.tensor([node.index]))[0]}" (p={prob:.3f})'
+        return f'Output "{model.str_tokens(torch.tensor([node.index], device="cpu"))[0]}" (p={prob:.3f})'
     return {
         Kind.ERROR: f"SAE error at checkpoint {c}",
         Kind.SAE_BIAS: f"SAE decoder bias at checkpoint {c}",

@@ -34,14 +34,15 @@ anatomy's compute dtype (float32 for half-precision models, whose MLP is run as 
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from torch import Tensor
 
 from ..models.anatomy import Anatomy, Norm
+from ..models.replay import float_mlp
 from ..models.trace import Trace
 
 TILE = 1 << 24  # elements of one [source position, target, d_model] tile, or of a block of pattern rows
@@ -124,14 +125,6 @@ def pattern_rows(trace: Trace, layer: int, positions: Tensor) -> Iterator[tuple[
     for i in range(0, len(positions), step):
         rows = positions[i : i + step]
         yield rows, trace.pattern(layer, rows)
-
-
-def float_mlp(anatomy: Anatomy, layer: int) -> Callable[[Tensor], Tensor]:
-    """The layer's HF MLP as a function in the compute dtype (a float32 copy for half-precision models)."""
-    mlp = anatomy.layers[layer].mlp
-    if anatomy.dtype == anatomy.compute_dtype:
-        return mlp  # type: ignore[no-any-return]
-    return copy.deepcopy(mlp).to(anatomy.compute_dtype)  # type: ignore[no-any-return]
 
 
 def attention_bias(anatomy: Anatomy, trace: Trace, layer: int, pos: Tensor | None = None) -> Tensor:
@@ -305,34 +298,60 @@ def layer_edges(anatomy: Anatomy, trace: Trace, layer: int, targets: Vectors, so
     return LayerEdges(out, attn_bias, mlp_bias, g)
 
 
+class Sources(Protocol):
+    """Source parts by position, their vectors made on demand (`Vectors` is one; a lazy view is another)."""
+
+    @property
+    def pos(self) -> Tensor: ...
+
+    def take(self, idx: Tensor) -> Vectors: ...
+
+    def __len__(self) -> int: ...
+
+
 def layer_edges_by_position(
-    anatomy: Anatomy, trace: Trace, layer: int, targets: Vectors, sources: Vectors
+    anatomy: Anatomy, trace: Trace, layer: int, targets: Vectors, sources: Sources
 ) -> LayerEdges:
     """The same edges as `layer_edges`, contracted target-first: each target becomes one d_model
-    vector per source position (its exact gradient there), dotted with that position's sources."""
+    vector per source position (its exact gradient there), dotted with that position's sources.
+
+    Source positions are visited a tile at a time, and only that tile's source vectors are made:
+    a long prompt's [source, d_model] vectors are never held at once."""
     ly = anatomy.layers[layer]
-    targets, sources = targets.to(ly.device), sources.to(ly.device)
+    dev = ly.device
+    targets = targets.to(dev)
     h, g = mlp_pullback(anatomy, trace, layer, targets)
     rg = targets.vec + g
     attn_reader = targets.vec if ly.parallel else rg
     R = _attn_readers(anatomy, trace, layer, targets.pos, attn_reader)  # [head, tgt, d_head]
     pulled = torch.einsum("hte,hde->htd", R, ly.W_V[ly.kv_index()])  # [head, tgt, d_model]
-    n_pos = int(max(targets.pos.max(), sources.pos.max())) + 1 if len(targets) and len(sources) else 0
-    s_rank, ms = _slots(sources.pos)
-    U = rg.new_zeros(n_pos, ms, rg.shape[1])
-    U[sources.pos, s_rank] = sources.vec
-    scale = trace.scale_ln_attn[layer][:n_pos]
+    src_pos = sources.pos.to(dev)
     weight = rg.new_zeros(len(targets), len(sources))
-    chunk = max(1, TILE // max(1, n_pos * rg.shape[1]))
-    for t0 in range(0, len(targets), chunk):
-        t1 = min(len(targets), t0 + chunk)
-        pt = targets.pos[t0:t1]
-        a = trace.pattern(layer, pt)[:, :, :n_pos]  # [head, tgt, k_pos]
-        grad = torch.einsum("htk,htd->ktd", a, pulled[:, t0:t1])  # [k_pos, tgt, d_model]
-        grad = norm_adjoint(ly.ln_attn, grad, scale[:, None])
-        grad[pt, torch.arange(t1 - t0, device=pt.device)] += rg[t0:t1]
-        block = torch.bmm(grad, U.transpose(1, 2))  # [k_pos, tgt, ms]
-        weight[t0:t1] = block[sources.pos, :, s_rank].T
+    if len(targets) and len(sources):
+        n_pos = int(max(targets.pos.max(), src_pos.max())) + 1
+        uniq, inverse = torch.unique(targets.pos, return_inverse=True)
+        rows = torch.cat([p for _, p in pattern_rows(trace, layer, uniq)], 1)  # [head, distinct q, k_pos]
+        a = rows[:, inverse, :n_pos]  # [head, tgt, k_pos]
+        scale = trace.scale_ln_attn[layer]
+        order = torch.argsort(src_pos, stable=True)
+        bounds = torch.searchsorted(src_pos[order], torch.arange(n_pos + 1, device=dev))
+        step = max(1, TILE // max(1, len(targets) * rg.shape[1]))
+        t_idx = torch.arange(len(targets), device=dev)
+        for p0 in range(0, n_pos, step):
+            p1 = min(n_pos, p0 + step)
+            sel = order[int(bounds[p0]) : int(bounds[p1])]
+            if not len(sel):
+                continue
+            grad = torch.einsum("htk,htd->ktd", a[:, :, p0:p1], pulled)  # [k_pos tile, tgt, d_model]
+            grad = norm_adjoint(ly.ln_attn, grad, scale[p0:p1, None])
+            here = (targets.pos >= p0) & (targets.pos < p1)
+            grad[targets.pos[here] - p0, t_idx[here]] += rg[here]  # the residual path, same position
+            part = sources.take(sel.to(sources.pos.device)).to(dev)
+            rank, ms = _slots(part.pos)
+            U = rg.new_zeros(p1 - p0, ms, rg.shape[1])
+            U[part.pos - p0, rank] = part.vec
+            block = torch.bmm(grad, U.transpose(1, 2))  # [k_pos tile, tgt, ms]
+            weight[:, sel] = block[part.pos - p0, :, rank].T
     attn_bias, mlp_bias = _bias_edges(anatomy, trace, layer, targets, h, attn_reader)
     return LayerEdges(weight, attn_bias, mlp_bias, g)
 

@@ -23,7 +23,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..config import LIMITS
 from ..errors import GraphFileError, InputError, QKTraceError
+from ..files import atomic_write
 from ..nodes import Kind, Node
 
 FORMAT_VERSION = 1
@@ -212,10 +214,11 @@ class Graph:
         order = cross[torch.argsort(self.influence[cross], descending=True)]
         return order[:top].tolist() if top is not None else order.tolist()
 
-    def save(self, path: str | os.PathLike[str]) -> Path:
-        out = Path(path)
-        out.write_text(json.dumps(self.to_json(), separators=(",", ":"), allow_nan=False))
-        return out
+    def save(self, path: str | os.PathLike[str], *, overwrite: bool = True) -> Path:
+        """Write the JSON to a temporary file beside `path` and rename it over `path` (`qktrace.files`): a
+        crash mid-write leaves the old file intact. `overwrite=False` refuses an existing `path`."""
+        text = json.dumps(self.to_json(), separators=(",", ":"), allow_nan=False)
+        return atomic_write(path, text, overwrite=overwrite)
 
     @staticmethod
     def from_json(data: Mapping[str, Any], where: str = "graph JSON") -> Graph:
@@ -223,9 +226,12 @@ class Graph:
             return _from_json(data)
         except QKTraceError as e:
             raise GraphFileError(f"{where}: {e}") from None
-        except (KeyError, TypeError, ValueError, IndexError, AttributeError) as e:
+        except RecursionError:
+            raise GraphFileError(f"{where} is nested too deeply to be a qktrace graph: write it again") from None
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError, OverflowError, RuntimeError) as e:
+            first = " ".join(str(e).split())[:200]
             raise GraphFileError(
-                f"{where} is not a qktrace graph ({type(e).__name__}: {e}): write it again with Graph.save"
+                f"{where} is not a qktrace graph ({type(e).__name__}: {first}): write it again with Graph.save"
             ) from None
 
 
@@ -233,10 +239,18 @@ def load_graph(path: str | os.PathLike[str]) -> Graph:
     """Read a graph written by `Graph.save` (never unpickles)."""
     p = Path(path)
     try:
-        data = json.loads(p.read_text())
-    except (OSError, ValueError) as e:
+        data = json.loads(p.read_bytes().decode("utf-8"), parse_constant=_no_constant)
+    except (OSError, ValueError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
         raise GraphFileError(f"cannot read graph {p} ({type(e).__name__}): check the path or write it again") from None
+    except RecursionError:
+        raise GraphFileError(f"{p} is nested too deeply to be a qktrace graph: write it again") from None
+    if not isinstance(data, Mapping):
+        raise GraphFileError(f"{p} is not a JSON object: it is not a qktrace graph")
     return Graph.from_json(data, where=str(p))
+
+
+def _no_constant(name: str) -> None:
+    raise ValueError(f"{name} is not valid in a graph")
 
 
 def _short(x: Tensor) -> list[Any]:
@@ -283,6 +297,20 @@ def _node_json(n: GraphNode, n_layers: int) -> dict[str, Any]:
     }
 
 
+def _bounded_int(value: Any, lo: int, hi: int, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+        raise GraphFileError(f"{what} is {str(value)[:40]!r}, not an integer in {lo}..{hi}")
+    return value
+
+
+def _list(value: Any, what: str) -> list[Any]:
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise GraphFileError(f"{what} is a {type(value).__name__}, not a list")
+    return value
+
+
 def _from_json(data: Mapping[str, Any]) -> Graph:
     meta = data["metadata"]
     ours = meta.get("qktrace") if isinstance(meta, Mapping) else None
@@ -305,33 +333,45 @@ def _from_json(data: Mapping[str, Any]) -> Graph:
         )
         for n in data["nodes"]
     )
+    # numbers read from the file are bounded by its content before anything is allocated from them
+    n_layers = _bounded_int(ours["n_layers"], 1, LIMITS.max_layers, "metadata.qktrace.n_layers")
+    tokens = tuple(_bounded_int(t, 0, 2**31 - 1, "a token id") for t in _list(ours["tokens"], "tokens"))
+    for gn in nodes:
+        if not (0 <= gn.node.pos < len(tokens) and 0 <= gn.node.checkpoint <= n_layers):
+            raise GraphFileError(
+                f"node {gn.id[:80]} lies outside the graph's {len(tokens)} tokens and {n_layers} layers"
+            )
     index = {n.id: i for i, n in enumerate(nodes)}
-    links = data["links"]
+    links = _list(data["links"], "links")
     settings = dict(ours.get("settings") or {})
-    top = max((len(link.get("head_loadings") or []) for link in links), default=0)
-    top = max(top, int(settings.get("top_heads") or 0))
+    top = max((len(_list(link.get("head_loadings"), "head_loadings")) for link in links), default=0)
+    top_setting = settings.get("top_heads") or 0
+    top = max(top, _bounded_int(top_setting, 0, LIMITS.max_heads_per_layer, "settings.top_heads"))
     n = len(links)
-    heads = torch.full((n, top), -1, dtype=torch.long)
-    direct, via = torch.zeros(n, top), torch.zeros(n, top)
-    layer = torch.full((n,), -1, dtype=torch.long)
+    cpu = torch.device("cpu")  # a Graph lives on the CPU
+    heads = torch.full((n, top), -1, dtype=torch.long, device=cpu)
+    direct, via = torch.zeros(n, top, device=cpu), torch.zeros(n, top, device=cpu)
+    layer = torch.full((n,), -1, dtype=torch.long, device=cpu)
     for e, link in enumerate(links):
         for j, h in enumerate(link.get("head_loadings") or []):
-            layer[e], heads[e, j], direct[e, j], via[e, j] = h["layer"], h["head"], h["direct"], h["via_mlp"]
+            layer[e] = _bounded_int(h["layer"], 0, n_layers - 1, "head_loadings layer")
+            heads[e, j] = _bounded_int(h["head"], 0, LIMITS.max_heads_per_layer - 1, "head_loadings head")
+            direct[e, j], via[e, j] = float(h["direct"]), float(h["via_mlp"])
     return Graph(
         nodes=nodes,
-        source=torch.tensor([index[link["source"]] for link in links], dtype=torch.long),
-        target=torch.tensor([index[link["target"]] for link in links], dtype=torch.long),
-        weight=torch.tensor([float(link["weight"]) for link in links]),
-        influence=torch.tensor([float(link.get("influence", 0.0)) for link in links]),
+        source=torch.tensor([index[link["source"]] for link in links], dtype=torch.long, device=cpu),
+        target=torch.tensor([index[link["target"]] for link in links], dtype=torch.long, device=cpu),
+        weight=torch.tensor([float(link["weight"]) for link in links], device=cpu),
+        influence=torch.tensor([float(link.get("influence", 0.0)) for link in links], device=cpu),
         head_layer=layer,
         heads=heads,
         direct=direct,
         via_mlp=via,
-        tokens=tuple(int(t) for t in ours["tokens"]),
+        tokens=tokens,
         str_tokens=tuple(meta["prompt_tokens"]),
         prompt=str(meta["prompt"]),
         model_name=str(ours["model"]),
-        n_layers=int(ours["n_layers"]),
+        n_layers=n_layers,
         replacement=float(ours["replacement"]),
         completeness=float(ours["completeness"]),
         settings=settings,

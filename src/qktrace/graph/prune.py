@@ -79,9 +79,12 @@ class CoverThreshold:
     def _cut(self) -> tuple[int, float, float]:
         """(bin where the cover is reached, mass of the bins above it, total)."""
         total = float(self.hist.sum())
-        above = torch.cumsum(self.hist.flip(0), 0)  # mass of the top bins
+        flipped = self.hist.flip(0)
+        above = torch.cumsum(flipped, 0)  # mass of the top bins
         goal = torch.tensor([self.fraction * total], dtype=above.dtype, device=above.device)
         k = min(int(torch.searchsorted(above, goal)), len(self.hist) - 1)
+        nonempty = (flipped[k:] > 0).nonzero()  # the cover is reached in a bin that holds a score
+        k += int(nonempty[0]) if len(nonempty) else 0
         return len(self.hist) - 1 - k, float(above[k - 1]) if k > 0 else 0.0, total
 
     def floor(self) -> float:
@@ -144,9 +147,9 @@ def _check_fraction(value: float, name: str) -> None:
 def _abs(w: Tensor, rows: Tensor, targets: Tensor, sources: Tensor, node_mask: Tensor | None) -> Tensor:
     """|w| with the rows and columns of dropped nodes zeroed (a fresh tensor)."""
     a = w.abs()
-    if node_mask is not None:
-        a[~node_mask[targets[rows]].to(a.device)] = 0
-        a[:, ~node_mask[sources].to(a.device)] = 0
+    if node_mask is not None:  # multiplying by 0/1 masks is much faster than boolean-index assignment
+        a.mul_(node_mask[targets[rows]].to(a.device, a.dtype)[:, None])
+        a.mul_(node_mask[sources].to(a.device, a.dtype)[None, :])
     return a
 
 

@@ -3,6 +3,7 @@
 from .anatomy import Anatomy, Layer, Norm, Rotary
 from .families import FAMILIES, SUPPORTED, ModuleHandles, family_for
 from .model import Model, load_model
+from .residuals import residuals
 from .trace import PerLayer, Trace
 
 __all__ = [
@@ -18,4 +19,5 @@ __all__ = [
     "Trace",
     "family_for",
     "load_model",
+    "residuals",
 ]

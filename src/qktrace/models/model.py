@@ -86,7 +86,7 @@ class Model:
             ids = self.tokenizer(prompt, return_tensors="pt")["input_ids"][0]  # type: ignore[operator]
         else:
             try:
-                ids = torch.as_tensor(prompt, dtype=torch.long).reshape(-1)
+                ids = torch.as_tensor(prompt, dtype=torch.long, device="cpu").reshape(-1)
             except (TypeError, ValueError, RuntimeError, OverflowError):
                 raise InputError("token ids must be a list of integers") from None
         if prepend_bos:
@@ -94,7 +94,7 @@ class Model:
             if bos is None:
                 raise InputError(f"the SAEs want a BOS token first but model '{self.name}' has none: pass token ids")
             if ids.numel() == 0 or int(ids[0]) != bos:
-                ids = torch.cat([torch.tensor([bos], dtype=torch.long), ids.cpu()])
+                ids = torch.cat([torch.tensor([bos], dtype=torch.long, device="cpu"), ids.cpu()])
         if ids.numel() == 0:
             raise InputError("the prompt is empty: give at least one token")
         vocab = self.anatomy.W_E.shape[0]
@@ -159,6 +159,20 @@ def _load_tokenizer(source: str):  # type: ignore[no-untyped-def]
     return AutoTokenizer.from_pretrained(source)
 
 
+def model_source(name_or_path: str | os.PathLike[str], shown: str | None = None) -> str:
+    """The local directory or hub id a model loads from; ModelLoadError (one line) for a path that is not
+    a save_pretrained directory. Cheap: front ends call it before any heavy work."""
+    shown = shown or str(name_or_path)
+    path = Path(str(name_or_path)).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise ModelLoadError(f"'{shown}' has no config.json: point at a save_pretrained directory")
+        return str(path)
+    if str(name_or_path).startswith((".", "/", "~")) or not _looks_like_hub_id(str(name_or_path)):
+        raise ModelLoadError(f"model path '{shown}' does not exist: give a local directory or a hub id like 'gpt2'")
+    return str(name_or_path)
+
+
 def load_model(
     name_or_path: str | os.PathLike[str],
     dtype: str | torch.dtype = "float32",
@@ -178,15 +192,7 @@ def load_model(
     torch_dtype = parse_dtype(dtype)
     target = parse_device(device) if device_map is None else None
     shown = name or str(name_or_path)
-    path = Path(str(name_or_path)).expanduser()
-    if path.exists():
-        if not (path / "config.json").is_file():
-            raise ModelLoadError(f"'{shown}' has no config.json: point at a save_pretrained directory")
-        source = str(path)
-    elif str(name_or_path).startswith((".", "/", "~")) or not _looks_like_hub_id(str(name_or_path)):
-        raise ModelLoadError(f"model path '{shown}' does not exist: give a local directory or a hub id like 'gpt2'")
-    else:
-        source = str(name_or_path)
+    source = model_source(name_or_path, shown)
     try:
         config = AutoConfig.from_pretrained(source)
     except Exception as e:  # OSError, ValueError, and JSON or type errors from a damaged config.json

@@ -46,10 +46,13 @@ def _hooks(handles: ModuleHandles, anatomy: Anatomy, rec: Recorder) -> tuple[lis
     keep = lambda x: x.detach().to(cdt)  # noqa: E731
 
     def pre_block(i: int) -> Hook:
-        return lambda mod, args, kwargs: rec.resid.__setitem__(i, keep(first_tensor(args, kwargs)[0]))
+        # accelerate moves a block's input to the block's device inside its forward, after this hook:
+        # keep checkpoint i on layer i's device ourselves
+        dev = layers[i].device
+        return lambda mod, args, kwargs: rec.resid.__setitem__(i, keep(first_tensor(args, kwargs)[0]).to(dev))
 
     def post_last(mod: Any, args: Any, kwargs: Any, out: Any) -> None:
-        rec.resid[L] = keep(output_tensor(out)[0])
+        rec.resid[L] = keep(output_tensor(out)[0]).to(layers[-1].device)
 
     def scale_of(key: str, i: int, norm: Norm, transpose: bool = False) -> Hook:
         def hook(mod: Any, args: Any, kwargs: Any, out: Any) -> None:

@@ -10,6 +10,9 @@ linearisation, and its autograd Jacobian is what the graph tests compare them wi
 
 from __future__ import annotations
 
+import copy
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
@@ -66,9 +69,18 @@ def scores_from(layer: Layer, q: Tensor, k: Tensor, capped: bool = True) -> Tens
     return s
 
 
+def float_mlp(anatomy: Anatomy, layer: int) -> Callable[[Tensor], Tensor]:
+    """The layer's HF MLP as a function in the compute dtype (a float32 copy for half-precision models)."""
+    mlp = anatomy.layers[layer].mlp
+    if anatomy.dtype == anatomy.compute_dtype:
+        return mlp  # type: ignore[no-any-return]
+    return copy.deepcopy(mlp).to(anatomy.compute_dtype)  # type: ignore[no-any-return]
+
+
 def frozen_layer(anatomy: Anatomy, trace: Trace, layer: int, x: Tensor) -> Tensor:
-    """Layer `layer` at frozen patterns and norm scales, calling the HF MLP: x [..., pos, d_model] ->
-    resid_{l+1} [..., pos, d_model]. At x = trace.resid[layer] it reproduces HF's output."""
+    """Layer `layer` at frozen patterns and norm scales, calling the HF MLP (in the compute dtype):
+    x [..., pos, d_model] -> resid_{l+1} [..., pos, d_model]. At x = trace.resid[layer] it reproduces
+    HF's output (up to the model's own rounding in half precision)."""
     ly = anatomy.layers[layer]
     xn = ly.ln_attn(x, trace.scale_ln_attn[layer])
     v = torch.einsum("...pd,kde->...kpe", xn, ly.W_V) + ly.b_V[:, None, :]
@@ -80,7 +92,7 @@ def frozen_layer(anatomy: Anatomy, trace: Trace, layer: int, x: Tensor) -> Tenso
         attn = ly.post_attn(attn, trace.scale_post_attn[layer])
     mid = x if ly.parallel else x + attn
     mlp_in = ly.ln_mlp(mid, trace.scale_ln_mlp[layer])
-    mlp = ly.mlp(mlp_in.to(anatomy.dtype)).to(x.dtype)
+    mlp = float_mlp(anatomy, layer)(mlp_in)
     if ly.post_mlp is not None:
         assert trace.scale_post_mlp is not None
         mlp = ly.post_mlp(mlp, trace.scale_post_mlp[layer])

@@ -28,16 +28,12 @@ from .anatomy import Anatomy
 
 class PerLayer(tuple):  # type: ignore[type-arg]
     """One tensor per layer (or checkpoint), each on its layer's device. `x[l]` is layer l's tensor;
-    `x[l, ...]` indexes into it; `x.stack()` stacks them on the first one's device."""
+    `x[l, ...]` indexes into it."""
 
     def __getitem__(self, idx: Any) -> Any:
         if isinstance(idx, tuple):
             return tuple.__getitem__(self, idx[0])[idx[1:]]
         return tuple.__getitem__(self, idx)
-
-    def stack(self) -> Tensor:
-        first = tuple.__getitem__(self, 0)
-        return torch.stack([t.to(first.device) for t in self])
 
     @property
     def nbytes(self) -> int:
@@ -139,7 +135,7 @@ class Trace:
             return torch.arange(self.n_pos, device=dev)
         if isinstance(q_pos, int):
             q_pos = [q_pos]
-        return torch.as_tensor(q_pos, dtype=torch.long).to(dev).reshape(-1)
+        return torch.as_tensor(q_pos, dtype=torch.long, device=dev).reshape(-1)
 
     def allowed(self, layer: int, q_pos: Rows = None) -> Tensor:
         """[q, k_pos] bool: the keys each query may attend to (causal mask, sliding window)."""

@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import ipaddress
 import logging
+import socket
+import sys
 import tempfile
 import threading
 import webbrowser
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from ..config import resolve_model, resolve_saes
+from ..config import LIMITS, parse_bytes, parse_device, parse_dtype, resolve_model, resolve_saes
 from ..errors import InputError, QKTraceError
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 LOOPBACK_NAMES = ("127.0.0.1", "localhost", "::1", "[::1]")
@@ -48,6 +54,29 @@ def split_paths(paths: Sequence[str]) -> tuple[Path, list[Path]]:
     return tmp, files
 
 
+def check_port(host: str, port: int) -> None:
+    """Refuse, before anything is loaded, a port out of range, a host that is not an address here, or an
+    address that cannot be listened on (in use, not permitted)."""
+    if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
+        raise InputError(f"port {port!r} is out of range: give 1..65535, e.g. 8000")
+    try:
+        infos = socket.getaddrinfo(host.strip("[]"), port, type=socket.SOCK_STREAM)
+    except (OSError, UnicodeError) as e:
+        reason = getattr(e, "strerror", None) or type(e).__name__
+        raise InputError(
+            f"host '{host[:80]}' is not understood ({reason}): give an address such as 127.0.0.1"
+        ) from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does
+        try:
+            sock.bind(address)
+        except OSError as e:
+            raise InputError(
+                f"cannot listen on {host}:{port} ({e.strerror or type(e).__name__}): pick another --port"
+            ) from None
+
+
 def serve(
     paths: Sequence[str],
     model: str | None = None,
@@ -57,9 +86,17 @@ def serve(
     open_browser: bool = False,
     *,
     tracer: object | None = None,
+    device: str | torch.device = "auto",
+    dtype: str | torch.dtype = "float32",
+    max_memory: int | str | None = None,
+    max_tokens: int | None = None,
 ) -> None:
     """Serve graph files (a directory and/or files) and, with a model (a path, hub id or 'demo'; or an
-    already loaded `tracer`), compute graphs, QK attributions and sweeps. Blocks until interrupted."""
+    already loaded `tracer`), compute graphs, QK attributions and sweeps. Blocks until interrupted.
+
+    `device`, `dtype`: where and how the model is loaded (`config.parse_device` / `parse_dtype`).
+    `max_memory`: byte budget of full-mode graph builds ("8GB"). `max_tokens`: the longest prompt the
+    server traces (default `LIMITS.server_max_tokens`). Every argument is checked before any loading."""
     try:
         import uvicorn
     except ImportError:
@@ -67,9 +104,17 @@ def serve(
     from ..tracer import Tracer
     from .app import create_app
 
+    dev, dt = parse_device(device), parse_dtype(dtype)
+    budget = parse_bytes(max_memory) if max_memory is not None else None
+    limits = LIMITS
+    if max_tokens is not None:
+        if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
+            raise InputError(f"max_tokens {max_tokens!r} is not a positive number of tokens")
+        limits = dataclasses.replace(LIMITS, server_max_tokens=max_tokens)
+    check_port(host, port)
     data_dir, files = split_paths(paths)
     if tracer is None and model is not None:
-        tracer = Tracer.load(resolve_model(model), resolve_saes(model, saes))
+        tracer = Tracer.load(resolve_model(model), resolve_saes(model, saes), device=dev, dtype=dt)  # type: ignore[arg-type]
     if tracer is not None and not isinstance(tracer, Tracer):
         raise InputError(f"tracer must be a qktrace Tracer, got {type(tracer).__name__}")
     saes_dir = resolve_saes(model, saes)
@@ -82,6 +127,8 @@ def serve(
         files=files,
         saes_dir=saes_dir,  # type: ignore[arg-type]
         allowed_hosts=LOOPBACK_NAMES if loopback else None,
+        limits=limits,
+        max_memory=budget,
     )
     shown = f"[{host}]" if ":" in host else host
     log.info("graphs from %s; model %s", data_dir, tracer.model.name if tracer is not None else "none (view only)")
@@ -91,21 +138,11 @@ def serve(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m qktrace.server", description=__doc__.splitlines()[0])
-    ap.add_argument("paths", nargs="*", help="graph JSON files and/or one directory of them")
-    ap.add_argument("--model", help="a save_pretrained directory, a hub id, or 'demo'")
-    ap.add_argument("--saes", help="SAE directory (labels.json, dashboards.json are shown)")
-    ap.add_argument("--host", default="127.0.0.1")
-    ap.add_argument("--port", type=int, default=8000)
-    ap.add_argument("--open", action="store_true", help="open the page in a browser")
-    args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    try:
-        serve(args.paths, args.model, args.saes, args.host, args.port, args.open)
-    except QKTraceError as e:
-        log.error("error: %s", e)
-        return 2
-    return 0
+    """`python -m qktrace.server ARGS` is `qktrace serve ARGS` (one parser, one set of checks)."""
+    import importlib
+
+    cli = importlib.import_module("qktrace.cli")  # by name: the CLI imports this module too
+    return int(cli.main(["serve", *(sys.argv[1:] if argv is None else argv)]))
 
 
 if __name__ == "__main__":

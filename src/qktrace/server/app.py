@@ -4,7 +4,9 @@
     GET  /api/info                           what is loaded: model, SAE checkpoints, whether it can compute
     GET  /api/graphs                         graph JSON files in the data directory (and files given)
     GET  /api/graphs/{name}                  one graph: {"version", "name", "graph": <circuit-tracer JSON>}
-    POST /api/graph                          build a graph in the background -> job; saved to the data dir
+    POST /api/graph                          queue a graph build -> job (429 + Retry-After when the queue is
+                                             full); saved to the data dir, never over an existing graph
+                                             unless the request says "overwrite": true (else 409)
     GET  /api/jobs/{id}                      the job's stage, then the saved graph's name or the error
     POST /api/qk                             QK attribution at (layer, head, query_pos, key_pos), the head's
                                              attention row, inhibitory terms, contrast with the rival key
@@ -15,6 +17,8 @@
 Safety (STYLE point 10): the app never unpickles; graph names are plain file names resolved inside the
 data directory (`..`, absolute paths, encoded slashes and symlinks out are refused); no CORS; every
 response is versioned JSON; QKTraceError -> 4xx {"version": 1, "error": "<its one-line message>"}.
+Bounded work (`config.Limits`): request bodies (413), prompt tokens, list lengths, scales, queued jobs,
+the trace cache in bytes. A bug still answers one line of JSON (500) and the server keeps serving.
 Graph files and dashboards: `store`; what needs the model (behind one lock): `compute`.
 """
 
@@ -22,7 +26,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,10 +36,11 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ..config import LIMITS, Limits
 from ..errors import GraphFileError, QKTraceError
 from ..tracer import Tracer
 from . import schemas as S
-from .compute import Engine, qk_response, sweep_response
+from .compute import Engine, qk_response, steer_request, sweep_response
 from .explain import add_routes as add_explain_routes
 from .store import ApiError, Features, GraphStore
 
@@ -51,8 +56,67 @@ def _hostname(host: str) -> str:
     return host.rsplit(":", 1)[0]
 
 
-def _error(status: int, message: str) -> JSONResponse:
-    return JSONResponse({"version": S.API_VERSION, "error": " ".join(message.split())}, status_code=status)
+def _error(status: int, message: str, headers: Mapping[str, str] | None = None) -> JSONResponse:
+    body = {"version": S.API_VERSION, "error": " ".join(message.split())}
+    return JSONResponse(body, status_code=status, headers=dict(headers or {}))
+
+
+def _shown(value: Any) -> str:
+    text = " ".join(repr(value).split())
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+class Guard:
+    """ASGI wrapper: request bodies past `max_bytes` are refused (413) before anything parses them, and an
+    exception no handler knew (a bug) still answers one line of versioned JSON (500)."""
+
+    def __init__(self, app: Any, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def _send_error(self, send: Any, status: int, message: str) -> None:
+        body = json.dumps({"version": S.API_VERSION, "error": message}).encode()
+        headers = [(b"content-type", b"application/json"), (b"x-content-type-options", b"nosniff")]
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        too_big = f"the request body is larger than {self.max_bytes} bytes: send less (a shorter prompt or list)"
+        length = dict(scope.get("headers") or []).get(b"content-length", b"0")
+        if not length.isdigit() or int(length) > self.max_bytes:
+            await self._send_error(send, 413, too_big)
+            return
+        body, more = bytearray(), True
+        while more:  # bounded: read the whole (small) body here, then hand it on
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+            if len(body) > self.max_bytes:
+                await self._send_error(send, 413, too_big)
+                return
+        pending = [{"type": "http.request", "body": bytes(body), "more_body": False}]
+
+        async def replay() -> Any:
+            return pending.pop() if pending else await receive()
+
+        started = False
+
+        async def tracked(message: Any) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, replay, tracked)
+        except Exception as e:
+            log.exception("bug answering %s %s", scope.get("method"), str(scope.get("path"))[:120])
+            if not started:
+                first = " ".join(str(e).split())[:160]
+                await self._send_error(send, 500, f"internal error ({type(e).__name__}: {first}): see the server log")
 
 
 # -- the app ---------------------------------------------------------------------------------------------
@@ -65,16 +129,20 @@ def create_app(
     files: Sequence[str | Path] = (),
     saes_dir: str | Path | None = None,
     allowed_hosts: Sequence[str] | None = None,
+    limits: Limits = LIMITS,
+    max_memory: int | None = None,
 ) -> FastAPI:
     """The web app over graph files in `data_dir` (plus `files`), computing with `tracer` when given.
 
     `saes_dir`: where to find labels and dashboards without a model. `allowed_hosts`: Host headers to
-    accept (`serve` passes the loopback names, which blocks DNS rebinding); None accepts any.
+    accept (`serve` passes the loopback names, which blocks DNS rebinding); None accepts any. `limits`:
+    the bounds on requests (`config.LIMITS`). `max_memory`: byte budget of full-mode graph builds.
     """
-    store = GraphStore(data_dir, files)
+    store = GraphStore(data_dir, files, limits)
     features = Features(tracer, saes_dir)
-    engine = Engine(tracer) if tracer is not None else None
+    engine = Engine(tracer, limits, max_memory) if tracer is not None else None
     app = FastAPI(title="qktrace", version=str(S.API_VERSION), docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.store, app.state.engine = store, engine
     hosts = set(allowed_hosts or ())
 
     @app.middleware("http")
@@ -95,7 +163,7 @@ def create_app(
 
     @app.exception_handler(ApiError)
     async def on_api_error(request: Request, e: ApiError) -> JSONResponse:
-        return _error(e.status, str(e))
+        return _error(e.status, str(e), e.headers)
 
     @app.exception_handler(StarletteHTTPException)
     async def on_http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
@@ -103,6 +171,8 @@ def create_app(
         msg = f"{what} is not an endpoint: see GET /api/info" if e.status_code in (404, 405) else str(e.detail)
         if e.status_code == 404 and request.url.path.startswith("/static/"):
             msg = f"no static file {request.url.path[:120]}: the page's files are index.html, app.js, style.css"
+        if e.status_code == 400 and "parsing the body" in msg:
+            msg = "the request body is not a JSON object (invalid JSON, bytes that are not UTF-8, or nested too deeply)"
         return _error(e.status_code, msg)
 
     @app.exception_handler(RequestValidationError)
@@ -110,7 +180,10 @@ def create_app(
         parts = []
         for err in e.errors()[:3]:
             loc = ".".join(str(x) for x in err.get("loc", ()) if x != "body")
-            parts.append(f"{loc}: {err.get('msg', 'invalid')}" if loc else str(err.get("msg", "invalid")))
+            msg = str(err.get("msg", "invalid"))
+            if "input" in err and err.get("type") not in ("missing", "json_invalid"):
+                msg += f", got {_shown(err['input'])}"
+            parts.append(f"{loc}: {msg}" if loc else msg)
         return _error(422, "bad request: " + "; ".join(parts))
 
     def need_engine() -> Engine:
@@ -157,24 +230,30 @@ def create_app(
 
     @app.get("/api/jobs/{job_id}")
     def job(job_id: str) -> S.Job:
-        state = need_engine().jobs.get(job_id)
+        state = need_engine().job(job_id)
         if state is None:
             raise ApiError(404, f"no job '{job_id[:40]}': jobs live in memory until the server restarts")
         return state.view()
 
     @app.post("/api/qk")
     def qk(req: S.QKRequest) -> S.QKResponse:
-        with need_engine().traced(req) as traced:
+        eng = need_engine()
+        ids = eng.ids(req)  # checked before waiting for the model
+        with eng.traced(ids) as traced:
             return qk_response(traced, req)
 
     @app.post("/api/sweep")
     def steer(req: S.SweepRequest) -> S.SweepResponse:
-        with need_engine().traced(req) as traced:
-            return sweep_response(traced, req)
+        eng = need_engine()
+        checked = steer_request(req)  # every check that needs no model, before waiting for it
+        ids = eng.ids(req)
+        with eng.traced(ids) as traced:
+            return sweep_response(traced, checked)
 
     @app.get("/api/features/{checkpoint}/{feature}")
     def feature(checkpoint: int, feature: int) -> S.FeatureResponse:
         return features.get(checkpoint, feature)
 
     add_explain_routes(app, need_engine)
+    app.add_middleware(Guard, max_bytes=limits.max_request_bytes)  # outermost: sees every request and bug
     return app

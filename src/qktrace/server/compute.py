@@ -1,14 +1,26 @@
-"""What the app computes with a loaded model: graphs (as background jobs), QK explanations, sweeps.
+"""What the app computes with a loaded model: graphs (as queued jobs), QK explanations, sweeps.
 
-The model is used behind one lock (its hooks are not thread-safe), with a few traced prompts cached by
-token ids. Every number comes from the library (`Traced.qk`, `Traced.graph`, `interventions.sweep`);
-this module only picks keys, rivals and inhibitory terms and shapes them into `schemas`.
+Every request is checked before it waits for the model: the prompt is tokenized by a private copy of the
+tokenizer and held to the server's token limit, graph options and steering requests go through
+`qktrace.frontend` (the CLI's checks). Then the model is used behind one lock (its hooks are not
+thread-safe), with traced prompts cached by token ids up to `Limits.trace_cache_bytes`.
+
+Graph jobs run one at a time on one worker thread, in order. At most `Limits.max_queued_jobs` are
+queued or running; one more is answered 429 with Retry-After. A queued or running job is never
+forgotten; finished ones are, oldest first, past `Limits.max_finished_jobs`. A failed job reports
+its error as its state.
+
+Every number comes from the library (`Traced.qk`, `QKAttribution.effects_frame` / `contrast`,
+`Traced.graph`, `interventions.sweep`); this module only picks keys and rivals and shapes the results
+into `schemas`.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
+import queue
 import threading
 import time
 import uuid
@@ -18,23 +30,24 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-import torch
+import pandas as pd
 
+from ..config import LIMITS, Limits
 from ..errors import InputError, QKTraceError, check_index
-from ..interventions import SCALE, FreezeAttention, SteerFeature, SteerQK, parse_scales, sweep
+from ..frontend import Checked, SteerRequest, build_steering, check_request, check_text, graph_options
+from ..models import Model
 from ..tracer import Traced, Tracer
 from . import schemas as S
-from .store import NAME, GraphStore, graph_name
+from .store import ApiError, GraphStore, graph_name
 
 log = logging.getLogger(__name__)
-MAX_SCALES, TRACE_CACHE, MAX_JOBS = 41, 4, 64
 
 
 @dataclass
 class JobState:
     id: str
     started: float = field(default_factory=time.monotonic)
-    status: Literal["running", "done", "error"] = "running"
+    status: Literal["running", "done", "error"] = "running"  # "running" while queued, too
     stage: str = "queued"
     graph: str | None = None
     error: str | None = None
@@ -50,77 +63,171 @@ class JobState:
         )
 
 
+@dataclass(frozen=True)
+class _GraphJob:
+    job: JobState
+    ids: tuple[int, ...]
+    options: dict[str, Any]
+    name: str
+    overwrite: bool
+
+
+def _error_text(e: BaseException) -> str:
+    if isinstance(e, QKTraceError | ApiError):
+        return " ".join(str(e).split())
+    if isinstance(e, MemoryError) or "out of memory" in str(e) or "can't allocate memory" in str(e):
+        return "out of memory while building the graph: use a shorter prompt or restart with --max-memory"
+    first = " ".join(str(e).split())[:200]
+    return f"internal error ({type(e).__name__}: {first}): see the server log"
+
+
 class Engine:
-    def __init__(self, tracer: Tracer):
+    def __init__(self, tracer: Tracer, limits: Limits = LIMITS, max_memory: int | None = None):
         self.tracer = tracer
-        self.lock = threading.Lock()  # the model's hooks and its (fast, not thread-safe) tokenizer
+        self.limits = limits
+        self.max_memory = max_memory
+        self.lock = threading.Lock()  # the model: its hooks, and its (fast, not thread-safe) tokenizer
+        self._tok_lock = threading.Lock()
+        self._tokenizing = self._twin(tracer.model)
         self._traced: OrderedDict[tuple[int, ...], Traced] = OrderedDict()
         self.jobs: OrderedDict[str, JobState] = OrderedDict()
+        self._jobs_lock = threading.Lock()
+        self._queue: queue.SimpleQueue[_GraphJob] = queue.SimpleQueue()
+        self._worker: threading.Thread | None = None
 
-    def ids(self, req: S.PromptRequest) -> list[int]:
-        """Token ids of the request's prompt (call with the lock held)."""
-        prompt: str | list[int] = req.prompt if req.prompt is not None else (req.tokens or [])
-        return self.tracer.model.tokenize(prompt).tolist()
+    @staticmethod
+    def _twin(model: Model) -> Model | None:
+        """The model with a private copy of its tokenizer, so that requests are tokenized (and refused)
+        without waiting for the model lock. None when the tokenizer cannot be copied."""
+        if model.tokenizer is None:
+            return model
+        try:
+            twin = copy.copy(model)
+            twin.tokenizer = copy.deepcopy(model.tokenizer)
+            return twin
+        except Exception as e:  # tokenize under the model lock instead
+            log.info("tokenizing under the model lock (%s)", e)
+            return None
+
+    # -- prompts ---------------------------------------------------------------------------------------
+    def ids(self, req: S.PromptRequest) -> tuple[int, ...]:
+        """Token ids of the request's prompt, held to the server's token limit; without the model lock."""
+        limit = self.limits.server_max_tokens
+        if req.prompt is not None:
+            check_text(req.prompt)
+            if self._tokenizing is None:
+                with self.lock:
+                    ids = self.tracer.model.tokenize(req.prompt)
+            else:
+                with self._tok_lock:
+                    ids = self._tokenizing.tokenize(req.prompt)
+            n = int(ids.shape[0])
+        else:
+            n = len(req.tokens or [])
+            if n == 0:
+                raise InputError("the prompt is empty: give at least one token")
+        if n > limit:
+            raise InputError(
+                f"the prompt is {n} tokens, more than the {limit} this server traces: shorten it, "
+                f"or restart with qktrace serve --max-tokens {n}"
+            )
+        if req.prompt is None:
+            ids = self.tracer.model.tokenize(req.tokens or [])  # checks ids against the vocabulary
+        return tuple(int(i) for i in ids.tolist())
 
     @contextmanager
-    def traced(self, req: S.PromptRequest) -> Iterator[Traced]:
-        """The traced prompt, holding the model lock for the duration."""
-        with self.lock:
-            key = tuple(self.ids(req))
-            if key not in self._traced:
-                self._traced[key] = self.tracer.run(list(key))
-                while len(self._traced) > TRACE_CACHE:
-                    self._traced.popitem(last=False)
-            self._traced.move_to_end(key)
-            yield self._traced[key]
+    def traced(self, ids: tuple[int, ...]) -> Iterator[Traced]:
+        """The traced prompt, holding the model lock for the duration (503 after `Limits.model_wait_s`)."""
+        if not self.lock.acquire(timeout=self.limits.model_wait_s):
+            raise ApiError(
+                503,
+                f"the model has been busy for {self.limits.model_wait_s:.0f} s (a graph is being built): try again",
+                {"Retry-After": str(self.limits.retry_after_s)},
+            )
+        try:
+            yield self._cached(ids)
+            self._evict()  # what the request computed (SAE encodings, patterns) counts too
+        finally:
+            self.lock.release()
 
+    def _cached(self, key: tuple[int, ...]) -> Traced:
+        hit = self._traced.get(key)
+        if hit is not None:
+            self._traced.move_to_end(key)
+            self._evict()
+            return hit
+        traced = self.tracer.run(list(key))
+        if traced.nbytes <= self.limits.trace_cache_bytes:
+            self._traced[key] = traced
+            self._evict()
+        return traced
+
+    @property
+    def _cached_bytes(self) -> int:
+        """What the cached prompts hold now (a traced prompt grows as SAE encodings and patterns are made)."""
+        return sum(t.nbytes for t in self._traced.values())
+
+    def _evict(self) -> None:
+        """Least recently used out until the cache fits."""
+        while self._traced and self._cached_bytes > self.limits.trace_cache_bytes:
+            self._traced.popitem(last=False)
+
+    # -- graph jobs ------------------------------------------------------------------------------------
     def start_graph(self, req: S.GraphRequest, store: GraphStore) -> JobState:
-        # checked here without the model (a running build holds it); the rest fails in the job
-        if (req.prompt is not None and not req.prompt.strip()) or req.tokens == []:
-            raise InputError("the prompt is empty: give at least one token of text")
-        name = req.name or graph_name(req)
-        if not NAME.match(name if name.endswith(".json") else f"{name}.json"):
-            raise InputError(f"graph name {name!r} is not a plain file name: use letters, digits, '.', '_', '-'")
-        job = JobState(uuid.uuid4().hex[:12])
-        self.jobs[job.id] = job
-        while len(self.jobs) > MAX_JOBS:
-            self.jobs.popitem(last=False)
-        threading.Thread(target=self._build, args=(job, req, store, name), daemon=True).start()
+        """Check the request (options, prompt, token limit, name) and queue it; 429 when the queue is full."""
+        options = graph_options(req.node_threshold, req.edge_threshold, req.max_nodes, self.max_memory)
+        options.update(progress=False, qk_terms=req.qk_terms)
+        ids = self.ids(req)
+        with self._jobs_lock:
+            active = sum(j.status == "running" for j in self.jobs.values())
+            if active >= self.limits.max_queued_jobs:
+                raise ApiError(
+                    429,
+                    f"{active} graph jobs are queued or running, the most this server takes: try again when one "
+                    "is done",
+                    {"Retry-After": str(self.limits.retry_after_s)},
+                )
+            name = store.plan_name(req.name, graph_name(req, self.tracer.model.name), req.overwrite)
+            job = JobState(uuid.uuid4().hex[:12], stage=f"queued ({active} ahead)" if active else "queued")
+            self.jobs[job.id] = job
+            self._forget_finished()
+            self._queue.put(_GraphJob(job, ids, options, name, req.overwrite))
+            if self._worker is None or not self._worker.is_alive():
+                self._worker = threading.Thread(target=self._work, args=(store,), name="qktrace-graphs", daemon=True)
+                self._worker.start()
         return job
 
-    def _build(self, job: JobState, req: S.GraphRequest, store: GraphStore, name: str) -> None:
+    def job(self, job_id: str) -> JobState | None:
+        with self._jobs_lock:
+            return self.jobs.get(job_id)
+
+    def _forget_finished(self) -> None:
+        finished = [j.id for j in self.jobs.values() if j.status != "running"]  # oldest first
+        for jid in finished[: max(0, len(finished) - self.limits.max_finished_jobs)]:
+            del self.jobs[jid]
+
+    def _work(self, store: GraphStore) -> None:
+        while True:
+            self._build(self._queue.get(), store)
+
+    def _build(self, item: _GraphJob, store: GraphStore) -> None:
+        job = item.job
         try:
             job.stage = "waiting for the model"
-            with self.traced(req) as traced:
+            with self.lock:
                 job.stage = "building the graph"
-                graph = traced.graph(
-                    node_threshold=req.node_threshold,
-                    edge_threshold=req.edge_threshold,
-                    max_nodes=req.max_nodes,
-                    progress=False,
-                    qk_terms=req.qk_terms,
-                )
+                graph = self._cached(item.ids).graph(**item.options)
                 data = graph.to_json()
             job.stage = "saving"
-            job.graph = store.save(name, data)
+            job.graph = store.save(item.name, data, overwrite=item.overwrite)
             job.status, job.stage = "done", "done"
-        except QKTraceError as e:
-            job.status, job.error = "error", str(e)
-        except Exception as e:  # a bug: keep serving, say what happened
-            log.exception("graph job %s failed", job.id)
-            job.status, job.error = "error", f"internal error ({type(e).__name__}: {e}): see the server log"
+        except Exception as e:  # every failure is the job's state; the server keeps serving
+            if not isinstance(e, QKTraceError | ApiError):
+                log.exception("graph job %s failed", job.id)
+            job.error, job.stage, job.status = _error_text(e), "failed", "error"
 
 
 # -- QK and sweeps -------------------------------------------------------------------------------------
-
-
-def _plain_label(qk: Any, component: str) -> str:
-    """Label of a position-less component ('feature/c3/f12' -> its label, 'error/c3' -> 'error')."""
-    parts = component.split("/")
-    if parts[0] == "feature":
-        f = int(parts[-1][1:])
-        return str(qk.feature_labels.get(f, f"f{f}"))
-    return parts[0]
 
 
 def qk_response(traced: Traced, req: S.QKRequest) -> S.QKResponse:
@@ -130,27 +237,10 @@ def qk_response(traced: Traced, req: S.QKRequest) -> S.QKResponse:
     else:
         key = check_index(req.key_pos, traced.trace.n_pos, "key position", allow_negative=True)
     single = traced.qk(row.layer, row.head, row.query_pos, key)  # OutOfRangeError if masked
-    effects = row.prob_effects(key)  # [q_component, k_component] first-order effect on p(key)
-    flat = effects.flatten()
-    order = torch.argsort(flat)[: req.top]
-    inhibitory = []
-    for i in order[flat[order] < 0].tolist():
-        qi, ki = divmod(i, effects.shape[1])
-        q_id, k_id = row.query.id(qi), row.key.id(ki)
-        value, unrot = float(row.terms[qi, ki]), float(row.unrotated[qi, ki])
-        inhibitory.append(
-            S.QKTerm(
-                query=q_id,
-                query_label=row.label(q_id),
-                key=k_id,
-                key_label=row.label(k_id),
-                key_pos=int(row.key.pos[ki]),
-                value=value,
-                unrotated=unrot,
-                positional=value - unrot,
-                prob_effect=float(flat[i]),
-            )
-        )
+    effects = row.effects_frame(target_key=key, top=req.top, inhibitory=True)
+    inhibitory = [
+        S.EffectTerm.model_validate(r) for r in effects.to_dict(orient="records") if float(r["prob_effect"]) < 0
+    ]
     contrast = None
     others = [i for i, k in enumerate(row.key_positions) if k != key]
     if others:
@@ -161,7 +251,7 @@ def qk_response(traced: Traced, req: S.QKRequest) -> S.QKResponse:
                 query=r.query,
                 query_label=r.query_label,
                 key=r.key,
-                key_label=_plain_label(row, r.key),
+                key_label=row.plain_label(r.key),
                 value_a=r.value_a,
                 value_b=r.value_b,
                 diff=r.diff,
@@ -185,39 +275,38 @@ def qk_response(traced: Traced, req: S.QKRequest) -> S.QKResponse:
     )
 
 
-def sweep_response(traced: Traced, req: S.SweepRequest) -> S.SweepResponse:
-    model, saes = traced.model, traced.saes
-    scales = parse_scales(req.scales)
-    if not 1 <= len(scales) <= MAX_SCALES:
-        raise InputError(f"{len(scales)} scales given: a sweep takes 1..{MAX_SCALES} (e.g. '-2:4:7')")
-    layers = {check_index(ly, model.n_layers, "layer") for ly, _ in req.heads}
-    if len(layers) > 1:
-        raise InputError(f"heads span layers {sorted(layers)}: QK steering steers heads of one layer at a time")
-    checkpoint = req.checkpoint if req.checkpoint is not None else next(iter(layers), None)
-    if checkpoint is None:
-        raise InputError("give heads [[layer, head], ...] to steer inside QK circuits, or a checkpoint to steer")
-    if layers and checkpoint not in layers:
-        raise InputError(
-            f"heads of layer {min(layers)} read checkpoint {min(layers)}, not {checkpoint}: "
-            f"pick a feature of checkpoint {min(layers)} or leave checkpoint out"
+def steer_request(req: S.SweepRequest) -> Checked:
+    """The sweep request as the CLI's `SteerRequest`, checked without the model (`frontend.check_request`)."""
+    positions = req.positions if isinstance(req.positions, int) else list(req.positions)
+    return check_request(
+        SteerRequest(
+            feature=req.feature,
+            positions=positions,
+            heads=[(ly, h) for ly, h in req.heads],
+            checkpoint=req.checkpoint,
+            side=req.side,
+            mode=req.mode,
+            freeze_others=req.freeze_others,
+            scales=req.scales,
+            watch_tokens=list(req.watch_tokens),
+            watch_attention=list(req.watch_attention),
+            top_k=req.top_k,
         )
-    d_sae = traced.sae(checkpoint).d_sae
-    check_index(req.feature, d_sae, f"checkpoint {checkpoint} feature")
-    positions = [req.positions] if isinstance(req.positions, int) else list(req.positions)
-    ivs: list[Any]
-    amount = {req.mode: SCALE}  # the swept number scales the activation, or replaces it
-    if req.heads:
-        heads = tuple(check_index(h, model.n_heads, "head") for _, h in req.heads)
-        ivs = [SteerQK(checkpoint, heads, req.side, req.feature, positions, **amount)]
-    else:
-        ivs = [SteerFeature(checkpoint, req.feature, positions, **amount)]
-    if req.freeze_others:
-        ivs.append(FreezeAttention())
-    ids = traced.trace.tokens
-    df = sweep(model, saes, ids, ivs, scales, req.watch_tokens, req.watch_attention, top_k=req.top_k)
-    rows = [{k: _finite(v) for k, v in r.items()} for r in df.to_dict(orient="records")]
+    )
+
+
+def sweep_response(traced: Traced, checked: Checked) -> S.SweepResponse:
+    df: pd.DataFrame = build_steering(traced, checked).run()
+    rows = [_finite(r) for r in df.to_dict(orient="records")]
     return S.SweepResponse(columns=[str(c) for c in df.columns], rows=rows)
 
 
 def _finite(v: Any) -> Any:
-    return None if isinstance(v, float) and not math.isfinite(v) else v
+    """Non-finite floats become null (JSON has no NaN)."""
+    if isinstance(v, float):
+        return v if math.isfinite(v) else None
+    if isinstance(v, dict):
+        return {k: _finite(x) for k, x in v.items()}
+    if isinstance(v, list):
+        return [_finite(x) for x in v]
+    return v

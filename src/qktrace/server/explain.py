@@ -14,15 +14,19 @@ versioned JSON built from the library's own `to_json`.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi import FastAPI
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, Strict, StrictStr, model_validator
 
 from ..compare import compare
+from ..config import LIMITS
 from ..explain import explain
 from . import schemas as S
 from .compute import Engine
+
+Prompt = Annotated[StrictStr, Field(max_length=LIMITS.max_prompt_chars)]
+Token = Annotated[StrictStr, Field(min_length=1, max_length=200)] | S.TokenId  # a token's text, or its id
 
 
 def _one(text: str | None, tokens: list[int] | None, which: str) -> None:
@@ -33,15 +37,15 @@ def _one(text: str | None, tokens: list[int] | None, which: str) -> None:
 class CompareRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    prompt_a: str | None = Field(None, max_length=20_000)
-    tokens_a: list[int] | None = Field(None, max_length=4096)
-    prompt_b: str | None = Field(None, max_length=20_000)
-    tokens_b: list[int] | None = Field(None, max_length=4096)
-    query_pos: int = Field(-1, description="the attending position (negative counts from the end)")
-    answer: str | int | None = Field(None, description="a token: logit(answer) - logit(rival) in both prompts")
-    rival: str | int | None = None
-    top: int = Field(5, ge=0, le=64, description="heads whose QK terms are compared")
-    top_terms: int = Field(8, ge=0, le=200)
+    prompt_a: Prompt | None = None
+    tokens_a: list[S.TokenId] | None = None
+    prompt_b: Prompt | None = None
+    tokens_b: list[S.TokenId] | None = None
+    query_pos: S.Int = Field(-1, description="the attending position (negative counts from the end)")
+    answer: Token | None = Field(None, description="a token: logit(answer) - logit(rival) in both prompts")
+    rival: Token | None = None
+    top: Annotated[int, Strict(), Field(ge=0, le=64)] = Field(5, description="heads whose QK terms are compared")
+    top_terms: Annotated[int, Strict(), Field(ge=0, le=200)] = 8
 
     @model_validator(mode="after")
     def _prompts(self) -> CompareRequest:
@@ -102,8 +106,8 @@ class CompareResponse(S.Versioned):
 
 
 class ExplainRequest(S.PromptRequest):
-    answer: str | int
-    rival: str | int | None = None
+    answer: Token
+    rival: Token | None = None
     side: Literal["auto", "query", "key"] = "auto"
 
 
@@ -113,10 +117,11 @@ class ExplainResponse(S.Versioned):
 
 
 def compare_response(engine: Engine, req: CompareRequest) -> CompareResponse:
-    a_req = S.PromptRequest(prompt=req.prompt_a, tokens=req.tokens_a)
-    b_req = S.PromptRequest(prompt=req.prompt_b, tokens=req.tokens_b)
-    with engine.traced(a_req) as a:  # holds the model's lock
-        b = engine.tracer.run(engine.ids(b_req))
+    # both prompts checked (and held to the token limit) before waiting for the model
+    ids_a = engine.ids(S.PromptRequest(prompt=req.prompt_a, tokens=req.tokens_a))
+    ids_b = engine.ids(S.PromptRequest(prompt=req.prompt_b, tokens=req.tokens_b))
+    with engine.traced(ids_a) as a:  # holds the model's lock
+        b = engine.tracer.run(list(ids_b))
         c = compare(
             a, b, query_pos=req.query_pos, answer=req.answer, rival=req.rival, top=req.top, top_terms=req.top_terms
         )
@@ -124,8 +129,9 @@ def compare_response(engine: Engine, req: CompareRequest) -> CompareResponse:
 
 
 def explain_response(engine: Engine, req: ExplainRequest) -> ExplainResponse:
-    with engine.traced(req) as traced:  # holds the model's lock
-        m = explain(engine.tracer, traced.trace.tokens, req.answer, req.rival, req.side)
+    ids = engine.ids(req)  # checked before waiting for the model
+    with engine.traced(ids):  # holds the model's lock
+        m = explain(engine.tracer, list(ids), req.answer, req.rival, req.side)
         return ExplainResponse(model=engine.tracer.model.name, mechanism=m.to_json())
 
 

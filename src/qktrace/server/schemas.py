@@ -7,13 +7,19 @@ floats, so what the page shows is exactly what `Traced.qk(...)` computed.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, Strict, StrictBool, StrictStr, model_validator
 
-from ..config import GRAPH, QK
+from ..config import GRAPH, LIMITS, QK
 
 API_VERSION = 1
+
+# integers are taken as JSON integers only (no "1", no true, no 1.5) and bounded, so that no later
+# conversion can overflow; what they index is checked against the model by the library
+Int = Annotated[int, Strict(), Field(ge=-(2**31), le=2**31 - 1)]
+TokenId = Annotated[int, Strict(), Field(ge=0, le=2**31 - 1)]
+Fraction = Annotated[float, Strict(), Field(gt=0, le=1, allow_inf_nan=False)]
 
 
 class Versioned(BaseModel):
@@ -28,12 +34,13 @@ class ErrorResponse(Versioned):
 
 
 class PromptRequest(BaseModel):
-    """A prompt as text (tokenized by the model's tokenizer) or as token ids (e.g. a graph's tokens)."""
+    """A prompt as text (tokenized by the model's tokenizer) or as token ids (e.g. a graph's tokens).
+    The server's token limit (`qktrace serve --max-tokens`) is checked on the tokenized prompt."""
 
     model_config = ConfigDict(extra="forbid")
 
-    prompt: str | None = Field(None, max_length=20_000)
-    tokens: list[int] | None = Field(None, max_length=4096)
+    prompt: StrictStr | None = Field(None, max_length=LIMITS.max_prompt_chars)
+    tokens: list[TokenId] | None = None
 
     @model_validator(mode="after")
     def _one_prompt(self) -> PromptRequest:
@@ -43,35 +50,40 @@ class PromptRequest(BaseModel):
 
 
 class GraphRequest(PromptRequest):
-    name: str | None = Field(None, description="file name to save under (default: from the prompt)")
-    node_threshold: float = Field(GRAPH.node_threshold, gt=0, le=1)
-    edge_threshold: float = Field(GRAPH.edge_threshold, gt=0, le=1)
-    max_nodes: int | None = Field(GRAPH.max_nodes, ge=1)
-    qk_terms: bool = Field(True, description="store the top QK terms of each cross-position link's top heads")
+    name: StrictStr | None = Field(
+        None, max_length=200, description="file name to save under (default: from the prompt)"
+    )
+    overwrite: StrictBool = Field(False, description="replace an existing graph of that name (otherwise 409)")
+    node_threshold: Fraction = GRAPH.node_threshold
+    edge_threshold: Fraction = GRAPH.edge_threshold
+    max_nodes: Annotated[int, Strict(), Field(ge=1, le=LIMITS.max_graph_nodes)] | None = GRAPH.max_nodes
+    qk_terms: StrictBool = Field(True, description="store the top QK terms of each cross-position link's top heads")
 
 
 class QKRequest(PromptRequest):
-    layer: int
-    head: int
-    query_pos: int
-    key_pos: int | None = Field(None, description="default: the key the head attends to most")
-    top: int = Field(QK.top, ge=1, le=500)
+    layer: Int
+    head: Int
+    query_pos: Int
+    key_pos: Int | None = Field(None, description="default: the key the head attends to most")
+    top: Annotated[int, Strict(), Field(ge=1, le=LIMITS.max_top)] = QK.top
 
 
 class SweepRequest(PromptRequest):
-    heads: list[tuple[int, int]] = Field(
+    """Checked by `qktrace.frontend` (the CLI's checks): list lengths, repeats, ranges, scales."""
+
+    heads: list[tuple[Int, Int]] = Field(
         default_factory=list, description="[[layer, head], ...] of one layer; empty: steer the residual"
     )
     side: Literal["query", "key"] = "key"
-    checkpoint: int | None = Field(None, description="the feature's checkpoint (default: the heads' layer)")
-    feature: int
-    positions: int | list[int]
-    scales: str | list[float] = "0:2:5"
+    checkpoint: Int | None = Field(None, description="the feature's checkpoint (default: the heads' layer)")
+    feature: Int
+    positions: Int | list[Int]
+    scales: Annotated[str, Field(max_length=200)] | list[Annotated[float, Strict()]] = "0:2:5"
     mode: Literal["scale", "value"] = Field("scale", description="activation becomes scale * a, or the value itself")
-    freeze_others: bool = False
-    watch_tokens: list[str | int] = Field(default_factory=list, max_length=20)
-    watch_attention: list[tuple[int, int, int, int]] = Field(default_factory=list, max_length=20)
-    top_k: int = Field(5, ge=1, le=20)
+    freeze_others: StrictBool = False
+    watch_tokens: list[StrictStr | TokenId] = Field(default_factory=list)
+    watch_attention: list[tuple[Int, Int, Int, Int]] = Field(default_factory=list)
+    top_k: Annotated[int, Strict(), Field(ge=1, le=20)] = 5
 
 
 # -- responses --------------------------------------------------------------------------------------
@@ -173,6 +185,18 @@ class Contrast(BaseModel):
     terms: list[ContrastTerm]
 
 
+class EffectTerm(BaseModel):
+    """A row of `QKAttribution.effects_frame`: a term and its first-order effect on p(key)."""
+
+    query: str
+    query_label: str
+    key: str
+    key_label: str
+    key_pos: int
+    value: float
+    prob_effect: float
+
+
 class QKResponse(Versioned):
     model: str
     str_tokens: list[str]
@@ -182,7 +206,7 @@ class QKResponse(Versioned):
     key_pos: int
     qk: QKAttributionOut
     row: AttentionRow = Field(description="the head's attention over every key the query may see")
-    inhibitory: list[QKTerm] = Field(description="terms that lower p(key) most (most negative prob_effect)")
+    inhibitory: list[EffectTerm] = Field(description="terms that lower p(key) most (most negative prob_effect)")
     contrast: Contrast | None = Field(description="key vs. the most attended other key; null with one key")
 
 

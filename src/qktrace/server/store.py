@@ -3,6 +3,11 @@
 A graph name is a plain file name (`x` or `x.json`: letters, digits, '.', '_', '-', no leading dot);
 it is looked up among the files given explicitly, else resolved inside the data directory with
 symlinks followed, and refused unless the real path is still inside it. Nothing is unpickled.
+
+A file that cannot be read for any reason (bad bytes, deep nesting, past `Limits.max_graph_file_bytes`,
+not a graph) is listed as invalid with its reason; the others are listed. New graphs are written through
+`qktrace.files` (a temp file created exclusively beside the target, links never followed, then renamed)
+and never replace an existing file unless the request asked to overwrite it.
 """
 
 from __future__ import annotations
@@ -10,12 +15,15 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import re
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from ..config import LIMITS, Limits
 from ..errors import GraphFileError, InputError, QKTraceError, check_index
+from ..files import atomic_write
 from ..graph import Graph
 from ..saes import hook_checkpoint
 from ..tracer import Tracer
@@ -26,9 +34,10 @@ NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, message: str):
+    def __init__(self, status: int, message: str, headers: Mapping[str, str] | None = None):
         super().__init__(message)
         self.status = status
+        self.headers = dict(headers or {})
 
 
 # -- graph files ------------------------------------------------------------------------------------
@@ -37,8 +46,9 @@ class ApiError(Exception):
 class GraphStore:
     """Graph JSON files: `*.json` directly in `root`, plus explicitly given files, by plain file name."""
 
-    def __init__(self, root: str | Path, files: Sequence[str | Path] = ()):
+    def __init__(self, root: str | Path, files: Sequence[str | Path] = (), limits: Limits = LIMITS):
         self.root = Path(root).resolve()
+        self.limits = limits
         self.files: dict[str, Path] = {}
         for f in files:
             p = Path(f).resolve()
@@ -71,6 +81,7 @@ class GraphStore:
         yield from sorted(self.files)
 
     def listing(self) -> S.GraphList:
+        """Every graph file; one that cannot be read (any reason) is listed as invalid, never the whole list."""
         graphs: list[S.GraphSummary] = []
         invalid: list[S.InvalidGraph] = []
         for name in self._candidates():
@@ -80,11 +91,14 @@ class GraphStore:
                 stamp = (st.st_mtime_ns, st.st_size)
                 cached = self._summaries.get(real)
                 if cached is None or cached[0] != stamp:
-                    cached = (stamp, _summary(name, real, st.st_mtime))
+                    cached = (stamp, _summary(name, real, st.st_mtime, self.limits))
                     self._summaries[real] = cached
                 item = cached[1]
-            except (ApiError, OSError) as e:
-                item = S.InvalidGraph(name=name, error=str(e))
+            except (ApiError, OSError, QKTraceError) as e:
+                item = S.InvalidGraph(name=name, error=" ".join(str(e).split()))
+            except Exception as e:  # a file no rule foresaw: list it as unreadable, keep listing
+                log.warning("cannot summarise graph %s (%s: %s)", name, type(e).__name__, e)
+                item = S.InvalidGraph(name=name, error=f"cannot read it ({type(e).__name__}): check or rebuild it")
             if isinstance(item, S.GraphSummary):
                 graphs.append(item)
             else:
@@ -93,26 +107,63 @@ class GraphStore:
 
     def read(self, name: str) -> tuple[str, dict[str, Any]]:
         path = self.resolve(name)
-        data = _read_json(path)
+        data = _read_json(path, self.limits)
         Graph.from_json(data, where=path.name)  # GraphFileError (-> 422) with the reason
         return path.name, data
 
-    def save(self, name: str, data: Mapping[str, Any]) -> str:
+    def exists(self, fname: str) -> bool:
+        return fname in self.files or os.path.lexists(self.root / fname)
+
+    def plan_name(self, name: str | None, auto: str, overwrite: bool) -> str:
+        """The file a new graph will be saved as: `name` (409 if it exists and `overwrite` is not set) or,
+        without a name, `auto` made unique with a numeric suffix."""
+        if name is None:
+            stem = auto.removesuffix(".json")
+            for i in range(1, 1000):
+                fname = auto if i == 1 else f"{stem}-{i}.json"
+                if not self.exists(fname):
+                    return fname
+            raise ApiError(409, f"graphs named {stem}-*.json fill the data directory: give this one a name")
         fname = name if name.endswith(".json") else f"{name}.json"
         if not NAME.match(fname):
-            raise InputError(f"graph name {name!r} is not a plain file name: use letters, digits, '.', '_', '-'")
+            raise InputError(f"graph name {name[:80]!r} is not a plain file name: use letters, digits, '.', '_', '-'")
+        if fname in self.files:
+            raise ApiError(409, f"'{fname}' names a graph file given on the command line: choose another name")
+        if not overwrite and self.exists(fname):
+            raise ApiError(409, f"a graph named '{fname}' exists: choose another name, or send \"overwrite\": true")
+        return fname
+
+    def save(self, fname: str, data: Mapping[str, Any], overwrite: bool = False) -> str:
+        """Write a graph into the data directory through a temp file created exclusively beside it, never
+        following links; an existing file is replaced only with `overwrite`."""
+        if not NAME.match(fname) or not fname.endswith(".json"):
+            raise InputError(f"graph name {fname[:80]!r} is not a plain file name: use letters, digits, '.', '_', '-'")
         self.root.mkdir(parents=True, exist_ok=True)
-        tmp = self.root / f".{fname}.tmp"
-        tmp.write_text(json.dumps(data, separators=(",", ":"), allow_nan=False))
-        tmp.replace(self.root / fname)
+        text = json.dumps(data, separators=(",", ":"), allow_nan=False)
+        try:
+            atomic_write(self.root / fname, text, overwrite=overwrite)
+        except InputError as e:
+            if not overwrite and self.exists(fname):
+                raise ApiError(
+                    409, f"a graph named '{fname}' exists (it appeared while this one was built): use another name"
+                ) from e
+            raise
         return fname
 
 
-def _read_json(path: Path) -> dict[str, Any]:
+def _read_json(path: Path, limits: Limits = LIMITS) -> dict[str, Any]:
+    size = path.stat().st_size
+    if size > limits.max_graph_file_bytes:
+        raise GraphFileError(
+            f"{path.name} is {size / 2**20:.0f} MiB, more than the {limits.max_graph_file_bytes / 2**20:.0f} MiB "
+            "this server reads: open it with qktrace.load_graph, or prune it"
+        )
     try:
-        data = json.loads(path.read_text(), parse_constant=_no_constant)
-    except (OSError, ValueError) as e:
+        data = json.loads(path.read_bytes().decode("utf-8"), parse_constant=_no_constant)
+    except (OSError, ValueError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
         raise GraphFileError(f"cannot read graph {path.name} ({type(e).__name__}): check or rebuild it") from None
+    except RecursionError:
+        raise GraphFileError(f"{path.name} is nested too deeply to be a qktrace graph: check or rebuild it") from None
     if not isinstance(data, dict):
         raise GraphFileError(f"{path.name} is not a JSON object: it is not a qktrace graph")
     return data
@@ -122,9 +173,9 @@ def _no_constant(name: str) -> None:
     raise ValueError(f"{name} is not valid in a graph")
 
 
-def _summary(name: str, path: Path, mtime: float) -> S.GraphSummary | S.InvalidGraph:
+def _summary(name: str, path: Path, mtime: float, limits: Limits) -> S.GraphSummary | S.InvalidGraph:
     try:
-        data = _read_json(path)
+        data = _read_json(path, limits)
         meta = data.get("metadata") or {}
         ours = meta.get("qktrace") if isinstance(meta, dict) else None
         if not isinstance(ours, dict) or "format_version" not in ours:
@@ -141,9 +192,9 @@ def _summary(name: str, path: Path, mtime: float) -> S.GraphSummary | S.InvalidG
         return S.InvalidGraph(name=name, error=str(e))
 
 
-def graph_name(req: S.GraphRequest) -> str:
-    """A readable, stable file name: the prompt's words and a hash of the prompt and settings."""
-    settings = [req.prompt, req.tokens, req.node_threshold, req.edge_threshold, req.max_nodes, req.qk_terms]
+def graph_name(req: S.GraphRequest, model: str = "") -> str:
+    """A readable, stable file name: the prompt's words and a hash of the model, prompt and settings."""
+    settings = [model, req.prompt, req.tokens, req.node_threshold, req.edge_threshold, req.max_nodes, req.qk_terms]
     digest = hashlib.sha1(json.dumps(settings).encode()).hexdigest()[:8]
     slug = re.sub(r"[^A-Za-z0-9]+", "-", req.prompt or "tokens").strip("-")[:40].strip("-") or "graph"
     return f"{slug}-{digest}.json"
@@ -174,7 +225,7 @@ class Features:
                     labels = cfg_path.parent / "labels.json"
                     raw = json.loads(labels.read_text()) if labels.is_file() else {}
                     self.labels[c] = {int(k): str(v) for k, v in raw.items()}
-                except (OSError, ValueError, KeyError, TypeError, AttributeError, QKTraceError) as e:
+                except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError, QKTraceError) as e:
                     log.warning("skipping SAE config %s (%s: %s)", cfg_path, type(e).__name__, e)
 
     def dashboards(self, c: int) -> Mapping[str, Any]:
@@ -184,7 +235,7 @@ class Features:
             if path is not None and path.is_file():
                 try:
                     feats = json.loads(path.read_text()).get("features") or {}
-                except (OSError, ValueError, AttributeError) as e:
+                except (OSError, ValueError, AttributeError, RecursionError) as e:
                     log.warning("ignoring %s (%s: %s)", path, type(e).__name__, e)
             self._dash[c] = feats
         return self._dash[c]

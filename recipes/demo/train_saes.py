@@ -1,79 +1,41 @@
 """Train TopK residual-stream SAEs for the demo model at every checkpoint.
 
-    python -m qktrace.demo.train_saes [--model DIR] [--out DIR] [--minutes M]
+    python -m recipes.demo.train_saes [--model DIR] [--out DIR] [--minutes M]
 
-Checkpoint c < n_layers is the input of layer c (forward pre-hook on `model.model.layers[c]`);
-checkpoint n_layers is the output of the last layer before the final norm (forward hook). Activations
-come from the synthetic training corpus; the BOS position is excluded (its residual is a huge outlier
-that would otherwise dominate the reconstruction loss). Each SAE is saved in SAELens format under
-`blocks.{c}.hook_resid_pre` (or `blocks.{n_layers-1}.hook_resid_post`) with `cfg.json` and
-`sae_weights.safetensors`; held-out variance explained and L0 go to `eval.json`.
+Residuals come from the library (`qktrace.models.residuals`: forward-pre hooks on the model's blocks;
+checkpoint n_layers is the last block's output, before the final norm), over the synthetic training
+corpus; the BOS position is excluded (its residual is a huge outlier that would otherwise dominate the
+reconstruction loss). Each trained SAE becomes a `qktrace.saes.SAE` and is written by
+`qktrace.saes.save_sae_lens` in SAELens format under `blocks.{c}.hook_resid_pre` (or
+`blocks.{n_layers-1}.hook_resid_post`); held-out variance explained and L0, measured through
+`SAE.encode`/`SAE.decode` (what tracing uses), go to `eval.json`.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
 from torch import Tensor, nn
-from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from qktrace.config import DEMO_MODEL, DEMO_SAES
+from qktrace.models import Model, load_model, residuals
+from qktrace.saes import SAE, save_sae_lens
 
 from .corpus import training_documents
 
-ASSETS = Path(__file__).parent / "assets"
+MODEL_NAME, CONTEXT = "qktrace-demo", 128
 
 
 def hook_name(c: int, n_layers: int) -> str:
     """SAELens hook name of checkpoint c."""
     return f"blocks.{c}.hook_resid_pre" if c < n_layers else f"blocks.{n_layers - 1}.hook_resid_post"
-
-
-def load_model(model_dir: Path):  # type: ignore[no-untyped-def]
-    model = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="eager", dtype=torch.float32)
-    return model.eval(), AutoTokenizer.from_pretrained(model_dir)
-
-
-@contextmanager
-def capture_residuals(model: nn.Module, store: list[Tensor | None]) -> Iterator[None]:
-    """Fill store[c] with the residual at every checkpoint c = 0..n_layers during a forward pass."""
-    layers: nn.ModuleList = model.model.layers  # type: ignore[assignment,union-attr]
-    handles = []
-
-    def pre(c: int):  # type: ignore[no-untyped-def]
-        def hook(_mod, args, kwargs):  # type: ignore[no-untyped-def]
-            store[c] = (args[0] if args else kwargs["hidden_states"]).detach()
-
-        return hook
-
-    def post(_mod, _args, out):  # type: ignore[no-untyped-def]
-        store[len(layers)] = (out[0] if isinstance(out, tuple) else out).detach()
-
-    for c, layer in enumerate(layers):
-        handles.append(layer.register_forward_pre_hook(pre(c), with_kwargs=True))
-    handles.append(layers[-1].register_forward_hook(post))
-    try:
-        yield
-    finally:
-        for h in handles:
-            h.remove()
-
-
-@torch.no_grad()
-def residuals(model: nn.Module, ids: Tensor) -> Tensor:
-    """ids [batch, pos] -> residuals [checkpoint, batch, pos, d_model]."""
-    n = len(model.model.layers)  # type: ignore[arg-type,union-attr]
-    store: list[Tensor | None] = [None] * (n + 1)
-    with capture_residuals(model, store):
-        model(input_ids=ids)
-    return torch.stack([s for s in store if s is not None])
 
 
 def corpus_blocks(tokenizer, seed: int, n_docs: int, seq_len: int = 128) -> Tensor:  # type: ignore[no-untyped-def]
@@ -84,21 +46,26 @@ def corpus_blocks(tokenizer, seed: int, n_docs: int, seq_len: int = 128) -> Tens
     return torch.tensor(rows, dtype=torch.long)
 
 
-def collect(model: nn.Module, blocks: Tensor, batch: int = 32) -> Tensor:
-    """[checkpoint, n_tokens, d_model] residuals of every non-BOS position."""
-    out = [residuals(model, blocks[i : i + batch])[:, :, 1:].flatten(1, 2) for i in range(0, len(blocks), batch)]
+def collect(model: Model, blocks: Tensor, batch: int = 32) -> Tensor:
+    """[checkpoint, n_tokens, d_model] residuals of every non-BOS position, `batch` blocks per forward pass."""
+    out = []
+    for i in range(0, len(blocks), batch):
+        res = residuals(model, blocks[i : i + batch])  # {checkpoint: [batch, pos, d_model]}
+        out.append(torch.stack([res[c] for c in sorted(res)])[:, :, 1:].flatten(1, 2))
     return torch.cat(out, dim=1)
 
 
-class TopKSAE(nn.Module):
-    """pre = x @ W_enc + b_enc; keep the top k of pre, relu; x_hat = acts @ W_dec + b_dec."""
+class TopKTrainer(nn.Module):
+    """The trainable parameters of a TopK SAE and its training forward pass (sparse decode, AuxK needs
+    the pre-activations); `to_sae` freezes them into the library's `qktrace.saes.SAE`, whose `encode`
+    and `decode` compute the same function densely."""
 
     def __init__(self, d_in: int, d_sae: int, k: int, mean: Tensor) -> None:
         super().__init__()
         w = torch.randn(d_sae, d_in)
         w = w / w.norm(dim=-1, keepdim=True)
-        self.W_dec = nn.Parameter(w)
-        self.W_enc = nn.Parameter(w.t().clone())
+        self.W_dec = nn.Parameter(w)  # [d_sae, d_model]
+        self.W_enc = nn.Parameter(w.t().clone())  # [d_model, d_sae]
         self.b_enc = nn.Parameter(torch.zeros(d_sae))
         self.b_dec = nn.Parameter(mean.clone())
         self.k = k
@@ -119,13 +86,29 @@ class TopKSAE(nn.Module):
     def normalize_decoder(self) -> None:
         self.W_dec.div_(self.W_dec.norm(dim=-1, keepdim=True).clamp_min(1e-8))
 
+    @torch.no_grad()
+    def to_sae(self, checkpoint: int, hook: str) -> SAE:
+        """The trained SAE as tracing loads it (no b_dec subtracted from the input, as trained)."""
+        w = {n: getattr(self, n).detach().clone() for n in ("W_enc", "b_enc", "W_dec", "b_dec")}
+        meta = {"model_name": MODEL_NAME, "prepend_bos": True, "context_size": CONTEXT}
+        known = {f.name for f in dataclasses.fields(SAE)}  # SAE fields for SAELens metadata, where it has them
+        return SAE(
+            checkpoint=checkpoint,
+            architecture="topk",
+            k=self.k,
+            apply_b_dec_to_input=False,
+            hook_name=hook,
+            **w,
+            **{key: v for key, v in meta.items() if key in known},  # type: ignore[arg-type]
+        )
+
 
 def train_sae(
     acts: Tensor, d_sae: int, k: int, steps: int, seconds: float, seed: int, batch: int = 2048, lr: float = 2e-3
-) -> tuple[TopKSAE, int]:
+) -> tuple[TopKTrainer, int]:
     """TopK SAE with an AuxK loss on dead latents; fixed step count, `seconds` is a safety cap."""
     torch.manual_seed(seed)
-    sae = TopKSAE(acts.shape[1], d_sae, k, acts.mean(0))
+    sae = TopKTrainer(acts.shape[1], d_sae, k, acts.mean(0))
     opt = torch.optim.Adam(sae.parameters(), lr=lr, betas=(0.9, 0.999))
     last_fired = torch.zeros(d_sae, dtype=torch.long)
     k_aux, dead_after = min(acts.shape[1] // 2, 2 * k), 200
@@ -159,44 +142,26 @@ def train_sae(
 
 
 @torch.no_grad()
-def evaluate_sae(sae: TopKSAE, acts: Tensor) -> dict[str, float]:
-    """Variance explained (1 - SSE / SST around the per-dimension mean), L0, dead fraction."""
-    x_hat, idx, val, _ = sae(acts)
+def evaluate_sae(sae: SAE, acts: Tensor) -> dict[str, float]:
+    """Variance explained (1 - SSE / SST around the per-dimension mean), L0, dead fraction, through the
+    library's `SAE.encode`/`SAE.decode`."""
+    dense = sae.encode(acts)  # [n_tokens, d_sae]
+    x_hat = sae.decode(dense)
     sse = (acts - x_hat).pow(2).sum()
     sst = (acts - acts.mean(0)).pow(2).sum()
-    fired = torch.zeros(sae.W_dec.shape[0], dtype=torch.bool)
-    fired[idx[val > 0]] = True
-    l0 = float((val > 0).sum(-1).float().mean())
+    fired = (dense > 0).any(0)
     return {
         "variance_explained": round(float(1 - sse / sst), 4),
-        "l0": round(l0, 2),
+        "l0": round(float((dense > 0).sum(-1).float().mean()), 2),
         "dead_fraction": round(float(1 - fired.float().mean()), 4),
         "n_tokens": int(len(acts)),
     }
 
 
-def save_sae(sae: TopKSAE, out: Path, hook: str) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    d_sae, d_in = sae.W_dec.shape
-    cfg = {
-        "architecture": "topk",
-        "d_in": int(d_in),
-        "d_sae": int(d_sae),
-        "k": sae.k,
-        "apply_b_dec_to_input": False,
-        "normalize_activations": "none",
-        "dtype": "float32",
-        "metadata": {"hook_name": hook, "model_name": "qktrace-demo"},
-    }
-    weights = {"W_enc": sae.W_enc, "b_enc": sae.b_enc, "W_dec": sae.W_dec, "b_dec": sae.b_dec}
-    save_file({n: t.detach().float().contiguous() for n, t in weights.items()}, str(out / "sae_weights.safetensors"))
-    (out / "cfg.json").write_text(json.dumps(cfg, indent=2) + "\n")
-
-
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", type=Path, default=ASSETS / "model")
-    ap.add_argument("--out", type=Path, default=ASSETS / "saes")
+    ap.add_argument("--model", type=Path, default=DEMO_MODEL)
+    ap.add_argument("--out", type=Path, default=DEMO_SAES)
     ap.add_argument("--minutes", type=float, default=20.0, help="wall-clock cap on SAE training, all checkpoints")
     ap.add_argument("--steps", type=int, default=2500, help="optimizer steps per SAE")
     ap.add_argument("--d-sae", type=int, default=1024)
@@ -209,8 +174,8 @@ def main(argv: list[str] | None = None) -> None:
     torch.manual_seed(args.seed)
     t0 = time.time()
 
-    model, tokenizer = load_model(args.model)
-    n_layers = len(model.model.layers)
+    model = load_model(args.model, name=MODEL_NAME)
+    tokenizer, n_layers = model.tokenizer, model.n_layers
     train_acts = collect(model, corpus_blocks(tokenizer, args.seed + 20_000, args.train_docs))
     test_acts = collect(model, corpus_blocks(tokenizer, args.seed + 30_000, 160))
     print(
@@ -224,9 +189,10 @@ def main(argv: list[str] | None = None) -> None:
     for c in range(n_layers + 1):
         t_c = time.time()
         seconds = max(10.0, budget / (n_layers + 1 - c))
-        sae, steps = train_sae(train_acts[c], args.d_sae, args.k, args.steps, seconds, args.seed + c)
+        trainer, steps = train_sae(train_acts[c], args.d_sae, args.k, args.steps, seconds, args.seed + c)
         hook = hook_name(c, n_layers)
-        save_sae(sae, args.out / hook, hook)
+        sae = trainer.to_sae(c, hook)
+        save_sae_lens(sae, args.out / hook)
         stats = evaluate_sae(sae, test_acts[c]) | {"steps": steps, "seconds": round(time.time() - t_c, 1)}
         report["checkpoints"][str(c)] = {"hook_name": hook} | stats  # type: ignore[index]
         print(f"checkpoint {c} ({hook}): {stats}", flush=True)

@@ -1,6 +1,6 @@
 """Train the embedded demo model: a tiny Llama trained from scratch on the synthetic corpus.
 
-    python -m qktrace.demo.train [--out DIR] [--minutes M] [--steps N] [--seed S]
+    python -m recipes.demo.train [--out DIR] [--minutes M] [--steps N] [--seed S]
 
 Builds the tokenizer, trains a `LlamaForCausalLM` (RoPE, RMSNorm, GQA) with AdamW and a
 warmup + cosine schedule for a fixed number of steps (reproducible for a seed; `--minutes` is only a
@@ -25,6 +25,8 @@ import numpy as np
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
+from qktrace.config import DEMO_MODEL
+
 from .corpus import (
     EVAL_FAMILIES,
     MIX_STAGE1,
@@ -38,7 +40,7 @@ from .corpus import (
 )
 from .tokenizer import single_token_id, train_tokenizer
 
-DEFAULT_OUT = Path(__file__).parent / "assets" / "model"
+DEFAULT_OUT = DEMO_MODEL
 
 
 def build_config(

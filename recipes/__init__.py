@@ -1,0 +1,1 @@
+"""Scripts that build things with qktrace (the embedded demo); not part of the installed package."""

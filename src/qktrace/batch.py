@@ -1,0 +1,273 @@
+"""Batch tracing: a JSONL of prompts in, one folder of results out; in one process or on Ray workers.
+
+Each line of the prompts file is a JSON object: {"prompt": "...", "answer": " Sally", "rival": " Peter",
+"id": "aunt-1"}; only "prompt" is required ("answer" and "rival" are single tokens; "id" names the
+prompt's folder, by default p00000, p00001, ... in line order). Per prompt, under `prompts/ID/`:
+
+1. `graph.json`: the attribution graph with head loadings and QK terms (what `Graph.save` writes);
+2. `qk.json`: the QK attribution row (query = the last position, every key) of the graph's top heads;
+3. `explain.json`: `qktrace.explain`'s mechanism, when the prompt names an answer and qktrace has `explain`;
+4. `summary.json`: the prompt's row of the summary table, written last: it marks the prompt done.
+
+Across prompts: `summary.jsonl` (and `summary.parquet` when pyarrow is installed), in prompt order. A
+restarted job skips prompts whose summary.json exists (`qktrace.scale`); the files are the same whatever
+the number of workers, and the same as tracing each prompt alone (`trace_prompt`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import importlib
+import json
+import logging
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import GRAPH, QK
+from .errors import InputError, QKTraceError
+from .scale import (
+    ProgressFn,
+    ShardResult,
+    TracerSpec,
+    check_job,
+    describe_source,
+    run_shards,
+    tracer_source,
+    worker_pool,
+    write_atomic,
+)
+from .tracer import Tracer
+
+log = logging.getLogger(__name__)
+
+VERSION = 1
+_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+SUMMARY_COLUMNS = (
+    "id", "prompt", "n_tokens", "top_token", "top_prob", "answer", "answer_prob", "answer_rank", "rival", "rival_prob",
+    "logit_diff", "n_nodes", "n_features", "n_edges", "completeness", "replacement", "top_heads", "explained",
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class PromptRecord:
+    id: str
+    prompt: str
+    answer: str | None = None
+    rival: str | None = None
+    line: int = 0
+
+
+@dataclass(frozen=True)
+class BatchOptions:
+    """Graph settings (as `Traced.graph` takes them), how many top heads get a QK row (`top_heads`) with how
+    many terms (`qk_top`), and whether to run `explain` where a prompt names an answer."""
+
+    node_threshold: float = GRAPH.node_threshold
+    edge_threshold: float = GRAPH.edge_threshold
+    max_nodes: int | None = GRAPH.max_nodes
+    qk_terms: bool = True
+    top_heads: int = 3
+    qk_top: int = QK.top
+    explain: bool = True
+
+
+def read_prompts(path: str | os.PathLike[str]) -> list[PromptRecord]:
+    """Every prompt of a JSONL file, checked: one line naming the file, line and fix for anything wrong."""
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise InputError(f'prompts file {p} does not exist: pass a JSONL file with one {{"prompt": ...}} per line')
+    out: list[PromptRecord] = []
+    seen: dict[str, int] = {}
+    with p.open(encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                raise InputError(f"{p} line {n} is not JSON: write one JSON object per line") from None
+            if not isinstance(rec, dict) or not isinstance(rec.get("prompt"), str) or not rec["prompt"].strip():
+                raise InputError(f'{p} line {n} has no non-empty "prompt" string: give each line its prompt')
+            for key in ("answer", "rival", "id"):
+                if rec.get(key) is not None and not isinstance(rec[key], str):
+                    raise InputError(f'{p} line {n}: "{key}" must be a string')
+            if rec.get("rival") is not None and rec.get("answer") is None:
+                raise InputError(f'{p} line {n} names a "rival" but no "answer": add the answer')
+            pid = rec.get("id") or f"p{len(out):05d}"
+            if not _ID.match(pid):
+                raise InputError(f"{p} line {n}: id {pid!r} must be letters, digits, '.', '_' or '-' (a folder name)")
+            if pid in seen:
+                raise InputError(f"{p} line {n}: id {pid!r} is already used on line {seen[pid]}: make ids unique")
+            seen[pid] = n
+            out.append(PromptRecord(pid, rec["prompt"], rec.get("answer"), rec.get("rival"), n))
+    if not out:
+        raise InputError(f"prompts file {p} holds no prompts")
+    return out
+
+
+def _explain_fn() -> Any:
+    """`qktrace.explain` when this qktrace has it (None otherwise); imported late, as it is optional."""
+    try:
+        found = getattr(importlib.import_module("qktrace"), "explain", None)
+        if found is None:
+            found = importlib.import_module("qktrace.explain")
+    except ImportError:
+        return None
+    return found if callable(found) else getattr(found, "explain", None)
+
+
+def _jsonable(obj: Any) -> Any:
+    if hasattr(obj, "to_json"):
+        return obj.to_json()
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return json.loads(json.dumps(dataclasses.asdict(obj), default=str))
+    return obj
+
+
+def _dumps(obj: Any) -> bytes:
+    return (json.dumps(obj, ensure_ascii=False, allow_nan=False, separators=(",", ":")) + "\n").encode()
+
+
+def trace_prompt(tracer: Tracer, record: PromptRecord, options: BatchOptions | None = None) -> dict[str, bytes]:
+    """Every file of one prompt (relative to the output folder; summary.json last): what `trace_batch`
+    writes for it, on any worker."""
+    o = options or BatchOptions()
+    model = tracer.model
+    traced = tracer.run(record.prompt)
+    graph = traced.graph(
+        node_threshold=o.node_threshold,
+        edge_threshold=o.edge_threshold,
+        max_nodes=o.max_nodes,
+        qk_terms=o.qk_terms,
+        progress=False,
+    )
+    files: dict[str, bytes] = {}
+    base = f"prompts/{record.id}"
+    files[f"{base}/graph.json"] = json.dumps(graph.to_json(), separators=(",", ":"), allow_nan=False).encode()
+    heads = graph.top_heads(o.top_heads)
+    rows = []
+    for h in heads:
+        if h["layer"] not in tracer.saes:
+            continue
+        att = traced.qk(h["layer"], h["head"], -1)
+        rows.append({"influence": h["influence"], **att.to_json(top=o.qk_top)})
+    files[f"{base}/qk.json"] = _dumps(
+        {"version": VERSION, "id": record.id, "str_tokens": list(traced.str_tokens), "heads": rows}
+    )
+    logits = traced.trace.last_logits.float()
+    probs = torch.softmax(logits, -1)
+    top = int(logits.argmax())
+    row: dict[str, Any] = {c: None for c in SUMMARY_COLUMNS}
+    row |= {"id": record.id, "prompt": record.prompt, "n_tokens": len(traced.str_tokens)}
+    row |= {
+        "top_token": model.str_tokens(torch.tensor([top], device="cpu"))[0],
+        "top_prob": float(probs[top]),
+        "explained": False,
+    }
+    if record.answer is not None:
+        a = model.token_id(record.answer)
+        row |= {"answer": record.answer, "answer_prob": float(probs[a]), "answer_rank": int((logits > logits[a]).sum())}
+        if record.rival is not None:
+            r = model.token_id(record.rival)
+            row |= {"rival": record.rival, "rival_prob": float(probs[r]), "logit_diff": float(logits[a] - logits[r])}
+        explain = _explain_fn() if o.explain else None
+        if explain is not None:
+            mechanism = explain(tracer, record.prompt, record.answer, rival=record.rival)
+            files[f"{base}/explain.json"] = _dumps(_jsonable(mechanism))
+        row["explained"] = explain is not None
+    s = graph.summary()
+    row |= {k: s[k] for k in ("n_nodes", "n_features", "n_edges", "completeness", "replacement")}
+    row["top_heads"] = ", ".join(f"L{h['layer']}H{h['head']} ({h['influence']:.0%})" for h in heads)
+    files[f"{base}/summary.json"] = _dumps(row)
+    return files
+
+
+class BatchWorker:
+    """One model replica: `check(records)` (token checks before any heavy work), then `process` per prompt."""
+
+    def __init__(self, source: TracerSpec | Tracer, options: BatchOptions) -> None:
+        self.tracer = source.load() if isinstance(source, TracerSpec) else source
+        self.options = options
+
+    def check(self, records: list[PromptRecord], where: str) -> None:
+        for r in records:
+            try:
+                self.tracer.tokenize(r.prompt)
+                for text in (r.answer, r.rival):
+                    if text is not None:
+                        self.tracer.model.token_id(text)
+            except QKTraceError as e:
+                raise InputError(f"{where} line {r.line} ({r.id}): {e}") from None
+
+    def process(self, index: int, record: PromptRecord) -> ShardResult:
+        files = trace_prompt(self.tracer, record, self.options)
+        n = json.loads(files[f"prompts/{record.id}/summary.json"])["n_tokens"]
+        return ShardResult(files, tokens=int(n))
+
+
+@dataclass(frozen=True)
+class BatchResult:
+    out: Path
+    summary: Path  # summary.jsonl
+    parquet: Path | None
+    n_prompts: int
+    resumed: int  # prompts finished by an earlier run of the same job
+
+
+def trace_batch(
+    model: str | os.PathLike[str] | Tracer,
+    saes: str | os.PathLike[str] | None,
+    prompts: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    *,
+    workers: int = 1,
+    ray_address: str | None = None,
+    progress: ProgressFn | None = None,
+    options: BatchOptions | None = None,
+    sae_ids: list[str] | tuple[str, ...] | None = None,
+    device: str = "auto",
+    dtype: str = "float32",
+) -> BatchResult:
+    """Trace every prompt of the JSONL file `prompts` and write the results under `out` (see the module
+    docstring). `model`/`saes`/`workers`/`ray_address` as in `qktrace.dashboards.build_dashboards`."""
+    o = options or BatchOptions()
+    out = Path(out)
+    records = read_prompts(prompts)
+    distributed = workers > 1 or bool(ray_address)
+    source = tracer_source(model, saes, sae_ids=sae_ids, device=device, dtype=dtype, distributed=distributed)
+    identity = {"job": "batch", "version": VERSION, **describe_source(source), "options": dataclasses.asdict(o)}
+    identity["prompts"] = [dataclasses.asdict(r) for r in records]
+    resumed = check_job(out, identity)
+    marker = lambda r: out / "prompts" / r.id / "summary.json"  # noqa: E731
+    done = {i for i, r in enumerate(records) if resumed and marker(r).is_file()}
+    factory = functools.partial(BatchWorker, source, o)
+    gpu = isinstance(source, TracerSpec) and source.device != "cpu"
+    with worker_pool(factory, workers=workers, ray_address=ray_address, gpu=gpu) as pool:
+        pool.call("check", records, str(prompts))
+        tasks = ((i, r) for i, r in enumerate(records) if i not in done)
+        run_shards(pool, tasks, out, total=len(records), skipped=len(done), progress=progress)
+    rows = [json.loads(marker(r).read_text()) for r in records]
+    summary = out / "summary.jsonl"
+    write_atomic(summary, b"".join(_dumps(row) for row in rows))
+    parquet = _write_parquet(out / "summary.parquet", rows)
+    return BatchResult(out, summary, parquet, len(records), len(done))
+
+
+def _write_parquet(path: Path, rows: list[dict[str, Any]]) -> Path | None:
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ImportError:
+        return None
+    import io
+
+    buf = io.BytesIO()
+    pq.write_table(pa.Table.from_pylist(rows), buf)
+    write_atomic(path, buf.getvalue())
+    return path

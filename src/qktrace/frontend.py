@@ -1,0 +1,286 @@
+"""What the CLI and the server both ask of the library, checked once: prompt text, graph options and
+steering sweeps. The front ends only translate their arguments; every check and every default lives here.
+
+- `check_text(prompt)`: prompt text a tokenizer can take, checked before tokenizing.
+- `graph_options(...)`: thresholds, node cap and memory budget of a graph build, checked before tracing;
+  returns the keyword arguments of `Traced.graph`.
+- Steering, one builder for both front ends. A front end turns its arguments into a `SteerRequest`:
+  1. `check_request(req)` -- no model needed, so it runs before anything is loaded or locked: list
+     lengths and scales within `config.LIMITS`, scales finite, no repeated head, the heads of one
+     layer, no negative feature, side and mode known, `freeze_others` only with heads.
+  2. `build_steering(traced, req)` -- against the traced prompt: layer, heads, checkpoint with an SAE,
+     feature below the SAE's width, positions inside the prompt (none twice), watched tokens and
+     attention weights, and (when scaling) the feature active at one of the positions at least, since
+     scaling an inactive feature changes nothing. Returns a `Steering`: the library's interventions
+     (`SteerQK` / `SteerFeature`, `FreezeAttention`) and everything `interventions.sweep` needs.
+  3. `Steering.run()` -- `interventions.sweep`, one row per scale.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
+
+from .config import GRAPH, LIMITS
+from .errors import InputError, check_index
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from .interventions import Intervention
+    from .tracer import Traced
+
+log = logging.getLogger(__name__)
+Positions = int | slice | Sequence[int]
+
+
+def check_text(prompt: str, what: str = "prompt") -> str:
+    """Prompt text that a tokenizer can take: non-empty, valid Unicode (no lone surrogates, which is what
+    bytes that are not UTF-8 become in argv), no NUL byte."""
+    if not isinstance(prompt, str):
+        raise InputError(f"the {what} must be text, got {type(prompt).__name__}")
+    if not prompt.strip():
+        raise InputError(f"the {what} is empty: give at least one token of text")
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise InputError(
+            f"the {what} holds {prompt[e.start : e.start + 1]!r} at character {e.start}, which is not valid "
+            "UTF-8 text: re-encode it as UTF-8"
+        ) from None
+    if "\x00" in prompt:
+        raise InputError(f"the {what} holds a NUL character at {prompt.index(chr(0))}: remove it")
+    return prompt
+
+
+def graph_options(
+    node_threshold: float = GRAPH.node_threshold,
+    edge_threshold: float = GRAPH.edge_threshold,
+    max_nodes: int | None = GRAPH.max_nodes,
+    max_memory: int | None = None,
+) -> dict[str, Any]:
+    """Checked keyword arguments for `Traced.graph` (thresholds in (0, 1], 1 <= max_nodes <= the limit,
+    a byte budget of at least 1 MiB)."""
+    for name, t in (("node_threshold", node_threshold), ("edge_threshold", edge_threshold)):
+        if isinstance(t, bool) or not isinstance(t, int | float) or not math.isfinite(t) or not 0 < t <= 1:
+            raise InputError(f"{name} {t!r} is out of range: give a number in (0, 1], e.g. {getattr(GRAPH, name)}")
+    if max_nodes is not None and not 1 <= _int(max_nodes, "max_nodes") <= LIMITS.max_graph_nodes:
+        raise InputError(f"max_nodes {max_nodes} is out of range: give 1..{LIMITS.max_graph_nodes}")
+    kw: dict[str, Any] = dict(node_threshold=float(node_threshold), edge_threshold=float(edge_threshold))
+    kw["max_nodes"] = max_nodes
+    if max_memory is not None:
+        if not 1 << 20 <= _int(max_memory, "max_memory") <= LIMITS.max_memory_bytes:
+            raise InputError(f"max_memory {max_memory} is out of range: give 1MB to 1PiB, such as 8GB")
+        kw["max_memory"] = int(max_memory)
+    return kw
+
+
+def _int(value: object, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InputError(f"{what} {value!r} is not an integer")
+    return value
+
+
+@dataclass(frozen=True)
+class SteerRequest:
+    """Steer SAE feature `feature` at `positions`, inside the QK circuit of `heads` ((layer, head) pairs of
+    one layer; the feature is read at that layer's input checkpoint) or, without heads, in the residual at
+    `checkpoint`. `mode`: the swept number scales the activation ("scale") or replaces it ("value").
+    `watch_attention=None`: the first steered head's attention from the last position to the steered
+    positions (QK steering only)."""
+
+    feature: int
+    positions: Positions
+    heads: Sequence[tuple[int, int]] = ()
+    checkpoint: int | None = None
+    side: Literal["query", "key"] = "key"
+    mode: Literal["scale", "value"] = "scale"
+    freeze_others: bool = False
+    scales: str | Sequence[float] = "-4:4:9"
+    watch_tokens: Sequence[str | int] = ()
+    watch_attention: Sequence[tuple[int, int, int, int]] | None = ()
+    top_k: int = 5
+
+
+@dataclass(frozen=True)
+class Checked:
+    """A request after `check_request`: scales parsed, heads as a tuple, the checkpoint known."""
+
+    request: SteerRequest
+    checkpoint: int
+    layer: int | None  # the heads' layer; None for residual steering
+    heads: tuple[int, ...]
+    scales: tuple[float, ...]
+
+
+def check_request(req: SteerRequest) -> Checked:
+    """Every check that needs no model (step 1 of the module docstring)."""
+    from .interventions import parse_scales
+
+    scales = tuple(parse_scales(req.scales))
+    feature = _int(req.feature, "feature")
+    if feature < 0:
+        raise InputError(f"feature {feature} is negative: features are numbered from 0 (up to the SAE's width - 1)")
+    if req.side not in ("query", "key"):
+        raise InputError(f"side {req.side!r} is not understood: use 'query' or 'key'")
+    if req.mode not in ("scale", "value"):
+        raise InputError(f"mode {req.mode!r} is not understood: use 'scale' or 'value'")
+    if len(req.heads) > LIMITS.max_heads:
+        raise InputError(f"{len(req.heads)} heads given: steer at most {LIMITS.max_heads} heads at once")
+    if any(isinstance(p, str | bytes) or not isinstance(p, Sequence) or len(p) != 2 for p in req.heads):
+        raise InputError("heads are (layer, head) pairs, e.g. [[2, 5], [2, 7]]")
+    pairs = [(_int(ly, "layer"), _int(h, "head")) for ly, h in req.heads]
+    seen: set[tuple[int, int]] = set()
+    for pair in pairs:
+        if pair in seen:
+            raise InputError(f"head {pair[1]} of layer {pair[0]} is given twice: name each head once")
+        seen.add(pair)
+    layers = sorted({ly for ly, _ in pairs})
+    if len(layers) > 1:
+        raise InputError(f"heads span layers {layers}: QK steering steers heads of one layer at a time")
+    layer = layers[0] if layers else None
+    checkpoint = req.checkpoint if req.checkpoint is not None else layer
+    if checkpoint is None:
+        raise InputError("give heads [[layer, head], ...] to steer inside QK circuits, or a checkpoint to steer")
+    checkpoint = _int(checkpoint, "checkpoint")
+    if layer is not None and checkpoint != layer:
+        raise InputError(
+            f"heads of layer {layer} read checkpoint {layer}, not {checkpoint}: "
+            f"pick a feature of checkpoint {layer} or leave checkpoint out"
+        )
+    if req.freeze_others and layer is None:
+        raise InputError(
+            "freezing the other heads needs heads to steer (QK-only steering): residual steering moves all"
+        )
+    if isinstance(req.positions, int):
+        _int(req.positions, "position")
+    elif not isinstance(req.positions, slice):
+        if len(req.positions) > LIMITS.max_positions:
+            raise InputError(f"{len(req.positions)} positions given: give at most {LIMITS.max_positions} (or a range)")
+        for p in req.positions:
+            _int(p, "position")
+    if len(req.watch_tokens) > LIMITS.max_watch_tokens:
+        raise InputError(f"{len(req.watch_tokens)} watched tokens given: watch at most {LIMITS.max_watch_tokens}")
+    for t in req.watch_tokens:
+        if isinstance(t, bool) or not isinstance(t, str | int):
+            raise InputError(f"watched token {t!r} is neither text nor a token id")
+        if isinstance(t, int) and t < 0:
+            raise InputError(f"watched token id {t} is negative: token ids start at 0")
+    watch = req.watch_attention or ()
+    if len(watch) > LIMITS.max_watch_attention:
+        raise InputError(f"{len(watch)} watched attention weights given: watch at most {LIMITS.max_watch_attention}")
+    for w in watch:
+        if len(w) != 4:
+            raise InputError(f"watched attention {tuple(w)!r} is not (layer, head, query_pos, key_pos)")
+        for x in w:
+            _int(x, "watched attention index")
+    if not 1 <= _int(req.top_k, "top_k") <= 20:
+        raise InputError(f"top_k {req.top_k} is out of range: give 1..20")
+    return Checked(req, checkpoint, layer, tuple(h for _, h in pairs), scales)
+
+
+@dataclass(frozen=True, eq=False)
+class Steering:
+    """Checked interventions on one traced prompt, ready for `interventions.sweep`."""
+
+    traced: Traced
+    interventions: tuple[Intervention, ...]
+    scales: tuple[float, ...]
+    watch_tokens: tuple[int, ...]
+    watch_attention: tuple[tuple[int, int, int, int], ...]
+    top_k: int
+    title: str
+
+    def run(self) -> pd.DataFrame:
+        from .interventions import sweep
+
+        t = self.traced
+        return sweep(
+            t.model,
+            t.saes,
+            t.trace.tokens,
+            list(self.interventions),
+            list(self.scales),
+            watch_tokens=self.watch_tokens,
+            watch_attention=self.watch_attention,
+            top_k=self.top_k,
+        )
+
+
+def _positions(spec: Positions, n_pos: int) -> list[int]:
+    if isinstance(spec, slice):
+        for end in (spec.start, spec.stop):
+            if end is not None and not -n_pos <= _int(end, "position") <= n_pos:
+                raise InputError(
+                    f"positions {spec.start}:{spec.stop} run past the prompt of {n_pos} tokens: "
+                    f"give a range within {-n_pos}..{n_pos}"
+                )
+        if spec.step is not None:
+            raise InputError("positions with a step are not supported: give start:stop or a list")
+        out = list(range(n_pos)[spec])
+        if not out:
+            raise InputError(f"positions {spec.start}:{spec.stop} select nothing in a prompt of {n_pos} tokens")
+        return out
+    raw = [spec] if isinstance(spec, int) else list(spec)
+    if not raw:
+        raise InputError(f"no positions given: give at least one of 0..{n_pos - 1}")
+    out = [check_index(p, n_pos, "position", allow_negative=True) for p in raw]
+    if len(set(out)) < len(out):
+        twice = next(p for p in out if out.count(p) > 1)
+        raise InputError(f"position {twice} is given twice (negative positions count from the end): give each once")
+    return out
+
+
+def build_steering(traced: Traced, req: SteerRequest | Checked) -> Steering:
+    """Every check against the traced prompt (step 2 of the module docstring), then the interventions."""
+    from .interventions import SCALE, FreezeAttention, SteerFeature, SteerQK
+
+    checked = req if isinstance(req, Checked) else check_request(req)
+    r = checked.request
+    model, n_pos = traced.model, traced.trace.n_pos
+    L = model.n_layers
+    c = check_index(checked.checkpoint, L + 1, "checkpoint")
+    if checked.layer is not None:
+        layer = check_index(checked.layer, L, "layer")
+        n_heads = model.anatomy.layers[layer].n_heads
+        heads = tuple(check_index(h, n_heads, "head") for h in checked.heads)
+    d_sae = traced.sae(c).d_sae  # InputError when the checkpoint has no SAE
+    feature = check_index(r.feature, d_sae, f"checkpoint {c} feature")
+    pos = _positions(r.positions, n_pos)
+    if r.mode == "scale":
+        acts = traced.acts(c)
+        active = sorted(set(acts.pos[acts.feature == feature].tolist()))
+        if not set(active) & set(pos):
+            where = f"positions {active[:20]}" if active else "no position of this prompt"
+            raise InputError(
+                f"feature {feature} is not active at positions {pos[:20]} of checkpoint {c}, so scaling it changes "
+                f"nothing: it is active at {where} (or set its value instead of scaling it)"
+            )
+    vocab = int(model.anatomy.W_E.shape[0])
+    tokens: list[int] = []
+    for t in r.watch_tokens:
+        tid = model.token_id(t) if isinstance(t, str) else t  # InputError unless a single token
+        tokens.append(check_index(tid, vocab, "watched token id"))
+    if r.watch_attention is None:
+        watch = [(layer, heads[0], n_pos - 1, p) for p in pos[:4]] if checked.layer is not None else []
+    else:
+        watch = []
+        for ly, h, q, k in r.watch_attention:
+            ly = check_index(ly, L, "watched layer")
+            h = check_index(h, model.anatomy.layers[ly].n_heads, "watched head")
+            q = check_index(q, n_pos, "watched query position", allow_negative=True)
+            watch.append((ly, h, q, check_index(k, n_pos, "watched key position", allow_negative=True)))
+    amount = {r.mode: SCALE}  # the swept number scales the activation, or replaces it
+    ivs: list[Intervention]
+    if checked.layer is not None:
+        ivs = [SteerQK(layer, heads, r.side, feature, tuple(pos), **amount)]  # type: ignore[arg-type]
+        if r.freeze_others:
+            ivs.append(FreezeAttention())
+        title = f"steer feature {feature} (QK {r.side}, L{layer} heads {list(heads)})"
+    else:
+        ivs = [SteerFeature(c, feature, tuple(pos), **amount)]  # type: ignore[arg-type]
+        title = f"steer feature {feature} (residual, checkpoint {c})"
+    return Steering(traced, tuple(ivs), checked.scales, tuple(tokens), tuple(watch), r.top_k, title)

@@ -1,0 +1,281 @@
+"""SAE file layouts on disk: read each into a `RawSAE` (SAELens tensor names, a type-checked `FileConfig`),
+and write qktrace's SAEs as SAELens v6 folders.
+
+Layouts (their conventions are data in `releases.json`):
+- SAELens: a folder with `cfg.json` (v6 with `metadata`, or the flat pre-6 layout) and
+  `sae_weights.safetensors` (W_enc [d_in, d_sae], b_enc, W_dec [d_sae, d_in], b_dec, threshold or log_threshold).
+- Gemma Scope: `layer_N/width_W/average_l0_X/params.npz` (W_enc, W_dec, b_enc, b_dec, threshold), no config:
+  jumprelu, b_dec not subtracted from the input, reading `blocks.N.hook_resid_post`.
+- Llama Scope: a folder with `hyperparams.json` and `checkpoints/final.safetensors` (torch Linear layout:
+  encoder.weight [d_sae, d_model], decoder.weight [d_model, d_sae], encoder.bias, decoder.bias), a scalar
+  jumprelu threshold and a dataset-average input norm.
+Every reader refuses a truncated file, a wrong-typed config value and NaN or infinite weights with one line
+naming the file (and the key or tensor).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file
+from safetensors.torch import save as safetensors_bytes
+from torch import Tensor
+
+from ..errors import SAELoadError, SAEMismatchError
+from ..files import atomic_write
+from .conventions import FileConfig, check_tensors, read_sae_lens_cfg, typed
+from .labels import LABELS_FILE, read_labels_json
+from .releases import registry
+
+if TYPE_CHECKING:
+    from .sae import SAE
+
+CFG_FILE, WEIGHTS_FILE, NPZ_FILE = "cfg.json", "sae_weights.safetensors", "params.npz"
+LLAMA_SCOPE_CFG = "hyperparams.json"
+SAE_LENS_FORMAT = "6.0.0"  # the cfg.json format version we write (SAELens reads >= 6.0 configs as v6)
+_LAYER_DIR = re.compile(r"^layer_(\d+)$")
+_NEEDED = ("W_enc", "b_enc", "W_dec", "b_dec")
+
+
+@dataclass(frozen=True, eq=False)
+class RawSAE:
+    """One SAE as its files hold it: SAELens tensor names and a config, conventions not yet folded in."""
+
+    weights: dict[str, Tensor]
+    config: FileConfig
+    source: str  # the folder or file users named, for messages and SAE.source
+    config_file: str  # the file config messages name
+    labels: dict[int, str]
+
+
+def read_json(path: Path, what: str = "JSON object") -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise SAELoadError(f"{path} is missing: re-download the SAE") from None
+    except (ValueError, OSError, RecursionError, UnicodeDecodeError) as e:
+        raise SAELoadError(f"{path} is not a valid {what} ({type(e).__name__}): re-download or re-export it") from None
+    if not isinstance(data, dict):
+        raise SAELoadError(f"{path} is not a valid {what} (a {type(data).__name__}): re-download or re-export it")
+    return data
+
+
+def read_safetensors(path: Path) -> dict[str, Tensor]:
+    if not path.is_file():
+        raise SAELoadError(f"{path} is missing: put {path.name} beside the SAE's config")
+    try:
+        w = load_file(str(path))
+    except Exception as e:  # safetensors raises several types on truncated/corrupt files
+        raise SAELoadError(
+            f"{path} is not a readable safetensors file ({type(e).__name__}): re-download or re-save it"
+        ) from None
+    check_tensors(w, str(path))
+    return w
+
+
+def _require(w: Mapping[str, Tensor], names: tuple[str, ...], path: Path) -> None:
+    missing = [n for n in names if n not in w]
+    if missing:
+        raise SAELoadError(
+            f"{path} lacks tensor(s) {', '.join(missing)} (has {', '.join(sorted(w)) or 'none'}): "
+            "re-download or re-export the SAE"
+        )
+
+
+def _release_extras(overrides: Mapping[str, Any] | None, where: str) -> dict[str, Any]:
+    """model_name / neuronpedia_id that release overrides add to a layout without a config of its own."""
+    o = overrides or {}
+    return {
+        "model_name": typed(o.get("model_name"), "model_name", str, where, optional=True) or "",
+        "neuronpedia_id": typed(o.get("neuronpedia_id"), "neuronpedia_id", str, where, optional=True) or "",
+    }
+
+
+# ---------------------------------------------------------------------------------------------- readers
+
+
+def read_sae_lens_dir(directory: Path, overrides: Mapping[str, Any] | None = None) -> RawSAE:
+    cfg_path, weights_path = directory / CFG_FILE, directory / WEIGHTS_FILE
+    cfg = read_sae_lens_cfg(read_json(cfg_path, "SAELens cfg.json"), str(cfg_path), overrides)
+    w = read_safetensors(weights_path)
+    if "threshold" not in w and "log_threshold" in w:
+        w["threshold"] = w.pop("log_threshold").exp()
+    _require(w, _NEEDED + (("threshold",) if cfg.architecture == "jumprelu" else ()), weights_path)
+    return RawSAE(w, cfg, str(directory), str(cfg_path), read_labels_json(directory / LABELS_FILE))
+
+
+def read_gemma_npz(path: Path, overrides: Mapping[str, Any] | None = None, repo_kind: str = "res") -> RawSAE:
+    layout = registry()["layouts"]["gemma_2"]
+    # absolute(), not resolve(): the HF cache symlinks params.npz to a blob outside the layer_N folder
+    layers = [int(m.group(1)) for part in path.absolute().parts if (m := _LAYER_DIR.match(part))]
+    if not layers and "embedding" in path.absolute().parts:
+        raise SAEMismatchError(
+            f"SAE at {path} reads the embedding (hook_embed): only residual-stream SAEs are supported "
+            "(blocks.L.hook_resid_pre or blocks.L.hook_resid_post): use a layer_N SAE"
+        )
+    if not layers:
+        raise SAELoadError(
+            f"cannot tell the layer of {path}: put it under a layer_N folder as in Gemma Scope "
+            "(e.g. layer_12/width_16k/average_l0_82/params.npz)"
+        )
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            raw = {name: torch.from_numpy(np.array(z[name])) for name in z.files}
+    except Exception as e:  # zipfile, OSError, ValueError on truncated or non-npz files
+        raise SAELoadError(
+            f"{path} is not a readable npz file ({type(e).__name__}): re-download or re-export it"
+        ) from None
+    check_tensors(raw, str(path))
+    w: dict[str, Tensor] = {}
+    for name, aliases in layout["tensors"].items():
+        found = [a for a in aliases if a in raw]
+        if found:
+            w[name] = raw[found[0]]
+    _require(w, _NEEDED + ("threshold",), path)
+    hook = layout["hook_by_repo_kind"][repo_kind].format(layer=layers[-1])
+    cfg = FileConfig(hook_name=hook, **layout["config"], **_release_extras(overrides, str(path)))
+    return RawSAE(w, cfg, str(path), str(path), read_labels_json(path.parent / LABELS_FILE))
+
+
+def read_llama_scope_dir(directory: Path, overrides: Mapping[str, Any] | None = None) -> RawSAE:
+    layout = registry()["layouts"]["llama_scope"]
+    hp_path, weights_path = directory / layout["config_file"], directory / layout["weights"]
+    hp = read_json(hp_path, "Llama Scope hyperparams.json")
+    where = str(hp_path)
+
+    def need(key: str, kind: type) -> Any:
+        if key not in hp:
+            raise SAELoadError(f"{where} lacks {key}: re-download the SAE")
+        return typed(hp[key], key, kind, where)
+
+    d_model, d_sae, hook = need("d_model", int), need("d_sae", int), need("hook_point_in", str)
+    hook_out = typed(hp.get("hook_point_out", hook), "hook_point_out", str, where)
+    if hook_out != hook:
+        raise SAELoadError(
+            f"{where} maps {hook} to {hook_out} (a transcoder): qktrace loads SAEs that reconstruct their input"
+        )
+    act_fn = typed(hp.get("act_fn", "jumprelu"), "act_fn", str, where)
+    if act_fn != "jumprelu":
+        raise SAELoadError(f"{where} has act_fn '{act_fn}': qktrace reads Llama Scope jumprelu SAEs only")
+    threshold = need("jump_relu_threshold", float)
+    norms = need("dataset_average_activation_norm", dict)
+    norm_in = typed(norms.get("in"), "dataset_average_activation_norm.in", float, where)
+    if not norm_in > 0 or threshold < 0:
+        raise SAELoadError(
+            f"{where}: dataset_average_activation_norm.in={norm_in} and jump_relu_threshold={threshold}: "
+            "the norm must be positive and the threshold >= 0; re-download the SAE"
+        )
+    # SAELens's conversion: the scalar threshold lives in the normalised space, scaled by sqrt(d)/norm_in;
+    # the release's norm_scaling_factor (else the same sqrt(d)/norm_in) is then folded into the weights
+    factor = math.sqrt(d_model) / norm_in
+    scale = (overrides or {}).get("norm_scaling_factor", factor)
+    scale = typed(scale, "norm_scaling_factor", float, f"release entry for {directory}")
+    raw = read_safetensors(weights_path)
+    names = layout["tensors_transposed"] | layout["tensors"]
+    _require(raw, tuple(names.values()), weights_path)
+    shapes = {"W_enc": (d_sae, d_model), "W_dec": (d_model, d_sae), "b_enc": (d_sae,), "b_dec": (d_model,)}
+    for ours, theirs in names.items():
+        if tuple(raw[theirs].shape) != shapes[ours]:
+            raise SAELoadError(
+                f"{weights_path} has {theirs} of shape {list(raw[theirs].shape)}, expected {list(shapes[ours])} "
+                f"(d_model={d_model}, d_sae={d_sae} in {hp_path.name}): re-download the SAE"
+            )
+    w = {ours: raw[theirs].T if ours in layout["tensors_transposed"] else raw[theirs] for ours, theirs in names.items()}
+    w["threshold"] = torch.full((d_sae,), threshold * factor, dtype=w["W_enc"].dtype, device=w["W_enc"].device)
+    cfg = FileConfig(hook_name=hook, d_in=d_model, d_sae=d_sae, scale=scale, **layout["config"])
+    extras = _release_extras(overrides, str(directory))
+    cfg = replace(cfg, neuronpedia_id=extras["neuronpedia_id"], model_name=extras["model_name"] or cfg.model_name)
+    return RawSAE(w, cfg, str(directory), where, read_labels_json(directory / LABELS_FILE))
+
+
+def layout_of(path: Path) -> str | None:
+    """Which layout a folder or file is: sae_lens, gemma_2, llama_scope, or None."""
+    if path.is_file():
+        if path.suffix == ".npz":
+            return "gemma_2"
+        if path.name in (CFG_FILE, WEIGHTS_FILE):
+            return "sae_lens"
+        return "llama_scope" if path.name == LLAMA_SCOPE_CFG else None
+    if (path / CFG_FILE).is_file():
+        return "sae_lens"
+    return "llama_scope" if (path / LLAMA_SCOPE_CFG).is_file() else None
+
+
+def read_path(path: Path, overrides: Mapping[str, Any] | None = None, repo_kind: str = "res") -> RawSAE:
+    """One SAE from a folder or file of any known layout."""
+    kind = layout_of(path)
+    folder = path.parent if path.is_file() else path
+    if kind == "sae_lens":
+        return read_sae_lens_dir(folder, overrides)
+    if kind == "llama_scope":
+        return read_llama_scope_dir(folder, overrides)
+    if kind == "gemma_2":
+        return read_gemma_npz(path, overrides, repo_kind)
+    raise SAELoadError(
+        f"{path} is not an SAE: pass a SAELens folder (cfg.json), a Gemma Scope params.npz "
+        "or a Llama Scope folder (hyperparams.json)"
+    )
+
+
+def find_saes(root: Path) -> list[Path]:
+    """Every SAE folder or npz file under `root`, sorted."""
+    found = {p.parent for p in root.rglob(CFG_FILE) if (p.parent / WEIGHTS_FILE).is_file()}
+    found |= {p.parent for p in root.rglob(LLAMA_SCOPE_CFG)}
+    return sorted(found) + sorted(root.rglob(NPZ_FILE))
+
+
+# ---------------------------------------------------------------------------------------------- writing
+
+
+def sae_lens_config(sae: SAE) -> dict[str, Any]:
+    """The SAELens v6 cfg.json of `sae` (its weights read the raw residual: conventions are folded)."""
+    meta: dict[str, Any] = {"sae_lens_version": SAE_LENS_FORMAT, "hook_name": sae.hook_name, "hook_head_index": None}
+    known = {
+        "model_name": sae.model_name or None,
+        "prepend_bos": sae.prepend_bos,
+        "context_size": sae.context_size,
+        "neuronpedia_id": sae.neuronpedia_id or None,
+    }
+    meta |= {k: v for k, v in known.items() if v is not None}
+    if sae.conventions:
+        meta["qktrace_folded_conventions"] = list(sae.conventions)
+    cfg: dict[str, Any] = {
+        "architecture": sae.architecture,
+        "d_in": sae.d_model,
+        "d_sae": sae.d_sae,
+        "dtype": str(sae.W_enc.dtype).removeprefix("torch."),
+        "device": "cpu",
+        "apply_b_dec_to_input": sae.apply_b_dec_to_input,
+        "normalize_activations": "none",
+        "reshape_activations": "none",
+    }
+    if sae.k is not None:
+        cfg |= {"k": sae.k, "rescale_acts_by_decoder_norm": False}
+    return cfg | {"metadata": meta}
+
+
+def save_sae_lens(sae: SAE, directory: str | os.PathLike[str]) -> Path:
+    """Write `sae` as a SAELens v6 folder (cfg.json, sae_weights.safetensors, labels.json); return it.
+
+    SAELens (>= 6) loads it with hook name, architecture, k / threshold and metadata intact. Each file is
+    written to a temp file beside it and renamed, so an interrupted save never leaves a half-written file.
+    """
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    names = _NEEDED + (("threshold",) if sae.threshold is not None else ())
+    tensors = {n: getattr(sae, n).detach().cpu().contiguous() for n in names}
+    atomic_write(out / WEIGHTS_FILE, safetensors_bytes(tensors))
+    atomic_write(out / CFG_FILE, (json.dumps(sae_lens_config(sae), indent=2) + "\n").encode())
+    if sae.labels:
+        labels = {str(i): text for i, text in sorted(sae.labels.items())}
+        atomic_write(out / LABELS_FILE, (json.dumps(labels, indent=2) + "\n").encode())
+    return out

@@ -1,0 +1,359 @@
+"""Property-based: every CLI command, started from valid arguments with one argument replaced by a bad,
+huge or ill-typed value, ends in exit status 2 with one line on stderr (no traceback, nothing on stdout),
+in bounded time, and leaves every existing file in the output folder byte for byte as it was. Values
+that could make an unbounded allocation run again in a subprocess under a memory limit."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from qktrace.cli import main
+from qktrace.config import LIMITS, parse_bytes, parse_device, parse_dtype
+from qktrace.errors import QKTraceError
+from qktrace.interventions import parse_scales
+from qktrace.saes import SAE, save_sae_lens
+
+PROMPT = "Aunt Sally is the"  # 5 tokens with BOS
+N_POS, N_LAYERS, N_HEADS, D_SAE = 5, 2, 4, 40
+FUZZ = settings(
+    max_examples=int(os.environ.get("QKTRACE_FUZZ_EXAMPLES", "30")),
+    deadline=None,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
+SRC = str(Path(__file__).resolve().parents[1] / "src")
+
+
+@pytest.fixture(scope="module")
+def world(tiny_paths, tmp_path_factory):
+    """The tiny llama, SAEs at every checkpoint, an output folder holding files that must survive."""
+    model = tiny_paths["llama"]
+    root = tmp_path_factory.mktemp("fuzz_cli")
+    g = torch.Generator().manual_seed(0)
+    for c in range(N_LAYERS + 1):
+        W = torch.randn(32, D_SAE, generator=g)
+        sae = SAE(c, "topk", W, torch.zeros(D_SAE), W.T.contiguous() * 0.3, torch.zeros(32), k=5)
+        save_sae_lens(sae, root / "saes" / f"blocks.{c}.hook_resid_pre")
+    out = root / "out"
+    (out / "sub").mkdir(parents=True)
+    for name, data in {
+        "g.json": b'{"old": "graph"}',
+        "p.png": b"old plot",
+        "h.png": b"old heads",
+        "keep.txt": b"x",
+        "corpus.jsonl": b'{"text": "Aunt Sally is the w1 of w2"}\n{"text": "the Uncle Bob , w3 w4"}\n',
+        "prompts.jsonl": b'{"prompt": "Aunt Sally is the Aunt"}\n',
+        "empty.jsonl": b"",
+        "bad.jsonl": b'{"prompt": 3}\n{"text": "no prompt"}\n',
+    }.items():
+        (out / name).write_bytes(data)
+    from qktrace.tracer import Tracer
+
+    acts = Tracer.load(model, root / "saes").run(PROMPT).acts(1)
+    active = int(acts.feature[acts.pos == 2][0])
+    return {"M": str(model), "S": str(root / "saes"), "OUT": out, "F": active}
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def base_args(w) -> dict[str, dict[str, str | list[str]]]:
+    """Valid arguments of every command (serve and demo are only ever run with a bad one)."""
+    out, m, s = w["OUT"], w["M"], w["S"]
+    common = {"--device": "cpu", "--dtype": "float32"}
+    return {
+        "qk": {"": m, "--saes": s, "--prompt": PROMPT, "--layer": "1", "--head": "0", "--top": "5", **common},
+        "graph": {
+            "": m,
+            "--saes": s,
+            "--prompt": PROMPT,
+            "--out": str(out / "g.json"),
+            "--max-nodes": "20",
+            "--node-threshold": "0.8",
+            "--max-memory": "1GB",
+            **common,
+        },
+        "steer": {
+            "": m,
+            "--saes": s,
+            "--prompt": PROMPT,
+            "--layer": "1",
+            "--feature": str(w["F"]),
+            "--positions": "2",
+            "--heads": "2",
+            "--scales": "0,1",
+            "--plot": str(out / "p.png"),
+            "--watch": ["Sally"],
+            "--watch-attn": ["1,2,4,2"],
+            **common,
+        },
+        "heads": {"": m, "--top": "3", "--sort": "induction", "--plot": str(out / "h.png"), **common},
+        "info": {"": m, "--saes": s, "--sae-ids": "blocks.1.hook_resid_pre", **common},
+        "serve": {"": str(out), "--port": "8123", "--max-tokens": "64", "--max-memory": "1GB", **common},
+        "demo": {"--out": str(out / "demo"), "--port": "8124", **common},
+        "dashboards": {
+            "": m,
+            "--saes": s,
+            "--corpus": str(out / "corpus.jsonl"),
+            "--out": str(out / "dash"),
+            "--workers": "1",
+            "--seq-len": "16",
+            "--max-docs": "2",
+            **common,
+        },  # fmt: skip
+        "batch": {
+            "": m,
+            "--saes": s,
+            "--prompts": str(out / "prompts.jsonl"),
+            "--out": str(out / "batch"),
+            "--workers": "1",
+            "--max-nodes": "20",
+            **common,
+        },  # fmt: skip
+    }
+
+
+def argv_of(command: str, args: dict[str, str | list[str]]) -> list[str]:
+    argv = [command]
+    for k, v in args.items():
+        for x in v if isinstance(v, list) else [v]:
+            argv += [x] if k == "" else [k, x]
+    return argv
+
+
+# -- bad values ------------------------------------------------------------------------------------------
+
+
+def _is_int(s: str) -> bool:
+    try:
+        int(s.strip())
+        return True
+    except ValueError:
+        return False
+
+
+def _refused(parse, s) -> bool:  # type: ignore[no-untyped-def]
+    try:
+        parse(s)
+    except (QKTraceError, ValueError, TypeError):
+        return True
+    return False
+
+
+huge = st.integers(min_value=10**6, max_value=10**40)
+not_int = st.one_of(
+    st.sampled_from(["1.5", "0x10", "nan", "", " ", "1e3", "--", "½", "None", "[1]"]),
+    st.text(max_size=12).filter(lambda s: not _is_int(s) and not s.startswith("-")),
+)
+
+
+def ints_outside(lo: int, hi: int) -> st.SearchStrategy[str]:
+    """Integers outside lo..hi (and non-integers), as argv text."""
+    out = st.one_of(st.integers(max_value=lo - 1), st.integers(min_value=hi + 1), huge, huge.map(lambda x: -x))
+    return st.one_of(out.map(str), not_int)
+
+
+surrogate = st.characters(min_codepoint=0xD800, max_codepoint=0xDFFF)
+bad_prompt = st.one_of(
+    st.text(alphabet=" \t\n\r\x0b\x0c", max_size=5),
+    st.tuples(st.text(max_size=8), surrogate, st.text(max_size=8)).map("".join),
+    st.tuples(st.sampled_from(["Aunt ", "w1 "]), st.just("\x00"), st.just(" Sally")).map("".join),
+)
+bad_scales = st.one_of(
+    st.tuples(st.integers(-5, 5), st.integers(-5, 5), st.integers(LIMITS.max_scales + 1, 10**15)).map(
+        lambda t: f"{t[0]}:{t[1]}:{t[2]}"
+    ),
+    st.integers(max_value=0).map(lambda n: f"0:1:{n}"),
+    st.sampled_from(["nan", "inf", "-inf", "1e400", "0,nan", "1,2,inf", "", ",", "1e5", "0:1e9:3", "0:1", "a:b:c"]),
+    st.lists(st.floats(-3, 3), min_size=LIMITS.max_scales + 1, max_size=200).map(lambda v: ",".join(map(str, v))),
+    st.text(max_size=10).filter(lambda s: _refused(parse_scales, s)),
+)
+bad_positions = st.one_of(
+    ints_outside(-N_POS, N_POS - 1),
+    st.integers(0, N_POS - 1).map(lambda p: f"{p},{p}"),
+    st.integers(0, N_POS - 1).map(lambda p: f"{p},{p - N_POS}"),
+    st.sampled_from(["5:5", "9:", "1:2:3", "a", "", ",", "1,,2", "0," * 5000 + "0"]),
+)
+bad_heads = st.one_of(
+    st.integers(0, N_HEADS - 1).map(lambda h: f"{h},{h}"),
+    st.integers(N_HEADS, 10**30).map(str),
+    st.sampled_from(["-1", "", ",", "a", "1,,2", ",".join(["0"] * (LIMITS.max_heads + 1))]),
+)
+bad_out = st.sampled_from(["@OUT", "@OUT/missing/x.json", "@OUT/keep.txt/x.json", "@OUT/sub", ""])
+bad_device = st.one_of(
+    st.sampled_from(["gpu", "cuda:99", "tpu", "", "cpu:0:1", "mps", "cuda:-1", "meta", "CPU0"]),
+    st.text(max_size=8).filter(lambda s: _refused(parse_device, s) and not s.startswith("-")),
+)
+bad_dtype = st.one_of(
+    st.sampled_from(["int8", "float64", "fp8", "", "Float32", "torch.float32", "double"]),
+    st.text(max_size=8).filter(lambda s: _refused(parse_dtype, s) and not s.startswith("-")),
+)
+bad_memory = st.one_of(
+    st.sampled_from(["0", "0GB", "1e400", "2PB", "abc", "1.5.5GB", "GB", "1KiBB", "", "nan", "inf", "1 GB B"]),
+    st.text(max_size=8).filter(lambda s: _refused(parse_bytes, s) and not s.startswith("-")),
+)
+bad_fraction = st.one_of(
+    st.sampled_from(["nan", "inf", "0", "1.01", "abc", "1e400", "", "0.0"]),
+    st.floats(min_value=1.0001, allow_nan=False).map(repr),
+    st.floats(max_value=0.0, allow_nan=False).map(repr),
+)
+bad_watch = st.one_of(
+    st.sampled_from(["Aunt Sally", "w1 w2", "", "   "]).map(lambda t: [t]),
+    st.just(["Sally"] * (LIMITS.max_watch_tokens + 1)),
+)
+bad_watch_attn = st.one_of(
+    st.sampled_from(["1,2", "1,2,3", "a,b,c,d", "", "1,2,3,4,5", "9,0,0,0", "1,9,0,0", "1,2,9,0", "1,2,0,-9"]).map(
+        lambda t: [t]
+    ),
+    st.just(["1,2,4,2"] * (LIMITS.max_watch_attention + 1)),
+)
+
+BAD = {
+    "": st.sampled_from(["@OUT/no-model", "@OUT/keep.txt"]),
+    "--saes": st.sampled_from(["@OUT/no-saes", "@OUT/keep.txt"]),
+    "--sae-ids": st.sampled_from(["blocks.9.hook_resid_pre", "nonsense", ",", "blocks.1.hook_resid_pre,x"]),
+    "--prompt": bad_prompt,
+    "--layer": ints_outside(0, N_LAYERS - 1),
+    "--head": ints_outside(0, N_HEADS - 1),
+    "--top": ints_outside(1, LIMITS.max_top),
+    "--out": bad_out,
+    "--plot": bad_out,
+    "--max-nodes": ints_outside(1, LIMITS.max_graph_nodes),
+    "--node-threshold": bad_fraction,
+    "--max-memory": bad_memory,
+    "--device": bad_device,
+    "--dtype": bad_dtype,
+    "--feature": ints_outside(0, D_SAE - 1),
+    "--positions": bad_positions,
+    "--heads": bad_heads,
+    "--scales": bad_scales,
+    "--watch": bad_watch,
+    "--watch-attn": bad_watch_attn,
+    "--sort": st.text(max_size=10).filter(lambda s: s not in ("induction", "prev_token", "duplicate", "qk_skew")),
+    "--port": ints_outside(1, 65535),
+    "--max-tokens": st.one_of(st.integers(max_value=0).map(str), not_int),
+}
+SERVE_BAD = {**BAD, "": st.sampled_from(["@OUT/no-dir", "@OUT/keep.txt/x"])}
+
+
+def run_cli(argv: list[str]) -> tuple[int, str, str, float]:
+    out, err = io.StringIO(), io.StringIO()
+    start = time.perf_counter()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(argv)
+    return code, out.getvalue(), err.getvalue(), time.perf_counter() - start
+
+
+def check_refused(w, command: str, key: str, value: object) -> None:  # type: ignore[no-untyped-def]
+    out = w["OUT"]
+
+    def sub(v: str) -> str:
+        return v.replace("@OUT", str(out))
+
+    value = [sub(v) for v in value] if isinstance(value, list) else sub(str(value))
+    args = base_args(w)[command] | {key: value}
+    before = snapshot(out)
+    with pytest.MonkeyPatch.context() as mp:  # if a bad value were accepted, these must not block the test
+        mp.setattr("uvicorn.run", lambda *a, **k: (_ for _ in ()).throw(AssertionError("the server started")))
+        mp.setattr("qktrace.demo.run.run_demo", lambda *a, **k: (_ for _ in ()).throw(AssertionError("demo ran")))
+        code, stdout, stderr, seconds = run_cli(argv_of(command, args))
+    case = f"{command} {key}={value!r:.200}"
+    assert code == 2, f"{case}: exit {code}, stderr {stderr!r:.400}"
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("qktrace: error: "), f"{case}: {stderr!r:.400}"
+    assert "Traceback" not in stderr and stdout == "", case
+    assert seconds < 60, f"{case}: {seconds:.1f} s"
+    assert snapshot(out) == before, f"{case} changed the output folder"
+
+
+def _fuzz(command: str, bad: dict[str, st.SearchStrategy[object]]):  # type: ignore[no-untyped-def]
+    @FUZZ
+    @given(data=st.data())
+    def test(world, data):  # type: ignore[no-untyped-def]
+        key = data.draw(st.sampled_from([k for k in base_args(world)[command] if k in bad]), label="argument")
+        check_refused(world, command, key, data.draw(bad[key], label="value"))
+
+    return test
+
+
+test_fuzz_qk = _fuzz("qk", BAD)
+test_fuzz_graph = _fuzz("graph", BAD)
+test_fuzz_steer = _fuzz("steer", BAD)
+test_fuzz_heads = _fuzz("heads", BAD)
+test_fuzz_info = _fuzz("info", BAD)
+test_fuzz_serve = _fuzz("serve", SERVE_BAD)
+test_fuzz_demo = _fuzz("demo", {**BAD, "--out": st.sampled_from(["@OUT/keep.txt", "@OUT/keep.txt/x", ""])})
+SCALE_BAD = {
+    **BAD,
+    "--out": st.sampled_from(["@OUT/keep.txt", "@OUT/keep.txt/x", ""]),
+    "--corpus": st.sampled_from(["@OUT/no-corpus", "@OUT/keep.txt/x", "", "@OUT/empty.jsonl"]),
+    "--prompts": st.sampled_from(["@OUT/no-prompts", "@OUT/keep.txt", "@OUT/empty.jsonl", "@OUT/bad.jsonl", ""]),
+    "--workers": st.one_of(st.integers(max_value=0).map(str), st.integers(min_value=4097).map(str), not_int),
+    "--seq-len": st.one_of(st.integers(max_value=1).map(str), not_int),
+    "--max-docs": st.one_of(st.integers(max_value=0).map(str), not_int),
+}
+test_fuzz_dashboards = _fuzz("dashboards", SCALE_BAD)
+test_fuzz_batch = _fuzz("batch", SCALE_BAD)
+
+
+# -- what could allocate without bound, under a memory limit ----------------------------------------------
+
+HUGE_CASES = [
+    ["steer", "--scales", "0:1:100000000"],
+    ["steer", "--scales", "0:1:" + "9" * 4000],
+    ["steer", "--positions", ",".join(["1"] * 200_000)],
+    ["steer", "--heads", ",".join(["1"] * 200_000)],
+    ["steer", "--positions", "0:" + "9" * 30],
+    ["steer", "--feature", "9" * 30],
+    ["qk", "--top", "9" * 30],
+    ["qk", "--layer", "9" * 30],
+    ["qk", "--key-pos", "9" * 30],
+    ["graph", "--max-nodes", "9" * 30],
+    ["graph", "--max-memory", "9" * 30 + "TB"],
+]
+
+
+def test_huge_values_are_refused_in_bounded_memory(world):
+    """Each case in one subprocess capped at 3 GiB of address space: refused (exit 2, one line), quickly."""
+    w = base_args(world)
+    cases = [argv_of(c[0], w[c[0]] | {c[1]: c[2]}) for c in HUGE_CASES]
+    script = textwrap.dedent(
+        f"""
+        import contextlib, io, json, resource, sys, time
+        sys.path.insert(0, {SRC!r})
+        import torch, transformers  # what every command imports, before the cap
+        from qktrace.cli import main
+        resource.setrlimit(resource.RLIMIT_AS, (3 << 30, 3 << 30))
+        results = []
+        for argv in json.loads(sys.stdin.read()):
+            err = io.StringIO()
+            start = time.perf_counter()
+            with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
+                code = main(argv)
+            results.append((code, err.getvalue(), time.perf_counter() - start))
+        print(json.dumps(results))
+        """
+    )
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
+    proc = subprocess.run(
+        [sys.executable, "-c", script], input=json.dumps(cases), capture_output=True, text=True, env=env, timeout=600
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    results = json.loads(proc.stdout.strip().splitlines()[-1])
+    for case, (code, err, seconds) in zip(HUGE_CASES, results):
+        assert code == 2 and len(err.strip().splitlines()) == 1, (case[:2], err[:300])
+        assert seconds < 30, (case[:2], seconds)
