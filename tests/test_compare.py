@@ -157,3 +157,26 @@ def test_compare_endpoint(tiny_models, tmp_path):
     assert both.status_code == 422 and "exactly one" in both.json()["error"]
     view_only = TestClient(create_app(tmp_path)).post("/api/compare", json={"prompt_a": A, "prompt_b": B})
     assert view_only.status_code == 409
+
+
+def test_cli_compare(capsys, tiny_paths, tmp_path):
+    from qktrace.cli import main
+    from qktrace.saes import save_sae_lens
+
+    model = Tracer.load(tiny_paths["llama"]).model
+    saes = random_saes(model, "topk", seed=2)
+    for c, sae in saes.items():
+        save_sae_lens(sae, tmp_path / "saes" / f"blocks.{c}.hook_resid_pre")
+    base = ["compare", str(tiny_paths["llama"]), "--saes", str(tmp_path / "saes"), "--device", "cpu"]
+    code = main([*base, "--prompt-a", A, "--prompt-b", B, "--answer", "Sally", "--rival", "Bob", "--json"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    got = json.loads(out)
+    tracer = Tracer.load(tiny_paths["llama"], tmp_path / "saes")
+    want = compare(tracer.run(A), tracer.run(B), answer="Sally", rival="Bob")
+    assert got["metric_b"] == pytest.approx(want.metric_b) and got["differing"] == [8]
+    assert [(h["layer"], h["head"]) for h in got["heads"]] == [(h.layer, h.head) for h in want.heads]
+    assert main([*base, "--prompt-a", A, "--prompt-b", B]) == 0 and "differ at position 8" in capsys.readouterr().out
+    assert main([*base, "--prompt-a", A, "--prompt-b", A + " Sally"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "11 tokens" in err

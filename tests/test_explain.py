@@ -236,3 +236,38 @@ def test_explain_endpoint(tiny_models, tmp_path):
     assert got["prompt"] == prompt
     bad = client.post("/api/explain", json={"prompt": prompt, "answer": "Sally Bob"})
     assert bad.status_code == 400 and "name a single token" in bad.json()["error"]
+
+
+@pytest.fixture(scope="module")
+def tiny_on_disk(tiny_paths, tmp_path_factory):
+    """The tiny llama and random SAEs saved as SAELens folders: what the command line loads."""
+    from qktrace.saes import save_sae_lens
+
+    root = tmp_path_factory.mktemp("explain_cli")
+    model = Tracer.load(tiny_paths["llama"]).model
+    for c, sae in random_saes(model, "topk", seed=5).items():
+        save_sae_lens(sae, root / "saes" / f"blocks.{c}.hook_resid_pre")
+    return tiny_paths["llama"], root / "saes"
+
+
+def test_cli_explain_prints_and_writes_what_the_library_finds(capsys, tiny_on_disk, tmp_path):
+    from qktrace.cli import main
+
+    model_dir, saes = tiny_on_disk
+    prompt = "Aunt Sally is the opposite of Uncle Bob . Aunt"
+    base = ["explain", str(model_dir), "--saes", str(saes), "--device", "cpu", "--prompt", prompt]
+    code = main(
+        [*base, "--answer", "Sally", "--json", "--out", str(tmp_path / "m.json"), "--plot", str(tmp_path / "m.png")]
+    )
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    got = json.loads(out)
+    want = explain(Tracer.load(model_dir, saes), prompt, "Sally")
+    assert got["best"] == want.candidates.index(want.best)
+    assert [c["curve"][-1]["margin"] for c in got["candidates"]] == [c.curve[-1].margin for c in want.candidates]
+    assert json.loads((tmp_path / "m.json").read_text()) == got
+    assert (tmp_path / "m.png").read_bytes()[:4] == b"\x89PNG"
+    assert main([*base, "--answer", "Sally"]) == 0 and "**Mechanism**" in capsys.readouterr().out
+    assert main([*base, "--answer", "Sally Bob"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "name a single token" in err
