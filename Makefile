@@ -36,6 +36,7 @@ bench: $(STAMP)
 	$(PY) bench/bench_qk.py
 	$(PY) bench/bench_graph.py
 	$(PY) bench/bench_dashboards.py
+	$(PY) bench/bench_explain.py
 
 DEMO_MODEL := src/qktrace/demo/assets/model
 

@@ -9,6 +9,9 @@ from qktrace import errors
 
 PUBLIC = {
     "SAE",
+    "Comparison",
+    "ExplainSettings",
+    "Mechanism",
     "FreezeAttention",
     "Graph",
     "Model",
@@ -22,6 +25,8 @@ PUBLIC = {
     "Traced",
     "Tracer",
     "build_graph",
+    "compare",
+    "explain",
     "load_graph",
     "load_model",
     "load_saes",

@@ -69,7 +69,11 @@ def test_each_prompt_as_traced_alone(setup: Setup, prompts: Path, reference: Pat
         if "rival" in spec:
             r = tracer.model.token_id(spec["rival"])
             assert row["logit_diff"] == pytest.approx(float(logits[a] - logits[r]), abs=1e-4)
-        assert row["n_nodes"] == len(graph.nodes) and row["explained"] is False
+        assert row["n_nodes"] == len(graph.nodes)
+        assert row["explained"] is ("answer" in spec)  # qktrace.explain runs where a prompt names its answer
+        if "answer" in spec:
+            mech = json.loads((reference / "prompts" / pid / "explain.json").read_text())
+            assert mech["answer_id"] == a and mech["rival_given"] is ("rival" in spec)
 
 
 def test_interrupted_batch_resumes_to_the_same_files(

@@ -618,3 +618,79 @@ def test_page_modules_are_served_as_javascript(setup):
                 if imported not in seen:
                     todo.append(imported)
         assert seen == {p.name for p in static.glob("*.js")}, "a module no one imports, or one not found"
+
+
+def test_compare_view(setup, shots, driver, tmp_path):
+    """#compare=A,B opens two graphs side by side, the differing token marked in both, and the heads whose
+    attention differs most, with the numbers the API computes; a head's row shows its QK term differences;
+    closing it returns to one graph; without a model the graphs still show, with a note."""
+    tracer = setup.tracer
+    data = tmp_path / "graphs"
+    data.mkdir()
+    prompts = {
+        "a.json": "Aunt Sally is the opposite of Uncle Bob . Aunt",
+        "b.json": "Aunt Sally is the opposite of Uncle Sally . Aunt",
+    }
+    traced = {}
+    for name, prompt in prompts.items():
+        traced[name] = tracer.run(prompt)
+        traced[name].graph(progress=False).save(data / name)
+    graphs = {name: json.loads((data / name).read_text()) for name in prompts}
+    with LiveServer(create_app(data, tracer)) as server:
+        driver.get(server.url + "/#compare=a.json,b.json")
+        wait(driver, "#compare-table tr.compare-row")
+        assert driver.find_element(By.ID, "compare-pane").is_displayed()
+        assert not driver.find_element(By.ID, "main").is_displayed()
+        for side, name in (("a", "a.json"), ("b", "b.json")):
+            nodes = driver.find_elements(By.CSS_SELECTOR, f"#compare-svg-{side} g.node")
+            assert len(nodes) == len(graphs[name]["nodes"])
+            marked = driver.find_elements(By.CSS_SELECTOR, f"#compare-svg-{side} text.token-label.differs")
+            assert [int(t.get_attribute("data-pos")) for t in marked] == [8]
+        api = server.post(
+            "/api/compare",
+            {"tokens_a": traced["a.json"].trace.tokens.tolist(), "tokens_b": traced["b.json"].trace.tokens.tolist(),
+             "query_pos": -1, "top": 5},
+        )  # fmt: skip
+        rows = driver.find_elements(By.CSS_SELECTOR, "#compare-table tr.compare-row")
+        assert len(rows) == min(20, len(api["heads"]))
+        for row, h in zip(rows, api["heads"]):
+            assert (int(row.get_attribute("data-layer")), int(row.get_attribute("data-head"))) == (
+                h["layer"],
+                h["head"],
+            )
+            assert int(row.get_attribute("data-key")) == h["key_pos"]
+            for field in ("attention_a", "attention_b", "diff", "skew"):
+                shown, exact = numbers(row.find_element(By.CSS_SELECTOR, f"td[data-field={field}]"))
+                assert exact == h[field] and shown == pytest.approx(h[field], rel=1e-3, abs=1e-6)
+        driver.save_screenshot(str(shots / "10-compare.png"))
+
+        # a head's row: its QK terms in A and B, as the API lists them
+        click(driver, rows[0])
+        wait(driver, "#compare-terms-title")
+        terms = next(
+            t for t in api["terms"] if (t["layer"], t["head"]) == (api["heads"][0]["layer"], api["heads"][0]["head"])
+        )
+        cells = driver.find_elements(By.CSS_SELECTOR, "#compare-terms tr.compare-term td[data-field=diff]")
+        assert [numbers(c)[1] for c in cells] == [x["diff"] for x in terms["terms"]]
+        assert 'different at 8 ("Bob" → "Sally")' in driver.find_element(By.ID, "compare-summary").text
+        driver.execute_script("document.getElementById('compare-terms').scrollIntoView()")
+        driver.save_screenshot(str(shots / "11-compare-terms.png"))
+
+        # back to one graph
+        click(driver, driver.find_element(By.ID, "compare-close"))
+        WebDriverWait(driver, 10).until(lambda d: d.find_element(By.ID, "main").is_displayed())
+        opened(driver, "a.json")
+        assert driver.execute_script("return location.hash") == "#graph=a.json"
+        # and the Compare button opens it again, A = the open graph
+        click(driver, driver.find_element(By.ID, "compare-open"))
+        WebDriverWait(driver, 10).until(lambda d: d.find_element(By.ID, "compare-pane").is_displayed())
+        assert Select(driver.find_element(By.ID, "compare-a")).first_selected_option.get_attribute("value") == "a.json"
+        assert Select(driver.find_element(By.ID, "compare-b")).first_selected_option.get_attribute("value") == "b.json"
+        assert console_errors(driver) == []
+
+    with LiveServer(create_app(data)) as server:  # view only: no model
+        driver.get(server.url + "/#compare=a.json,b.json")
+        note = wait(driver, "#compare-note")
+        assert "No model is loaded" in note.text
+        assert len(driver.find_elements(By.CSS_SELECTOR, "#compare-svg-b g.node")) == len(graphs["b.json"]["nodes"])
+        assert console_errors(driver) == []

@@ -3,7 +3,9 @@
 The public API is exactly `__all__` (a test holds it there).
 """
 
+from .compare import Comparison, compare
 from .errors import QKTraceError
+from .explain import ExplainSettings, Mechanism, explain
 from .graph import Graph, build_graph, load_graph
 from .interventions import FreezeAttention, ScaleHead, SteerFeature, SteerQK, run_with, sweep
 from .models import Model, Trace, load_model
@@ -13,9 +15,12 @@ from .tracer import Traced, Tracer
 
 __all__ = [
     "SAE",
+    "Comparison",
+    "ExplainSettings",
     "FreezeAttention",
     "Graph",
     "Model",
+    "Mechanism",
     "QKAttribution",
     "QKTraceError",
     "SAESet",
@@ -26,6 +31,8 @@ __all__ = [
     "Traced",
     "Tracer",
     "build_graph",
+    "compare",
+    "explain",
     "load_graph",
     "load_model",
     "load_saes",

@@ -22,6 +22,7 @@ from .qk import QKAttribution, qk_attribution
 from .saes import SAE, FeatureActs, SAESet, load_saes
 
 if TYPE_CHECKING:
+    from .compare import Comparison
     from .graph import Graph, QKContributor, QKTracing
 
 
@@ -223,6 +224,12 @@ class Traced:
                 else:
                     only[cid] = QKContributor(describe(node), None)
         return out, only
+
+    def compare(self, other: Traced, **kwargs: Any) -> Comparison:
+        """This prompt (A) against `other` (B), whose tokens align, head by head (see `qktrace.compare.compare`)."""
+        from .compare import compare
+
+        return compare(self, other, **kwargs)
 
     def link_qk_terms(
         self,

@@ -181,6 +181,28 @@ def build_parser(commands: Mapping[str, Callable[[argparse.Namespace], int]]) ->
     sp.add_argument("--plot", help="write a PNG of the sweep")
     sp.set_defaults(func=commands["steer"])
 
+    sp = sub.add_parser("explain", help="the QK mechanism behind an answer (attribution, then steering)")
+    _model_args(sp)
+    sp.add_argument("--prompt", required=True)
+    sp.add_argument("--answer", required=True, help="the answer's token, e.g. ' Sally' (with its leading space)")
+    sp.add_argument("--rival", help="the token it should beat (default: the clean runner-up)")
+    sp.add_argument("--side", choices=("auto", "query", "key"), default="auto", help="where candidates are sought")
+    sp.add_argument("--json", action="store_true", help="print the mechanism as one JSON object")
+    sp.add_argument("--out", help="also write the mechanism's JSON here")
+    sp.add_argument("--plot", help="write a PNG of every candidate's curve and the mechanism's")
+    sp.set_defaults(func=commands["explain"])
+
+    sp = sub.add_parser("compare", help="two prompts whose tokens align (a minimal pair), head by head")
+    _model_args(sp)
+    sp.add_argument("--prompt-a", required=True)
+    sp.add_argument("--prompt-b", required=True)
+    sp.add_argument("--query-pos", type=int, default=-1, help="the attending position (default -1, the last)")
+    sp.add_argument("--answer", help="a token: logit(answer) - logit(rival) in both prompts")
+    sp.add_argument("--rival", help="default: prompt A's runner-up")
+    sp.add_argument("--top", type=int_in(0, 64), default=5, help="heads whose QK terms are compared")
+    sp.add_argument("--json", action="store_true", help="print the comparison as one JSON object")
+    sp.set_defaults(func=commands["compare"])
+
     sp = sub.add_parser("heads", help="rank heads: previous-token, induction, duplicate-token, W_QK sign skew")
     _model_args(sp)
     sp.add_argument("--sort", default="induction", choices=("induction", "prev_token", "duplicate", "qk_skew"))
@@ -239,7 +261,8 @@ def build_parser(commands: Mapping[str, Callable[[argparse.Namespace], int]]) ->
 
 
 # options whose value may start with '-' (a negative scale or position, a prompt, a token)
-_VALUED = ("--scales", "--positions", "--prompt", "--watch", "--watch-attn", "--heads", "--slug", "--scan")
+_VALUED = ("--scales", "--positions", "--prompt", "--watch", "--watch-attn", "--heads", "--slug", "--scan", "--answer",
+           "--rival", "--prompt-a", "--prompt-b")  # fmt: skip
 
 
 def join_dash_values(argv: Sequence[str]) -> list[str]:

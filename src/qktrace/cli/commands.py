@@ -219,6 +219,37 @@ def cmd_steer(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_explain(args: argparse.Namespace) -> int:
+    from ..explain import explain
+
+    check_text(args.prompt)
+    out = check_output(args.out, "output", "--out") if args.out is not None else None
+    plot = check_output(args.plot, "plot", "--plot") if args.plot is not None else None
+    m = explain(_tracer(args), args.prompt, args.answer, args.rival, args.side)
+    if out is not None:
+        m.save_json(out)
+    if plot is not None:
+        m.plot(plot)
+    if args.json:
+        _print_json(m.to_json())
+    else:
+        print(m.markdown())
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    check_text(args.prompt_a, "--prompt-a")
+    check_text(args.prompt_b, "--prompt-b")
+    tracer = _tracer(args)
+    a, b = tracer.run(args.prompt_a), tracer.run(args.prompt_b)
+    c = a.compare(b, query_pos=args.query_pos, answer=args.answer, rival=args.rival, top=args.top)
+    if args.json:
+        _print_json(c.to_json())
+    else:
+        print(c.markdown(top=max(args.top, 8)))
+    return 0
+
+
 def cmd_heads(args: argparse.Namespace) -> int:
     from ..heads import heads_table
     from ..plots import plot_heads
@@ -335,6 +366,8 @@ COMMANDS = {
     "qk": cmd_qk,
     "graph": cmd_graph,
     "steer": cmd_steer,
+    "explain": cmd_explain,
+    "compare": cmd_compare,
     "heads": cmd_heads,
     "serve": cmd_serve,
     "dashboards": cmd_dashboards,

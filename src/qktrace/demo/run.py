@@ -1,16 +1,19 @@
-"""`qktrace demo`: the paper's four case studies on the embedded demo model, end to end.
+"""`qktrace demo`: the paper's case studies on the embedded demo model, end to end, as a thin client of
+`qktrace.explain` and `qktrace.compare` (nothing about the demo model is hard-coded beyond the prompts,
+their expected answers and rivals).
 
-For each case study, by the tool's own evidence (nothing about the demo model is hard-coded beyond
-the prompt, the expected answer and, where the task has one, its rival):
-1. trace the prompt; the metric is logit(answer) - logit(rival), the rival defaulting to the runner-up;
-2. build the attribution graph towards the answer; rank heads by cross-position influence (head
-   loadings) and ablate each of the top ones, every other head frozen, to see which are necessary;
-3. for the top heads, the features that most raise the score at the key each attends to (past the
-   first token), on the study's side, alone and together, are removed inside the QK circuit of that
-   layer's top heads, other heads frozen; every candidate's effect is reported;
-4. the strongest is swept over scales and plotted; its head's QK row is written in full, with the
-   top terms, the feature x feature terms and the contrast against the next best key;
-5. write graph JSON, QK JSON, PNGs and a Markdown report to the output folder.
+1. Each case study (induction, antonyms, multiple choice, correctness): trace the prompt, build the
+   attribution graph towards the answer (saved for the web UI) and `explain` it: the heads that carry
+   the answer, the sites searched, every candidate tried, the confirmed mechanism with its curve (JSON,
+   PNG), and the QK attribution of the mechanism's first head at its key.
+2. The correctness study compares minimal pairs with `Traced.compare`: "The color of a banana is yellow?"
+   against "... red?", and "18+5=23?" against "18+6=23?". Heads whose attention to the object (the
+   banana; the second operand) is higher when the statement is true behave like the paper's concordance
+   heads, lower like its discordance heads; beside each its W_QK eigenvalue sign skew, which the paper
+   finds positive for concordance and negative for discordance heads. Attention is read from the last
+   position (where this model answers) and from the stated value (where the paper reads it).
+3. Everything goes to the output folder: graph JSON (both prompts of each pair too, for the compare
+   view), mechanism JSON and PNG, QK JSON, comparison JSON, and report.md.
 """
 
 from __future__ import annotations
@@ -18,17 +21,16 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from ..config import DEMO_MODEL, DEMO_SAES
-from ..interventions import SCALE, FreezeAttention, Intervention, ScaleHead, SteerQK, sweep
-from ..nodes import CODE, Kind
-from ..plots import plot_sweep
-from ..tracer import Traced, Tracer
+from ..compare import Comparison
+from ..config import DEMO_NAME, DEMO_SAES
+from ..explain import Mechanism, explain
+from ..files import atomic_write
+from ..tables import markdown_table
+from ..tracer import Tracer
 
 log = logging.getLogger(__name__)
 
@@ -39,9 +41,7 @@ class CaseStudy:
     title: str
     prompt: str
     answer: str  # the expected next token, e.g. " Sally"
-    rival: str | None  # a token the mechanism should lose to the answer
-    side: str  # "key" or "query": where the steered feature lives
-    scales: str = "-3:1:9"
+    rival: str | None  # the token the mechanism should lose to (None: the clean runner-up)
 
 
 CASES = (
@@ -52,7 +52,6 @@ CASES = (
         "I always loved visiting Aunt Sally. Then Uncle Peter came home. Whenever I was feeling sad, Aunt",
         " Sally",
         " Peter",
-        "key",
     ),
     CaseStudy(
         "antonyms",
@@ -60,7 +59,6 @@ CASES = (
         'Le contraire de "petit" est "',
         "grand",
         "petit",
-        "query",
     ),
     CaseStudy(
         "multiple_choice",
@@ -68,300 +66,206 @@ CASES = (
         "Human: In what year did World War II end?\n(A) 1776\n(B) 1945\n(C) 1865\nAssistant: Answer: (",
         "B",
         "A",
-        "key",
     ),
     CaseStudy(
         "correctness",
-        "Correctness: concordance between the stated property and the object",
+        "Correctness: why the model says a true statement is true",
         "Answer with yes or no. The color of a banana is yellow?",
         " Yes",
         " No",
-        "query",
     ),
 )
 
 
 @dataclass(frozen=True)
-class HeadAblation:
-    head: tuple[int, int]
-    influence: float  # its share of the graph's cross-position influence
-    effect: float  # change of the logit difference answer - rival when its output is zeroed, others frozen
+class MinimalPair:
+    slug: str
+    title: str
+    true: str  # the statement that is true (the model should answer Yes)
+    false: str  # the same tokens but one (No)
+    key: str  # the object whose attention concordance/discordance heads move
+    value: str  # the stated value, in the true prompt (the paper's query position)
 
 
-@dataclass(frozen=True)
-class Candidate:
-    head: tuple[int, int]
-    steer_heads: tuple[int, ...]
-    key_pos: int
-    features: tuple[int, ...]
-    label: str
-    term: float  # their summed QK terms at (query, key) on the study's side
-    effect: float  # change of the logit difference when removed from the QK circuit (negative = as predicted)
+PAIRS = (
+    MinimalPair(
+        "color",
+        "yellow vs red",
+        "Answer with yes or no. The color of a banana is yellow?",
+        "Answer with yes or no. The color of a banana is red?",
+        " banana",
+        " yellow",
+    ),
+    MinimalPair(
+        "sum", "18+5=23 vs 18+6=23", "Answer with yes or no. 18+5=23?", "Answer with yes or no. 18+6=23?", "5", "23"
+    ),
+)
+SHIFT = 0.1  # |attention(true) - attention(false)| at the object that makes a head concordance- or discordance-like
 
 
 @dataclass
 class CaseResult:
     case: CaseStudy
-    prediction: str
-    answer: str
-    rival: str
-    p_answer: float
+    mechanism: Mechanism
+    qk: dict[str, Any] | None  # QK attribution of the mechanism's first head at its key (to_json)
     graph_summary: dict[str, Any]
-    ablations: list[HeadAblation]
-    head: tuple[int, int]
-    steer_heads: tuple[int, ...]
-    key_pos: int
-    qk: dict[str, Any]
-    top_terms: list[dict[str, Any]]
-    feature_terms: list[dict[str, Any]]  # the top terms that pair two SAE features
-    contrast: list[dict[str, Any]]
-    features: tuple[int, ...]
-    feature_label: str
-    sweep: list[dict[str, Any]]
-    p_answer_ablated: float  # at scale 0
-    p_answer_reversed: float  # at the most negative scale
     files: list[str]
-    candidates: list[Candidate]
-    share_top3: float
 
 
-N_HEADS = 4  # top heads of the graph considered per case (plus the two whose ablation hurts most)
-N_FEATURES = 2  # features per head tried, alone and together
+@dataclass
+class PairResult:
+    pair: MinimalPair
+    key_pos: int
+    comparisons: dict[str, Comparison]  # "last" and "value": the query position read
+    heads: list[dict[str, Any]]  # concordance- and discordance-like heads, per query position
+    files: list[str] = field(default_factory=list)
 
-
-def _side_values(att: Any, side: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per component of the study's side: summed terms at the attribution's (single) key, kind, feature."""
-    if side == "key":
-        return att.terms.sum(0), att.key.kind, att.key.feature
-    return att.terms.sum(1), att.query.kind, att.query.feature
-
-
-def _feature_pairs(att: Any, key_pos: int, top: int) -> list[dict[str, Any]]:
-    df = att.terms_frame(top=None, key_pos=key_pos)
-    both = df["query"].str.startswith("feature/") & df["key"].str.startswith("feature/")
-    return list(df[both].head(top).to_dict(orient="records"))
-
-
-def _single_token(traced: Traced, text: str) -> bool:
-    try:
-        traced.model.token_id(text)
-        return True
-    except Exception:
-        return False
+    @property
+    def answers(self) -> tuple[float, float]:
+        c = self.comparisons["last"]
+        assert c.metric_a is not None and c.metric_b is not None
+        return c.metric_a, c.metric_b
 
 
 def study(tracer: Tracer, case: CaseStudy, out: Path) -> CaseResult:
+    """One case study: graph towards the answer, `explain`, QK attribution of the mechanism's head."""
     traced = tracer.run(case.prompt)
-    model, trace = traced.model, traced.trace
-    probs = torch.softmax(trace.last_logits.double(), -1)
-    answer_id = model.token_id(case.answer)
-    prediction = model.str_tokens(trace.last_logits.argmax().reshape(1))[0]
-    q = trace.n_pos - 1
-    # the rival: the case's own, else the clean runner-up; the metric is the logit difference
-    if case.rival and _single_token(traced, case.rival):
-        rival_id = model.token_id(case.rival)
-    else:
-        rival_id = int(next(t for t in trace.last_logits.argsort(descending=True).tolist() if t != answer_id))
-    watch = [answer_id, rival_id]
-    answer, rival = model.str_tokens(torch.tensor(watch, device="cpu"))
-
-    def diff(ivs: list[Intervention]) -> float:
-        return float(sweep(model, tracer.saes, case.prompt, ivs, [0.0], watch_tokens=watch).iloc[0]["logit_diff"])
-
-    clean = diff([])
-    files: list[str] = []
     graph = traced.graph(targets=[case.answer], progress=False)
-    gpath = out / f"{case.slug}.graph.json"
-    graph.save(gpath)
-    files.append(gpath.name)
-    heads = graph.top_heads(8) or [{"layer": model.n_layers - 1, "head": 0, "influence": 0.0}]
-
-    # Necessity: each top head's output ablated, every other head's pattern frozen.
-    ablations = [
-        HeadAblation(
-            (int(h["layer"]), int(h["head"])),
-            float(h["influence"]),
-            diff([ScaleHead(int(h["layer"]), int(h["head"]), scale=0.0), FreezeAttention()]) - clean,
-        )
-        for h in heads
-    ]
-    # Candidate heads: the top ones by graph influence, then the ones whose ablation hurts the answer most.
-    order = [a.head for a in ablations[:N_HEADS]]
-    order += [a.head for a in sorted(ablations, key=lambda a: a.effect)[:2] if a.head not in order]
-
-    # Candidates: for each such head, the features that most raise its score at the key it attends to
-    # (past the first token) on the study's side, alone and together. Each is removed (scale 0) inside
-    # the QK circuit of that layer's top heads, all other heads frozen; the one whose removal moves
-    # the answer most against the rival is swept. Every candidate is reported.
-    candidates: list[Candidate] = []
-    for layer, head in order:
-        same_layer = [a.head[1] for a in ablations if a.head[0] == layer]
-        steer_heads = tuple(dict.fromkeys([head, *same_layer]))[:3]
-        row = traced.pattern(layer, head, q).clone()
-        row[0] = -1.0  # the first token is an attention sink, not a mechanism
-        key_pos = int(row.argmax())
-        values, kinds, feats = _side_values(traced.qk(layer, head, q, key_pos), case.side)
-        feature = CODE[Kind.FEATURE]
-        top = [i for i in values.argsort(descending=True).tolist() if int(kinds[i]) == feature and float(values[i]) > 0]
-        top = top[:N_FEATURES]
-        positions = key_pos if case.side == "key" else q
-        for group in [[i] for i in top] + ([top] if len(top) > 1 else []):
-            features = tuple(int(feats[i]) for i in group)
-            ivs: list[Intervention] = [
-                SteerQK(layer, steer_heads, case.side, f, positions, scale=0.0)  # type: ignore[arg-type]
-                for f in features
-            ]
-            effect = diff([*ivs, FreezeAttention()]) - clean
-            label = " + ".join(tracer.saes[layer].label(f) for f in features)
-            term = float(values[group].sum())
-            candidates.append(Candidate((layer, head), steer_heads, key_pos, features, label, term, effect))
-    if not candidates:
-        raise RuntimeError(f"{case.slug}: no active feature raises any top head's score")
-    best = min(candidates, key=lambda c: c.effect)
-    (layer, head), steer_heads, key_pos = best.head, best.steer_heads, best.key_pos
-
-    att = traced.qk(layer, head, q)
-    qk_json = att.to_json(top=25)
-    qpath = out / f"{case.slug}.qk.json"
-    qpath.write_text(json.dumps(qk_json))
-    files.append(qpath.name)
-    others = [p for p in traced.pattern(layer, head, q).argsort(descending=True).tolist() if p not in (key_pos, 0)]
-    contrast = att.contrast(key_pos, others[0], top=10).to_dict(orient="records") if others else []
-
-    positions = key_pos if case.side == "key" else q
-    steer: list[Intervention] = [
-        SteerQK(layer, steer_heads, case.side, f, positions, scale=SCALE)  # type: ignore[arg-type]
-        for f in best.features
-    ]
-    df = sweep(
-        model,
-        tracer.saes,
-        case.prompt,
-        [*steer, FreezeAttention()],
-        case.scales,
-        watch_tokens=watch,
-        watch_attention=[(layer, h, q, key_pos) for h in steer_heads],
-    )
-    png = out / f"{case.slug}.steer.png"
-    what = f"{case.side}-side {'+'.join(map(str, best.features))} ({best.label})"
-    plot_sweep(df, png, title=f"{case.slug}: {what} in L{layer} heads {list(steer_heads)}")
-    files.append(png.name)
-    at = {float(s): float(p) for s, p in zip(df["scale"], df[f"p:{answer}"])}
-    return CaseResult(
-        case=case,
-        prediction=prediction,
-        answer=answer,
-        rival=rival,
-        p_answer=float(probs[answer_id]),
-        graph_summary=graph.summary(),
-        ablations=ablations,
-        head=(layer, head),
-        steer_heads=steer_heads,
-        key_pos=key_pos,
-        qk=qk_json,
-        top_terms=att.terms_frame(top=8, key_pos=key_pos).to_dict(orient="records"),
-        feature_terms=_feature_pairs(att, key_pos, 6),
-        contrast=contrast,
-        features=best.features,
-        feature_label=best.label,
-        sweep=df.to_dict(orient="records"),
-        p_answer_ablated=at[min(at, key=abs)],
-        p_answer_reversed=at[min(at)],
-        files=files,
-        candidates=candidates,
-        share_top3=sum(float(h["influence"]) for h in heads[:3]),
-    )
+    files = [graph.save(out / f"{case.slug}.graph.json").name]
+    m = explain(tracer, case.prompt, case.answer, case.rival, graph=graph)
+    files.append(m.save_json(out / f"{case.slug}.mechanism.json").name)
+    files.append(m.plot(out / f"{case.slug}.mechanism.png").name)
+    qk = None
+    best = m.best
+    if best is not None:
+        part = best.parts[0]
+        att = traced.qk(part.layer, part.heads[0], len(m.str_tokens) - 1)
+        qk = att.to_json(top=25)
+        qk["top_terms"] = att.terms_frame(top=8, key_pos=part.key_pos).to_dict(orient="records")
+        files.append(atomic_write(out / f"{case.slug}.qk.json", json.dumps(qk)).name)
+    return CaseResult(case, m, qk, graph.summary(), files)
 
 
-def _md_table(rows: list[dict[str, Any]], cols: list[str], fmt: dict[str, str] | None = None) -> str:
-    fmt = fmt or {}
-    head = "| " + " | ".join(cols) + " |\n|" + "---|" * len(cols) + "\n"
-    body = ""
-    for r in rows:
-        cells = []
-        for c in cols:
-            v = r.get(c, "")
-            cells.append(format(v, fmt[c]) if c in fmt and isinstance(v, (int, float)) else str(v).replace("|", "\\|"))
-        body += "| " + " | ".join(cells) + " |\n"
-    return head + body
+def correctness(tracer: Tracer, pair: MinimalPair, out: Path) -> PairResult:
+    """Compare the pair head by head; the heads whose attention to the object splits true from false."""
+    a, b = tracer.run(pair.true), tracer.run(pair.false)
+    files = []
+    for name, traced in (("true", a), ("false", b)):
+        path = out / f"{pair.slug}.{name}.graph.json"
+        traced.graph(progress=False).save(path)
+        files.append(path.name)
+    toks = a.str_tokens
+    key = toks.index(pair.key)
+    queries = {"last": len(toks) - 1, "value": toks.index(pair.value)}
+    comparisons = {q: a.compare(b, query_pos=p, answer=" Yes", rival=" No") for q, p in queries.items()}
+    heads = []
+    for q, c in comparisons.items():
+        for row in c.at_key(key).to_dict(orient="records"):
+            role = "concordance" if row["diff"] <= -SHIFT else "discordance" if row["diff"] >= SHIFT else None
+            if role is None:
+                continue
+            agrees = row["skew"] > 0 if role == "concordance" else row["skew"] < 0
+            heads.append({"query": q, "role": role, **row, "attention_true": row["attention_a"],
+                          "attention_false": row["attention_b"], "skew_agrees": agrees})  # fmt: skip
+        files.append(atomic_write(out / f"{pair.slug}.{q}.compare.json", json.dumps(c.to_json(top=12))).name)
+    return PairResult(pair, key, comparisons, heads, files)
 
 
-def _steered(r: CaseResult) -> str:
-    feats = " + ".join(map(str, r.features))
-    return f"{r.case.side}-side feature{'s' if len(r.features) > 1 else ''} {feats} ({r.feature_label})"
-
-
-def report(results: list[CaseResult], tracer: Tracer, seconds: float) -> str:
+def report(results: list[CaseResult], pairs: list[PairResult], tracer: Tracer, seconds: float) -> str:
     md = ["# qktrace demo report\n", f"Model: `{tracer.model.name}`; {len(tracer.saes)} SAEs; {seconds:.0f} s.\n"]
     for r in results:
-        c = r.case
-        toks = r.qk["key_positions"]
-        md.append(f"\n## {c.title}\n")
-        md.append(f"Prompt: `{c.prompt!r}` → prediction `{r.prediction!r}`, p({r.answer!r}) = {r.p_answer:.3f}\n")
+        c, m = r.case, r.mechanism
         g = r.graph_summary
+        md.append(f"\n## {c.title}\n\n")
         md.append(
-            f"\n**Graph** (`{c.slug}.graph.json`): {g['n_nodes']} nodes, {g['n_edges']} edges, completeness "
-            f"{g['completeness']:.3f}, replacement {g['replacement']:.3f}. The top three heads carry "
-            f"{r.share_top3:.0%} of the cross-position influence. Each top head's output ablated, every other "
-            f"head's pattern frozen (effect on the logit difference {r.answer!r} − {r.rival!r}):\n\n"
+            f"**Graph** (`{c.slug}.graph.json`): {g['n_nodes']} nodes, {g['n_edges']} edges, completeness "
+            f"{g['completeness']:.3f}, replacement {g['replacement']:.3f}. **Mechanism** (`qktrace.explain`; "
+            f"`{c.slug}.mechanism.json`, plot `{c.slug}.mechanism.png`):\n\n"
         )
-        md.append(
-            _md_table(
-                [
-                    {"head": f"L{a.head[0]}H{a.head[1]}", "influence": a.influence, "ablated": a.effect}
-                    for a in r.ablations
-                ],
-                ["head", "influence", "ablated"],
-                {"influence": ".1%", "ablated": "+.3f"},
+        md.append(m.markdown())
+        if r.qk is not None and m.best is not None:
+            part = m.best.parts[0]
+            i = r.qk["key_positions"].index(part.key_pos)
+            md.append(
+                f"\n**QK attribution** of L{part.layer}H{part.heads[0]} from the last position to key {part.key_pos} "
+                f"(attention {r.qk['pattern'][i]:.3f}): score {r.qk['score'][i]:+.4f}, sum of terms "
+                f"{r.qk['capped_sum'][i]:+.4f} (max relative error {r.qk['max_relative_error']:.1e}). Top terms:\n\n"
             )
-        )
-        L, H = r.head
-        i = toks.index(r.key_pos)
-        md.append(
-            f"\n**QK attribution** of L{L}H{H} from the last position to key {r.key_pos} "
-            f"(attention {r.qk['pattern'][i]:.3f}): score {r.qk['score'][i]:+.4f}, sum of terms "
-            f"{r.qk['capped_sum'][i]:+.4f} (max relative error {r.qk['max_relative_error']:.1e}). Top terms:\n\n"
-        )
-        cols = ["query_label", "key_label", "value", "positional"]
-        md.append(_md_table(r.top_terms, cols, {"value": "+.3f", "positional": "+.3f"}))
-        if r.feature_terms:
-            md.append("\nThe strongest terms between two SAE features (no bias or error components):\n\n")
-            md.append(_md_table(r.feature_terms, cols, {"value": "+.3f", "positional": "+.3f"}))
-        if r.contrast:
-            md.append("\nWhy this key rather than the next best (contrast, top 5):\n\n")
-            md.append(_md_table(r.contrast[:5], ["query_label", "key", "diff"], {"diff": "+.3f"}))
-        md.append(
-            f"\n**Candidates** ({c.side} side): for each top head, the active features that most raise its score "
-            f"at the key it attends to, alone and together; each removed (scale 0) inside the QK circuit of its "
-            f"layer's top heads, other heads frozen; effect on the logit difference {r.answer!r} − {r.rival!r}:\n\n"
-        )
-        md.append(
-            _md_table(
-                [
-                    {
-                        "head": f"L{x.head[0]}H{x.head[1]}",
-                        "key": x.key_pos,
-                        "features": f"{' + '.join(map(str, x.features))}: {x.label}",
-                        "QK term": x.term,
-                        "effect": x.effect,
-                    }
-                    for x in r.candidates
-                ],
-                ["head", "key", "features", "QK term", "effect"],
-                {"QK term": "+.3f", "effect": "+.3f"},
-            )
-        )
-        md.append(
-            f"\n**Steering** {_steered(r)} only inside the QK circuit of L{L} heads {list(r.steer_heads)}, other "
-            f"heads frozen: p({r.answer!r}) goes from {r.p_answer:.3f} (scale 1) to {r.p_answer_ablated:.3f} "
-            f"(scale 0) and {r.p_answer_reversed:.3f} (most negative scale). Plot: `{c.slug}.steer.png`.\n"
-        )
-        if r.sweep:
-            cols = ["scale", "top_1", "p_top_1", "logit_diff"] + [
-                k for k in r.sweep[0] if k.startswith(("p:", "attn:"))
-            ]
-            md.append("\n" + _md_table(r.sweep, cols, {k: ".3f" for k in cols if k != "top_1"}))
+            cols = ["query_label", "key_label", "value", "positional"]
+            rows = [{k: t[k] for k in cols} for t in r.qk["top_terms"]]
+            md.append(markdown_table(rows, {"value": "+.3f", "positional": "+.3f"}))
+    if pairs:
+        md.append(correctness_section(pairs))
     return "".join(md)
+
+
+def correctness_section(pairs: list[PairResult]) -> str:
+    md = [
+        "\n## Correctness: concordance and discordance heads (`Traced.compare`)\n\n",
+        "Each pair differs in one token. A head is *concordance-like* when its attention to the object is at "
+        f"least {SHIFT} higher when the statement is true, *discordance-like* when it is at least {SHIFT} higher "
+        "when it is false. The paper finds W_QK eigenvalues skewed positive for concordance heads and negative "
+        "for discordance heads.\n",
+    ]
+    for p in pairs:
+        yes_true, yes_false = p.answers
+        c = p.comparisons["last"]
+        said = (
+            f"{'Yes' if yes_true > 0 else 'No'} to the true one and {'Yes' if yes_false > 0 else 'No'} to the false one"
+        )
+        md.append(
+            f"\n### {p.pair.title}\n\nlogit(' Yes') − logit(' No'): {yes_true:+.3f} when true, {yes_false:+.3f} "
+            f"when false: the model says {said}. Object: position {p.key_pos} {c.str_tokens_a[p.key_pos]!r}.\n\n"
+        )
+        rows = [
+            {
+                "query": f"{h['query']} ({p.comparisons[h['query']].query_pos})",
+                "head": h["name"],
+                "role": h["role"],
+                "attention if true": h["attention_true"],
+                "attention if false": h["attention_false"],
+                "W_QK skew": h["skew"],
+                "skew as in the paper": "yes" if h["skew_agrees"] else "no",
+            }
+            for h in sorted(p.heads, key=lambda h: (h["query"], h["role"], -abs(h["diff"])))
+        ]
+        md.append(markdown_table(rows, {"attention if true": ".3f", "attention if false": ".3f", "W_QK skew": "+.3f"}))
+        md.append("\n" + verdict(p) + "\n")
+        md.append("\nThe heads whose attention from the last position differs most, and their QK terms:\n\n")
+        md.append(c.markdown(top=6, top_terms=5))
+    return "".join(md)
+
+
+def verdict(p: PairResult) -> str:
+    """What the model does, in words, against the paper's picture."""
+    skews = p.comparisons["last"].skew
+    negative = float((skews < 0).double().mean())
+    parts, means = [], {}
+    for role, sign in (("concordance", "positive"), ("discordance", "negative")):
+        skew = {h["name"]: h["skew"] for h in p.heads if h["role"] == role}
+        agree = [name for name, s in skew.items() if (s > 0) == (sign == "positive")]
+        if not skew:
+            parts.append(f"no head behaves like a {role} head")
+            continue
+        means[role] = sum(skew.values()) / len(skew)
+        n = len(skew)
+        parts.append(
+            f"{n} head{'s' if n > 1 else ''} behave{'' if n > 1 else 's'} like {role} heads "
+            f"({', '.join(sorted(skew))}), {len(agree)} of {'them' if n > 1 else 'it'} with the {sign} W_QK skew the "
+            f"paper reports (mean skew {means[role]:+.3f})"
+        )
+    text = "On this model " + "; ".join(parts) + "."
+    if len(means) == 2:
+        order = "above" if means["concordance"] > means["discordance"] else "below"
+        text += (
+            f" The concordance-like heads' mean skew lies {order} the discordance-like heads' "
+            f"({'as' if order == 'above' else 'unlike'} in the paper)"
+        )
+    text += f"; {negative:.0%} of all this model's heads have a negative skew."
+    yes_true, yes_false = p.answers
+    if (yes_true > 0) == (yes_false > 0):
+        text += " The model gives both statements the same answer, so these heads do not decide it here."
+    return text
 
 
 def run_demo(
@@ -370,6 +274,7 @@ def run_demo(
     port: int = 8000,
     tracer: Tracer | None = None,
     cases: tuple[CaseStudy, ...] = CASES,
+    pairs: tuple[MinimalPair, ...] = PAIRS,
 ) -> int:
     from rich.console import Console
 
@@ -378,20 +283,29 @@ def run_demo(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     if tracer is None:
-        tracer = Tracer.load(DEMO_MODEL, DEMO_SAES)
+        tracer = Tracer.load(DEMO_NAME)  # the embedded model and its SAEs
     results = []
     for case in cases:
         con.print(f"[bold]{case.slug}[/bold]: {case.prompt!r}")
         r = study(tracer, case, out)
         results.append(r)
+        m, best = r.mechanism, r.mechanism.best
+        what = "no candidate" if best is None else f"{best.kind} ({best.side}) {best.label!r} in {best.name}"
         con.print(
-            f"  predicts {r.prediction!r} (p({case.answer!r}) = {r.p_answer:.3f}); top head L{r.head[0]}H{r.head[1]} "
-            f"attends to key {r.key_pos}; {_steered(r)} in L{r.head[0]} heads {list(r.steer_heads)} at scale 0: "
-            f"p = {r.p_answer_ablated:.3f}, reversed: {r.p_answer_reversed:.3f} ({len(r.candidates)} candidates tried)"
+            f"  predicts {m.prediction!r} (p({case.answer!r}) = {m.p_answer:.3f}); mechanism: {what}; "
+            f"{'flips the answer' if m.flips else 'halves p' if m.halves else 'not confirmed'} "
+            f"({len(m.candidates)} candidates, {m.n_passes} passes, {m.seconds:.1f} s)"
         )
+    compared = []
+    for pair in pairs:
+        con.print(f"[bold]correctness[/bold]: {pair.title}")
+        p = correctness(tracer, pair, out)
+        compared.append(p)
+        con.print("  " + verdict(p))
     seconds = time.perf_counter() - start
-    (out / "report.md").write_text(report(results, tracer, seconds))
-    con.print(f"wrote {out}/report.md and {sum(len(r.files) for r in results)} files in {seconds:.0f} s")
+    atomic_write(out / "report.md", report(results, compared, tracer, seconds))
+    n_files = sum(len(r.files) for r in results) + sum(len(p.files) for p in compared)
+    con.print(f"wrote {out}/report.md and {n_files} files in {seconds:.0f} s")
     if serve:
         try:
             from ..server import serve as serve_ui

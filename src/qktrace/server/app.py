@@ -11,6 +11,7 @@
     POST /api/qk                             QK attribution at (layer, head, query_pos, key_pos), the head's
                                              attention row, inhibitory terms, contrast with the rival key
     POST /api/sweep                          steer a feature inside chosen heads' QK circuits over scales
+    POST /api/compare, POST /api/explain     two aligned prompts head by head; an answer's mechanism (`explain`)
     GET  /api/features/{checkpoint}/{f}      a feature's label and dashboard (dashboards.json) if any
 
 Safety (STYLE point 10): the app never unpickles; graph names are plain file names resolved inside the
@@ -40,6 +41,7 @@ from ..errors import GraphFileError, QKTraceError
 from ..tracer import Tracer
 from . import schemas as S
 from .compute import Engine, qk_response, steer_request, sweep_response
+from .explain import add_routes as add_explain_routes
 from .store import ApiError, Features, GraphStore
 
 log = logging.getLogger(__name__)
@@ -252,5 +254,6 @@ def create_app(
     def feature(checkpoint: int, feature: int) -> S.FeatureResponse:
         return features.get(checkpoint, feature)
 
+    add_explain_routes(app, need_engine)
     app.add_middleware(Guard, max_bytes=limits.max_request_bytes)  # outermost: sees every request and bug
     return app

@@ -23,6 +23,7 @@ export const graphs = () => api("/api/graphs");
 export const graph = (name) => api(`/api/graphs/${encodeURIComponent(name)}`);
 export const qk = (req) => api("/api/qk", req);
 export const sweep = (req) => api("/api/sweep", req);
+export const compare = (req) => api("/api/compare", req);
 export const feature = (checkpoint, index) => api(`/api/features/${checkpoint}/${index}`);
 
 /** Start a graph build and poll its job every half second; `progress(job)` hears each stage. The saved name. */

@@ -3,13 +3,16 @@
 //   dom (helpers)  api (the server's JSON)  state (the store)  model (a graph file, indexed)
 //   layout, labels, graphview (the drawing)  features (tooltips, dashboards)
 //   node-panel, edge-panel, qk-panel, sweep-panel, group-panel  export (JSON, PNG)
+//   compare (two graphs side by side and the heads whose attention differs, over their own stores)
 //
 // Which graph opens: the one the URL names (#graph=NAME, or ?graph=NAME), else the first one GET /api/graphs
 // lists, i.e. the first JSON file of the data directory in file-name order (then files given to `qktrace
 // serve` by path). Opening a graph writes #graph=NAME into the URL, so a reload comes back to it;
-// &weights=norm there shows edge weights normalised per target.
+// &weights=norm there shows edge weights normalised per target. #compare=A,B opens the compare view on graphs
+// A and B (the Compare button writes it).
 
 import * as API from "./api.js";
+import { createCompareView } from "./compare.js";
 import { $, clear, el, fmt, setStatus, showError, truncate } from "./dom.js";
 import { exportJSON, exportPNG } from "./export.js";
 import { hideTip, moveTip, refreshLabels, showNodeTip } from "./features.js";
@@ -47,6 +50,14 @@ const edgePanel = createEdgePanel($("edge-panel").querySelector(".body"), {
     qkPanel.explainHead(l, layer, head);
   },
 });
+const compareView = createCompareView({
+  info: () => store.state.info,
+  onOpen: (a, b) => setHash(new URLSearchParams({ compare: `${a},${b}` }), false),
+  onClose: () => {
+    if (store.state.name) writeUrl(false, true);
+    else listGraphs().then((d) => d.graphs.length && openGraph(d.graphs[0].name), showError);
+  },
+});
 const groupPanel = createGroupPanel($("group-body"), {
   onNode: selectNode, onPin: (n) => togglePin(n.id), onGroup: addSupernode, onUngroup: removeSupernode,
 });
@@ -82,23 +93,32 @@ function edgeCount({ shown, total, threshold }) {
 
 function readUrl() {
   const hash = new URLSearchParams(location.hash.slice(1)), query = new URLSearchParams(location.search);
-  return { graph: hash.get("graph") || query.get("graph"), weights: hash.get("weights") === "norm" ? "norm" : "raw" };
+  const pair = (hash.get("compare") || "").split(",").filter(Boolean);
+  return { graph: hash.get("graph") || query.get("graph"), weights: hash.get("weights") === "norm" ? "norm" : "raw",
+    compare: pair.length === 2 ? pair : null };
 }
 
-/** Writes the open graph (and the weights shown) into the URL's hash; `push`: as a new history entry. */
-function writeUrl(push) {
-  const { name, weights } = store.state;
-  if (!name) return;
-  const params = new URLSearchParams({ graph: name });
-  if (weights === "norm") params.set("weights", "norm");
+function setHash(params, push) {
   const url = `${location.pathname}#${params}`;
   if (url === `${location.pathname}${location.hash}`) return;
   if (push) history.pushState(null, "", url); else history.replaceState(null, "", url);
 }
 
+/** Writes the open graph (and the weights shown) into the URL's hash; `push`: as a new history entry.
+ * While the compare view is open the hash names its two graphs instead, unless `force`. */
+function writeUrl(push, force = false) {
+  const { name, weights } = store.state;
+  if (!name || (compareView.isOpen() && !force)) return;
+  const params = new URLSearchParams({ graph: name });
+  if (weights === "norm") params.set("weights", "norm");
+  setHash(params, push);
+}
+
 function followUrl() {
-  const { graph, weights } = readUrl();
+  const { graph, weights, compare } = readUrl();
   if (weights !== store.state.weights) store.set({ weights });
+  if (compare) return void compareView.open(...compare);
+  if (compareView.isOpen()) compareView.close();
   if (graph && graph !== store.state.name) openGraph(graph);
 }
 
@@ -177,6 +197,7 @@ function wire() {
   $("graph-svg").addEventListener("mousemove", (e) => { if (!$("tooltip").hidden) moveTip(e); });
   $("graph-select").addEventListener("change", (e) => { if (e.target.value) openGraph(e.target.value, { push: true }); });
   $("refresh-graphs").addEventListener("click", () => listGraphs().catch(showError));
+  $("compare-open").addEventListener("click", () => compareView.open(store.state.name, null));
   $("export-json").addEventListener("click", () => {
     if (!store.state.model) return showError("open a graph first");
     const bytes = exportJSON(store.state);
@@ -209,8 +230,9 @@ async function start() {
     for (const id of ["build-btn", "qk-run", "steer-run", "prompt-input"]) $(id).disabled = !info.can_compute;
     const list = await listGraphs();
     const first = list.graphs.length ? list.graphs[0].name : null;
-    const name = readUrl().graph || first;
-    if (name) await openGraph(name);
+    const { graph, compare } = readUrl();
+    if (compare) await compareView.open(...compare);
+    else if (graph || first) await openGraph(graph || first);
     else setStatus("no graphs in the data directory yet");
   } catch (e) { showError(e); }
 }

@@ -1,0 +1,347 @@
+"""`compare(a, b)`: two traced prompts whose tokens align (a minimal pair), compared head by head.
+
+The algorithm (the paper's correctness study is one such comparison: concordance and discordance
+heads, "yellow" against "red"):
+
+1. Refuse prompts of different lengths (one line naming both) or traced by different models; report
+   the positions whose tokens differ.
+2. Per head, its attention from the query position (default: the last) to every key, in both
+   prompts; the difference b - a, key by key (positions align).
+3. Heads ranked by their largest |difference| at any key. For the `top` heads whose layer has an
+   SAE: the key where it is largest, and the QK terms at (query, key) of both prompts matched
+   component by component. A term is a (query component, key component) pair, each named by its
+   positionless id and position (its node id); a term present in one prompt only counts against
+   zero. The differences of all terms sum to the difference of the two pre-softmax scores.
+4. Beside each head its W_QK eigenvalue sign skew (`heads.qk_spectrum`): positive skew attends where
+   query and key carry the same directions (the paper's concordance heads), negative where they
+   differ (discordance heads). With an answer (and rival), m = logit(answer) - logit(rival) in both.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from functools import cached_property
+from typing import TYPE_CHECKING, Any
+
+import pandas as pd
+import torch
+from torch import Tensor
+
+from .errors import InputError, check_index
+from .heads import qk_spectrum
+from .nodes import Kind, Node
+from .tables import markdown_table
+
+if TYPE_CHECKING:
+    from .tracer import Traced
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class HeadDiff:
+    """One head's attention from the query position in both prompts, at the key where they differ most."""
+
+    layer: int
+    head: int
+    key_pos: int
+    attention_a: float
+    attention_b: float
+    diff: float  # attention_b - attention_a
+    skew: float  # W_QK eigenvalue sign skew (positive: concordance-like, negative: discordance-like)
+
+    @property
+    def name(self) -> str:
+        return f"L{self.layer}H{self.head}"
+
+
+@dataclass(frozen=True)
+class TermDiff:
+    """One QK term (query component x key component) in both prompts."""
+
+    query: str  # component id (its position is part of it)
+    key: str
+    query_label: str
+    key_label: str
+    value_a: float  # 0 where the term is absent from prompt a
+    value_b: float
+    diff: float  # value_b - value_a
+
+
+@dataclass(frozen=True)
+class HeadTerms:
+    """The QK terms of one head at (query, key) that differ most between the prompts."""
+
+    layer: int
+    head: int
+    query_pos: int
+    key_pos: int
+    score_a: float  # sum of terms (pre-softmax, before soft-capping) in prompt a
+    score_b: float
+    terms: tuple[TermDiff, ...]  # the largest |diff| first, `top_terms` of them
+    rest: float  # summed diff of the terms not listed: sum(diff) + rest = score_b - score_a
+    n_terms: int  # every term of either prompt
+
+    def frame(self) -> pd.DataFrame:
+        return pd.DataFrame([t.__dict__ for t in self.terms])
+
+
+@dataclass(frozen=True, eq=False)
+class Comparison:
+    """Two aligned prompts compared head by head (see the module docstring)."""
+
+    prompt_a: str
+    prompt_b: str
+    str_tokens_a: tuple[str, ...]
+    str_tokens_b: tuple[str, ...]
+    differing: tuple[int, ...]  # positions whose tokens differ
+    query_pos: int
+    attention_a: Tensor  # [layer, head, k_pos] attention from query_pos in prompt a
+    attention_b: Tensor  # [layer, head, k_pos]
+    skew: Tensor  # [layer, head] W_QK eigenvalue sign skew
+    heads: tuple[HeadDiff, ...]  # every head, largest |diff| first
+    terms: tuple[HeadTerms, ...]  # the top heads (with an SAE at their layer), in the order of `heads`
+    answer: str | None = None
+    rival: str | None = None
+    metric_a: float | None = None  # logit(answer) - logit(rival) in prompt a
+    metric_b: float | None = None
+
+    @cached_property
+    def attention_diff(self) -> Tensor:
+        """[layer, head, k_pos] attention_b - attention_a."""
+        return self.attention_b - self.attention_a
+
+    def frame(self) -> pd.DataFrame:
+        """One row per head, largest |difference| first: layer, head, key_pos, attention a and b, diff, skew."""
+        return pd.DataFrame([{"name": h.name, **h.__dict__} for h in self.heads])
+
+    def at_key(self, key_pos: int) -> pd.DataFrame:
+        """Every head's attention from the query position to `key_pos` in both prompts, and its skew,
+        sorted by the difference b - a (most negative first)."""
+        k = check_index(key_pos, self.attention_a.shape[-1], "key position", allow_negative=True)
+        a, b = self.attention_a[..., k], self.attention_b[..., k]
+        rows = [
+            {
+                "name": f"L{ly}H{h}",
+                "layer": ly,
+                "head": h,
+                "attention_a": float(a[ly, h]),
+                "attention_b": float(b[ly, h]),
+                "diff": float(b[ly, h] - a[ly, h]),
+                "skew": float(self.skew[ly, h]),
+            }
+            for ly in range(a.shape[0])
+            for h in range(a.shape[1])
+        ]
+        return pd.DataFrame(rows).sort_values("diff", kind="stable").reset_index(drop=True)
+
+    def terms_for(self, layer: int, head: int) -> HeadTerms:
+        for t in self.terms:
+            if (t.layer, t.head) == (layer, head):
+                return t
+        have = ", ".join(f"L{t.layer}H{t.head}" for t in self.terms) or "none"
+        raise InputError(f"no QK terms were compared for L{layer}H{head} (compared: {have}): raise `top`")
+
+    def to_json(self, top: int | None = None) -> dict[str, Any]:
+        heads = self.heads if top is None else self.heads[:top]
+        return {
+            "prompt_a": self.prompt_a,
+            "prompt_b": self.prompt_b,
+            "str_tokens_a": list(self.str_tokens_a),
+            "str_tokens_b": list(self.str_tokens_b),
+            "differing": list(self.differing),
+            "query_pos": self.query_pos,
+            "answer": self.answer,
+            "rival": self.rival,
+            "metric_a": self.metric_a,
+            "metric_b": self.metric_b,
+            "heads": [h.__dict__ for h in heads],
+            "terms": [
+                {**{k: v for k, v in t.__dict__.items() if k != "terms"}, "terms": [x.__dict__ for x in t.terms]}
+                for t in self.terms
+            ],
+            "attention_a": self.attention_a.tolist(),
+            "attention_b": self.attention_b.tolist(),
+            "skew": self.skew.tolist(),
+        }
+
+    def markdown(self, top: int = 8, top_terms: int = 6) -> str:
+        """A report section: the pair, the answer's logit difference, the heads that differ most, their terms."""
+
+        def tok(toks: tuple[str, ...], i: int) -> str:
+            return repr(toks[i]) if 0 <= i < len(toks) else "?"
+
+        diffs = ", ".join(f"{p} ({tok(self.str_tokens_a, p)} → {tok(self.str_tokens_b, p)})" for p in self.differing)
+        md = [
+            f"A: `{self.prompt_a!r}`\n\nB: `{self.prompt_b!r}`\n\n",
+            f"{len(self.str_tokens_a)} aligned tokens; they differ at position {diffs or 'none'}. "
+            f"Attention from position {self.query_pos} {tok(self.str_tokens_a, self.query_pos)}.",
+        ]
+        if self.metric_a is not None and self.metric_b is not None:
+            md.append(
+                f" logit({self.answer!r}) − logit({self.rival!r}): {self.metric_a:+.3f} in A, "
+                f"{self.metric_b:+.3f} in B."
+            )
+        md.append("\n\nHeads whose attention differs most (B − A at the key where it differs most):\n\n")
+        rows = [
+            {
+                "head": h.name,
+                "key": f"{h.key_pos} {tok(self.str_tokens_a, h.key_pos)}",
+                "attention A": h.attention_a,
+                "attention B": h.attention_b,
+                "B − A": h.diff,
+                "W_QK skew": h.skew,
+            }
+            for h in self.heads[:top]
+        ]
+        fmt = {"attention A": ".3f", "attention B": ".3f", "B − A": "+.3f", "W_QK skew": "+.3f"}
+        md.append(markdown_table(rows, fmt))
+        for t in self.terms:
+            md.append(
+                f"\nL{t.layer}H{t.head} at ({t.query_pos}, {t.key_pos}): score {t.score_a:+.3f} in A, "
+                f"{t.score_b:+.3f} in B; the terms that differ most ({t.n_terms} in all):\n\n"
+            )
+            md.append(
+                markdown_table(
+                    [
+                        {
+                            "query": _named(x.query, x.query_label),
+                            "key": _named(x.key, x.key_label),
+                            "A": x.value_a,
+                            "B": x.value_b,
+                            "B − A": x.diff,
+                        }
+                        for x in t.terms[:top_terms]
+                    ],
+                    {"A": "+.3f", "B": "+.3f", "B − A": "+.3f"},
+                )
+            )
+        return "".join(md)
+
+
+def compare(
+    a: Traced,
+    b: Traced,
+    *,
+    query_pos: int = -1,
+    answer: str | int | None = None,
+    rival: str | int | None = None,
+    top: int = 5,
+    top_terms: int = 12,
+) -> Comparison:
+    """Compare two traced prompts whose tokens align (see the module docstring).
+
+    `query_pos`: the attending position (negative counts from the end). `answer`/`rival`: token
+    strings or ids for m = logit(answer) - logit(rival) in both prompts (the rival defaults to prompt
+    a's runner-up). `top`: heads whose QK terms are compared; `top_terms`: terms kept per head."""
+    from .explain import prompt_text, token_of
+
+    na, nb = a.trace.n_pos, b.trace.n_pos
+    if na != nb:
+        raise InputError(
+            f"prompt A has {na} tokens and prompt B has {nb}: compare needs prompts whose tokens align "
+            "(a minimal pair: change words for words of the same token count)"
+        )
+    if a.model is not b.model:
+        raise InputError("the two prompts were traced by different models: trace both with the same Tracer")
+    if top < 0 or top_terms < 0:
+        raise InputError(f"top={top} and top_terms={top_terms} must be 0 or more")
+    model = a.model
+    q = check_index(query_pos, na, "query position", allow_negative=True)
+    answer_id = None if answer is None else token_of(model, answer, "answer")
+    rival_id = None if rival is None else token_of(model, rival, "rival")
+    differing = tuple(int(i) for i in (a.trace.tokens != b.trace.tokens).nonzero().flatten().tolist())
+
+    # attention from q, every head, in both prompts: [layer, head, k_pos] (results live on the CPU)
+    att_a = torch.stack([a.trace.pattern(ly, q)[:, 0].float().cpu() for ly in range(model.n_layers)])
+    att_b = torch.stack([b.trace.pattern(ly, q)[:, 0].float().cpu() for ly in range(model.n_layers)])
+    skew = torch.tensor(
+        [[qk_spectrum(layer, h).skew for h in range(layer.n_heads)] for layer in model.anatomy.layers],
+        dtype=torch.float64,
+        device="cpu",
+    )
+    diff = att_b - att_a
+    key = diff.abs().argmax(-1)  # [layer, head]
+    heads = [
+        HeadDiff(
+            layer=ly,
+            head=h,
+            key_pos=int(key[ly, h]),
+            attention_a=float(att_a[ly, h, key[ly, h]]),
+            attention_b=float(att_b[ly, h, key[ly, h]]),
+            diff=float(diff[ly, h, key[ly, h]]),
+            skew=float(skew[ly, h]),
+        )
+        for ly in range(model.n_layers)
+        for h in range(att_a.shape[1])
+    ]
+    heads.sort(key=lambda x: -abs(x.diff))
+    terms = [head_terms(a, b, h.layer, h.head, q, h.key_pos, top_terms) for h in heads if h.layer in a.saes][:top]
+
+    metric_a = metric_b = None
+    answer_name = rival_name = None
+    if answer_id is not None:
+        la, lb = a.trace.last_logits.float(), b.trace.last_logits.float()
+        if rival_id is None:
+            rival_id = next(int(t) for t in la.argsort(descending=True).tolist() if int(t) != answer_id)
+        if rival_id == answer_id:
+            raise InputError(f"the rival {rival!r} is the answer itself: name another token, or leave rival out")
+        metric_a = float(la[answer_id] - la[rival_id])
+        metric_b = float(lb[answer_id] - lb[rival_id])
+        answer_name, rival_name = model.str_tokens(torch.tensor([answer_id, rival_id], device="cpu"))
+    elif rival_id is not None:
+        raise InputError("a rival was given without an answer: give the answer too")
+
+    return Comparison(
+        prompt_a=prompt_text(a),
+        prompt_b=prompt_text(b),
+        str_tokens_a=a.str_tokens,
+        str_tokens_b=b.str_tokens,
+        differing=differing,
+        query_pos=q,
+        attention_a=att_a,
+        attention_b=att_b,
+        skew=skew,
+        heads=tuple(heads),
+        terms=tuple(terms),
+        answer=answer_name,
+        rival=rival_name,
+        metric_a=metric_a,
+        metric_b=metric_b,
+    )
+
+
+def head_terms(a: Traced, b: Traced, layer: int, head: int, query_pos: int, key_pos: int, top: int) -> HeadTerms:
+    """The QK terms of head (layer, head) at (query_pos, key_pos) in both prompts, matched by component id."""
+    qa, qb = a.qk(layer, head, query_pos, key_pos), b.qk(layer, head, query_pos, key_pos)
+    values: dict[tuple[str, str], list[float]] = {}
+    labels: dict[str, str] = {}
+    for col, att in ((0, qa), (1, qb)):
+        q_ids, k_ids = att.query.ids, att.key.ids
+        block = att.terms.tolist()  # [q_component, k_component] (one key)
+        for i, q_id in enumerate(q_ids):
+            for j, k_id in enumerate(k_ids):
+                values.setdefault((q_id, k_id), [0.0, 0.0])[col] += block[i][j]
+        for c in (*q_ids, *k_ids):
+            labels.setdefault(c, att.label(c))
+    rows = sorted(values.items(), key=lambda kv: -abs(kv[1][1] - kv[1][0]))
+    kept = [TermDiff(qid, kid, labels[qid], labels[kid], va, vb, vb - va) for (qid, kid), (va, vb) in rows[:top]]
+    rest = sum(vb - va for _, (va, vb) in rows[top:])
+    return HeadTerms(
+        layer=layer,
+        head=head,
+        query_pos=qa.query_pos,
+        key_pos=key_pos,
+        score_a=float(qa.sum_of_terms[0]),
+        score_b=float(qb.sum_of_terms[0]),
+        terms=tuple(kept),
+        rest=float(rest),
+        n_terms=len(rows),
+    )
+
+
+def _named(component: str, label: str) -> str:
+    """A feature's label with its index in front (several features often share a label)."""
+    node = Node.parse(component)
+    return f"f{node.index} {label}" if node.kind is Kind.FEATURE else label

@@ -1,0 +1,413 @@
+"""`explain(tracer, prompt, answer)`: the QK mechanism behind one answer, found by attribution and
+confirmed by intervention.
+
+The algorithm (every number comes from the library's own pieces: `Traced.graph`, `Traced.qk`,
+`interventions.run_with`):
+
+1. Metric: m = logit(answer) - logit(rival) at the last position. The rival defaults to the clean
+   runner-up (the most likely token other than the answer).
+2. Heads: the attribution graph towards the answer alone (`targets=[answer]`) ranks heads by their
+   share of its cross-position influence (`Graph.top_heads`). Each of the top `settings.ablate` is
+   ablated (`ScaleHead(l, h, 0)`), every other head frozen (`FreezeAttention()`); the change of m is
+   its ablation effect (negative: the head carries the answer).
+3. Sites: each top head attends from the last position to one key most (position 0, the attention
+   sink, is skipped unless it is all the head can see). Its *site* is that key and every head of its
+   layer that attends there most (at least `settings.member_attention`): heads that do one job
+   together and so must be steered together. Each site is ablated as a whole (one pass). The first
+   `settings.sites` distinct sites are searched.
+4. Candidates, ranked by attribution, not by trial. The QK attribution of every head of a site over
+   its whole row gives each active feature's first-order effect on the attention probability of the
+   site's key (`QKAttribution.prob_effects`, summed over the other side and over the site's heads),
+   on the query side (features at the last position) and on the key side (features at the key).
+   Candidates: single features; the top k by that effect together (k in `settings.top_k`), so that
+   redundant features go together; and supernodes, every active feature of that side sharing a
+   label (the SAE's labels). Each candidate's prediction needs no forward pass: a side's QK terms are
+   exact parts of the score, so each site head's attention with the candidate's terms multiplied by
+   the most negative scale is a softmax recomputed exactly (it equals the attention the intervention
+   produces, since steering one layer's QK circuit leaves its input unchanged); the change of the
+   site's summed attention times the site's ablation effect per unit of attention predicts the
+   change of m. The `settings.candidates` best predictions per site and side are kept.
+5. Confirmation: each candidate is steered only inside the QK circuit of its site's heads (`SteerQK`
+   on those heads, at its side's position), every other head frozen, at every scale of
+   `settings.scales` (1 is the clean run, no pass; 0 removes; negative scales reverse). At each
+   scale: m, the answer's lead over the strongest other token, p(answer), p(rival), the heads'
+   attention to the key and the top-1 token.
+6. The mechanism is the candidate whose curve lowers m the most; with the default rival, the answer's
+   lead over whichever token is strongest at that scale (the same number on the clean run), so that
+   a mechanism handing the answer to a third token counts. Only when no single site's candidate
+   flips the answer or halves p(answer), every site's strongest predicted candidate is steered
+   together ("sites", one more candidate per side) and competes too. Every candidate tried is kept.
+
+Budget: at most `ablate + sites + sides * (sites * candidates + 1) * (len(scales) - 1)` intervened
+forward passes (8 + 4 + 2 * 25 * 4 = 212 with the defaults; fewer when candidates coincide), plus one
+clean run, one graph and one QK row per site head. `Mechanism.n_passes` counts them,
+`Mechanism.seconds` times the whole.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+from .errors import InputError, OutOfRangeError
+from .interventions import FreezeAttention, Intervention, ScaleHead, run_with
+from .mechanism import Candidate, HeadEffect, Mechanism, Part, Point, Side, Site
+from .nodes import CODE, Kind
+from .qk import QKAttribution
+
+if TYPE_CHECKING:
+    from .graph import Graph
+    from .models import Model
+    from .tracer import Traced, Tracer
+
+log = logging.getLogger(__name__)
+FEATURE = CODE[Kind.FEATURE]
+SIDES = ("auto", "query", "key")
+
+
+@dataclass(frozen=True)
+class ExplainSettings:
+    """How hard `explain` looks; the defaults are the budget documented in the module docstring."""
+
+    sites: int = 4  # sites searched for candidates, led to by the top heads by cross-position influence
+    ablate: int = 8  # heads ablated one by one (the top ones by cross-position influence)
+    candidates: int = 6  # candidates kept per site and side, by predicted effect
+    top_k: tuple[int, ...] = (2, 3, 5)  # sizes of the "top k together" candidates
+    scales: tuple[float, ...] = (1.0, 0.0, -1.0, -2.0, -3.0)  # 1: clean, 0: removed, < 0: reversed
+    member_attention: float = 0.1  # a head joins a site when it attends to the site's key at least this much
+
+    def __post_init__(self) -> None:
+        for name in ("sites", "ablate", "candidates"):
+            if getattr(self, name) < 1:
+                raise InputError(f"ExplainSettings.{name}={getattr(self, name)} must be at least 1")
+        if any(k < 2 for k in self.top_k):
+            raise InputError(f"ExplainSettings.top_k={self.top_k}: group sizes must be 2 or more")
+        scales = tuple(float(s) for s in self.scales)
+        if not scales or not all(math.isfinite(s) for s in scales) or len(set(scales)) != len(scales):
+            raise InputError(f"ExplainSettings.scales={self.scales} must be distinct finite numbers")
+        if min(scales) >= 1.0:
+            raise InputError(f"ExplainSettings.scales={self.scales} need a value below 1 (0 removes, < 0 reverses)")
+        object.__setattr__(self, "scales", tuple(sorted(scales, reverse=True)))
+        object.__setattr__(self, "top_k", tuple(int(k) for k in self.top_k))
+
+
+# -- the pipeline ----------------------------------------------------------------------------------
+
+
+def explain(
+    tracer: Tracer,
+    prompt: str | Sequence[int] | Tensor,
+    answer: str | int,
+    rival: str | int | None = None,
+    side: str = "auto",
+    *,
+    settings: ExplainSettings | None = None,
+    graph: Graph | None = None,
+) -> Mechanism:
+    """Find and confirm the QK mechanism that makes `answer` (a token string or id) win over `rival`
+    (default: the clean runner-up) at the prompt's last position; see the module docstring.
+
+    `side`: "auto" tries query- and key-side features, "query" or "key" only that side. `graph`: an
+    attribution graph of this prompt towards the answer, to reuse (else one is built)."""
+    start = time.perf_counter()
+    settings = settings or ExplainSettings()
+    if side not in SIDES:
+        raise InputError(f"side '{side}' is not one of {', '.join(SIDES)}: use auto to try both")
+    sides: tuple[Side, ...] = ("query", "key") if side == "auto" else (side,)  # type: ignore[assignment]
+    model = tracer.model
+    answer_id = token_of(model, answer, "answer")
+    rival_id = None if rival is None else token_of(model, rival, "rival")
+    if rival_id is not None and rival_id == answer_id:
+        raise InputError(f"the rival {rival!r} is the answer itself: name another token, or leave rival out")
+    traced = tracer.run(prompt)
+    trace = traced.trace
+    logits = trace.last_logits.float()
+    if rival_id is None:
+        rival_id = next(int(t) for t in logits.argsort(descending=True).tolist() if int(t) != answer_id)
+    probs = torch.softmax(logits, -1)
+    names = model.str_tokens(torch.tensor([answer_id, rival_id, int(logits.argmax())], device="cpu"))
+    q = trace.n_pos - 1
+    probe = _Probe(traced, answer_id, rival_id)
+
+    if graph is None:
+        graph = traced.graph(targets=[answer_id], progress=False, qk_terms=False)
+    elif tuple(graph.tokens) != tuple(trace.tokens.tolist()):
+        raise InputError("the graph given is of another prompt: build it with traced.graph(targets=[answer])")
+    ranked = graph.top_heads(max(settings.ablate, settings.sites))
+    if not ranked:
+        log.warning("explain: the graph has no cross-position influence; no head to search")
+    heads: list[HeadEffect] = []
+    for top in ranked:
+        layer, head = int(top["layer"]), int(top["head"])
+        m = probe.metric([ScaleHead(layer, head, 0.0), FreezeAttention()])
+        key = attended_key(traced, layer, head, q)
+        att = float(traced.pattern(layer, head, q)[key])
+        heads.append(HeadEffect(layer, head, float(top["influence"]), m - probe.clean, key, att))
+
+    atts: dict[tuple[int, int], QKAttribution] = {}
+
+    def row(layer: int, head: int) -> QKAttribution:
+        if (layer, head) not in atts:
+            atts[layer, head] = traced.qk(layer, head, q)
+        return atts[layer, head]
+
+    sites: list[Site] = []
+    for h in heads:
+        if len(sites) == settings.sites:
+            break
+        if h.layer not in traced.saes or any(x.layer == h.layer and h.head in x.heads for x in sites):
+            continue
+        members, attention = [], []
+        for o in range(model.anatomy.layers[h.layer].n_heads):
+            a = float(traced.pattern(h.layer, o, q)[h.key_pos])
+            if o == h.head or (a >= settings.member_attention and attended_key(traced, h.layer, o, q) == h.key_pos):
+                members.append(o)
+                attention.append(a)
+        ivs: list[Intervention] = [ScaleHead(h.layer, o, 0.0) for o in members]
+        joint = h.ablation if len(members) == 1 else probe.metric([*ivs, FreezeAttention()]) - probe.clean
+        sites.append(Site(h.layer, h.key_pos, tuple(members), tuple(attention), joint, h.head))
+
+    proposed: dict[tuple[Any, ...], Candidate] = {}
+    combined: list[Candidate] = []
+    for s in sides:
+        leaders = []  # the strongest predicted candidate of each site, on this side
+        for i, site in enumerate(sites):
+            ranked_here = _propose(traced, row, i, site, s, q, settings)
+            leaders += ranked_here[:1]
+            for c in ranked_here:
+                proposed.setdefault(_identity(c), c)
+        if len(leaders) > 1:
+            combined.append(_together(leaders))
+    candidates = [probe.confirm(c, settings.scales) for c in proposed.values()]
+
+    def assemble() -> Mechanism:
+        return Mechanism(
+            prompt=prompt if isinstance(prompt, str) else prompt_text(traced),
+            str_tokens=traced.str_tokens,
+            answer=names[0],
+            answer_id=answer_id,
+            rival=names[1],
+            rival_id=rival_id,
+            rival_given=rival is not None,
+            prediction=names[2],
+            p_answer=float(probs[answer_id]),
+            p_rival=float(probs[rival_id]),
+            metric=probe.clean,
+            margin=_margin(logits, answer_id),
+            heads=tuple(heads),
+            sites=tuple(sites),
+            candidates=tuple(candidates),
+            scales=settings.scales,
+            n_passes=probe.passes,
+            seconds=time.perf_counter() - start,
+            settings=settings,
+        )
+
+    result = assemble()
+    if not result.confirmed and combined:  # no single site suffices: every site's strongest together
+        candidates += [probe.confirm(c, settings.scales) for c in combined if _identity(c) not in proposed]
+        result = assemble()
+    best = result.best
+    log.info(
+        "explain: %d heads, %d candidates, %d passes, %.1f s; best %s (%+.3f)",
+        len(heads),
+        len(candidates),
+        probe.passes,
+        result.seconds,
+        best.name if best else None,
+        result.effect(best) if best else float("nan"),
+    )
+    return result
+
+
+def token_of(model: Model, token: str | int, what: str) -> int:
+    """A single token id from a string or an id; one line naming the value otherwise."""
+    vocab = int(model.anatomy.W_U.shape[1])
+    if isinstance(token, bool) or not isinstance(token, (str, int)):
+        raise InputError(f"{what} {token!r} is neither a token string nor a token id: give e.g. ' Paris' or 3920")
+    if isinstance(token, int):
+        if not 0 <= token < vocab:
+            raise OutOfRangeError(f"{what} token id {token} is out of range: valid ids are 0..{vocab - 1}")
+        return token
+    if model.tokenizer is None:
+        raise InputError(f"model '{model.name}' has no tokenizer: give the {what} as a token id")
+    ids = model.tokenizer(token, add_special_tokens=False)["input_ids"]  # type: ignore[operator]
+    if len(ids) != 1:
+        pieces = model.str_tokens(torch.tensor(ids, dtype=torch.long, device="cpu")) if ids else ()
+        raise InputError(
+            f"{what} {token!r} is {len(ids)} tokens for this tokenizer {list(pieces)}: name a single token "
+            "(e.g. its first piece, with its leading space)"
+        )
+    return int(ids[0])
+
+
+def prompt_text(traced: Traced) -> str:
+    """A traced prompt's text, decoded from its tokens (special tokens left out)."""
+    tok = traced.model.tokenizer
+    if tok is None:
+        return " ".join(traced.str_tokens)
+    return str(tok.decode(traced.trace.tokens.tolist(), skip_special_tokens=True))  # type: ignore[attr-defined]
+
+
+def attended_key(traced: Traced, layer: int, head: int, query_pos: int) -> int:
+    """The key head (layer, head) attends to most from `query_pos`, past position 0 (the attention sink)
+    unless position 0 is all it can see."""
+    keys = traced.trace.keys(layer, query_pos)
+    row = traced.pattern(layer, head, query_pos)
+    past = [k for k in keys if k != 0] or keys
+    idx = torch.tensor(past, dtype=torch.long, device=row.device)
+    return int(past[int(row[idx].argmax())])
+
+
+# -- attribution: candidates and their predictions (no forward pass) -------------------------------
+
+
+def scaled_row(att: QKAttribution, side: Side, position: int, features: Sequence[int], factor: float) -> Tensor:
+    """The head's attention row [key] with the terms of `features` (on `side`, at `position`) multiplied
+    by `factor`: exact, since a side's terms are parts of the pre-cap score (the same linearisation at
+    frozen norm scales that `SteerQK` applies)."""
+    comp = att.query if side == "query" else att.key
+    feats = torch.as_tensor(list(features), dtype=comp.feature.dtype, device=comp.feature.device)
+    sel = ((comp.kind == FEATURE) & (comp.pos == position) & torch.isin(comp.feature, feats)).nonzero().flatten()
+    per_kc = att.terms[sel].sum(0) if side == "query" else torch.zeros_like(att.terms[0])
+    if side == "key":
+        per_kc = per_kc.index_add(0, sel, att.terms[:, sel].sum(0))
+    per_key = torch.zeros_like(att.sum_of_terms).index_add_(0, att.key_index, per_kc)
+    scores = att.sum_of_terms + (factor - 1.0) * per_key
+    if att.softcap is not None:
+        scores = att.softcap * torch.tanh(scores / att.softcap)
+    return torch.softmax(scores.double(), -1).to(scores.dtype)
+
+
+def _propose(
+    traced: Traced, row: Any, index: int, site: Site, side: Side, q: int, settings: ExplainSettings
+) -> list[Candidate]:
+    """Candidates of one site and side, ranked by predicted effect (the `settings.candidates` best)."""
+    position = q if side == "query" else site.key_pos
+    sae = traced.sae(site.layer)
+    atts = [row(site.layer, h) for h in site.heads]
+    # each active feature's first-order effect on the site's summed attention to its key
+    per_feature: dict[int, float] = {}
+    for att in atts:
+        comp = att.query if side == "query" else att.key
+        idx = ((comp.kind == FEATURE) & (comp.pos == position)).nonzero().flatten()
+        eff = att.prob_effects(site.key_pos)  # [q_component, k_component]
+        per = (eff.sum(1) if side == "query" else eff.sum(0))[idx]
+        for f, e in zip(comp.feature[idx].tolist(), per.tolist()):
+            per_feature[int(f)] = per_feature.get(int(f), 0.0) + float(e)
+    sign = 1.0 if site.ablation <= 0 else -1.0  # the site carries the answer: its support raises p(key)
+    order = sorted((f for f in per_feature if per_feature[f] * sign > 0), key=lambda f: -per_feature[f] * sign)
+    if not order:
+        return []
+    groups: list[tuple[str, list[int]]] = [("feature", [f]) for f in order]
+    groups += [("top-k", order[:k]) for k in settings.top_k if len(order) >= k]
+    by_label: dict[str, list[int]] = {}
+    for f in per_feature:
+        by_label.setdefault(sae.label(f), []).append(f)
+    for members in by_label.values():
+        if len(members) > 1 and sum(per_feature[f] for f in members) * sign > 0:
+            groups.append(("supernode", members))
+    # prediction: each head's attention recomputed exactly at the most negative scale, times the site's
+    # ablation effect per unit of its summed attention
+    low = min(settings.scales)
+    base = sum(site.attention)
+    out: dict[tuple[int, ...], Candidate] = {}
+    for kind, members in groups:
+        features = tuple(sorted(members))
+        if features in out:
+            continue
+        k = [att.key_positions.index(site.key_pos) for att in atts]
+        after = tuple(float(scaled_row(att, side, position, features, low)[i]) for att, i in zip(atts, k))
+        predicted = -(sum(after) - base) * site.ablation / max(base, 1e-6)
+        part = Part(
+            index, site.layer, site.heads, side, position, site.key_pos, features, tuple(map(sae.label, features))
+        )
+        out[features] = Candidate(
+            kind=kind,  # type: ignore[arg-type]
+            parts=(part,),
+            prob_effect=sum(per_feature[f] for f in features),
+            predicted=predicted,
+            predicted_attention=after,
+        )
+    ranked = sorted(out.values(), key=lambda c: (c.predicted, -abs(c.prob_effect)))
+    return ranked[: settings.candidates]
+
+
+def _together(leaders: list[Candidate]) -> Candidate:
+    """The strongest predicted candidate of every site, steered together (one part per site)."""
+    return Candidate(
+        kind="sites",
+        parts=tuple(p for c in leaders for p in c.parts),
+        prob_effect=sum(c.prob_effect for c in leaders),
+        predicted=sum(c.predicted for c in leaders),
+        predicted_attention=tuple(a for c in leaders for a in c.predicted_attention),
+    )
+
+
+def _identity(c: Candidate) -> tuple[Any, ...]:
+    return tuple((p.layer, p.heads, p.side, p.position, p.features) for p in c.parts)
+
+
+# -- confirmation: intervened forward passes -------------------------------------------------------
+
+
+class _Probe:
+    """Runs interventions on one traced prompt and reads m, probabilities and attention; counts passes."""
+
+    def __init__(self, traced: Traced, answer_id: int, rival_id: int) -> None:
+        self.traced, self.a, self.r = traced, answer_id, rival_id
+        self.passes = 0
+        logits = traced.trace.last_logits.float()
+        self.clean = float(logits[answer_id] - logits[rival_id])
+
+    def run(self, ivs: list[Intervention], record: Sequence[int] = ()) -> Any:
+        t = self.traced
+        self.passes += 1
+        return run_with(t.model, t.saes, t.trace.tokens, ivs, clean=t.trace, record_attention=record, last_only=True)
+
+    def metric(self, ivs: list[Intervention]) -> float:
+        logits = self.run(ivs).logits[-1].float()
+        return float(logits[self.a] - logits[self.r])
+
+    def point(self, c: Candidate, scale: float) -> Point:
+        t = self.traced
+        q = t.trace.n_pos - 1
+        where = [(p.layer, h, p.key_pos) for p in c.parts for h in p.heads]
+        if scale == 1.0:  # steering by 1 changes nothing: the clean run
+            logits = t.trace.last_logits.float()
+            attention = tuple(float(t.pattern(ly, h, q)[k]) for ly, h, k in where)
+        else:
+            res = self.run(c.interventions(scale), record=sorted({p.layer for p in c.parts}))
+            logits = res.logits[-1].float()
+            attention = tuple(float(res.patterns[ly][h, q, k]) for ly, h, k in where)
+        probs = torch.softmax(logits, -1)
+        top = int(probs.argmax())
+        return Point(
+            scale=float(scale),
+            metric=float(logits[self.a] - logits[self.r]),
+            margin=_margin(logits, self.a),
+            p_answer=float(probs[self.a]),
+            p_rival=float(probs[self.r]),
+            attention=attention,
+            top_token=t.model.str_tokens(torch.tensor([top], device="cpu"))[0],
+            top_p=float(probs[top]),
+        )
+
+    def confirm(self, c: Candidate, scales: Sequence[float]) -> Candidate:
+        from dataclasses import replace
+
+        return replace(c, curve=tuple(self.point(c, s) for s in scales))
+
+
+def _margin(logits: Tensor, answer: int) -> float:
+    """logit(answer) minus the largest other logit."""
+    others = logits.clone()
+    others[answer] = float("-inf")
+    return float(logits[answer] - others.max())

@@ -1,0 +1,147 @@
+"""The web app's compare and explain endpoints, registered on the app by `add_routes`:
+
+    POST /api/compare    two prompts whose tokens align (text or token ids, e.g. two graphs' tokens) ->
+                         every head's attention from the query position in both, the heads that differ
+                         most with their QK terms matched component by component, W_QK skew per head
+                         (`qktrace.compare`)
+    POST /api/explain    a prompt and its answer -> the confirmed QK mechanism and every candidate tried
+                         (`qktrace.explain`; seconds on a small model, one request at a time)
+
+Both need a loaded model (409 otherwise), hold the model's lock while they compute, and answer with
+versioned JSON built from the library's own `to_json`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Annotated, Any, Literal
+
+from fastapi import FastAPI
+from pydantic import BaseModel, ConfigDict, Field, Strict, StrictStr, model_validator
+
+from ..compare import compare
+from ..config import LIMITS
+from ..explain import explain
+from . import schemas as S
+from .compute import Engine
+
+Prompt = Annotated[StrictStr, Field(max_length=LIMITS.max_prompt_chars)]
+Token = Annotated[StrictStr, Field(min_length=1, max_length=200)] | S.TokenId  # a token's text, or its id
+
+
+def _one(text: str | None, tokens: list[int] | None, which: str) -> None:
+    if (text is None) == (tokens is None):
+        raise ValueError(f"give exactly one of 'prompt_{which}' (text) or 'tokens_{which}' (token ids)")
+
+
+class CompareRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    prompt_a: Prompt | None = None
+    tokens_a: list[S.TokenId] | None = None
+    prompt_b: Prompt | None = None
+    tokens_b: list[S.TokenId] | None = None
+    query_pos: S.Int = Field(-1, description="the attending position (negative counts from the end)")
+    answer: Token | None = Field(None, description="a token: logit(answer) - logit(rival) in both prompts")
+    rival: Token | None = None
+    top: Annotated[int, Strict(), Field(ge=0, le=64)] = Field(5, description="heads whose QK terms are compared")
+    top_terms: Annotated[int, Strict(), Field(ge=0, le=200)] = 8
+
+    @model_validator(mode="after")
+    def _prompts(self) -> CompareRequest:
+        _one(self.prompt_a, self.tokens_a, "a")
+        _one(self.prompt_b, self.tokens_b, "b")
+        return self
+
+
+class HeadDiffOut(BaseModel):
+    layer: int
+    head: int
+    key_pos: int
+    attention_a: float
+    attention_b: float
+    diff: float
+    skew: float
+
+
+class TermDiffOut(BaseModel):
+    query: str
+    key: str
+    query_label: str
+    key_label: str
+    value_a: float
+    value_b: float
+    diff: float
+
+
+class HeadTermsOut(BaseModel):
+    layer: int
+    head: int
+    query_pos: int
+    key_pos: int
+    score_a: float
+    score_b: float
+    terms: list[TermDiffOut]
+    rest: float
+    n_terms: int
+
+
+class CompareResponse(S.Versioned):
+    model: str
+    prompt_a: str
+    prompt_b: str
+    str_tokens_a: list[str]
+    str_tokens_b: list[str]
+    differing: list[int] = Field(description="positions whose tokens differ")
+    query_pos: int
+    answer: str | None
+    rival: str | None
+    metric_a: float | None
+    metric_b: float | None
+    heads: list[HeadDiffOut] = Field(description="every head, largest |attention_b - attention_a| first")
+    terms: list[HeadTermsOut] = Field(description="the top heads' QK terms at (query, key), matched by component")
+    attention_a: list[list[list[float]]] = Field(description="[layer][head][key] attention from query_pos")
+    attention_b: list[list[list[float]]]
+    skew: list[list[float]] = Field(description="[layer][head] W_QK eigenvalue sign skew")
+
+
+class ExplainRequest(S.PromptRequest):
+    answer: Token
+    rival: Token | None = None
+    side: Literal["auto", "query", "key"] = "auto"
+
+
+class ExplainResponse(S.Versioned):
+    model: str
+    mechanism: dict[str, Any] = Field(description="`Mechanism.to_json()`: heads, sites, candidates, the best")
+
+
+def compare_response(engine: Engine, req: CompareRequest) -> CompareResponse:
+    # both prompts checked (and held to the token limit) before waiting for the model
+    ids_a = engine.ids(S.PromptRequest(prompt=req.prompt_a, tokens=req.tokens_a))
+    ids_b = engine.ids(S.PromptRequest(prompt=req.prompt_b, tokens=req.tokens_b))
+    with engine.traced(ids_a) as a:  # holds the model's lock
+        b = engine.tracer.run(list(ids_b))
+        c = compare(
+            a, b, query_pos=req.query_pos, answer=req.answer, rival=req.rival, top=req.top, top_terms=req.top_terms
+        )
+        return CompareResponse(model=engine.tracer.model.name, **c.to_json())
+
+
+def explain_response(engine: Engine, req: ExplainRequest) -> ExplainResponse:
+    ids = engine.ids(req)  # checked before waiting for the model
+    with engine.traced(ids):  # holds the model's lock
+        m = explain(engine.tracer, list(ids), req.answer, req.rival, req.side)
+        return ExplainResponse(model=engine.tracer.model.name, mechanism=m.to_json())
+
+
+def add_routes(app: FastAPI, need_engine: Callable[[], Engine]) -> None:
+    """Register POST /api/compare and POST /api/explain on `app`."""
+
+    @app.post("/api/compare")
+    def compare_prompts(req: CompareRequest) -> CompareResponse:
+        return compare_response(need_engine(), req)
+
+    @app.post("/api/explain")
+    def explain_answer(req: ExplainRequest) -> ExplainResponse:
+        return explain_response(need_engine(), req)
