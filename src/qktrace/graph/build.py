@@ -32,7 +32,7 @@ from ..config import GRAPH
 from ..errors import InputError, OutOfRangeError, SAEMismatchError
 from ..models.model import Model
 from ..models.trace import Trace
-from ..nodes import CODE, Kind, Node, of_code
+from ..nodes import CODE, Kind, Node, describe, of_code
 from ..saes import SAE, FeatureActs, SAESet
 from . import edges as E
 from .blocks import Block, BlockStore, memory_budget
@@ -529,12 +529,7 @@ def _label(model: Model, saes: SAESet, trace: Trace, node: Node, prob: float) ->
         return trace.str_tokens[p]
     if node.kind is Kind.LOGIT:
         return f'Output "{model.str_tokens(torch.tensor([node.index], device="cpu"))[0]}" (p={prob:.3f})'
-    return {
-        Kind.ERROR: f"SAE error at checkpoint {c}",
-        Kind.SAE_BIAS: f"SAE decoder bias at checkpoint {c}",
-        Kind.ATTN_BIAS: f"attention bias of layer {c - 1}",
-        Kind.MLP_BIAS: f"MLP bias of layer {c - 1}",
-    }[node.kind]
+    return describe(node)
 
 
 def _prompt(model: Model, trace: Trace) -> str:
