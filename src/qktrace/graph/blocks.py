@@ -44,10 +44,6 @@ class Block:
         return Block(targets, sources, lambda r: weight[r], weight)
 
     @property
-    def shape(self) -> tuple[int, int]:
-        return len(self.targets), len(self.sources)
-
-    @property
     def nbytes(self) -> int:
         return len(self.targets) * len(self.sources) * 4
 

@@ -54,8 +54,7 @@ class Checkpoint:
     n_features: int
     sae: SAE | None
     acts: FeatureActs | None
-    resid: Tensor  # [pos, d_model] this checkpoint's residual (its device and compute dtype)
-    embeddings: Tensor  # [pos, d_model] checkpoint-0 residual (the token parts when sae is None)
+    resid: Tensor  # [pos, d_model] this checkpoint's residual (at checkpoint 0 without an SAE: the token parts)
     readout: str
     attn_bias: Tensor | None  # [pos] node index of the previous layer's attention bias at each position
     mlp_bias: Tensor | None
@@ -68,7 +67,7 @@ class Checkpoint:
         rows = self._rows(rows, len(self.nodes))
         pos = self.pos.to(rows.device)[rows]
         if self.sae is None or self.acts is None:
-            return E.Vectors(pos, self.embeddings[pos.to(self.embeddings.device)].to(self.resid.device))
+            return E.Vectors(pos, self.resid[pos])
         n_pos = self.resid.shape[0]
         cdt, dev = self.resid.dtype, self.resid.device
         vec = self.resid.new_empty(len(rows), self.resid.shape[1])
@@ -204,14 +203,14 @@ def _checkpoints(
         sae: SAE | None = saes.get(c)
         resid = trace.resid[c]
         if sae is None:  # checkpoint 0 without an SAE: the token embeddings are the parts
-            out.append(Checkpoint(tokens, positions, 0, None, None, resid, trace.resid[0], readout, ab, mb))
+            out.append(Checkpoint(tokens, positions, 0, None, None, resid, readout, ab, mb))
             continue
         acts = sae.sparse(resid)
         feats = table.add(Kind.FEATURE, c, acts.pos, acts.feature, acts.act)
         errs = table.add(Kind.ERROR, c, positions)
         bias = table.add(Kind.SAE_BIAS, c, positions)
         nodes, pos = torch.cat([feats, errs, bias]), torch.cat([acts.pos.to(dev), positions, positions])
-        out.append(Checkpoint(nodes, pos, len(acts.pos), sae, acts, resid, trace.resid[0], readout, ab, mb))
+        out.append(Checkpoint(nodes, pos, len(acts.pos), sae, acts, resid, readout, ab, mb))
     return tokens, out
 
 

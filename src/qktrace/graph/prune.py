@@ -293,13 +293,6 @@ def _scores(infl: Tensor, from_error: Tensor, kinds: Tensor, logit_weights: Tens
     return replacement, completeness
 
 
-def graph_scores(store: BlockStore, kinds: Tensor, logit_weights: Tensor) -> tuple[float, float]:
-    """(replacement, completeness) of the unpruned graph (one sweep)."""
-    infl, from_error = influence(store, logit_weights, error=is_kind(kinds, Kind.ERROR))
-    assert from_error is not None
-    return _scores(infl, from_error, kinds, logit_weights)
-
-
 def select_sources(block_weight: Tensor, carried: Tensor, source_kinds: Tensor, k: int) -> tuple[Tensor, Tensor]:
     """Target-driven step: (mask of sources to keep, their influence) given the targets' weights.
 

@@ -72,10 +72,6 @@ class PatternCache:
             while self.nbytes > self.max_bytes:
                 self._items.popitem(last=False)
 
-    def clear(self) -> None:
-        with self._lock:
-            self._items.clear()
-
 
 @dataclass(frozen=True, eq=False)
 class Trace:
