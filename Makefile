@@ -42,7 +42,7 @@ DEMO_MODEL := src/qktrace/demo/assets/model
 
 # Regenerates the shipped demo (32 minutes measured on 2 CPU cores) with the recipe in recipes/demo (beside the
 # package, run from the repository root): the model from scratch, then a shorter stage that weights facts,
-# multiple choice and yes/no more; then the SAEs and their dashboards (qktrace.dashboards).
+# multiple choice and yes/no more; then the SAEs and their dashboards (qktrace.jobs.dashboards).
 train-demo: $(STAMP)
 	$(PY) -m recipes.demo.train --out $(DEMO_MODEL)
 	$(PY) -m recipes.demo.train --init $(DEMO_MODEL) --out $(DEMO_MODEL) --mix stage2 --steps 2600 --lr 1e-3 --minutes 22

@@ -88,7 +88,7 @@ def run_one(args: argparse.Namespace) -> dict[str, Any]:
     """One configuration, in this process: build the inputs, run build_dashboards, measure."""
     import torch
 
-    from qktrace.dashboards import DashboardOptions, build_dashboards
+    from qktrace.jobs.dashboards import DashboardOptions, build_dashboards
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-dash-"))
     if args.run == "demo":

@@ -1,4 +1,4 @@
-"""How often `qktrace.explain` confirms a mechanism on prompts nobody tuned it for, and how long it takes.
+"""How often `qktrace.analyses.explain` confirms a mechanism on prompts nobody tuned it for, and how long it takes.
 
 The prompts (`bench/heldout_prompts.jsonl`) were written by hand from the demo model's vocabulary: new
 title/name pairs with a distractor, antonym pairs in English and French, multiple-choice questions with the
@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 import qktrace
-from qktrace.explain import ExplainSettings
+from qktrace.analyses.explain import ExplainSettings
 
 PROMPTS = Path(__file__).with_name("heldout_prompts.jsonl")
 
@@ -45,7 +45,7 @@ def main() -> None:
     results = []
     start = time.perf_counter()
     for r in rows:
-        m = qktrace.explain(tracer, r["prompt"], r["answer"], side=args.side, settings=settings)
+        m = qktrace.analyses.explain(tracer, r["prompt"], r["answer"], side=args.side, settings=settings)
         best = m.best
         results.append(
             {

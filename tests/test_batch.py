@@ -1,4 +1,4 @@
-"""`qktrace.batch` in one process: each prompt's files are what tracing it alone through the public API
+"""`qktrace.jobs.batch` in one process: each prompt's files are what tracing it alone through the public API
 gives; the summary's numbers are HF's own; resuming; the optional explain hook; bad prompts files."""
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ import pytest
 import torch
 
 import qktrace
-from qktrace.batch import BatchOptions, read_prompts, trace_batch
 from qktrace.errors import InputError
+from qktrace.jobs.batch import BatchOptions, read_prompts, trace_batch
 from tests.scale_fixtures import Setup, make_setup, tree
 
 PROMPTS = [
@@ -70,7 +70,7 @@ def test_each_prompt_as_traced_alone(setup: Setup, prompts: Path, reference: Pat
             r = tracer.model.token_id(spec["rival"])
             assert row["logit_diff"] == pytest.approx(float(logits[a] - logits[r]), abs=1e-4)
         assert row["n_nodes"] == len(graph.nodes)
-        assert row["explained"] is ("answer" in spec)  # qktrace.explain runs where a prompt names its answer
+        assert row["explained"] is ("answer" in spec)  # qktrace.analyses.explain runs where a prompt names its answer
         if "answer" in spec:
             mech = json.loads((reference / "prompts" / pid / "explain.json").read_text())
             assert mech["answer_id"] == a and mech["rival_given"] is ("rival" in spec)
@@ -107,7 +107,7 @@ def test_explain_when_qktrace_has_it(setup: Setup, prompts: Path, tmp_path: Path
         calls.append((answer, rival))
         return _Mechanism(prompt, answer, rival)
 
-    monkeypatch.setattr(qktrace, "explain", explain, raising=False)
+    monkeypatch.setattr(qktrace.jobs.batch, "explain", explain)
     trace_batch(setup.model, setup.saes, prompts, tmp_path, device="cpu", options=BatchOptions(qk_terms=False))
     assert calls == [(" Sally", " Bob"), (" Bob", None)]
     assert json.loads((tmp_path / "prompts" / "aunt" / "explain.json").read_text())["rival"] == " Bob"

@@ -336,8 +336,8 @@ def test_a_prompt_past_the_context_names_both_numbers(capsys, tiny_paths):
 
 def test_dashboards_and_batch_commands_write_what_the_library_writes(capsys, tiny_paths, saes_dir, tmp_path):
     """The two scale-out commands are thin: their files equal the library's, run in one process."""
-    from qktrace.batch import BatchOptions, trace_batch
-    from qktrace.dashboards import DashboardOptions, build_dashboards
+    from qktrace.jobs.batch import BatchOptions, trace_batch
+    from qktrace.jobs.dashboards import DashboardOptions, build_dashboards
 
     model = str(tiny_paths["llama"])
     corpus = tmp_path / "corpus.jsonl"

@@ -17,7 +17,7 @@ import torch
 
 from qktrace import Comparison, Tracer, compare
 from qktrace.errors import InputError
-from qktrace.heads import qk_spectrum
+from qktrace.steering.heads import qk_spectrum
 from qktrace.testing import TINY_FAMILIES
 from tests.hf_reference import hf_attention
 from tests.test_qk import random_saes

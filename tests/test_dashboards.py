@@ -1,4 +1,4 @@
-"""`qktrace.dashboards` in one process: every number against a brute-force second path, exact merges,
+"""`qktrace.jobs.dashboards` in one process: every number against a brute-force second path, exact merges,
 resuming, the corpus formats, the file contracts (the web UI's and circuit-tracer's), bad input."""
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ import torch
 from pydantic import BaseModel
 
 import qktrace
-from qktrace.corpus import count_documents, iter_documents
-from qktrace.dashboards import HIST_EDGES, DashboardOptions, Partial, auto_label, build_dashboards, merge
 from qktrace.errors import InputError
+from qktrace.jobs.corpus import count_documents, iter_documents
+from qktrace.jobs.dashboards import HIST_EDGES, DashboardOptions, Partial, auto_label, build_dashboards, merge
 from qktrace.models import load_model
 from qktrace.saes import load_saes
 from qktrace.server.schemas import Dashboard
@@ -204,7 +204,7 @@ def test_bad_input_is_one_line_before_any_work(setup: Setup, tmp_path: Path) -> 
 def test_progress_bar_draws_shards_and_tokens_per_second() -> None:
     from rich.console import Console
 
-    from qktrace.scale import Progress, progress_bar
+    from qktrace.jobs.pool import Progress, progress_bar
 
     console = Console(record=True, width=120, force_terminal=False)
     with progress_bar("dashboards", console=console) as update:

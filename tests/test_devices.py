@@ -14,10 +14,10 @@ import qktrace
 from qktrace import Tracer
 from qktrace.config import TOLERANCE, tolerance
 from qktrace.graph.build import attribute
-from qktrace.interventions import FreezeAttention, ScaleHead, SteerFeature, SteerQK, run_with
 from qktrace.models import load_model
 from qktrace.models.replay import frozen_layer
 from qktrace.saes import SAESet
+from qktrace.steering.interventions import FreezeAttention, ScaleHead, SteerFeature, SteerQK, run_with
 from qktrace.testing import TINY_FAMILIES, random_prompt
 from tests.hf_reference import hf_attention
 from tests.test_qk import random_saes

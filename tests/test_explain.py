@@ -1,4 +1,4 @@
-"""`qktrace.explain`: every number it reports is checked against a second code path.
+"""`qktrace.analyses.explain`: every number it reports is checked against a second code path.
 
 - each head's and site's ablation effect equals a direct `run_with` of the same interventions;
 - a candidate's predicted attention (a softmax recomputed from QK terms, no forward pass) equals the
@@ -21,10 +21,10 @@ import torch
 
 import qktrace
 from qktrace import ExplainSettings, FreezeAttention, ScaleHead, Tracer, explain, run_with
+from qktrace.analyses.explain import attended_key, scaled_row
 from qktrace.errors import InputError, OutOfRangeError, QKTraceError
-from qktrace.explain import attended_key, scaled_row
-from qktrace.interventions import SteerQK
 from qktrace.nodes import CODE, Kind
+from qktrace.steering.interventions import SteerQK
 from qktrace.testing import TINY_FAMILIES
 from tests.test_qk import random_saes
 

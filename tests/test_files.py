@@ -111,7 +111,7 @@ def test_a_failed_write_leaves_the_old_file_and_no_temp(tmp_path, monkeypatch):
 def test_plots_write_atomically(tmp_path, monkeypatch):
     import pandas as pd
 
-    from qktrace.plots import plot_sweep
+    from qktrace.analyses.plots import plot_sweep
 
     df = pd.DataFrame({"scale": [0.0, 1.0], "top_1": ["a", "b"], "p_top_1": [0.2, 0.7]})
     out = plot_sweep(df, tmp_path / "s.png")

@@ -23,8 +23,8 @@ from hypothesis import strategies as st
 from qktrace.cli import main
 from qktrace.config import LIMITS, parse_bytes, parse_device, parse_dtype
 from qktrace.errors import QKTraceError
-from qktrace.interventions import parse_scales
 from qktrace.saes import SAE, save_sae_lens
+from qktrace.steering.interventions import parse_scales
 
 PROMPT = "Aunt Sally is the"  # 5 tokens with BOS
 N_POS, N_LAYERS, N_HEADS, D_SAE = 5, 2, 4, 40

@@ -8,10 +8,10 @@ import matplotlib.image
 import pytest
 import torch
 
+from qktrace.analyses.plots import plot_heads
 from qktrace.errors import InputError
-from qktrace.heads import feature_pair_skew, head_scores, heads_table, qk_factors, qk_spectrum, sign_skew
 from qktrace.models import Model
-from qktrace.plots import plot_heads
+from qktrace.steering.heads import feature_pair_skew, head_scores, heads_table, qk_factors, qk_spectrum, sign_skew
 from qktrace.testing import random_prompt
 from tests.hf_reference import hf_attention
 

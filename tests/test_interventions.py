@@ -6,8 +6,11 @@ import matplotlib.image
 import pytest
 import torch
 
+from qktrace.analyses.plots import plot_sweep
 from qktrace.errors import InputError, OutOfRangeError
-from qktrace.interventions import (
+from qktrace.models.capture import forward_hooks
+from qktrace.saes import SAE
+from qktrace.steering.interventions import (
     SCALE,
     FreezeAttention,
     ScaleHead,
@@ -19,9 +22,6 @@ from qktrace.interventions import (
     run_with,
     sweep,
 )
-from qktrace.models.capture import forward_hooks
-from qktrace.plots import plot_sweep
-from qktrace.saes import SAE
 from qktrace.testing import random_prompt
 from tests.hf_reference import hf_attention
 

@@ -105,7 +105,7 @@ def test_two_threads_trace_and_intervene_at_once(tiny_models):
     interventions in two threads are serialised by its lock and give exactly what they give alone."""
     import threading
 
-    from qktrace.interventions import ScaleHead, run_with
+    from qktrace.steering.interventions import ScaleHead, run_with
 
     model = tiny_models["llama"]
     prompts = [random_prompt(11, 1), random_prompt(13, 2)]

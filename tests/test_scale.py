@@ -11,10 +11,10 @@ from typing import Any
 import pytest
 
 import qktrace
-from qktrace.batch import BatchOptions, read_prompts, trace_batch, trace_prompt
-from qktrace.dashboards import DashboardOptions, build_dashboards
 from qktrace.errors import InputError
-from qktrace.scale import import_ray, worker_pool
+from qktrace.jobs.batch import BatchOptions, read_prompts, trace_batch, trace_prompt
+from qktrace.jobs.dashboards import DashboardOptions, build_dashboards
+from qktrace.jobs.pool import import_ray, worker_pool
 from tests.scale_fixtures import Setup, make_setup, tree
 
 ray = pytest.importorskip("ray", reason="Ray is not installed: pip install 'qktrace[scale]'")
@@ -81,7 +81,7 @@ def test_ray_batch_equals_each_prompt_alone(setup: Setup, ray_runtime: Any, tmp_
 
 
 def test_a_worker_error_reaches_the_driver_as_its_one_line(ray_runtime: Any) -> None:
-    from qktrace.scale import _unwrap
+    from qktrace.jobs.pool import _unwrap
 
     @ray.remote
     def fails() -> None:

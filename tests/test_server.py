@@ -289,7 +289,7 @@ def test_graph_job_errors(client):
 
 
 def test_sweep_equals_direct(client, setup):
-    from qktrace.interventions import SCALE, FreezeAttention, SteerQK, sweep
+    from qktrace.steering.interventions import SCALE, FreezeAttention, SteerQK, sweep
 
     n = len(setup.tokens)
     req = {
@@ -435,7 +435,7 @@ def test_trusted_hosts(setup):
 
 def test_serve_paths(setup, tmp_path):
     from qktrace.errors import InputError
-    from qktrace.server.__main__ import split_paths
+    from qktrace.server.launch import split_paths
 
     assert split_paths([str(setup.data)]) == (setup.data, [])
     data_dir, files = split_paths([str(setup.data / GRAPH_NAME)])

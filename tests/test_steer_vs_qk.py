@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from qktrace import Tracer
-from qktrace.interventions import FreezeAttention, SteerQK, run_with
 from qktrace.nodes import CODE, Kind
+from qktrace.steering.interventions import FreezeAttention, SteerQK, run_with
 from qktrace.testing import random_prompt
 from tests.hf_reference import hf_attention
 from tests.test_qk import random_saes

@@ -1,4 +1,4 @@
-"""Feature dashboards and labels for the demo SAEs: one use of `qktrace.dashboards`.
+"""Feature dashboards and labels for the demo SAEs: one use of `qktrace.jobs.dashboards`.
 
     python -m recipes.demo.dashboards [--model DIR] [--saes DIR] [--docs N] [--workers N]
 
@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from qktrace.config import DEMO_MODEL, DEMO_SAES
-from qktrace.dashboards import DashboardOptions, build_dashboards, token_kind
+from qktrace.jobs.dashboards import DashboardOptions, build_dashboards, token_kind
 from qktrace.tracer import Tracer
 
 from .corpus import LETTERS, training_documents

@@ -3,14 +3,15 @@
 The public API is exactly `__all__` (a test holds it there).
 """
 
-from .compare import Comparison, compare
+from .analyses.compare import Comparison, compare
+from .analyses.explain import ExplainSettings, Mechanism, explain
+from .config import VERSION
 from .errors import QKTraceError
-from .explain import ExplainSettings, Mechanism, explain
 from .graph import Graph, build_graph, load_graph
-from .interventions import FreezeAttention, ScaleHead, SteerFeature, SteerQK, run_with, sweep
 from .models import Model, Trace, load_model
 from .qk import QKAttribution, qk_attribution
 from .saes import SAE, SAESet, load_saes
+from .steering.interventions import FreezeAttention, ScaleHead, SteerFeature, SteerQK, run_with, sweep
 from .tracer import Traced, Tracer
 
 __all__ = [
@@ -40,4 +41,4 @@ __all__ = [
     "run_with",
     "sweep",
 ]
-__version__ = "0.1.0"
+__version__ = VERSION

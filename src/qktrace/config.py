@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import torch
 
+VERSION = "0.1.0"  # qktrace.__version__, written into the files it makes
 DEMO_ASSETS = Path(__file__).parent / "demo" / "assets"
 DEMO_MODEL = DEMO_ASSETS / "model"
 DEMO_SAES = DEMO_ASSETS / "saes"

@@ -22,7 +22,7 @@ from .qk import QKAttribution, qk_attribution
 from .saes import SAE, FeatureActs, SAESet, load_saes
 
 if TYPE_CHECKING:
-    from .compare import Comparison
+    from .analyses.compare import Comparison
     from .graph import Graph, QKContributor, QKTracing
 
 
@@ -226,8 +226,8 @@ class Traced:
         return out, only
 
     def compare(self, other: Traced, **kwargs: Any) -> Comparison:
-        """This prompt (A) against `other` (B), whose tokens align, head by head (see `qktrace.compare.compare`)."""
-        from .compare import compare
+        """This prompt (A) against `other` (B), whose tokens align, head by head (see `qktrace.compare`)."""
+        from .analyses.compare import compare
 
         return compare(self, other, **kwargs)
 

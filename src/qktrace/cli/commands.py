@@ -1,6 +1,6 @@
 """The `qktrace` sub-commands. Each checks every argument and output path first, then loads the model.
 
-All checks beyond parsing are the library's own (`qktrace.frontend`, `qktrace.files`, `check_index`),
+All checks beyond parsing are the library's own (`qktrace.steering.requests`, `qktrace.files`, `check_index`),
 shared with the server.
 """
 
@@ -16,7 +16,7 @@ from .. import config
 from ..config import LIMITS
 from ..errors import InputError
 from ..files import check_output, check_output_dir
-from ..frontend import SteerRequest, build_steering, check_request, check_text, graph_options
+from ..steering.requests import SteerRequest, build_steering, check_request, check_text, graph_options
 
 
 def _console():  # type: ignore[no-untyped-def]
@@ -207,7 +207,7 @@ def cmd_steer(args: argparse.Namespace) -> int:
     steering = build_steering(traced, checked)
     df = steering.run()
     if plot is not None:
-        from ..plots import plot_sweep
+        from ..analyses.plots import plot_sweep
 
         plot_sweep(df, plot, title=steering.title)
     if args.json:
@@ -220,7 +220,7 @@ def cmd_steer(args: argparse.Namespace) -> int:
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
-    from ..explain import explain
+    from ..analyses.explain import explain
 
     check_text(args.prompt)
     out = check_output(args.out, "output", "--out") if args.out is not None else None
@@ -251,8 +251,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_heads(args: argparse.Namespace) -> int:
-    from ..heads import heads_table
-    from ..plots import plot_heads
+    from ..analyses.plots import plot_heads
+    from ..steering.heads import heads_table
 
     plot = check_output(args.plot, "plot", "--plot") if args.plot is not None else None
     tracer = _tracer(args)
@@ -266,7 +266,7 @@ def cmd_heads(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from ..server.__main__ import serve
+    from ..server.launch import serve
 
     serve(
         args.paths,
@@ -309,9 +309,9 @@ def _stderr_console():  # type: ignore[no-untyped-def]
 
 
 def cmd_dashboards(args: argparse.Namespace) -> int:
-    from ..corpus import corpus_files
-    from ..dashboards import DashboardOptions, build_dashboards
-    from ..scale import progress_bar
+    from ..jobs.corpus import corpus_files
+    from ..jobs.dashboards import DashboardOptions, build_dashboards
+    from ..jobs.pool import progress_bar
 
     out = check_output_dir(args.out)
     corpus_files(args.corpus)  # a missing or unreadable corpus is one line before any progress is drawn
@@ -333,8 +333,8 @@ def cmd_dashboards(args: argparse.Namespace) -> int:
 
 
 def cmd_batch(args: argparse.Namespace) -> int:
-    from ..batch import BatchOptions, read_prompts, trace_batch
-    from ..scale import progress_bar
+    from ..jobs.batch import BatchOptions, read_prompts, trace_batch
+    from ..jobs.pool import progress_bar
 
     out = check_output_dir(args.out)
     read_prompts(args.prompts)  # a bad prompts file is one line before any progress is drawn
@@ -352,7 +352,7 @@ def cmd_batch(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from ..demo.run import run_demo
-    from ..server.__main__ import check_port
+    from ..server.launch import check_port
 
     out = check_output_dir(args.out)
     if not args.no_serve:

@@ -25,9 +25,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..compare import Comparison
+from ..analyses.compare import Comparison
+from ..analyses.explain import Mechanism, explain
 from ..config import DEMO_NAME, DEMO_SAES
-from ..explain import Mechanism, explain
 from ..files import atomic_write
 from ..tables import markdown_table
 from ..tracer import Tracer
@@ -179,7 +179,7 @@ def report(results: list[CaseResult], pairs: list[PairResult], tracer: Tracer, s
         md.append(f"\n## {c.title}\n\n")
         md.append(
             f"**Graph** (`{c.slug}.graph.json`): {g['n_nodes']} nodes, {g['n_edges']} edges, completeness "
-            f"{g['completeness']:.3f}, replacement {g['replacement']:.3f}. **Mechanism** (`qktrace.explain`; "
+            f"{g['completeness']:.3f}, replacement {g['replacement']:.3f}. **Mechanism** (`qktrace.analyses.explain`; "
             f"`{c.slug}.mechanism.json`, plot `{c.slug}.mechanism.png`):\n\n"
         )
         md.append(m.markdown())

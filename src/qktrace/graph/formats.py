@@ -56,7 +56,7 @@ import torch
 from pydantic import ConfigDict, Strict, TypeAdapter, ValidationError, with_config
 from typing_extensions import NotRequired, TypedDict
 
-from ..config import DEMO_MODEL, DEMO_NAME, LIMITS
+from ..config import DEMO_MODEL, DEMO_NAME, LIMITS, VERSION
 from ..errors import GraphFileError, InputError
 from ..nodes import Kind, Node
 
@@ -396,9 +396,8 @@ def to_json(graph: Graph) -> GraphJSON:
         meta["node_threshold"] = settings["node_threshold"]
     if shift is not None:
         meta["feature_details"] = {"neuronpedia_source_set": shift[0]}
-    from .. import __version__
 
-    meta["info"] = {"generator": {"name": "qktrace", "version": __version__}}
+    meta["info"] = {"generator": {"name": "qktrace", "version": VERSION}}
     meta["generation_settings"] = {k: v for k, v in settings.items() if k not in ("node_threshold", "edge_threshold")}
     meta["pruning_settings"] = {k: settings[k] for k in ("node_threshold", "edge_threshold") if k in settings}
     meta["qktrace"] = ours

@@ -2,7 +2,7 @@
 
 Every request is checked before it waits for the model: the prompt is tokenized by a private copy of the
 tokenizer and held to the server's token limit, graph options and steering requests go through
-`qktrace.frontend` (the CLI's checks). Then the model is used behind one lock (its hooks are not
+`qktrace.steering.requests` (the CLI's checks). Then the model is used behind one lock (its hooks are not
 thread-safe), with traced prompts cached by token ids up to `Limits.trace_cache_bytes`.
 
 Graph jobs run one at a time on one worker thread, in order. At most `Limits.max_queued_jobs` are
@@ -34,9 +34,9 @@ import pandas as pd
 
 from ..config import LIMITS, Limits
 from ..errors import InputError, QKTraceError, check_index
-from ..frontend import Checked, SteerRequest, build_steering, check_request, check_text, graph_options
 from ..graph.formats import check_name
 from ..models import Model
+from ..steering.requests import Checked, SteerRequest, build_steering, check_request, check_text, graph_options
 from ..tracer import Traced, Tracer
 from . import schemas as S
 from .store import ApiError, GraphStore, graph_name

@@ -71,7 +71,7 @@ class QKRequest(PromptRequest):
 
 
 class SweepRequest(PromptRequest):
-    """Checked by `qktrace.frontend` (the CLI's checks): list lengths, repeats, ranges, scales."""
+    """Checked by `qktrace.steering.requests` (the CLI's checks): list lengths, repeats, ranges, scales."""
 
     heads: list[tuple[Int, Int]] = Field(
         default_factory=list, description="[[layer, head], ...] of one layer; empty: steer the residual"

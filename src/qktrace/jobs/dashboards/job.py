@@ -12,9 +12,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ...errors import InputError
+from ...tracer import Tracer
 from ..corpus import bos_token, count_documents, fingerprint, shards, tokenize_chunks
-from ..errors import InputError
-from ..scale import (
+from ..pool import (
     ProgressFn,
     ShardResult,
     TracerSpec,
@@ -25,7 +26,6 @@ from ..scale import (
     worker_pool,
     write_atomic,
 )
-from ..tracer import Tracer
 from .render import VERSION, TokenKind, circuit_tracer_features, render, token_kind, top_outputs
 from .stats import Partial, collect, from_bytes, merge, to_bytes
 
@@ -169,7 +169,7 @@ def build_dashboards(
     """Feature dashboards of every SAE (checkpoint) over `corpus`, written under `out`.
 
     `model`: a path, hub id or "demo" (each worker loads its replica), or a loaded Tracer (one process
-    only; then `saes=None`). `workers`/`ray_address`: see `qktrace.scale.worker_pool`. `kind`: a token
+    only; then `saes=None`). `workers`/`ray_address`: see `qktrace.jobs.pool.worker_pool`. `kind`: a token
     categoriser for labels (default `render.token_kind`). `circuit_tracer`: also write
     features/{scan}/{index}.json for circuit-tracer's frontend. Re-running with the same arguments and
     `out` resumes; the files are the same whatever the number of workers or interruptions.

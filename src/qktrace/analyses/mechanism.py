@@ -15,10 +15,10 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import pandas as pd
 
-from .errors import InputError
-from .files import atomic_open, atomic_write
-from .interventions import FreezeAttention, Intervention, SteerQK
-from .tables import markdown_table
+from ..errors import InputError
+from ..files import atomic_open, atomic_write
+from ..steering.interventions import FreezeAttention, Intervention, SteerQK
+from ..tables import markdown_table
 
 if TYPE_CHECKING:
     from .explain import ExplainSettings

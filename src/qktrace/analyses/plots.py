@@ -17,8 +17,8 @@ import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from .errors import InputError
-from .files import atomic_open
+from ..errors import InputError
+from ..files import atomic_open
 
 log = logging.getLogger(__name__)
 

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .errors import InputError
+from ..errors import InputError
 
 TEXT_SUFFIXES = (".jsonl", ".txt")
 

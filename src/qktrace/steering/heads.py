@@ -27,9 +27,9 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from .errors import InputError, check_index
-from .models.anatomy import Layer, Rotary
-from .models.model import Model
+from ..errors import InputError, check_index
+from ..models.anatomy import Layer, Rotary
+from ..models.model import Model
 
 
 def _read_in(layer: Layer, W: Tensor) -> Tensor:

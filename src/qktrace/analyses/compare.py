@@ -28,13 +28,13 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from .errors import InputError, check_index
-from .heads import qk_spectrum
-from .nodes import Kind, Node
-from .tables import markdown_table
+from ..errors import InputError, check_index
+from ..nodes import Kind, Node
+from ..steering.heads import qk_spectrum
+from ..tables import markdown_table
 
 if TYPE_CHECKING:
-    from .tracer import Traced
+    from ..tracer import Traced
 
 log = logging.getLogger(__name__)
 

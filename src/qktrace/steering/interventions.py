@@ -43,11 +43,11 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from .errors import InputError, OutOfRangeError, check_index
-from .models.capture import SeamHooks, attention_seam, first_tensor, forward_hooks, output_tensor
-from .models.model import Model
-from .models.replay import project, qk_norm_and_rotate
-from .models.trace import PerLayer, Trace
+from ..errors import InputError, OutOfRangeError, check_index
+from ..models.capture import SeamHooks, attention_seam, first_tensor, forward_hooks, output_tensor
+from ..models.model import Model
+from ..models.replay import project, qk_norm_and_rotate
+from ..models.trace import PerLayer, Trace
 
 log = logging.getLogger(__name__)
 
@@ -443,7 +443,7 @@ def parse_scales(spec: str | Sequence[float], max_count: int | None = None) -> l
     Refused (InputError) before anything is expanded: no values, more than `max_count` (default
     `config.LIMITS.max_scales`: each scale is one forward pass), NaN, infinite, or past
     +-`LIMITS.max_abs_scale`."""
-    from .config import LIMITS
+    from ..config import LIMITS
 
     limit = LIMITS.max_scales if max_count is None else max_count
     usage = "'start:stop:count' (e.g. -4:4:9) or 'a,b,c'"

@@ -56,16 +56,16 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from .errors import InputError, OutOfRangeError
-from .interventions import FreezeAttention, Intervention, ScaleHead, run_with
+from ..errors import InputError, OutOfRangeError
+from ..nodes import CODE, Kind
+from ..qk import QKAttribution
+from ..steering.interventions import FreezeAttention, Intervention, ScaleHead, run_with
 from .mechanism import Candidate, HeadEffect, Mechanism, Part, Point, Side, Site
-from .nodes import CODE, Kind
-from .qk import QKAttribution
 
 if TYPE_CHECKING:
-    from .graph import Graph
-    from .models import Model
-    from .tracer import Traced, Tracer
+    from ..graph import Graph
+    from ..models import Model
+    from ..tracer import Traced, Tracer
 
 log = logging.getLogger(__name__)
 FEATURE = CODE[Kind.FEATURE]

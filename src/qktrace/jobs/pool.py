@@ -26,11 +26,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from .errors import InputError, QKTraceError
-from .files import atomic_write
+from ..errors import InputError, QKTraceError
+from ..files import atomic_write
 
 if TYPE_CHECKING:
-    from .tracer import Tracer
+    from ..tracer import Tracer
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +48,7 @@ class TracerSpec:
     dtype: str = "float32"
 
     def load(self) -> Tracer:
-        from .tracer import Tracer
+        from ..tracer import Tracer
 
         return Tracer.load(self.model, self.saes, sae_ids=self.sae_ids, device=self.device, dtype=self.dtype)
 
@@ -63,7 +63,7 @@ def tracer_source(
     distributed: bool = False,
 ) -> TracerSpec | Tracer:
     """A loaded Tracer as given (in this process only), or the spec each worker loads its replica from."""
-    from .tracer import Tracer
+    from ..tracer import Tracer
 
     if isinstance(model, Tracer):
         if saes is not None:

@@ -18,9 +18,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ...models import Model, residuals
+from ...saes import SAE
 from ..corpus import Chunks
-from ..models import Model, residuals
-from ..saes import SAE
 
 # activation histogram bins: 10 per decade from 1e-4 to 1e5; smaller (larger) activations count in the first (last)
 HIST_EDGES = (10.0 ** (np.arange(-40, 51) / 10)).astype(np.float32)  # [n_bins + 1]

@@ -24,14 +24,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
-from .config import GRAPH, LIMITS
-from .errors import InputError, check_index
+from ..config import GRAPH, LIMITS
+from ..errors import InputError, check_index
 
 if TYPE_CHECKING:
     import pandas as pd
 
+    from ..tracer import Traced
     from .interventions import Intervention
-    from .tracer import Traced
 
 log = logging.getLogger(__name__)
 Positions = int | slice | Sequence[int]

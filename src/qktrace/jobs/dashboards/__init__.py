@@ -4,12 +4,12 @@ For every checkpoint with an SAE and every feature: the exact top activating con
 window), activation frequency, an activation histogram over fixed bins, the top and bottom output tokens
 through the final norm and unembedding, and a short automatic label.
 
-1. The corpus (`qktrace.corpus`: text, JSONL, or a `datasets.save_to_disk` folder) is cut into shards of
+1. The corpus (`qktrace.jobs.corpus`: text, JSONL, or a `datasets.save_to_disk` folder) is cut into shards of
    consecutive documents; each document into chunks of `seq_len` tokens.
 2. Each shard runs through the model (`models.residuals`, batched, stopping at the last SAE's checkpoint)
    and every SAE (`SAE.encode`, exactly as tracing encodes). Per feature it keeps counts, a histogram and
    its top activations in the total order (activation descending, then document, then offset) (`stats`).
-3. Each shard's statistics are written to `shards/NNNNNN.npz` as it finishes (`qktrace.scale`); a restarted
+3. Each shard's statistics are written to `shards/NNNNNN.npz` as it finishes (`qktrace.jobs.pool`); a restarted
    job skips finished shards. Shards run in this process or on Ray workers, one model replica each.
 4. The shards merge exactly (`stats.merge`): the same top-k, counts and histograms as one pass.
 5. `render`: per checkpoint `HOOK/dashboards.json` (the web UI's contract, `version` 1) and

@@ -6,11 +6,11 @@ prompt's folder, by default p00000, p00001, ... in line order). Per prompt, unde
 
 1. `graph.json`: the attribution graph with head loadings and QK terms (what `Graph.save` writes);
 2. `qk.json`: the QK attribution row (query = the last position, every key) of the graph's top heads;
-3. `explain.json`: `qktrace.explain`'s mechanism, when the prompt names an answer and qktrace has `explain`;
+3. `explain.json`: `qktrace.explain`'s mechanism, when the prompt names an answer;
 4. `summary.json`: the prompt's row of the summary table, written last: it marks the prompt done.
 
 Across prompts: `summary.jsonl` (and `summary.parquet` when pyarrow is installed), in prompt order. A
-restarted job skips prompts whose summary.json exists (`qktrace.scale`); the files are the same whatever
+restarted job skips prompts whose summary.json exists (`qktrace.jobs.pool`); the files are the same whatever
 the number of workers, and the same as tracing each prompt alone (`trace_prompt`).
 """
 
@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import importlib
 import json
 import logging
 import os
@@ -29,9 +28,11 @@ from typing import Any
 
 import torch
 
-from .config import GRAPH, QK
-from .errors import InputError, QKTraceError
-from .scale import (
+from ..analyses.explain import explain
+from ..config import GRAPH, QK
+from ..errors import InputError, QKTraceError
+from ..tracer import Tracer
+from .pool import (
     ProgressFn,
     ShardResult,
     TracerSpec,
@@ -42,7 +43,6 @@ from .scale import (
     worker_pool,
     write_atomic,
 )
-from .tracer import Tracer
 
 log = logging.getLogger(__name__)
 
@@ -111,17 +111,6 @@ def read_prompts(path: str | os.PathLike[str]) -> list[PromptRecord]:
     return out
 
 
-def _explain_fn() -> Any:
-    """`qktrace.explain` when this qktrace has it (None otherwise); imported late, as it is optional."""
-    try:
-        found = getattr(importlib.import_module("qktrace"), "explain", None)
-        if found is None:
-            found = importlib.import_module("qktrace.explain")
-    except ImportError:
-        return None
-    return found if callable(found) else getattr(found, "explain", None)
-
-
 def _jsonable(obj: Any) -> Any:
     if hasattr(obj, "to_json"):
         return obj.to_json()
@@ -176,11 +165,10 @@ def trace_prompt(tracer: Tracer, record: PromptRecord, options: BatchOptions | N
         if record.rival is not None:
             r = model.token_id(record.rival)
             row |= {"rival": record.rival, "rival_prob": float(probs[r]), "logit_diff": float(logits[a] - logits[r])}
-        explain = _explain_fn() if o.explain else None
-        if explain is not None:
+        if o.explain:
             mechanism = explain(tracer, record.prompt, record.answer, rival=record.rival)
             files[f"{base}/explain.json"] = _dumps(_jsonable(mechanism))
-        row["explained"] = explain is not None
+        row["explained"] = o.explain
     s = graph.summary()
     row |= {k: s[k] for k in ("n_nodes", "n_features", "n_edges", "completeness", "replacement")}
     row["top_heads"] = ", ".join(f"L{h['layer']}H{h['head']} ({h['influence']:.0%})" for h in heads)
@@ -235,7 +223,7 @@ def trace_batch(
     dtype: str = "float32",
 ) -> BatchResult:
     """Trace every prompt of the JSONL file `prompts` and write the results under `out` (see the module
-    docstring). `model`/`saes`/`workers`/`ray_address` as in `qktrace.dashboards.build_dashboards`."""
+    docstring). `model`/`saes`/`workers`/`ray_address` as in `qktrace.jobs.dashboards.build_dashboards`."""
     o = options or BatchOptions()
     out = Path(out)
     records = read_prompts(prompts)

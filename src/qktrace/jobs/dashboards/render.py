@@ -22,8 +22,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..models import Model
-from ..saes import SAE
+from ...models import Model
+from ...saes import SAE
 from .stats import HIST_EDGES, PAD, Partial
 
 VERSION = 1  # of dashboards.json

@@ -1,0 +1,146 @@
+"""`serve(paths, model, saes)`: run the web app with uvicorn on 127.0.0.1 (also `python -m qktrace.server`)."""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import logging
+import socket
+import tempfile
+import threading
+import webbrowser
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from ..config import LIMITS, parse_bytes, parse_device, parse_dtype, resolve_model, resolve_saes
+from ..errors import InputError, QKTraceError
+
+if TYPE_CHECKING:
+    import torch
+
+log = logging.getLogger(__name__)
+LOOPBACK_NAMES = ("127.0.0.1", "localhost", "::1", "[::1]")
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def split_paths(paths: Sequence[str]) -> tuple[Path, list[Path]]:
+    """(data directory, explicit graph files). One directory at most; without one, computed graphs go
+    into a fresh temporary directory."""
+    dirs, files = [], []
+    for raw in paths:
+        p = Path(raw).expanduser()
+        if p.is_dir():
+            dirs.append(p)
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise InputError(f"{raw} does not exist: pass graph JSON files or one directory of them")
+    if len(dirs) > 1:
+        raise InputError(f"{len(dirs)} directories given ({', '.join(map(str, dirs))}): serve one data directory")
+    if dirs:
+        return dirs[0], files
+    tmp = Path(tempfile.mkdtemp(prefix="qktrace-graphs-"))
+    log.warning("no data directory given: graphs built in the page are saved to %s", tmp)
+    return tmp, files
+
+
+def check_port(host: str, port: int) -> None:
+    """Refuse, before anything is loaded, a port out of range, a host that is not an address here, or an
+    address that cannot be listened on (in use, not permitted)."""
+    if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
+        raise InputError(f"port {port!r} is out of range: give 1..65535, e.g. 8000")
+    try:
+        infos = socket.getaddrinfo(host.strip("[]"), port, type=socket.SOCK_STREAM)
+    except (OSError, UnicodeError) as e:
+        reason = getattr(e, "strerror", None) or type(e).__name__
+        raise InputError(
+            f"host '{host[:80]}' is not understood ({reason}): give an address such as 127.0.0.1"
+        ) from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does
+        try:
+            sock.bind(address)
+        except OSError as e:
+            raise InputError(
+                f"cannot listen on {host}:{port} ({e.strerror or type(e).__name__}): pick another --port"
+            ) from None
+
+
+def serve(
+    paths: Sequence[str],
+    model: str | None = None,
+    saes: str | None = None,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    open_browser: bool = False,
+    *,
+    tracer: object | None = None,
+    device: str | torch.device = "auto",
+    dtype: str | torch.dtype = "float32",
+    max_memory: int | str | None = None,
+    max_tokens: int | None = None,
+    labels: str | Sequence[str] | None = None,
+) -> None:
+    """Serve graph files (a directory and/or files) and, with a model (a path, hub id or 'demo'; or an
+    already loaded `tracer`), compute graphs, QK attributions and sweeps. Blocks until interrupted.
+
+    `device`, `dtype`: where and how the model is loaded (`config.parse_device` / `parse_dtype`).
+    `max_memory`: byte budget of full-mode graph builds ("8GB"). `max_tokens`: the longest prompt the
+    server traces (default `LIMITS.server_max_tokens`). `labels`: Neuronpedia explanation exports that label
+    the model's SAEs (needs `model`). Every argument is checked before any loading."""
+    try:
+        import uvicorn
+    except ImportError:
+        raise QKTraceError("the web UI needs uvicorn: pip install 'qktrace[server]'") from None
+    from ..tracer import Tracer
+    from .app import create_app
+
+    dev, dt = parse_device(device), parse_dtype(dtype)
+    budget = parse_bytes(max_memory) if max_memory is not None else None
+    limits = LIMITS
+    if max_tokens is not None:
+        if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
+            raise InputError(f"max_tokens {max_tokens!r} is not a positive number of tokens")
+        limits = dataclasses.replace(LIMITS, server_max_tokens=max_tokens)
+    if labels is not None and (model is None or tracer is not None):
+        raise InputError("--labels label the SAEs of the model serve loads: add --model (and --saes)")
+    check_port(host, port)
+    data_dir, files = split_paths(paths)
+    if tracer is None and model is not None:
+        tracer = Tracer.load(
+            resolve_model(model),
+            resolve_saes(model, saes),
+            device=dev,
+            dtype=dt,
+            labels=labels,  # type: ignore[arg-type]
+        )
+    if tracer is not None and not isinstance(tracer, Tracer):
+        raise InputError(f"tracer must be a qktrace Tracer, got {type(tracer).__name__}")
+    saes_dir = resolve_saes(model, saes)
+    loopback = _is_loopback(host)
+    if not loopback:
+        log.warning("serving on %s: anyone who can reach this address can read the graphs and run the model", host)
+    app = create_app(
+        data_dir,
+        tracer,
+        files=files,
+        saes_dir=saes_dir,  # type: ignore[arg-type]
+        allowed_hosts=LOOPBACK_NAMES if loopback else None,
+        limits=limits,
+        max_memory=budget,
+    )
+    shown = f"[{host}]" if ":" in host else host
+    log.info("graphs from %s; model %s", data_dir, tracer.model.name if tracer is not None else "none (view only)")
+    if open_browser:
+        threading.Timer(1.0, webbrowser.open, args=(f"http://{shown}:{port}/",)).start()
+    uvicorn.run(app, host=host, port=port, log_level="info", access_log=False)  # prints the URL
