@@ -21,7 +21,7 @@ from ..config import parse_device, parse_dtype
 from ..errors import SAELoadError, SAEMismatchError
 from .attention import AttentionSAE, AttentionSAESet, attention_site
 from .conventions import FileConfig, read_sae_lens_cfg
-from .formats import CFG_FILE, LLAMA_SCOPE_CFG, NPZ_FILE, find_saes, layout_of, read_json, read_path
+from .formats import CFG_FILE, LLAMA_SCOPE_CFG, NPZ_FILE, RawSAE, find_saes, layout_of, read_json, read_path
 from .load import ModelLike, build_sae, norm_kind, sae_paths
 from .releases import registry
 from .sae import SAE
@@ -88,25 +88,19 @@ def _check_parallel(model: Any, input_site: str, where: str) -> None:
 
 
 def _coder(raw: RawTranscoder, device: torch.device, dtype: torch.dtype) -> SAE:
-    t = {n: w.detach().to(device=device, dtype=dtype) for n, w in raw.weights.items()}
+    """The encoder and decoder as an `SAE` (b_dec an output bias), checked as residual SAEs are."""
     meta = raw.meta
-    return SAE(
-        checkpoint=raw.layer,
+    cfg = FileConfig(
         architecture=raw.architecture,
-        W_enc=t["W_enc"],
-        b_enc=t["b_enc"],
-        W_dec=t["W_dec"],
-        b_dec=t["b_dec"],
-        threshold=t.get("threshold"),
-        k=raw.k,
-        apply_b_dec_to_input=False,
         hook_name=raw.input_hook,
-        source=raw.source,
-        labels=raw.labels,
+        apply_b_dec_to_input=False,
+        k=raw.k,
         model_name=meta.get("model_name") or "",
         prepend_bos=meta.get("prepend_bos"),
         context_size=meta.get("context_size"),
     )
+    weights = {n: w for n, w in raw.weights.items() if n != "W_skip"}
+    return build_sae(RawSAE(weights, cfg, raw.source, raw.source, raw.labels), None, device, dtype, raw.layer)
 
 
 def build_transcoder(raw: RawTranscoder, model: Any, device: torch.device, dtype: torch.dtype) -> Transcoder:
@@ -257,9 +251,9 @@ def load_attention_saes(
     source: str | os.PathLike[str],
     model: ModelLike,
     *,
-    sae_ids: Sequence[str] | None = None,
     device: str | torch.device = "cpu",
     dtype: str | torch.dtype = "float32",
+    sae_ids: Sequence[str] | None = None,
 ) -> AttentionSAESet:
     """Load SAEs on attention outputs, keyed by layer: SAELens folders on `blocks.L.attn.hook_z` (d_in =
     n_heads * d_head) or `blocks.L.hook_attn_out` (d_in = d_model), or Gemma Scope "att" params.npz files
