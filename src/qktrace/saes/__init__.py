@@ -21,33 +21,51 @@ reads the model's raw Hugging Face residual and `encode` gives the activations t
   encode sees s x, decode divides by s. Per-token normalisations are refused at load with one line.
 - BOS and context: `SAE.prepend_bos`, `SAE.context_size`, and `SAESet.prepend_bos` / `SAESet.context_size`.
 
+Transcoders (`load_transcoders`: circuit-tracer sets and CLTs, Gemma Scope, Llama Scope LXTC, SAELens
+transcoders) and attention-output SAEs (`load_attention_saes`: hook_z or attn_out) are in `transcoder`,
+`attention` and their loaders; see those modules.
+
 Labels: `labels.json` beside an SAE, or Neuronpedia explanation exports (`read_neuronpedia_labels`,
 `load_saes(..., labels=...)`).
 """
 
+from .attention import ATTENTION_SITES, AttentionSAE, AttentionSAESet
 from .conventions import FileConfig
 from .formats import sae_lens_config, save_sae_lens
 from .labels import neuronpedia_labels, read_neuronpedia_labels
 from .load import ModelLike, build_sae, load_saes
 from .releases import Release, find_release, known_releases
 from .sae import ARCHITECTURES, SAE, FeatureActs, SAESet, hook_checkpoint, hook_layer
+from .transcoder import INPUT_SITES, OUTPUT_SITES, CrossLayerTranscoder, Transcoder, TranscoderSet, site_input
+from .transcoder_load import load_attention_saes, load_transcoders
 
 __all__ = [
     "ARCHITECTURES",
+    "ATTENTION_SITES",
+    "INPUT_SITES",
+    "OUTPUT_SITES",
     "SAE",
+    "AttentionSAE",
+    "AttentionSAESet",
+    "CrossLayerTranscoder",
     "FeatureActs",
     "FileConfig",
     "ModelLike",
     "Release",
     "SAESet",
+    "Transcoder",
+    "TranscoderSet",
     "build_sae",
     "find_release",
     "hook_checkpoint",
     "hook_layer",
     "known_releases",
+    "load_attention_saes",
     "load_saes",
+    "load_transcoders",
     "neuronpedia_labels",
     "read_neuronpedia_labels",
     "sae_lens_config",
     "save_sae_lens",
+    "site_input",
 ]

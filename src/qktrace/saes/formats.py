@@ -82,6 +82,19 @@ def read_safetensors(path: Path) -> dict[str, Tensor]:
     return w
 
 
+def read_npz(path: Path) -> dict[str, Tensor]:
+    """Every array of an npz file as a tensor, refusing unreadable files and NaN or infinite values."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            raw = {name: torch.from_numpy(np.array(z[name])) for name in z.files}
+    except Exception as e:  # zipfile, OSError, ValueError on truncated or non-npz files
+        raise SAELoadError(
+            f"{path} is not a readable npz file ({type(e).__name__}): re-download or re-export it"
+        ) from None
+    check_tensors(raw, str(path))
+    return raw
+
+
 def _require(w: Mapping[str, Tensor], names: tuple[str, ...], path: Path) -> None:
     missing = [n for n in names if n not in w]
     if missing:
@@ -127,14 +140,7 @@ def read_gemma_npz(path: Path, overrides: Mapping[str, Any] | None = None, repo_
             f"cannot tell the layer of {path}: put it under a layer_N folder as in Gemma Scope "
             "(e.g. layer_12/width_16k/average_l0_82/params.npz)"
         )
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            raw = {name: torch.from_numpy(np.array(z[name])) for name in z.files}
-    except Exception as e:  # zipfile, OSError, ValueError on truncated or non-npz files
-        raise SAELoadError(
-            f"{path} is not a readable npz file ({type(e).__name__}): re-download or re-export it"
-        ) from None
-    check_tensors(raw, str(path))
+    raw = read_npz(path)
     w: dict[str, Tensor] = {}
     for name, aliases in layout["tensors"].items():
         found = [a for a in aliases if a in raw]

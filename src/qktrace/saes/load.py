@@ -46,11 +46,17 @@ def norm_kind(model: Any) -> str | None:
     return kind if isinstance(kind, str) else None
 
 
-def build_sae(raw: RawSAE, norm: str | None, device: str | torch.device, dtype: torch.dtype) -> SAE:
-    """A `RawSAE` checked, with its conventions folded in, on `device` in `dtype`."""
+def build_sae(
+    raw: RawSAE, norm: str | None, device: str | torch.device, dtype: torch.dtype, checkpoint: int | None = None
+) -> SAE:
+    """A `RawSAE` checked, with its conventions folded in, on `device` in `dtype`.
+
+    `checkpoint`: for coders off the residual stream (attention SAEs, transcoders), the layer they sit at;
+    None reads the residual checkpoint off the hook name (and refuses any other hook)."""
     cfg = raw.config
     check_config(cfg, raw.weights, raw.config_file)
-    checkpoint = hook_checkpoint(cfg.hook_name, f"SAE at {raw.source}")
+    if checkpoint is None:
+        checkpoint = hook_checkpoint(cfg.hook_name, f"SAE at {raw.source}")
     centre = cfg.centre and (norm is None or norm in registry()["centring"]["norms"])
     if cfg.centre and not centre:
         logger.info(

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -61,6 +61,42 @@ class FeatureActs:
         p = check_index(p, self.n_pos, "position", allow_negative=True)
         lo, hi = torch.searchsorted(self.pos, torch.tensor([p, p + 1], device=self.pos.device)).tolist()
         return self.feature[lo:hi], self.act[lo:hi]
+
+
+def activate(pre: Tensor, architecture: str, threshold: Tensor | None, k: int | None) -> Tensor:
+    """Pre-activations [..., d_sae] -> feature acts, all >= 0: relu (standard), relu where pre > threshold
+    (jumprelu), or the k largest kept and relu'd (topk). Shared by every sparse coder (SAEs, transcoders)."""
+    if architecture == "standard":
+        return pre.relu()
+    if architecture == "jumprelu":
+        assert threshold is not None
+        return pre.relu() * (pre > threshold)
+    assert k is not None
+    top = pre.topk(k, dim=-1)
+    return torch.zeros_like(pre).scatter(-1, top.indices, top.values.relu())
+
+
+def split_features(
+    encode: Callable[[Tensor], Tensor], W_dec: Tensor, b_dec: Tensor, x: Tensor, target: Tensor, chunk: int = 4096
+) -> FeatureActs:
+    """x [pos, d_in] -> the active features of `encode(x)`, with target == sum_i a_i W_dec[f_i] + b_dec + error.
+
+    An SAE's target is its input; a transcoder's is its layer's MLP output. Activations come in the coder's
+    dtype; the reconstruction and the error in float32 (float64 input: float64), so the split is exact
+    whatever the coder's precision. Positions are encoded `chunk` at a time: a [pos, d_sae] tensor is never
+    held for a long prompt."""
+    cdt = torch.promote_types(target.dtype, torch.float32)
+    W, b = W_dec.to(cdt), b_dec.to(cdt)
+    parts: list[tuple[Tensor, Tensor, Tensor]] = []
+    errors = []
+    for p0 in range(0, x.shape[0], chunk):
+        dense = encode(x[p0 : p0 + chunk])  # [chunk, d_sae]
+        pos, feature = dense.nonzero(as_tuple=True)  # row-major, so sorted by (pos, feature)
+        parts.append((pos + p0, feature, dense[pos, feature]))
+        recon = dense.to(cdt) @ W + b
+        errors.append(target[p0 : p0 + chunk].to(device=recon.device, dtype=cdt) - recon)
+    pos, feature, act = (torch.cat(c) for c in zip(*parts))
+    return FeatureActs(pos=pos, feature=feature, act=act, error=torch.cat(errors))
 
 
 @dataclass(frozen=True, eq=False)
@@ -133,15 +169,7 @@ class SAE:
         x = self._input(resid)
         if self.apply_b_dec_to_input:
             x = x - self.b_dec
-        pre = x @ self.W_enc + self.b_enc  # [pos, d_sae]
-        if self.architecture == "standard":
-            return pre.relu()
-        if self.architecture == "jumprelu":
-            assert self.threshold is not None
-            return pre.relu() * (pre > self.threshold)
-        assert self.k is not None
-        top = pre.topk(self.k, dim=-1)
-        return torch.zeros_like(pre).scatter(-1, top.indices, top.values.relu())
+        return activate(x @ self.W_enc + self.b_enc, self.architecture, self.threshold, self.k)
 
     def decode(self, acts: Tensor) -> Tensor:
         """acts [..., pos, d_sae] -> reconstruction [..., pos, d_model] (includes b_dec)."""
@@ -158,19 +186,7 @@ class SAE:
                 f"sparse() needs resid of shape [pos, d_model], got {list(resid.shape)}: pass one prompt"
             )
         self._input(resid[:0])  # width check
-        cdt = torch.promote_types(resid.dtype, torch.float32)
-        W_dec, b_dec = self.W_dec.to(cdt), self.b_dec.to(cdt)
-        parts: list[tuple[Tensor, Tensor, Tensor]] = []
-        errors = []
-        for p0 in range(0, resid.shape[0], chunk):
-            x = resid[p0 : p0 + chunk]
-            dense = self.encode(x)  # [chunk, d_sae]
-            pos, feature = dense.nonzero(as_tuple=True)  # row-major, so sorted by (pos, feature)
-            parts.append((pos + p0, feature, dense[pos, feature]))
-            recon = dense.to(cdt) @ W_dec + b_dec
-            errors.append(x.to(device=recon.device, dtype=cdt) - recon)
-        pos, feature, act = (torch.cat(c) for c in zip(*parts))
-        return FeatureActs(pos=pos, feature=feature, act=act, error=torch.cat(errors))
+        return split_features(self.encode, self.W_dec, self.b_dec, resid, resid, chunk)
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> SAE:
         """A copy with every tensor moved to `device` and/or cast to `dtype`."""
