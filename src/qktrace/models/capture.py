@@ -38,6 +38,7 @@ from ..errors import UnsupportedModelError
 SEAM_IMPLEMENTATION = "qktrace_eager"  # the name the seam's attention function is registered under
 _SEAM = "qktrace_seam"  # attribute of each attention module: its model's Seam
 _LAYER = "qktrace_layer"  # attribute of each attention module: its layer
+_SOFTMAX = torch.nn.functional.softmax  # what eager attention dispatches, even through someone's wrapper of it
 
 
 @dataclass
@@ -77,7 +78,7 @@ class _PatternSpy(TorchFunctionMode):
 
     def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         out = func(*args, **(kwargs or {}))
-        if func is not torch.nn.functional.softmax:
+        if func is not _SOFTMAX:
             return out
         new = self.hook(self.layer, args[0][0], out[0])
         return out if new is None else new.unsqueeze(0).to(out.dtype)
@@ -88,6 +89,8 @@ def seam_attention(
 ) -> Any:
     """The `qktrace_eager` attention function: the module's own eager attention, through its model's hooks."""
     eager = sys.modules[type(module).__module__].eager_attention_forward  # type: ignore[attr-defined]
+    if getattr(module, "reorder_and_upcast_attn", False):  # GPT-2's eager path when its config asks for it
+        eager = lambda m, q, k, v, mask, *a, **kw: m._upcast_and_reordered_attn(q, k, v, mask)  # noqa: E731
     seam: Seam | None = getattr(module, _SEAM, None)
     hooks = None if seam is None else seam.hooks
     if hooks is None:
