@@ -101,8 +101,8 @@ def test_empty_prompt_and_bad_ids(tiny_models):
 
 
 def test_two_threads_trace_and_intervene_at_once(tiny_models):
-    """The attention seam is process-wide (a module global, and softmax swapped for pattern hooks): traces and
-    interventions in two threads are serialised by its lock and give exactly what they give alone."""
+    """Two threads on ONE model: its hooks live on the model, so its own lock serialises its traces and
+    interventions, and each gives exactly what it gives alone (two models: tests/test_seam.py)."""
     import threading
 
     from qktrace.steering.interventions import ScaleHead, run_with

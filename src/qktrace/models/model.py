@@ -14,6 +14,7 @@ from torch import Tensor
 from ..config import parse_device, parse_dtype
 from ..errors import InputError, ModelLoadError, QKTraceError
 from .anatomy import Anatomy
+from .capture import Seam, attach_seam
 from .families import ModuleHandles, family_for, module_handles, read_anatomy
 from .record import Recorder, assemble, capture
 from .trace import Trace
@@ -22,7 +23,10 @@ log = logging.getLogger(__name__)
 
 
 class Model:
-    """A loaded HF causal LM with its tokenizer and uniform anatomy. Stateless apart from the weights."""
+    """A loaded HF causal LM with its tokenizer and uniform anatomy. Stateless apart from the weights.
+
+    Wrapping `hf` sets its attention implementation to qktrace's seam (HF's eager attention, bitwise, with
+    hooks that only this model's traces and interventions install); other models are left as they are."""
 
     def __init__(self, hf: Any, tokenizer: Any = None, name: str | None = None):
         self.hf: Any = hf.eval()
@@ -30,6 +34,7 @@ class Model:
         self.name = name or getattr(hf.config, "_name_or_path", "") or hf.config.model_type
         self.anatomy: Anatomy = read_anatomy(hf)
         self.modules: ModuleHandles = module_handles(hf)
+        self.seam: Seam = attach_seam(hf, self.modules.attn)  # this model's attention seam, hooks and lock
 
     # -- shape facts -------------------------------------------------------------------------------
     @property
@@ -63,7 +68,7 @@ class Model:
 
     @property
     def attn_modules(self) -> tuple[Any, ...]:
-        """The HF attention module of each layer (what `attention_seam` wraps)."""
+        """The HF attention module of each layer (whose attention function is the seam)."""
         return self.modules.attn
 
     @property

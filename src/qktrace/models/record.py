@@ -95,9 +95,10 @@ def _hooks(handles: ModuleHandles, anatomy: Anatomy, rec: Recorder) -> tuple[lis
 
 @contextlib.contextmanager
 def capture(handles: ModuleHandles, anatomy: Anatomy, rec: Recorder) -> Iterator[None]:
-    """Hooks on the real HF modules that record one forward pass into `rec`; always removed."""
+    """Hooks on the real HF modules that record one forward pass into `rec`, under the model's lock; always
+    removed."""
     pre, post, seam = _hooks(handles, anatomy, rec)
-    with forward_hooks(pre, pre=True), forward_hooks(post), attention_seam(handles.attn, seam):
+    with attention_seam(handles.attn, seam), forward_hooks(pre, pre=True), forward_hooks(post):  # the seam locks
         yield
 
 

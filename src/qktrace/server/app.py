@@ -19,7 +19,7 @@ data directory (`..`, absolute paths, encoded slashes and symlinks out are refus
 response is versioned JSON; QKTraceError -> 4xx {"version": 1, "error": "<its one-line message>"}.
 Bounded work (`config.Limits`): request bodies (413), prompt tokens, list lengths, scales, queued jobs,
 the trace cache in bytes. A bug still answers one line of JSON (500) and the server keeps serving.
-Graph files and dashboards: `store`; what needs the model (behind one lock): `compute`.
+Graph files and dashboards: `store`; what needs the model (behind the model's own lock): `compute`.
 """
 
 from __future__ import annotations

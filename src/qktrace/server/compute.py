@@ -2,8 +2,9 @@
 
 Every request is checked before it waits for the model: the prompt is tokenized by a private copy of the
 tokenizer and held to the server's token limit, graph options and steering requests go through
-`qktrace.steering.requests` (the CLI's checks). Then the model is used behind one lock (its hooks are not
-thread-safe), with traced prompts cached by token ids up to `Limits.trace_cache_bytes`.
+`qktrace.steering.requests` (the CLI's checks). Then the model is used behind its own lock (`Model.seam`:
+its hooks are per model, and one model runs one forward pass at a time; requests to other models do not
+wait), with traced prompts cached by token ids up to `Limits.trace_cache_bytes`.
 
 Graph jobs run one at a time on one worker thread, in order. At most `Limits.max_queued_jobs` are
 queued or running; one more is answered 429 with Retry-After. A queued or running job is never
@@ -87,7 +88,9 @@ class Engine:
         self.tracer = tracer
         self.limits = limits
         self.max_memory = max_memory
-        self.lock = threading.Lock()  # the model: its hooks, and its (fast, not thread-safe) tokenizer
+        # the model's own lock (its seam's: its hooks, its fast but not thread-safe tokenizer, the traces cached
+        # here); another model, in this process or another server, has its own and never waits for this one
+        self.lock = tracer.model.seam.lock
         self._tok_lock = threading.Lock()
         self._tokenizing = self._twin(tracer.model)
         self._traced: OrderedDict[tuple[int, ...], Traced] = OrderedDict()

@@ -352,11 +352,11 @@ def _applied(model: Model, plan: _Plan, clean: Trace | None, record: set[int]) -
     steer_pre = [(blocks[c], steer_in(add)) for c, add in plan.resid_add.items() if c < L]
     steer_post = [(blocks[-1], steer_out(plan.resid_add[L]))] if L in plan.resid_add else []
     with (
+        attention_seam(model.attn_modules, SeamHooks(inputs=on_inputs, pattern=on_pattern)),  # first: it locks
         forward_hooks(steer_pre, pre=True),
         forward_hooks(steer_post),
         forward_hooks([(b, record_in(c)) for c, b in enumerate(blocks)], pre=True),
         forward_hooks([(blocks[-1], record_out)]),
-        attention_seam(model.attn_modules, SeamHooks(inputs=on_inputs, pattern=on_pattern)),
     ):
         yield rec
 
