@@ -141,22 +141,23 @@ def random_sae(
     """One random SAE of `architecture` ("standard", "jumprelu" or "topk"), reading the raw residual.
 
     W_enc [d_model, d_sae], b_enc [d_sae], W_dec [d_sae, d_model] and b_dec [d_model] are normal with the
-    standard deviations `std` (in that order); `tied` makes W_dec W_enc's transpose at its own scale (each
-    feature writes the direction it reads). A jumprelu's threshold is uniform in [0, 0.5); a topk keeps `k`.
-    Draws come in a fixed order (threshold, W_enc, b_enc, W_dec, b_dec) from `seed`, an int or a generator
-    shared by several calls. The checkpoint defaults to `hook_name`'s, else 0. `fields` set any other SAE
-    field (hook_name, labels, apply_b_dec_to_input, which defaults to False here) or replace a drawn tensor.
+    standard deviations `std`, in that order (a zero std gives zeros and draws nothing); `tied` makes W_dec
+    W_enc's transpose at its own scale (each feature writes the direction it reads). A jumprelu's threshold
+    is uniform in [0, 1); a topk keeps `k`. Draws come in a fixed order (W_enc, b_enc, W_dec, b_dec,
+    threshold) from `seed`, an int or a generator shared by several calls. The checkpoint defaults to
+    `hook_name`'s, else 0. `fields` set any other SAE field (hook_name, labels, apply_b_dec_to_input, which
+    defaults to False here) or replace a drawn tensor (b_enc=...).
     """
     g = seed if isinstance(seed, torch.Generator) else torch.Generator(device="cpu").manual_seed(seed)
 
-    def normal(s: float, *shape: int) -> Tensor:
-        return s * torch.randn(*shape, generator=g, device="cpu")
+    def normal(s: float, *shape: int) -> Tensor:  # a zero std draws nothing: zeros, the generator untouched
+        return s * torch.randn(*shape, generator=g, device="cpu") if s else torch.zeros(*shape, device="cpu")
 
-    threshold = 0.5 * torch.rand(d_sae, generator=g, device="cpu") if architecture == "jumprelu" else None
     W_enc = normal(std[0], d_model, d_sae)
     b_enc = normal(std[1], d_sae)
     W_dec = std[2] / std[0] * W_enc.T.contiguous() if tied else normal(std[2], d_sae, d_model)
     b_dec = normal(std[3], d_model)
+    threshold = torch.rand(d_sae, generator=g, device="cpu") if architecture == "jumprelu" else None
     drawn = {"W_enc": W_enc, "b_enc": b_enc, "W_dec": W_dec, "b_dec": b_dec, "threshold": threshold}
     drawn = {name: None if t is None else t.to(device=device, dtype=dtype) for name, t in drawn.items()}
     hook = fields.get("hook_name", "")
