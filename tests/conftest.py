@@ -1,4 +1,8 @@
-"""Shared fixtures: one tiny random model per supported family, saved to disk and loaded back."""
+"""Shared fixtures: one tiny random model per supported family, saved to disk and loaded back.
+
+The builders behind every fixture (tiny models, random SAEs of each architecture, HF's own attention
+numbers, the jobs' and the server's setups on disk) live in `qktrace.testing`; test modules import those
+and these fixtures, never each other."""
 
 from __future__ import annotations
 

@@ -14,7 +14,8 @@ import torch
 import qktrace
 from qktrace.errors import InputError
 from qktrace.jobs.batch import BatchOptions, read_prompts, trace_batch
-from tests.scale_fixtures import Setup, make_setup, tree
+from qktrace.testing import JobSetup as Setup
+from qktrace.testing import make_job_setup, tree
 
 PROMPTS = [
     {"prompt": "Aunt Sally is the w1 . Aunt", "answer": " Sally", "rival": " Bob", "id": "aunt"},
@@ -25,7 +26,7 @@ PROMPTS = [
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory: pytest.TempPathFactory) -> Setup:
-    return make_setup(tmp_path_factory.mktemp("batch"))
+    return make_job_setup(tmp_path_factory.mktemp("batch"))
 
 
 @pytest.fixture(scope="module")

@@ -44,7 +44,7 @@ import qktrace  # noqa: E402
 from qktrace.graph import load_graph  # noqa: E402
 from qktrace.nodes import Kind, Node  # noqa: E402
 from qktrace.server import create_app  # noqa: E402
-from tests.test_server import GRAPH_NAME, build_fixture  # noqa: E402
+from qktrace.testing import GRAPH_NAME, make_server_setup  # noqa: E402
 
 pytestmark = pytest.mark.browser
 STORED = "stored.json"
@@ -85,7 +85,7 @@ class LiveServer:
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    s = build_fixture(tmp_path_factory.mktemp("browser"))
+    s = make_server_setup(tmp_path_factory.mktemp("browser"))
     traced = s.tracer.run(s.tokens)
     graph = load_graph(s.data / GRAPH_NAME)
     with_terms = dataclasses.replace(graph, qk_terms=traced.link_qk_terms(graph))

@@ -9,24 +9,16 @@ import torch
 
 from qktrace.cli import main
 from qktrace.graph import FORMAT_VERSION
-from qktrace.saes import SAE, save_sae_lens
+from qktrace.saes import save_sae_lens
+from qktrace.testing import random_sae, random_saes
 
 
 @pytest.fixture(scope="module")
 def saes_dir(tiny_models, tmp_path_factory):
     model = tiny_models["llama"]
     root = tmp_path_factory.mktemp("saes")
-    g = torch.Generator().manual_seed(0)
-    for c in range(model.n_layers + 1):
-        sae = SAE(
-            checkpoint=c,
-            architecture="topk",
-            W_enc=torch.randn(model.d_model, 40, generator=g),
-            b_enc=torch.zeros(40),
-            W_dec=torch.randn(40, model.d_model, generator=g) * 0.3,
-            b_dec=torch.zeros(model.d_model),
-            k=5,
-        )
+    saes = random_saes(model, "topk", d_sae=40, k=5, std=(1.0, 0.0, 0.3, 0.0), apply_b_dec_to_input=True)
+    for c, sae in saes.items():
         save_sae_lens(sae, root / f"blocks.{c}.hook_resid_pre")
     return root
 
@@ -70,7 +62,7 @@ def test_qk_json_sums_to_score(capsys, tiny_paths, saes_dir):
     ],
 )
 def test_bad_input_is_one_line_exit_2(capsys, tiny_paths, saes_dir, tmp_path, args, needle):
-    wide = SAE(0, "standard", torch.randn(24, 8), torch.zeros(8), torch.randn(8, 24), torch.zeros(24))
+    wide = random_sae("standard", 24, 8, std=(1.0, 0.0, 1.0, 0.0), apply_b_dec_to_input=True)
     save_sae_lens(wide, tmp_path / "blocks.0.hook_resid_pre")
     subst = {"@M": str(tiny_paths["llama"]), "@S": str(saes_dir), "@W": str(tmp_path)}
     code, out, err = run(capsys, *[subst.get(a, a) for a in args])

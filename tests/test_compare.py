@@ -18,9 +18,7 @@ import torch
 from qktrace import Comparison, Tracer, compare
 from qktrace.errors import InputError
 from qktrace.steering.heads import qk_spectrum
-from qktrace.testing import TINY_FAMILIES
-from tests.hf_reference import hf_attention
-from tests.test_qk import random_saes
+from qktrace.testing import TINY_FAMILIES, hf_attention, random_saes
 
 A = "Aunt Sally is the opposite of Uncle Bob . Aunt"
 B = "Aunt Sally is the opposite of Uncle Sally . Aunt"

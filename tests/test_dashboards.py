@@ -19,14 +19,16 @@ from qktrace.jobs.dashboards import HIST_EDGES, DashboardOptions, Partial, auto_
 from qktrace.models import load_model
 from qktrace.saes import load_saes
 from qktrace.server.schemas import Dashboard
-from tests.scale_fixtures import SAES, Setup, make_setup, tree, write_corpus
+from qktrace.testing import JOB_SAES as SAES
+from qktrace.testing import JobSetup as Setup
+from qktrace.testing import make_job_setup, tree, write_corpus
 
 OPTS = DashboardOptions(seq_len=24, docs_per_shard=4, batch_tokens=24, n_contexts=3, label_pool=5, before=3, after=2)
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory: pytest.TempPathFactory) -> Setup:
-    return make_setup(tmp_path_factory.mktemp("dash"))
+    return make_job_setup(tmp_path_factory.mktemp("dash"))
 
 
 @pytest.fixture(scope="module")

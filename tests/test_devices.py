@@ -18,9 +18,7 @@ from qktrace.models import load_model
 from qktrace.models.replay import frozen_layer
 from qktrace.saes import SAESet
 from qktrace.steering.interventions import FreezeAttention, ScaleHead, SteerFeature, SteerQK, run_with
-from qktrace.testing import TINY_FAMILIES, random_prompt
-from tests.hf_reference import hf_attention
-from tests.test_qk import random_saes
+from qktrace.testing import TINY_FAMILIES, hf_attention, random_prompt, random_saes
 
 SRC = Path(qktrace.__file__).parent
 FACTORIES = {"tensor", "zeros", "ones", "full", "arange", "empty", "randn", "rand", "randint", "as_tensor", "eye",

@@ -25,8 +25,7 @@ from qktrace.analyses.explain import attended_key, scaled_row
 from qktrace.errors import InputError, OutOfRangeError, QKTraceError
 from qktrace.nodes import CODE, Kind
 from qktrace.steering.interventions import SteerQK
-from qktrace.testing import TINY_FAMILIES
-from tests.test_qk import random_saes
+from qktrace.testing import TINY_FAMILIES, random_saes
 
 INDUCTION = "I always loved visiting Aunt Sally. Then Uncle Peter came home. Whenever I was feeling sad, Aunt"
 SMALL = ExplainSettings(sites=2, ablate=3, candidates=2, top_k=(2,), scales=(1.0, 0.0, -2.0))

@@ -14,17 +14,18 @@ import sys
 import textwrap
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
-import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from qktrace.cli import main
 from qktrace.config import LIMITS, parse_bytes, parse_device, parse_dtype
 from qktrace.errors import QKTraceError
-from qktrace.saes import SAE, save_sae_lens
+from qktrace.saes import save_sae_lens
 from qktrace.steering.interventions import parse_scales
+from qktrace.testing import random_saes
 
 PROMPT = "Aunt Sally is the"  # 5 tokens with BOS
 N_POS, N_LAYERS, N_HEADS, D_SAE = 5, 2, 4, 40
@@ -42,10 +43,9 @@ def world(tiny_paths, tmp_path_factory):
     """The tiny llama, SAEs at every checkpoint, an output folder holding files that must survive."""
     model = tiny_paths["llama"]
     root = tmp_path_factory.mktemp("fuzz_cli")
-    g = torch.Generator().manual_seed(0)
-    for c in range(N_LAYERS + 1):
-        W = torch.randn(32, D_SAE, generator=g)
-        sae = SAE(c, "topk", W, torch.zeros(D_SAE), W.T.contiguous() * 0.3, torch.zeros(32), k=5)
+    shape = SimpleNamespace(d_model=32, n_layers=N_LAYERS)
+    saes = random_saes(shape, "topk", d_sae=D_SAE, k=5, std=(1.0, 0.0, 0.3, 0.0), tied=True, apply_b_dec_to_input=True)
+    for c, sae in saes.items():
         save_sae_lens(sae, root / "saes" / f"blocks.{c}.hook_resid_pre")
     out = root / "out"
     (out / "sub").mkdir(parents=True)

@@ -26,7 +26,7 @@ from fastapi.testclient import TestClient  # noqa: E402
 
 from qktrace.config import LIMITS  # noqa: E402
 from qktrace.server import API_VERSION, create_app  # noqa: E402
-from tests.test_server import GRAPH_NAME, build_fixture  # noqa: E402
+from qktrace.testing import GRAPH_NAME, make_server_setup  # noqa: E402
 
 FUZZ = settings(
     max_examples=int(os.environ.get("QKTRACE_FUZZ_EXAMPLES", "30")),
@@ -40,7 +40,7 @@ N_LAYERS, N_HEADS, D_SAE = 2, 4, 24
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    s = build_fixture(tmp_path_factory.mktemp("fuzz_server"))
+    s = make_server_setup(tmp_path_factory.mktemp("fuzz_server"))
     (s.data / "broken.json").write_text("{not json")
     client = TestClient(create_app(s.data, s.tracer), raise_server_exceptions=True)
     acts = s.tracer.run(s.tokens).acts(1)
@@ -301,11 +301,10 @@ def test_huge_requests_are_refused_in_bounded_memory(tmp_path):
         import json, resource, sys, time
         from pathlib import Path
         sys.path.insert(0, {SRC!r})
-        sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r})
         from fastapi.testclient import TestClient
         from qktrace.server import create_app
-        from tests.test_server import build_fixture
-        s = build_fixture(Path({str(tmp_path)!r}))
+        from qktrace.testing import make_server_setup
+        s = make_server_setup(Path({str(tmp_path)!r}))
         graph = json.loads((s.data / "tiny.json").read_text())
         graph["metadata"]["qktrace"]["settings"]["top_heads"] = 200_000
         (s.data / "huge.json").write_text(json.dumps(graph))

@@ -19,23 +19,13 @@ from qktrace.graph.edges import attention_bias, edge_parts
 from qktrace.models import Model, Trace, load_model
 from qktrace.models.replay import frozen_layer, logits_from
 from qktrace.nodes import Kind, Node
-from qktrace.saes import SAE, SAESet
-from qktrace.testing import random_prompt
+from qktrace.saes import SAESet
+from qktrace.testing import random_prompt, random_saes
 
 D_SAE, K = 64, 6
+# random topk SAEs with large encoders (many features active) and the SAE default of subtracting b_dec
+SAE_INIT = dict(d_sae=D_SAE, k=K, std=(1.0, 0.1, 0.25, 0.1), apply_b_dec_to_input=True)
 NO_SAE_AT_0 = ("gpt2", "llama", "qwen2", "gemma2")  # layer 0 reads the token embeddings directly
-
-
-def random_saes(model: Model, checkpoints, seed: int = 0) -> SAESet:
-    dtype, d = model.anatomy.W_E.dtype, model.d_model
-    g = torch.Generator().manual_seed(seed)
-    rand = lambda *shape: torch.randn(*shape, generator=g).to(dtype)  # noqa: E731
-    return SAESet(
-        {
-            c: SAE(c, "topk", rand(d, D_SAE), 0.1 * rand(D_SAE), rand(D_SAE, d) / 4, 0.1 * rand(d), k=K)
-            for c in checkpoints
-        }
-    )
 
 
 @dataclass
@@ -59,7 +49,9 @@ def setup(models64):
         if family not in cache:
             model = models64[family]
             trace = model.run(random_prompt(8, seed=3))
-            saes = random_saes(model, range(1 if family in NO_SAE_AT_0 else 0, model.n_layers + 1))
+            saes = random_saes(
+                model, "topk", checkpoints=range(1 if family in NO_SAE_AT_0 else 0, model.n_layers + 1), **SAE_INIT
+            )
             cache[family] = Setup(model, trace, saes, attribute(model, saes, trace))
         return cache[family]
 
@@ -145,7 +137,8 @@ def test_edges_equal_autograd_gradients(setup, family):
 
 def test_encoder_readout_edges_equal_autograd(models64):
     model = models64["llama"]
-    s = Setup(model, model.run(random_prompt(7, 4)), random_saes(model, range(1, 3)), None)  # type: ignore[arg-type]
+    saes = random_saes(model, "topk", checkpoints=range(1, 3), **SAE_INIT)
+    s = Setup(model, model.run(random_prompt(7, 4)), saes, None)  # type: ignore[arg-type]
     s.att = attribute(model, s.saes, s.trace, readout="encoder")
     b = 1  # checkpoint 2 <- checkpoint 1
     cols = regular_columns(s.att, b)
@@ -212,7 +205,7 @@ def attention_only(path, family: str) -> Model:
 def test_attention_only_edges_are_exact_and_interventions_linear(tiny_paths, family):
     model = attention_only(tiny_paths[family], family)
     trace = model.run(random_prompt(9, 5))
-    saes = random_saes(model, range(0, model.n_layers + 1), seed=2)
+    saes = random_saes(model, "topk", checkpoints=range(0, model.n_layers + 1), seed=2, **SAE_INIT)
     s = Setup(model, trace, saes, attribute(model, saes, trace))
     an = model.anatomy
     for layer in range(model.n_layers):
@@ -284,7 +277,7 @@ CT_META = {"slug", "scan", "transcoder_list", "prompt_tokens", "prompt", "node_t
 def graph32(tiny_models):
     model = tiny_models["llama"]
     trace = model.run(random_prompt(10, 7))
-    saes = random_saes(model, range(0, model.n_layers + 1), seed=5)
+    saes = random_saes(model, "topk", checkpoints=range(0, model.n_layers + 1), seed=5, **SAE_INIT)
     return model, trace, saes, build_graph(model, saes, trace, progress=True)
 
 

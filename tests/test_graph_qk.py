@@ -5,8 +5,7 @@ from __future__ import annotations
 import torch
 
 from qktrace import Tracer, load_graph
-from qktrace.testing import random_prompt
-from tests.test_qk import random_saes
+from qktrace.testing import random_prompt, random_saes
 
 
 def test_links_carry_qk_terms_of_their_heads(tiny_models, tmp_path):

@@ -12,8 +12,7 @@ from qktrace.analyses.plots import plot_heads
 from qktrace.errors import InputError
 from qktrace.models import Model
 from qktrace.steering.heads import feature_pair_skew, head_scores, heads_table, qk_factors, qk_spectrum, sign_skew
-from qktrace.testing import random_prompt
-from tests.hf_reference import hf_attention
+from qktrace.testing import hf_attention, random_prompt
 
 
 def dense_qk(layer, head: int) -> torch.Tensor:

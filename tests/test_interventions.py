@@ -22,8 +22,7 @@ from qktrace.steering.interventions import (
     run_with,
     sweep,
 )
-from qktrace.testing import random_prompt
-from tests.hf_reference import hf_attention
+from qktrace.testing import hf_attention, random_prompt, random_saes
 
 PROMPT = random_prompt(9, seed=4) + " Aunt Sally . the Aunt"
 
@@ -43,17 +42,6 @@ def clean_scores(clean) -> torch.Tensor:
 
 def same_resid(a, b) -> bool:
     return len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b))
-
-
-def make_saes(model, d_sae: int = 24, seed: int = 0) -> dict[int, SAE]:
-    """Random standard SAEs at every checkpoint; a positive encoder bias keeps many features active."""
-    g = torch.Generator().manual_seed(seed)
-    out = {}
-    for c in range(model.n_layers + 1):
-        W_enc = torch.randn(model.d_model, d_sae, generator=g) * 0.3
-        W_dec = torch.randn(d_sae, model.d_model, generator=g) * 0.3
-        out[c] = SAE(c, "standard", W_enc, torch.ones(d_sae), W_dec, torch.zeros(model.d_model))
-    return out
 
 
 def active(sae: SAE, resid: torch.Tensor, pos: int) -> tuple[int, float]:
@@ -90,7 +78,7 @@ def capped(ly, raw: torch.Tensor) -> torch.Tensor:
 
 def test_empty_and_scale_one_reproduce_clean_exactly(tiny_models, family):
     model = tiny_models[family]
-    saes = make_saes(model)
+    saes = random_saes(model, "standard", d_sae=24, b_enc=torch.ones(24))
     clean = model.run(PROMPT)
     plain = model.forward(clean.tokens)  # HF's own logits, no hooks
     f, _ = active(saes[1], clean.resid[1], -1)
@@ -112,7 +100,7 @@ def test_empty_and_scale_one_reproduce_clean_exactly(tiny_models, family):
 
 def test_query_side_steering_changes_only_the_predicted_scores(tiny_models, family):
     model = tiny_models[family]
-    saes = make_saes(model, seed=1)
+    saes = random_saes(model, "standard", d_sae=24, seed=1, b_enc=torch.ones(24))
     clean = model.run(PROMPT)
     L, h, p, s = 1, 1, clean.n_pos - 1, -2.0
     ly = model.anatomy.layers[L]
@@ -140,7 +128,7 @@ def test_query_side_steering_changes_only_the_predicted_scores(tiny_models, fami
 
 def test_key_side_steering_of_one_head_in_a_kv_group(tiny_models, family):
     model = tiny_models[family]
-    saes = make_saes(model, seed=2)
+    saes = random_saes(model, "standard", d_sae=24, seed=2, b_enc=torch.ones(24))
     clean = model.run(PROMPT)
     L, h, p, s = 1, 0, clean.n_pos - 3, 3.0
     ly = model.anatomy.layers[L]
@@ -169,7 +157,7 @@ def test_key_side_steering_of_one_head_in_a_kv_group(tiny_models, family):
 
 def test_freeze_attention_keeps_every_other_pattern_clean(tiny_models, family):
     model = tiny_models[family]
-    saes = make_saes(model, seed=3)
+    saes = random_saes(model, "standard", d_sae=24, seed=3, b_enc=torch.ones(24))
     clean = model.run(PROMPT)
     f, _ = active(saes[0], clean.resid[0], 4)
     steer = SteerQK(0, 0, "key", f, 4, scale=-3.0)
@@ -195,7 +183,7 @@ def test_freeze_attention_keeps_every_other_pattern_clean(tiny_models, family):
 @pytest.mark.parametrize("family_name", ["gpt2", "gemma2"])
 def test_residual_steering_removes_exactly_a_v(tiny_models, family_name):
     model = tiny_models[family_name]
-    saes = make_saes(model, seed=4)
+    saes = random_saes(model, "standard", d_sae=24, seed=4, b_enc=torch.ones(24))
     clean = model.run(PROMPT)
     p = 5
     for c in (1, model.n_layers):
@@ -233,7 +221,7 @@ def test_scale_head_zero_ablates_its_output(tiny_models):
 
 def test_generate_with_is_greedy_and_applies_interventions(tiny_models):
     model = tiny_models["qwen2"]
-    saes = make_saes(model)
+    saes = random_saes(model, "standard", d_sae=24, b_enc=torch.ones(24))
     ids = model.tokenize(PROMPT)
     plain = ids
     for _ in range(3):
@@ -247,7 +235,7 @@ def test_generate_with_is_greedy_and_applies_interventions(tiny_models):
 
 def test_errors_are_one_line_and_name_the_fix(tiny_models):
     model = tiny_models["gpt2"]
-    saes = make_saes(model)
+    saes = random_saes(model, "standard", d_sae=24, b_enc=torch.ones(24))
     with pytest.raises(InputError, match="exactly one of scale= or value="):
         SteerFeature(1, 0, 0)
     with pytest.raises(OutOfRangeError, match="checkpoint 9"):
@@ -272,7 +260,7 @@ def test_parse_scales():
 
 def test_sweep_rows_columns_and_plot(tiny_models, tmp_path):
     model = tiny_models["gemma2"]
-    saes = make_saes(model)
+    saes = random_saes(model, "standard", d_sae=24, b_enc=torch.ones(24))
     clean = model.run(PROMPT)
     f, _ = active(saes[1], clean.resid[1], 11)
     ivs = [SteerQK(1, (0, 1), "key", f, 11, scale=SCALE)]

@@ -12,25 +12,13 @@ from qktrace.graph import build_graph
 from qktrace.graph.build import attribute
 from qktrace.models import load_model
 from qktrace.models.trace import PatternCache
-from qktrace.saes import SAE, SAESet
-from qktrace.testing import make_tiny_model, random_prompt
+from qktrace.testing import make_tiny_model, random_prompt, random_saes
 
 
 @pytest.fixture(scope="module")
 def long_gpt2(tmp_path_factory):
     path = make_tiny_model("gpt2", tmp_path_factory.mktemp("long") / "gpt2", n_positions=512)
     return load_model(path)
-
-
-def topk_saes(model, d_sae: int = 64, k: int = 6, seed: int = 0) -> SAESet:
-    g = torch.Generator().manual_seed(seed)
-    d = model.d_model
-    out = {}
-    for c in range(model.n_layers + 1):
-        W_dec = torch.randn(d_sae, d, generator=g) / 4
-        out[c] = SAE(c, "topk", torch.randn(d, d_sae, generator=g), 0.1 * torch.randn(d_sae, generator=g), W_dec,
-                     0.1 * torch.randn(d, generator=g), k=k)  # fmt: skip
-    return SAESet(out)
 
 
 def test_trace_bytes_grow_linearly(long_gpt2):
@@ -67,7 +55,7 @@ def test_prompt_past_the_context_is_refused(long_gpt2):
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
 def test_chunked_full_graph_equals_unchunked(long_gpt2, tiny_paths, family):
     model = long_gpt2 if family == "gpt2" else load_model(tiny_paths[family])
-    saes = topk_saes(model)
+    saes = random_saes(model, "topk", d_sae=64, std=(1.0, 0.1, 0.25, 0.1), apply_b_dec_to_input=True)
     trace = model.run(random_prompt(60, 2))
     kw = dict(progress=False, node_threshold=0.9, edge_threshold=0.95, max_nodes=None, top_heads=3)
     whole = build_graph(model, saes, trace, **kw)
@@ -87,7 +75,7 @@ def test_chunked_full_graph_equals_unchunked(long_gpt2, tiny_paths, family):
 
 def test_budget_below_a_megabyte_is_refused(tiny_models):
     model = tiny_models["llama"]
-    saes = topk_saes(model)
+    saes = random_saes(model, "topk", d_sae=64, std=(1.0, 0.1, 0.25, 0.1), apply_b_dec_to_input=True)
     trace = model.run(random_prompt(6, 0))
     with pytest.raises(InputError, match="max_memory"):
         build_graph(model, saes, trace, max_memory=1000, progress=False)

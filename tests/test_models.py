@@ -8,8 +8,7 @@ import torch
 from qktrace.errors import InputError, ModelLoadError, UnsupportedModelError
 from qktrace.models import load_model
 from qktrace.models.replay import attention_output, frozen_layer, logits_from, queries_keys, scores_from
-from qktrace.testing import random_prompt
-from tests.hf_reference import hf_attention
+from qktrace.testing import hf_attention, random_prompt
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -10,32 +10,8 @@ from hypothesis import strategies as st
 from qktrace import Tracer
 from qktrace.errors import InputError, OutOfRangeError
 from qktrace.nodes import Kind, Node
-from qktrace.saes import SAE, SAESet
-from qktrace.testing import random_prompt
-from tests.hf_reference import hf_attention
-
-
-def random_saes(model, arch: str, d_sae: int = 48, seed: int = 0) -> SAESet:
-    g = torch.Generator().manual_seed(seed)
-    d = model.d_model
-    out = {}
-    for c in range(model.n_layers + 1):
-        kw: dict = {}
-        if arch == "topk":
-            kw["k"] = 6
-        if arch == "jumprelu":
-            kw["threshold"] = torch.rand(d_sae, generator=g) * 0.5
-        out[c] = SAE(
-            checkpoint=c,
-            architecture=arch,
-            W_enc=torch.randn(d, d_sae, generator=g) * 0.3,
-            b_enc=torch.randn(d_sae, generator=g) * 0.1,
-            W_dec=torch.randn(d_sae, d, generator=g) * 0.3,
-            b_dec=torch.randn(d, generator=g) * 0.2,
-            apply_b_dec_to_input=False,
-            **kw,
-        )
-    return SAESet(out)
+from qktrace.saes import SAESet
+from qktrace.testing import hf_attention, random_prompt, random_saes
 
 
 @pytest.fixture(scope="module")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import sys
 from pathlib import Path
@@ -15,26 +16,17 @@ from safetensors.torch import save_file
 
 from qktrace.errors import OutOfRangeError, SAELoadError, SAEMismatchError
 from qktrace.saes import SAE, SAESet, hook_checkpoint, load_saes, save_sae_lens
+from qktrace.testing import random_sae
 
 D_MODEL, D_SAE, N_LAYERS, K = 8, 32, 4, 5
 MODEL = SimpleNamespace(d_model=D_MODEL, n_layers=N_LAYERS, name="tiny")
 
 
-def make_sae(arch: str, hook: str = "blocks.2.hook_resid_pre", seed: int = 0, **kw) -> SAE:
-    g = torch.Generator().manual_seed(seed)
-    rand = lambda *shape: torch.randn(*shape, generator=g)
-    return SAE(
-        checkpoint=hook_checkpoint(hook),
-        architecture=arch,
-        W_enc=rand(D_MODEL, D_SAE),
-        b_enc=rand(D_SAE) * 0.5,
-        W_dec=rand(D_SAE, D_MODEL),
-        b_dec=rand(D_MODEL) * 0.3,
-        threshold=rand(D_SAE).abs() if arch == "jumprelu" else None,
-        k=K if arch == "topk" else None,
-        hook_name=hook,
-        **kw,
-    )
+# make_sae(architecture, seed=..., hook_name=..., **fields): this module's random SAEs
+make_sae = functools.partial(
+    random_sae, d_model=D_MODEL, d_sae=D_SAE, hook_name="blocks.2.hook_resid_pre", std=(1.0, 0.5, 1.0, 0.3), k=K,
+    apply_b_dec_to_input=True,
+)  # fmt: skip
 
 
 def reference_encode(sae: SAE, x: torch.Tensor) -> np.ndarray:
@@ -186,7 +178,7 @@ def test_to_and_label(tmp_path: Path) -> None:
 def test_directory_of_checkpoints_and_resid_post_mapping(tmp_path: Path) -> None:
     hooks = {"blocks.0.hook_resid_pre": 0, "blocks.1.hook_resid_post": 2, "blocks.3.hook_resid_post": 4}
     for i, hook in enumerate(hooks):
-        save_sae_lens(make_sae(["standard", "jumprelu", "topk"][i], hook, seed=i), tmp_path / hook)
+        save_sae_lens(make_sae(["standard", "jumprelu", "topk"][i], hook_name=hook, seed=i), tmp_path / hook)
     saes = load_saes(tmp_path, MODEL)
     assert isinstance(saes, SAESet) and saes.checkpoints == (0, 2, 4) and len(saes) == 3
     assert {c: saes[c].hook_name for c in saes} == {c: h for h, c in hooks.items()}
@@ -386,17 +378,17 @@ def test_non_residual_and_out_of_range_hooks(tmp_path: Path) -> None:
     one_line(e, "blocks.1.hook_mlp_out", "residual", str(mlp))
     # blocks.4.hook_resid_pre is the final residual of a 4-layer model (checkpoint 4): fine
     assert load_saes(
-        save_sae_lens(make_sae("standard", "blocks.4.hook_resid_pre"), tmp_path / "ok"), MODEL
+        save_sae_lens(make_sae("standard", hook_name="blocks.4.hook_resid_pre"), tmp_path / "ok"), MODEL
     ).checkpoints == (4,)
-    far = save_sae_lens(make_sae("standard", "blocks.4.hook_resid_post"), tmp_path / "far")
+    far = save_sae_lens(make_sae("standard", hook_name="blocks.4.hook_resid_post"), tmp_path / "far")
     with pytest.raises(SAEMismatchError) as e:
         load_saes(far, MODEL)
     one_line(e, "blocks.4.hook_resid_post", "checkpoint 5", str(far))
 
 
 def test_two_saes_at_one_checkpoint(tmp_path: Path) -> None:
-    save_sae_lens(make_sae("standard", "blocks.1.hook_resid_post"), tmp_path / "a")
-    save_sae_lens(make_sae("standard", "blocks.2.hook_resid_pre"), tmp_path / "b")
+    save_sae_lens(make_sae("standard", hook_name="blocks.1.hook_resid_post"), tmp_path / "a")
+    save_sae_lens(make_sae("standard", hook_name="blocks.2.hook_resid_pre"), tmp_path / "b")
     with pytest.raises(SAELoadError) as e:
         load_saes(tmp_path, MODEL)
     one_line(e, "checkpoint 2", str(tmp_path / "a"), str(tmp_path / "b"))
@@ -414,7 +406,7 @@ def test_unknown_release_needs_the_extra(monkeypatch: pytest.MonkeyPatch) -> Non
 
 def test_saelens_release_conversion_with_a_fake_package(monkeypatch: pytest.MonkeyPatch) -> None:
     """Offline stand-in for sae_lens: v6 returns the SAE, v5 a (sae, cfg, sparsity) tuple."""
-    ref = make_sae("topk", "blocks.1.hook_resid_post", seed=9)
+    ref = make_sae("topk", hook_name="blocks.1.hook_resid_post", seed=9)
     v6_cfg = {"architecture": "topk", "d_in": D_MODEL, "d_sae": D_SAE, "k": K, "apply_b_dec_to_input": True}
     v6_cfg |= {"normalize_activations": "none", "metadata": {"hook_name": "blocks.1.hook_resid_post"}}
     fake = SimpleNamespace(cfg=SimpleNamespace(to_dict=lambda: v6_cfg), W_enc=ref.W_enc, b_enc=ref.b_enc)

@@ -12,15 +12,16 @@ import torch
 
 from qktrace.errors import SAELoadError
 from qktrace.saes import SAE, SAESet, load_saes, neuronpedia_labels, read_neuronpedia_labels, save_sae_lens
+from qktrace.testing import random_sae
 
 D, D_SAE = 8, 40
 
 
 def sae(hook: str, checkpoint: int, neuronpedia_id: str = "", labels: dict | None = None) -> SAE:
-    g = torch.Generator().manual_seed(checkpoint)
-    return SAE(checkpoint, "standard", torch.randn(D, D_SAE, generator=g), torch.zeros(D_SAE),
-               torch.randn(D_SAE, D, generator=g), torch.zeros(D), hook_name=hook,
-               neuronpedia_id=neuronpedia_id, labels=labels or {})  # fmt: skip
+    return random_sae(
+        "standard", D, D_SAE, seed=checkpoint, checkpoint=checkpoint, std=(1.0, 0.0, 1.0, 0.0), hook_name=hook,
+        apply_b_dec_to_input=True, neuronpedia_id=neuronpedia_id, labels=labels or {},
+    )  # fmt: skip
 
 
 def record(model: str, layer: str, index, text: str, **extra) -> dict:

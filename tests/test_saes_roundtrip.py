@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 from pathlib import Path
@@ -14,26 +15,18 @@ from packaging.version import Version
 from safetensors.torch import load_file, save_file
 
 from qktrace.config import DEMO_SAES
-from qktrace.saes import SAE, load_saes, save_sae_lens
+from qktrace.saes import load_saes, save_sae_lens
+from qktrace.testing import random_sae
 
 D, D_SAE = 8, 32
 MODEL = SimpleNamespace(d_model=D, n_layers=4, name="tiny")
 
 
-def make_sae(arch: str, seed: int = 0, **kw) -> SAE:
-    g = torch.Generator().manual_seed(seed)
-    return SAE(
-        checkpoint=2,
-        architecture=arch,
-        W_enc=torch.randn(D, D_SAE, generator=g),
-        b_enc=torch.randn(D_SAE, generator=g) * 0.5,
-        W_dec=torch.randn(D_SAE, D, generator=g),
-        b_dec=torch.randn(D, generator=g) * 0.3,
-        threshold=torch.rand(D_SAE, generator=g) if arch == "jumprelu" else None,
-        k=5 if arch == "topk" else None,
-        hook_name="blocks.1.hook_resid_post",
-        **kw,
-    )
+# make_sae(architecture, seed=..., **fields): this module's random SAEs, at checkpoint 2
+make_sae = functools.partial(
+    random_sae, d_model=D, d_sae=D_SAE, hook_name="blocks.1.hook_resid_post", std=(1.0, 0.5, 1.0, 0.3), k=5,
+    apply_b_dec_to_input=True,
+)  # fmt: skip
 
 
 @pytest.mark.parametrize("arch", ["standard", "jumprelu", "topk"])

@@ -15,7 +15,8 @@ from qktrace.errors import InputError
 from qktrace.jobs.batch import BatchOptions, read_prompts, trace_batch, trace_prompt
 from qktrace.jobs.dashboards import DashboardOptions, build_dashboards
 from qktrace.jobs.pool import import_ray, worker_pool
-from tests.scale_fixtures import Setup, make_setup, tree
+from qktrace.testing import JobSetup as Setup
+from qktrace.testing import make_job_setup, tree
 
 ray = pytest.importorskip("ray", reason="Ray is not installed: pip install 'qktrace[scale]'")
 
@@ -24,7 +25,7 @@ OPTS = DashboardOptions(seq_len=24, docs_per_shard=4, batch_tokens=24, n_context
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory: pytest.TempPathFactory) -> Setup:
-    return make_setup(tmp_path_factory.mktemp("scale"))
+    return make_job_setup(tmp_path_factory.mktemp("scale"))
 
 
 @pytest.fixture(scope="module")

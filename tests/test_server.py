@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -18,77 +17,17 @@ pytest.importorskip("httpx")
 from fastapi.testclient import TestClient  # noqa: E402
 
 from qktrace.nodes import Node  # noqa: E402
-from qktrace.saes import SAE, SAESet, save_sae_lens  # noqa: E402
 from qktrace.server import API_VERSION, create_app  # noqa: E402
-from qktrace.testing import make_tiny_model, random_prompt  # noqa: E402
+from qktrace.testing import GRAPH_NAME, make_server_setup  # noqa: E402
+from qktrace.testing import ServerSetup as Setup  # noqa: E402
 from qktrace.tracer import Tracer  # noqa: E402
 
-GRAPH_NAME = "tiny.json"
 SECRET = "TOPSECRET-not-a-graph"
-
-
-@dataclass
-class Setup:
-    root: Path
-    data: Path
-    saes: Path
-    tracer: Tracer
-    tokens: list[int]
-    graph: dict
-
-
-def random_saes(model, d_sae: int = 24, seed: int = 0) -> SAESet:
-    g = torch.Generator().manual_seed(seed)
-    d = model.d_model
-    out = {}
-    for c in range(model.n_layers + 1):
-        out[c] = SAE(
-            checkpoint=c,
-            architecture="topk",
-            k=5,
-            W_enc=torch.randn(d, d_sae, generator=g) * 0.3,
-            b_enc=torch.randn(d_sae, generator=g) * 0.1,
-            W_dec=torch.randn(d_sae, d, generator=g) * 0.3,
-            b_dec=torch.randn(d, generator=g) * 0.2,
-            apply_b_dec_to_input=False,
-            labels={f: f"c{c} feature {f}" for f in range(0, d_sae, 2)},
-        )
-    return SAESet(out)
-
-
-def build_fixture(root: Path, n_words: int = 6) -> Setup:
-    """A tiny llama, random SAEs saved as SAELens folders (labels + one dashboards.json), one graph."""
-    model_dir = make_tiny_model("llama", root / "model")
-    plain = Tracer.load(model_dir)
-    sae_dir = root / "saes"
-    for c, sae in random_saes(plain.model).items():
-        save_sae_lens(sae, sae_dir / f"blocks.{c}.hook_resid_pre")
-    dash = {
-        "checkpoint": 1,
-        "features": {
-            "3": {
-                "label": "dash label",
-                "freq": 0.012,
-                "max_act": 2.5,
-                "top_out": ["Sally", "Bob"],
-                "contexts": [{"tokens": ["Aunt", "Sally", "is"], "i": 1, "act": 2.5}],
-            }
-        },
-    }
-    (sae_dir / "blocks.1.hook_resid_pre" / "dashboards.json").write_text(json.dumps(dash))
-    tracer = Tracer.load(model_dir, sae_dir)
-    traced = tracer.run(random_prompt(n_words, seed=1))
-    data = root / "graphs"
-    data.mkdir()
-    graph = traced.graph(progress=False)
-    graph.save(data / GRAPH_NAME)
-    tokens = traced.trace.tokens.tolist()
-    return Setup(root, data, sae_dir, tracer, tokens, json.loads((data / GRAPH_NAME).read_text()))
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory) -> Setup:
-    s = build_fixture(tmp_path_factory.mktemp("server"))
+    s = make_server_setup(tmp_path_factory.mktemp("server"))
     (s.data / "broken.json").write_text("{not json")
     (s.data / "other.json").write_text(json.dumps({"hello": 1}))
     (s.root / "secret.json").write_text(json.dumps({"secret": SECRET}))

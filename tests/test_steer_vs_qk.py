@@ -8,9 +8,7 @@ import torch
 from qktrace import Tracer
 from qktrace.nodes import CODE, Kind
 from qktrace.steering.interventions import FreezeAttention, SteerQK, run_with
-from qktrace.testing import random_prompt
-from tests.hf_reference import hf_attention
-from tests.test_qk import random_saes
+from qktrace.testing import hf_attention, random_prompt, random_saes
 
 
 @pytest.mark.parametrize("fam", ["gpt2", "llama", "qwen3", "gpt_neox"])

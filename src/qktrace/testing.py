@@ -1,16 +1,29 @@
-"""Tiny random models and SAEs for tests, benchmarks and the offline smoke demo.
+"""Test fixtures in one place: tiny random models, random SAEs, HF's own attention numbers, setups on disk.
 
 Nothing here downloads anything: each model is built from a small config, given large random
 weights (so every term of every decomposition matters), saved with `save_pretrained` and loaded
-back through `load_model`, the path users take.
+back through `load_model`, the path users take. `random_sae` is the one builder of random SAEs
+(every architecture in `qktrace.saes.ARCHITECTURES`); `hf_attention` reads Hugging Face's softmax
+input with its own spy, independent of qktrace's capture code, as the reference exactness tests
+compare against. tests/conftest.py turns these into pytest fixtures.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+from torch import Tensor
+
+from .saes import SAE, SAESet, hook_checkpoint, save_sae_lens
+
+if TYPE_CHECKING:
+    from .tracer import Tracer
 
 WORDS = [f"w{i}" for i in range(90)] + ["Aunt", "Sally", "Uncle", "Bob", ".", ",", "the", "is", "of", "opposite"]
 
@@ -104,3 +117,208 @@ def random_prompt(n: int, seed: int = 0) -> str:
     g = torch.Generator().manual_seed(seed)
     idx = torch.randint(len(WORDS), (n,), generator=g, device="cpu")
     return " ".join(WORDS[int(i)] for i in idx)
+
+
+# -- random SAEs ------------------------------------------------------------------------------------------
+
+SAE_STD = (0.3, 0.1, 0.3, 0.2)  # standard deviations of W_enc, b_enc, W_dec, b_dec
+
+
+def random_sae(
+    architecture: str,
+    d_model: int,
+    d_sae: int,
+    *,
+    seed: int | torch.Generator = 0,
+    checkpoint: int | None = None,
+    std: tuple[float, float, float, float] = SAE_STD,
+    tied: bool = False,
+    k: int = 6,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+    **fields: Any,
+) -> SAE:
+    """One random SAE of `architecture` ("standard", "jumprelu" or "topk"), reading the raw residual.
+
+    W_enc [d_model, d_sae], b_enc [d_sae], W_dec [d_sae, d_model] and b_dec [d_model] are normal with the
+    standard deviations `std`, in that order (a zero std gives zeros and draws nothing); `tied` makes W_dec
+    W_enc's transpose at its own scale (each feature writes the direction it reads). A jumprelu's threshold
+    is uniform in [0, 1); a topk keeps `k`. Draws come in a fixed order (W_enc, b_enc, W_dec, b_dec,
+    threshold) from `seed`, an int or a generator shared by several calls. The checkpoint defaults to
+    `hook_name`'s, else 0. `fields` set any other SAE field (hook_name, labels, apply_b_dec_to_input, which
+    defaults to False here) or replace a drawn tensor (b_enc=...).
+    """
+    g = seed if isinstance(seed, torch.Generator) else torch.Generator(device="cpu").manual_seed(seed)
+
+    def normal(s: float, *shape: int) -> Tensor:  # a zero std draws nothing: zeros, the generator untouched
+        return s * torch.randn(*shape, generator=g, device="cpu") if s else torch.zeros(*shape, device="cpu")
+
+    W_enc = normal(std[0], d_model, d_sae)
+    b_enc = normal(std[1], d_sae)
+    W_dec = std[2] / std[0] * W_enc.T.contiguous() if tied else normal(std[2], d_sae, d_model)
+    b_dec = normal(std[3], d_model)
+    threshold = torch.rand(d_sae, generator=g, device="cpu") if architecture == "jumprelu" else None
+    drawn = {"W_enc": W_enc, "b_enc": b_enc, "W_dec": W_dec, "b_dec": b_dec, "threshold": threshold}
+    drawn = {name: None if t is None else t.to(device=device, dtype=dtype) for name, t in drawn.items()}
+    hook = fields.get("hook_name", "")
+    return SAE(
+        **{
+            "checkpoint": (hook_checkpoint(hook) if hook else 0) if checkpoint is None else checkpoint,
+            "architecture": architecture,
+            "k": k if architecture == "topk" else None,
+            "apply_b_dec_to_input": False,
+            **drawn,
+            **fields,
+        }
+    )
+
+
+def random_saes(
+    model: Any, architecture: str, *, d_sae: int = 48, seed: int = 0, checkpoints: Iterable[int] | None = None,
+    **kw: Any,
+) -> SAESet:  # fmt: skip
+    """`random_sae`s of `architecture` at `checkpoints` (default 0..n_layers) of `model` (anything with d_model
+    and n_layers), drawn one after another from one generator, in the model's dtype and on its device."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    anatomy = getattr(model, "anatomy", None)
+    kw.setdefault("dtype", getattr(anatomy, "dtype", torch.float32))
+    kw.setdefault("device", getattr(model, "device", "cpu"))
+    cs = range(model.n_layers + 1) if checkpoints is None else checkpoints
+    return SAESet({c: random_sae(architecture, model.d_model, d_sae, seed=g, checkpoint=c, **kw) for c in cs})
+
+
+# -- Hugging Face's own numbers, the reference of the exactness tests ----------------------------------------
+
+
+@dataclass
+class HFAttention:
+    scores: list[Tensor]  # per layer [head, q_pos, k_pos], soft-capped, -inf where masked
+    patterns: list[Tensor]  # per layer [head, q_pos, k_pos]
+    attn_out: list[Tensor]  # per layer [pos, d_model] (the attention module's output, before post-norms)
+    logits: Tensor  # [pos, vocab]
+
+
+def hf_attention(model: Any, ids: Tensor) -> HFAttention:
+    """One plain forward of the HF model with a softmax spy and output_attentions.
+
+    Independent of qktrace's capture code on purpose (it reads only `model.hf` and `model.attn_modules`
+    with plain torch hooks): tests compare qktrace's recomputations with what HF itself computed."""
+    seen: list[Tensor] = []
+    real = torch.nn.functional.softmax
+
+    def spy(x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        if x.dim() == 4 and x.shape[-1] == x.shape[-2] == ids.numel():
+            seen.append(x.detach()[0])
+        return real(x, *args, **kwargs)
+
+    outs: list[Tensor] = []
+    handles = [
+        m.register_forward_hook(lambda mod, args, out: outs.append((out[0] if isinstance(out, tuple) else out)[0]))
+        for m in model.attn_modules
+    ]
+    torch.nn.functional.softmax = spy  # type: ignore[assignment]  # the spy forwards every argument
+    try:
+        with torch.no_grad():
+            out = model.hf(input_ids=ids.reshape(1, -1), output_attentions=True, use_cache=False)
+    finally:
+        torch.nn.functional.softmax = real
+        for h in handles:
+            h.remove()
+    assert len(seen) == model.n_layers, f"saw {len(seen)} softmax calls for {model.n_layers} layers"
+    scores = [s.masked_fill(s <= torch.finfo(s.dtype).min / 2, float("-inf")) for s in seen]
+    return HFAttention(scores, [a[0] for a in out.attentions], outs, out.logits[0])
+
+
+# -- setups on disk: the jobs' (a model, SAEs of every architecture, a corpus) and the server's ----------------
+
+# checkpoint -> (hook, architecture): the tiny llama has 2 layers, so checkpoints 0, 1 and 2 (= resid_post of 1)
+JOB_SAES = {
+    0: ("blocks.0.hook_resid_pre", "topk"),
+    1: ("blocks.1.hook_resid_pre", "standard"),
+    2: ("blocks.1.hook_resid_post", "jumprelu"),
+}
+
+
+@dataclass(frozen=True)
+class JobSetup:
+    model: Path
+    saes: Path
+    corpus: Path
+
+
+def write_job_saes(root: Path, d_model: int = 32, d_sae: int = 48, seed: int = 0) -> Path:
+    """JOB_SAES as SAELens folders: tied random SAEs, the standard one subtracting b_dec from its input."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    for c, (hook, arch) in JOB_SAES.items():
+        sae = random_sae(
+            arch, d_model, d_sae, seed=g, checkpoint=c, hook_name=hook, std=(1.0, 0.3, 0.3, 0.1), tied=True,
+            apply_b_dec_to_input=arch == "standard",
+        )  # fmt: skip
+        save_sae_lens(sae, root / hook)
+    return root
+
+
+def write_corpus(path: Path, n_docs: int = 30, seed: int = 0) -> Path:
+    """Documents of 3..40 words (some longer than one chunk in the tests), as JSONL."""
+    lines = [json.dumps({"text": random_prompt(3 + (7 * i + seed) % 38, seed=seed + i)}) for i in range(n_docs)]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def make_job_setup(root: Path) -> JobSetup:
+    """A tiny llama, JOB_SAES and a corpus under `root`, for the dashboards and batch jobs."""
+    return JobSetup(
+        model=make_tiny_model("llama", root / "model", seed=3),
+        saes=write_job_saes(root / "saes"),
+        corpus=write_corpus(root / "corpus.jsonl"),
+    )
+
+
+def tree(root: Path) -> dict[str, bytes]:
+    """Every file under `root` (relative path -> bytes)."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+GRAPH_NAME = "tiny.json"
+
+
+@dataclass
+class ServerSetup:
+    root: Path
+    data: Path  # the server's data directory, holding GRAPH_NAME
+    saes: Path
+    tracer: Tracer
+    tokens: list[int]
+    graph: dict[str, Any]  # GRAPH_NAME's JSON
+
+
+def make_server_setup(root: Path, n_words: int = 6) -> ServerSetup:
+    """A tiny llama, labelled random topk SAEs saved as SAELens folders (one with a dashboards.json), one graph."""
+    from .tracer import Tracer
+
+    model_dir = make_tiny_model("llama", root / "model")
+    plain = Tracer.load(model_dir)
+    sae_dir = root / "saes"
+    for c, sae in random_saes(plain.model, "topk", d_sae=24, k=5).items():
+        labels = {f: f"c{c} feature {f}" for f in range(0, sae.d_sae, 2)}
+        save_sae_lens(dataclasses.replace(sae, labels=labels), sae_dir / f"blocks.{c}.hook_resid_pre")
+    dash = {
+        "checkpoint": 1,
+        "features": {
+            "3": {
+                "label": "dash label",
+                "freq": 0.012,
+                "max_act": 2.5,
+                "top_out": ["Sally", "Bob"],
+                "contexts": [{"tokens": ["Aunt", "Sally", "is"], "i": 1, "act": 2.5}],
+            }
+        },
+    }
+    (sae_dir / "blocks.1.hook_resid_pre" / "dashboards.json").write_text(json.dumps(dash))
+    tracer = Tracer.load(model_dir, sae_dir)
+    traced = tracer.run(random_prompt(n_words, seed=1))
+    data = root / "graphs"
+    data.mkdir()
+    traced.graph(progress=False).save(data / GRAPH_NAME)
+    tokens = traced.trace.tokens.tolist()
+    return ServerSetup(root, data, sae_dir, tracer, tokens, json.loads((data / GRAPH_NAME).read_text()))
