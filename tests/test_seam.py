@@ -15,9 +15,8 @@ import transformers as T
 from qktrace.models.capture import SEAM_IMPLEMENTATION, SeamHooks, attention_seam
 from qktrace.server.compute import Engine
 from qktrace.steering.interventions import ScaleHead, SteerQK, run_with
-from qktrace.testing import TINY_FAMILIES, random_prompt, randomize, tiny_config
+from qktrace.testing import TINY_FAMILIES, random_prompt, random_saes, randomize, tiny_config
 from qktrace.tracer import Tracer
-from tests.test_interventions import make_saes
 
 FAMILIES = ("llama", "gemma2")  # GQA + rotary; soft-capping + sliding window
 PROMPT = random_prompt(12, seed=7)
@@ -39,7 +38,7 @@ def modeling_modules():
 
 def test_two_models_in_two_threads_at_once_equal_one_after_the_other(tiny_models):
     models = [tiny_models[f] for f in FAMILIES]
-    saes = [make_saes(m, seed=i) for i, m in enumerate(models)]
+    saes = [random_saes(m, "standard", d_sae=24, seed=i, b_enc=torch.ones(24)) for i, m in enumerate(models)]
     alone = [work(m, s) for m, s in zip(models, saes)]
     # both threads must be inside their model's seam (its lock held, its hooks installed) at the same moment:
     # a lock shared by the two models would leave one thread waiting here until the barrier breaks
