@@ -36,7 +36,7 @@ from ..files import atomic_open, atomic_write
 from ..tracer import Tracer
 from .corpus import jsonl_records
 from .pool import ShardResult, TracerSpec, replica
-from .runner import JobSpec, RunArgs, run_job
+from .runner import JobSpec, ModelArg, PathArg, RunArgs, check_args, run_job
 
 log = logging.getLogger(__name__)
 
@@ -195,26 +195,27 @@ class BatchResult:
     resumed: int  # prompts finished by an earlier run of the same job
 
 
+class BatchArgs(RunArgs, total=False):
+    """`trace_batch`'s keyword arguments: how it runs (`RunArgs`) and `options` (default `BatchOptions()`)."""
+
+    options: BatchOptions | None
+
+
 def trace_batch(
-    model: str | os.PathLike[str] | Tracer,
-    saes: str | os.PathLike[str] | None,
-    prompts: str | os.PathLike[str],
-    out: str | os.PathLike[str],
-    *,
-    options: BatchOptions | None = None,
-    **how: Unpack[RunArgs],
+    model: ModelArg, saes: PathArg | None, prompts: PathArg, out: PathArg, **how: Unpack[BatchArgs]
 ) -> BatchResult:
     """Trace every prompt of the JSONL file `prompts` and write the results under `out` (see the module
-    docstring). `model`/`saes` and `how` (workers, ray_address, progress, sae_ids, device, dtype): as
+    docstring). `model`, `saes` and `how` (workers, ray_address, progress, sae_ids, device, dtype): as
     `qktrace.jobs.runner.run_job` takes them."""
-    o = options or BatchOptions()
+    check_args(how, BatchArgs)
+    o = how.get("options") or BatchOptions()
     out = Path(out)
     records = read_prompts(prompts)
     identity = {"options": dataclasses.asdict(o), "prompts": [dataclasses.asdict(r) for r in records]}
     marker = lambda i: f"prompts/{records[i].id}/summary.json"  # noqa: E731
     worker = functools.partial(BatchWorker, options=o)
     spec = JobSpec("batch", VERSION, identity, len(records), marker, worker, ("check", (records, str(prompts))))
-    run = run_job(spec, model, saes, out, enumerate(records), **how)
+    run = run_job(spec, model, saes, out, enumerate(records), how)
     rows = [json.loads((out / marker(i)).read_text()) for i in range(len(records))]
     summary = out / "summary.jsonl"
     atomic_write(summary, b"".join(_dumps(row) for row in rows), parents=True)

@@ -23,9 +23,9 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeAlias
 
-from typing_extensions import TypedDict, Unpack
+from typing_extensions import TypedDict
 
 from ..errors import InputError
 from ..files import atomic_write
@@ -35,10 +35,12 @@ if TYPE_CHECKING:
     from ..tracer import Tracer
 
 JOB_FILE = "job.json"
+PathArg: TypeAlias = "str | os.PathLike[str]"
+ModelArg: TypeAlias = "str | os.PathLike[str] | Tracer"  # a path, hub id or "demo"; or a loaded Tracer
 
 
 class RunArgs(TypedDict, total=False):
-    """How a job runs, the keyword arguments every job takes besides its own: `workers` model replicas
+    """How a job runs, the keyword arguments every job takes (each job adds its own): `workers` model replicas
     (1: this process; more: Ray actors), on the Ray cluster at `ray_address` (see `pool.worker_pool`),
     each loading the model with `sae_ids`, on `device` in `dtype` (as `Tracer.load` takes them); `progress`
     hears where the job stands."""
@@ -49,6 +51,14 @@ class RunArgs(TypedDict, total=False):
     sae_ids: Sequence[str] | None
     device: str
     dtype: str
+
+
+def check_args(how: Mapping[str, Any], args: Any) -> None:
+    """InputError for a keyword argument the job's TypedDict `args` does not declare (as a signature would)."""
+    known = set(args.__required_keys__) | set(args.__optional_keys__)
+    unknown = sorted(set(how) - known)
+    if unknown:
+        raise InputError(f"unknown keyword argument {unknown[0]!r}: use one of {', '.join(sorted(known))}")
 
 
 @dataclass(frozen=True)
@@ -78,12 +88,7 @@ class JobRun:
 
 
 def run_job(
-    spec: JobSpec,
-    model: str | os.PathLike[str] | Tracer,
-    saes: str | os.PathLike[str] | None,
-    out: Path,
-    tasks: Iterable[tuple[int, Any]],
-    **how: Unpack[RunArgs],
+    spec: JobSpec, model: ModelArg, saes: PathArg | None, out: Path, tasks: Iterable[tuple[int, Any]], how: RunArgs
 ) -> JobRun:
     """Run `spec`'s unfinished shards of `tasks` ((index, payload) for every shard, in order) and write
     their files under `out` (see the module docstring). `model`: a path, hub id or "demo" (each worker

@@ -6,7 +6,6 @@ import dataclasses
 import functools
 import json
 import math
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +19,7 @@ from ...graph.formats.numbering import cantor
 from ...tracer import Tracer
 from ..corpus import bos_token, count_documents, fingerprint, shards, tokenize_chunks
 from ..pool import ShardResult, TracerSpec, replica
-from ..runner import JobSpec, RunArgs, run_job
+from ..runner import JobSpec, ModelArg, PathArg, RunArgs, check_args, run_job
 from .render import VERSION, TokenKind, circuit_tracer_features, render, token_kind, top_outputs
 from .stats import Partial, collect, from_bytes, merge, to_bytes
 
@@ -145,27 +144,28 @@ def _scan_folder(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._/-]", "_", name)
 
 
+class DashboardArgs(RunArgs, total=False):
+    """`build_dashboards`'s keyword arguments: how it runs (`RunArgs`), `options` (default
+    `DashboardOptions()`), `kind` (a token categoriser for labels, default `render.token_kind`) and
+    `circuit_tracer` (also write features/{scan}/{index}.json for circuit-tracer's frontend; default False)."""
+
+    options: DashboardOptions | None
+    kind: TokenKind | None
+    circuit_tracer: bool
+
+
 def build_dashboards(
-    model: str | os.PathLike[str] | Tracer,
-    saes: str | os.PathLike[str] | None,
-    corpus: str | os.PathLike[str],
-    out: str | os.PathLike[str],
-    *,
-    options: DashboardOptions | None = None,
-    kind: TokenKind | None = None,
-    circuit_tracer: bool = False,
-    **how: Unpack[RunArgs],
+    model: ModelArg, saes: PathArg | None, corpus: PathArg, out: PathArg, **how: Unpack[DashboardArgs]
 ) -> DashboardsResult:
     """Feature dashboards of every SAE (checkpoint) over `corpus`, written under `out`.
 
     `model`: a path, hub id or "demo" (each worker loads its replica), or a loaded Tracer (one process
-    only; then `saes=None`). `how` (workers, ray_address, progress, sae_ids, device, dtype): see
-    `qktrace.jobs.runner.run_job`. `kind`: a token categoriser for labels (default `render.token_kind`).
-    `circuit_tracer`: also write features/{scan}/{index}.json for circuit-tracer's frontend. Re-running
-    with the same arguments and `out` resumes; the files are the same whatever the number of workers or
-    interruptions.
+    only; then `saes=None`). `how`: `DashboardArgs` (workers, ray_address, progress, sae_ids, device and
+    dtype as `qktrace.jobs.runner.run_job` takes them; options, kind, circuit_tracer). Re-running with the
+    same arguments and `out` resumes; the files are the same whatever the number of workers or interruptions.
     """
-    o = options or DashboardOptions()
+    check_args(how, DashboardArgs)
+    o = how.get("options") or DashboardOptions()
     o.check()
     out = Path(out)
     n_docs = count_documents(corpus, o.text_field)
@@ -178,11 +178,10 @@ def build_dashboards(
     worker = functools.partial(DashboardWorker, options=o)
     spec = JobSpec("dashboards", VERSION, identity, n_shards, shard_file, worker, ("info", ()))
     tasks = shards(corpus, o.docs_per_shard, o.text_field, n_docs)
-    run = run_job(spec, model, saes, out, tasks, **how)
+    run = run_job(spec, model, saes, out, tasks, how)
     info, merged = run.prepared, _merged(out, n_shards, o.keep)
-    entries = [
-        _write_checkpoint(out, c, part, info, o, kind or token_kind, circuit_tracer) for c, part in merged.items()
-    ]
+    kind, circuit_tracer = how.get("kind") or token_kind, how.get("circuit_tracer", False)
+    entries = [_write_checkpoint(out, c, part, info, o, kind, circuit_tracer) for c, part in merged.items()]
     n_tokens = next(iter(merged.values())).n_tokens if merged else 0
     name: str | None = info["saes"][min(merged)]["header"]["model"] if merged else None
     summary: dict[str, Any] = {"version": VERSION, "model": name, "n_docs": n_docs, "n_tokens": n_tokens}
