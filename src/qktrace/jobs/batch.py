@@ -10,7 +10,7 @@ prompt's folder, by default p00000, p00001, ... in line order). Per prompt, unde
 4. `summary.json`: the prompt's row of the summary table, written last: it marks the prompt done.
 
 Across prompts: `summary.jsonl` (and `summary.parquet` when pyarrow is installed), in prompt order. A
-restarted job skips prompts whose summary.json exists (`qktrace.jobs.pool`); the files are the same whatever
+restarted job skips prompts whose summary.json exists (`qktrace.jobs.runner`); the files are the same whatever
 the number of workers, and the same as tracing each prompt alone (`trace_prompt`).
 """
 
