@@ -89,12 +89,18 @@ def _temp_beside(target: Path) -> tuple[int, Path]:
 
 
 @contextlib.contextmanager
-def atomic_open(path: str | os.PathLike[str], *, overwrite: bool = True) -> Iterator[IO[bytes]]:
+def atomic_open(path: str | os.PathLike[str], *, overwrite: bool = True, parents: bool = False) -> Iterator[IO[bytes]]:
     """A binary file object whose content replaces `path` only when the block ends without error.
 
     `overwrite=False`: refuse (InputError) when `path` exists, at the start and at the final publish.
+    `parents=True`: create missing folders above `path` first (a job's shard and feature files).
     """
     target = Path(path).expanduser()
+    if parents:
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise InputError(f"cannot create folder {target.parent} ({_reason(e)}): choose another path") from None
     if not overwrite and os.path.lexists(target):
         raise InputError(f"{target} exists: choose another name, or ask to overwrite it")
     fd, tmp = _temp_beside(target)
@@ -137,9 +143,12 @@ def _publish(tmp: Path, target: Path, overwrite: bool) -> None:
             os.close(dfd)
 
 
-def atomic_write(path: str | os.PathLike[str], data: str | bytes, *, overwrite: bool = True) -> Path:
-    """Write `data` (str as UTF-8) to `path` through a temporary file and a rename; returns the path."""
+def atomic_write(
+    path: str | os.PathLike[str], data: str | bytes, *, overwrite: bool = True, parents: bool = False
+) -> Path:
+    """Write `data` (str as UTF-8) to `path` through a temporary file and a rename; returns the path.
+    `overwrite`, `parents`: as `atomic_open` takes them."""
     raw = data.encode("utf-8") if isinstance(data, str) else data
-    with atomic_open(path, overwrite=overwrite) as f:
+    with atomic_open(path, overwrite=overwrite, parents=parents) as f:
         f.write(raw)
     return Path(path).expanduser()

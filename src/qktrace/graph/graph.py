@@ -18,68 +18,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..errors import GraphFileError, InputError, QKTraceError
+from ..errors import InputError
 from ..files import atomic_write
 from ..nodes import Kind, Node
 from . import formats
+from .elements import GraphNode, HeadLoading, QKContributor, QKTracing
 from .formats import FORMAT_VERSION, QKTRACE
 
 __all__ = ["FORMAT_VERSION", "Graph", "GraphNode", "HeadLoading", "QKContributor", "QKTracing", "load_graph"]
-
-
-@dataclass(frozen=True)
-class GraphNode:
-    node: Node
-    activation: float | None  # feature activation, logit value; None for tokens, errors, biases
-    influence: float  # influence on the probability-weighted logits
-    cumulative: float  # share of all influence held by nodes at least this influential
-    label: str
-    token_prob: float = 0.0  # logits only
-    is_target_logit: bool = False
-    source_id: str | None = None  # its id in another tool's file (then `node` only says where it sits)
-
-    @property
-    def id(self) -> str:
-        return self.node.id if self.source_id is None else self.source_id
-
-
-@dataclass(frozen=True)
-class HeadLoading:
-    """What head (layer, head) carried of one edge: through the residual (direct) and via the MLP."""
-
-    layer: int
-    head: int
-    direct: float
-    via_mlp: float
-
-    @property
-    def total(self) -> float:
-        return self.direct + self.via_mlp
-
-
-@dataclass(frozen=True)
-class QKTracing:
-    """Why a node's carrier head attended where it did: the QK attribution of head (layer, head) from the
-    node's position to `key_pos`, the key it carries most of the node's cross-position inputs from.
-    Components are node ids at checkpoint `layer` (the head's input); values are terms of `score`."""
-
-    layer: int
-    head: int
-    query_pos: int
-    key_pos: int
-    score: float  # the head's pre-softmax score at (query_pos, key_pos): the sum of every term
-    pattern: float  # its attention weight there
-    pairs: tuple[tuple[str, str, float], ...]  # (query component, key component, term), largest |term| first
-    query: tuple[tuple[str, float], ...]  # query components summed over key components, largest first
-    key: tuple[tuple[str, float], ...]  # key components summed over query components
-
-
-@dataclass(frozen=True)
-class QKContributor:
-    """A QK component that is not a node of the graph: its label and activation (None for non-features)."""
-
-    label: str
-    activation: float | None
 
 
 @dataclass(frozen=True, eq=False)
@@ -252,32 +198,9 @@ class Graph:
     @staticmethod
     def from_json(data: Mapping[str, Any], where: str = "graph JSON") -> Graph:
         """A graph from qktrace's JSON (versions 1 and 2), or from circuit-tracer's / Neuronpedia's."""
-        try:
-            return formats.from_json(data)
-        except QKTraceError as e:
-            raise GraphFileError(f"{where}: {e}") from None
-        except RecursionError:
-            raise GraphFileError(f"{where} is nested too deeply to be a graph: write it again") from None
-        except (KeyError, TypeError, ValueError, IndexError, AttributeError, OverflowError, RuntimeError) as e:
-            first = " ".join(str(e).split())[:200]
-            raise GraphFileError(
-                f"{where} is not a qktrace graph ({type(e).__name__}: {first}): write it again with Graph.save"
-            ) from None
+        return Graph(**formats.graph_fields(data, where))
 
 
 def load_graph(path: str | os.PathLike[str]) -> Graph:
     """Read a graph written by `Graph.save`, or by circuit-tracer or Neuronpedia (never unpickles)."""
-    p = Path(path)
-    try:
-        data = json.loads(p.read_bytes().decode("utf-8"), parse_constant=_no_constant)
-    except (OSError, ValueError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
-        raise GraphFileError(f"cannot read graph {p} ({type(e).__name__}): check the path or write it again") from None
-    except RecursionError:
-        raise GraphFileError(f"{p} is nested too deeply to be a qktrace graph: write it again") from None
-    if not isinstance(data, Mapping):
-        raise GraphFileError(f"{p} is not a JSON object: it is not a qktrace graph")
-    return Graph.from_json(data, where=str(p))
-
-
-def _no_constant(name: str) -> None:
-    raise ValueError(f"{name} is not valid in a graph")
+    return Graph.from_json(formats.read_json(path), where=str(path))

@@ -10,7 +10,7 @@ prompt's folder, by default p00000, p00001, ... in line order). Per prompt, unde
 4. `summary.json`: the prompt's row of the summary table, written last: it marks the prompt done.
 
 Across prompts: `summary.jsonl` (and `summary.parquet` when pyarrow is installed), in prompt order. A
-restarted job skips prompts whose summary.json exists (`qktrace.jobs.pool`); the files are the same whatever
+restarted job skips prompts whose summary.json exists (`qktrace.jobs.runner`); the files are the same whatever
 the number of workers, and the same as tracing each prompt alone (`trace_prompt`).
 """
 
@@ -27,22 +27,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from typing_extensions import Unpack
 
 from ..analyses.explain import explain
 from ..config import GRAPH, QK
 from ..errors import InputError, QKTraceError
+from ..files import atomic_open, atomic_write
 from ..tracer import Tracer
-from .pool import (
-    ProgressFn,
-    ShardResult,
-    TracerSpec,
-    check_job,
-    describe_source,
-    run_shards,
-    tracer_source,
-    worker_pool,
-    write_atomic,
-)
+from .corpus import jsonl_records
+from .pool import ShardResult, TracerSpec, replica
+from .runner import JobSpec, ModelArg, PathArg, RunArgs, check_args, run_job
 
 log = logging.getLogger(__name__)
 
@@ -84,28 +78,21 @@ def read_prompts(path: str | os.PathLike[str]) -> list[PromptRecord]:
         raise InputError(f'prompts file {p} does not exist: pass a JSONL file with one {{"prompt": ...}} per line')
     out: list[PromptRecord] = []
     seen: dict[str, int] = {}
-    with p.open(encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except ValueError:
-                raise InputError(f"{p} line {n} is not JSON: write one JSON object per line") from None
-            if not isinstance(rec, dict) or not isinstance(rec.get("prompt"), str) or not rec["prompt"].strip():
-                raise InputError(f'{p} line {n} has no non-empty "prompt" string: give each line its prompt')
-            for key in ("answer", "rival", "id"):
-                if rec.get(key) is not None and not isinstance(rec[key], str):
-                    raise InputError(f'{p} line {n}: "{key}" must be a string')
-            if rec.get("rival") is not None and rec.get("answer") is None:
-                raise InputError(f'{p} line {n} names a "rival" but no "answer": add the answer')
-            pid = rec.get("id") or f"p{len(out):05d}"
-            if not _ID.match(pid):
-                raise InputError(f"{p} line {n}: id {pid!r} must be letters, digits, '.', '_' or '-' (a folder name)")
-            if pid in seen:
-                raise InputError(f"{p} line {n}: id {pid!r} is already used on line {seen[pid]}: make ids unique")
-            seen[pid] = n
-            out.append(PromptRecord(pid, rec["prompt"], rec.get("answer"), rec.get("rival"), n))
+    for n, rec in jsonl_records(p):
+        if not isinstance(rec, dict) or not isinstance(rec.get("prompt"), str) or not rec["prompt"].strip():
+            raise InputError(f'{p} line {n} has no non-empty "prompt" string: give each line its prompt')
+        for key in ("answer", "rival", "id"):
+            if rec.get(key) is not None and not isinstance(rec[key], str):
+                raise InputError(f'{p} line {n}: "{key}" must be a string')
+        if rec.get("rival") is not None and rec.get("answer") is None:
+            raise InputError(f'{p} line {n} names a "rival" but no "answer": add the answer')
+        pid = rec.get("id") or f"p{len(out):05d}"
+        if not _ID.match(pid):
+            raise InputError(f"{p} line {n}: id {pid!r} must be letters, digits, '.', '_' or '-' (a folder name)")
+        if pid in seen:
+            raise InputError(f"{p} line {n}: id {pid!r} is already used on line {seen[pid]}: make ids unique")
+        seen[pid] = n
+        out.append(PromptRecord(pid, rec["prompt"], rec.get("answer"), rec.get("rival"), n))
     if not out:
         raise InputError(f"prompts file {p} holds no prompts")
     return out
@@ -180,7 +167,7 @@ class BatchWorker:
     """One model replica: `check(records)` (token checks before any heavy work), then `process` per prompt."""
 
     def __init__(self, source: TracerSpec | Tracer, options: BatchOptions) -> None:
-        self.tracer = source.load() if isinstance(source, TracerSpec) else source
+        self.tracer = replica(source)
         self.options = options
 
     def check(self, records: list[PromptRecord], where: str) -> None:
@@ -208,43 +195,32 @@ class BatchResult:
     resumed: int  # prompts finished by an earlier run of the same job
 
 
+class BatchArgs(RunArgs, total=False):
+    """`trace_batch`'s keyword arguments: how it runs (`RunArgs`) and `options` (default `BatchOptions()`)."""
+
+    options: BatchOptions | None
+
+
 def trace_batch(
-    model: str | os.PathLike[str] | Tracer,
-    saes: str | os.PathLike[str] | None,
-    prompts: str | os.PathLike[str],
-    out: str | os.PathLike[str],
-    *,
-    workers: int = 1,
-    ray_address: str | None = None,
-    progress: ProgressFn | None = None,
-    options: BatchOptions | None = None,
-    sae_ids: list[str] | tuple[str, ...] | None = None,
-    device: str = "auto",
-    dtype: str = "float32",
+    model: ModelArg, saes: PathArg | None, prompts: PathArg, out: PathArg, **how: Unpack[BatchArgs]
 ) -> BatchResult:
     """Trace every prompt of the JSONL file `prompts` and write the results under `out` (see the module
-    docstring). `model`/`saes`/`workers`/`ray_address` as in `qktrace.jobs.dashboards.build_dashboards`."""
-    o = options or BatchOptions()
+    docstring). `model`, `saes` and `how` (workers, ray_address, progress, sae_ids, device, dtype): as
+    `qktrace.jobs.runner.run_job` takes them."""
+    check_args(how, BatchArgs)
+    o = how.get("options") or BatchOptions()
     out = Path(out)
     records = read_prompts(prompts)
-    distributed = workers > 1 or bool(ray_address)
-    source = tracer_source(model, saes, sae_ids=sae_ids, device=device, dtype=dtype, distributed=distributed)
-    identity = {"job": "batch", "version": VERSION, **describe_source(source), "options": dataclasses.asdict(o)}
-    identity["prompts"] = [dataclasses.asdict(r) for r in records]
-    resumed = check_job(out, identity)
-    marker = lambda r: out / "prompts" / r.id / "summary.json"  # noqa: E731
-    done = {i for i, r in enumerate(records) if resumed and marker(r).is_file()}
-    factory = functools.partial(BatchWorker, source, o)
-    gpu = isinstance(source, TracerSpec) and source.device != "cpu"
-    with worker_pool(factory, workers=workers, ray_address=ray_address, gpu=gpu) as pool:
-        pool.call("check", records, str(prompts))
-        tasks = ((i, r) for i, r in enumerate(records) if i not in done)
-        run_shards(pool, tasks, out, total=len(records), skipped=len(done), progress=progress)
-    rows = [json.loads(marker(r).read_text()) for r in records]
+    identity = {"options": dataclasses.asdict(o), "prompts": [dataclasses.asdict(r) for r in records]}
+    marker = lambda i: f"prompts/{records[i].id}/summary.json"  # noqa: E731
+    worker = functools.partial(BatchWorker, options=o)
+    spec = JobSpec("batch", VERSION, identity, len(records), marker, worker, ("check", (records, str(prompts))))
+    run = run_job(spec, model, saes, out, enumerate(records), how)
+    rows = [json.loads((out / marker(i)).read_text()) for i in range(len(records))]
     summary = out / "summary.jsonl"
-    write_atomic(summary, b"".join(_dumps(row) for row in rows))
+    atomic_write(summary, b"".join(_dumps(row) for row in rows), parents=True)
     parquet = _write_parquet(out / "summary.parquet", rows)
-    return BatchResult(out, summary, parquet, len(records), len(done))
+    return BatchResult(out, summary, parquet, len(records), run.resumed)
 
 
 def _write_parquet(path: Path, rows: list[dict[str, Any]]) -> Path | None:
@@ -253,9 +229,6 @@ def _write_parquet(path: Path, rows: list[dict[str, Any]]) -> Path | None:
         import pyarrow.parquet as pq
     except ImportError:
         return None
-    import io
-
-    buf = io.BytesIO()
-    pq.write_table(pa.Table.from_pylist(rows), buf)
-    write_atomic(path, buf.getvalue())
+    with atomic_open(path, parents=True) as f:
+        pq.write_table(pa.Table.from_pylist(rows), f)
     return path

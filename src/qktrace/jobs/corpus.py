@@ -78,7 +78,9 @@ def _load_dataset(path: Path, text_field: str) -> Any:
     return ds
 
 
-def _jsonl(path: Path, text_field: str) -> Iterator[str]:
+def jsonl_records(path: Path) -> Iterator[tuple[int, Any]]:
+    """(line number, record) of every non-blank line of a JSONL file (a corpus, batch prompts);
+    InputError naming the file and line that is not JSON."""
     with path.open(encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
@@ -87,10 +89,15 @@ def _jsonl(path: Path, text_field: str) -> Iterator[str]:
                 record = json.loads(line)
             except ValueError:
                 raise InputError(f"{path} line {n} is not JSON: write one JSON object per line") from None
-            text = record.get(text_field) if isinstance(record, dict) else None
-            if not isinstance(text, str):
-                raise InputError(f"{path} line {n} has no string '{text_field}': give each record its text there")
-            yield text
+            yield n, record
+
+
+def _jsonl(path: Path, text_field: str) -> Iterator[str]:
+    for n, record in jsonl_records(path):
+        text = record.get(text_field) if isinstance(record, dict) else None
+        if not isinstance(text, str):
+            raise InputError(f"{path} line {n} has no string '{text_field}': give each record its text there")
+        yield text
 
 
 def iter_documents(path: str | os.PathLike[str], text_field: str = "text") -> Iterator[str]:

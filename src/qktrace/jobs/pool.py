@@ -1,14 +1,11 @@
-"""Jobs that outgrow one process: run them shard by shard, here or on Ray workers, resumably.
+"""Workers for jobs that outgrow one process (`runner.run_job` runs the jobs): here or on Ray.
 
-1. The driver writes `job.json` (what the job computes) into the output folder. A folder that holds the
-   same job is resumed: shards whose marker file exists are skipped. A folder that holds another job is
-   refused, so nothing on disk is overwritten by mistake.
-2. A pool of workers, each holding one replica of the model (`Worker`, built by a picklable factory),
-   turns a shard's payload into files (`ShardResult`). The pool is this process, or Ray actors: a local Ray
-   runtime, or an existing cluster given its address; one GPU per worker where the cluster has GPUs.
-3. The driver writes each file to a temp file created beside its target and renames it, the shard's
-   marker last: a shard is done on disk or not at all, and an interrupted job restarts where it stopped.
-4. Progress (shards done, tokens, tokens/s) goes to a callback; `progress_bar()` draws it with rich.
+1. Each worker holds one replica of the model (`Worker`, built by a picklable factory from a `TracerSpec`,
+   what `Tracer.load` takes, or from a loaded Tracer in this process) and turns a shard's payload into
+   files (`ShardResult`).
+2. The pool is this process, or Ray actors: a local Ray runtime, or an existing cluster given its
+   address; one GPU per worker where the cluster has GPUs.
+3. Progress (shards done, tokens, tokens/s) goes to a callback; `progress_bar()` draws it with rich.
 
 Ray is the optional `qktrace[scale]` extra: without it the same job runs in this process, with the same
 output (`workers > 1` then logs a warning; a `ray_address` is an error).
@@ -17,24 +14,18 @@ output (`workers > 1` then logs a warning; a `ray_address` is an error).
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
-import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from ..errors import InputError, QKTraceError
-from ..files import atomic_write
 
 if TYPE_CHECKING:
     from ..tracer import Tracer
 
 log = logging.getLogger(__name__)
-
-JOB_FILE = "job.json"
 
 
 @dataclass(frozen=True)
@@ -76,6 +67,11 @@ def tracer_source(
     )
 
 
+def replica(source: TracerSpec | Tracer) -> Tracer:
+    """The Tracer a worker uses: its own replica loaded from a spec, or the loaded one it was given."""
+    return source.load() if isinstance(source, TracerSpec) else source
+
+
 def describe_source(source: TracerSpec | Tracer) -> dict[str, Any]:
     """What a job's identity records about its model and SAEs."""
     if isinstance(source, TracerSpec):
@@ -112,35 +108,6 @@ ProgressFn = Callable[[Progress], None]
 
 class Worker(Protocol):
     def process(self, index: int, payload: Any) -> ShardResult: ...
-
-
-# --------------------------------------------------------------------------------------------- files
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """`files.atomic_write`, creating the folder first (shard and feature files go into new folders)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, data)
-
-
-def check_job(out: Path, identity: Mapping[str, Any]) -> bool:
-    """Write `out/job.json`, or check that the one there describes the same job. True when resuming."""
-    path = out / JOB_FILE
-    want = json.loads(json.dumps(identity))  # as it reads back
-    if path.is_file():
-        try:
-            have = json.loads(path.read_text())
-        except ValueError:
-            raise InputError(f"{path} is not readable JSON: delete it or pass another output folder") from None
-        if have == want:
-            return True
-        key = next((k for k in sorted(set(have) | set(want)) if have.get(k) != want.get(k)), "?")
-        raise InputError(
-            f"{out} holds another job ({key}: {str(have.get(key))[:80]} there, {str(want.get(key))[:80]} now): "
-            "pass another output folder, or delete it to start over"
-        )
-    write_atomic(path, (json.dumps(want, indent=1) + "\n").encode())
-    return False
 
 
 # ---------------------------------------------------------------------------------------------- pools
@@ -301,31 +268,7 @@ def worker_pool(
             ray.shutdown()
 
 
-# ----------------------------------------------------------------------------------------------- runs
-
-
-def run_shards(
-    pool: Pool,
-    tasks: Iterable[tuple[int, Any]],
-    out: Path,
-    *,
-    total: int,
-    skipped: int = 0,
-    progress: ProgressFn | None = None,
-) -> int:
-    """Process `tasks` ((index, payload), unfinished shards only) on `pool`, writing each result's files
-    under `out` as it arrives (marker last). Returns the tokens processed."""
-    t0, tokens, done = time.perf_counter(), 0, skipped
-    if progress is not None:
-        progress(Progress(done, total, skipped, 0, 0.0))
-    for _, result in pool.map(tasks):
-        for name, data in result.files.items():  # dicts keep insertion order: the marker is the last file
-            write_atomic(out / name, data)
-        tokens += result.tokens
-        done += 1
-        if progress is not None:
-            progress(Progress(done, total, skipped, tokens, time.perf_counter() - t0))
-    return tokens
+# ------------------------------------------------------------------------------------------- progress
 
 
 @contextlib.contextmanager

@@ -1,7 +1,8 @@
 """Files the app serves: graph JSON confined to one data directory, and SAE labels and dashboards.
 
-Graph files are qktrace's own or circuit-tracer's / Neuronpedia's (`qktrace.graph.formats`): all are
-listed and served, the others marked with their origin (they have no head loadings).
+Graph files are qktrace's own or circuit-tracer's / Neuronpedia's: all are read through
+`qktrace.graph.formats.read` (as `load_graph` reads them), listed and served, the others marked with their
+origin (they have no head loadings).
 
 A graph name is a plain file name (`x` or `x.json`: letters, digits, '.', '_', '-', no leading dot);
 it is looked up among the files given explicitly, else resolved inside the data directory with
@@ -110,7 +111,7 @@ class GraphStore:
 
     def read(self, name: str) -> tuple[str, dict[str, Any]]:
         path = self.resolve(name)
-        data = _read_json(path, self.limits)
+        data = formats.read_json(path, self.limits.max_graph_file_bytes, shown=path.name)
         Graph.from_json(data, where=path.name)  # GraphFileError (-> 422) with the reason
         return path.name, data
 
@@ -154,47 +155,22 @@ class GraphStore:
         return fname
 
 
-def _read_json(path: Path, limits: Limits = LIMITS) -> dict[str, Any]:
-    size = path.stat().st_size
-    if size > limits.max_graph_file_bytes:
-        raise GraphFileError(
-            f"{path.name} is {size / 2**20:.0f} MiB, more than the {limits.max_graph_file_bytes / 2**20:.0f} MiB "
-            "this server reads: open it with qktrace.load_graph, or prune it"
-        )
-    try:
-        data = json.loads(path.read_bytes().decode("utf-8"), parse_constant=_no_constant)
-    except (OSError, ValueError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
-        raise GraphFileError(f"cannot read graph {path.name} ({type(e).__name__}): check or rebuild it") from None
-    except RecursionError:
-        raise GraphFileError(f"{path.name} is nested too deeply to be a qktrace graph: check or rebuild it") from None
-    if not isinstance(data, dict):
-        raise GraphFileError(f"{path.name} is not a JSON object: it is not a qktrace graph")
-    return data
-
-
-def _no_constant(name: str) -> None:
-    raise ValueError(f"{name} is not valid in a graph")
-
-
 def _summary(name: str, path: Path, mtime: float, limits: Limits) -> S.GraphSummary | S.InvalidGraph:
     """What the list shows of a graph file: qktrace's own, or circuit-tracer's / Neuronpedia's."""
     try:
-        data = _read_json(path, limits)
+        data = formats.read_json(path, limits.max_graph_file_bytes, shown=path.name)
         try:
-            kind = formats.origin(data)
+            head = formats.describe(data)
         except GraphFileError as e:
             raise GraphFileError(f"{name}: {e}") from None
-        meta = data["metadata"]
-        ours = meta.get("qktrace") if kind == formats.QKTRACE else None
-        model = ours.get("model", "") if isinstance(ours, dict) else meta.get("scan", "")
         return S.GraphSummary(
             name=name,
-            prompt=str(meta.get("prompt", "")),
-            model=str(model),
-            n_nodes=len(data.get("nodes") or []),
-            n_links=len(data.get("links") or []),
+            prompt=head.prompt,
+            model=head.model,
+            n_nodes=head.n_nodes,
+            n_links=head.n_links,
             modified=mtime,
-            origin=kind,  # type: ignore[arg-type]
+            origin=head.origin,  # type: ignore[arg-type]
         )
     except QKTraceError as e:
         return S.InvalidGraph(name=name, error=str(e))

@@ -9,7 +9,7 @@ through the final norm and unembedding, and a short automatic label.
 2. Each shard runs through the model (`models.residuals`, batched, stopping at the last SAE's checkpoint)
    and every SAE (`SAE.encode`, exactly as tracing encodes). Per feature it keeps counts, a histogram and
    its top activations in the total order (activation descending, then document, then offset) (`stats`).
-3. Each shard's statistics are written to `shards/NNNNNN.npz` as it finishes (`qktrace.jobs.pool`); a restarted
+3. Each shard's statistics are written to `shards/NNNNNN.npz` as it finishes (`qktrace.jobs.runner`); a restarted
    job skips finished shards. Shards run in this process or on Ray workers, one model replica each.
 4. The shards merge exactly (`stats.merge`): the same top-k, counts and histograms as one pass.
 5. `render`: per checkpoint `HOOK/dashboards.json` (the web UI's contract, `version` 1) and

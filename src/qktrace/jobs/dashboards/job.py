@@ -6,26 +6,20 @@ import dataclasses
 import functools
 import json
 import math
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from typing_extensions import Unpack
+
 from ...errors import InputError
+from ...files import atomic_write
+from ...graph.formats.numbering import cantor
 from ...tracer import Tracer
 from ..corpus import bos_token, count_documents, fingerprint, shards, tokenize_chunks
-from ..pool import (
-    ProgressFn,
-    ShardResult,
-    TracerSpec,
-    check_job,
-    describe_source,
-    run_shards,
-    tracer_source,
-    worker_pool,
-    write_atomic,
-)
+from ..pool import ShardResult, TracerSpec, replica
+from ..runner import JobSpec, ModelArg, PathArg, RunArgs, check_args, run_job
 from .render import VERSION, TokenKind, circuit_tracer_features, render, token_kind, top_outputs
 from .stats import Partial, collect, from_bytes, merge, to_bytes
 
@@ -89,7 +83,7 @@ class DashboardWorker:
     """One model replica: `info()` once, then `process(shard, docs)` per shard."""
 
     def __init__(self, source: TracerSpec | Tracer, options: DashboardOptions) -> None:
-        self.tracer = source.load() if isinstance(source, TracerSpec) else source
+        self.tracer = replica(source)
         self.options = options
         model, saes = self.tracer.model, self.tracer.saes
         if model.tokenizer is None:
@@ -150,84 +144,81 @@ def _scan_folder(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._/-]", "_", name)
 
 
+class DashboardArgs(RunArgs, total=False):
+    """`build_dashboards`'s keyword arguments: how it runs (`RunArgs`), `options` (default
+    `DashboardOptions()`), `kind` (a token categoriser for labels, default `render.token_kind`) and
+    `circuit_tracer` (also write features/{scan}/{index}.json for circuit-tracer's frontend; default False)."""
+
+    options: DashboardOptions | None
+    kind: TokenKind | None
+    circuit_tracer: bool
+
+
 def build_dashboards(
-    model: str | os.PathLike[str] | Tracer,
-    saes: str | os.PathLike[str] | None,
-    corpus: str | os.PathLike[str],
-    out: str | os.PathLike[str],
-    *,
-    workers: int = 1,
-    ray_address: str | None = None,
-    progress: ProgressFn | None = None,
-    options: DashboardOptions | None = None,
-    kind: TokenKind | None = None,
-    circuit_tracer: bool = False,
-    sae_ids: list[str] | tuple[str, ...] | None = None,
-    device: str = "auto",
-    dtype: str = "float32",
+    model: ModelArg, saes: PathArg | None, corpus: PathArg, out: PathArg, **how: Unpack[DashboardArgs]
 ) -> DashboardsResult:
     """Feature dashboards of every SAE (checkpoint) over `corpus`, written under `out`.
 
     `model`: a path, hub id or "demo" (each worker loads its replica), or a loaded Tracer (one process
-    only; then `saes=None`). `workers`/`ray_address`: see `qktrace.jobs.pool.worker_pool`. `kind`: a token
-    categoriser for labels (default `render.token_kind`). `circuit_tracer`: also write
-    features/{scan}/{index}.json for circuit-tracer's frontend. Re-running with the same arguments and
-    `out` resumes; the files are the same whatever the number of workers or interruptions.
+    only; then `saes=None`). `how`: `DashboardArgs` (workers, ray_address, progress, sae_ids, device and
+    dtype as `qktrace.jobs.runner.run_job` takes them; options, kind, circuit_tracer). Re-running with the
+    same arguments and `out` resumes; the files are the same whatever the number of workers or interruptions.
     """
-    o = options or DashboardOptions()
+    check_args(how, DashboardArgs)
+    o = how.get("options") or DashboardOptions()
     o.check()
     out = Path(out)
     n_docs = count_documents(corpus, o.text_field)
     n_docs = min(n_docs, o.max_docs) if o.max_docs is not None else n_docs
     if n_docs == 0:
         raise InputError(f"corpus {corpus} holds no documents: give it at least one non-empty line")
-    source = tracer_source(
-        model, saes, sae_ids=sae_ids, device=device, dtype=dtype, distributed=workers > 1 or bool(ray_address)
-    )
-    identity = {"job": "dashboards", "version": VERSION, **describe_source(source), "corpus": fingerprint(corpus)}
-    identity |= {"n_docs": n_docs, "options": {k: v for k, v in dataclasses.asdict(o).items() if k != "n_out"}}
+    identity = {"corpus": fingerprint(corpus), "n_docs": n_docs}
+    identity["options"] = {k: v for k, v in dataclasses.asdict(o).items() if k != "n_out"}
     n_shards = math.ceil(n_docs / o.docs_per_shard)
-    resumed = check_job(out, identity)
-    done = {i for i in range(n_shards) if (out / shard_file(i)).is_file()} if resumed else set()
-    factory = functools.partial(DashboardWorker, source, o)
-    gpu = isinstance(source, TracerSpec) and source.device != "cpu"
-    with worker_pool(factory, workers=workers, ray_address=ray_address, gpu=gpu) as pool:
-        info = pool.call("info")
-        tasks = ((i, docs) for i, docs in shards(corpus, o.docs_per_shard, o.text_field, n_docs) if i not in done)
-        tokens = run_shards(pool, tasks, out, total=n_shards, skipped=len(done), progress=progress)
-    merged = _merged(out, n_shards, o.keep)
-    folders: dict[int, Path] = {}
-    alive: dict[int, int] = {}
-    entries = []
-    for c, part in merged.items():
-        s = info["saes"][c]
-        labels, dash = render(
-            part,
-            header=s["header"],
-            vocab=info["vocab"],
-            top_ids=s["top"],
-            bottom_ids=s["bottom"],
-            n_contexts=o.n_contexts,
-            label_pool=o.label_pool,
-            before=o.before,
-            n_out=o.n_out,
-            kind=kind or token_kind,
-        )
-        hook = s["header"]["hook_name"]
-        folders[c], alive[c] = out / hook, dash["n_alive"]
-        write_atomic(folders[c] / LABELS_FILE, (json.dumps(labels, ensure_ascii=False, indent=0) + "\n").encode())
-        write_atomic(folders[c] / DASHBOARDS_FILE, json.dumps(dash, ensure_ascii=False, separators=(",", ":")).encode())
-        entries.append({"checkpoint": c, "hook_name": hook, "folder": hook, "n_alive": dash["n_alive"]})
-        if circuit_tracer:
-            scan = _scan_folder(s["header"]["model"])
-            for f, data in circuit_tracer_features(dash, f"{scan}/{hook}").items():
-                node = (c + f) * (c + f + 1) // 2 + f  # the Cantor pairing qktrace's graph JSON gives feature nodes
-                write_atomic(out / "features" / scan / f"{node}.json", json.dumps(data, ensure_ascii=False).encode())
+    worker = functools.partial(DashboardWorker, options=o)
+    spec = JobSpec("dashboards", VERSION, identity, n_shards, shard_file, worker, ("info", ()))
+    tasks = shards(corpus, o.docs_per_shard, o.text_field, n_docs)
+    run = run_job(spec, model, saes, out, tasks, how)
+    info, merged = run.prepared, _merged(out, n_shards, o.keep)
+    kind, circuit_tracer = how.get("kind") or token_kind, how.get("circuit_tracer", False)
+    entries = [_write_checkpoint(out, c, part, info, o, kind, circuit_tracer) for c, part in merged.items()]
     n_tokens = next(iter(merged.values())).n_tokens if merged else 0
     name: str | None = info["saes"][min(merged)]["header"]["model"] if merged else None
     summary: dict[str, Any] = {"version": VERSION, "model": name, "n_docs": n_docs, "n_tokens": n_tokens}
     summary["checkpoints"] = entries
     if circuit_tracer and name is not None:
         summary["circuit_tracer_features"] = f"features/{_scan_folder(name)}"
-    write_atomic(out / INDEX_FILE, (json.dumps(summary, indent=1) + "\n").encode())
-    return DashboardsResult(out, folders, n_tokens, alive, n_shards, len(done), tokens)
+    atomic_write(out / INDEX_FILE, (json.dumps(summary, indent=1) + "\n").encode(), parents=True)
+    folders = {e["checkpoint"]: out / e["folder"] for e in entries}
+    alive = {e["checkpoint"]: e["n_alive"] for e in entries}
+    return DashboardsResult(out, folders, n_tokens, alive, n_shards, run.resumed, run.tokens)
+
+
+def _write_checkpoint(
+    out: Path, c: int, part: Partial, info: dict[str, Any], o: DashboardOptions, kind: TokenKind, circuit_tracer: bool
+) -> dict[str, Any]:
+    """Render checkpoint `c`'s merged statistics and write its labels.json and dashboards.json (and
+    circuit-tracer's feature files); its entry in index.json."""
+    s = info["saes"][c]
+    labels, dash = render(
+        part,
+        header=s["header"],
+        vocab=info["vocab"],
+        top_ids=s["top"],
+        bottom_ids=s["bottom"],
+        n_contexts=o.n_contexts,
+        label_pool=o.label_pool,
+        before=o.before,
+        n_out=o.n_out,
+        kind=kind,
+    )
+    hook = s["header"]["hook_name"]
+    folder = out / hook
+    atomic_write(folder / LABELS_FILE, (json.dumps(labels, ensure_ascii=False, indent=0) + "\n").encode(), parents=True)
+    atomic_write(folder / DASHBOARDS_FILE, json.dumps(dash, ensure_ascii=False, separators=(",", ":")), parents=True)
+    if circuit_tracer:
+        scan = _scan_folder(s["header"]["model"])
+        for f, data in circuit_tracer_features(dash, f"{scan}/{hook}").items():
+            node = cantor(c, f)  # the feature's number in qktrace's graph JSON
+            atomic_write(out / "features" / scan / f"{node}.json", json.dumps(data, ensure_ascii=False), parents=True)
+    return {"checkpoint": c, "hook_name": hook, "folder": hook, "n_alive": dash["n_alive"]}
