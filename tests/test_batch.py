@@ -14,6 +14,7 @@ import torch
 import qktrace
 from qktrace.errors import InputError
 from qktrace.jobs.batch import BatchOptions, read_prompts, trace_batch
+from qktrace.options import GraphOptions
 from tests.scale_fixtures import Setup, make_setup, tree
 
 PROMPTS = [
@@ -108,7 +109,14 @@ def test_explain_when_qktrace_has_it(setup: Setup, prompts: Path, tmp_path: Path
         return _Mechanism(prompt, answer, rival)
 
     monkeypatch.setattr(qktrace.jobs.batch, "explain", explain)
-    trace_batch(setup.model, setup.saes, prompts, tmp_path, device="cpu", options=BatchOptions(qk_terms=False))
+    trace_batch(
+        setup.model,
+        setup.saes,
+        prompts,
+        tmp_path,
+        device="cpu",
+        options=BatchOptions(graph=GraphOptions(qk_terms=False)),
+    )
     assert calls == [(" Sally", " Bob"), (" Bob", None)]
     assert json.loads((tmp_path / "prompts" / "aunt" / "explain.json").read_text())["rival"] == " Bob"
     assert not (tmp_path / "prompts" / "p00001" / "explain.json").exists()
