@@ -163,7 +163,10 @@ def _device_args(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("--dtype", type=dtype, default="float32", help=f"{', '.join(config.DTYPES)} (default float32)")
 
 
-def _scale_args(sp: argparse.ArgumentParser) -> None:
+def _scale_args(sp: argparse.ArgumentParser, source: str, source_help: str) -> None:
+    """A resumable job's input, output folder and workers."""
+    sp.add_argument(source, required=True, help=source_help)
+    sp.add_argument("--out", required=True, help="output folder (a restarted job resumes from it)")
     sp.add_argument("--workers", type=int_in(1, 4096), default=1, help="model replicas (more than 1: a local Ray)")
     sp.add_argument("--ray-address", default=None, help="run on an existing Ray cluster (e.g. ray://head:10001)")
 
@@ -289,12 +292,9 @@ def _serve(sub: Sub, commands: Commands) -> None:
 
 
 def _dashboards(sub: Sub, commands: Commands) -> None:
-    sp = _command(
-        sub, commands, "dashboards", "feature dashboards and labels of every SAE over a corpus (Ray optional)"
-    )
-    sp.add_argument("--corpus", required=True, help=".jsonl/.txt files, a folder of them, or a datasets save_to_disk")
-    sp.add_argument("--out", required=True, help="output folder (a restarted job resumes from it)")
-    _scale_args(sp)
+    what = "feature dashboards and labels of every SAE over a corpus (Ray optional)"
+    sp = _command(sub, commands, "dashboards", what)
+    _scale_args(sp, "--corpus", ".jsonl/.txt files, a folder of them, or a datasets save_to_disk")
     for name in ("seq_len", "max_docs", "text_field"):
         setting(sp, DashboardOptions, name)
     setting(sp, DashboardOptions, "n_contexts", "--contexts")
@@ -302,12 +302,8 @@ def _dashboards(sub: Sub, commands: Commands) -> None:
 
 
 def _batch(sub: Sub, commands: Commands) -> None:
-    sp = _command(
-        sub, commands, "batch", "trace a JSONL of prompts: graphs, QK rows of top heads, explain (Ray optional)"
-    )
-    sp.add_argument("--prompts", required=True, help='JSONL: {"prompt": ..., optional "answer", "rival", "id"}')
-    sp.add_argument("--out", required=True, help="output folder (a restarted job resumes from it)")
-    _scale_args(sp)
+    sp = _command(sub, commands, "batch", "trace a JSONL of prompts: graphs, QK rows of top heads, explain (Ray)")
+    _scale_args(sp, "--prompts", 'JSONL: {"prompt": ..., optional "answer", "rival", "id"}')
     _graph_args(sp, memory_budget=False)
     sp.add_argument("--no-explain", action="store_true", help=f"do not {doc(BatchOptions, 'explain')}")
 
