@@ -16,6 +16,7 @@ from qktrace.errors import InputError
 from qktrace.jobs.batch import BatchOptions, read_prompts, trace_batch
 from qktrace.testing import JobSetup as Setup
 from qktrace.testing import make_job_setup, tree
+from qktrace.options import GraphOptions
 
 PROMPTS = [
     {"prompt": "Aunt Sally is the w1 . Aunt", "answer": " Sally", "rival": " Bob", "id": "aunt"},
@@ -109,7 +110,14 @@ def test_explain_when_qktrace_has_it(setup: Setup, prompts: Path, tmp_path: Path
         return _Mechanism(prompt, answer, rival)
 
     monkeypatch.setattr(qktrace.jobs.batch, "explain", explain)
-    trace_batch(setup.model, setup.saes, prompts, tmp_path, device="cpu", options=BatchOptions(qk_terms=False))
+    trace_batch(
+        setup.model,
+        setup.saes,
+        prompts,
+        tmp_path,
+        device="cpu",
+        options=BatchOptions(graph=GraphOptions(qk_terms=False)),
+    )
     assert calls == [(" Sally", " Bob"), (" Bob", None)]
     assert json.loads((tmp_path / "prompts" / "aunt" / "explain.json").read_text())["rival"] == " Bob"
     assert not (tmp_path / "prompts" / "p00001" / "explain.json").exists()

@@ -43,6 +43,7 @@ from selenium.webdriver.support.ui import Select, WebDriverWait  # noqa: E402
 import qktrace  # noqa: E402
 from qktrace.graph import load_graph  # noqa: E402
 from qktrace.nodes import Kind, Node  # noqa: E402
+from qktrace.options import SweepOptions  # noqa: E402
 from qktrace.server import create_app  # noqa: E402
 from qktrace.testing import GRAPH_NAME, make_server_setup  # noqa: E402
 
@@ -269,6 +270,7 @@ def test_explain_an_edge_end_to_end(setup, shots, driver):
 
         # the steering panel was prefilled from the edge: run a 3-point sweep
         scales = driver.find_element(By.ID, "steer-scales")
+        assert scales.get_attribute("value") == SweepOptions().scales  # the default the CLI and the API use
         scales.clear()
         scales.send_keys("0,1,2")
         assert driver.find_element(By.ID, "steer-heads").get_attribute("value") == f"L{top['layer']}H{top['head']}"

@@ -184,7 +184,6 @@ def test_bad_input_is_one_line_before_any_work(setup: Setup, tmp_path: Path) -> 
     cases: list[tuple[Any, str, dict[str, Any]]] = [
         (tmp_path / "missing.jsonl", "does not exist", {}),
         (bad, "line 2 is not JSON", {}),
-        (setup.corpus, "max_docs=0", {"options": DashboardOptions(max_docs=0)}),
         (setup.corpus, "workers=0", {"workers": 0}),
         (setup.corpus, r"no SAE at checkpoints \[5\]", {"options": DashboardOptions(checkpoints=(0, 5))}),
     ]
@@ -194,6 +193,11 @@ def test_bad_input_is_one_line_before_any_work(setup: Setup, tmp_path: Path) -> 
         with pytest.raises(InputError, match=message) as e:
             build_dashboards(setup.model, setup.saes, corpus, out, device="cpu", **kw)
         assert "\n" not in str(e.value)
+    with pytest.raises(InputError, match="max_docs=0") as e:  # the options check themselves, before any work
+        build_dashboards(
+            setup.model, setup.saes, setup.corpus, tmp_path / "o0", device="cpu", options=DashboardOptions(max_docs=0)
+        )
+    assert "\n" not in str(e.value)
     (tmp_path / "empty.jsonl").write_text("\n")
     with pytest.raises(InputError, match="no documents"):
         build_dashboards(setup.model, setup.saes, tmp_path / "empty.jsonl", tmp_path / "o", device="cpu")

@@ -176,7 +176,9 @@ def test_head_parts_residual_and_mlp_sum_to_edge(setup, family):
 
 def test_graph_head_loadings_sum_to_cross_position_edges(setup, family):
     s = setup(family)
-    graph = build_graph(s.model, s.saes, s.trace, top_heads=99, node_threshold=1.0, edge_threshold=1.0, progress=False)
+    graph = build_graph(
+        s.model, s.saes, s.trace, loadings_per_edge=99, node_threshold=1.0, edge_threshold=1.0, progress=False
+    )
     pos = torch.tensor([n.node.pos for n in graph.nodes])
     cross = (pos[graph.source] != pos[graph.target]) & (graph.head_layer >= 0)
     assert bool(cross.any())
@@ -360,7 +362,7 @@ def test_named_targets_and_target_mode_graph(graph32):
 
 def test_graph_without_head_loadings_round_trips(graph32, tmp_path):
     model, trace, saes, _ = graph32
-    graph = build_graph(model, saes, trace, top_heads=0, progress=False)
+    graph = build_graph(model, saes, trace, loadings_per_edge=0, progress=False)
     assert graph.heads.shape == (graph.n_edges, 0) and graph.summary()["top_cross_position_heads"] == []
     back = load_graph(graph.save(tmp_path / "bare.json"))
     assert torch.equal(back.weight, graph.weight) and back.heads.shape == graph.heads.shape

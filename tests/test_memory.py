@@ -57,7 +57,7 @@ def test_chunked_full_graph_equals_unchunked(long_gpt2, tiny_paths, family):
     model = long_gpt2 if family == "gpt2" else load_model(tiny_paths[family])
     saes = random_saes(model, "topk", d_sae=64, std=(1.0, 0.1, 0.25, 0.1), apply_b_dec_to_input=True)
     trace = model.run(random_prompt(60, 2))
-    kw = dict(progress=False, node_threshold=0.9, edge_threshold=0.95, max_nodes=None, top_heads=3)
+    kw = dict(progress=False, node_threshold=0.9, edge_threshold=0.95, max_nodes=None, loadings_per_edge=3)
     whole = build_graph(model, saes, trace, **kw)
     budget = 1 << 20
     att = attribute(model, saes, trace, max_memory=budget)

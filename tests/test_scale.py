@@ -17,6 +17,7 @@ from qktrace.jobs.dashboards import DashboardOptions, build_dashboards
 from qktrace.jobs.pool import import_ray, worker_pool
 from qktrace.testing import JobSetup as Setup
 from qktrace.testing import make_job_setup, tree
+from qktrace.options import GraphOptions
 
 ray = pytest.importorskip("ray", reason="Ray is not installed: pip install 'qktrace[scale]'")
 
@@ -71,7 +72,7 @@ def test_ray_batch_equals_each_prompt_alone(setup: Setup, ray_runtime: Any, tmp_
         {"prompt": "Uncle Bob , w5 w6 . Uncle", "answer": " Bob"},
     ]
     prompts.write_text("".join(json.dumps(x) + "\n" for x in lines))
-    options = BatchOptions(qk_terms=False)
+    options = BatchOptions(graph=GraphOptions(qk_terms=False))
     result = trace_batch(setup.model, setup.saes, prompts, tmp_path / "out", device="cpu", workers=2, options=options)
     tracer = qktrace.Tracer.load(setup.model, setup.saes)
     files = tree(tmp_path / "out")

@@ -1,7 +1,9 @@
-"""One source of defaults, shared by the Python API, the CLI and the server."""
+"""Paths, limits, tolerances and the parsers of what users type (dtype, device, bytes, scales); the settings
+of each analysis are declared in `qktrace.options`."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -14,23 +16,6 @@ DEMO_ASSETS = Path(__file__).parent / "demo" / "assets"
 DEMO_MODEL = DEMO_ASSETS / "model"
 DEMO_SAES = DEMO_ASSETS / "saes"
 DEMO_NAME = "demo"  # what users type for the embedded model and SAEs
-
-
-@dataclass(frozen=True)
-class GraphDefaults:
-    node_threshold: float = 0.8
-    edge_threshold: float = 0.98
-    max_logits: int = 10
-    logit_probability: float = 0.95
-    readout: str = "decoder"
-    # features kept after pruning: graphs past a few thousand edges are unreadable in a browser and
-    # take minutes to write (a random GPT-2-small keeps 14k nodes / 2M edges at the thresholds alone)
-    max_nodes: int | None = 600
-
-
-@dataclass(frozen=True)
-class QKDefaults:
-    top: int = 20
 
 
 @dataclass(frozen=True)
@@ -51,8 +36,6 @@ def tolerance(dtype: torch.dtype) -> float:
     return TOLERANCE[str(dtype).removeprefix("torch.")]
 
 
-GRAPH = GraphDefaults()
-QK = QKDefaults()
 MEMORY = MemoryDefaults()
 
 
@@ -152,9 +135,14 @@ LIMITS = Limits()
 _BYTE_UNITS = {"": 1, "B": 1, "K": 1000, "M": 1000**2, "G": 1000**3, "T": 1000**4}
 
 
-def parse_bytes(spec: str | int) -> int:
+MIN_MEMORY_BYTES = 1 << 20  # the smallest budget a graph build can work in (one chunk of rows)
+
+
+def parse_bytes(spec: str | int, what: str = "memory budget") -> int:
     """'8GB' | '512MB' | '8GiB' | '1.5G' | '1000000' -> bytes (KB/MB/GB/TB are powers of 1000, KiB/MiB/GiB/TiB
-    of 1024); InputError for anything else, zero, negative, non-finite or past `LIMITS.max_memory_bytes`."""
+    of 1024); InputError for anything else, non-finite, below 1MiB (`MIN_MEMORY_BYTES`) or past
+    `LIMITS.max_memory_bytes`. The one rule for byte budgets: the CLI, the server and `GraphOptions` all
+    check through here. `what` names the value in the message."""
     import math
     import re
 
@@ -162,16 +150,66 @@ def parse_bytes(spec: str | int) -> int:
 
     usage = "give a byte count such as 8GB, 512MB or 16GiB"
     if isinstance(spec, bool) or not isinstance(spec, str | int):
-        raise InputError(f"memory budget {spec!r} is not understood: {usage}")
+        raise InputError(f"{what} {spec!r} is not understood: {usage}")
     text = str(spec).strip()
     m = re.fullmatch(r"([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([kKmMgGtT]?)(i?)[bB]?", text[:64])
     if m is None or len(text) > 64:
-        raise InputError(f"memory budget '{text[:64]}' is not understood: {usage}")
+        raise InputError(f"{what} '{text[:64]}' is not understood: {usage}")
     number, unit, binary = float(m.group(1)), m.group(2).upper(), m.group(3)
     if binary and not unit:
-        raise InputError(f"memory budget '{text}' is not understood: {usage}")
+        raise InputError(f"{what} '{text}' is not understood: {usage}")
     factor = 1024 ** ("KMGT".index(unit) + 1) if binary else _BYTE_UNITS[unit]
     value = number * factor
-    if not math.isfinite(value) or value < 1 or value > LIMITS.max_memory_bytes:
-        raise InputError(f"memory budget '{text}' is out of range: give 1 byte to 1PiB, such as 8GB")
+    if not math.isfinite(value) or value < MIN_MEMORY_BYTES or value > LIMITS.max_memory_bytes:
+        raise InputError(f"{what} '{text}' is out of range: give 1MiB to 1PiB, such as 8GB")
     return int(value)
+
+
+def parse_scales(spec: str | Sequence[float], max_count: int | None = None) -> list[float]:
+    """'-4:4:9' -> 9 evenly spaced values from -4 to 4; '0,1,2' -> those values; a sequence as is.
+
+    Refused (InputError) before anything is expanded: no values, more than `max_count` (default
+    `LIMITS.max_scales`: each scale is one forward pass), NaN, infinite, or past +-`LIMITS.max_abs_scale`."""
+    import math
+
+    from .errors import InputError
+
+    limit = LIMITS.max_scales if max_count is None else max_count
+    usage = "'start:stop:count' (e.g. -4:4:9) or 'a,b,c'"
+    if isinstance(spec, str):
+        text = spec.strip()
+        try:
+            if ":" in text:
+                start, stop, count = text.split(":")
+                n = int(count)
+                bounds = [float(start), float(stop)]
+            else:
+                parts = [s for s in text.split(",") if s.strip()]
+                n = len(parts)
+                if n > limit:
+                    raise InputError(f"{n} scales given: a sweep takes 1..{limit} (each is one forward pass)")
+                bounds = [float(s) for s in parts]
+        except ValueError:
+            raise InputError(f"scale spec '{text[:60]}' is not {usage}") from None
+    elif isinstance(spec, Sequence) and not isinstance(spec, bytes):
+        n = len(spec)
+        if n > limit:
+            raise InputError(f"{n} scales given: a sweep takes 1..{limit} (each is one forward pass)")
+        try:
+            bounds = [float(s) for s in spec]
+        except (TypeError, ValueError):
+            raise InputError(f"scales {list(spec)[:5]!r} are not all numbers: give {usage}") from None
+    else:
+        raise InputError(f"scales {spec!r} are not understood: give {usage}")
+    if not 1 <= n <= limit:
+        raise InputError(f"{n} scales asked for: a sweep takes 1..{limit} (each is one forward pass), e.g. -2:4:7")
+    bad = [b for b in bounds if not math.isfinite(b) or abs(b) > LIMITS.max_abs_scale]
+    if bad:
+        raise InputError(
+            f"scale {bad[0]} is not a finite number within +-{LIMITS.max_abs_scale:g}: give scales such as -4:4:9"
+        )
+    if isinstance(spec, str) and ":" in spec:
+        import numpy as np
+
+        return [float(s) for s in np.linspace(bounds[0], bounds[1], n)]
+    return bounds

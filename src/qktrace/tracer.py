@@ -18,6 +18,7 @@ from torch import Tensor
 from .config import DEMO_MODEL, DEMO_NAME, resolve_saes
 from .errors import InputError
 from .models import Model, Trace, load_model
+from .options import GraphOptions, with_overrides
 from .qk import QKAttribution, qk_attribution
 from .saes import SAE, FeatureActs, SAESet, load_saes
 
@@ -129,39 +130,40 @@ class Traced:
 
     def graph(
         self,
+        options: GraphOptions | None = None,
         *,
-        qk_terms: bool = True,
-        qk_links: int = 200,
-        heads_per_link: int = 2,
-        top_terms: int = 8,
+        targets: Sequence[str | int] | str | int | None = None,
         slug: str | None = None,
         scan: str | None = None,
-        **kwargs: Any,
+        progress: bool = True,
+        **overrides: Any,
     ) -> Graph:
         """The attribution graph of this prompt with head loadings (see `qktrace.graph.build_graph`).
 
-        With `qk_terms`, the `qk_links` most influential cross-position links also carry the top QK
-        terms of their `heads_per_link` top heads at (target position, source position): the paper's
-        jump from an edge to why its heads attended there; and their target nodes carry the QK tracing
-        of the head that carries most of their cross-position inputs (`qk_tracing`).
-        `slug`, `scan`: the graph's Neuronpedia name and model id ([a-zA-Z0-9_.-]; default: from the
-        prompt, and from the model and its SAEs).
+        `options` (`qktrace.options.GraphOptions`, or any of its fields as keywords, which replace the
+        options' own): with `qk_terms`, the `qk_links` most influential cross-position links also carry the
+        top `top_terms` QK terms of their `heads_per_link` top heads at (target position, source position):
+        the paper's jump from an edge to why its heads attended there; and their target nodes carry the QK
+        tracing of the head that carries most of their cross-position inputs (`qk_tracing`).
+        `targets`: the logit tokens (default: the top tokens). `slug`, `scan`: the graph's Neuronpedia name
+        and model id ([a-zA-Z0-9_.-]; default: from the prompt, and from the model and its SAEs).
         """
         import dataclasses
 
         from .graph import build_graph, formats
 
+        o = with_overrides(options, GraphOptions, overrides)
         names = {k: formats.check_name(v, k) for k, v in (("slug", slug), ("scan", scan)) if v is not None}
-        graph = build_graph(self.model, self.saes, self.trace, **kwargs)
+        graph = build_graph(self.model, self.saes, self.trace, o, targets=targets, progress=progress)
         sources = {c: sae.neuronpedia_id for c, sae in self.saes.items() if sae.neuronpedia_id}
         slug = names.get("slug") or formats.default_slug(graph)
         scan = names.get("scan") or formats.neuronpedia_scan(graph.model_name, sources.values())
         graph = dataclasses.replace(graph, slug=slug, scan=scan, sources=sources)
-        if not qk_terms:
+        if not o.qk_terms:
             return graph
         rows: dict[tuple[int, int, int], QKAttribution | None] = {}  # whole QK rows, shared by both
-        terms = self.link_qk_terms(graph, qk_links, heads_per_link, top_terms, rows=rows)
-        tracing, only = self.qk_tracing(graph, qk_links, top_terms, rows=rows)
+        terms = self.link_qk_terms(graph, o.qk_links, o.heads_per_link, o.top_terms, rows=rows)
+        tracing, only = self.qk_tracing(graph, o.qk_links, o.top_terms, rows=rows)
         return dataclasses.replace(graph, qk_terms=terms, qk_tracing=tracing, qk_only=only)
 
     def _row(self, rows: dict[tuple[int, int, int], QKAttribution | None], layer: int, head: int, q: int):  # type: ignore[no-untyped-def]
@@ -173,8 +175,8 @@ class Traced:
     def qk_tracing(
         self,
         graph: Graph,
-        links: int = 200,
-        top: int = 8,
+        links: int = GraphOptions.qk_links,
+        top: int = GraphOptions.top_terms,
         *,
         rows: dict[tuple[int, int, int], QKAttribution | None] | None = None,
     ) -> tuple[dict[int, QKTracing], dict[str, QKContributor]]:
@@ -234,9 +236,9 @@ class Traced:
     def link_qk_terms(
         self,
         graph: Graph,
-        links: int = 200,
-        heads_per_link: int = 2,
-        top: int = 8,
+        links: int = GraphOptions.qk_links,
+        heads_per_link: int = GraphOptions.heads_per_link,
+        top: int = GraphOptions.top_terms,
         *,
         rows: dict[tuple[int, int, int], QKAttribution | None] | None = None,
     ) -> dict[int, list[dict[str, Any]]]:

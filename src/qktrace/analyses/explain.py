@@ -47,10 +47,8 @@ clean run, one graph and one QK row per site head. `Mechanism.n_passes` counts t
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -58,6 +56,7 @@ from torch import Tensor
 
 from ..errors import InputError, OutOfRangeError
 from ..nodes import CODE, Kind
+from ..options import ExplainSettings  # re-exported: explain's settings, declared with the others
 from ..qk import QKAttribution
 from ..steering.interventions import FreezeAttention, Intervention, ScaleHead, run_with
 from .mechanism import Candidate, HeadEffect, Mechanism, Part, Point, Side, Site
@@ -70,32 +69,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 FEATURE = CODE[Kind.FEATURE]
 SIDES = ("auto", "query", "key")
-
-
-@dataclass(frozen=True)
-class ExplainSettings:
-    """How hard `explain` looks; the defaults are the budget documented in the module docstring."""
-
-    sites: int = 4  # sites searched for candidates, led to by the top heads by cross-position influence
-    ablate: int = 8  # heads ablated one by one (the top ones by cross-position influence)
-    candidates: int = 6  # candidates kept per site and side, by predicted effect
-    top_k: tuple[int, ...] = (2, 3, 5)  # sizes of the "top k together" candidates
-    scales: tuple[float, ...] = (1.0, 0.0, -1.0, -2.0, -3.0)  # 1: clean, 0: removed, < 0: reversed
-    member_attention: float = 0.1  # a head joins a site when it attends to the site's key at least this much
-
-    def __post_init__(self) -> None:
-        for name in ("sites", "ablate", "candidates"):
-            if getattr(self, name) < 1:
-                raise InputError(f"ExplainSettings.{name}={getattr(self, name)} must be at least 1")
-        if any(k < 2 for k in self.top_k):
-            raise InputError(f"ExplainSettings.top_k={self.top_k}: group sizes must be 2 or more")
-        scales = tuple(float(s) for s in self.scales)
-        if not scales or not all(math.isfinite(s) for s in scales) or len(set(scales)) != len(scales):
-            raise InputError(f"ExplainSettings.scales={self.scales} must be distinct finite numbers")
-        if min(scales) >= 1.0:
-            raise InputError(f"ExplainSettings.scales={self.scales} need a value below 1 (0 removes, < 0 reverses)")
-        object.__setattr__(self, "scales", tuple(sorted(scales, reverse=True)))
-        object.__setattr__(self, "top_k", tuple(int(k) for k in self.top_k))
 
 
 # -- the pipeline ----------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ from ..steering.interventions import FreezeAttention, Intervention, SteerQK
 from ..tables import markdown_table
 
 if TYPE_CHECKING:
-    from .explain import ExplainSettings
+    from ..options import ExplainSettings
 
 log = logging.getLogger(__name__)
 Side = Literal["query", "key"]

@@ -8,14 +8,15 @@ Numbers and specs are bounded by `config.LIMITS`; device, dtype and memory budge
 from __future__ import annotations
 
 import argparse
-import math
+import dataclasses
 import sys
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, NoReturn
+from typing import Any, Literal, NoReturn, get_args, get_origin, get_type_hints
 
 from .. import config
 from ..config import LIMITS
-from ..errors import QKTraceError
+from ..errors import InputError, QKTraceError
+from ..options import BatchOptions, DashboardOptions, GraphOptions, QKOptions, SweepOptions, doc
 
 _BREAKS = frozenset("\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029")
 
@@ -58,17 +59,6 @@ def int_in(lo: int, hi: int | None = None) -> Callable[[str], int]:
     return parse
 
 
-def fraction(text: str) -> float:
-    """A number in (0, 1] (graph thresholds)."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not (math.isfinite(value) and 0 < value <= 1):
-        raise argparse.ArgumentTypeError(f"{text[:40]!r} is not a number in (0, 1]")
-    return value
-
-
 def labels_path(text: str) -> str:
     """A Neuronpedia explanation export that exists: a .json / .jsonl / .gz file or a folder of them."""
     from pathlib import Path
@@ -95,8 +85,59 @@ dtype = _typed("dtype", config.parse_dtype)
 memory = _typed("memory budget", config.parse_bytes)
 port = int_in(1, 65535)
 top = int_in(1, LIMITS.max_top)
-max_nodes = int_in(1, LIMITS.max_graph_nodes)
 feature = int_in(0)
+
+
+def _number(kind: type) -> Callable[[str], Any]:
+    """Text -> int or float (None for 'none'), or InputError naming what was expected."""
+    what = "an integer" if kind is int else "a number"
+
+    def parse(text: str) -> Any:
+        if text.strip().lower() == "none":
+            return None
+        try:
+            return kind(text.strip())
+        except ValueError:
+            raise InputError(f"{text[:40]!r} is not {what}") from None
+
+    return parse
+
+
+def checked(cls: type, name: str, parse: Callable[[str], Any] | None = None) -> Callable[[str], Any]:
+    """The argparse type of field `name` of the settings class `cls`: the text parsed as the field's type,
+    then checked by the class itself (`cls(name=value)`), so that the CLI applies the API's one rule."""
+    kind = {"float": float, "int": int}.get(_base_type(cls, name))
+    read = parse or (_number(kind) if kind is not None else str)
+
+    def convert(text: str) -> Any:
+        value = read(text)
+        cls(**{name: value})
+        return value
+
+    return _typed(name.replace("_", " "), convert)
+
+
+def _base_type(cls: type, name: str) -> str:
+    """'int', 'float', 'str', 'bool' or 'Literal' for the field's annotation (its first part before '|')."""
+    annotation = str(next(f for f in dataclasses.fields(cls) if f.name == name).type)
+    return annotation.split("|")[0].split("[")[0].strip()
+
+
+def setting(sp: argparse.ArgumentParser, cls: type, name: str, flag: str | None = None, **kw: Any) -> None:
+    """An option for field `name` of the settings class `cls` (`qktrace.options`): its default, help and
+    check are the field's own."""
+    f = next(f for f in dataclasses.fields(cls) if f.name == name)
+    text = f.metadata["doc"].replace("%", "%%")
+    flag = flag or "--" + name.replace("_", "-")
+    if f.default is False:
+        sp.add_argument(flag, dest=name, action="store_true", help=text)
+        return
+    hints = get_type_hints(cls)
+    if get_origin(hints[name]) is Literal:
+        kw.setdefault("choices", get_args(hints[name]))
+    else:
+        kw.setdefault("type", checked(cls, name))
+    sp.add_argument(flag, dest=name, default=f.default, help=f"{text} (default {f.default})", **kw)
 
 
 def _model_args(sp: argparse.ArgumentParser) -> None:
@@ -122,67 +163,88 @@ def _device_args(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("--dtype", type=dtype, default="float32", help=f"{', '.join(config.DTYPES)} (default float32)")
 
 
-def _scale_args(sp: argparse.ArgumentParser) -> None:
+def _scale_args(sp: argparse.ArgumentParser, source: str, source_help: str) -> None:
+    """A resumable job's input, output folder and workers."""
+    sp.add_argument(source, required=True, help=source_help)
+    sp.add_argument("--out", required=True, help="output folder (a restarted job resumes from it)")
     sp.add_argument("--workers", type=int_in(1, 4096), default=1, help="model replicas (more than 1: a local Ray)")
     sp.add_argument("--ray-address", default=None, help="run on an existing Ray cluster (e.g. ray://head:10001)")
 
 
-def _graph_args(sp: argparse.ArgumentParser) -> None:
-    sp.add_argument("--max-memory", type=memory, help="memory budget for full-mode graphs, e.g. 8GB or 512MB")
+def _graph_args(sp: argparse.ArgumentParser, memory_budget: bool = True) -> None:
+    for name in ("node_threshold", "edge_threshold", "max_nodes"):
+        setting(sp, GraphOptions, name)
+    if memory_budget:
+        _memory_arg(sp)
 
 
-def build_parser(commands: Mapping[str, Callable[[argparse.Namespace], int]]) -> Parser:
+def _memory_arg(sp: argparse.ArgumentParser) -> None:
+    setting(sp, GraphOptions, "max_memory", type=memory)
+
+
+Sub = Any  # argparse's sub-parsers action (private type)
+Commands = Mapping[str, Callable[[argparse.Namespace], int]]
+
+
+def build_parser(commands: Commands) -> Parser:
     """The parser; `commands` maps each sub-command's name to the function that runs it."""
     p = Parser(prog="qktrace", description="Why attention heads attend where they do, in SAE features.")
     p.add_argument("-v", "--verbose", action="store_true", help="log progress details (and tracebacks of bugs)")
     sub = p.add_subparsers(dest="command", required=True, parser_class=Parser)
+    for add in (_info, _qk, _graph, _steer, _explain, _compare, _heads, _serve, _dashboards, _batch, _demo):
+        add(sub, commands)
+    return p
 
-    sp = sub.add_parser("info", help="print the model's anatomy and the SAE set")
-    _model_args(sp)
-    sp.set_defaults(func=commands["info"])
 
-    sp = sub.add_parser("qk", help="QK attribution of one head's score(s)")
-    _model_args(sp)
+def _command(sub: Sub, commands: Commands, name: str, help: str, model: bool = True) -> argparse.ArgumentParser:
+    sp: argparse.ArgumentParser = sub.add_parser(name, help=help)
+    sp.set_defaults(func=commands[name])
+    if model:
+        _model_args(sp)
+    return sp
+
+
+def _info(sub: Sub, commands: Commands) -> None:
+    _command(sub, commands, "info", "print the model's anatomy and the SAE set")
+
+
+def _qk(sub: Sub, commands: Commands) -> None:
+    sp = _command(sub, commands, "qk", "QK attribution of one head's score(s)")
     sp.add_argument("--prompt", required=True)
     sp.add_argument("--layer", type=int_in(0), required=True)
     sp.add_argument("--head", type=int_in(0), required=True)
     sp.add_argument("--query-pos", type=int, default=-1, help="negative counts from the end (default -1)")
     sp.add_argument("--key-pos", type=int, default=None, help="default: every key the query can see")
-    sp.add_argument("--top", type=top, default=config.QK.top, help=f"terms listed, 1..{LIMITS.max_top}")
+    setting(sp, QKOptions, "top")
     sp.add_argument("--json", action="store_true", help="print one JSON object")
-    sp.set_defaults(func=commands["qk"])
 
-    sp = sub.add_parser("graph", help="attribution graph with head loadings, saved as JSON")
-    _model_args(sp)
+
+def _graph(sub: Sub, commands: Commands) -> None:
+    sp = _command(sub, commands, "graph", "attribution graph with head loadings, saved as JSON")
     sp.add_argument("--prompt", required=True)
     sp.add_argument("--out", required=True, help="the JSON file (replaced atomically if it exists)")
-    sp.add_argument("--node-threshold", type=fraction, default=config.GRAPH.node_threshold)
-    sp.add_argument("--edge-threshold", type=fraction, default=config.GRAPH.edge_threshold)
-    sp.add_argument("--max-nodes", type=max_nodes, default=config.GRAPH.max_nodes, help="features kept after pruning")
     sp.add_argument("--slug", type=slug, help="the graph's Neuronpedia name (default: the prompt's words and a hash)")
     sp.add_argument("--scan", type=scan, help="its Neuronpedia model id (default: from the model and SAEs)")
     _graph_args(sp)
-    sp.set_defaults(func=commands["graph"])
 
-    sp = sub.add_parser("steer", help="sweep a feature's scale inside chosen heads' QK circuit (or the residual)")
-    _model_args(sp)
+
+def _steer(sub: Sub, commands: Commands) -> None:
+    sp = _command(sub, commands, "steer", "sweep a feature's scale inside chosen heads' QK circuit (or the residual)")
     sp.add_argument("--prompt", required=True)
     sp.add_argument("--layer", type=int_in(0), required=True, help="the layer whose input checkpoint holds the feature")
     sp.add_argument("--feature", type=feature, required=True)
     sp.add_argument("--positions", required=True, help="5, 3:7 or 2,4 (negative counts from the end)")
     sp.add_argument("--heads", help="comma-separated heads of --layer: steer only inside their QK circuit")
-    sp.add_argument("--side", choices=("query", "key"), default="key")
-    sp.add_argument("--mode", choices=("scale", "value"), default="scale", help="scale the activation or set it")
-    sp.add_argument("--scales", default="-4:4:9", help=f"start:stop:count or a comma list (1..{LIMITS.max_scales})")
-    sp.add_argument("--freeze-others", action="store_true", help="keep every other head's clean pattern")
+    for name in ("side", "mode", "scales", "freeze_others"):
+        setting(sp, SweepOptions, name)
     sp.add_argument("--watch", action="append", default=[], help="a token whose probability to report (repeat)")
     sp.add_argument("--watch-attn", action="append", default=[], help="LAYER,HEAD,Q,K attention weight to report")
     sp.add_argument("--json", action="store_true")
     sp.add_argument("--plot", help="write a PNG of the sweep")
-    sp.set_defaults(func=commands["steer"])
 
-    sp = sub.add_parser("explain", help="the QK mechanism behind an answer (attribution, then steering)")
-    _model_args(sp)
+
+def _explain(sub: Sub, commands: Commands) -> None:
+    sp = _command(sub, commands, "explain", "the QK mechanism behind an answer (attribution, then steering)")
     sp.add_argument("--prompt", required=True)
     sp.add_argument("--answer", required=True, help="the answer's token, e.g. ' Sally' (with its leading space)")
     sp.add_argument("--rival", help="the token it should beat (default: the clean runner-up)")
@@ -190,10 +252,10 @@ def build_parser(commands: Mapping[str, Callable[[argparse.Namespace], int]]) ->
     sp.add_argument("--json", action="store_true", help="print the mechanism as one JSON object")
     sp.add_argument("--out", help="also write the mechanism's JSON here")
     sp.add_argument("--plot", help="write a PNG of every candidate's curve and the mechanism's")
-    sp.set_defaults(func=commands["explain"])
 
-    sp = sub.add_parser("compare", help="two prompts whose tokens align (a minimal pair), head by head")
-    _model_args(sp)
+
+def _compare(sub: Sub, commands: Commands) -> None:
+    sp = _command(sub, commands, "compare", "two prompts whose tokens align (a minimal pair), head by head")
     sp.add_argument("--prompt-a", required=True)
     sp.add_argument("--prompt-b", required=True)
     sp.add_argument("--query-pos", type=int, default=-1, help="the attending position (default -1, the last)")
@@ -201,22 +263,23 @@ def build_parser(commands: Mapping[str, Callable[[argparse.Namespace], int]]) ->
     sp.add_argument("--rival", help="default: prompt A's runner-up")
     sp.add_argument("--top", type=int_in(0, 64), default=5, help="heads whose QK terms are compared")
     sp.add_argument("--json", action="store_true", help="print the comparison as one JSON object")
-    sp.set_defaults(func=commands["compare"])
 
-    sp = sub.add_parser("heads", help="rank heads: previous-token, induction, duplicate-token, W_QK sign skew")
-    _model_args(sp)
+
+def _heads(sub: Sub, commands: Commands) -> None:
+    sp = _command(sub, commands, "heads", "rank heads: previous-token, induction, duplicate-token, W_QK sign skew")
     sp.add_argument("--sort", default="induction", choices=("induction", "prev_token", "duplicate", "qk_skew"))
     sp.add_argument("--top", type=top, default=20)
     sp.add_argument("--plot", default=None, help="write a heat-map PNG")
-    sp.set_defaults(func=commands["heads"])
 
-    sp = sub.add_parser("serve", help="the web UI: graphs, head loadings, QK attributions, steering")
+
+def _serve(sub: Sub, commands: Commands) -> None:
+    sp = _command(sub, commands, "serve", "the web UI: graphs, head loadings, QK attributions, steering", model=False)
     sp.add_argument("paths", nargs="*", help="graph JSON files and/or one directory of them")
     sp.add_argument("--model", help="a model to compute new graphs, QK attributions and sweeps ('demo' works)")
     sp.add_argument("--saes", help="its SAEs (default for 'demo': the embedded ones)")
     _labels_arg(sp)
     _device_args(sp)
-    _graph_args(sp)
+    _memory_arg(sp)
     sp.add_argument(
         "--max-tokens",
         type=int_in(1, 1 << 20),
@@ -226,38 +289,31 @@ def build_parser(commands: Mapping[str, Callable[[argparse.Namespace], int]]) ->
     sp.add_argument("--host", default="127.0.0.1", help="default 127.0.0.1 (this machine only)")
     sp.add_argument("--port", type=port, default=8000)
     sp.add_argument("--open", action="store_true", help="open a browser tab")
-    sp.set_defaults(func=commands["serve"])
 
-    sp = sub.add_parser("dashboards", help="feature dashboards and labels of every SAE over a corpus (Ray optional)")
-    _model_args(sp)
-    sp.add_argument("--corpus", required=True, help=".jsonl/.txt files, a folder of them, or a datasets save_to_disk")
-    sp.add_argument("--out", required=True, help="output folder (a restarted job resumes from it)")
-    _scale_args(sp)
-    sp.add_argument("--seq-len", type=int_in(2, 1 << 16), default=128, help="tokens per chunk of a document")
-    sp.add_argument("--max-docs", type=int_in(1), default=None, help="read only the first N documents")
-    sp.add_argument("--text-field", default="text", help="the text field of JSONL records (default text)")
-    sp.add_argument("--contexts", type=int_in(1, 1000), default=10, help="top activating contexts kept per feature")
+
+def _dashboards(sub: Sub, commands: Commands) -> None:
+    what = "feature dashboards and labels of every SAE over a corpus (Ray optional)"
+    sp = _command(sub, commands, "dashboards", what)
+    _scale_args(sp, "--corpus", ".jsonl/.txt files, a folder of them, or a datasets save_to_disk")
+    for name in ("seq_len", "max_docs", "text_field"):
+        setting(sp, DashboardOptions, name)
+    setting(sp, DashboardOptions, "n_contexts", "--contexts")
     sp.add_argument("--circuit-tracer", action="store_true", help="also write circuit-tracer's per-feature files")
-    sp.set_defaults(func=commands["dashboards"])
 
-    sp = sub.add_parser("batch", help="trace a JSONL of prompts: graphs, QK rows of top heads, explain (Ray optional)")
-    _model_args(sp)
-    sp.add_argument("--prompts", required=True, help='JSONL: {"prompt": ..., optional "answer", "rival", "id"}')
-    sp.add_argument("--out", required=True, help="output folder (a restarted job resumes from it)")
-    _scale_args(sp)
-    sp.add_argument("--node-threshold", type=fraction, default=config.GRAPH.node_threshold)
-    sp.add_argument("--edge-threshold", type=fraction, default=config.GRAPH.edge_threshold)
-    sp.add_argument("--max-nodes", type=max_nodes, default=config.GRAPH.max_nodes, help="features kept after pruning")
-    sp.add_argument("--no-explain", action="store_true", help="skip explain() even where a prompt names an answer")
-    sp.set_defaults(func=commands["batch"])
 
-    sp = sub.add_parser("demo", help="run the case studies on the embedded demo model")
+def _batch(sub: Sub, commands: Commands) -> None:
+    sp = _command(sub, commands, "batch", "trace a JSONL of prompts: graphs, QK rows of top heads, explain (Ray)")
+    _scale_args(sp, "--prompts", 'JSONL: {"prompt": ..., optional "answer", "rival", "id"}')
+    _graph_args(sp, memory_budget=False)
+    sp.add_argument("--no-explain", action="store_true", help=f"do not {doc(BatchOptions, 'explain')}")
+
+
+def _demo(sub: Sub, commands: Commands) -> None:
+    sp = _command(sub, commands, "demo", "run the case studies on the embedded demo model", model=False)
     sp.add_argument("--out", default="demo-output")
     sp.add_argument("--no-serve", action="store_true", help="do everything but serving the web UI")
     sp.add_argument("--port", type=port, default=8000)
     _device_args(sp)
-    sp.set_defaults(func=commands["demo"])
-    return p
 
 
 # options whose value may start with '-' (a negative scale or position, a prompt, a token)

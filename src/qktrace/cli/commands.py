@@ -16,7 +16,8 @@ from .. import config
 from ..config import LIMITS
 from ..errors import InputError
 from ..files import check_output, check_output_dir
-from ..steering.requests import SteerRequest, build_steering, check_request, check_text, graph_options
+from ..options import BatchOptions, DashboardOptions, GraphOptions, SweepOptions
+from ..steering.requests import SteerRequest, build_steering, check_request, check_text
 
 
 def _console():  # type: ignore[no-untyped-def]
@@ -127,14 +128,24 @@ def cmd_qk(args: argparse.Namespace) -> int:
 def cmd_graph(args: argparse.Namespace) -> int:
     check_text(args.prompt)
     out = check_output(args.out, "graph")
-    kw = graph_options(args.node_threshold, args.edge_threshold, args.max_nodes, args.max_memory)
+    options = _graph_options(args, max_memory=args.max_memory)
     traced = _tracer(args).run(args.prompt)
-    graph = traced.graph(slug=args.slug, scan=args.scan, **kw)
+    graph = traced.graph(options, slug=args.slug, scan=args.scan)
     graph.save(out)
     con = _console()
     con.print(graph.summary_text())
     con.print(f"wrote {out}")
     return 0
+
+
+def _graph_options(args: argparse.Namespace, max_memory: int | None = None) -> GraphOptions:
+    """The graph settings of `graph` and `batch` (already checked by the parser, through `GraphOptions`)."""
+    return GraphOptions(
+        node_threshold=args.node_threshold,
+        edge_threshold=args.edge_threshold,
+        max_nodes=args.max_nodes,
+        max_memory=max_memory,
+    )
 
 
 def _count(spec: str, sep: str, limit: int, what: str) -> None:
@@ -190,12 +201,9 @@ def steer_request(args: argparse.Namespace) -> SteerRequest:
         positions=parse_positions(args.positions),
         heads=heads,
         checkpoint=args.layer,
-        side=args.side,
-        mode=args.mode,
-        freeze_others=args.freeze_others,
-        scales=args.scales,
         watch_tokens=[check_text(w, "watched token") for w in args.watch],
         watch_attention=parse_watch_attn(args.watch_attn) if (args.watch_attn or not heads) else None,
+        options=SweepOptions(side=args.side, mode=args.mode, scales=args.scales, freeze_others=args.freeze_others),
     )
 
 
@@ -310,14 +318,14 @@ def _stderr_console():  # type: ignore[no-untyped-def]
 
 def cmd_dashboards(args: argparse.Namespace) -> int:
     from ..jobs.corpus import corpus_files
-    from ..jobs.dashboards import DashboardOptions, build_dashboards
+    from ..jobs.dashboards import build_dashboards
     from ..jobs.pool import progress_bar
 
     out = check_output_dir(args.out)
     corpus_files(args.corpus)  # a missing or unreadable corpus is one line before any progress is drawn
     model, saes, ids = _scale_source(args)
     options = DashboardOptions(
-        seq_len=args.seq_len, max_docs=args.max_docs, text_field=args.text_field, n_contexts=args.contexts
+        seq_len=args.seq_len, max_docs=args.max_docs, text_field=args.text_field, n_contexts=args.n_contexts
     )
     with progress_bar("dashboards", console=_stderr_console()) as bar:
         result = build_dashboards(
@@ -333,14 +341,13 @@ def cmd_dashboards(args: argparse.Namespace) -> int:
 
 
 def cmd_batch(args: argparse.Namespace) -> int:
-    from ..jobs.batch import BatchOptions, read_prompts, trace_batch
+    from ..jobs.batch import read_prompts, trace_batch
     from ..jobs.pool import progress_bar
 
     out = check_output_dir(args.out)
     read_prompts(args.prompts)  # a bad prompts file is one line before any progress is drawn
     model, saes, ids = _scale_source(args)
-    graph = graph_options(args.node_threshold, args.edge_threshold, args.max_nodes)
-    options = BatchOptions(**graph, explain=not args.no_explain)
+    options = BatchOptions(graph=_graph_options(args), explain=not args.no_explain)
     with progress_bar("batch", unit="prompts", console=_stderr_console()) as bar:
         result = trace_batch(
             model, saes, args.prompts, out, workers=args.workers, ray_address=args.ray_address, progress=bar,

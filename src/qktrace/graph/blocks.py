@@ -22,7 +22,6 @@ import torch
 from torch import Tensor
 
 from ..config import MEMORY
-from ..errors import InputError
 
 log = logging.getLogger(__name__)
 Rows = Callable[[Tensor], Tensor]  # target row indices [r] -> weights [r, src]
@@ -108,9 +107,8 @@ def free_bytes(device: torch.device) -> int:
 
 
 def memory_budget(device: torch.device, max_memory: int | None) -> int:
-    """The bytes a build may use: `max_memory`, or `MEMORY.budget_fraction` of what is free now."""
+    """The bytes a build may use: `max_memory` (checked by `GraphOptions`, through `config.parse_bytes`), or
+    `MEMORY.budget_fraction` of what is free now."""
     if max_memory is None:
         return int(MEMORY.budget_fraction * free_bytes(device))
-    if not isinstance(max_memory, int) or isinstance(max_memory, bool) or max_memory < (1 << 20):
-        raise InputError(f"max_memory={max_memory!r} is too small: give at least 1 MB (e.g. 8 << 30 for 8 GB)")
     return max_memory

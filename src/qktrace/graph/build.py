@@ -23,16 +23,17 @@ import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cached_property
+from typing import Any
 
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from torch import Tensor
 
-from ..config import GRAPH
 from ..errors import InputError, OutOfRangeError, SAEMismatchError
 from ..models.model import Model
 from ..models.trace import Trace
 from ..nodes import CODE, Kind, Node, describe, of_code
+from ..options import GraphOptions, with_overrides
 from ..saes import SAE, FeatureActs, SAESet
 from . import edges as E
 from .blocks import Block, BlockStore, memory_budget
@@ -166,15 +167,19 @@ def _check_saes(model: Model, saes: SAESet) -> None:
             raise SAEMismatchError(f"SAE at checkpoint {c} is past the model's last checkpoint {L}: drop it")
 
 
-def logit_targets(model: Model, trace: Trace, targets: Sequence[str | int] | str | int | None) -> tuple[Tensor, Tensor]:
-    """(token ids, probabilities) of the logit nodes at the last position."""
+def logit_targets(
+    model: Model, trace: Trace, targets: Sequence[str | int] | str | int | None, options: GraphOptions | None = None
+) -> tuple[Tensor, Tensor]:
+    """(token ids, probabilities) of the logit nodes at the last position: `targets`, or the fewest top tokens
+    covering `options.logit_probability` (at most `options.max_logits`)."""
+    o = options or GraphOptions()
     probs = torch.softmax(trace.last_logits.float(), -1)
     dev = probs.device
     if targets is None:
         p, ids = torch.sort(probs, descending=True)
-        goal = torch.tensor([GRAPH.logit_probability], dtype=p.dtype, device=dev)
+        goal = torch.tensor([o.logit_probability], dtype=p.dtype, device=dev)
         n = int(torch.searchsorted(torch.cumsum(p, 0), goal)) + 1
-        ids = ids[: min(n, GRAPH.max_logits)]
+        ids = ids[: min(n, o.max_logits)]
     else:
         if isinstance(targets, (str, int)):
             targets = [targets]
@@ -334,28 +339,23 @@ def attribute(
     model: Model,
     saes: SAESet,
     trace: Trace,
+    options: GraphOptions | None = None,
     *,
     targets: Sequence[str | int] | str | int | None = None,
-    readout: str = GRAPH.readout,
-    mode: str = "full",
-    max_nodes_per_checkpoint: int = 256,
-    max_memory: int | None = None,
     tick: Tick = lambda: None,
+    **overrides: Any,
 ) -> Attribution:
     """Steps 1-4: every edge (mode="full", computed lazily within `max_memory` bytes, default a share of
-    the device's free memory) or the target-driven subset (mode="target"), unpruned."""
-    if readout not in ("decoder", "encoder"):
-        raise InputError(f"readout='{readout}' is not known: use 'decoder' (the paper's) or 'encoder'")
-    if mode not in ("full", "target"):
-        raise InputError(f"mode='{mode}' is not known: use 'full' or 'target'")
-    if max_nodes_per_checkpoint < 1:
-        raise InputError(f"max_nodes_per_checkpoint={max_nodes_per_checkpoint} must be at least 1")
+    the device's free memory) or the target-driven subset (mode="target"), unpruned. `options` (or its
+    fields as keywords): readout, mode, max_nodes_per_checkpoint, max_memory, the logit targets."""
+    o = with_overrides(options, GraphOptions, overrides)
+    readout, mode, max_memory = o.readout, o.mode, o.max_memory
     _check_saes(model, saes)
     budget = memory_budget(model.device, max_memory)
     with torch.no_grad():
         table = NodeTable(model.device)
         tokens, cps = _checkpoints(model, saes, trace, table, readout)
-        ids, probs = logit_targets(model, trace, targets)
+        ids, probs = logit_targets(model, trace, targets, o)
         last = torch.full_like(ids, trace.n_pos - 1)
         logits = table.add(Kind.LOGIT, model.n_layers, last, ids, trace.last_logits[ids])
         kinds, checkpoints, pos, index, acts = table.arrays()
@@ -365,7 +365,7 @@ def attribute(
         if mode == "full":
             blocks, inputs = _full(model, trace, tokens, cps, logits, lr)
         else:
-            k = max_nodes_per_checkpoint
+            k = o.max_nodes_per_checkpoint
             blocks, inputs = _target(model, trace, tokens, cps, logits, lr, logit_w.clone(), kinds, k, tick)
     return Attribution(kinds, checkpoints, pos, index, acts, logit_w, logits, BlockStore(blocks, budget), inputs)
 
@@ -374,58 +374,43 @@ def build_graph(
     model: Model,
     saes: SAESet | Mapping[int, SAE],
     trace: Trace,
+    options: GraphOptions | None = None,
     *,
     targets: Sequence[str | int] | str | int | None = None,
-    readout: str = GRAPH.readout,
-    node_threshold: float = GRAPH.node_threshold,
-    edge_threshold: float = GRAPH.edge_threshold,
-    max_nodes: int | None = GRAPH.max_nodes,
-    mode: str = "full",
-    max_nodes_per_checkpoint: int = 256,
-    top_heads: int = 5,
-    max_memory: int | None = None,
     progress: bool = True,
+    **overrides: Any,
 ) -> Graph:
     """The attribution graph of `trace` from its logits down to its tokens, with head loadings.
 
-    `targets`: logit tokens (strings or ids; default the top tokens covering 95% probability, at most
-    10). `readout`: how a target feature reads the residual, "decoder" (a * W_dec row, the paper) or
-    "encoder" (a * W_enc column). `max_nodes`: keep at most this many features after pruning.
-    `mode`: "full" computes every edge; "target" expands from the logits, keeping the top
-    `max_nodes_per_checkpoint` features per checkpoint. `top_heads`: head loadings kept per edge.
-    `max_memory`: bytes a full-mode build may hold (default: half the device's free memory); blocks
-    that do not fit are recomputed in chunks of targets, with the same edges.
+    `options`: the settings (`qktrace.options.GraphOptions`: thresholds, node cap, readout, mode, head
+    loadings per edge, memory budget), or any of its fields as keywords (`max_nodes=50`), which replace
+    the options' own. `targets`: logit tokens (strings or ids; default the top tokens covering
+    `logit_probability`, at most `max_logits`). Blocks that do not fit `max_memory` are recomputed in
+    chunks of targets, with the same edges.
     """
+    o = with_overrides(options, GraphOptions, overrides)
     saes = saes if isinstance(saes, SAESet) else SAESet(saes)
-    if max_nodes is not None and max_nodes < 1:
-        raise InputError(f"max_nodes={max_nodes} must be at least 1 (or None for no limit)")
-    if top_heads < 0:
-        raise InputError(f"top_heads={top_heads} must be 0 or more")
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with torch.no_grad(), Progress(*columns, transient=True, disable=not progress) as bar:
-        task = bar.add_task("edges, layer by layer", total=model.n_layers if mode == "target" else None)
-        att = attribute(
-            model, saes, trace, targets=targets, readout=readout, mode=mode,
-            max_nodes_per_checkpoint=max_nodes_per_checkpoint, max_memory=max_memory,
-            tick=lambda: bar.advance(task),
-        )  # fmt: skip
+        task = bar.add_task("edges, layer by layer", total=model.n_layers if o.mode == "target" else None)
+        att = attribute(model, saes, trace, o, targets=targets, tick=lambda: bar.advance(task))
         bar.update(task, description="influence and pruning (3 sweeps)")
-        pruned = prune(att.store, att.kinds, att.logit_weights, node_threshold, edge_threshold, max_nodes)
+        pruned = prune(att.store, att.kinds, att.logit_weights, o.node_threshold, o.edge_threshold, o.max_nodes)
         task = bar.add_task("head loadings", total=len(att.blocks))
-        top = max(0, min(top_heads, model.n_heads))
+        top = max(0, min(o.loadings_per_edge, model.n_heads))
         edge_cols = _kept_edges(model, trace, att, pruned.edges, top, lambda: bar.advance(task))
     if att.store.recomputed:
         log.info(
             "graph: %d target rows recomputed to stay within %.1f GB", att.store.recomputed, att.store.budget / 1e9
         )
     return _assemble(model, saes, trace, att, pruned, edge_cols, top, {
-        "readout": readout,
-        "mode": mode,
-        "node_threshold": node_threshold,
-        "edge_threshold": edge_threshold,
-        "max_nodes": max_nodes,
-        "max_nodes_per_checkpoint": max_nodes_per_checkpoint if mode == "target" else None,
-        "top_heads": top,
+        "readout": o.readout,
+        "mode": o.mode,
+        "node_threshold": o.node_threshold,
+        "edge_threshold": o.edge_threshold,
+        "max_nodes": o.max_nodes,
+        "max_nodes_per_checkpoint": o.max_nodes_per_checkpoint if o.mode == "target" else None,
+        "top_heads": top,  # loadings_per_edge, under the name graph files have always used
     })  # fmt: skip
 
 

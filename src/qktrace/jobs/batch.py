@@ -5,7 +5,8 @@ Each line of the prompts file is a JSON object: {"prompt": "...", "answer": " Sa
 prompt's folder, by default p00000, p00001, ... in line order). Per prompt, under `prompts/ID/`:
 
 1. `graph.json`: the attribution graph with head loadings and QK terms (what `Graph.save` writes);
-2. `qk.json`: the QK attribution row (query = the last position, every key) of the graph's top heads;
+2. `qk.json`: the QK attribution row (query = the last position, every key) of the graph's `qk_rows` top
+   heads by cross-position influence;
 3. `explain.json`: `qktrace.explain`'s mechanism, when the prompt names an answer;
 4. `summary.json`: the prompt's row of the summary table, written last: it marks the prompt done.
 
@@ -30,9 +31,9 @@ import torch
 from typing_extensions import Unpack
 
 from ..analyses.explain import explain
-from ..config import GRAPH, QK
 from ..errors import InputError, QKTraceError
 from ..files import atomic_open, atomic_write
+from ..options import BatchOptions  # re-exported: the job's settings, declared with the others
 from ..tracer import Tracer
 from .corpus import jsonl_records
 from .pool import ShardResult, TracerSpec, replica
@@ -55,20 +56,6 @@ class PromptRecord:
     answer: str | None = None
     rival: str | None = None
     line: int = 0
-
-
-@dataclass(frozen=True)
-class BatchOptions:
-    """Graph settings (as `Traced.graph` takes them), how many top heads get a QK row (`top_heads`) with how
-    many terms (`qk_top`), and whether to run `explain` where a prompt names an answer."""
-
-    node_threshold: float = GRAPH.node_threshold
-    edge_threshold: float = GRAPH.edge_threshold
-    max_nodes: int | None = GRAPH.max_nodes
-    qk_terms: bool = True
-    top_heads: int = 3
-    qk_top: int = QK.top
-    explain: bool = True
 
 
 def read_prompts(path: str | os.PathLike[str]) -> list[PromptRecord]:
@@ -116,17 +103,11 @@ def trace_prompt(tracer: Tracer, record: PromptRecord, options: BatchOptions | N
     o = options or BatchOptions()
     model = tracer.model
     traced = tracer.run(record.prompt)
-    graph = traced.graph(
-        node_threshold=o.node_threshold,
-        edge_threshold=o.edge_threshold,
-        max_nodes=o.max_nodes,
-        qk_terms=o.qk_terms,
-        progress=False,
-    )
+    graph = traced.graph(o.graph, progress=False)
     files: dict[str, bytes] = {}
     base = f"prompts/{record.id}"
     files[f"{base}/graph.json"] = json.dumps(graph.to_json(), separators=(",", ":"), allow_nan=False).encode()
-    heads = graph.top_heads(o.top_heads)
+    heads = graph.top_heads(o.qk_rows)
     rows = []
     for h in heads:
         if h["layer"] not in tracer.saes:

@@ -37,7 +37,8 @@ from ..config import LIMITS, Limits
 from ..errors import InputError, QKTraceError, check_index
 from ..graph.formats import check_name
 from ..models import Model
-from ..steering.requests import Checked, SteerRequest, build_steering, check_request, check_text, graph_options
+from ..options import GraphOptions, SweepOptions
+from ..steering.requests import Checked, SteerRequest, build_steering, check_request, check_text
 from ..tracer import Traced, Tracer
 from . import schemas as S
 from .store import ApiError, GraphStore, graph_name
@@ -69,7 +70,8 @@ class JobState:
 class _GraphJob:
     job: JobState
     ids: tuple[int, ...]
-    options: dict[str, Any]
+    options: GraphOptions
+    names: dict[str, str]  # slug and scan, when the request names them
     name: str
     overwrite: bool
 
@@ -179,11 +181,14 @@ class Engine:
     # -- graph jobs ------------------------------------------------------------------------------------
     def start_graph(self, req: S.GraphRequest, store: GraphStore) -> JobState:
         """Check the request (options, prompt, token limit, name) and queue it; 429 when the queue is full."""
-        options = graph_options(req.node_threshold, req.edge_threshold, req.max_nodes, self.max_memory)
-        options.update(progress=False, qk_terms=req.qk_terms)
-        for what in ("slug", "scan"):  # Neuronpedia's names, checked as the CLI checks them
-            if getattr(req, what) is not None:
-                options[what] = check_name(getattr(req, what), what)
+        options = GraphOptions(
+            node_threshold=req.node_threshold,
+            edge_threshold=req.edge_threshold,
+            max_nodes=req.max_nodes,
+            qk_terms=req.qk_terms,
+            max_memory=self.max_memory,
+        )
+        names = {w: check_name(getattr(req, w), w) for w in ("slug", "scan") if getattr(req, w) is not None}
         ids = self.ids(req)
         with self._jobs_lock:
             active = sum(j.status == "running" for j in self.jobs.values())
@@ -198,7 +203,7 @@ class Engine:
             job = JobState(uuid.uuid4().hex[:12], stage=f"queued ({active} ahead)" if active else "queued")
             self.jobs[job.id] = job
             self._forget_finished()
-            self._queue.put(_GraphJob(job, ids, options, name, req.overwrite))
+            self._queue.put(_GraphJob(job, ids, options, names, name, req.overwrite))
             if self._worker is None or not self._worker.is_alive():
                 self._worker = threading.Thread(target=self._work, args=(store,), name="qktrace-graphs", daemon=True)
                 self._worker.start()
@@ -223,7 +228,9 @@ class Engine:
             job.stage = "waiting for the model"
             with self.lock:
                 job.stage = "building the graph"
-                graph = self._cached(item.ids).graph(**item.options)
+                graph = self._cached(item.ids).graph(
+                    item.options, slug=item.names.get("slug"), scan=item.names.get("scan"), progress=False
+                )
                 data = graph.to_json()
             job.stage = "saving"
             job.graph = store.save(item.name, data, overwrite=item.overwrite)
@@ -283,7 +290,7 @@ def qk_response(traced: Traced, req: S.QKRequest) -> S.QKResponse:
 
 
 def steer_request(req: S.SweepRequest) -> Checked:
-    """The sweep request as the CLI's `SteerRequest`, checked without the model (`frontend.check_request`)."""
+    """The sweep request as the CLI's `SteerRequest`, checked without the model (`steering.requests.check_request`)."""
     positions = req.positions if isinstance(req.positions, int) else list(req.positions)
     return check_request(
         SteerRequest(
@@ -291,13 +298,15 @@ def steer_request(req: S.SweepRequest) -> Checked:
             positions=positions,
             heads=[(ly, h) for ly, h in req.heads],
             checkpoint=req.checkpoint,
-            side=req.side,
-            mode=req.mode,
-            freeze_others=req.freeze_others,
-            scales=req.scales,
             watch_tokens=list(req.watch_tokens),
             watch_attention=list(req.watch_attention),
-            top_k=req.top_k,
+            options=SweepOptions(
+                scales=req.scales if isinstance(req.scales, str) else tuple(req.scales),
+                side=req.side,
+                mode=req.mode,
+                freeze_others=req.freeze_others,
+                top_k=req.top_k,
+            ),
         )
     )
 

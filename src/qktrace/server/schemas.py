@@ -7,11 +7,13 @@ floats, so what the page shows is exactly what `Traced.qk(...)` computed.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, Strict, StrictBool, StrictStr, model_validator
 
-from ..config import GRAPH, LIMITS, QK
+from ..config import LIMITS
+from ..options import GraphOptions, QKOptions, SweepOptions, doc
 
 API_VERSION = 1
 
@@ -20,6 +22,10 @@ API_VERSION = 1
 Int = Annotated[int, Strict(), Field(ge=-(2**31), le=2**31 - 1)]
 TokenId = Annotated[int, Strict(), Field(ge=0, le=2**31 - 1)]
 Fraction = Annotated[float, Strict(), Field(gt=0, le=1, allow_inf_nan=False)]
+
+# every default is the settings class's own (`qktrace.options`), as the CLI's and the page's are
+GRAPH, SWEEP, QK = GraphOptions(), SweepOptions(), QKOptions()
+_SCALES: str | list[float] = SWEEP.scales if isinstance(SWEEP.scales, str) else list(SWEEP.scales)
 
 
 class Versioned(BaseModel):
@@ -57,7 +63,9 @@ class GraphRequest(PromptRequest):
     node_threshold: Fraction = GRAPH.node_threshold
     edge_threshold: Fraction = GRAPH.edge_threshold
     max_nodes: Annotated[int, Strict(), Field(ge=1, le=LIMITS.max_graph_nodes)] | None = GRAPH.max_nodes
-    qk_terms: StrictBool = Field(True, description="store the top QK terms of each cross-position link's top heads")
+    qk_terms: StrictBool = Field(
+        GRAPH.qk_terms, description="store the top QK terms of each cross-position link's top heads"
+    )
     slug: StrictStr | None = Field(None, max_length=200, description="Neuronpedia name (default: from the prompt)")
     scan: StrictStr | None = Field(None, max_length=200, description="Neuronpedia model id (default: the model's)")
 
@@ -76,19 +84,30 @@ class SweepRequest(PromptRequest):
     heads: list[tuple[Int, Int]] = Field(
         default_factory=list, description="[[layer, head], ...] of one layer; empty: steer the residual"
     )
-    side: Literal["query", "key"] = "key"
+    side: Literal["query", "key"] = SWEEP.side
     checkpoint: Int | None = Field(None, description="the feature's checkpoint (default: the heads' layer)")
     feature: Int
     positions: Int | list[Int]
-    scales: Annotated[str, Field(max_length=200)] | list[Annotated[float, Strict()]] = "0:2:5"
-    mode: Literal["scale", "value"] = Field("scale", description="activation becomes scale * a, or the value itself")
-    freeze_others: StrictBool = False
+    scales: Annotated[str, Field(max_length=200)] | list[Annotated[float, Strict()]] = Field(
+        _SCALES, description=doc(SweepOptions, "scales")
+    )
+    mode: Literal["scale", "value"] = Field(SWEEP.mode, description="activation becomes scale * a, or the value itself")
+    freeze_others: StrictBool = SWEEP.freeze_others
     watch_tokens: list[StrictStr | TokenId] = Field(default_factory=list)
     watch_attention: list[tuple[Int, Int, Int, Int]] = Field(default_factory=list)
-    top_k: Annotated[int, Strict(), Field(ge=1, le=20)] = 5
+    top_k: Annotated[int, Strict(), Field(ge=1, le=20)] = SWEEP.top_k
 
 
 # -- responses --------------------------------------------------------------------------------------
+
+
+class Defaults(BaseModel):
+    """What a form shows before the user types: the defaults of `qktrace.options`, so the page, the CLI and
+    the API agree (the page reads them from GET /api/info instead of keeping its own)."""
+
+    sweep: dict[str, Any] = Field(default_factory=lambda: dataclasses.asdict(SWEEP))
+    graph: dict[str, Any] = Field(default_factory=lambda: dataclasses.asdict(GRAPH))
+    qk: dict[str, Any] = Field(default_factory=lambda: dataclasses.asdict(QK))
 
 
 class InfoResponse(Versioned):
@@ -99,6 +118,7 @@ class InfoResponse(Versioned):
     checkpoints: list[int] = Field(default_factory=list, description="checkpoints with an SAE")
     can_compute: bool = Field(description="a model is loaded: graphs, QK and sweeps can be computed")
     features: bool = Field(description="feature labels or dashboards are available")
+    defaults: Defaults = Field(default_factory=lambda: Defaults(), description="the settings' defaults, for forms")
 
 
 class GraphSummary(BaseModel):

@@ -33,16 +33,15 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-import math
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
-import numpy as np
 import pandas as pd
 import torch
 from torch import Tensor
 
+from ..config import parse_scales  # the sweep's scales, parsed where every front end parses them
 from ..errors import InputError, OutOfRangeError, check_index
 from ..models.capture import SeamHooks, attention_seam, first_tensor, forward_hooks, output_tensor
 from ..models.model import Model
@@ -435,53 +434,6 @@ def generate_with(
 
 
 # -- sweeps ----------------------------------------------------------------------------------------
-
-
-def parse_scales(spec: str | Sequence[float], max_count: int | None = None) -> list[float]:
-    """'-4:4:9' -> 9 evenly spaced values from -4 to 4; '0,1,2' -> those values; a sequence as is.
-
-    Refused (InputError) before anything is expanded: no values, more than `max_count` (default
-    `config.LIMITS.max_scales`: each scale is one forward pass), NaN, infinite, or past
-    +-`LIMITS.max_abs_scale`."""
-    from ..config import LIMITS
-
-    limit = LIMITS.max_scales if max_count is None else max_count
-    usage = "'start:stop:count' (e.g. -4:4:9) or 'a,b,c'"
-    if isinstance(spec, str):
-        text = spec.strip()
-        try:
-            if ":" in text:
-                start, stop, count = text.split(":")
-                n = int(count)
-                bounds = [float(start), float(stop)]
-            else:
-                parts = [s for s in text.split(",") if s.strip()]
-                n = len(parts)
-                if n > limit:
-                    raise InputError(f"{n} scales given: a sweep takes 1..{limit} (each is one forward pass)")
-                bounds = [float(s) for s in parts]
-        except ValueError:
-            raise InputError(f"scale spec '{text[:60]}' is not {usage}") from None
-    elif isinstance(spec, Sequence) and not isinstance(spec, bytes):
-        n = len(spec)
-        if n > limit:
-            raise InputError(f"{n} scales given: a sweep takes 1..{limit} (each is one forward pass)")
-        try:
-            bounds = [float(s) for s in spec]
-        except (TypeError, ValueError):
-            raise InputError(f"scales {list(spec)[:5]!r} are not all numbers: give {usage}") from None
-    else:
-        raise InputError(f"scales {spec!r} are not understood: give {usage}")
-    if not 1 <= n <= limit:
-        raise InputError(f"{n} scales asked for: a sweep takes 1..{limit} (each is one forward pass), e.g. -2:4:7")
-    bad = [b for b in bounds if not math.isfinite(b) or abs(b) > LIMITS.max_abs_scale]
-    if bad:
-        raise InputError(
-            f"scale {bad[0]} is not a finite number within +-{LIMITS.max_abs_scale:g}: give scales such as -4:4:9"
-        )
-    if isinstance(spec, str) and ":" in spec:
-        return [float(s) for s in np.linspace(bounds[0], bounds[1], n)]
-    return bounds
 
 
 def _fill(ivs: Sequence[Intervention], s: float) -> list[Intervention]:

@@ -1,13 +1,13 @@
-"""What the CLI and the server both ask of the library, checked once: prompt text, graph options and
-steering sweeps. The front ends only translate their arguments; every check and every default lives here.
+"""What the CLI and the server both ask of the library, checked once: prompt text and steering sweeps.
+The front ends only translate their arguments; every check lives here, every default in `qktrace.options`
+(graph builds take a `GraphOptions`, which checks itself).
 
 - `check_text(prompt)`: prompt text a tokenizer can take, checked before tokenizing.
-- `graph_options(...)`: thresholds, node cap and memory budget of a graph build, checked before tracing;
-  returns the keyword arguments of `Traced.graph`.
-- Steering, one builder for both front ends. A front end turns its arguments into a `SteerRequest`:
+- Steering, one builder for both front ends. A front end turns its arguments into a `SteerRequest`
+  (what to steer, and how: `SweepOptions`, whose scales, side and mode checked themselves):
   1. `check_request(req)` -- no model needed, so it runs before anything is loaded or locked: list
-     lengths and scales within `config.LIMITS`, scales finite, no repeated head, the heads of one
-     layer, no negative feature, side and mode known, `freeze_others` only with heads.
+     lengths within `config.LIMITS`, no repeated head, the heads of one layer, no negative feature,
+     `freeze_others` only with heads.
   2. `build_steering(traced, req)` -- against the traced prompt: layer, heads, checkpoint with an SAE,
      feature below the SAE's width, positions inside the prompt (none twice), watched tokens and
      attention weights, and (when scaling) the feature active at one of the positions at least, since
@@ -19,13 +19,13 @@ steering sweeps. The front ends only translate their arguments; every check and 
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-from ..config import GRAPH, LIMITS
+from ..config import LIMITS
 from ..errors import InputError, check_index
+from ..options import SweepOptions
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -56,28 +56,6 @@ def check_text(prompt: str, what: str = "prompt") -> str:
     return prompt
 
 
-def graph_options(
-    node_threshold: float = GRAPH.node_threshold,
-    edge_threshold: float = GRAPH.edge_threshold,
-    max_nodes: int | None = GRAPH.max_nodes,
-    max_memory: int | None = None,
-) -> dict[str, Any]:
-    """Checked keyword arguments for `Traced.graph` (thresholds in (0, 1], 1 <= max_nodes <= the limit,
-    a byte budget of at least 1 MiB)."""
-    for name, t in (("node_threshold", node_threshold), ("edge_threshold", edge_threshold)):
-        if isinstance(t, bool) or not isinstance(t, int | float) or not math.isfinite(t) or not 0 < t <= 1:
-            raise InputError(f"{name} {t!r} is out of range: give a number in (0, 1], e.g. {getattr(GRAPH, name)}")
-    if max_nodes is not None and not 1 <= _int(max_nodes, "max_nodes") <= LIMITS.max_graph_nodes:
-        raise InputError(f"max_nodes {max_nodes} is out of range: give 1..{LIMITS.max_graph_nodes}")
-    kw: dict[str, Any] = dict(node_threshold=float(node_threshold), edge_threshold=float(edge_threshold))
-    kw["max_nodes"] = max_nodes
-    if max_memory is not None:
-        if not 1 << 20 <= _int(max_memory, "max_memory") <= LIMITS.max_memory_bytes:
-            raise InputError(f"max_memory {max_memory} is out of range: give 1MB to 1PiB, such as 8GB")
-        kw["max_memory"] = int(max_memory)
-    return kw
-
-
 def _int(value: object, what: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise InputError(f"{what} {value!r} is not an integer")
@@ -88,21 +66,16 @@ def _int(value: object, what: str) -> int:
 class SteerRequest:
     """Steer SAE feature `feature` at `positions`, inside the QK circuit of `heads` ((layer, head) pairs of
     one layer; the feature is read at that layer's input checkpoint) or, without heads, in the residual at
-    `checkpoint`. `mode`: the swept number scales the activation ("scale") or replaces it ("value").
-    `watch_attention=None`: the first steered head's attention from the last position to the steered
-    positions (QK steering only)."""
+    `checkpoint`. `watch_attention=None`: the first steered head's attention from the last position to the
+    steered positions (QK steering only). `options`: scales, side, mode, freeze_others, top_k."""
 
     feature: int
     positions: Positions
     heads: Sequence[tuple[int, int]] = ()
     checkpoint: int | None = None
-    side: Literal["query", "key"] = "key"
-    mode: Literal["scale", "value"] = "scale"
-    freeze_others: bool = False
-    scales: str | Sequence[float] = "-4:4:9"
     watch_tokens: Sequence[str | int] = ()
     watch_attention: Sequence[tuple[int, int, int, int]] | None = ()
-    top_k: int = 5
+    options: SweepOptions = field(default_factory=SweepOptions)
 
 
 @dataclass(frozen=True)
@@ -118,16 +91,12 @@ class Checked:
 
 def check_request(req: SteerRequest) -> Checked:
     """Every check that needs no model (step 1 of the module docstring)."""
-    from .interventions import parse_scales
-
-    scales = tuple(parse_scales(req.scales))
+    if not isinstance(req.options, SweepOptions):
+        raise InputError(f"the sweep's options {req.options!r} are not SweepOptions: give SweepOptions(...)")
+    scales = req.options.values
     feature = _int(req.feature, "feature")
     if feature < 0:
         raise InputError(f"feature {feature} is negative: features are numbered from 0 (up to the SAE's width - 1)")
-    if req.side not in ("query", "key"):
-        raise InputError(f"side {req.side!r} is not understood: use 'query' or 'key'")
-    if req.mode not in ("scale", "value"):
-        raise InputError(f"mode {req.mode!r} is not understood: use 'scale' or 'value'")
     if len(req.heads) > LIMITS.max_heads:
         raise InputError(f"{len(req.heads)} heads given: steer at most {LIMITS.max_heads} heads at once")
     if any(isinstance(p, str | bytes) or not isinstance(p, Sequence) or len(p) != 2 for p in req.heads):
@@ -151,7 +120,7 @@ def check_request(req: SteerRequest) -> Checked:
             f"heads of layer {layer} read checkpoint {layer}, not {checkpoint}: "
             f"pick a feature of checkpoint {layer} or leave checkpoint out"
         )
-    if req.freeze_others and layer is None:
+    if req.options.freeze_others and layer is None:
         raise InputError(
             "freezing the other heads needs heads to steer (QK-only steering): residual steering moves all"
         )
@@ -177,8 +146,6 @@ def check_request(req: SteerRequest) -> Checked:
             raise InputError(f"watched attention {tuple(w)!r} is not (layer, head, query_pos, key_pos)")
         for x in w:
             _int(x, "watched attention index")
-    if not 1 <= _int(req.top_k, "top_k") <= 20:
-        raise InputError(f"top_k {req.top_k} is out of range: give 1..20")
     return Checked(req, checkpoint, layer, tuple(h for _, h in pairs), scales)
 
 
@@ -240,6 +207,7 @@ def build_steering(traced: Traced, req: SteerRequest | Checked) -> Steering:
 
     checked = req if isinstance(req, Checked) else check_request(req)
     r = checked.request
+    o = r.options
     model, n_pos = traced.model, traced.trace.n_pos
     L = model.n_layers
     c = check_index(checked.checkpoint, L + 1, "checkpoint")
@@ -250,7 +218,7 @@ def build_steering(traced: Traced, req: SteerRequest | Checked) -> Steering:
     d_sae = traced.sae(c).d_sae  # InputError when the checkpoint has no SAE
     feature = check_index(r.feature, d_sae, f"checkpoint {c} feature")
     pos = _positions(r.positions, n_pos)
-    if r.mode == "scale":
+    if o.mode == "scale":
         acts = traced.acts(c)
         active = sorted(set(acts.pos[acts.feature == feature].tolist()))
         if not set(active) & set(pos):
@@ -273,14 +241,14 @@ def build_steering(traced: Traced, req: SteerRequest | Checked) -> Steering:
             h = check_index(h, model.anatomy.layers[ly].n_heads, "watched head")
             q = check_index(q, n_pos, "watched query position", allow_negative=True)
             watch.append((ly, h, q, check_index(k, n_pos, "watched key position", allow_negative=True)))
-    amount = {r.mode: SCALE}  # the swept number scales the activation, or replaces it
+    amount = {o.mode: SCALE}  # the swept number scales the activation, or replaces it
     ivs: list[Intervention]
     if checked.layer is not None:
-        ivs = [SteerQK(layer, heads, r.side, feature, tuple(pos), **amount)]  # type: ignore[arg-type]
-        if r.freeze_others:
+        ivs = [SteerQK(layer, heads, o.side, feature, tuple(pos), **amount)]  # type: ignore[arg-type]
+        if o.freeze_others:
             ivs.append(FreezeAttention())
-        title = f"steer feature {feature} (QK {r.side}, L{layer} heads {list(heads)})"
+        title = f"steer feature {feature} (QK {o.side}, L{layer} heads {list(heads)})"
     else:
         ivs = [SteerFeature(c, feature, tuple(pos), **amount)]  # type: ignore[arg-type]
         title = f"steer feature {feature} (residual, checkpoint {c})"
-    return Steering(traced, tuple(ivs), checked.scales, tuple(tokens), tuple(watch), r.top_k, title)
+    return Steering(traced, tuple(ivs), checked.scales, tuple(tokens), tuple(watch), o.top_k, title)

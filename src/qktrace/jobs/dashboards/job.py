@@ -16,6 +16,7 @@ from typing_extensions import Unpack
 from ...errors import InputError
 from ...files import atomic_write
 from ...graph.formats.numbering import cantor
+from ...options import DashboardOptions  # re-exported: the job's settings, declared with the others
 from ...tracer import Tracer
 from ..corpus import bos_token, count_documents, fingerprint, shards, tokenize_chunks
 from ..pool import ShardResult, TracerSpec, replica
@@ -25,45 +26,6 @@ from .stats import Partial, collect, from_bytes, merge, to_bytes
 
 SHARDS = "shards"
 INDEX_FILE, DASHBOARDS_FILE, LABELS_FILE = "index.json", "dashboards.json", "labels.json"
-
-
-@dataclass(frozen=True)
-class DashboardOptions:
-    """What a dashboards job reads and keeps. The corpus is cut into chunks of `seq_len` tokens (at most
-    `max_chunks_per_doc` per document, of the first `max_docs` documents); `docs_per_shard` documents
-    make a shard; `batch_tokens` tokens go through the model at once. Per feature: `n_contexts` top
-    contexts of `before` + 1 + `after` tokens, the top `label_pool` activations feed the label, `n_out`
-    top and bottom output tokens. `checkpoints`: which SAEs (default: all)."""
-
-    seq_len: int = 128
-    max_chunks_per_doc: int | None = None
-    max_docs: int | None = None
-    text_field: str = "text"
-    docs_per_shard: int = 256
-    batch_tokens: int = 4096
-    n_contexts: int = 10
-    label_pool: int = 24
-    before: int = 12
-    after: int = 4
-    n_out: int = 10
-    checkpoints: tuple[int, ...] | None = None
-
-    @property
-    def keep(self) -> int:
-        """Top activations kept per feature (contexts and the label's pool)."""
-        return max(self.n_contexts, self.label_pool)
-
-    def check(self) -> None:
-        positive = ("seq_len", "docs_per_shard", "batch_tokens", "n_contexts", "label_pool", "n_out")
-        for name in positive + ("max_chunks_per_doc", "max_docs"):
-            value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or value < 1):
-                raise InputError(f"{name}={value!r} must be a positive integer")
-        if self.seq_len < 2:
-            raise InputError(f"seq_len={self.seq_len} must be at least 2 (BOS and one token)")
-        for name in ("before", "after"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
-                raise InputError(f"{name}={getattr(self, name)!r} must be 0 or more tokens")
 
 
 @dataclass(frozen=True)
@@ -166,7 +128,6 @@ def build_dashboards(
     """
     check_args(how, DashboardArgs)
     o = how.get("options") or DashboardOptions()
-    o.check()
     out = Path(out)
     n_docs = count_documents(corpus, o.text_field)
     n_docs = min(n_docs, o.max_docs) if o.max_docs is not None else n_docs

@@ -225,6 +225,7 @@ async function start() {
   try {
     const info = await API.info();
     store.set({ info, weights: readUrl().weights });
+    sweepPanel.setDefaults(info.defaults.sweep);
     $("model-info").textContent = info.model ? `model ${info.model} (${info.n_layers} layers × ${info.n_heads} heads)`
       : "no model loaded: viewing only";
     for (const id of ["build-btn", "qk-run", "steer-run", "prompt-input"]) $(id).disabled = !info.can_compute;

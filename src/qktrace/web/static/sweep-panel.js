@@ -7,14 +7,26 @@ import { promptPayload } from "./qk-panel.js";
 
 const SERIES = ["#2563eb", "#dc2626", "#059669", "#d97706", "#7c3aed", "#db2777", "#0891b2"];
 
-/** `state()`: the store's state. Wires the sweep form; `prefill(link, layer, head)` fills it from an edge. */
+/** `state()`: the store's state. Wires the sweep form; `setDefaults(sweep)` fills it with the server's defaults
+ * (GET /api/info's `defaults.sweep`, which are `qktrace.options.SweepOptions`'s, as the CLI's are);
+ * `prefill(link, layer, head)` fills it from an edge. */
 export function createSweepPanel(state) {
   const body = $("steer-body");
   $("steer-form").addEventListener("submit", (e) => { e.preventDefault(); run(); });
 
+  let defaults = null;
+
+  function setDefaults(sweep) {
+    defaults = sweep;
+    $("steer-scales").value = Array.isArray(sweep.scales) ? sweep.scales.join(",") : sweep.scales;
+    $("steer-side").value = sweep.side;
+    $("steer-mode").value = sweep.mode;
+    $("steer-freeze").checked = sweep.freeze_others;
+  }
+
   function prefill(l, layer, head) {
     $("steer-heads").value = `L${layer}H${head}`;
-    $("steer-side").value = "key";
+    if (defaults) $("steer-side").value = defaults.side;
     $("steer-checkpoint").value = "";
     if (l.s.p.kind === "feature" && l.s.p.cp === layer) $("steer-feature").value = l.s.p.index;
     $("steer-positions").value = String(l.s.p.pos);
@@ -65,7 +77,7 @@ export function createSweepPanel(state) {
         num(r.p_top_1, "p_top_1", 3), probCols.map((c) => num(r[c], c, 3)), attnCols.map((c) => num(r[c], c, 3))))));
   }
 
-  return { prefill, run };
+  return { prefill, run, setDefaults };
 }
 
 function parseList(text) {
