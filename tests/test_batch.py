@@ -124,7 +124,7 @@ def test_explain_when_qktrace_has_it(setup: Setup, prompts: Path, tmp_path: Path
         (['{"prompt": "w1", "rival": " w2"}'], 'names a "rival" but no "answer"'),
         (['{"prompt": "w1", "id": "a/b"}'], "id 'a/b' must be"),
         (['{"prompt": "w1", "id": "x"}', '{"prompt": "w2", "id": "x"}'], "already used on line 1"),
-        (['{"prompt": "w1", "answer": " w1 w2"}'], r"line 1 \(p00000\): ' w1 w2' is 2 tokens"),
+        (['{"prompt": "w1", "answer": " w1 w2"}'], r"line 1 \(p00000\): answer ' w1 w2' is 2 tokens"),
     ],
 )
 def test_bad_prompts_are_one_line(setup: Setup, tmp_path: Path, lines: list[str], message: str) -> None:

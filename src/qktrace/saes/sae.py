@@ -193,9 +193,10 @@ def require_saes(saes: Mapping[int, Any], checkpoints: Iterable[int], why: str =
         have = ", ".join(map(str, sorted(saes))) or "none"
         where = f"checkpoint {missing[0]}" if len(missing) == 1 else f"checkpoints {', '.join(map(str, missing))}"
         hooks = ", ".join(f"blocks.{c}.hook_resid_pre" for c in missing[:3]) + (", ..." if len(missing) > 3 else "")
+        what = "an SAE" if len(missing) == 1 else "SAEs"
         raise MissingSAEError(
-            f"no SAE at {where} (loaded: {have}){why}: load residual SAEs with hook_name {hooks} "
-            "(e.g. --saes DIR), or pick a loaded checkpoint"
+            f"no SAE at {where} (loaded: {have}){why}: load {what} with hook_name {hooks} (e.g. --saes DIR), "
+            "or pick a loaded checkpoint"
         )
 
 
