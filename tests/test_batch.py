@@ -14,9 +14,9 @@ import torch
 import qktrace
 from qktrace.errors import InputError
 from qktrace.jobs.batch import BatchOptions, read_prompts, trace_batch
+from qktrace.options import GraphOptions
 from qktrace.testing import JobSetup as Setup
 from qktrace.testing import make_job_setup, tree
-from qktrace.options import GraphOptions
 
 PROMPTS = [
     {"prompt": "Aunt Sally is the w1 . Aunt", "answer": " Sally", "rival": " Bob", "id": "aunt"},
@@ -133,7 +133,7 @@ def test_explain_when_qktrace_has_it(setup: Setup, prompts: Path, tmp_path: Path
         (['{"prompt": "w1", "rival": " w2"}'], 'names a "rival" but no "answer"'),
         (['{"prompt": "w1", "id": "a/b"}'], "id 'a/b' must be"),
         (['{"prompt": "w1", "id": "x"}', '{"prompt": "w2", "id": "x"}'], "already used on line 1"),
-        (['{"prompt": "w1", "answer": " w1 w2"}'], r"line 1 \(p00000\): ' w1 w2' is 2 tokens"),
+        (['{"prompt": "w1", "answer": " w1 w2"}'], r"line 1 \(p00000\): answer ' w1 w2' is 2 tokens"),
     ],
 )
 def test_bad_prompts_are_one_line(setup: Setup, tmp_path: Path, lines: list[str], message: str) -> None:

@@ -56,7 +56,7 @@ def test_qk_json_sums_to_score(capsys, tiny_paths, saes_dir):
         (["qk", "@M", "--saes", "@S", "--prompt", "w1 w2", "--layer", "7", "--head", "0"], "layer 7 is out of range"),
         (["qk", "@M", "--saes", "@S", "--prompt", "w1 w2", "--layer", "0", "--head", "9"], "head"),
         (["qk", "@M", "--saes", "@S", "--prompt", "w1", "--layer", "0", "--head", "0", "--query-pos", "5"], "position"),
-        (["qk", "@M", "--prompt", "w1 w2", "--layer", "0", "--head", "0"], "has no SAE"),
+        (["qk", "@M", "--prompt", "w1 w2", "--layer", "0", "--head", "0"], "no SAE at checkpoint 0"),
         (["info", "@M", "--saes", "@W"], "d_in"),
         (["info", "@M", "--saes", "/nonexistent/saes"], "does not exist"),
     ],

@@ -185,7 +185,11 @@ def test_bad_input_is_one_line_before_any_work(setup: Setup, tmp_path: Path) -> 
         (tmp_path / "missing.jsonl", "does not exist", {}),
         (bad, "line 2 is not JSON", {}),
         (setup.corpus, "workers=0", {"workers": 0}),
-        (setup.corpus, r"no SAE at checkpoints \[5\]", {"options": DashboardOptions(checkpoints=(0, 5))}),
+        (
+            setup.corpus,
+            r"no SAE at checkpoint 5 \(loaded: .*\): load an SAE",
+            {"options": DashboardOptions(checkpoints=(0, 5))},
+        ),
     ]
     bad.write_text('{"text": "w1 w2"}\nnot json\n')
     for corpus, message, kw in cases:

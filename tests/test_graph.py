@@ -371,7 +371,7 @@ def test_graph_without_head_loadings_round_trips(graph32, tmp_path):
 
 def test_errors_are_one_line_and_name_the_fix(graph32, tmp_path):
     model, trace, saes, graph = graph32
-    with pytest.raises(SAEMismatchError, match=r"missing: 1"):
+    with pytest.raises(SAEMismatchError, match=r"no SAE at checkpoint 1 \(loaded: .*load an SAE"):
         build_graph(model, SAESet({c: saes[c] for c in (0, 2)}), trace, progress=False)
     with pytest.raises(InputError, match="readout"):
         build_graph(model, saes, trace, readout="both", progress=False)

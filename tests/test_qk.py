@@ -150,7 +150,7 @@ def test_errors_are_clear(tracers, tiny_models):
     with pytest.raises(OutOfRangeError, match="cannot attend"):
         traced.qk(0, 0, 2, 5)
     no_sae = Tracer(tiny_models["llama"], SAESet({})).run(random_prompt(6, 0))
-    with pytest.raises(InputError, match="has no SAE"):
+    with pytest.raises(InputError, match=r"no SAE at checkpoint 0 \(loaded: none\): load an SAE"):
         no_sae.qk(0, 0, -1)
 
 

@@ -15,9 +15,9 @@ from qktrace.errors import InputError
 from qktrace.jobs.batch import BatchOptions, read_prompts, trace_batch, trace_prompt
 from qktrace.jobs.dashboards import DashboardOptions, build_dashboards
 from qktrace.jobs.pool import import_ray, worker_pool
+from qktrace.options import GraphOptions
 from qktrace.testing import JobSetup as Setup
 from qktrace.testing import make_job_setup, tree
-from qktrace.options import GraphOptions
 
 ray = pytest.importorskip("ray", reason="Ray is not installed: pip install 'qktrace[scale]'")
 

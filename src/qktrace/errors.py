@@ -7,6 +7,8 @@
     ├── SAEMismatchError         SAE d_in differs from the model, hook is not a residual checkpoint
     ├── InputError               empty prompt, bad token ids
     ├── OutOfRangeError          layer, head, position or feature index out of range
+    │   └── MissingSAEError      no SAE at a checkpoint asked for (raised by `saes.sae_at` / `require_saes` only;
+    │                            also an InputError and an SAEMismatchError, the types this check raised before)
     └── GraphFileError           graph JSON that is corrupt or of an unknown version
 
 The CLI catches QKTraceError and prints its message on one line (exit 2), never a traceback.
@@ -41,6 +43,13 @@ class InputError(QKTraceError):
 
 class OutOfRangeError(QKTraceError):
     pass
+
+
+class MissingSAEError(OutOfRangeError, InputError, SAEMismatchError):
+    """No SAE at a checkpoint that was asked for. One owner raises it (`qktrace.saes.sae_at` and
+    `require_saes`, behind `SAESet[c]`, `Traced.sae`, graphs and steering); its message names the
+    checkpoint, the loaded ones, and how to load one. It subclasses the three types that the five
+    separate checks raised before, so handlers written for any of them still catch it."""
 
 
 class GraphFileError(QKTraceError):

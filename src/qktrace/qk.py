@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from .errors import InputError, OutOfRangeError, check_index
-from .models import Model, Trace
+from .models import Model, Trace, resolve_positions
 from .models.replay import qk_norm_frozen
 from .nodes import CODE, Kind, Node, of_code, parse_positionless, positionless
 from .saes import SAE, FeatureActs
@@ -314,8 +314,7 @@ def qk_attribution(
     if key_pos is None:
         keys = visible
     else:
-        raw = [key_pos] if isinstance(key_pos, int) else list(key_pos)
-        keys = [check_index(int(k), n, "key position", allow_negative=True) for k in raw]
+        keys = resolve_positions(key_pos, n, repeats="refuse", what="key position")
         for k in keys:
             if k not in visible:
                 raise OutOfRangeError(

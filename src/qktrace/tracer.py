@@ -95,12 +95,7 @@ class Traced:
         return self.trace.nbytes + held
 
     def sae(self, checkpoint: int) -> SAE:
-        if checkpoint not in self.saes:
-            loaded = ", ".join(map(str, self.saes.checkpoints)) or "none"
-            raise InputError(
-                f"checkpoint {checkpoint} (the input of layer {checkpoint}) has no SAE (loaded: {loaded}): "
-                f"load one with hook_name blocks.{checkpoint}.hook_resid_pre"
-            )
+        """The SAE at `checkpoint` (the input of layer `checkpoint`), or MissingSAEError."""
         return self.saes[checkpoint]
 
     def acts(self, checkpoint: int) -> FeatureActs:

@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 
 from ..errors import InputError, check_index
+from ..models.tokens import Contrast
 from ..nodes import Kind, Node
 from ..steering.heads import qk_spectrum
 from ..tables import markdown_table
@@ -235,7 +236,7 @@ def compare(
     `query_pos`: the attending position (negative counts from the end). `answer`/`rival`: token
     strings or ids for m = logit(answer) - logit(rival) in both prompts (the rival defaults to prompt
     a's runner-up). `top`: heads whose QK terms are compared; `top_terms`: terms kept per head."""
-    from .explain import prompt_text, token_of
+    from .explain import prompt_text
 
     na, nb = a.trace.n_pos, b.trace.n_pos
     if na != nb:
@@ -249,8 +250,10 @@ def compare(
         raise InputError(f"top={top} and top_terms={top_terms} must be 0 or more")
     model = a.model
     q = check_index(query_pos, na, "query position", allow_negative=True)
-    answer_id = None if answer is None else token_of(model, answer, "answer")
-    rival_id = None if rival is None else token_of(model, rival, "rival")
+    if answer is None and rival is not None:
+        raise InputError("a rival was given without an answer: give the answer too")
+    if answer is not None:  # each a single token, the rival not the answer: before any work
+        Contrast.tokens(model, answer, rival)
     differing = tuple(int(i) for i in (a.trace.tokens != b.trace.tokens).nonzero().flatten().tolist())
 
     # attention from q, every head, in both prompts: [layer, head, k_pos] (results live on the CPU)
@@ -279,19 +282,7 @@ def compare(
     heads.sort(key=lambda x: -abs(x.diff))
     terms = [head_terms(a, b, h.layer, h.head, q, h.key_pos, top_terms) for h in heads if h.layer in a.saes][:top]
 
-    metric_a = metric_b = None
-    answer_name = rival_name = None
-    if answer_id is not None:
-        la, lb = a.trace.last_logits.float(), b.trace.last_logits.float()
-        if rival_id is None:
-            rival_id = next(int(t) for t in la.argsort(descending=True).tolist() if int(t) != answer_id)
-        if rival_id == answer_id:
-            raise InputError(f"the rival {rival!r} is the answer itself: name another token, or leave rival out")
-        metric_a = float(la[answer_id] - la[rival_id])
-        metric_b = float(lb[answer_id] - lb[rival_id])
-        answer_name, rival_name = model.str_tokens(torch.tensor([answer_id, rival_id], device="cpu"))
-    elif rival_id is not None:
-        raise InputError("a rival was given without an answer: give the answer too")
+    pair = None if answer is None else Contrast.resolve(model, answer, rival, a.trace.last_logits.float())
 
     return Comparison(
         prompt_a=prompt_text(a),
@@ -305,10 +296,10 @@ def compare(
         skew=skew,
         heads=tuple(heads),
         terms=tuple(terms),
-        answer=answer_name,
-        rival=rival_name,
-        metric_a=metric_a,
-        metric_b=metric_b,
+        answer=None if pair is None else pair.answer,
+        rival=None if pair is None else pair.rival,
+        metric_a=None if pair is None else pair.metric(a.trace.last_logits.float()),
+        metric_b=None if pair is None else pair.metric(b.trace.last_logits.float()),
     )
 
 

@@ -54,7 +54,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from ..errors import InputError, OutOfRangeError
+from ..errors import InputError
+from ..models.tokens import Contrast
 from ..nodes import CODE, Kind
 from ..options import ExplainSettings  # re-exported: explain's settings, declared with the others
 from ..qk import QKAttribution
@@ -63,7 +64,6 @@ from .mechanism import Candidate, HeadEffect, Mechanism, Part, Point, Side, Site
 
 if TYPE_CHECKING:
     from ..graph import Graph
-    from ..models import Model
     from ..tracer import Traced, Tracer
 
 log = logging.getLogger(__name__)
@@ -95,19 +95,15 @@ def explain(
         raise InputError(f"side '{side}' is not one of {', '.join(SIDES)}: use auto to try both")
     sides: tuple[Side, ...] = ("query", "key") if side == "auto" else (side,)  # type: ignore[assignment]
     model = tracer.model
-    answer_id = token_of(model, answer, "answer")
-    rival_id = None if rival is None else token_of(model, rival, "rival")
-    if rival_id is not None and rival_id == answer_id:
-        raise InputError(f"the rival {rival!r} is the answer itself: name another token, or leave rival out")
+    Contrast.tokens(model, answer, rival)  # each a single token, the rival not the answer: before any pass
     traced = tracer.run(prompt)
     trace = traced.trace
     logits = trace.last_logits.float()
-    if rival_id is None:
-        rival_id = next(int(t) for t in logits.argsort(descending=True).tolist() if int(t) != answer_id)
+    pair = Contrast.resolve(model, answer, rival, logits)
+    answer_id, rival_id = pair.answer_id, pair.rival_id
     probs = torch.softmax(logits, -1)
-    names = model.str_tokens(torch.tensor([answer_id, rival_id, int(logits.argmax())], device="cpu"))
     q = trace.n_pos - 1
-    probe = _Probe(traced, answer_id, rival_id)
+    probe = _Probe(traced, pair)
 
     if graph is None:
         graph = traced.graph(targets=[answer_id], progress=False, qk_terms=False)
@@ -164,12 +160,12 @@ def explain(
         return Mechanism(
             prompt=prompt if isinstance(prompt, str) else prompt_text(traced),
             str_tokens=traced.str_tokens,
-            answer=names[0],
+            answer=pair.answer,
             answer_id=answer_id,
-            rival=names[1],
+            rival=pair.rival,
             rival_id=rival_id,
-            rival_given=rival is not None,
-            prediction=names[2],
+            rival_given=pair.rival_given,
+            prediction=model.str_tokens([int(logits.argmax())])[0],
             p_answer=float(probs[answer_id]),
             p_rival=float(probs[rival_id]),
             metric=probe.clean,
@@ -200,33 +196,9 @@ def explain(
     return result
 
 
-def token_of(model: Model, token: str | int, what: str) -> int:
-    """A single token id from a string or an id; one line naming the value otherwise."""
-    vocab = int(model.anatomy.W_U.shape[1])
-    if isinstance(token, bool) or not isinstance(token, (str, int)):
-        raise InputError(f"{what} {token!r} is neither a token string nor a token id: give e.g. ' Paris' or 3920")
-    if isinstance(token, int):
-        if not 0 <= token < vocab:
-            raise OutOfRangeError(f"{what} token id {token} is out of range: valid ids are 0..{vocab - 1}")
-        return token
-    if model.tokenizer is None:
-        raise InputError(f"model '{model.name}' has no tokenizer: give the {what} as a token id")
-    ids = model.tokenizer(token, add_special_tokens=False)["input_ids"]  # type: ignore[operator]
-    if len(ids) != 1:
-        pieces = model.str_tokens(torch.tensor(ids, dtype=torch.long, device="cpu")) if ids else ()
-        raise InputError(
-            f"{what} {token!r} is {len(ids)} tokens for this tokenizer {list(pieces)}: name a single token "
-            "(e.g. its first piece, with its leading space)"
-        )
-    return int(ids[0])
-
-
 def prompt_text(traced: Traced) -> str:
-    """A traced prompt's text, decoded from its tokens (special tokens left out)."""
-    tok = traced.model.tokenizer
-    if tok is None:
-        return " ".join(traced.str_tokens)
-    return str(tok.decode(traced.trace.tokens.tolist(), skip_special_tokens=True))  # type: ignore[attr-defined]
+    """A traced prompt's text, decoded from its tokens with special tokens left out (what was typed)."""
+    return traced.model.to_string(traced.trace.tokens, special_tokens=False)
 
 
 def attended_key(traced: Traced, layer: int, head: int, query_pos: int) -> int:
@@ -334,11 +306,10 @@ def _identity(c: Candidate) -> tuple[Any, ...]:
 class _Probe:
     """Runs interventions on one traced prompt and reads m, probabilities and attention; counts passes."""
 
-    def __init__(self, traced: Traced, answer_id: int, rival_id: int) -> None:
-        self.traced, self.a, self.r = traced, answer_id, rival_id
+    def __init__(self, traced: Traced, pair: Contrast) -> None:
+        self.traced, self.pair, self.a, self.r = traced, pair, pair.answer_id, pair.rival_id
         self.passes = 0
-        logits = traced.trace.last_logits.float()
-        self.clean = float(logits[answer_id] - logits[rival_id])
+        self.clean = pair.metric(traced.trace.last_logits.float())
 
     def run(self, ivs: list[Intervention], record: Sequence[int] = ()) -> Any:
         t = self.traced
@@ -346,8 +317,7 @@ class _Probe:
         return run_with(t.model, t.saes, t.trace.tokens, ivs, clean=t.trace, record_attention=record, last_only=True)
 
     def metric(self, ivs: list[Intervention]) -> float:
-        logits = self.run(ivs).logits[-1].float()
-        return float(logits[self.a] - logits[self.r])
+        return self.pair.metric(self.run(ivs).logits[-1].float())
 
     def point(self, c: Candidate, scale: float) -> Point:
         t = self.traced
@@ -364,12 +334,12 @@ class _Probe:
         top = int(probs.argmax())
         return Point(
             scale=float(scale),
-            metric=float(logits[self.a] - logits[self.r]),
+            metric=self.pair.metric(logits),
             margin=_margin(logits, self.a),
             p_answer=float(probs[self.a]),
             p_rival=float(probs[self.r]),
             attention=attention,
-            top_token=t.model.str_tokens(torch.tensor([top], device="cpu"))[0],
+            top_token=t.model.str_tokens([top])[0],
             top_p=float(probs[top]),
         )
 

@@ -29,12 +29,12 @@ import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from torch import Tensor
 
-from ..errors import InputError, OutOfRangeError, SAEMismatchError
+from ..errors import InputError, SAEMismatchError
 from ..models.model import Model
 from ..models.trace import Trace
 from ..nodes import CODE, Kind, Node, describe, of_code
 from ..options import GraphOptions, with_overrides
-from ..saes import SAE, FeatureActs, SAESet
+from ..saes import SAE, FeatureActs, SAESet, require_saes
 from . import edges as E
 from .blocks import Block, BlockStore, memory_budget
 from .graph import Graph, GraphNode
@@ -156,12 +156,7 @@ class NodeTable:
 
 def _check_saes(model: Model, saes: SAESet) -> None:
     L = model.n_layers
-    missing = [c for c in range(1, L + 1) if c not in saes]
-    if missing:
-        raise SAEMismatchError(
-            f"graphs need an SAE at every checkpoint 1..{L} (checkpoint 0 may use token embeddings); "
-            f"missing: {', '.join(map(str, missing))}: load residual SAEs for them"
-        )
+    require_saes(saes, range(1, L + 1), f"; graphs need one at every checkpoint 1..{L} (0 may use token embeddings)")
     for c in saes.checkpoints:
         if c > L:
             raise SAEMismatchError(f"SAE at checkpoint {c} is past the model's last checkpoint {L}: drop it")
@@ -171,7 +166,8 @@ def logit_targets(
     model: Model, trace: Trace, targets: Sequence[str | int] | str | int | None, options: GraphOptions | None = None
 ) -> tuple[Tensor, Tensor]:
     """(token ids, probabilities) of the logit nodes at the last position: `targets`, or the fewest top tokens
-    covering `options.logit_probability` (at most `options.max_logits`)."""
+    covering `options.logit_probability` (at most `options.max_logits`); each target is one token
+    (`Model.to_single_token`), a target named twice counts once."""
     o = options or GraphOptions()
     probs = torch.softmax(trace.last_logits.float(), -1)
     dev = probs.device
@@ -183,13 +179,9 @@ def logit_targets(
     else:
         if isinstance(targets, (str, int)):
             targets = [targets]
-        chosen = [model.token_id(t) if isinstance(t, str) else int(t) for t in targets]
+        chosen = [model.to_single_token(t, "target") for t in targets]
         if not chosen:
             raise InputError("targets is empty: name at least one token, or pass None for the top tokens")
-        vocab = probs.shape[0]
-        for t in chosen:
-            if not 0 <= t < vocab:
-                raise OutOfRangeError(f"target token id {t} is out of range: valid ids are 0..{vocab - 1}")
         ids = torch.tensor(list(dict.fromkeys(chosen)), dtype=torch.long, device=dev)
     return ids, probs[ids]
 
@@ -512,12 +504,10 @@ def _label(model: Model, saes: SAESet, trace: Trace, node: Node, prob: float) ->
     if node.kind is Kind.TOKEN:
         return trace.str_tokens[p]
     if node.kind is Kind.LOGIT:
-        return f'Output "{model.str_tokens(torch.tensor([node.index], device="cpu"))[0]}" (p={prob:.3f})'
+        return f'Output "{model.str_tokens([node.index])[0]}" (p={prob:.3f})'
     return describe(node)
 
 
 def _prompt(model: Model, trace: Trace) -> str:
-    tok = model.tokenizer
-    if tok is None:
-        return " ".join(trace.str_tokens)
-    return str(tok.decode(trace.tokens.tolist()))  # type: ignore[attr-defined]
+    """The graph's prompt text: every token the model read, special ones included."""
+    return model.to_string(trace.tokens, special_tokens=True)

@@ -33,6 +33,7 @@ from typing_extensions import Unpack
 from ..analyses.explain import explain
 from ..errors import InputError, QKTraceError
 from ..files import atomic_open, atomic_write
+from ..models.tokens import Contrast
 from ..options import BatchOptions  # re-exported: the job's settings, declared with the others
 from ..tracer import Tracer
 from .corpus import jsonl_records
@@ -122,17 +123,13 @@ def trace_prompt(tracer: Tracer, record: PromptRecord, options: BatchOptions | N
     top = int(logits.argmax())
     row: dict[str, Any] = {c: None for c in SUMMARY_COLUMNS}
     row |= {"id": record.id, "prompt": record.prompt, "n_tokens": len(traced.str_tokens)}
-    row |= {
-        "top_token": model.str_tokens(torch.tensor([top], device="cpu"))[0],
-        "top_prob": float(probs[top]),
-        "explained": False,
-    }
+    row |= {"top_token": model.str_tokens([top])[0], "top_prob": float(probs[top]), "explained": False}
     if record.answer is not None:
-        a = model.token_id(record.answer)
+        pair = Contrast.resolve(model, record.answer, record.rival, logits)
+        a, r = pair.answer_id, pair.rival_id
         row |= {"answer": record.answer, "answer_prob": float(probs[a]), "answer_rank": int((logits > logits[a]).sum())}
-        if record.rival is not None:
-            r = model.token_id(record.rival)
-            row |= {"rival": record.rival, "rival_prob": float(probs[r]), "logit_diff": float(logits[a] - logits[r])}
+        if pair.rival_given:  # no default rival here: the summary's rival is the one the prompt names
+            row |= {"rival": record.rival, "rival_prob": float(probs[r]), "logit_diff": pair.metric(logits)}
         if o.explain:
             mechanism = explain(tracer, record.prompt, record.answer, rival=record.rival)
             files[f"{base}/explain.json"] = _dumps(_jsonable(mechanism))
@@ -155,9 +152,8 @@ class BatchWorker:
         for r in records:
             try:
                 self.tracer.tokenize(r.prompt)
-                for text in (r.answer, r.rival):
-                    if text is not None:
-                        self.tracer.model.token_id(text)
+                if r.answer is not None:  # each a single token, the rival not the answer
+                    Contrast.tokens(self.tracer.model, r.answer, r.rival)
             except QKTraceError as e:
                 raise InputError(f"{where} line {r.line} ({r.id}): {e}") from None
 

@@ -13,6 +13,7 @@ from torch import Tensor
 
 from ..config import parse_device, parse_dtype
 from ..errors import InputError, ModelLoadError, QKTraceError
+from . import tokens
 from .anatomy import Anatomy
 from .capture import Seam, attach_seam
 from .families import ModuleHandles, family_for, module_handles, read_anatomy
@@ -113,19 +114,23 @@ class Model:
             )
         return ids.to(self.device)
 
-    def str_tokens(self, ids: Tensor) -> tuple[str, ...]:
-        if self.tokenizer is None:
-            return tuple(f"<{int(i)}>" for i in ids)
-        return tuple(self.tokenizer.decode([int(i)]) for i in ids)  # type: ignore[attr-defined]
+    def str_tokens(self, ids: Sequence[int] | Tensor) -> tuple[str, ...]:
+        """Each token's text, decoded alone (special tokens kept): `to_string([i], special_tokens=True)`."""
+        flat = ids.reshape(-1).tolist() if isinstance(ids, Tensor) else list(ids)
+        return tuple(self.to_string([int(i)], special_tokens=True) for i in flat)
 
-    def token_id(self, text: str) -> int:
-        """The single token a string encodes to (e.g. ' Sally'), or InputError."""
-        if self.tokenizer is None:
-            raise InputError(f"model '{self.name}' has no tokenizer: name tokens by id")
-        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]  # type: ignore[operator]
-        if len(ids) != 1:
-            raise InputError(f"'{text}' is {len(ids)} tokens for this tokenizer; name a single token")
-        return int(ids[0])
+    def to_string(self, ids: Sequence[int] | Tensor, *, special_tokens: bool) -> str:
+        """Text of token ids; the caller says whether special tokens stay (`tokens.to_string`)."""
+        return tokens.to_string(self, ids, special_tokens=special_tokens)
+
+    def to_single_token(self, token: str | int, what: str = "token") -> int:
+        """The one token id a string (e.g. ' Sally') or an id names, checked against the vocabulary
+        (`tokens.single_token`); `what` names it in the one-line error ("answer", "watched token")."""
+        return tokens.single_token(self, token, what)
+
+    def token_id(self, text: str | int) -> int:
+        """`to_single_token(text)`: the name this method had first."""
+        return tokens.single_token(self, text)
 
     # -- one forward -------------------------------------------------------------------------------
     def forward(self, ids: Tensor, last_only: bool = False) -> Tensor:

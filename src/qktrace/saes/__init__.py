@@ -35,7 +35,7 @@ from .formats import sae_lens_config, save_sae_lens
 from .labels import neuronpedia_labels, read_neuronpedia_labels
 from .load import ModelLike, build_sae, load_saes
 from .releases import Release, find_release, known_releases
-from .sae import ARCHITECTURES, SAE, FeatureActs, SAESet, hook_checkpoint, hook_layer
+from .sae import ARCHITECTURES, SAE, FeatureActs, SAESet, hook_checkpoint, hook_layer, require_saes, sae_at
 from .transcoder import INPUT_SITES, OUTPUT_SITES, CrossLayerTranscoder, Transcoder, TranscoderSet, site_input
 from .transcoder_load import load_attention_saes, load_transcoders
 
@@ -65,6 +65,8 @@ __all__ = [
     "load_transcoders",
     "neuronpedia_labels",
     "read_neuronpedia_labels",
+    "require_saes",
+    "sae_at",
     "sae_lens_config",
     "save_sae_lens",
     "site_input",

@@ -13,14 +13,14 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor
 
-from ..errors import OutOfRangeError, SAELoadError, SAEMismatchError, check_index
+from ..errors import MissingSAEError, SAELoadError, SAEMismatchError, check_index
 
 ARCHITECTURES = ("standard", "jumprelu", "topk")
 _RESID_HOOK = re.compile(r"^blocks\.(\d+)\.hook_resid_(pre|post)$")
@@ -198,6 +198,31 @@ class SAE:
         return self.labels.get(feature, f"c{self.checkpoint}/f{feature}")
 
 
+S = TypeVar("S")
+
+
+def require_saes(saes: Mapping[int, Any], checkpoints: Iterable[int], why: str = "") -> None:
+    """The one check that SAEs are loaded where they are needed: MissingSAEError (one line naming the
+    missing checkpoints, the loaded ones and how to load one; `why` says what needs them) otherwise."""
+    missing = [int(c) for c in checkpoints if c not in saes]
+    if missing:
+        have = ", ".join(map(str, sorted(saes))) or "none"
+        where = f"checkpoint {missing[0]}" if len(missing) == 1 else f"checkpoints {', '.join(map(str, missing))}"
+        hooks = ", ".join(f"blocks.{c}.hook_resid_pre" for c in missing[:3]) + (", ..." if len(missing) > 3 else "")
+        what = "an SAE" if len(missing) == 1 else "SAEs"
+        raise MissingSAEError(
+            f"no SAE at {where} (loaded: {have}){why}: load {what} with hook_name {hooks} (e.g. --saes DIR), "
+            "or pick a loaded checkpoint"
+        )
+
+
+def sae_at(saes: Mapping[int, S], checkpoint: int) -> S:
+    """The SAE at `checkpoint`, or MissingSAEError (`require_saes`): the lookup behind `SAESet[c]`,
+    `Traced.sae` and steering."""
+    require_saes(saes, [checkpoint])
+    return saes[checkpoint]
+
+
 class SAESet(Mapping[int, SAE]):
     """checkpoint -> SAE; not every checkpoint needs one."""
 
@@ -223,13 +248,7 @@ class SAESet(Mapping[int, SAE]):
         return min(sizes) if sizes else None
 
     def __getitem__(self, checkpoint: int) -> SAE:
-        if checkpoint not in self._saes:
-            have = ", ".join(map(str, self._saes)) or "none"
-            raise OutOfRangeError(
-                f"no SAE at checkpoint {checkpoint}: loaded checkpoints are {have}; pick one of these "
-                "or load an SAE for it"
-            )
-        return self._saes[checkpoint]
+        return sae_at(self._saes, checkpoint)
 
     def __contains__(self, checkpoint: object) -> bool:
         return checkpoint in self._saes
@@ -249,7 +268,7 @@ class SAESet(Mapping[int, SAE]):
     def with_labels(self, labels: Mapping[int, Mapping[int, str]]) -> SAESet:
         """A copy whose SAE at checkpoint c also carries labels[c] (new labels win over old ones)."""
         for c in labels:
-            self[c]  # raises OutOfRangeError for a checkpoint without an SAE
+            self[c]  # raises MissingSAEError for a checkpoint without an SAE
         return SAESet(
             {
                 c: dataclasses.replace(s, labels={**s.labels, **labels[c]}) if c in labels else s

@@ -42,15 +42,15 @@ import torch
 from torch import Tensor
 
 from ..config import parse_scales  # the sweep's scales, parsed where every front end parses them
-from ..errors import InputError, OutOfRangeError, check_index
+from ..errors import InputError, check_index
 from ..models.capture import SeamHooks, attention_seam, first_tensor, forward_hooks, output_tensor
 from ..models.model import Model
 from ..models.replay import project, qk_norm_and_rotate
+from ..models.tokens import Positions, resolve_positions
 from ..models.trace import PerLayer, Trace
+from ..saes.sae import sae_at
 
 log = logging.getLogger(__name__)
-
-Positions = int | Sequence[int] | slice | range
 
 
 class SAELike(Protocol):
@@ -158,26 +158,6 @@ class InterventionResult:
 # -- turning interventions into numbers ------------------------------------------------------------
 
 
-def resolve_positions(positions: Positions, n_pos: int) -> list[int]:
-    """Sorted distinct non-negative positions; negative indices count from the end."""
-    if isinstance(positions, slice | range):
-        out = list(range(n_pos)[positions]) if isinstance(positions, slice) else list(positions)
-    elif isinstance(positions, int):
-        out = [positions]
-    else:
-        out = list(positions)
-    if not out:
-        raise InputError(f"positions {positions!r} select nothing in a prompt of {n_pos} tokens: give at least one")
-    return sorted({check_index(int(p), n_pos, "position", allow_negative=True) for p in out})
-
-
-def _sae(saes: Mapping[int, SAELike], checkpoint: int) -> SAELike:
-    if checkpoint not in saes:
-        have = ", ".join(str(c) for c in sorted(saes)) or "none"
-        raise OutOfRangeError(f"no SAE at checkpoint {checkpoint} (loaded: {have}): load one or pick another")
-    return saes[checkpoint]
-
-
 def _coefficients(iv: SteerFeature | SteerQK, acts: Tensor, pos: list[int]) -> Tensor:
     """c per position [n]: (scale - 1) * a, or value - a."""
     a = acts[pos, iv.feature]
@@ -205,7 +185,7 @@ def _plan(model: Model, saes: Mapping[int, SAELike], clean: Trace | None, ivs: S
 
     def feature_row(c: int, f: int) -> tuple[Tensor, Tensor]:
         assert clean is not None
-        sae = _sae(saes, c)
+        sae = sae_at(saes, c)
         check_index(f, int(sae.W_dec.shape[0]), f"feature (SAE at checkpoint {c})")
         resid = clean.resid[c]
         if c not in acts:
@@ -427,10 +407,7 @@ def generate_with(
     for _ in range(max_new_tokens):
         res = run_with(model, saes, ids, ivs, last_only=True)
         ids = torch.cat([ids, res.logits[-1].argmax().reshape(1)])
-    new = ids[n:]
-    if model.tokenizer is None:
-        return "".join(model.str_tokens(new))
-    return str(model.tokenizer.decode(new.tolist()))  # type: ignore[attr-defined]
+    return model.to_string(ids[n:], special_tokens=True)
 
 
 # -- sweeps ----------------------------------------------------------------------------------------
@@ -468,8 +445,8 @@ def sweep(
     ids = model.tokenize(prompt)
     n = int(ids.shape[0])
     make = interventions if callable(interventions) else (lambda s: _fill(interventions, s))  # type: ignore[arg-type]
-    tok_ids = [model.token_id(t) if isinstance(t, str) else int(t) for t in watch_tokens]
-    tok_names = [model.str_tokens(torch.tensor([t], device="cpu"))[0] for t in tok_ids]
+    tok_ids = [model.to_single_token(t, "watched token") for t in watch_tokens]
+    tok_names = list(model.str_tokens(tok_ids))
     watched = []
     for ly, h, qp, kp in watch_attention:
         ly, h = check_index(ly, model.n_layers, "layer"), check_index(h, model.n_heads, "head")

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 
 from ..config import LIMITS
 from ..errors import InputError, check_index
+from ..models.tokens import Positions, resolve_positions
 from ..options import SweepOptions
 
 if TYPE_CHECKING:
@@ -34,7 +35,6 @@ if TYPE_CHECKING:
     from .interventions import Intervention
 
 log = logging.getLogger(__name__)
-Positions = int | slice | Sequence[int]
 
 
 def check_text(prompt: str, what: str = "prompt") -> str:
@@ -178,6 +178,8 @@ class Steering:
 
 
 def _positions(spec: Positions, n_pos: int) -> list[int]:
+    """The positions a person asked for: a range must lie in the prompt and have no step (what the front
+    ends' "a:b" can say); then `resolve_positions`, refusing repeats."""
     if isinstance(spec, slice):
         for end in (spec.start, spec.stop):
             if end is not None and not -n_pos <= _int(end, "position") <= n_pos:
@@ -187,18 +189,7 @@ def _positions(spec: Positions, n_pos: int) -> list[int]:
                 )
         if spec.step is not None:
             raise InputError("positions with a step are not supported: give start:stop or a list")
-        out = list(range(n_pos)[spec])
-        if not out:
-            raise InputError(f"positions {spec.start}:{spec.stop} select nothing in a prompt of {n_pos} tokens")
-        return out
-    raw = [spec] if isinstance(spec, int) else list(spec)
-    if not raw:
-        raise InputError(f"no positions given: give at least one of 0..{n_pos - 1}")
-    out = [check_index(p, n_pos, "position", allow_negative=True) for p in raw]
-    if len(set(out)) < len(out):
-        twice = next(p for p in out if out.count(p) > 1)
-        raise InputError(f"position {twice} is given twice (negative positions count from the end): give each once")
-    return out
+    return resolve_positions(spec, n_pos, repeats="refuse")
 
 
 def build_steering(traced: Traced, req: SteerRequest | Checked) -> Steering:
@@ -215,7 +206,7 @@ def build_steering(traced: Traced, req: SteerRequest | Checked) -> Steering:
         layer = check_index(checked.layer, L, "layer")
         n_heads = model.anatomy.layers[layer].n_heads
         heads = tuple(check_index(h, n_heads, "head") for h in checked.heads)
-    d_sae = traced.sae(c).d_sae  # InputError when the checkpoint has no SAE
+    d_sae = traced.sae(c).d_sae  # MissingSAEError when the checkpoint has no SAE
     feature = check_index(r.feature, d_sae, f"checkpoint {c} feature")
     pos = _positions(r.positions, n_pos)
     if o.mode == "scale":
@@ -227,11 +218,7 @@ def build_steering(traced: Traced, req: SteerRequest | Checked) -> Steering:
                 f"feature {feature} is not active at positions {pos[:20]} of checkpoint {c}, so scaling it changes "
                 f"nothing: it is active at {where} (or set its value instead of scaling it)"
             )
-    vocab = int(model.anatomy.W_E.shape[0])
-    tokens: list[int] = []
-    for t in r.watch_tokens:
-        tid = model.token_id(t) if isinstance(t, str) else t  # InputError unless a single token
-        tokens.append(check_index(tid, vocab, "watched token id"))
+    tokens = [model.to_single_token(t, "watched token") for t in r.watch_tokens]
     if r.watch_attention is None:
         watch = [(layer, heads[0], n_pos - 1, p) for p in pos[:4]] if checked.layer is not None else []
     else:

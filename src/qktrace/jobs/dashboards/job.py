@@ -17,6 +17,7 @@ from ...errors import InputError
 from ...files import atomic_write
 from ...graph.formats.numbering import cantor
 from ...options import DashboardOptions  # re-exported: the job's settings, declared with the others
+from ...saes import require_saes
 from ...tracer import Tracer
 from ..corpus import bos_token, count_documents, fingerprint, shards, tokenize_chunks
 from ..pool import ShardResult, TracerSpec, replica
@@ -53,16 +54,14 @@ class DashboardWorker:
         if len(saes) == 0:
             raise InputError("no SAEs loaded: pass --saes (dashboards describe SAE features)")
         cps = options.checkpoints if options.checkpoints is not None else saes.checkpoints
-        missing = [c for c in cps if c not in saes]
-        if missing:
-            raise InputError(f"no SAE at checkpoints {missing} (loaded: {list(saes.checkpoints)}): pick among those")
+        require_saes(saes, cps)
         self.saes = {c: saes[c] for c in sorted(cps)}
         self.bos = bos_token(model.tokenizer, getattr(saes, "prepend_bos", None))
 
     def info(self) -> dict[str, Any]:
         """The vocabulary as strings, each SAE's header and its features' top and bottom output tokens."""
         model = self.tracer.model
-        vocab = model.tokenizer.batch_decode([[i] for i in range(model.anatomy.W_U.shape[1])])
+        vocab = list(model.str_tokens(range(model.anatomy.W_U.shape[1])))
         saes = {}
         for c, sae in self.saes.items():
             top, bottom = top_outputs(model, sae, self.options.n_out)
