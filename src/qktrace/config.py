@@ -69,7 +69,7 @@ def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
         name = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}.get(dtype, dtype)
     if name not in DTYPES:
         raise InputError(f"dtype '{dtype}' is not supported: use one of {', '.join(DTYPES)}")
-    return getattr(torch, name)  # type: ignore[no-any-return]
+    return getattr(torch, name)
 
 
 def parse_device(device: str | torch.device) -> torch.device:

@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 WORDS = [f"w{i}" for i in range(90)] + ["Aunt", "Sally", "Uncle", "Bob", ".", ",", "the", "is", "of", "opposite"]
 
 
-def tiny_config(family: str, vocab: int, **overrides: object):  # type: ignore[no-untyped-def]
+def tiny_config(family: str, vocab: int, **overrides: object):
     import transformers as T
 
     cfg: Any
@@ -83,7 +83,7 @@ def randomize(model: Any, seed: int = 0, std: float = 0.35) -> None:
                 p.copy_(std * noise)
 
 
-def word_tokenizer(path: Path):  # type: ignore[no-untyped-def]
+def word_tokenizer(path: Path):
     """A word-level tokenizer over WORDS with a BOS token, saved next to the model."""
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast

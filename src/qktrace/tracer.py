@@ -161,7 +161,7 @@ class Traced:
         tracing, only = self.qk_tracing(graph, o.qk_links, o.top_terms, rows=rows)
         return dataclasses.replace(graph, qk_terms=terms, qk_tracing=tracing, qk_only=only)
 
-    def _row(self, rows: dict[tuple[int, int, int], QKAttribution | None], layer: int, head: int, q: int):  # type: ignore[no-untyped-def]
+    def _row(self, rows: dict[tuple[int, int, int], QKAttribution | None], layer: int, head: int, q: int):
         """Head (layer, head)'s QK attribution of every key from `q` (None without an SAE at `layer`), cached."""
         if (layer, head, q) not in rows:
             rows[layer, head, q] = self.qk(layer, head, q) if layer in self.saes else None

@@ -20,13 +20,13 @@ from ..options import BatchOptions, DashboardOptions, GraphOptions, SweepOptions
 from ..steering.requests import SteerRequest, build_steering, check_request, check_text
 
 
-def _console():  # type: ignore[no-untyped-def]
+def _console():
     from rich.console import Console
 
     return Console(width=None if sys.stdout.isatty() else 160)
 
 
-def _tracer(args: argparse.Namespace, model: str | None = None, saes: str | None = None):  # type: ignore[no-untyped-def]
+def _tracer(args: argparse.Namespace, model: str | None = None, saes: str | None = None):
     from ..tracer import Tracer
 
     if model is None:
@@ -310,7 +310,7 @@ def _scale_source(args: argparse.Namespace) -> tuple[str, str | None, list[str] 
     return model, saes, ids
 
 
-def _stderr_console():  # type: ignore[no-untyped-def]
+def _stderr_console():
     from rich.console import Console
 
     return Console(stderr=True)

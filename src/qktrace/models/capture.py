@@ -88,7 +88,7 @@ def seam_attention(
     module: nn.Module, query: Tensor, key: Tensor, value: Tensor, mask: Tensor | None, *args: Any, **kwargs: Any
 ) -> Any:
     """The `qktrace_eager` attention function: the module's own eager attention, through its model's hooks."""
-    eager = sys.modules[type(module).__module__].eager_attention_forward  # type: ignore[attr-defined]
+    eager = sys.modules[type(module).__module__].eager_attention_forward
     if getattr(module, "reorder_and_upcast_attn", False):  # GPT-2's eager path when its config asks for it
         eager = lambda m, q, k, v, mask, *a, **kw: m._upcast_and_reordered_attn(q, k, v, mask)  # noqa: E731
     seam: Seam | None = getattr(module, _SEAM, None)
@@ -134,7 +134,7 @@ def seam_of(attn_modules: Sequence[nn.Module]) -> Seam:
     seam = getattr(attn_modules[0], _SEAM, None)
     if seam is None:
         raise UnsupportedModelError("this HF model has no qktrace attention seam: wrap it in qktrace.Model first")
-    return seam  # type: ignore[no-any-return]
+    return seam
 
 
 @contextlib.contextmanager

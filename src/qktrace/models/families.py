@@ -56,7 +56,7 @@ def _split_gpt2(attn: Any, n_heads: int, n_kv: int, d_head: int) -> Split:
     bs = b.reshape(3, n_heads, d_head)
     wo = attn.c_proj.weight.detach()  # [head * d_head, d_model]
     W_O = wo.reshape(n_heads, d_head, d_model).contiguous()
-    return (*(Ws[i].contiguous() for i in range(3)), bs[0], bs[1], bs[2], W_O, attn.c_proj.bias.detach())  # type: ignore[return-value]
+    return (*(Ws[i].contiguous() for i in range(3)), bs[0], bs[1], bs[2], W_O, attn.c_proj.bias.detach())
 
 
 def _split_neox(attn: Any, n_heads: int, n_kv: int, d_head: int) -> Split:
@@ -68,7 +68,7 @@ def _split_neox(attn: Any, n_heads: int, n_kv: int, d_head: int) -> Split:
     bs = _bias(lin, 3 * d_model, w).reshape(n_heads, 3, d_head).permute(1, 0, 2)
     wo = attn.dense.weight.detach()
     W_O = wo.T.reshape(n_heads, d_head, d_model).contiguous()
-    return (*(Ws[i].contiguous() for i in range(3)), bs[0], bs[1], bs[2], W_O, _bias(attn.dense, d_model, wo))  # type: ignore[return-value]
+    return (*(Ws[i].contiguous() for i in range(3)), bs[0], bs[1], bs[2], W_O, _bias(attn.dense, d_model, wo))
 
 
 @dataclass(frozen=True)

@@ -89,7 +89,7 @@ class Model:
                 raise InputError("the prompt is empty: give at least one token of text")
             if self.tokenizer is None:
                 raise InputError(f"model '{self.name}' has no tokenizer: pass token ids instead of text")
-            ids = self.tokenizer(prompt, return_tensors="pt")["input_ids"][0]  # type: ignore[operator]
+            ids = self.tokenizer(prompt, return_tensors="pt")["input_ids"][0]
         else:
             try:
                 ids = torch.as_tensor(prompt, dtype=torch.long, device="cpu").reshape(-1)
@@ -154,7 +154,7 @@ def _looks_like_hub_id(name: str) -> bool:
     return 1 <= len(parts) <= 2 and all(p and not p.startswith(".") for p in parts) and not name.endswith(".json")
 
 
-def _load_tokenizer(source: str):  # type: ignore[no-untyped-def]
+def _load_tokenizer(source: str):
     """AutoTokenizer, except that a generic tokenizers-backed file is loaded as saved (v5's AutoTokenizer
     would otherwise rebuild it as the family's own tokenizer class, e.g. Qwen2's)."""
     import json

@@ -73,8 +73,8 @@ def float_mlp(anatomy: Anatomy, layer: int) -> Callable[[Tensor], Tensor]:
     """The layer's HF MLP as a function in the compute dtype (a float32 copy for half-precision models)."""
     mlp = anatomy.layers[layer].mlp
     if anatomy.dtype == anatomy.compute_dtype:
-        return mlp  # type: ignore[no-any-return]
-    return copy.deepcopy(mlp).to(anatomy.compute_dtype)  # type: ignore[no-any-return]
+        return mlp
+    return copy.deepcopy(mlp).to(anatomy.compute_dtype)
 
 
 def frozen_layer(anatomy: Anatomy, trace: Trace, layer: int, x: Tensor) -> Tensor:

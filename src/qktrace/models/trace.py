@@ -26,7 +26,7 @@ from torch import Tensor
 from .anatomy import Anatomy
 
 
-class PerLayer(tuple):  # type: ignore[type-arg]
+class PerLayer(tuple):
     """One tensor per layer (or checkpoint), each on its layer's device. `x[l]` is layer l's tensor;
     `x[l, ...]` indexes into it."""
 

@@ -28,7 +28,7 @@ REGISTRY_FILE = Path(__file__).with_name("releases.json")
 @cache
 def registry() -> dict[str, Any]:
     """The parsed `releases.json` (layouts, normalisations, centring flag, releases)."""
-    return json.loads(REGISTRY_FILE.read_text())  # type: ignore[no-any-return]
+    return json.loads(REGISTRY_FILE.read_text())
 
 
 @dataclass(frozen=True)

@@ -253,7 +253,7 @@ class SAESet(Mapping[int, SAE]):
     def __contains__(self, checkpoint: object) -> bool:
         return checkpoint in self._saes
 
-    def get(self, checkpoint: int, default: Any = None) -> Any:  # type: ignore[override]
+    def get(self, checkpoint: int, default: Any = None) -> Any:
         return self._saes.get(checkpoint, default)
 
     def __iter__(self) -> Iterator[int]:

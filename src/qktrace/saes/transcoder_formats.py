@@ -162,7 +162,7 @@ def read_gemma_transcoder(
     d_sae = shapes.get("b_enc", (0,))[0]
     D = expect.d_model
     want = {"W_enc": (D, d_sae), "W_dec": (d_sae, D), "b_enc": (d_sae,), "b_dec": (D,), "threshold": (d_sae,)}
-    check_shapes(shapes, want, path, _model_what(expect, d_sae))  # type: ignore[arg-type]
+    check_shapes(shapes, want, path, _model_what(expect, d_sae))
     w = {names.get(k, k): t for k, t in read_npz(path).items()}
     hook_in, hook_out = hooks or (layout["input_hook"], layout["output_hook"])
     return RawTranscoder(layer, w, layout["architecture"], hook_in, hook_out, str(path),
@@ -313,7 +313,7 @@ def read_llama_scope_transcoder(folder: Path, expect: Expect) -> RawTranscoder:
     want = {"encoder.weight": (d_sae, D), "decoder.weight": (D, d_sae), "encoder.bias": (d_sae,), "decoder.bias": (D,)}
     check_shapes(
         safetensors_shapes(weights_path), want, weights_path, _model_what(expect, d_sae, " in hyperparams.json")
-    )  # type: ignore[arg-type]
+    )
     raw = read_safetensors(weights_path)
     s_in, s_out = math.sqrt(D) / n_in, math.sqrt(D) / n_out  # the release reads s_in x and predicts s_out y
     w = {

@@ -122,7 +122,7 @@ def serve(
             resolve_saes(model, saes),
             device=dev,
             dtype=dt,
-            labels=labels,  # type: ignore[arg-type]
+            labels=labels,
         )
     if tracer is not None and not isinstance(tracer, Tracer):
         raise InputError(f"tracer must be a qktrace Tracer, got {type(tracer).__name__}")
@@ -134,7 +134,7 @@ def serve(
         data_dir,
         tracer,
         files=files,
-        saes_dir=saes_dir,  # type: ignore[arg-type]
+        saes_dir=saes_dir,
         allowed_hosts=LOOPBACK_NAMES if loopback else None,
         limits=limits,
         max_memory=budget,

@@ -262,7 +262,7 @@ def _applied(model: Model, plan: _Plan, clean: Trace | None, record: set[int]) -
     """Install the plan's hooks plus recorders (attention of the layers in `record`); every hook is
     removed on exit, even on error."""
     an, L = model.anatomy, model.n_layers
-    blocks: list[torch.nn.Module] = list(model.blocks)  # type: ignore[arg-type]
+    blocks: list[torch.nn.Module] = list(model.blocks)
     rec = _Record()
     seen: dict[int, tuple[Tensor, Tensor]] = {}
 
@@ -444,7 +444,7 @@ def sweep(
     """
     ids = model.tokenize(prompt)
     n = int(ids.shape[0])
-    make = interventions if callable(interventions) else (lambda s: _fill(interventions, s))  # type: ignore[arg-type]
+    make = interventions if callable(interventions) else (lambda s: _fill(interventions, s))
     tok_ids = [model.to_single_token(t, "watched token") for t in watch_tokens]
     tok_names = list(model.str_tokens(tok_ids))
     watched = []

@@ -231,11 +231,11 @@ def build_steering(traced: Traced, req: SteerRequest | Checked) -> Steering:
     amount = {o.mode: SCALE}  # the swept number scales the activation, or replaces it
     ivs: list[Intervention]
     if checked.layer is not None:
-        ivs = [SteerQK(layer, heads, o.side, feature, tuple(pos), **amount)]  # type: ignore[arg-type]
+        ivs = [SteerQK(layer, heads, o.side, feature, tuple(pos), **amount)]
         if o.freeze_others:
             ivs.append(FreezeAttention())
         title = f"steer feature {feature} (QK {o.side}, L{layer} heads {list(heads)})"
     else:
-        ivs = [SteerFeature(c, feature, tuple(pos), **amount)]  # type: ignore[arg-type]
+        ivs = [SteerFeature(c, feature, tuple(pos), **amount)]
         title = f"steer feature {feature} (residual, checkpoint {c})"
     return Steering(traced, tuple(ivs), checked.scales, tuple(tokens), tuple(watch), o.top_k, title)

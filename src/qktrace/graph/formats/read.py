@@ -169,7 +169,7 @@ def _check_version(meta: Mapping[str, Any]) -> None:
 def _ours(data: GraphJSON) -> dict[str, Any]:
     """qktrace's own file: nodes, links with head loadings, QK terms and tracing, token ids."""
     meta = data["metadata"]
-    ours = meta["qktrace"]  # type: ignore[typeddict-item]
+    ours = meta["qktrace"]
     v2 = ours["format_version"] == FORMAT_VERSION
     n_layers = _bounded_int(ours["n_layers"], 1, LIMITS.max_layers, "metadata.qktrace.n_layers")
     tokens = tuple(_bounded_int(t, 0, 2**31 - 1, "a token id") for t in ours["tokens"])

@@ -144,7 +144,7 @@ def _qk_only(graph: Graph, offset: int) -> dict[str, QKOnlyNodeJSON]:
         if cid in known:
             continue
         n = node_json(Node.parse(cid), extra.label, graph.n_layers, offset)
-        only[cid] = {**n, "clerp": extra.label, "activation": _finite(extra.activation)}  # type: ignore[typeddict-item]
+        only[cid] = {**n, "clerp": extra.label, "activation": _finite(extra.activation)}  # type: ignore[typeddict-unknown-key]  # node fields ride along
     return only
 
 
