@@ -32,13 +32,14 @@ from torch import Tensor
 from ..errors import InputError, SAEMismatchError
 from ..models.model import Model
 from ..models.trace import Trace
-from ..nodes import CODE, Kind, Node, describe, of_code
+from ..nodes import CODE, Kind, Node, of_code
 from ..options import GraphOptions, with_overrides
 from ..saes import SAE, FeatureActs, SAESet, require_saes
 from . import edges as E
+from .assemble import assemble_graph
 from .blocks import Block, BlockStore, memory_budget
-from .graph import Graph, GraphNode
-from .prune import KeptEdges, Pruned, prune, select_sources
+from .graph import Graph
+from .prune import KeptEdges, prune, select_sources
 
 log = logging.getLogger(__name__)
 Tick = Callable[[], object]
@@ -395,7 +396,7 @@ def build_graph(
         log.info(
             "graph: %d target rows recomputed to stay within %.1f GB", att.store.recomputed, att.store.budget / 1e9
         )
-    return _assemble(model, saes, trace, att, pruned, edge_cols, top, {
+    return assemble_graph(model, saes, trace, att, pruned, edge_cols, top, {
         "readout": o.readout,
         "mode": o.mode,
         "node_threshold": o.node_threshold,
@@ -404,42 +405,6 @@ def build_graph(
         "max_nodes_per_checkpoint": o.max_nodes_per_checkpoint if o.mode == "target" else None,
         "top_heads": top,  # loadings_per_edge, under the name graph files have always used
     })  # fmt: skip
-
-
-def _assemble(
-    model: Model, saes: SAESet, trace: Trace, att: Attribution, pruned: Pruned, edge_cols: tuple[Tensor, ...],
-    top: int, settings: dict[str, object],
-) -> Graph:  # fmt: skip
-    keep = pruned.node_mask.nonzero().squeeze(1)
-    final = torch.full((len(att.kinds),), -1, dtype=torch.long, device=keep.device)
-    final[keep] = torch.arange(len(keep), device=keep.device)
-    node_rows = (att.kinds, att.checkpoints, att.pos, att.index, att.acts, pruned.influence, pruned.cumulative)
-    nodes = _graph_nodes(model, saes, trace, keep, (*node_rows, att.logit_weights), att.logits)
-    e = pruned.edges
-    layer, heads, direct, via = edge_cols
-    cpu = lambda t: t.detach().to("cpu")  # noqa: E731
-    f32 = lambda t: t.detach().to("cpu", torch.float32)  # noqa: E731
-    graph = Graph(
-        nodes=nodes,
-        source=cpu(final[e.source]),
-        target=cpu(final[e.target]),
-        weight=f32(e.weight),
-        influence=f32(e.score),
-        head_layer=cpu(layer),
-        heads=cpu(heads),
-        direct=f32(direct),
-        via_mlp=f32(via),
-        tokens=tuple(int(t) for t in trace.tokens),
-        str_tokens=trace.str_tokens,
-        prompt=_prompt(model, trace),
-        model_name=model.name,
-        n_layers=model.n_layers,
-        replacement=pruned.replacement,
-        completeness=pruned.completeness,
-        settings=settings,
-    )
-    log.info("graph: %s", graph.summary_text())
-    return graph
 
 
 def _kept_edges(
@@ -472,42 +437,3 @@ def _kept_edges(
         via[here, :width] = v.gather(1, order).to(dev, via.dtype)
         layer[here] = info.layer
     return layer, heads, direct, via
-
-
-def _graph_nodes(
-    model: Model, saes: SAESet, trace: Trace, keep: Tensor, rows: tuple[Tensor, ...], logits: Tensor
-) -> tuple[GraphNode, ...]:
-    kinds, checkpoints, pos, index, acts, infl, cum, logit_w = (r[keep].tolist() for r in rows)
-    first_logit = int(logits[0]) if len(logits) else -1
-    out = []
-    for i, g in enumerate(keep.tolist()):
-        node = of_code(kinds[i], checkpoints[i], pos[i], index[i])
-        act = acts[i] if acts[i] == acts[i] else None  # NaN: no activation
-        out.append(
-            GraphNode(
-                node=node,
-                activation=act,
-                influence=float(infl[i]),
-                cumulative=float(cum[i]),
-                label=_label(model, saes, trace, node, float(logit_w[i])),
-                token_prob=float(logit_w[i]) if node.kind is Kind.LOGIT else 0.0,
-                is_target_logit=g == first_logit,
-            )
-        )
-    return tuple(out)
-
-
-def _label(model: Model, saes: SAESet, trace: Trace, node: Node, prob: float) -> str:
-    c, p = node.checkpoint, node.pos
-    if node.kind is Kind.FEATURE:
-        return saes[c].label(node.index)
-    if node.kind is Kind.TOKEN:
-        return trace.str_tokens[p]
-    if node.kind is Kind.LOGIT:
-        return f'Output "{model.str_tokens([node.index])[0]}" (p={prob:.3f})'
-    return describe(node)
-
-
-def _prompt(model: Model, trace: Trace) -> str:
-    """The graph's prompt text: every token the model read, special ones included."""
-    return model.to_string(trace.tokens, special_tokens=True)

@@ -73,95 +73,66 @@ def _split_neox(attn: Any, n_heads: int, n_kv: int, d_head: int) -> Split:
 
 @dataclass(frozen=True)
 class Family:
+    """Where one family keeps its modules and how its weights split into heads. The defaults are the
+    Llama layout (which Mistral and Qwen share); each family states only how it differs."""
+
     name: str
     model_types: tuple[str, ...]
-    base: str  # attribute of the CausalLM holding the decoder
-    layers: str
-    embed: str
-    pos_embed: str | None
-    final_norm: str
-    attn: str
-    mlp: str
-    ln_attn: str
-    ln_mlp: str
-    post_attn: str | None
-    post_mlp: str | None
-    norm: NormKind
-    gemma_norm: bool  # RMSNorm gain is (1 + w)
-    split: Callable[[Any, int, int, int], Split]
+    split: Callable[[Any, int, int, int], Split] = _split_linear
+    base: str = "model"  # attribute of the CausalLM holding the decoder
+    layers: str = "layers"
+    embed: str = "embed_tokens"
+    pos_embed: str | None = None
+    final_norm: str = "norm"
+    attn: str = "self_attn"
+    mlp: str = "mlp"
+    ln_attn: str = "input_layernorm"
+    ln_mlp: str = "post_attention_layernorm"
+    post_attn: str | None = None
+    post_mlp: str | None = None
+    norm: NormKind = "rmsnorm"
+    gemma_norm: bool = False  # RMSNorm gain is (1 + w)
     parallel: Callable[[object], bool] = lambda cfg: False
     softmax_float32: bool = True  # eager attention soft-maxes in float32 (GPT-2's: in the scores' dtype)
 
-
-_LLAMA_LIKE = dict(
-    base="model",
-    layers="layers",
-    embed="embed_tokens",
-    pos_embed=None,
-    final_norm="norm",
-    attn="self_attn",
-    mlp="mlp",
-    ln_attn="input_layernorm",
-    ln_mlp="post_attention_layernorm",
-    post_attn=None,
-    post_mlp=None,
-    norm="rmsnorm",
-    gemma_norm=False,
-    split=_split_linear,
-)
 
 FAMILIES: tuple[Family, ...] = (
     Family(
         name="gpt2",
         model_types=("gpt2",),
+        split=_split_gpt2,
         base="transformer",
         layers="h",
         embed="wte",
         pos_embed="wpe",
         final_norm="ln_f",
         attn="attn",
-        mlp="mlp",
         ln_attn="ln_1",
         ln_mlp="ln_2",
-        post_attn=None,
-        post_mlp=None,
         norm="layernorm",
-        gemma_norm=False,
-        split=_split_gpt2,
         softmax_float32=False,
     ),
     Family(
         name="gpt_neox",
         model_types=("gpt_neox",),
+        split=_split_neox,
         base="gpt_neox",
-        layers="layers",
         embed="embed_in",
-        pos_embed=None,
         final_norm="final_layer_norm",
         attn="attention",
-        mlp="mlp",
-        ln_attn="input_layernorm",
-        ln_mlp="post_attention_layernorm",
-        post_attn=None,
-        post_mlp=None,
         norm="layernorm",
-        gemma_norm=False,
-        split=_split_neox,
         parallel=lambda cfg: bool(getattr(cfg, "use_parallel_residual", False)),
     ),
-    Family(name="llama", model_types=("llama", "mistral"), **_LLAMA_LIKE),  # type: ignore[arg-type]
-    Family(name="qwen2", model_types=("qwen2",), **_LLAMA_LIKE),  # type: ignore[arg-type]
-    Family(name="qwen3", model_types=("qwen3",), **_LLAMA_LIKE),  # type: ignore[arg-type]
+    Family(name="llama", model_types=("llama", "mistral")),
+    Family(name="qwen2", model_types=("qwen2",)),
+    Family(name="qwen3", model_types=("qwen3",)),
     Family(
         name="gemma2",
         model_types=("gemma2",),
-        **{  # type: ignore[arg-type]
-            **_LLAMA_LIKE,
-            "ln_mlp": "pre_feedforward_layernorm",
-            "post_attn": "post_attention_layernorm",
-            "post_mlp": "post_feedforward_layernorm",
-            "gemma_norm": True,
-        },
+        ln_mlp="pre_feedforward_layernorm",
+        post_attn="post_attention_layernorm",
+        post_mlp="post_feedforward_layernorm",
+        gemma_norm=True,
     ),
 )
 

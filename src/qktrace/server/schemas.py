@@ -152,13 +152,18 @@ class Job(Versioned):
     error: str | None = None
 
 
-class QKTerm(BaseModel):
+class TermPair(BaseModel):
+    """One (query component, key component) term of a QK score."""
+
     query: str
     query_label: str
     key: str
     key_label: str
     key_pos: int
     value: float
+
+
+class QKTerm(TermPair):
     unrotated: float
     positional: float
     prob_effect: float
@@ -210,15 +215,9 @@ class Contrast(BaseModel):
     terms: list[ContrastTerm]
 
 
-class EffectTerm(BaseModel):
+class EffectTerm(TermPair):
     """A row of `QKAttribution.effects_frame`: a term and its first-order effect on p(key)."""
 
-    query: str
-    query_label: str
-    key: str
-    key_label: str
-    key_pos: int
-    value: float
     prob_effect: float
 
 
