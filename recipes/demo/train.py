@@ -80,7 +80,7 @@ class Batches:
         seed: int,
         batch: int,
         seq_len: int,
-        answer_weight: float,  # type: ignore[no-untyped-def]
+        answer_weight: float,
         mix: tuple[tuple[str, float], ...] = MIX_STAGE1,
     ) -> None:
         self.tok, self.gen, self.batch, self.seq_len = tokenizer, CorpusGenerator(seed, mix), batch, seq_len
@@ -121,7 +121,7 @@ def evaluate(
     model: torch.nn.Module,
     tokenizer,
     items: list[EvalItem],
-    batch: int = 64,  # type: ignore[no-untyped-def]
+    batch: int = 64,
 ) -> tuple[dict[str, float], list[tuple[EvalItem, str]]]:
     """Greedy next-token accuracy per family; also returns every (item, predicted token) pair."""
     model.eval()

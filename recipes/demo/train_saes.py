@@ -38,7 +38,7 @@ def hook_name(c: int, n_layers: int) -> str:
     return f"blocks.{c}.hook_resid_pre" if c < n_layers else f"blocks.{n_layers - 1}.hook_resid_post"
 
 
-def corpus_blocks(tokenizer, seed: int, n_docs: int, seq_len: int = 128) -> Tensor:  # type: ignore[no-untyped-def]
+def corpus_blocks(tokenizer, seed: int, n_docs: int, seq_len: int = 128) -> Tensor:
     """[n_docs, seq_len] token blocks (BOS first) from seeded training-distribution documents."""
     docs = training_documents(seed, n_docs, min_chars=int(seq_len * 4.6))
     rows = [ids[:seq_len] for ids in tokenizer(docs)["input_ids"]]

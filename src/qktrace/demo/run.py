@@ -179,7 +179,7 @@ def report(results: list[CaseResult], pairs: list[PairResult], tracer: Tracer, s
         md.append(f"\n## {c.title}\n\n")
         md.append(
             f"**Graph** (`{c.slug}.graph.json`): {g['n_nodes']} nodes, {g['n_edges']} edges, completeness "
-            f"{g['completeness']:.3f}, replacement {g['replacement']:.3f}. **Mechanism** (`qktrace.analyses.explain`; "
+            f"{g['completeness']:.3f}, replacement {g['replacement']:.3f}. **Mechanism** (`qktrace.explain`; "
             f"`{c.slug}.mechanism.json`, plot `{c.slug}.mechanism.png`):\n\n"
         )
         md.append(m.markdown())

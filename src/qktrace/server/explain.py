@@ -3,9 +3,9 @@
     POST /api/compare    two prompts whose tokens align (text or token ids, e.g. two graphs' tokens) ->
                          every head's attention from the query position in both, the heads that differ
                          most with their QK terms matched component by component, W_QK skew per head
-                         (`qktrace.analyses.compare`)
+                         (`qktrace.compare`)
     POST /api/explain    a prompt and its answer -> the confirmed QK mechanism and every candidate tried
-                         (`qktrace.analyses.explain`; seconds on a small model, one request at a time)
+                         (`qktrace.explain`; seconds on a small model, one request at a time)
 
 Both need a loaded model (409 otherwise), hold the model's lock while they compute, and answer with
 versioned JSON built from the library's own `to_json`.
