@@ -46,9 +46,10 @@ clean run, one graph and one QK row per site head. `Mechanism.n_passes` counts t
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -99,7 +100,8 @@ def explain(
     sites = find_sites(probe, heads, settings)  # 3
     ranked, together = rank_candidates(probe.traced, sites, sides, settings)  # 4
     candidates = confirm_candidates(probe, ranked, settings)  # 5
-    return choose_mechanism(prompt, probe, heads, sites, candidates, together, settings, start)  # 6
+    assemble = functools.partial(_assemble, prompt, probe, heads, sites, settings, start)
+    return choose_mechanism(probe, candidates, together, settings, assemble)  # 6
 
 
 def measure_metric(
@@ -196,25 +198,22 @@ def confirm_candidates(probe: _Probe, candidates: list[Candidate], settings: Exp
 
 
 def choose_mechanism(
-    prompt: str | Sequence[int] | Tensor,
     probe: _Probe,
-    heads: list[HeadEffect],
-    sites: list[Site],
     candidates: list[Candidate],
     together: list[Candidate],
     settings: ExplainSettings,
-    start: float,
+    assemble: Callable[[list[Candidate]], Mechanism],
 ) -> Mechanism:
-    """Step 6: the candidate that lowers m the most; only when no single site's candidate suffices, every
-    site's strongest together competes too."""
-    result = _assemble(prompt, probe, heads, sites, candidates, settings, start)
+    """Step 6: the candidate that lowers m the most (`assemble` makes the Mechanism of the candidates
+    tried); only when no single site's candidate suffices, every site's strongest together competes too."""
+    result = assemble(candidates)
     if not result.confirmed and together:  # no single site suffices: every site's strongest together
         candidates = candidates + confirm_candidates(probe, together, settings)
-        result = _assemble(prompt, probe, heads, sites, candidates, settings, start)
+        result = assemble(candidates)
     best = result.best
     log.info(
         "explain: %d heads, %d candidates, %d passes, %.1f s; best %s (%+.3f)",
-        len(heads),
+        len(result.heads),
         len(candidates),
         probe.passes,
         result.seconds,
@@ -229,10 +228,11 @@ def _assemble(
     probe: _Probe,
     heads: list[HeadEffect],
     sites: list[Site],
-    candidates: list[Candidate],
     settings: ExplainSettings,
     start: float,
+    candidates: list[Candidate],
 ) -> Mechanism:
+    """The Mechanism of the candidates tried, timed from `start`."""
     traced, pair = probe.traced, probe.pair
     logits = traced.trace.last_logits.float()
     probs = torch.softmax(logits, -1)
