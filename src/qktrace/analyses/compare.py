@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from functools import cached_property
+from itertools import islice
 from typing import TYPE_CHECKING, Any
 
 import pandas as pd
@@ -238,52 +239,12 @@ def compare(
     a's runner-up). `top`: heads whose QK terms are compared; `top_terms`: terms kept per head."""
     from .explain import prompt_text
 
-    na, nb = a.trace.n_pos, b.trace.n_pos
-    if na != nb:
-        raise InputError(
-            f"prompt A has {na} tokens and prompt B has {nb}: compare needs prompts whose tokens align "
-            "(a minimal pair: change words for words of the same token count)"
-        )
-    if a.model is not b.model:
-        raise InputError("the two prompts were traced by different models: trace both with the same Tracer")
-    if top < 0 or top_terms < 0:
-        raise InputError(f"top={top} and top_terms={top_terms} must be 0 or more")
-    model = a.model
-    q = check_index(query_pos, na, "query position", allow_negative=True)
-    if answer is None and rival is not None:
-        raise InputError("a rival was given without an answer: give the answer too")
-    if answer is not None:  # each a single token, the rival not the answer: before any work
-        Contrast.tokens(model, answer, rival)
-    differing = tuple(int(i) for i in (a.trace.tokens != b.trace.tokens).nonzero().flatten().tolist())
-
-    # attention from q, every head, in both prompts: [layer, head, k_pos] (results live on the CPU)
-    att_a = torch.stack([a.trace.pattern(ly, q)[:, 0].float().cpu() for ly in range(model.n_layers)])
-    att_b = torch.stack([b.trace.pattern(ly, q)[:, 0].float().cpu() for ly in range(model.n_layers)])
-    skew = torch.tensor(
-        [[qk_spectrum(layer, h).skew for h in range(layer.n_heads)] for layer in model.anatomy.layers],
-        dtype=torch.float64,
-        device="cpu",
-    )
-    diff = att_b - att_a
-    key = diff.abs().argmax(-1)  # [layer, head]
-    heads = [
-        HeadDiff(
-            layer=ly,
-            head=h,
-            key_pos=int(key[ly, h]),
-            attention_a=float(att_a[ly, h, key[ly, h]]),
-            attention_b=float(att_b[ly, h, key[ly, h]]),
-            diff=float(diff[ly, h, key[ly, h]]),
-            skew=float(skew[ly, h]),
-        )
-        for ly in range(model.n_layers)
-        for h in range(att_a.shape[1])
-    ]
-    heads.sort(key=lambda x: -abs(x.diff))
-    terms = [head_terms(a, b, h.layer, h.head, q, h.key_pos, top_terms) for h in heads if h.layer in a.saes][:top]
-
-    pair = None if answer is None else Contrast.resolve(model, answer, rival, a.trace.last_logits.float())
-
+    q, differing = align_prompts(a, b, query_pos, answer, rival, top, top_terms)  # 1
+    att_a, att_b = attention_from(a, b, q)  # 2
+    skew = head_skews(a)  # 4 (beside each head, so before ranking them)
+    heads = rank_heads(att_a, att_b, skew)  # 3
+    terms = match_terms(a, b, heads, q, top, top_terms)  # 3
+    pair = measure_metric(a, b, answer, rival)  # 4
     return Comparison(
         prompt_a=prompt_text(a),
         prompt_b=prompt_text(b),
@@ -301,6 +262,97 @@ def compare(
         metric_a=None if pair is None else pair.metric(a.trace.last_logits.float()),
         metric_b=None if pair is None else pair.metric(b.trace.last_logits.float()),
     )
+
+
+def align_prompts(
+    a: Traced,
+    b: Traced,
+    query_pos: int,
+    answer: str | int | None,
+    rival: str | int | None,
+    top: int,
+    top_terms: int,
+) -> tuple[int, tuple[int, ...]]:
+    """Step 1: refuse prompts that do not align (or bad arguments); the query position and the positions
+    whose tokens differ."""
+    na, nb = a.trace.n_pos, b.trace.n_pos
+    if na != nb:
+        raise InputError(
+            f"prompt A has {na} tokens and prompt B has {nb}: compare needs prompts whose tokens align "
+            "(a minimal pair: change words for words of the same token count)"
+        )
+    if a.model is not b.model:
+        raise InputError("the two prompts were traced by different models: trace both with the same Tracer")
+    if top < 0 or top_terms < 0:
+        raise InputError(f"top={top} and top_terms={top_terms} must be 0 or more")
+    q = check_index(query_pos, na, "query position", allow_negative=True)
+    if answer is None and rival is not None:
+        raise InputError("a rival was given without an answer: give the answer too")
+    if answer is not None:  # each a single token, the rival not the answer: before any work
+        Contrast.tokens(a.model, answer, rival)
+    differing = tuple(int(i) for i in (a.trace.tokens != b.trace.tokens).nonzero().flatten().tolist())
+    log.info("compare: %d tokens, %d differ, query position %d", na, len(differing), q)
+    return q, differing
+
+
+def attention_from(a: Traced, b: Traced, q: int) -> tuple[Tensor, Tensor]:
+    """Step 2: attention from q, every head, in both prompts: [layer, head, k_pos] (results live on the CPU)."""
+    n_layers = a.model.n_layers
+    att_a = torch.stack([a.trace.pattern(ly, q)[:, 0].float().cpu() for ly in range(n_layers)])
+    att_b = torch.stack([b.trace.pattern(ly, q)[:, 0].float().cpu() for ly in range(n_layers)])
+    log.info("compare: attention of %d layers x %d heads from position %d", n_layers, att_a.shape[1], q)
+    return att_a, att_b
+
+
+def head_skews(a: Traced) -> Tensor:
+    """Step 4, first half: every head's W_QK eigenvalue sign skew, [layer, head]."""
+    layers = a.model.anatomy.layers
+    skew = torch.tensor(
+        [[qk_spectrum(layer, h).skew for h in range(layer.n_heads)] for layer in layers],
+        dtype=torch.float64,
+        device="cpu",
+    )
+    log.info("compare: W_QK skew of %d heads, %d positive", skew.numel(), int((skew > 0).sum()))
+    return skew
+
+
+def rank_heads(att_a: Tensor, att_b: Tensor, skew: Tensor) -> list[HeadDiff]:
+    """Step 3, first half: every head at the key where its attention changes most, ranked by |change|."""
+    diff = att_b - att_a
+    key = diff.abs().argmax(-1)  # [layer, head]
+    heads = [
+        HeadDiff(
+            layer=ly,
+            head=h,
+            key_pos=int(key[ly, h]),
+            attention_a=float(att_a[ly, h, key[ly, h]]),
+            attention_b=float(att_b[ly, h, key[ly, h]]),
+            diff=float(diff[ly, h, key[ly, h]]),
+            skew=float(skew[ly, h]),
+        )
+        for ly in range(att_a.shape[0])
+        for h in range(att_a.shape[1])
+    ]
+    heads.sort(key=lambda x: -abs(x.diff))
+    log.info("compare: ranked %d heads; largest change %s", len(heads), heads[0].name if heads else None)
+    return heads
+
+
+def match_terms(a: Traced, b: Traced, heads: list[HeadDiff], q: int, top: int, top_terms: int) -> list[HeadTerms]:
+    """Step 3, second half: the QK terms of the `top` heads with an SAE, matched across the prompts."""
+    with_sae = islice((h for h in heads if h.layer in a.saes), top)  # only the `top` are computed
+    terms = [head_terms(a, b, h.layer, h.head, q, h.key_pos, top_terms) for h in with_sae]
+    log.info("compare: matched the QK terms of %d heads", len(terms))
+    return terms
+
+
+def measure_metric(a: Traced, b: Traced, answer: str | int | None, rival: str | int | None) -> Contrast | None:
+    """Step 4, second half: with an answer, the contrast whose m is read in both prompts."""
+    if answer is None:
+        return None
+    pair = Contrast.resolve(a.model, answer, rival, a.trace.last_logits.float())
+    log.info("compare: m = logit(%r) - logit(%r) in both prompts", pair.answer, pair.rival)
+    return pair
 
 
 def head_terms(a: Traced, b: Traced, layer: int, head: int, query_pos: int, key_pos: int, top: int) -> HeadTerms:

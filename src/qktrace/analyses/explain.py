@@ -46,9 +46,10 @@ clean run, one graph and one QK row per site head. `Mechanism.n_passes` counts t
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -94,20 +95,34 @@ def explain(
     if side not in SIDES:
         raise InputError(f"side '{side}' is not one of {', '.join(SIDES)}: use auto to try both")
     sides: tuple[Side, ...] = ("query", "key") if side == "auto" else (side,)  # type: ignore[assignment]
-    model = tracer.model
-    Contrast.tokens(model, answer, rival)  # each a single token, the rival not the answer: before any pass
-    traced = tracer.run(prompt)
-    trace = traced.trace
-    logits = trace.last_logits.float()
-    pair = Contrast.resolve(model, answer, rival, logits)
-    answer_id, rival_id = pair.answer_id, pair.rival_id
-    probs = torch.softmax(logits, -1)
-    q = trace.n_pos - 1
-    probe = _Probe(traced, pair)
+    probe = measure_metric(tracer, prompt, answer, rival)  # 1
+    heads = ablate_heads(probe, graph, settings)  # 2
+    sites = find_sites(probe, heads, settings)  # 3
+    ranked, together = rank_candidates(probe.traced, sites, sides, settings)  # 4
+    candidates = confirm_candidates(probe, ranked, settings)  # 5
+    assemble = functools.partial(_assemble, prompt, probe, heads, sites, settings, start)
+    return choose_mechanism(probe, candidates, together, settings, assemble)  # 6
 
+
+def measure_metric(
+    tracer: Tracer, prompt: str | Sequence[int] | Tensor, answer: str | int, rival: str | int | None
+) -> _Probe:
+    """Step 1: the clean run and m = logit(answer) - logit(rival) at its last position."""
+    Contrast.tokens(tracer.model, answer, rival)  # each a single token, the rival not the answer: before any pass
+    traced = tracer.run(prompt)
+    pair = Contrast.resolve(tracer.model, answer, rival, traced.trace.last_logits.float())
+    probe = _Probe(traced, pair)
+    log.info("explain: m = %+.3f (%r over %r) over %d tokens", probe.clean, pair.answer, pair.rival, traced.trace.n_pos)
+    return probe
+
+
+def ablate_heads(probe: _Probe, graph: Graph | None, settings: ExplainSettings) -> list[HeadEffect]:
+    """Step 2: the heads the graph towards the answer ranks first, each ablated (every other head frozen)."""
+    traced = probe.traced
+    q = traced.trace.n_pos - 1
     if graph is None:
-        graph = traced.graph(targets=[answer_id], progress=False, qk_terms=False)
-    elif tuple(graph.tokens) != tuple(trace.tokens.tolist()):
+        graph = traced.graph(targets=[probe.a], progress=False, qk_terms=False)
+    elif tuple(graph.tokens) != tuple(traced.trace.tokens.tolist()):
         raise InputError("the graph given is of another prompt: build it with traced.graph(targets=[answer])")
     ranked = graph.top_heads(max(settings.ablate, settings.sites))
     if not ranked:
@@ -119,14 +134,14 @@ def explain(
         key = attended_key(traced, layer, head, q)
         att = float(traced.pattern(layer, head, q)[key])
         heads.append(HeadEffect(layer, head, float(top["influence"]), m - probe.clean, key, att))
+    log.info("explain: ablated %d heads ranked by the graph", len(heads))
+    return heads
 
-    atts: dict[tuple[int, int], QKAttribution] = {}
 
-    def row(layer: int, head: int) -> QKAttribution:
-        if (layer, head) not in atts:
-            atts[layer, head] = traced.qk(layer, head, q)
-        return atts[layer, head]
-
+def find_sites(probe: _Probe, heads: list[HeadEffect], settings: ExplainSettings) -> list[Site]:
+    """Step 3: each top head's key and the heads of its layer attending there with it, ablated together."""
+    traced = probe.traced
+    q = traced.trace.n_pos - 1
     sites: list[Site] = []
     for h in heads:
         if len(sites) == settings.sites:
@@ -134,7 +149,7 @@ def explain(
         if h.layer not in traced.saes or any(x.layer == h.layer and h.head in x.heads for x in sites):
             continue
         members, attention = [], []
-        for o in range(model.anatomy.layers[h.layer].n_heads):
+        for o in range(traced.model.anatomy.layers[h.layer].n_heads):
             a = float(traced.pattern(h.layer, o, q)[h.key_pos])
             if o == h.head or (a >= settings.member_attention and attended_key(traced, h.layer, o, q) == h.key_pos):
                 members.append(o)
@@ -142,6 +157,22 @@ def explain(
         ivs: list[Intervention] = [ScaleHead(h.layer, o, 0.0) for o in members]
         joint = h.ablation if len(members) == 1 else probe.metric([*ivs, FreezeAttention()]) - probe.clean
         sites.append(Site(h.layer, h.key_pos, tuple(members), tuple(attention), joint, h.head))
+    log.info("explain: %d sites from %d heads", len(sites), len(heads))
+    return sites
+
+
+def rank_candidates(
+    traced: Traced, sites: list[Site], sides: tuple[Side, ...], settings: ExplainSettings
+) -> tuple[list[Candidate], list[Candidate]]:
+    """Step 4: each site's candidates per side, ranked by attribution (no forward pass), each once; and per
+    side, every site's strongest together, unless that is one of them (kept for step 6)."""
+    q = traced.trace.n_pos - 1
+    atts: dict[tuple[int, int], QKAttribution] = {}
+
+    def row(layer: int, head: int) -> QKAttribution:
+        if (layer, head) not in atts:
+            atts[layer, head] = traced.qk(layer, head, q)
+        return atts[layer, head]
 
     proposed: dict[tuple[Any, ...], Candidate] = {}
     combined: list[Candidate] = []
@@ -154,39 +185,35 @@ def explain(
                 proposed.setdefault(_identity(c), c)
         if len(leaders) > 1:
             combined.append(_together(leaders))
-    candidates = [probe.confirm(c, settings.scales) for c in proposed.values()]
+    log.info("explain: ranked %d candidates from %d QK rows", len(proposed), len(atts))
+    return list(proposed.values()), [c for c in combined if _identity(c) not in proposed]
 
-    def assemble() -> Mechanism:
-        return Mechanism(
-            prompt=prompt if isinstance(prompt, str) else prompt_text(traced),
-            str_tokens=traced.str_tokens,
-            answer=pair.answer,
-            answer_id=answer_id,
-            rival=pair.rival,
-            rival_id=rival_id,
-            rival_given=pair.rival_given,
-            prediction=model.str_tokens([int(logits.argmax())])[0],
-            p_answer=float(probs[answer_id]),
-            p_rival=float(probs[rival_id]),
-            metric=probe.clean,
-            margin=_margin(logits, answer_id),
-            heads=tuple(heads),
-            sites=tuple(sites),
-            candidates=tuple(candidates),
-            scales=settings.scales,
-            n_passes=probe.passes,
-            seconds=time.perf_counter() - start,
-            settings=settings,
-        )
 
-    result = assemble()
-    if not result.confirmed and combined:  # no single site suffices: every site's strongest together
-        candidates += [probe.confirm(c, settings.scales) for c in combined if _identity(c) not in proposed]
-        result = assemble()
+def confirm_candidates(probe: _Probe, candidates: list[Candidate], settings: ExplainSettings) -> list[Candidate]:
+    """Step 5: each candidate steered at every scale, its curve measured."""
+    before = probe.passes
+    confirmed = [probe.confirm(c, settings.scales) for c in candidates]
+    log.info("explain: confirmed %d candidates in %d passes", len(confirmed), probe.passes - before)
+    return confirmed
+
+
+def choose_mechanism(
+    probe: _Probe,
+    candidates: list[Candidate],
+    together: list[Candidate],
+    settings: ExplainSettings,
+    assemble: Callable[[list[Candidate]], Mechanism],
+) -> Mechanism:
+    """Step 6: the candidate that lowers m the most (`assemble` makes the Mechanism of the candidates
+    tried); only when no single site's candidate suffices, every site's strongest together competes too."""
+    result = assemble(candidates)
+    if not result.confirmed and together:  # no single site suffices: every site's strongest together
+        candidates = candidates + confirm_candidates(probe, together, settings)
+        result = assemble(candidates)
     best = result.best
     log.info(
         "explain: %d heads, %d candidates, %d passes, %.1f s; best %s (%+.3f)",
-        len(heads),
+        len(result.heads),
         len(candidates),
         probe.passes,
         result.seconds,
@@ -194,6 +221,42 @@ def explain(
         result.effect(best) if best else float("nan"),
     )
     return result
+
+
+def _assemble(
+    prompt: str | Sequence[int] | Tensor,
+    probe: _Probe,
+    heads: list[HeadEffect],
+    sites: list[Site],
+    settings: ExplainSettings,
+    start: float,
+    candidates: list[Candidate],
+) -> Mechanism:
+    """The Mechanism of the candidates tried, timed from `start`."""
+    traced, pair = probe.traced, probe.pair
+    logits = traced.trace.last_logits.float()
+    probs = torch.softmax(logits, -1)
+    return Mechanism(
+        prompt=prompt if isinstance(prompt, str) else prompt_text(traced),
+        str_tokens=traced.str_tokens,
+        answer=pair.answer,
+        answer_id=pair.answer_id,
+        rival=pair.rival,
+        rival_id=pair.rival_id,
+        rival_given=pair.rival_given,
+        prediction=traced.model.str_tokens([int(logits.argmax())])[0],
+        p_answer=float(probs[pair.answer_id]),
+        p_rival=float(probs[pair.rival_id]),
+        metric=probe.clean,
+        margin=_margin(logits, pair.answer_id),
+        heads=tuple(heads),
+        sites=tuple(sites),
+        candidates=tuple(candidates),
+        scales=settings.scales,
+        n_passes=probe.passes,
+        seconds=time.perf_counter() - start,
+        settings=settings,
+    )
 
 
 def prompt_text(traced: Traced) -> str:

@@ -392,6 +392,10 @@ def build_graph(
         task = bar.add_task("head loadings", total=len(att.blocks))
         top = max(0, min(o.loadings_per_edge, model.n_heads))
         edge_cols = _kept_edges(model, trace, att, pruned.edges, top, lambda: bar.advance(task))
+    n_edges = pruned.edges.weight.numel()  # logged once the progress bar is gone, one line per phase
+    log.info("graph: %d nodes, %d logits, %d blocks (%s)", len(att.kinds), len(att.logits), len(att.blocks), o.mode)
+    log.info("graph: pruned to %d nodes and %d edges", int(pruned.node_mask.sum()), n_edges)
+    log.info("graph: head loadings of %d edges, %d heads each at most", n_edges, top)
     if att.store.recomputed:
         log.info(
             "graph: %d target rows recomputed to stay within %.1f GB", att.store.recomputed, att.store.budget / 1e9

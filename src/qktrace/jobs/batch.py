@@ -188,15 +188,18 @@ def trace_batch(
     o = how.get("options") or BatchOptions()
     out = Path(out)
     records = read_prompts(prompts)
+    log.info("batch: %d prompts from %s", len(records), prompts)
     identity = {"options": dataclasses.asdict(o), "prompts": [dataclasses.asdict(r) for r in records]}
     marker = lambda i: f"prompts/{records[i].id}/summary.json"  # noqa: E731
     worker = functools.partial(BatchWorker, options=o)
     spec = JobSpec("batch", VERSION, identity, len(records), marker, worker, ("check", (records, str(prompts))))
     run = run_job(spec, model, saes, out, enumerate(records), how)
+    log.info("batch: traced %d prompts, %d resumed", len(records) - run.resumed, run.resumed)
     rows = [json.loads((out / marker(i)).read_text()) for i in range(len(records))]
     summary = out / "summary.jsonl"
     atomic_write(summary, b"".join(_dumps(row) for row in rows), parents=True)
     parquet = _write_parquet(out / "summary.parquet", rows)
+    log.info("batch: wrote %s%s", summary, " and its parquet" if parquet else "")
     return BatchResult(out, summary, parquet, len(records), run.resumed)
 
 

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -141,6 +141,27 @@ def create_app(
     store = GraphStore(data_dir, files, limits)
     features = Features(tracer, saes_dir)
     engine = Engine(tracer, limits, max_memory) if tracer is not None else None
+    app = new_app(store, engine, allowed_hosts)
+    add_error_handlers(app)
+    add_page(app)
+    need_engine = _engine_needed(engine)
+    add_info_routes(app, tracer, features)
+    add_graph_routes(app, store, need_engine)
+    add_model_routes(app, need_engine)
+    add_explain_routes(app, need_engine)
+    app.add_middleware(Guard, max_bytes=limits.max_request_bytes)  # outermost: sees every request and bug
+    log.info(
+        "app: %d routes over %s, %s; bodies up to %d bytes",
+        len(app.routes),
+        store.root,
+        f"computing with {tracer.model.name}" if tracer is not None else "view only",
+        limits.max_request_bytes,
+    )
+    return app
+
+
+def new_app(store: GraphStore, engine: Engine | None, allowed_hosts: Sequence[str] | None) -> FastAPI:
+    """The app (no docs, no OpenAPI) and its middleware: the Host check and the security headers."""
     app = FastAPI(title="qktrace", version=str(S.API_VERSION), docs_url=None, redoc_url=None, openapi_url=None)
     app.state.store, app.state.engine = store, engine
     hosts = set(allowed_hosts or ())
@@ -156,6 +177,14 @@ def create_app(
         response.headers["Referrer-Policy"] = "no-referrer"
         response.headers["X-Frame-Options"] = "DENY"
         return response
+
+    log.debug("app: security headers; hosts %s", sorted(hosts) or "any")
+    return app
+
+
+def add_error_handlers(app: FastAPI) -> None:
+    """Every error answers one line of versioned JSON: the library's (400, 422 for graph files), the API's,
+    HTTP's (404/405 name the request) and validation's (the first three problems)."""
 
     @app.exception_handler(QKTraceError)
     async def on_qktrace_error(request: Request, e: QKTraceError) -> JSONResponse:
@@ -186,16 +215,33 @@ def create_app(
             parts.append(f"{loc}: {msg}" if loc else msg)
         return _error(422, "bad request: " + "; ".join(parts))
 
-    def need_engine() -> Engine:
-        if engine is None:
-            raise ApiError(409, "no model is loaded (view only): restart with qktrace serve --model PATH --saes DIR")
-        return engine
+    log.debug("app: error handlers answering one line of versioned JSON")
+
+
+def add_page(app: FastAPI) -> None:
+    """GET / and /static: the page's own files (no CDN)."""
 
     @app.get("/", include_in_schema=False)
     def index() -> FileResponse:
         return FileResponse(STATIC / "index.html")
 
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    log.debug("app: the page from %s", STATIC)
+
+
+def _engine_needed(engine: Engine | None) -> Callable[[], Engine]:
+    """What a route that needs the model calls: the engine, or a 409 naming how to load one."""
+
+    def need_engine() -> Engine:
+        if engine is None:
+            raise ApiError(409, "no model is loaded (view only): restart with qktrace serve --model PATH --saes DIR")
+        return engine
+
+    return need_engine
+
+
+def add_info_routes(app: FastAPI, tracer: Tracer | None, features: Features) -> None:
+    """GET /api/info (what is loaded) and GET /api/features/{checkpoint}/{f} (a feature's label, dashboard)."""
 
     @app.get("/api/info")
     def info() -> S.InfoResponse:
@@ -213,6 +259,16 @@ def create_app(
             can_compute=True,
             features=bool(features.d_sae),
         )
+
+    @app.get("/api/features/{checkpoint}/{feature}")
+    def feature(checkpoint: int, feature: int) -> S.FeatureResponse:
+        return features.get(checkpoint, feature)
+
+    log.debug("app: info and features of %d checkpoints", len(features.d_sae))
+
+
+def add_graph_routes(app: FastAPI, store: GraphStore, need_engine: Callable[[], Engine]) -> None:
+    """GET /api/graphs, GET /api/graphs/{name}; POST /api/graph (a build job) and GET /api/jobs/{id}."""
 
     @app.get("/api/graphs")
     def graphs() -> S.GraphList:
@@ -235,6 +291,12 @@ def create_app(
             raise ApiError(404, f"no job '{job_id[:40]}': jobs live in memory until the server restarts")
         return state.view()
 
+    log.debug("app: graphs in %s and %d files given; graph jobs", store.root, len(store.files))
+
+
+def add_model_routes(app: FastAPI, need_engine: Callable[[], Engine]) -> None:
+    """POST /api/qk (one head's QK attribution) and POST /api/sweep (steering inside heads' QK circuits)."""
+
     @app.post("/api/qk")
     def qk(req: S.QKRequest) -> S.QKResponse:
         eng = need_engine()
@@ -250,10 +312,4 @@ def create_app(
         with eng.traced(ids) as traced:
             return sweep_response(traced, checked)
 
-    @app.get("/api/features/{checkpoint}/{feature}")
-    def feature(checkpoint: int, feature: int) -> S.FeatureResponse:
-        return features.get(checkpoint, feature)
-
-    add_explain_routes(app, need_engine)
-    app.add_middleware(Guard, max_bytes=limits.max_request_bytes)  # outermost: sees every request and bug
-    return app
+    log.debug("app: qk and sweep")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import logging
 import math
 import re
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ from .stats import Partial, collect, from_bytes, merge, to_bytes
 
 SHARDS = "shards"
 INDEX_FILE, DASHBOARDS_FILE, LABELS_FILE = "index.json", "dashboards.json", "labels.json"
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -135,11 +137,14 @@ def build_dashboards(
     identity = {"corpus": fingerprint(corpus), "n_docs": n_docs}
     identity["options"] = {k: v for k, v in dataclasses.asdict(o).items() if k != "n_out"}
     n_shards = math.ceil(n_docs / o.docs_per_shard)
+    log.info("dashboards: %d documents of %s in %d shards", n_docs, corpus, n_shards)
     worker = functools.partial(DashboardWorker, options=o)
     spec = JobSpec("dashboards", VERSION, identity, n_shards, shard_file, worker, ("info", ()))
     tasks = shards(corpus, o.docs_per_shard, o.text_field, n_docs)
     run = run_job(spec, model, saes, out, tasks, how)
+    log.info("dashboards: %d shards run, %d resumed, %d tokens", n_shards - run.resumed, run.resumed, run.tokens)
     info, merged = run.prepared, _merged(out, n_shards, o.keep)
+    log.info("dashboards: merged the statistics of %d checkpoints", len(merged))
     kind, circuit_tracer = how.get("kind") or token_kind, how.get("circuit_tracer", False)
     entries = [_write_checkpoint(out, c, part, info, o, kind, circuit_tracer) for c, part in merged.items()]
     n_tokens = next(iter(merged.values())).n_tokens if merged else 0
@@ -149,6 +154,7 @@ def build_dashboards(
     if circuit_tracer and name is not None:
         summary["circuit_tracer_features"] = f"features/{_scan_folder(name)}"
     atomic_write(out / INDEX_FILE, (json.dumps(summary, indent=1) + "\n").encode(), parents=True)
+    log.info("dashboards: wrote %s (%d checkpoints, %d tokens)", out / INDEX_FILE, len(entries), n_tokens)
     folders = {e["checkpoint"]: out / e["folder"] for e in entries}
     alive = {e["checkpoint"]: e["n_alive"] for e in entries}
     return DashboardsResult(out, folders, n_tokens, alive, n_shards, run.resumed, run.tokens)
@@ -181,4 +187,5 @@ def _write_checkpoint(
         for f, data in circuit_tracer_features(dash, f"{scan}/{hook}").items():
             node = cantor(c, f)  # the feature's number in qktrace's graph JSON
             atomic_write(out / "features" / scan / f"{node}.json", json.dumps(data, ensure_ascii=False), parents=True)
+    log.info("dashboards: checkpoint %d: %d features alive, written to %s", c, dash["n_alive"], folder)
     return {"checkpoint": c, "hook_name": hook, "folder": hook, "n_alive": dash["n_alive"]}
