@@ -185,7 +185,10 @@ def test_every_edge_is_an_autograd_gradient_through_hf(family, input_site, outpu
     leaves = [got["acts"][layer] for layer in range(n_layers)] + [got["err"][layer] for layer in range(n_layers)]
     leaves.append(got["emb"])
     n_feat = g.n_features
-    targets = [(r, got["x"][int(f.layer[r])][0, int(f.pos[r])] @ ts[int(f.layer[r])].W_enc[:, int(f.index[r])]) for r in range(n_feat)]
+    targets = []
+    for r in range(n_feat):
+        layer, pos, index = int(f.layer[r]), int(f.pos[r]), int(f.index[r])
+        targets.append((r, got["x"][layer][0, pos] @ ts[layer].W_enc[:, index]))  # the feature's pre-activation
     W_U = model.anatomy.W_U
     for k, tok in enumerate(g.logit_tokens.tolist()):
         vec = W_U[:, tok] - W_U.mean(-1)
