@@ -41,7 +41,9 @@ from qktrace.testing import make_tiny_model, random_prompt
 
 SHAPES = {  # HF config overrides: 4 layers, d_model 64, 4 heads (Llama: 2 kv heads)
     "gpt2": dict(n_layer=4, n_embd=64, n_head=4, n_inner=256),
-    "llama": dict(num_hidden_layers=4, hidden_size=64, num_attention_heads=4, intermediate_size=256),
+    "llama": dict(
+        num_hidden_layers=4, hidden_size=64, num_attention_heads=4, intermediate_size=256, attention_bias=False
+    ),  # TransformerLens's Llama converter has no q/k/v/o biases
 }
 D_SAE = 1024
 
@@ -130,11 +132,14 @@ def main() -> None:
     ap.add_argument("--tokens", default="16,32")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--models", default=",".join(SHAPES))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     root = Path(tempfile.mkdtemp(prefix="agree-ct-"))
     lengths = [int(t) for t in args.tokens.split(",")]
     for i, (family, shape) in enumerate(SHAPES.items()):
+        if family not in args.models.split(","):
+            continue
         model_dir = make_tiny_model(family, root / family, seed=11 + i, **shape)
         tc_dir = root / f"{family}-transcoders"
         model = load_model(model_dir)
