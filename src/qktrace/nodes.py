@@ -12,8 +12,14 @@ prefix per field, so ids never collide and always parse back:
     logit/c4/p9/t77         the logit of token 77 at the last position (checkpoint = n_layers)
     head_bias/c3/p5         a QK component, not a graph node: the constant part of one head's query or
                             key at position 5 of layer 3 (the norm's bias through W_Q/W_K, plus b_Q/b_K)
+    transcoder/l2/p5/f12    transcoder feature 12 read at layer 2's MLP input, position 5 (writes layer 2's
+                            MLP output, and later layers' for a cross-layer transcoder)
+    mlp_error/l2/p5         layer 2's MLP output minus its transcoder reconstruction at position 5
 
 Checkpoint c is the residual stream at the input of layer c; c = n_layers is the final residual.
+Transcoder nodes belong to a layer's MLP, not to a checkpoint: their ids write `l{layer}` and `Node.layer`
+reads it (the number is stored in the `checkpoint` field; `TRANSCODER_FEATURE_TYPES` gives their
+circuit-tracer / Neuronpedia feature types).
 A *positionless* id drops the position (`feature/c3/f1234`, `error/c3`): the same feature at any position.
 
 Tensors of many nodes store a kind as an integer: `CODE[kind]` writes it, `KINDS[code]` reads it back.
@@ -40,16 +46,24 @@ class Kind(str, Enum):
     MLP_BIAS = "mlp_bias"
     LOGIT = "logit"
     HEAD_BIAS = "head_bias"
+    TRANSCODER = "transcoder"
+    MLP_ERROR = "mlp_error"
 
 
 KINDS: tuple[Kind, ...] = tuple(Kind)
 CODE: dict[Kind, int] = {kind: i for i, kind in enumerate(KINDS)}
-LEAF_KINDS = (Kind.ERROR, Kind.SAE_BIAS, Kind.ATTN_BIAS, Kind.MLP_BIAS)  # graph nodes no edge enters
+LEAF_KINDS = (Kind.ERROR, Kind.SAE_BIAS, Kind.ATTN_BIAS, Kind.MLP_BIAS, Kind.MLP_ERROR)  # no edge enters these
+LAYERED_KINDS = (Kind.TRANSCODER, Kind.MLP_ERROR)  # numbered by layer (`l2`), not by checkpoint
+TRANSCODER_FEATURE_TYPES = {Kind.TRANSCODER: "cross layer transcoder", Kind.MLP_ERROR: "mlp reconstruction error"}
 
 
-_INDEXED = {Kind.TOKEN: "t", Kind.FEATURE: "f", Kind.LOGIT: "t"}
-_PATTERN = re.compile(r"^(?P<kind>[a-z_]+)/c(?P<c>\d+)/p(?P<p>\d+)(?:/(?P<tag>[ft])(?P<i>\d+))?$")
-_POSITIONLESS = re.compile(r"^(?P<kind>[a-z_]+)/c(?P<c>\d+)(?:/(?P<tag>[ft])(?P<i>\d+))?$")
+_INDEXED = {Kind.TOKEN: "t", Kind.FEATURE: "f", Kind.LOGIT: "t", Kind.TRANSCODER: "f"}
+_PATTERN = re.compile(r"^(?P<kind>[a-z_]+)/(?P<cl>[cl])(?P<c>\d+)/p(?P<p>\d+)(?:/(?P<tag>[ft])(?P<i>\d+))?$")
+_POSITIONLESS = re.compile(r"^(?P<kind>[a-z_]+)/(?P<cl>[cl])(?P<c>\d+)(?:/(?P<tag>[ft])(?P<i>\d+))?$")
+
+
+def _prefix(kind: Kind) -> str:
+    return "l" if kind in LAYERED_KINDS else "c"
 
 
 @dataclass(frozen=True, order=True)
@@ -57,11 +71,16 @@ class Node:
     kind: Kind
     checkpoint: int
     pos: int
-    index: int = -1  # feature id (FEATURE), token id (TOKEN, LOGIT), else -1
+    index: int = -1  # feature id (FEATURE, TRANSCODER), token id (TOKEN, LOGIT), else -1
+
+    @property
+    def layer(self) -> int:
+        """The layer of a transcoder or MLP-error node (the layer whose MLP it reads or replaces)."""
+        return self.checkpoint
 
     @property
     def id(self) -> str:
-        base = f"{self.kind.value}/c{self.checkpoint}/p{self.pos}"
+        base = f"{self.kind.value}/{_prefix(self.kind)}{self.checkpoint}/p{self.pos}"
         tag = _INDEXED.get(self.kind)
         return f"{base}/{tag}{self.index}" if tag else base
 
@@ -75,7 +94,7 @@ class Node:
             kind = Kind(m.group("kind")) if m else None
         except ValueError:
             kind = None
-        if m is None or kind is None or (m.group("tag") or None) != _INDEXED.get(kind):
+        if m is None or kind is None or (m.group("tag") or None) != _INDEXED.get(kind) or m["cl"] != _prefix(kind):
             raise InputError(f"'{node_id}' is not a node id: expected e.g. 'feature/c3/p5/f1234' or 'error/c3/p5'")
         return Node(kind, int(m.group("c")), int(m.group("p")), int(m.group("i")) if m.group("i") else -1)
 
@@ -83,7 +102,7 @@ class Node:
     def positionless(self) -> str:
         """The id without the position: 'feature/c3/f1234', 'error/c3'."""
         tag = _INDEXED.get(self.kind)
-        base = f"{self.kind.value}/c{self.checkpoint}"
+        base = f"{self.kind.value}/{_prefix(self.kind)}{self.checkpoint}"
         return f"{base}/{tag}{self.index}" if tag else base
 
 
@@ -97,7 +116,7 @@ def parse_positionless(node_id: str) -> tuple[Kind, int, int]:
         kind = Kind(m.group("kind"))
     except ValueError:
         kind = None
-    if kind is None or (m.group("tag") or None) != _INDEXED.get(kind):
+    if kind is None or (m.group("tag") or None) != _INDEXED.get(kind) or m["cl"] != _prefix(kind):
         raise InputError(f"'{node_id}' is not a node id: expected e.g. 'feature/c3/f1234' or 'error/c3'")
     return kind, int(m.group("c")), int(m.group("i")) if m.group("i") else -1
 
@@ -121,6 +140,8 @@ def describe(node: Node) -> str:
         Kind.MLP_BIAS: f"MLP bias of layer {c - 1}",
         Kind.LOGIT: f"logit of token {node.index}",
         Kind.HEAD_BIAS: f"head bias at layer {c} (norm bias through W_Q/W_K, plus b_Q/b_K)",
+        Kind.TRANSCODER: f"transcoder feature {node.index} at layer {c}",
+        Kind.MLP_ERROR: f"MLP error of layer {c} (its output minus the transcoder reconstruction)",
     }[node.kind]
 
 
@@ -142,6 +163,14 @@ def sae_bias(checkpoint: int, pos: int) -> Node:
 
 def logit(checkpoint: int, pos: int, token_id: int) -> Node:
     return Node(Kind.LOGIT, checkpoint, pos, token_id)
+
+
+def transcoder(layer: int, pos: int, index: int) -> Node:
+    return Node(Kind.TRANSCODER, layer, pos, index)
+
+
+def mlp_error(layer: int, pos: int) -> Node:
+    return Node(Kind.MLP_ERROR, layer, pos)
 
 
 def of_code(code: int, checkpoint: int, pos: int, index: int = -1) -> Node:

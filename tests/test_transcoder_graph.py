@@ -1,0 +1,219 @@
+"""The plain transcoder graph against an independent autograd through HF's own modules.
+
+The reference replacement model is built here with torch hooks on the HF model, not with qktrace's replay:
+every softmax (eager attention's pattern) is detached, every norm module is replaced by its own formula
+with the denominator detached, and each MLP's output (at the transcoder set's output site) is replaced by
+leaf features @ W_dec + b_dec + skip(x) + leaf error, so HF's forward is unchanged while each edge is a
+gradient: d(target) / d(source multiplier), with target = a feature's pre-activation or a logit's
+demeaned unembedding direction read after the final norm."""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from qktrace.graph.replacement import transcoder_graph
+from qktrace.models import load_model
+from qktrace.nodes import Kind
+from qktrace.saes import load_transcoders
+from qktrace.testing import make_tiny_model
+
+FAMILIES = ("gpt2", "llama", "gemma2", "qwen3")
+D_SAE = 48
+# HF module names, written out here: (layers, pre-MLP norm, post-MLP norm, final norm, embedding)
+HF = {
+    "gpt2": (lambda hf: hf.transformer.h, "ln_2", None, lambda hf: hf.transformer.ln_f, lambda hf: hf.transformer.wte),
+    "llama": (lambda hf: hf.model.layers, "post_attention_layernorm", None, lambda hf: hf.model.norm, None),
+    "qwen3": (lambda hf: hf.model.layers, "post_attention_layernorm", None, lambda hf: hf.model.norm, None),
+    "gemma2": (
+        lambda hf: hf.model.layers,
+        "pre_feedforward_layernorm",
+        "post_feedforward_layernorm",
+        lambda hf: hf.model.norm,
+        None,
+    ),
+}
+# circuit-tracer hooks per input site
+# HF (and so qktrace's trace) computes norm scales in float32 even in a float64 model; the reference in float64
+TOL = dict(rtol=1e-5, atol=1e-5)
+INPUT_HOOK = {"resid_mid": "hook_resid_mid", "mlp_in": "mlp.hook_in", "normalized": "ln2.hook_normalized"}
+
+
+def rand(*shape: int, seed: int, scale: float = 1.0) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64) * scale
+
+
+def write_set(folder: Path, d: int, n: int, input_site: str, output_hook: str, skip: bool) -> None:
+    """A circuit-tracer ReLU transcoder set with a negative encoder bias (a few features active per token)."""
+    folder.mkdir(parents=True)
+    folder.joinpath("config.yaml").write_text(
+        f'model_kind: "transcoder_set"\nfeature_input_hook: "{INPUT_HOOK[input_site]}"\n'
+        f'feature_output_hook: "{output_hook}"\n'
+    )
+    for i in range(n):
+        w = {
+            "W_enc": rand(D_SAE, d, seed=10 * i + 1, scale=1.0 / d**0.5),
+            "W_dec": rand(D_SAE, d, seed=10 * i + 2, scale=0.3),
+            "b_enc": rand(D_SAE, seed=10 * i + 3, scale=0.2) - 0.4,
+            "b_dec": rand(d, seed=10 * i + 4, scale=0.2),
+        }
+        if skip:
+            w["W_skip"] = rand(d, d, seed=10 * i + 6, scale=0.1)
+        save_file({k: v.float() for k, v in w.items()}, str(folder / f"layer_{i}.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def models64(tmp_path_factory):
+    """The tiny models in float64, so the reference autograd and the graph agree to rounding."""
+    root = tmp_path_factory.mktemp("tc64")
+    return {f: load_model(make_tiny_model(f, root / f, seed=i), dtype=torch.float64) for i, f in enumerate(FAMILIES)}
+
+
+def frozen_norm(module, args, kwargs, out):  # type: ignore[no-untyped-def]
+    """The norm's own formula with its denominator detached (LayerNorm: centred; Gemma: 1 + w)."""
+    x = args[0] if args else kwargs["hidden_states"]
+    eps = getattr(module, "eps", None) or getattr(module, "variance_epsilon", 1e-6)
+    if isinstance(module, torch.nn.LayerNorm):
+        xc = x - x.mean(-1, keepdim=True)
+        return xc * torch.rsqrt(xc.pow(2).mean(-1, keepdim=True) + eps).detach() * module.weight + module.bias
+    gain = 1.0 + module.weight if "Gemma" in type(module).__name__ else module.weight
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps).detach() * gain
+
+
+@contextlib.contextmanager
+def detached_softmax():
+    real = torch.nn.functional.softmax
+    torch.nn.functional.softmax = lambda *a, **k: real(*a, **k).detach()  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        torch.nn.functional.softmax = real  # type: ignore[assignment]
+
+
+def reference(model, family: str, ts, ids: torch.Tensor):  # type: ignore[no-untyped-def]
+    """HF's forward with the replacement hooks: returns (leaves, captured) for gradients."""
+    hf = model.hf
+    layers_of, ln_mlp, post_mlp, final, embed = HF[family]
+    blocks = list(layers_of(hf))
+    got: dict = {"mid": {}, "x": {}, "acts": {}, "err": {}, "y": {}}
+    handles = []
+    norms = [m for m in hf.modules() if "norm" in type(m).__name__.lower() or isinstance(m, torch.nn.LayerNorm)]
+    handles += [m.register_forward_hook(frozen_norm, with_kwargs=True) for m in norms]
+
+    def site_x(layer: int, mid: torch.Tensor, mlp_in: torch.Tensor) -> torch.Tensor:
+        if ts.input_site == "resid_mid":
+            return mid
+        if ts.input_site == "mlp_in":
+            return mlp_in
+        norm = blocks[layer].get_submodule(ln_mlp)
+        xc = mid - mid.mean(-1, keepdim=True) if isinstance(norm, torch.nn.LayerNorm) else mid
+        eps = getattr(norm, "eps", None) or getattr(norm, "variance_epsilon", 1e-6)
+        return xc * torch.rsqrt(xc.pow(2).mean(-1, keepdim=True) + eps).detach()
+
+    def replace(layer: int):  # type: ignore[no-untyped-def]
+        def hook(module, args, out):  # type: ignore[no-untyped-def]
+            t = ts[layer]
+            x = site_x(layer, got["mid"][layer], got["mlp_in"])
+            acts = (x.detach() @ t.W_enc + t.b_enc).relu().detach().requires_grad_(True)
+            out0 = out if isinstance(out, torch.Tensor) else out[0]
+            skip = x @ t.W_skip if t.W_skip is not None else 0
+            recon = acts @ t.W_dec + t.b_dec + skip
+            err = (out0 - recon).detach().requires_grad_(True)
+            got["x"][layer], got["acts"][layer], got["err"][layer], got["y"][layer] = x, acts, err, out0.detach()
+            return recon + err
+
+        return hook
+
+    for layer, block in enumerate(blocks):
+        ln = block.get_submodule(ln_mlp)
+        handles.append(ln.register_forward_hook(lambda m, a, o, L=layer: got["mid"].update({L: a[0]})))
+        handles.append(ln.register_forward_hook(lambda m, a, o: got.update(mlp_in=o)))
+        site = block.get_submodule(post_mlp) if (ts.output_site == "mlp_out" and post_mlp) else block.mlp
+        handles.append(site.register_forward_hook(replace(layer)))
+    emb_mod = embed(hf) if embed else hf.model.embed_tokens
+    handles.append(emb_mod.register_forward_hook(lambda m, a, o: got.update(emb=o.detach().requires_grad_(True))))
+    handles.append(emb_mod.register_forward_hook(lambda m, a, o: got["emb"]))
+    handles.append(final(hf).register_forward_hook(lambda m, a, o: got.update(final=o)))
+    try:
+        with detached_softmax():
+            hf(ids[None], use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    return got
+
+
+def reference_row(got, target: torch.Tensor, sources: list) -> list[torch.Tensor]:  # type: ignore[type-arg]
+    return list(torch.autograd.grad(target, sources, retain_graph=True, allow_unused=True))
+
+
+CASES = [(f, "mlp_in", "hook_mlp_out", False) for f in FAMILIES] + [
+    ("gpt2", "resid_mid", "hook_mlp_out", True),
+    ("gemma2", "normalized", "mlp.hook_out", True),
+    ("llama", "normalized", "hook_mlp_out", True),
+]
+
+
+@pytest.mark.parametrize("family,input_site,output_hook,skip", CASES)
+def test_every_edge_is_an_autograd_gradient_through_hf(family, input_site, output_hook, skip, models64, tmp_path):
+    model = models64[family]
+    write_set(tmp_path / "ct", model.d_model, model.n_layers, input_site, output_hook, skip)
+    ts = load_transcoders(tmp_path / "ct", model, dtype=torch.float64)
+    prompt = "Aunt Sally is the opposite of Uncle Bob ."
+    g = transcoder_graph(model, ts, prompt, desired_logit_prob=0.5, max_n_logits=3, batch_size=7)
+    ids = g.tokens
+    got = reference(model, family, ts, ids)
+    n_layers, n_pos, f = model.n_layers, ids.numel(), g.features
+    # the graph's activations are the transcoder encodings of HF's own MLP inputs (position 0 zeroed)
+    assert g.n_features > 10
+    for layer in range(n_layers):
+        acts = got["acts"][layer][0].detach().clone()
+        acts[0] = 0
+        at = f.layer == layer
+        torch.testing.assert_close(acts[f.pos[at], f.index[at]], f.act[at], **TOL)
+        assert int((acts > 0).sum()) == int(at.sum())
+        # errors + features + skip + b_dec == HF's MLP output at the site (positions past the zeroed one)
+        t = ts[layer]
+        skip = got["x"][layer][0] @ t.W_skip if t.W_skip is not None else 0
+        recon = acts @ t.W_dec + t.b_dec + skip + f.errors[layer]
+        torch.testing.assert_close(recon[1:], got["y"][layer][0, 1:], **TOL)
+        assert float(f.errors[layer][0].abs().max()) == 0.0
+    leaves = [got["acts"][layer] for layer in range(n_layers)] + [got["err"][layer] for layer in range(n_layers)]
+    leaves.append(got["emb"])
+    n_feat = g.n_features
+    targets = []
+    for r in range(n_feat):
+        layer, pos, index = int(f.layer[r]), int(f.pos[r]), int(f.index[r])
+        targets.append((r, got["x"][layer][0, pos] @ ts[layer].W_enc[:, index]))  # the feature's pre-activation
+    W_U = model.anatomy.W_U
+    for k, tok in enumerate(g.logit_tokens.tolist()):
+        vec = W_U[:, tok] - W_U.mean(-1)
+        targets.append((len(g.nodes) - len(g.logit_tokens) + k, got["final"][0, -1] @ vec))
+    checked = 0
+    for row, target in targets:
+        grads = reference_row(got, target, leaves)
+        want = torch.zeros(len(g.nodes), dtype=torch.float64)
+        for layer in range(n_layers):
+            ga = grads[layer]
+            if ga is not None:
+                at = (f.layer == layer).nonzero()[:, 0]
+                want[at] = ga[0, f.pos[at], f.index[at]] * f.act[at]
+            ge = grads[n_layers + layer]
+            if ge is not None:
+                col = n_feat + layer * n_pos
+                want[col : col + n_pos] = (ge[0] * f.errors[layer]).sum(-1)
+        if grads[-1] is not None:
+            col = n_feat + n_layers * n_pos
+            want[col : col + n_pos] = (grads[-1][0] * got["emb"][0].detach()).sum(-1)
+        torch.testing.assert_close(g.adjacency[row], want, **TOL)
+        checked += int((want != 0).sum())
+    assert checked > 100
+    # node kinds in circuit-tracer's order
+    kinds = [n.kind for n in g.nodes]
+    assert kinds == [Kind.TRANSCODER] * n_feat + [Kind.MLP_ERROR] * (n_layers * n_pos) + [Kind.TOKEN] * n_pos + [
+        Kind.LOGIT
+    ] * len(g.logit_tokens)
