@@ -16,6 +16,7 @@ from qktrace.config import parse_bytes
 from qktrace.errors import InputError
 from qktrace.options import (
     BatchOptions,
+    CompareOptions,
     DashboardOptions,
     ExplainSettings,
     GraphOptions,
@@ -55,6 +56,8 @@ def test_cli_defaults_are_the_options_defaults():
     ours = {k: getattr(dash, k) for k in ("seq_len", "max_docs", "text_field", "n_contexts")}
     assert DashboardOptions(**ours) == DashboardOptions()
     assert parse("serve").max_memory == GraphOptions().max_memory
+    pair = parse("compare", *MODEL, "--prompt-a", "a", "--prompt-b", "b")
+    assert CompareOptions(top=pair.top, top_terms=pair.top_terms) == CompareOptions()
 
 
 def test_cli_help_is_the_fields_documentation():
@@ -79,6 +82,9 @@ def test_server_defaults_are_the_options_defaults():
     sweep = ("scales", "side", "mode", "freeze_others", "top_k")
     assert defaults(S.SweepRequest, sweep) == {n: getattr(SweepOptions(), n) for n in sweep}
     assert defaults(S.QKRequest, ("top",)) == {"top": QKOptions().top}
+    from qktrace.server.explain import CompareRequest
+
+    assert defaults(CompareRequest, ("top", "top_terms")) == dataclasses.asdict(CompareOptions())
     from qktrace.server.compute import steer_request
 
     req = S.SweepRequest(prompt="p", heads=[(1, 0)], feature=3, positions=2)

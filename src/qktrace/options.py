@@ -4,7 +4,7 @@
   loadings, memory budget, and the QK terms `Traced.graph` attaches.
 - `SweepOptions`: a steering sweep (`qktrace.steering.requests.SteerRequest`): scales, side, mode.
 - `QKOptions`: a QK attribution's listing (`qktrace qk`, POST /api/qk).
-- `ExplainSettings`: how hard `explain` looks.
+- `ExplainSettings`: how hard `explain` looks; `CompareOptions`: what `compare` keeps.
 - `DashboardOptions`, `BatchOptions`: the two corpus-scale jobs (`qktrace.jobs`).
 
 Each field's `metadata["doc"]` is its documentation: the Python API reads it here, the CLI shows it as the
@@ -241,6 +241,18 @@ class QKOptions:
 
     def __post_init__(self) -> None:
         _int(self, "top", 1, LIMITS.max_top)
+
+
+@dataclass(frozen=True)
+class CompareOptions:
+    """What `compare` keeps (`Traced.compare`, `qktrace compare`, POST /api/compare)."""
+
+    top: int = setting(5, "heads whose QK terms are compared (the heads whose attention differs most), 0..64")
+    top_terms: int = setting(12, "QK terms kept per compared head (the largest change first), 0..200")
+
+    def __post_init__(self) -> None:
+        _int(self, "top", 0, 64)
+        _int(self, "top_terms", 0, 200)
 
 
 @dataclass(frozen=True)

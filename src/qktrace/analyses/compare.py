@@ -32,6 +32,7 @@ from torch import Tensor
 from ..errors import InputError, check_index
 from ..models.tokens import Contrast
 from ..nodes import Kind, Node
+from ..options import CompareOptions, with_overrides
 from ..steering.heads import qk_spectrum
 from ..tables import markdown_table
 
@@ -229,17 +230,20 @@ def compare(
     query_pos: int = -1,
     answer: str | int | None = None,
     rival: str | int | None = None,
-    top: int = 5,
-    top_terms: int = 12,
+    options: CompareOptions | None = None,
+    **overrides: Any,
 ) -> Comparison:
     """Compare two traced prompts whose tokens align (see the module docstring).
 
     `query_pos`: the attending position (negative counts from the end). `answer`/`rival`: token
     strings or ids for m = logit(answer) - logit(rival) in both prompts (the rival defaults to prompt
-    a's runner-up). `top`: heads whose QK terms are compared; `top_terms`: terms kept per head."""
+    a's runner-up). `options` (`qktrace.options.CompareOptions`, or its fields as keywords: `top=3`):
+    `top` heads whose QK terms are compared, `top_terms` terms kept per head."""
     from .explain import prompt_text
 
-    q, differing = align_prompts(a, b, query_pos, answer, rival, top, top_terms)  # 1
+    o = with_overrides(options, CompareOptions, overrides)
+    top, top_terms = o.top, o.top_terms
+    q, differing = align_prompts(a, b, query_pos, answer, rival)  # 1
     att_a, att_b = attention_from(a, b, q)  # 2
     skew = head_skews(a)  # 4 (beside each head, so before ranking them)
     heads = rank_heads(att_a, att_b, skew)  # 3
@@ -270,8 +274,6 @@ def align_prompts(
     query_pos: int,
     answer: str | int | None,
     rival: str | int | None,
-    top: int,
-    top_terms: int,
 ) -> tuple[int, tuple[int, ...]]:
     """Step 1: refuse prompts that do not align (or bad arguments); the query position and the positions
     whose tokens differ."""
@@ -283,8 +285,6 @@ def align_prompts(
         )
     if a.model is not b.model:
         raise InputError("the two prompts were traced by different models: trace both with the same Tracer")
-    if top < 0 or top_terms < 0:
-        raise InputError(f"top={top} and top_terms={top_terms} must be 0 or more")
     q = check_index(query_pos, na, "query position", allow_negative=True)
     if answer is None and rival is not None:
         raise InputError("a rival was given without an answer: give the answer too")

@@ -16,7 +16,7 @@ from typing import Any, Literal, NoReturn, get_args, get_origin, get_type_hints
 from .. import config
 from ..config import LIMITS
 from ..errors import InputError, QKTraceError
-from ..options import BatchOptions, DashboardOptions, GraphOptions, QKOptions, SweepOptions, doc
+from ..options import BatchOptions, CompareOptions, DashboardOptions, GraphOptions, QKOptions, SweepOptions, doc
 
 _BREAKS = frozenset("\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029")
 
@@ -261,7 +261,8 @@ def _compare(sub: Sub, commands: Commands) -> None:
     sp.add_argument("--query-pos", type=int, default=-1, help="the attending position (default -1, the last)")
     sp.add_argument("--answer", help="a token: logit(answer) - logit(rival) in both prompts")
     sp.add_argument("--rival", help="default: prompt A's runner-up")
-    sp.add_argument("--top", type=int_in(0, 64), default=5, help="heads whose QK terms are compared")
+    setting(sp, CompareOptions, "top")
+    setting(sp, CompareOptions, "top_terms")
     sp.add_argument("--json", action="store_true", help="print the comparison as one JSON object")
 
 

@@ -16,7 +16,7 @@ from .. import config
 from ..config import LIMITS
 from ..errors import InputError
 from ..files import check_output, check_output_dir
-from ..options import BatchOptions, DashboardOptions, GraphOptions, SweepOptions
+from ..options import BatchOptions, CompareOptions, DashboardOptions, GraphOptions, SweepOptions
 from ..steering.requests import SteerRequest, build_steering, check_request, check_text
 
 
@@ -250,7 +250,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
     check_text(args.prompt_b, "--prompt-b")
     tracer = _tracer(args)
     a, b = tracer.run(args.prompt_a), tracer.run(args.prompt_b)
-    c = a.compare(b, query_pos=args.query_pos, answer=args.answer, rival=args.rival, top=args.top)
+    c = a.compare(
+        b, query_pos=args.query_pos, answer=args.answer, rival=args.rival, top=args.top, top_terms=args.top_terms
+    )
     if args.json:
         _print_json(c.to_json())
     else:

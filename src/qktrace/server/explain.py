@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, Strict, StrictStr, model_vali
 from ..analyses.compare import compare
 from ..analyses.explain import explain
 from ..config import LIMITS
+from ..options import CompareOptions, doc
 from . import schemas as S
 from .compute import Engine
 
@@ -44,8 +45,12 @@ class CompareRequest(BaseModel):
     query_pos: S.Int = Field(-1, description="the attending position (negative counts from the end)")
     answer: Token | None = Field(None, description="a token: logit(answer) - logit(rival) in both prompts")
     rival: Token | None = None
-    top: Annotated[int, Strict(), Field(ge=0, le=64)] = Field(5, description="heads whose QK terms are compared")
-    top_terms: Annotated[int, Strict(), Field(ge=0, le=200)] = 8
+    top: Annotated[int, Strict(), Field(ge=0, le=64)] = Field(
+        CompareOptions().top, description=doc(CompareOptions, "top")
+    )
+    top_terms: Annotated[int, Strict(), Field(ge=0, le=200)] = Field(
+        CompareOptions().top_terms, description=doc(CompareOptions, "top_terms")
+    )
 
     @model_validator(mode="after")
     def _prompts(self) -> CompareRequest:
