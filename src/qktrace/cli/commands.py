@@ -16,7 +16,7 @@ from .. import config
 from ..config import LIMITS
 from ..errors import InputError
 from ..files import check_output, check_output_dir
-from ..options import BatchOptions, CompareOptions, DashboardOptions, GraphOptions, SweepOptions
+from ..options import BatchOptions, DashboardOptions, GraphOptions, SweepOptions
 from ..steering.requests import SteerRequest, build_steering, check_request, check_text
 
 
