@@ -24,7 +24,7 @@ from torch import Tensor
 
 from ..errors import OutOfRangeError, SAELoadError, SAEMismatchError
 from .releases import registry
-from .sae import SAE, FeatureActs
+from .sae import SAE, CoderView, FeatureActs
 
 ATTENTION_SITES = ("z", "attn_out")
 _LAYER_HOOK = re.compile(r"^blocks\.(\d+)\.(.+)$")
@@ -41,7 +41,7 @@ def attention_site(hook_name: str, where: str) -> tuple[int, str]:
 
 
 @dataclass(frozen=True, eq=False)
-class AttentionSAE:
+class AttentionSAE(CoderView):
     """An SAE on layer `layer`'s attention output at `site` ("z" or "attn_out")."""
 
     layer: int
@@ -62,21 +62,9 @@ class AttentionSAE:
                 "does not equal it: use an SAE trained on this model's attention"
             )
 
-    W_enc = property(lambda self: self.coder.W_enc)
-    b_enc = property(lambda self: self.coder.b_enc)
-    W_dec = property(lambda self: self.coder.W_dec)
-    b_dec = property(lambda self: self.coder.b_dec)
-    source = property(lambda self: self.coder.source)
-    hook_name = property(lambda self: self.coder.hook_name)
-    labels = property(lambda self: self.coder.labels)
-
     @property
     def d_in(self) -> int:
         return self.coder.d_model
-
-    @property
-    def d_sae(self) -> int:
-        return self.coder.d_sae
 
     def flatten(self, z: Tensor) -> Tensor:
         """z [..., pos, head, d_head] -> [..., pos, head * d_head], the SAE's input layout."""

@@ -283,3 +283,24 @@ class SAESet(Mapping[int, SAE]):
             {"checkpoint": c} | {key: getattr(s, key) for key in keys} | {"conventions": ", ".join(s.conventions)}
             for c, s in self._saes.items()
         ]
+
+
+class CoderView:
+    """Read-through names for a wrapper whose features an `SAE` encodes (`Transcoder`, `AttentionSAE`):
+    its tensors, width and labels are the coder's own."""
+
+    coder: SAE
+
+    W_enc = property(lambda self: self.coder.W_enc)
+    b_enc = property(lambda self: self.coder.b_enc)
+    W_dec = property(lambda self: self.coder.W_dec)
+    b_dec = property(lambda self: self.coder.b_dec)
+    threshold = property(lambda self: self.coder.threshold)
+    architecture = property(lambda self: self.coder.architecture)
+    source = property(lambda self: self.coder.source)
+    hook_name = property(lambda self: self.coder.hook_name)
+    labels = property(lambda self: self.coder.labels)
+
+    @property
+    def d_sae(self) -> int:
+        return self.coder.d_sae

@@ -36,7 +36,7 @@ from torch import Tensor
 
 from ..errors import OutOfRangeError, SAELoadError, SAEMismatchError
 from ..models.anatomy import Norm
-from .sae import ARCHITECTURES, SAE, FeatureActs, activate, split_features
+from .sae import ARCHITECTURES, SAE, CoderView, FeatureActs, activate, split_features
 
 INPUT_SITES = ("resid_mid", "mlp_in", "normalized")
 OUTPUT_SITES = ("mlp_out", "mlp_module_out")
@@ -75,7 +75,7 @@ def _skip(W_skip: Tensor | None, x: Tensor | None, where: str) -> Tensor | None:
 
 
 @dataclass(frozen=True, eq=False)
-class Transcoder:
+class Transcoder(CoderView):
     """One per-layer transcoder (PLT), optionally with a linear skip term (skip transcoders)."""
 
     layer: int
@@ -96,23 +96,9 @@ class Transcoder:
                 "re-export the transcoder with consistent weights"
             )
 
-    # -- the coder's tensors, by name ------------------------------------------------------------------
-    W_enc = property(lambda self: self.coder.W_enc)
-    b_enc = property(lambda self: self.coder.b_enc)
-    W_dec = property(lambda self: self.coder.W_dec)
-    b_dec = property(lambda self: self.coder.b_dec)
-    threshold = property(lambda self: self.coder.threshold)
-    architecture = property(lambda self: self.coder.architecture)
-    source = property(lambda self: self.coder.source)
-    labels = property(lambda self: self.coder.labels)
-
     @property
     def d_model(self) -> int:
         return self.coder.d_model
-
-    @property
-    def d_sae(self) -> int:
-        return self.coder.d_sae
 
     def encode(self, x: Tensor) -> Tensor:
         """x [..., pos, d_model] at the input site -> dense feature acts [..., pos, d_sae]."""
