@@ -421,3 +421,35 @@ def test_other_tools_graphs_refused_in_one_line(tmp_path):
         with pytest.raises(GraphFileError) as e:
             load_graph(path)
         assert "\n" not in str(e.value) and str(path) in str(e.value), name
+
+
+def test_transcoder_graph_json_is_what_circuit_tracer_and_neuronpedia_read(tiny_models, tmp_path):
+    """A plain transcoder graph's JSON passes Neuronpedia's upload rules with circuit-tracer's feature types and
+    numbering (layer = the MLP's layer, Cantor(layer, index); MLP errors -1), and reads back."""
+    from qktrace.graph.replacement_graph import build_transcoder_graph
+    from qktrace.saes import load_transcoders
+    from qktrace.testing import random_prompt, write_transcoder_set
+
+    model = tiny_models["llama"]
+    write_transcoder_set(tmp_path / "ct", model.d_model, model.n_layers)
+    ts = load_transcoders(tmp_path / "ct", model)
+    graph = build_transcoder_graph(model, ts, model.run(random_prompt(8, seed=2)), node_threshold=0.95)
+    data = json.loads(json.dumps(graph.to_json(), allow_nan=False))
+    check_neuronpedia(data)
+    types = Counter(n["feature_type"] for n in data["nodes"])
+    assert types["cross layer transcoder"] and types["mlp reconstruction error"] and types["embedding"], types
+    assert set(types) == {"cross layer transcoder", "mlp reconstruction error", "embedding", "logit"}
+    keys = Counter((str(n["layer"]), n["feature"], n["ctx_idx"]) for n in data["nodes"])
+    assert keys.most_common(1)[0][1] == 1
+    for n in data["nodes"]:
+        node = Node.parse(n["node_id"])
+        if node.kind is Kind.TRANSCODER:
+            w = (math.isqrt(8 * n["feature"] + 1) - 1) // 2
+            index = n["feature"] - w * (w + 1) // 2
+            assert (w - index, index) == (node.layer, node.index) == (int(n["layer"]), node.index)
+        elif node.kind is Kind.MLP_ERROR:
+            assert (n["layer"], n["feature"]) == (str(node.layer), -1)
+    assert all(link["head_loadings"] == [] for link in data["links"])
+    back = load_graph(graph.save(tmp_path / "tc.json"))
+    assert [n.node for n in back.nodes] == [n.node for n in graph.nodes]
+    assert back.summary()["n_features"] == types["cross layer transcoder"]

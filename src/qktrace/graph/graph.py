@@ -143,7 +143,7 @@ class Graph:
         kinds = [n.node.kind for n in self.nodes]
         return {
             "n_nodes": len(self.nodes),
-            "n_features": kinds.count(Kind.FEATURE),
+            "n_features": kinds.count(Kind.FEATURE) + kinds.count(Kind.TRANSCODER),
             "n_edges": self.n_edges,
             "completeness": self.completeness,
             "replacement": self.replacement,
