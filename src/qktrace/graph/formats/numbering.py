@@ -27,9 +27,13 @@ FEATURE_TYPE = {
     Kind.MLP_BIAS: "bias",
     Kind.HEAD_BIAS: "bias",
     **TRANSCODER_FEATURE_TYPES,
+    Kind.ATTN_OUT: "attention output",  # QK components of transcoder graphs (qk_only_nodes), never nodes
+    Kind.TC_BIAS: "bias",
+    Kind.POS_EMBED: "embedding",
 }
 FEATURE_NUMBER = {
     Kind.ERROR: -1, Kind.SAE_BIAS: -2, Kind.ATTN_BIAS: -3, Kind.MLP_BIAS: -4, Kind.HEAD_BIAS: -5, Kind.MLP_ERROR: -1,
+    Kind.ATTN_OUT: -6, Kind.TC_BIAS: -7, Kind.POS_EMBED: -8,
 }  # fmt: skip
 
 

@@ -1,0 +1,67 @@
+"""QK attributions on transcoder graphs: a head's score split over the residual's writers (transcoder features,
+MLP errors, transcoder biases and skips, attention outputs, embeddings) sums to HF's own softmax input."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from qktrace.config import TOLERANCE
+from qktrace.graph.transcoder_qk import residual_writers, transcoder_qk_attribution
+from qktrace.nodes import Kind, Node
+from qktrace.saes import load_transcoders
+from qktrace.testing import hf_attention, random_prompt, write_transcoder_set
+
+CASES = [
+    ("gpt2", "mlp_in", "hook_mlp_out", False),
+    ("llama", "mlp_in", "hook_mlp_out", False),
+    ("qwen3", "resid_mid", "hook_mlp_out", True),
+    ("gemma2", "normalized", "mlp.hook_out", True),  # writes before Gemma-2's post-MLP norm
+    ("gemma2", "mlp_in", "hook_mlp_out", False),
+]
+
+
+@pytest.mark.parametrize("family,input_site,output_hook,skip", CASES)
+def test_writer_terms_sum_to_hf_scores(family, input_site, output_hook, skip, tiny_models, tmp_path):
+    model = tiny_models[family]
+    write_transcoder_set(tmp_path / "ct", model.d_model, model.n_layers, input_site, output_hook, skip)
+    ts = load_transcoders(tmp_path / "ct", model)
+    trace = model.run(random_prompt(10, seed=3))
+    hf = hf_attention(model, trace.tokens)  # HF's softmax input, captured by its own spy
+    writers = residual_writers(model, trace, ts)
+    kinds: set[Kind] = set()
+    for layer in range(model.n_layers):
+        for head in range(model.n_heads):
+            att = transcoder_qk_attribution(model, trace, writers, layer, head, -1)
+            want = hf.scores[layer][head, -1, list(att.key_positions)]
+            scale = float(att.terms.abs().max())
+            assert float((att.capped_sum - want).abs().max()) < TOLERANCE["float32"] * scale, (layer, head)
+            assert att.max_relative_error() < TOLERANCE["float32"]
+            kinds |= {Node.parse(c).kind for c in att.key.ids}
+    want_kinds = {Kind.TOKEN, Kind.ATTN_OUT, Kind.TRANSCODER, Kind.TC_BIAS, Kind.MLP_ERROR, Kind.HEAD_BIAS}
+    assert want_kinds <= kinds, kinds
+    assert (Kind.POS_EMBED in kinds) == (family == "gpt2")
+
+
+def test_writers_name_the_graphs_nodes_and_read_like_sae_attributions(tiny_models, tmp_path):
+    """Feature components are the graph's transcoder nodes (same activations); marginals, contrast and
+    probability effects work as for SAE components; at layer 0 only embeddings and the head's constant write."""
+    from qktrace.graph.replacement import transcoder_graph
+
+    model = tiny_models["llama"]
+    write_transcoder_set(tmp_path / "ct", model.d_model, model.n_layers)
+    ts = load_transcoders(tmp_path / "ct", model)
+    trace = model.run(random_prompt(9, seed=4))
+    writers = residual_writers(model, trace, ts)
+    graph_ids = {n.id for n in transcoder_graph(model, ts, trace).nodes}
+    att = transcoder_qk_attribution(model, trace, writers, 1, 0, -1)
+    feats = [c for c in att.query.ids + att.key.ids if Node.parse(c).kind is Kind.TRANSCODER]
+    assert feats and set(feats) <= graph_ids
+    errors = [c for c in att.key.ids if Node.parse(c).kind is Kind.MLP_ERROR]
+    assert set(errors) <= graph_ids and errors
+    assert float(att.query_marginals().sum()) == pytest.approx(float(att.sum_of_terms.sum()), rel=1e-4)
+    df = att.contrast(att.key_positions[-1], att.key_positions[0])
+    assert df.attrs["score_diff"] == pytest.approx(float(att.sum_of_terms[-1] - att.sum_of_terms[0]), rel=1e-5)
+    assert torch.isfinite(att.prob_effects()).all()
+    bottom = transcoder_qk_attribution(model, trace, writers, 0, 1, -1)
+    assert {Node.parse(c).kind for c in bottom.key.ids} == {Kind.TOKEN, Kind.HEAD_BIAS}
