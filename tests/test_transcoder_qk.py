@@ -65,3 +65,22 @@ def test_writers_name_the_graphs_nodes_and_read_like_sae_attributions(tiny_model
     assert torch.isfinite(att.prob_effects()).all()
     bottom = transcoder_qk_attribution(model, trace, writers, 0, 1, -1)
     assert {Node.parse(c).kind for c in bottom.key.ids} == {Kind.TOKEN, Kind.HEAD_BIAS}
+
+
+def test_tracer_with_transcoders_builds_the_transcoder_graph_and_its_qk(tiny_paths, tmp_path):
+    from qktrace import Tracer
+    from qktrace.errors import InputError
+    from qktrace.testing import random_saes
+
+    tracer = Tracer.load(tiny_paths["gpt2"], transcoders=write_transcoder_set(tmp_path / "ct", 32, 2))
+    traced = tracer.run(random_prompt(8, seed=5))
+    assert traced.graph_kind == "transcoder"
+    graph = traced.graph(progress=False)
+    kinds = {n.node.kind for n in graph.nodes}
+    assert Kind.MLP_ERROR in kinds and Kind.FEATURE not in kinds and graph.settings["graph"] == "transcoder"
+    att = traced.qk(1, 0, -1)
+    assert any(Node.parse(c).kind is Kind.ATTN_OUT for c in att.key.ids)
+    assert att.max_relative_error() < TOLERANCE["float32"]
+    both = Tracer(tracer.model, random_saes(tracer.model, "topk"), transcoders=tracer.transcoders)
+    with pytest.raises(InputError, match="ambiguous"):
+        both.run("w1 w2").graph(progress=False)
