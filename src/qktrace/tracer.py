@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from .analyses.compare import Comparison
     from .graph import Graph, QKContributor, QKTracing
     from .graph.transcoder_qk import ResidualWriters
+    from .nodes import Node
 
 
 class Tracer:
@@ -234,15 +235,16 @@ class Traced:
         the key that head carries most from -- the top `top` term pairs, and each side's components summed
         over the other side's. Also the label and activation of every component named there that is not a
         node of the graph. `rows`: a cache of whole QK rows to reuse (see `graph`)."""
-        from .graph import QKContributor, QKTracing
-        from .nodes import Kind, Node, describe
+        from .graph import QKTracing
+        from .nodes import Node
 
         rows = {} if rows is None else rows
         ids = {n.id for n in graph.nodes}
         out: dict[int, QKTracing] = {}
         only: dict[str, QKContributor] = {}
-        for t in dict.fromkeys(int(graph.target[e]) for e in graph.cross_position_edges(links)):
-            carrier = graph.carrier(t)
+        plain = graph.settings.get("graph") == "transcoder" and self.transcoders is not None
+        for t in dict.fromkeys(int(graph.target[e]) for e in graph.cross_position_edges(links, loaded=not plain)):
+            carrier = self._direct_carrier(graph, t) if plain else graph.carrier(t)
             att = None if carrier is None else self._row(rows, carrier[0], carrier[1], graph.nodes[t].node.pos)
             if carrier is None or att is None or carrier[2] not in att.key_positions:
                 continue
@@ -264,17 +266,33 @@ class Traced:
             )  # fmt: skip
             named = [c for q, k, _ in out[t].pairs for c in (q, k)] + [c for c, _ in out[t].query + out[t].key]
             for cid in named:
-                if cid in ids or cid in only:
-                    continue
-                node = Node.parse(cid)
-                if node.kind is Kind.FEATURE:
-                    feats, values = self.acts(layer).at(node.pos)
-                    hit = (feats == node.index).nonzero().flatten()
-                    act = float(values[hit[0]]) if len(hit) else None
-                    only[cid] = QKContributor(self.saes[layer].label(node.index), act)
-                else:
-                    only[cid] = QKContributor(describe(node), None)
+                if cid not in ids and cid not in only:
+                    only[cid] = self._contributor(Node.parse(cid), layer)
         return out, only
+
+    def _contributor(self, node: Node, layer: int) -> QKContributor:
+        """A QK component that is no node of the graph: its label and activation (features only)."""
+        from .graph import QKContributor
+        from .nodes import Kind, describe
+
+        if node.kind is Kind.FEATURE:
+            feats, values = self.acts(layer).at(node.pos)
+            hit = (feats == node.index).nonzero().flatten()
+            act = float(values[hit[0]]) if len(hit) else None
+            return QKContributor(self.saes[layer].label(node.index), act)
+        if node.kind is Kind.TRANSCODER and self.transcoders is not None:
+            enc, ts = self.writers().enc, self.transcoders
+            hit = ((enc.layer == node.layer) & (enc.pos == node.pos) & (enc.index == node.index)).nonzero().flatten()
+            act = float(enc.act[hit[0]]) if len(hit) else None
+            label = ts.clt.label(node.layer, node.index) if ts.clt is not None else ts[node.layer].label(node.index)
+            return QKContributor(label, act)
+        return QKContributor(describe(node), None)
+
+    def _direct_carrier(self, graph: Graph, t: int) -> tuple[int, int, int] | None:
+        from .graph.transcoder_qk import direct_carrier
+
+        assert self.transcoders is not None
+        return direct_carrier(self.model, self.trace, self.transcoders, graph, t)
 
     def compare(self, other: Traced, **kwargs: Any) -> Comparison:
         """This prompt (A) against `other` (B), whose tokens align, head by head (see `qktrace.compare`)."""

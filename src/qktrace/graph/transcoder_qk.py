@@ -33,10 +33,12 @@ from torch import Tensor
 
 from ..models.model import Model
 from ..models.trace import Trace
-from ..nodes import CODE, Kind
+from ..nodes import CODE, Kind, Node
 from ..qk import QKAttribution, attribution, check_row, finish_side, head_constant, head_weights
 from ..saes.transcoder import TranscoderSet
-from .replacement import Encoded, Sites, encode, sites, token_vectors
+from .edges import norm_adjoint
+from .graph import Graph
+from .replacement import Encoded, Sites, encode, input_adjoint, logit_vectors, sites, token_vectors
 
 TOKEN, POS_EMBED, ATTN_OUT, TRANSCODER, TC_BIAS, MLP_ERROR, HEAD_BIAS = (
     CODE[k] for k in (Kind.TOKEN, Kind.POS_EMBED, Kind.ATTN_OUT, Kind.TRANSCODER, Kind.TC_BIAS, Kind.MLP_ERROR,
@@ -167,3 +169,58 @@ def transcoder_qk_attribution(
         proj[kind == HEAD_BIAS] = head_constant(model, layer, W, b)
         sides.append(finish_side(model, trace, layer, h, side, layer, (kind, pos, index, lay), proj))
     return attribution(model, trace, row, sides[0], sides[1])
+
+
+# -- which head a transcoder graph's node is traced through ----------------------------------------------------
+
+
+def _read_direction(model: Model, trace: Trace, ts: TranscoderSet, node: Node) -> tuple[Tensor, int] | None:
+    """(how `node` reads the residual at its position [d_model], through its frozen norm; how many attention
+    layers write that residual), for a transcoder feature or a logit; None for other kinds."""
+    an, q = model.anatomy, node.pos
+    if node.kind is Kind.TRANSCODER:
+        W_enc = ts.clt.W_enc[node.layer] if ts.clt is not None else ts[node.layer].W_enc  # [d_model, d_sae]
+        enc = W_enc[:, node.index][None]  # [1, d_model]
+        scale = trace.scale_ln_mlp[node.layer][q : q + 1]
+        g = input_adjoint(ts.input_site, an.layers[node.layer].ln_mlp, enc.to(scale.device, scale.dtype), scale)
+        return g[0], node.layer + 1
+    if node.kind is Kind.LOGIT:
+        vec = logit_vectors(an, torch.tensor([node.index]))
+        scale = trace.scale_final[q : q + 1]
+        return norm_adjoint(an.final_norm, vec.to(scale.device, vec.dtype), scale)[0], an.n_layers
+    return None
+
+
+def direct_carrier(model: Model, trace: Trace, ts: TranscoderSet, graph: Graph, t: int) -> tuple[int, int, int] | None:
+    """(layer, head, key position) to trace node `t` of a transcoder graph through, which has no head loadings:
+    the key is the source position of the most influence among the kept cross-position edges into `t`; the
+    head is the one whose output at t's position from that key -- pattern x (key residual through its frozen
+    norm, W_V, W_O) -- moves t's input direction the most directly (paths through later MLPs not counted).
+    None when no kept edge into `t` crosses positions."""
+    node = graph.nodes[t].node
+    pos = [n.node.pos for n in graph.nodes]
+    per_key: dict[int, float] = {}
+    for e in (graph.target == t).nonzero().flatten().tolist():
+        k = pos[int(graph.source[e])]
+        if k != node.pos:
+            per_key[k] = per_key.get(k, 0.0) + float(graph.influence[e])
+    read = _read_direction(model, trace, ts, node)
+    if not per_key or read is None:
+        return None
+    key = max(per_key, key=lambda k: (per_key[k], -k))
+    g, n_attn = read
+    best: tuple[float, int, int] = (-1.0, 0, 0)
+    for j in range(n_attn):
+        ly = model.anatomy.layers[j]
+        x = ly.ln_attn(trace.resid[j][key : key + 1], trace.scale_ln_attn[j][key : key + 1])[0]  # [d_model]
+        v = torch.einsum("d,hde->he", x.to(ly.W_V), ly.W_V)[ly.kv_index()]  # [head, d_head]
+        p = trace.pattern(j, node.pos, list(range(ly.n_heads)))[0, :, key]  # [head]
+        out = torch.einsum("he,hed->hd", v, ly.W_O) * p[:, None].to(v)  # [head, d_model]
+        if ly.post_attn is not None:
+            assert trace.scale_post_attn is not None
+            out = ly.post_attn.linear(out, trace.scale_post_attn[j][node.pos].to(out))
+        effect = (out @ g.to(out)).abs()
+        h = int(effect.argmax())
+        if float(effect[h]) > best[0]:
+            best = (float(effect[h]), j, h)
+    return best[1], best[2], key
