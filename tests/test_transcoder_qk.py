@@ -75,12 +75,14 @@ def test_tracer_with_transcoders_builds_the_transcoder_graph_and_its_qk(tiny_pat
     tracer = Tracer.load(tiny_paths["gpt2"], transcoders=write_transcoder_set(tmp_path / "ct", 32, 2))
     traced = tracer.run(random_prompt(8, seed=5))
     assert traced.graph_kind == "transcoder"
+    before = traced.nbytes
     graph = traced.graph(progress=False)
     kinds = {n.node.kind for n in graph.nodes}
     assert Kind.MLP_ERROR in kinds and Kind.FEATURE not in kinds and graph.settings["graph"] == "transcoder"
     att = traced.qk(1, 0, -1)
     assert any(Node.parse(c).kind is Kind.ATTN_OUT for c in att.key.ids)
     assert att.max_relative_error() < TOLERANCE["float32"]
+    assert traced.nbytes > before  # the residual's writers count in what the server's cache holds
     both = Tracer(tracer.model, random_saes(tracer.model, "topk"), transcoders=tracer.transcoders)
     with pytest.raises(InputError, match="ambiguous"):
         both.run("w1 w2").graph(progress=False)

@@ -104,10 +104,15 @@ class Traced:
 
     @property
     def nbytes(self) -> int:
-        """Bytes held for this prompt: the trace, its pattern cache and the SAE encodings made so far."""
+        """Bytes held for this prompt: the trace, its pattern cache, the SAE encodings and the residual's
+        writers (with transcoders) made so far."""
         held = sum(
             t.numel() * t.element_size() for a in self._acts.values() for t in (a.pos, a.feature, a.act, a.error)
         )
+        w = self._writers
+        if w is not None:
+            parts = (*w.attn, *w.mlp, *w.sites.x, *w.sites.y, w.tokens, w.enc.errors, w.enc.act)
+            held += sum(t.numel() * t.element_size() for t in parts)
         return self.trace.nbytes + held
 
     def sae(self, checkpoint: int) -> SAE:
