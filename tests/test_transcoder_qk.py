@@ -86,3 +86,39 @@ def test_tracer_with_transcoders_builds_the_transcoder_graph_and_its_qk(tiny_pat
     both = Tracer(tracer.model, random_saes(tracer.model, "topk"), transcoders=tracer.transcoders)
     with pytest.raises(InputError, match="ambiguous"):
         both.run("w1 w2").graph(progress=False)
+
+
+@pytest.mark.parametrize("family", ["gemma2", "gpt2"])
+def test_cross_layer_transcoder_writers_sum_to_hf_scores(family, tmp_path):
+    """A CLT's feature read at layer 0 writes layers 0, 1 and 2: at layer 2's input it is one component, the
+    sum of both writes; the terms still sum to HF's scores, and the transcoder graph prunes and saves."""
+    from qktrace.graph import build_transcoder_graph, load_graph
+    from qktrace.models import load_model
+    from qktrace.saes import CrossLayerTranscoder, TranscoderSet
+    from qktrace.testing import make_tiny_model
+
+    kinds = ["sliding_attention", "full_attention", "sliding_attention"]
+    layers = {"n_layer": 3} if family == "gpt2" else {"num_hidden_layers": 3, "layer_types": kinds}
+    model = load_model(make_tiny_model(family, tmp_path / "m", seed=7, **layers))
+    n, d, d_sae = 3, model.d_model, 24
+    g = torch.Generator().manual_seed(0)
+    clt = CrossLayerTranscoder(
+        "standard",
+        W_enc=torch.randn(n, d, d_sae, generator=g) / d**0.5,
+        b_enc=torch.randn(n, d_sae, generator=g) * 0.2 - 0.3,
+        W_dec=tuple(torch.randn(d_sae, n - i, d, generator=g) * 0.3 for i in range(n)),
+        b_dec=torch.randn(n, d, generator=g) * 0.2,
+        input_site="mlp_in",
+        W_skip=torch.randn(n, d, d, generator=g) * 0.05,
+    )
+    ts = TranscoderSet(clt=clt)
+    trace = model.run(random_prompt(9, seed=6))
+    hf = hf_attention(model, trace.tokens)
+    writers = residual_writers(model, trace, ts)
+    for head in range(model.n_heads):
+        att = transcoder_qk_attribution(model, trace, writers, 2, head, -1)
+        want = hf.scores[2][head, -1, list(att.key_positions)]
+        assert float((att.capped_sum - want).abs().max()) < TOLERANCE["float32"] * float(att.terms.abs().max())
+    assert any(c.startswith("transcoder/l0/") for c in att.key.ids)
+    graph = build_transcoder_graph(model, ts, trace)
+    assert load_graph(graph.save(tmp_path / "clt.json")).n_edges == graph.n_edges > 0
