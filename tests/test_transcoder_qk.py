@@ -122,3 +122,27 @@ def test_cross_layer_transcoder_writers_sum_to_hf_scores(family, tmp_path):
     assert any(c.startswith("transcoder/l0/") for c in att.key.ids)
     graph = build_transcoder_graph(model, ts, trace)
     assert load_graph(graph.save(tmp_path / "clt.json")).n_edges == graph.n_edges > 0
+
+
+def test_qk_tracing_goes_through_the_only_head_that_moves_anything(tmp_path):
+    """With every attention head's W_O zeroed but one, each traced node of a transcoder graph is traced through
+    that head (the direct-effect choice can fail: any other head would be wrong)."""
+    import transformers
+
+    from qktrace import Tracer
+    from qktrace.testing import make_tiny_model
+
+    path = make_tiny_model("llama", tmp_path / "m", seed=11)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(path)
+    d_head = hf.config.hidden_size // hf.config.num_attention_heads
+    with torch.no_grad():
+        for layer, block in enumerate(hf.model.layers):
+            keep = torch.zeros_like(block.self_attn.o_proj.weight)
+            if layer == 0:
+                keep[:, 2 * d_head : 3 * d_head] = 1
+            block.self_attn.o_proj.weight.mul_(keep)
+    hf.save_pretrained(path)
+    tracer = Tracer.load(path, transcoders=write_transcoder_set(tmp_path / "ct", 32, 2))
+    graph = tracer.run(random_prompt(10, seed=8)).graph(progress=False, node_threshold=0.99, edge_threshold=0.99)
+    assert graph.qk_tracing
+    assert {(tr.layer, tr.head) for tr in graph.qk_tracing.values()} == {(0, 2)}
