@@ -696,3 +696,40 @@ def test_compare_view(setup, shots, driver, tmp_path):
         assert "No model is loaded" in note.text
         assert len(driver.find_elements(By.CSS_SELECTOR, "#compare-svg-b g.node")) == len(graphs["b.json"]["nodes"])
         assert console_errors(driver) == []
+
+
+def test_transcoder_graph_in_the_browser(setup, shots, driver, tmp_path):
+    """A plain transcoder graph opens: every node drawn (transcoder features as their own kind), no head
+    loadings, and a traced node's QK pairs name the residual's writers with their labels."""
+    from qktrace.saes import load_transcoders
+    from qktrace.testing import random_prompt, write_transcoder_set
+
+    model = setup.tracer.model
+    ts = load_transcoders(write_transcoder_set(tmp_path / "ct", model.d_model, model.n_layers), model)
+    traced = qktrace.Tracer(model, transcoders=ts).run(random_prompt(8, seed=2))
+    data = tmp_path / "graphs"
+    data.mkdir()
+    traced.graph(progress=False, node_threshold=0.95).save(data / "tc.json")
+    raw = json.loads((data / "tc.json").read_text())
+    with LiveServer(create_app(data, setup.tracer)) as server:
+        open_graph(driver, server, "tc.json")
+        nodes = driver.find_elements(By.CSS_SELECTOR, "#graph-svg g.node")
+        assert {g.get_attribute("data-id") for g in nodes} == {n["node_id"] for n in raw["nodes"]}
+        kinds = {g.get_attribute("data-kind") for g in nodes}
+        assert {"transcoder", "mlp_error", "token", "logit"} <= kinds, kinds
+        labels = {n["node_id"]: n["clerp"] for n in raw["nodes"]}
+        labels |= {k: v["clerp"] for k, v in raw.get("qk_only_nodes", {}).items()}
+        traced_node = next(n for n in raw["nodes"] if "qk_tracing_results" in n)
+        node = driver.find_element(
+            By.CSS_SELECTOR, f'#graph-svg g.node[data-id="{traced_node["node_id"]}"] > :first-child'
+        )
+        click(driver, node)
+        wait(driver, "#qk-tracing tr.qk-pair")
+        rows = driver.find_elements(By.CSS_SELECTOR, "#qk-tracing tr.qk-pair")
+        pairs = traced_node["qk_tracing_results"]["pair_wise_contributors"]
+        assert len(rows) == len(pairs)
+        for row, (q, k, _) in zip(rows, pairs):
+            cells = row.find_elements(By.CSS_SELECTOR, "td")
+            assert (text_of(cells[0]), text_of(cells[1])) == (labels[q], labels[k])
+        driver.save_screenshot(str(shots / "12-transcoder-graph.png"))
+        assert console_errors(driver) == []

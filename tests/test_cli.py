@@ -152,6 +152,10 @@ STEER = ["steer", "@M", "--saes", "@S", "--prompt", "Aunt Sally is the", "--laye
             "does not exist",
         ),
         (["serve", "--labels", "@T/file.txt"], "add --model"),
+        (["graph", "@M", "--prompt", "w1", "--out", "@T/g.json", "--transcoders", "@T/missing"], "does not exist"),
+        (["qk", "@M", "--prompt", "w1", "--layer", "0", "--head", "0", "--transcoders", "@T/nope"], "does not exist"),
+        (["serve", "--transcoders", "@T/nope"], "does not exist"),
+        (["serve", "--transcoders", "@T/file.txt"], "add --model"),
     ],
 )
 def test_mistakes_are_refused_before_loading(capsys, tmp_path, no_loading, args, needle):
@@ -387,3 +391,22 @@ def test_labels_slug_and_scan(capsys, tiny_paths, saes_dir, tmp_path):
     at1 = [(Node.parse(n["node_id"]), n["clerp"]) for n in data["nodes"]]
     at1 = [(node, clerp) for node, clerp in at1 if node.kind is Kind.FEATURE and node.checkpoint == 1]
     assert at1 and all(clerp.startswith(f"np feature {node.index}") for node, clerp in at1)
+
+
+def test_transcoders_build_the_transcoder_graph_and_its_qk(capsys, tiny_paths, tmp_path):
+    """--transcoders without --saes: graph writes circuit-tracer's node types, qk decomposes over writers."""
+    from qktrace.testing import write_transcoder_set
+
+    ts = str(write_transcoder_set(tmp_path / "ct", 32, 2))
+    model, out = str(tiny_paths["llama"]), tmp_path / "tc.json"
+    code, stdout, err = run(capsys, "graph", model, "--transcoders", ts, "--prompt", "Aunt Sally is", "--out", str(out))
+    assert code == 0, err
+    data = json.loads(out.read_text())
+    assert data["metadata"]["qktrace"]["settings"]["graph"] == "transcoder"
+    assert {"mlp reconstruction error", "embedding", "logit"} <= {n["feature_type"] for n in data["nodes"]}
+    argv = ["qk", model, "--transcoders", ts, "--prompt", "Aunt Sally w1 . Aunt", "--layer", "1", "--head", "0"]
+    code, stdout, err = run(capsys, *argv, "--json", "--top", "1000")
+    assert code == 0, err
+    obj = json.loads(stdout)
+    assert abs(obj["capped_sum"][-1] - obj["score"][-1]) < 1e-4 * max(1.0, abs(obj["score"][-1]))
+    assert any(t["key"].startswith("attn_out/l0/") for t in obj["terms"])

@@ -421,3 +421,49 @@ def test_other_tools_graphs_refused_in_one_line(tmp_path):
         with pytest.raises(GraphFileError) as e:
             load_graph(path)
         assert "\n" not in str(e.value) and str(path) in str(e.value), name
+
+
+def test_transcoder_graph_json_is_what_circuit_tracer_and_neuronpedia_read(tiny_models, tmp_path):
+    """A plain transcoder graph's JSON passes Neuronpedia's upload rules with circuit-tracer's feature types and
+    numbering (layer = the MLP's layer, Cantor(layer, index); MLP errors -1), and reads back."""
+    from qktrace.graph.replacement_graph import build_transcoder_graph
+    from qktrace.saes import load_transcoders
+    from qktrace.testing import random_prompt, write_transcoder_set
+
+    model = tiny_models["llama"]
+    write_transcoder_set(tmp_path / "ct", model.d_model, model.n_layers)
+    ts = load_transcoders(tmp_path / "ct", model)
+    traced = qktrace.Tracer(model, transcoders=ts).run(random_prompt(8, seed=2))
+    graph = traced.graph(node_threshold=0.95)
+    data = json.loads(json.dumps(graph.to_json(), allow_nan=False))
+    check_neuronpedia(data)  # every QK contributor resolves to a node or a QK-only node
+    assert graph.settings["graph"] == "transcoder"
+    plain = build_transcoder_graph(model, ts, traced.trace, node_threshold=0.95)
+    assert [n.id for n in plain.nodes] == [n.id for n in graph.nodes]
+    traced_nodes = [n for n in data["nodes"] if "qk_tracing_results" in n]
+    assert traced_nodes, "targets of cross-position links should carry QK tracing through a chosen head"
+    for n in traced_nodes:  # the tracing is the head's own QK row at (query, key): terms of its score
+        head = n["qk_tracing_head"]
+        att = traced.qk(head["layer"], head["head"], head["query_pos"])
+        i = att.key_positions.index(head["key_pos"])
+        assert head["score"] == pytest.approx(float(att.sum_of_terms[i]), rel=1e-5)
+        frame = att.terms_frame(top=len(n["qk_tracing_results"]["pair_wise_contributors"]), key_pos=head["key_pos"])
+        pairs = n["qk_tracing_results"]["pair_wise_contributors"]
+        assert [v for _, _, v in pairs] == pytest.approx(frame["value"].tolist(), rel=1e-5)
+    types = Counter(n["feature_type"] for n in data["nodes"])
+    assert types["cross layer transcoder"] and types["mlp reconstruction error"] and types["embedding"], types
+    assert set(types) == {"cross layer transcoder", "mlp reconstruction error", "embedding", "logit"}
+    keys = Counter((str(n["layer"]), n["feature"], n["ctx_idx"]) for n in data["nodes"])
+    assert keys.most_common(1)[0][1] == 1
+    for n in data["nodes"]:
+        node = Node.parse(n["node_id"])
+        if node.kind is Kind.TRANSCODER:
+            w = (math.isqrt(8 * n["feature"] + 1) - 1) // 2
+            index = n["feature"] - w * (w + 1) // 2
+            assert (w - index, index) == (node.layer, node.index) == (int(n["layer"]), node.index)
+        elif node.kind is Kind.MLP_ERROR:
+            assert (n["layer"], n["feature"]) == (str(node.layer), -1)
+    assert all(link["head_loadings"] == [] for link in data["links"])
+    back = load_graph(graph.save(tmp_path / "tc.json"))
+    assert [n.node for n in back.nodes] == [n.node for n in graph.nodes]
+    assert back.summary()["n_features"] == types["cross layer transcoder"]

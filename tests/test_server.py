@@ -580,3 +580,25 @@ def test_a_bug_is_one_line_of_json_and_the_server_keeps_serving(setup, tmp_path,
     assert job["status"] == "error" and job["stage"] == "failed" and "internal error (RuntimeError" in job["error"]
     assert list(tmp_path.iterdir()) == []
     ok(client.get("/api/info"))
+
+
+def test_serve_with_transcoders_builds_transcoder_graphs(setup, tmp_path):
+    """A tracer holding transcoders (what `serve --transcoders` loads) answers POST /api/graph with the plain
+    transcoder graph, and /api/qk over the residual's writers."""
+    from qktrace.testing import write_transcoder_set
+
+    model = setup.tracer.model
+    tracer = Tracer.load(setup.root / "model", transcoders=write_transcoder_set(tmp_path / "ct", model.d_model, 2))
+    data = tmp_path / "graphs"
+    data.mkdir()
+    client = TestClient(create_app(data, tracer))
+    job = ok(client.post("/api/graph", json={"prompt": "Aunt Sally is the opposite of", "name": "tc"}), 202)
+    deadline = time.monotonic() + 120
+    while job["status"] == "running" and time.monotonic() < deadline:
+        time.sleep(0.1)
+        job = ok(client.get(f"/api/jobs/{job['id']}"))
+    assert job["status"] == "done", job
+    graph = ok(client.get("/api/graphs/tc"))["graph"]
+    assert graph["metadata"]["qktrace"]["settings"]["graph"] == "transcoder"
+    kinds = {Node.parse(n["node_id"]).kind.value for n in graph["nodes"]}
+    assert {"mlp_error", "token", "logit"} <= kinds and "feature" not in kinds

@@ -14,13 +14,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
 
 from qktrace.graph.replacement import transcoder_graph
 from qktrace.models import load_model
 from qktrace.nodes import Kind
 from qktrace.saes import load_transcoders
-from qktrace.testing import make_tiny_model
+from qktrace.testing import make_tiny_model, write_transcoder_set
 
 FAMILIES = ("gpt2", "llama", "gemma2", "qwen3")
 D_SAE = 48
@@ -37,33 +36,12 @@ HF = {
         None,
     ),
 }
-# circuit-tracer hooks per input site
 # HF (and so qktrace's trace) computes norm scales in float32 even in a float64 model; the reference in float64
 TOL = dict(rtol=1e-5, atol=1e-5)
-INPUT_HOOK = {"resid_mid": "hook_resid_mid", "mlp_in": "mlp.hook_in", "normalized": "ln2.hook_normalized"}
-
-
-def rand(*shape: int, seed: int, scale: float = 1.0) -> torch.Tensor:
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64) * scale
 
 
 def write_set(folder: Path, d: int, n: int, input_site: str, output_hook: str, skip: bool) -> None:
-    """A circuit-tracer ReLU transcoder set with a negative encoder bias (a few features active per token)."""
-    folder.mkdir(parents=True)
-    folder.joinpath("config.yaml").write_text(
-        f'model_kind: "transcoder_set"\nfeature_input_hook: "{INPUT_HOOK[input_site]}"\n'
-        f'feature_output_hook: "{output_hook}"\n'
-    )
-    for i in range(n):
-        w = {
-            "W_enc": rand(D_SAE, d, seed=10 * i + 1, scale=1.0 / d**0.5),
-            "W_dec": rand(D_SAE, d, seed=10 * i + 2, scale=0.3),
-            "b_enc": rand(D_SAE, seed=10 * i + 3, scale=0.2) - 0.4,
-            "b_dec": rand(d, seed=10 * i + 4, scale=0.2),
-        }
-        if skip:
-            w["W_skip"] = rand(d, d, seed=10 * i + 6, scale=0.1)
-        save_file({k: v.float() for k, v in w.items()}, str(folder / f"layer_{i}.safetensors"))
+    write_transcoder_set(folder, d, n, input_site, output_hook, skip, d_sae=D_SAE)
 
 
 @pytest.fixture(scope="module")
@@ -217,3 +195,84 @@ def test_every_edge_is_an_autograd_gradient_through_hf(family, input_site, outpu
     assert kinds == [Kind.TRANSCODER] * n_feat + [Kind.MLP_ERROR] * (n_layers * n_pos) + [Kind.TOKEN] * n_pos + [
         Kind.LOGIT
     ] * len(g.logit_tokens)
+
+
+# -- the pruned graph: circuit-tracer's prune_graph and compute_graph_scores, written densely here --------------
+
+
+def ct_normalize(a: torch.Tensor) -> torch.Tensor:
+    a = a.abs()
+    return a / a.sum(1, keepdim=True).clamp(min=1e-10)
+
+
+def ct_influence(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """w @ (A + A^2 + ...), by solving (I - A)^T x = w rather than by a sweep."""
+    eye = torch.eye(len(a), dtype=a.dtype)
+    return torch.linalg.solve((eye - a).T, w) - w
+
+
+def ct_threshold(scores: torch.Tensor, fraction: float) -> float:
+    s = torch.sort(scores.flatten(), descending=True).values
+    return float(s[int(torch.searchsorted(torch.cumsum(s, 0) / s.sum(), torch.tensor([fraction], dtype=s.dtype)))])
+
+
+def ct_prune(tg, node_threshold: float, edge_threshold: float):  # type: ignore[no-untyped-def]
+    adj = tg.adjacency.double()
+    n_logit, n_tok, n_feat = len(tg.logit_tokens), int(tg.tokens.numel()), tg.n_features
+    w = torch.zeros(len(adj), dtype=torch.float64)
+    w[-n_logit:] = tg.logit_probs.double()
+    infl = ct_influence(ct_normalize(adj), w)
+    mask = infl >= ct_threshold(infl, node_threshold)
+    mask[-n_logit - n_tok :] = True
+    pruned = adj.clone()
+    pruned[~mask] = 0
+    pruned[:, ~mask] = 0
+    norm = ct_normalize(pruned)
+    scores = norm * (ct_influence(norm, w) + w)[:, None]
+    edges = scores >= ct_threshold(scores, edge_threshold)
+    while True:
+        old = mask.clone()
+        mask[: -n_logit - n_tok] &= edges[:, : -n_logit - n_tok].any(0)
+        mask[:n_feat] &= edges[:n_feat].any(1)
+        edges &= mask[:, None] & mask[None, :]
+        if torch.equal(mask, old):
+            break
+    err = slice(n_feat, len(adj) - n_logit - n_tok)
+    full = ct_normalize(adj)
+    tok_i, err_i = float(infl[-n_logit - n_tok : -n_logit].sum()), float(infl[err].sum())
+    completeness = float(((1 - full[:, err].sum(1)) * (infl + w)).sum() / (infl + w).sum())
+    return mask, edges, tok_i / (tok_i + err_i), completeness
+
+
+@pytest.mark.parametrize("family", ["gpt2", "gemma2"])
+def test_pruned_graph_is_circuit_tracers_prune_of_the_adjacency(family, models64, tmp_path):
+    """Kept nodes and edges, weights and both scores equal circuit-tracer's prune_graph / compute_graph_scores
+    on the unpruned adjacency (written densely above); every kept edge is an adjacency entry, unchanged."""
+    from qktrace.graph.replacement_graph import build_transcoder_graph
+
+    model = models64[family]
+    write_set(tmp_path / "ct", model.d_model, model.n_layers, "mlp_in", "hook_mlp_out", False)
+    ts = load_transcoders(tmp_path / "ct", model, dtype=torch.float64)
+    trace = model.run("Aunt Sally is the opposite of Uncle Bob .")
+    tg = transcoder_graph(model, ts, trace)
+    graph = build_transcoder_graph(model, ts, trace, node_threshold=0.9, edge_threshold=0.95, max_nodes=None)
+    mask, edges, replacement, completeness = ct_prune(tg, 0.9, 0.95)
+    index = {n.id: i for i, n in enumerate(tg.nodes)}
+    kept = [index[n.id] for n in graph.nodes]
+    assert kept == mask.nonzero().flatten().tolist() and len(kept) < len(tg.nodes)
+    got = {(kept[s], kept[t]): float(w) for s, t, w in zip(graph.source, graph.target, graph.weight)}
+    want = {(int(s), int(t)): float(tg.adjacency[t, s]) for t, s in edges.nonzero().tolist()}
+    assert got.keys() == want.keys() and len(got) > 10
+    for key, value in got.items():
+        assert value == pytest.approx(want[key], rel=1e-6, abs=1e-12)  # stored as float32
+    assert graph.replacement == pytest.approx(replacement, rel=1e-9)
+    assert graph.completeness == pytest.approx(completeness, rel=1e-9)
+    kinds = {n.node.kind for n in graph.nodes}
+    assert {Kind.MLP_ERROR, Kind.TOKEN, Kind.LOGIT} <= kinds and graph.heads.shape == (graph.n_edges, 0)
+    assert Kind.TRANSCODER in kinds, [(n.id, n.influence) for n in graph.nodes]
+    # the Graph saves and reads back like any other, node kinds and scores included
+    from qktrace.graph import load_graph
+
+    back = load_graph(graph.save(tmp_path / "g.json"))
+    assert [n.id for n in back.nodes] == [n.id for n in graph.nodes]
+    assert back.replacement == graph.replacement and torch.equal(back.weight, graph.weight)

@@ -15,6 +15,10 @@ prefix per field, so ids never collide and always parse back:
     transcoder/l2/p5/f12    transcoder feature 12 read at layer 2's MLP input, position 5 (writes layer 2's
                             MLP output, and later layers' for a cross-layer transcoder)
     mlp_error/l2/p5         layer 2's MLP output minus its transcoder reconstruction at position 5
+    attn_out/l2/p5          a QK component of transcoder graphs, not a graph node: attention layer 2's whole
+                            output at position 5 (every head, its biases, the post-attention norm)
+    tc_bias/l2/p5           a QK component: layer 2's transcoder decoder bias plus its skip term at position 5
+    pos_embed/c0/p5         a QK component: the learned position embedding at position 5 (GPT-2)
 
 Checkpoint c is the residual stream at the input of layer c; c = n_layers is the final residual.
 Transcoder nodes belong to a layer's MLP, not to a checkpoint: their ids write `l{layer}` and `Node.layer`
@@ -48,12 +52,20 @@ class Kind(str, Enum):
     HEAD_BIAS = "head_bias"
     TRANSCODER = "transcoder"
     MLP_ERROR = "mlp_error"
+    ATTN_OUT = "attn_out"
+    TC_BIAS = "tc_bias"
+    POS_EMBED = "pos_embed"
 
 
 KINDS: tuple[Kind, ...] = tuple(Kind)
 CODE: dict[Kind, int] = {kind: i for i, kind in enumerate(KINDS)}
 LEAF_KINDS = (Kind.ERROR, Kind.SAE_BIAS, Kind.ATTN_BIAS, Kind.MLP_BIAS, Kind.MLP_ERROR)  # no edge enters these
-LAYERED_KINDS = (Kind.TRANSCODER, Kind.MLP_ERROR)  # numbered by layer (`l2`), not by checkpoint
+LAYERED_KINDS = (
+    Kind.TRANSCODER,
+    Kind.MLP_ERROR,
+    Kind.ATTN_OUT,
+    Kind.TC_BIAS,
+)  # numbered by layer (`l2`), not by checkpoint
 TRANSCODER_FEATURE_TYPES = {Kind.TRANSCODER: "cross layer transcoder", Kind.MLP_ERROR: "mlp reconstruction error"}
 
 
@@ -142,6 +154,9 @@ def describe(node: Node) -> str:
         Kind.HEAD_BIAS: f"head bias at layer {c} (norm bias through W_Q/W_K, plus b_Q/b_K)",
         Kind.TRANSCODER: f"transcoder feature {node.index} at layer {c}",
         Kind.MLP_ERROR: f"MLP error of layer {c} (its output minus the transcoder reconstruction)",
+        Kind.ATTN_OUT: f"attention output of layer {c} (every head and its biases)",
+        Kind.TC_BIAS: f"transcoder decoder bias and skip term of layer {c}",
+        Kind.POS_EMBED: f"position embedding at position {node.pos}",
     }[node.kind]
 
 

@@ -51,13 +51,42 @@ class SideComponents:
     feature: Tensor  # [component] SAE feature index, -1 for the others
     rotated: Tensor  # [component, d_head] after QK-norm and rotary (what the score sees)
     unrotated: Tensor  # [component, d_head] the same without rotary
+    layer: Tensor | None = None  # [component] each one's checkpoint or layer, where they differ (writers)
 
     def id(self, i: int) -> str:
-        return of_code(int(self.kind[i]), self.checkpoint, int(self.pos[i]), int(self.feature[i])).id
+        c = self.checkpoint if self.layer is None else int(self.layer[i])
+        return of_code(int(self.kind[i]), c, int(self.pos[i]), int(self.feature[i])).id
 
     @cached_property
     def ids(self) -> tuple[str, ...]:
         return tuple(self.id(i) for i in range(len(self.kind)))
+
+
+def head_weights(model: Model, layer: int, head: int, side: str) -> tuple[int, Tensor, Tensor]:
+    """(the head whose weights `side` reads -- h, or its kv head for keys --, W [d_model, d_head], b [d_head])."""
+    ly = model.anatomy.layers[layer]
+    h = head if side == "q" else ly.kv_head[head]
+    return h, (ly.W_Q if side == "q" else ly.W_K)[h], (ly.b_Q if side == "q" else ly.b_K)[h]
+
+
+def head_constant(model: Model, layer: int, W: Tensor, b: Tensor) -> Tensor:
+    """The constant part of one side of a head [d_head]: the attention-input norm's bias through W, plus b."""
+    ln = model.anatomy.layers[layer].ln_attn
+    return b if ln.bias is None else ln.bias @ W + b
+
+
+def finish_side(
+    model: Model, trace: Trace, layer: int, h: int, side: str, checkpoint: int,
+    columns: tuple[Tensor, Tensor, Tensor, Tensor | None], proj: Tensor,
+) -> SideComponents:  # fmt: skip
+    """QK-norm at its frozen scale (per position and head), then rotary at each component's own position.
+    `columns`: (kind, pos, feature, layer or None) of the components; `proj` [component, d_head] before both."""
+    kind, pos, feature, layer_col = columns
+    ly, rotary = model.anatomy.layers[layer], model.anatomy.rotary
+    scales = trace.scale_q_norm if side == "q" else trace.scale_k_norm
+    unrot = proj if scales is None else qk_norm_frozen(ly, side, proj, scales[layer, h, pos])
+    rot = rotary.rotate(unrot, pos) if rotary is not None else unrot
+    return SideComponents(checkpoint, kind, pos, feature, rot, unrot, layer_col)
 
 
 def project_side(
@@ -67,11 +96,8 @@ def project_side(
 
     Features are projected once per distinct feature: ln_linear(a v, s) @ W = a s (ln_linear(v, 1) @ W).
     """
-    an = model.anatomy
-    ly = an.layers[layer]
-    h = head if side == "q" else ly.kv_head[head]
-    W = (ly.W_Q if side == "q" else ly.W_K)[h]  # [d_model, d_head], float32 on the layer's device
-    b = (ly.b_Q if side == "q" else ly.b_K)[h]  # [d_head]
+    ly = model.anatomy.layers[layer]
+    h, W, b = head_weights(model, layer, head, side)  # W [d_model, d_head], float32 on the layer's device
     dev = W.device
     P = torch.as_tensor(list(positions), dtype=torch.long, device=dev)
     s_ln = trace.scale_ln_attn[layer]  # [pos]
@@ -88,18 +114,14 @@ def project_side(
     b_dec = sae.b_dec.to(dev, cdt)
     rest = torch.stack([b_dec.expand(len(P), -1), acts.error[P.to(acts.error.device)].to(dev, cdt)], 1)
     rest_proj = ly.ln_attn.linear(rest, s_ln[P][:, None]) @ W  # [pos, 2, d_head]
-    const = b if ly.ln_attn.bias is None else ly.ln_attn.bias @ W + b
+    const = head_constant(model, layer, W, b)
     rest_proj = torch.cat([rest_proj, const.expand(len(P), 1, -1)], 1).reshape(-1, W.shape[1])
     proj = torch.cat([feat_proj, rest_proj])
     pos = torch.cat([fpos, P.repeat_interleave(3)])
     kinds = torch.tensor([SAE_BIAS, ERROR, HEAD_BIAS], device=dev).repeat(len(P))
     kind = torch.cat([torch.full_like(fpos, FEATURE), kinds])
     feature = torch.cat([feat, torch.full_like(kinds, -1)])
-    # QK-norm at its frozen scale (per position and head), then rotary at each component's own position
-    scales = trace.scale_q_norm if side == "q" else trace.scale_k_norm
-    unrot = proj if scales is None else qk_norm_frozen(ly, side, proj, scales[layer, h, pos])
-    rot = an.rotary.rotate(unrot, pos) if an.rotary is not None else unrot
-    return SideComponents(sae.checkpoint, kind, pos, feature, rot, unrot)
+    return finish_side(model, trace, layer, h, side, sae.checkpoint, (kind, pos, feature, None), proj)
 
 
 @dataclass(frozen=True)
@@ -148,9 +170,11 @@ class QKAttribution:
 
     def plain_label(self, component: str) -> str:
         """A component's label without position: its feature's label, or its kind ('error', 'head_bias')."""
-        kind, _, index = parse_positionless(component)
+        kind, layer, index = parse_positionless(component)
         if kind is Kind.FEATURE:
             return str(self.feature_labels.get(index, f"f{index}"))
+        if kind is Kind.TRANSCODER:
+            return f"tc{layer}/f{index}"
         return kind.value
 
     def terms_frame(self, top: int | None = 50, key_pos: int | None = None) -> pd.DataFrame:
@@ -292,6 +316,28 @@ class QKAttribution:
         }
 
 
+def check_row(
+    model: Model, trace: Trace, layer: int, head: int, query_pos: int, key_pos: int | Sequence[int] | None
+) -> tuple[int, int, int, list[int]]:
+    """(layer, head, query position, key positions) checked: keys default to every key the query may see."""
+    n = trace.n_pos
+    layer = check_index(layer, model.n_layers, "layer")
+    ly = model.anatomy.layers[layer]
+    head = check_index(head, ly.n_heads, f"head (layer {layer} has {ly.n_heads})")
+    q = check_index(query_pos, n, "query position", allow_negative=True)
+    visible = trace.keys(layer, q)
+    if key_pos is None:
+        return layer, head, q, list(visible)
+    keys = resolve_positions(key_pos, n, repeats="refuse", what="key position")
+    for k in keys:
+        if k not in visible:
+            raise OutOfRangeError(
+                f"query position {q} cannot attend to key position {k} in layer {layer} "
+                f"(causal mask or sliding window): choose a key in {visible[0]}..{visible[-1]}"
+            )
+    return layer, head, q, list(keys)
+
+
 def qk_attribution(
     model: Model,
     trace: Trace,
@@ -303,31 +349,26 @@ def qk_attribution(
     key_pos: int | Sequence[int] | None = None,
 ) -> QKAttribution:
     """Decompose head (layer, head)'s scores from `query_pos` to `key_pos` (None: every key it may see)."""
-    n = trace.n_pos
-    layer = check_index(layer, model.n_layers, "layer")
-    ly = model.anatomy.layers[layer]
-    head = check_index(head, ly.n_heads, f"head (layer {layer} has {ly.n_heads})")
-    q = check_index(query_pos, n, "query position", allow_negative=True)
+    layer, head, q, keys = check_row(model, trace, layer, head, query_pos, key_pos)
     if sae.checkpoint != layer:
         raise InputError(f"the SAE given is at checkpoint {sae.checkpoint}, but layer {layer} reads checkpoint {layer}")
-    visible = trace.keys(layer, q)
-    if key_pos is None:
-        keys = visible
-    else:
-        keys = resolve_positions(key_pos, n, repeats="refuse", what="key position")
-        for k in keys:
-            if k not in visible:
-                raise OutOfRangeError(
-                    f"query position {q} cannot attend to key position {k} in layer {layer} "
-                    f"(causal mask or sliding window): choose a key in {visible[0]}..{visible[-1]}"
-                )
     Q = project_side(model, trace, sae, acts, layer, head, "q", [q])
     K = project_side(model, trace, sae, acts, layer, head, "k", keys)
+    return attribution(model, trace, (layer, head, q, keys), Q, K, sae.labels)
+
+
+def attribution(
+    model: Model, trace: Trace, row: tuple[int, int, int, list[int]], Q: SideComponents, K: SideComponents,
+    labels: Mapping[int, str] | None = None,
+) -> QKAttribution:  # fmt: skip
+    """Step 3: the (query component x key component) terms of a checked `row` and their sums per key."""
+    layer, head, q, keys = row
+    ly = model.anatomy.layers[layer]
     terms = (Q.rotated @ K.rotated.T) * ly.scale  # [q_component, k_component]
     unrot = (Q.unrotated @ K.unrotated.T) * ly.scale
     dev = terms.device
     key_t = torch.tensor(keys, dtype=torch.long, device=dev)
-    lookup = torch.full((n,), -1, dtype=torch.long, device=dev)
+    lookup = torch.full((trace.n_pos,), -1, dtype=torch.long, device=dev)
     lookup[key_t] = torch.arange(len(keys), device=dev)
     key_index = lookup[K.pos]
     sums = torch.zeros(len(keys), dtype=terms.dtype, device=dev).index_add_(0, key_index, terms.sum(0))
@@ -347,6 +388,6 @@ def qk_attribution(
         pattern=trace.pattern(layer, q, [head])[0, 0, key_t],
         softcap=ly.softcap,
         key_index=key_index,
-        feature_labels=sae.labels,
+        feature_labels=labels or {},
         str_tokens=trace.str_tokens,
     )

@@ -229,6 +229,41 @@ def hf_attention(model: Any, ids: Tensor) -> HFAttention:
     return HFAttention(scores, [a[0] for a in out.attentions], outs, out.logits[0])
 
 
+# -- circuit-tracer transcoder sets on disk ---------------------------------------------------------------------
+
+CT_INPUT_HOOK = {"resid_mid": "hook_resid_mid", "mlp_in": "mlp.hook_in", "normalized": "ln2.hook_normalized"}
+
+
+def write_transcoder_set(
+    folder: Path, d_model: int, n_layers: int, input_site: str = "mlp_in", output_hook: str = "hook_mlp_out",
+    skip: bool = False, d_sae: int = 48,
+) -> Path:  # fmt: skip
+    """A circuit-tracer ReLU transcoder set (config.yaml + layer_L.safetensors) with a negative encoder bias,
+    so a few features are active per token; `input_site` names the site, `output_hook` circuit-tracer's hook."""
+    from safetensors.torch import save_file
+
+    def rand(*shape: int, seed: int, scale: float = 1.0) -> Tensor:
+        return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64) * scale
+
+    folder.mkdir(parents=True)
+    folder.joinpath("config.yaml").write_text(
+        f'model_kind: "transcoder_set"\nfeature_input_hook: "{CT_INPUT_HOOK[input_site]}"\n'
+        f'feature_output_hook: "{output_hook}"\n'
+    )
+    d = d_model
+    for i in range(n_layers):
+        w = {
+            "W_enc": rand(d_sae, d, seed=10 * i + 1, scale=1.0 / d**0.5),
+            "W_dec": rand(d_sae, d, seed=10 * i + 2, scale=0.3),
+            "b_enc": rand(d_sae, seed=10 * i + 3, scale=0.2) - 0.4,
+            "b_dec": rand(d, seed=10 * i + 4, scale=0.2),
+        }
+        if skip:
+            w["W_skip"] = rand(d, d, seed=10 * i + 6, scale=0.1)
+        save_file({k: v.float() for k, v in w.items()}, str(folder / f"layer_{i}.safetensors"))
+    return folder
+
+
 # -- setups on disk: the jobs' (a model, SAEs of every architecture, a corpus) and the server's ----------------
 
 # checkpoint -> (hook, architecture): the tiny llama has 2 layers, so checkpoints 0, 1 and 2 (= resid_post of 1)

@@ -7,6 +7,7 @@ function in `qk`, `graph` or `interventions`.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -20,19 +21,28 @@ from .errors import InputError
 from .models import Model, Trace, load_model
 from .options import GraphOptions, with_overrides
 from .qk import QKAttribution, qk_attribution
-from .saes import SAE, FeatureActs, SAESet, load_saes
+from .saes import SAE, FeatureActs, SAESet, TranscoderSet, load_saes, load_transcoders
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from .analyses.compare import Comparison
     from .graph import Graph, QKContributor, QKTracing
+    from .graph.transcoder_qk import ResidualWriters
+    from .nodes import Node
 
 
 class Tracer:
-    """Holds a model and its SAEs; `run(prompt)` traces one prompt."""
+    """Holds a model, its residual-stream SAEs and/or its transcoders; `run(prompt)` traces one prompt.
 
-    def __init__(self, model: Model, saes: SAESet | None = None):
+    With residual SAEs, graphs are residual-SAE graphs with head loadings and QK components are SAE
+    features; with transcoders and no residual SAEs, graphs are plain transcoder graphs (circuit-tracer's)
+    and QK components are the residual's writers (`qktrace.graph.transcoder_qk`)."""
+
+    def __init__(self, model: Model, saes: SAESet | None = None, *, transcoders: TranscoderSet | None = None):
         self.model = model
         self.saes = saes if saes is not None else SAESet({})
+        self.transcoders = transcoders
 
     @classmethod
     def load(
@@ -45,13 +55,16 @@ class Tracer:
         dtype: str | torch.dtype = "float32",
         device_map: str | dict[str, Any] | None = None,
         labels: str | os.PathLike[str] | Sequence[str | os.PathLike[str]] | None = None,
+        transcoders: str | os.PathLike[str] | None = None,
     ) -> Tracer:
         """`model`: a save_pretrained directory, a hub id, or "demo" (whose SAEs are the default `saes`).
 
         `device`: cpu, cuda, cuda:N or auto; `dtype`: float32, bfloat16 or float16 (decompositions
         accumulate in float32); `device_map`: spread a model too large for one device over several
         (accelerate); each SAE then sits on the device of the layer that reads its checkpoint.
-        `labels`: Neuronpedia explanation exports (files or folders) that label the SAEs' features."""
+        `labels`: Neuronpedia explanation exports (files or folders) that label the SAEs' features.
+        `transcoders`: a transcoder set (`qktrace.saes.load_transcoders`: circuit-tracer, Gemma Scope, Llama
+        Scope, SAELens); without residual SAEs, `Traced.graph` then builds the plain transcoder graph."""
         name = str(model)
         saes = resolve_saes(name, None if saes is None else str(saes))
         if saes is None and labels is not None:
@@ -63,14 +76,15 @@ class Tracer:
             s = load_saes(saes, m, sae_ids=sae_ids, device=m.device, dtype=m.anatomy.dtype, labels=labels)
         if s is not None and device_map is not None:
             s = SAESet({c: sae.to(m.checkpoint_device(c)) for c, sae in s.items()})
-        return cls(m, s)
+        ts = None if transcoders is None else load_transcoders(transcoders, m, device=m.device, dtype=m.anatomy.dtype)
+        return cls(m, s, transcoders=ts)
 
     def tokenize(self, prompt: str | Sequence[int] | Tensor) -> Tensor:
         """Token ids as this model and these SAEs expect them (BOS first when the SAEs were trained with it)."""
         return self.model.tokenize(prompt, prepend_bos=getattr(self.saes, "prepend_bos", None))
 
     def run(self, prompt: str | Sequence[int] | Tensor) -> Traced:
-        return Traced(self.model, self.saes, self.model.run(self.tokenize(prompt)))
+        return Traced(self.model, self.saes, self.model.run(self.tokenize(prompt)), self.transcoders)
 
 
 @dataclass(eq=False)
@@ -80,7 +94,9 @@ class Traced:
     model: Model
     saes: SAESet
     trace: Trace
+    transcoders: TranscoderSet | None = None
     _acts: dict[int, FeatureActs] = field(default_factory=dict, repr=False)
+    _writers: ResidualWriters | None = field(default=None, repr=False)
 
     @property
     def str_tokens(self) -> tuple[str, ...]:
@@ -88,10 +104,15 @@ class Traced:
 
     @property
     def nbytes(self) -> int:
-        """Bytes held for this prompt: the trace, its pattern cache and the SAE encodings made so far."""
+        """Bytes held for this prompt: the trace, its pattern cache, the SAE encodings and the residual's
+        writers (with transcoders) made so far."""
         held = sum(
             t.numel() * t.element_size() for a in self._acts.values() for t in (a.pos, a.feature, a.act, a.error)
         )
+        w = self._writers
+        if w is not None:
+            parts = (*w.attn, *w.mlp, *w.sites.x, *w.sites.y, w.tokens, w.enc.errors, w.enc.act)
+            held += sum(t.numel() * t.element_size() for t in parts)
         return self.trace.nbytes + held
 
     def sae(self, checkpoint: int) -> SAE:
@@ -114,11 +135,39 @@ class Traced:
         q = check_index(query_pos, self.trace.n_pos, "query position", allow_negative=True)
         return self.trace.pattern(layer, q, [head])[0, 0]
 
+    def writers(self) -> ResidualWriters:
+        """What wrote the residual (transcoder features, MLP errors, attention outputs, embeddings), made once."""
+        from .graph.transcoder_qk import residual_writers
+
+        if self.transcoders is None:
+            raise InputError("this tracer holds no transcoders: load them (Tracer.load(..., transcoders=PATH))")
+        if self._writers is None:
+            self._writers = residual_writers(self.model, self.trace, self.transcoders)
+        return self._writers
+
+    @property
+    def graph_kind(self) -> str:
+        """Which graph `graph()` builds: "sae" (residual SAEs, head loadings) or "transcoder" (the plain
+        transcoder graph: transcoders and no residual SAEs); InputError when both are loaded."""
+        if self.transcoders is None:
+            return "sae"
+        if len(self.saes):
+            raise InputError(
+                "both residual SAEs and transcoders are loaded: which graph to build is ambiguous; load one of them"
+            )
+        return "transcoder"
+
     def qk(self, layer: int, head: int, query_pos: int, key_pos: int | Sequence[int] | None = None) -> QKAttribution:
-        """QK attribution of head (layer, head) from `query_pos` to `key_pos` (None: the whole row)."""
+        """QK attribution of head (layer, head) from `query_pos` to `key_pos` (None: the whole row): over the
+        SAE's features at checkpoint `layer`, or, without one there and with transcoders, over the residual's
+        writers (`qktrace.graph.transcoder_qk`)."""
         from .errors import check_index
 
         layer = check_index(layer, self.model.n_layers, "layer")
+        if layer not in self.saes and self.transcoders is not None:
+            from .graph.transcoder_qk import transcoder_qk_attribution
+
+            return transcoder_qk_attribution(self.model, self.trace, self.writers(), layer, head, query_pos, key_pos)
         return qk_attribution(
             self.model, self.trace, self.sae(layer), self.acts(layer), layer, head, query_pos, key_pos
         )
@@ -133,7 +182,9 @@ class Traced:
         progress: bool = True,
         **overrides: Any,
     ) -> Graph:
-        """The attribution graph of this prompt with head loadings (see `qktrace.graph.build_graph`).
+        """The attribution graph of this prompt: with residual SAEs, the residual-SAE graph with head loadings
+        (`qktrace.graph.build_graph`); with transcoders and no residual SAEs, the plain transcoder graph, pruned
+        and scored as circuit-tracer does (`qktrace.graph.build_transcoder_graph`; `graph_kind` says which).
 
         `options` (`qktrace.options.GraphOptions`, or any of its fields as keywords, which replace the
         options' own): with `qk_terms`, the `qk_links` most influential cross-position links also carry the
@@ -149,7 +200,14 @@ class Traced:
 
         o = with_overrides(options, GraphOptions, overrides)
         names = {k: formats.check_name(v, k) for k, v in (("slug", slug), ("scan", scan)) if v is not None}
-        graph = build_graph(self.model, self.saes, self.trace, o, targets=targets, progress=progress)
+        if self.graph_kind == "transcoder":
+            from .graph import build_transcoder_graph
+
+            assert self.transcoders is not None
+            log.info("graph: the plain transcoder graph (%s transcoders, no head loadings)", self.transcoders.kind)
+            graph = build_transcoder_graph(self.model, self.transcoders, self.trace, o, targets=targets)
+        else:
+            graph = build_graph(self.model, self.saes, self.trace, o, targets=targets, progress=progress)
         sources = {c: sae.neuronpedia_id for c, sae in self.saes.items() if sae.neuronpedia_id}
         slug = names.get("slug") or formats.default_slug(graph)
         scan = names.get("scan") or formats.neuronpedia_scan(graph.model_name, sources.values())
@@ -162,9 +220,11 @@ class Traced:
         return dataclasses.replace(graph, qk_terms=terms, qk_tracing=tracing, qk_only=only)
 
     def _row(self, rows: dict[tuple[int, int, int], QKAttribution | None], layer: int, head: int, q: int):
-        """Head (layer, head)'s QK attribution of every key from `q` (None without an SAE at `layer`), cached."""
+        """Head (layer, head)'s QK attribution of every key from `q` (None without an SAE at `layer` or
+        transcoders), cached."""
         if (layer, head, q) not in rows:
-            rows[layer, head, q] = self.qk(layer, head, q) if layer in self.saes else None
+            known = layer in self.saes or self.transcoders is not None
+            rows[layer, head, q] = self.qk(layer, head, q) if known else None
         return rows[layer, head, q]
 
     def qk_tracing(
@@ -180,15 +240,16 @@ class Traced:
         the key that head carries most from -- the top `top` term pairs, and each side's components summed
         over the other side's. Also the label and activation of every component named there that is not a
         node of the graph. `rows`: a cache of whole QK rows to reuse (see `graph`)."""
-        from .graph import QKContributor, QKTracing
-        from .nodes import Kind, Node, describe
+        from .graph import QKTracing
+        from .nodes import Node
 
         rows = {} if rows is None else rows
         ids = {n.id for n in graph.nodes}
         out: dict[int, QKTracing] = {}
         only: dict[str, QKContributor] = {}
-        for t in dict.fromkeys(int(graph.target[e]) for e in graph.cross_position_edges(links)):
-            carrier = graph.carrier(t)
+        plain = graph.settings.get("graph") == "transcoder" and self.transcoders is not None
+        for t in dict.fromkeys(int(graph.target[e]) for e in graph.cross_position_edges(links, loaded=not plain)):
+            carrier = self._direct_carrier(graph, t) if plain else graph.carrier(t)
             att = None if carrier is None else self._row(rows, carrier[0], carrier[1], graph.nodes[t].node.pos)
             if carrier is None or att is None or carrier[2] not in att.key_positions:
                 continue
@@ -210,17 +271,33 @@ class Traced:
             )  # fmt: skip
             named = [c for q, k, _ in out[t].pairs for c in (q, k)] + [c for c, _ in out[t].query + out[t].key]
             for cid in named:
-                if cid in ids or cid in only:
-                    continue
-                node = Node.parse(cid)
-                if node.kind is Kind.FEATURE:
-                    feats, values = self.acts(layer).at(node.pos)
-                    hit = (feats == node.index).nonzero().flatten()
-                    act = float(values[hit[0]]) if len(hit) else None
-                    only[cid] = QKContributor(self.saes[layer].label(node.index), act)
-                else:
-                    only[cid] = QKContributor(describe(node), None)
+                if cid not in ids and cid not in only:
+                    only[cid] = self._contributor(Node.parse(cid), layer)
         return out, only
+
+    def _contributor(self, node: Node, layer: int) -> QKContributor:
+        """A QK component that is no node of the graph: its label and activation (features only)."""
+        from .graph import QKContributor
+        from .nodes import Kind, describe
+
+        if node.kind is Kind.FEATURE:
+            feats, values = self.acts(layer).at(node.pos)
+            hit = (feats == node.index).nonzero().flatten()
+            act = float(values[hit[0]]) if len(hit) else None
+            return QKContributor(self.saes[layer].label(node.index), act)
+        if node.kind is Kind.TRANSCODER and self.transcoders is not None:
+            enc, ts = self.writers().enc, self.transcoders
+            hit = ((enc.layer == node.layer) & (enc.pos == node.pos) & (enc.index == node.index)).nonzero().flatten()
+            act = float(enc.act[hit[0]]) if len(hit) else None
+            label = ts.clt.label(node.layer, node.index) if ts.clt is not None else ts[node.layer].label(node.index)
+            return QKContributor(label, act)
+        return QKContributor(describe(node), None)
+
+    def _direct_carrier(self, graph: Graph, t: int) -> tuple[int, int, int] | None:
+        from .graph.transcoder_qk import direct_carrier
+
+        assert self.transcoders is not None
+        return direct_carrier(self.model, self.trace, self.transcoders, graph, t)
 
     def compare(self, other: Traced, **kwargs: Any) -> Comparison:
         """This prompt (A) against `other` (B), whose tokens align, head by head (see `qktrace.compare`)."""

@@ -140,6 +140,29 @@ def setting(sp: argparse.ArgumentParser, cls: type, name: str, flag: str | None 
     sp.add_argument(flag, dest=name, default=f.default, help=f"{text} (default {f.default})", **kw)
 
 
+def transcoders_path(text: str) -> str:
+    """A transcoder set that exists: a folder, a circuit-tracer config.yaml or a Gemma Scope params.npz."""
+    from pathlib import Path
+
+    if not text.strip() or not Path(text).expanduser().exists():
+        raise argparse.ArgumentTypeError(
+            f"{text[:80]!r} does not exist: pass a transcoder set (a circuit-tracer folder or config.yaml, a Gemma "
+            "Scope params.npz or a tree of them, a Llama Scope or SAELens transcoder folder)"
+        )
+    return text
+
+
+def _transcoders_arg(sp: argparse.ArgumentParser) -> None:
+    """--transcoders, for every command that loads a model for graphs or QK (graph, qk, serve)."""
+    sp.add_argument(
+        "--transcoders",
+        type=transcoders_path,
+        metavar="PATH",
+        help="a transcoder set; without --saes, graphs are plain transcoder graphs (circuit-tracer's) and QK "
+        "components are the residual's writers",
+    )
+
+
 def _model_args(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("model", help="a save_pretrained directory, a hub id, or 'demo' for the embedded model")
     sp.add_argument("--saes", help="SAE directory (SAELens layout or Gemma Scope params.npz files), or saelens:RELEASE")
@@ -215,6 +238,7 @@ def _qk(sub: Sub, commands: Commands) -> None:
     sp.add_argument("--head", type=int_in(0), required=True)
     sp.add_argument("--query-pos", type=int, default=-1, help="negative counts from the end (default -1)")
     sp.add_argument("--key-pos", type=int, default=None, help="default: every key the query can see")
+    _transcoders_arg(sp)
     setting(sp, QKOptions, "top")
     sp.add_argument("--json", action="store_true", help="print one JSON object")
 
@@ -225,6 +249,7 @@ def _graph(sub: Sub, commands: Commands) -> None:
     sp.add_argument("--out", required=True, help="the JSON file (replaced atomically if it exists)")
     sp.add_argument("--slug", type=slug, help="the graph's Neuronpedia name (default: the prompt's words and a hash)")
     sp.add_argument("--scan", type=scan, help="its Neuronpedia model id (default: from the model and SAEs)")
+    _transcoders_arg(sp)
     _graph_args(sp)
 
 
@@ -278,6 +303,7 @@ def _serve(sub: Sub, commands: Commands) -> None:
     sp.add_argument("paths", nargs="*", help="graph JSON files and/or one directory of them")
     sp.add_argument("--model", help="a model to compute new graphs, QK attributions and sweeps ('demo' works)")
     sp.add_argument("--saes", help="its SAEs (default for 'demo': the embedded ones)")
+    _transcoders_arg(sp)
     _labels_arg(sp)
     _device_args(sp)
     _memory_arg(sp)

@@ -39,6 +39,7 @@ def _tracer(args: argparse.Namespace, model: str | None = None, saes: str | None
         device=args.device,
         dtype=args.dtype,
         labels=getattr(args, "labels", None),
+        transcoders=getattr(args, "transcoders", None),
     )
 
 
@@ -290,6 +291,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_memory=args.max_memory,
         max_tokens=args.max_tokens,
         labels=args.labels,
+        transcoders=args.transcoders,
     )
     return 0
 

@@ -3,11 +3,14 @@
 `build_graph(model, saes, trace)` -> `Graph` (pruned, with head loadings); `attribute(...)` -> the
 unpruned layered `Attribution` it starts from; `Graph.save(path)` / `load_graph(path)` write and read
 the circuit-tracer / Neuronpedia JSON with head loadings per link and QK tracing (`formats`), and
-`load_graph` opens circuit-tracer's and Neuronpedia's own graph files.
+`load_graph` opens circuit-tracer's and Neuronpedia's own graph files. `build_transcoder_graph(model,
+transcoders, trace)` -> the plain transcoder graph (`replacement`), pruned and scored as circuit-tracer does,
+as a `Graph` without head loadings.
 """
 
 from .build import Attribution, attribute, build_graph
 from .graph import FORMAT_VERSION, Graph, GraphNode, HeadLoading, QKContributor, QKTracing, load_graph
+from .replacement_graph import build_transcoder_graph
 
 __all__ = [
     "FORMAT_VERSION",
@@ -19,5 +22,6 @@ __all__ = [
     "QKTracing",
     "attribute",
     "build_graph",
+    "build_transcoder_graph",
     "load_graph",
 ]

@@ -4,6 +4,7 @@ loadings, the prompt, and the scores (step 5 of `build_graph`)."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
@@ -22,15 +23,31 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
+FeatureLabel = Callable[[Node], str]  # a feature node's label (its SAE's or transcoder's)
+NodeRows = tuple[Tensor, ...]  # [node] each: kind code, checkpoint (or layer), pos, index, activation, logit weight
+
+
 def assemble_graph(
     model: Model, saes: SAESet, trace: Trace, att: Attribution, pruned: Pruned, edge_cols: tuple[Tensor, ...],
     top: int, settings: dict[str, object],
 ) -> Graph:  # fmt: skip
+    rows = (att.kinds, att.checkpoints, att.pos, att.index, att.acts, att.logit_weights)
+    label = lambda node: saes[node.checkpoint].label(node.index)  # noqa: E731
+    return graph_from_pruned(model, trace, rows, att.logits, pruned, edge_cols, settings, label)
+
+
+def graph_from_pruned(
+    model: Model, trace: Trace, rows: NodeRows, logits: Tensor, pruned: Pruned, edge_cols: tuple[Tensor, ...],
+    settings: dict[str, object], feature_label: FeatureLabel,
+) -> Graph:  # fmt: skip
+    """The `Graph` of a pruned build: `rows` describe every node of the unpruned graph, `edge_cols` are the
+    kept edges' head loadings (layer [edge], heads, direct, via_mlp [edge, top]; top may be 0)."""
     keep = pruned.node_mask.nonzero().squeeze(1)
-    final = torch.full((len(att.kinds),), -1, dtype=torch.long, device=keep.device)
+    final = torch.full((len(rows[0]),), -1, dtype=torch.long, device=keep.device)
     final[keep] = torch.arange(len(keep), device=keep.device)
-    node_rows = (att.kinds, att.checkpoints, att.pos, att.index, att.acts, pruned.influence, pruned.cumulative)
-    nodes = _graph_nodes(model, saes, trace, keep, (*node_rows, att.logit_weights), att.logits)
+    kinds, checkpoints, pos, index, acts, logit_w = rows
+    node_rows = (kinds, checkpoints, pos, index, acts, pruned.influence, pruned.cumulative, logit_w)
+    nodes = _graph_nodes(model, trace, keep, node_rows, logits, feature_label)
     e = pruned.edges
     layer, heads, direct, via = edge_cols
     cpu = lambda t: t.detach().to("cpu")  # noqa: E731
@@ -59,7 +76,7 @@ def assemble_graph(
 
 
 def _graph_nodes(
-    model: Model, saes: SAESet, trace: Trace, keep: Tensor, rows: tuple[Tensor, ...], logits: Tensor
+    model: Model, trace: Trace, keep: Tensor, rows: tuple[Tensor, ...], logits: Tensor, feature_label: FeatureLabel
 ) -> tuple[GraphNode, ...]:
     kinds, checkpoints, pos, index, acts, infl, cum, logit_w = (r[keep].tolist() for r in rows)
     first_logit = int(logits[0]) if len(logits) else -1
@@ -73,7 +90,7 @@ def _graph_nodes(
                 activation=act,
                 influence=float(infl[i]),
                 cumulative=float(cum[i]),
-                label=_label(model, saes, trace, node, float(logit_w[i])),
+                label=_label(model, trace, node, float(logit_w[i]), feature_label),
                 token_prob=float(logit_w[i]) if node.kind is Kind.LOGIT else 0.0,
                 is_target_logit=g == first_logit,
             )
@@ -81,12 +98,11 @@ def _graph_nodes(
     return tuple(out)
 
 
-def _label(model: Model, saes: SAESet, trace: Trace, node: Node, prob: float) -> str:
-    c, p = node.checkpoint, node.pos
-    if node.kind is Kind.FEATURE:
-        return saes[c].label(node.index)
+def _label(model: Model, trace: Trace, node: Node, prob: float, feature_label: FeatureLabel) -> str:
+    if node.kind in (Kind.FEATURE, Kind.TRANSCODER):
+        return feature_label(node)
     if node.kind is Kind.TOKEN:
-        return trace.str_tokens[p]
+        return trace.str_tokens[node.pos]
     if node.kind is Kind.LOGIT:
         return f'Output "{model.str_tokens([node.index])[0]}" (p={prob:.3f})'
     return describe(node)

@@ -143,7 +143,7 @@ class Graph:
         kinds = [n.node.kind for n in self.nodes]
         return {
             "n_nodes": len(self.nodes),
-            "n_features": kinds.count(Kind.FEATURE),
+            "n_features": kinds.count(Kind.FEATURE) + kinds.count(Kind.TRANSCODER),
             "n_edges": self.n_edges,
             "completeness": self.completeness,
             "replacement": self.replacement,
@@ -166,10 +166,12 @@ class Graph:
         """circuit-tracer / Neuronpedia JSON with qktrace's fields (`qktrace.graph.formats`)."""
         return dict(formats.to_json(self))
 
-    def cross_position_edges(self, top: int | None = None) -> list[int]:
-        """Kept edges that cross positions (through attention), most influential first."""
+    def cross_position_edges(self, top: int | None = None, *, loaded: bool = True) -> list[int]:
+        """Kept edges that cross positions (through attention), most influential first; `loaded`: only those
+        with head loadings (False: every one, as in a transcoder graph, which has none)."""
         pos = torch.tensor([n.node.pos for n in self.nodes], dtype=torch.long, device=self.source.device)
-        cross = ((self.head_layer >= 0) & (pos[self.source] != pos[self.target])).nonzero().flatten()
+        cross = pos[self.source] != pos[self.target]
+        cross = ((self.head_layer >= 0) & cross if loaded else cross).nonzero().flatten()
         order = cross[torch.argsort(self.influence[cross], descending=True)]
         return order[:top].tolist() if top is not None else order.tolist()
 

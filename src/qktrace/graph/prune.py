@@ -19,6 +19,9 @@ chunks, so it runs in the memory budget of the `BlockStore`.
  5. Repeat until stable, on the kept edges: feature, error and bias nodes need an outgoing edge,
     features an incoming one.
 
+Transcoder graphs (`replacement_graph`) prune the same way: their features (`Kind.TRANSCODER`) count as
+features and their MLP errors as errors.
+
 Replacement score: token influence / (token + error influence). Completeness: the influence-weighted
 mean, over nodes, of the share of a node's normalised input that does not come from error nodes.
 Bias nodes are exact constants of the model, so they count as explained in both scores.
@@ -36,6 +39,9 @@ from torch import Tensor
 from ..errors import InputError
 from ..nodes import CODE, LEAF_KINDS, Kind
 from .blocks import BlockStore
+
+FEATURE_KINDS = (Kind.FEATURE, Kind.TRANSCODER)  # what node_threshold / max_features count as features
+ERROR_KINDS = (Kind.ERROR, Kind.MLP_ERROR)  # reconstruction errors: the scores' unexplained part
 
 
 def is_kind(kinds: Tensor, *wanted: Kind) -> Tensor:
@@ -256,12 +262,12 @@ def prune(
     """Steps 1-5 of the module docstring, plus the replacement and completeness scores."""
     _check_fraction(node_threshold, "node_threshold")
     _check_fraction(edge_threshold, "edge_threshold")
-    error = is_kind(kinds, Kind.ERROR)
+    error = is_kind(kinds, *ERROR_KINDS)
     infl, from_error = influence(store, logit_weights, error=error)
     assert from_error is not None
     replacement, completeness = _scores(infl, from_error, kinds, logit_weights)
     always = is_kind(kinds, Kind.TOKEN, Kind.LOGIT)
-    feature = is_kind(kinds, Kind.FEATURE)
+    feature = is_kind(kinds, *FEATURE_KINDS)
     node_mask = (infl >= find_threshold(infl, node_threshold)) | always
     if max_features is not None:
         ranked = torch.argsort(torch.where(feature, infl, -1.0), descending=True)
@@ -269,7 +275,7 @@ def prune(
     kept, cover = _edge_sweep(store, logit_weights, node_mask, edge_threshold)
     candidates = _collect(store, logit_weights, kept, node_mask, cover.floor())
     edges = candidates.take(candidates.score >= cover.threshold(candidates.score))
-    needs_out = is_kind(kinds, Kind.FEATURE, *LEAF_KINDS)
+    needs_out = is_kind(kinds, *FEATURE_KINDS, *LEAF_KINDS)
     while True:
         has_out = torch.zeros_like(node_mask)
         has_in = torch.zeros_like(node_mask)
@@ -286,7 +292,7 @@ def prune(
 def _scores(infl: Tensor, from_error: Tensor, kinds: Tensor, logit_weights: Tensor) -> tuple[float, float]:
     """(replacement, completeness) of the unpruned graph, as circuit-tracer defines them."""
     token_infl = float(infl[is_kind(kinds, Kind.TOKEN)].sum())
-    error_infl = float(infl[is_kind(kinds, Kind.ERROR)].sum())
+    error_infl = float(infl[is_kind(kinds, *ERROR_KINDS)].sum())
     replacement = token_infl / (token_infl + error_infl) if token_infl + error_infl > 0 else 0.0
     weight = infl + logit_weights
     completeness = float(((1 - from_error) * weight).sum() / weight.sum().clamp_min(1e-30))

@@ -140,9 +140,14 @@ def salient_logits(
     top_p, top_i = torch.topk(probs, min(max_n_logits, probs.numel()))
     cutoff = int(torch.searchsorted(torch.cumsum(top_p, 0), desired_logit_prob)) + 1
     ids, p = top_i[:cutoff], top_p[:cutoff]
+    return ids, p, logit_vectors(anatomy, ids)
+
+
+def logit_vectors(anatomy: Anatomy, ids: Tensor) -> Tensor:
+    """The demeaned unembedding columns [logit, d_model] of tokens `ids`: what each logit target reads."""
     W_U = anatomy.W_U
     cols = W_U[:, ids.to(W_U.device)].T.to(anatomy.compute_dtype)
-    return ids, p, cols - W_U.mean(-1).to(cols)
+    return cols - W_U.mean(-1).to(cols)
 
 
 def node_table(enc: Encoded, n_layers: int, tokens: Tensor, logit_ids: Tensor) -> tuple[Node, ...]:
@@ -294,26 +299,34 @@ def adjacency_rows(rep: Replacement, logit_vecs: Tensor, batch_size: int) -> Ten
 def transcoder_graph(
     model: Model,
     transcoders: TranscoderSet,
-    prompt: str | Sequence[int] | Tensor,
+    prompt: str | Sequence[int] | Tensor | Trace,
     *,
+    logit_ids: Tensor | None = None,
     max_n_logits: int = 10,
     desired_logit_prob: float = 0.95,
     zero_positions: int = 1,
     batch_size: int = 256,
 ) -> TranscoderGraph:
-    """The unpruned transcoder attribution graph of `prompt`, as circuit-tracer's `attribute()` computes it
-    (every active feature a row): see the module docstring for the steps."""
+    """The unpruned transcoder attribution graph of `prompt` (or of a `Trace` already run), as circuit-tracer's
+    `attribute()` computes it (every active feature a row): see the module docstring for the steps.
+    `logit_ids`: the logit targets (default: the top tokens covering `desired_logit_prob`, at most
+    `max_n_logits`)."""
     if transcoders.layers != tuple(range(model.n_layers)):
         raise SAEMismatchError(
             f"a transcoder graph replaces every MLP, but transcoders cover layers {transcoders.layers} of "
             f"{model.n_layers}: load one transcoder per layer"
         )
     t0 = time.perf_counter()
-    trace = model.run(prompt)
+    trace = prompt if isinstance(prompt, Trace) else model.run(prompt)
     s = sites(model, trace, transcoders)
     enc = encode(transcoders, s, zero_positions)
     log.info("transcoder graph: %d active features over %d positions", enc.layer.numel(), trace.n_pos)
-    ids, probs, vecs = salient_logits(model.anatomy, trace, max_n_logits, desired_logit_prob)
+    if logit_ids is None:
+        ids, probs, vecs = salient_logits(model.anatomy, trace, max_n_logits, desired_logit_prob)
+    else:
+        ids = logit_ids.to(trace.last_logits.device)
+        probs = torch.softmax(trace.last_logits.float(), dim=-1)[ids]
+        vecs = logit_vectors(model.anatomy, ids)
     rep = Replacement(model.anatomy, trace, transcoders, enc, token_vectors(model.anatomy, trace.tokens))
     with torch.no_grad():
         adjacency = adjacency_rows(rep, vecs, batch_size)

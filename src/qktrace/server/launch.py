@@ -90,6 +90,7 @@ def serve(
     max_memory: int | str | None = None,
     max_tokens: int | None = None,
     labels: str | Sequence[str] | None = None,
+    transcoders: str | None = None,
 ) -> None:
     """Serve graph files (a directory and/or files) and, with a model (a path, hub id or 'demo'; or an
     already loaded `tracer`), compute graphs, QK attributions and sweeps. Blocks until interrupted.
@@ -97,7 +98,8 @@ def serve(
     `device`, `dtype`: where and how the model is loaded (`config.parse_device` / `parse_dtype`).
     `max_memory`: byte budget of full-mode graph builds ("8GB"). `max_tokens`: the longest prompt the
     server traces (default `LIMITS.server_max_tokens`). `labels`: Neuronpedia explanation exports that label
-    the model's SAEs (needs `model`). Every argument is checked before any loading."""
+    the model's SAEs (needs `model`). `transcoders`: a transcoder set for the model (needs `model`); without
+    SAEs, POST /api/graph then builds plain transcoder graphs. Every argument is checked before any loading."""
     try:
         import uvicorn
     except ImportError:
@@ -114,6 +116,10 @@ def serve(
         limits = dataclasses.replace(LIMITS, server_max_tokens=max_tokens)
     if labels is not None and (model is None or tracer is not None):
         raise InputError("--labels label the SAEs of the model serve loads: add --model (and --saes)")
+    if transcoders is not None and (model is None or tracer is not None):
+        raise InputError("--transcoders are loaded with the model serve loads: add --model")
+    if transcoders is not None and not Path(transcoders).expanduser().exists():
+        raise InputError(f"transcoders {str(transcoders)[:80]!r} do not exist: pass a transcoder set folder or file")
     check_port(host, port)
     data_dir, files = split_paths(paths)
     if tracer is None and model is not None:
@@ -123,6 +129,7 @@ def serve(
             device=dev,
             dtype=dt,
             labels=labels,
+            transcoders=transcoders,
         )
     if tracer is not None and not isinstance(tracer, Tracer):
         raise InputError(f"tracer must be a qktrace Tracer, got {type(tracer).__name__}")

@@ -4,14 +4,17 @@
 - layer: the checkpoint as a string (plus the SAEs' Neuronpedia offset); tokens "E"; logits n_layers + 1.
 - feature: tokens their position, logits their token id, features Cantor(layer, index) (`cantor`:
   circuit-tracer's and Neuronpedia's schema_version 1), and one negative number per other kind
-  (`FEATURE_NUMBER`). Both frontends show a node under (layer, feature, ctx_idx): no two nodes share it.
+  (`FEATURE_NUMBER`). Transcoder features and MLP errors are numbered as circuit-tracer numbers them:
+  layer = the MLP's layer (no SAE offset), Cantor(layer, index) and -1 ("mlp reconstruction error"; no
+  residual-SAE error shares a graph with them).
+  Both frontends show a node under (layer, feature, ctx_idx): no two nodes share it.
 """
 
 from __future__ import annotations
 
 import math
 
-from ...nodes import Kind, Node
+from ...nodes import TRANSCODER_FEATURE_TYPES, Kind, Node
 from .schema import NodeJSON
 
 FEATURE_TYPE = {
@@ -23,8 +26,15 @@ FEATURE_TYPE = {
     Kind.ATTN_BIAS: "bias",
     Kind.MLP_BIAS: "bias",
     Kind.HEAD_BIAS: "bias",
+    **TRANSCODER_FEATURE_TYPES,
+    Kind.ATTN_OUT: "attention output",  # QK components of transcoder graphs (qk_only_nodes), never nodes
+    Kind.TC_BIAS: "bias",
+    Kind.POS_EMBED: "embedding",
 }
-FEATURE_NUMBER = {Kind.ERROR: -1, Kind.SAE_BIAS: -2, Kind.ATTN_BIAS: -3, Kind.MLP_BIAS: -4, Kind.HEAD_BIAS: -5}
+FEATURE_NUMBER = {
+    Kind.ERROR: -1, Kind.SAE_BIAS: -2, Kind.ATTN_BIAS: -3, Kind.MLP_BIAS: -4, Kind.HEAD_BIAS: -5, Kind.MLP_ERROR: -1,
+    Kind.ATTN_OUT: -6, Kind.TC_BIAS: -7, Kind.POS_EMBED: -8,
+}  # fmt: skip
 
 
 def cantor(layer: int, index: int) -> int:
@@ -47,6 +57,10 @@ def node_json(node: Node, label: str, n_layers: int, offset: int = 0) -> NodeJSO
         layer, feature = str(n_layers + 1 + offset), node.index
     elif node.kind is Kind.FEATURE:
         layer, feature = str(node.checkpoint + offset), cantor(node.checkpoint + offset, node.index)
+    elif node.kind is Kind.TRANSCODER:  # circuit-tracer's numbering: the MLP's layer, Cantor(layer, index)
+        layer, feature = str(node.layer), cantor(node.layer, node.index)
+    elif node.kind is Kind.MLP_ERROR:
+        layer, feature = str(node.layer), FEATURE_NUMBER[node.kind]
     else:
         layer, feature = str(node.checkpoint + offset), FEATURE_NUMBER[node.kind]
     return {

@@ -4,7 +4,8 @@ export const SVGNS = "http://www.w3.org/2000/svg";
 export const FONT = "system-ui, DejaVu Sans, sans-serif";
 export const C = {
   pos: "#2563eb", neg: "#dc2626", accent: "#d97706", rival: "#f59e0b", muted: "#6b7280", line: "#e5e7eb",
-  feature: "#fcd34d", token: "#cbd5e1", logit: "#86efac", other: "#e5e7eb", sel: "#111827", group: "#7c3aed",
+  feature: "#fcd34d", transcoder: "#7dd3fc",
+  token: "#cbd5e1", logit: "#86efac", other: "#e5e7eb", sel: "#111827", group: "#7c3aed",
 };
 
 export const $ = (id) => document.getElementById(id);

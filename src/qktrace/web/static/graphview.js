@@ -73,6 +73,9 @@ export function createGraphView(svg, state, { onNode, onLink, onHover, onBackgro
 
   function marker(kind) {
     if (kind === "feature") return sv("circle", { r: 5, fill: C.feature, stroke: "#92400e", "stroke-width": 0.8 });
+    if (kind === "transcoder") {
+      return sv("circle", { r: 5, fill: C.transcoder, stroke: "#075985", "stroke-width": 0.8 });
+    }
     if (kind === "token" || kind === "logit") {
       return sv("rect", { x: -6, y: -4.5, width: 12, height: 9, rx: 2, fill: kind === "token" ? C.token : C.logit,
         stroke: "#334155", "stroke-width": 0.8 });

@@ -1,8 +1,10 @@
 // A graph file (circuit-tracer JSON with qktrace's fields), indexed for the views. No DOM here.
 //
-// Node ids are qktrace's `kind/c<checkpoint>/p<pos>[/f<feature>|/t<token>]` (qktrace/nodes.py writes
-// them); `parseId` is the page's one reader of them. A node whose id is not one of those (a circuit-tracer
-// or Neuronpedia graph) is placed from its own `feature_type`, `layer`, `ctx_idx` and `feature` fields.
+// Node ids are qktrace's `kind/c<checkpoint>/p<pos>[/f<feature>|/t<token>]`, or `l<layer>` for a
+// transcoder graph's `transcoder` and `mlp_error` nodes (drawn in the row of checkpoint <layer>: they
+// read layer <layer>'s MLP input) (qktrace/nodes.py writes them); `parseId` is the page's one reader of
+// them. A node whose id is not one of those (a circuit-tracer or Neuronpedia graph) is placed from its own
+// `feature_type`, `layer`, `ctx_idx` and `feature` fields.
 //
 // QK tracing (Neuronpedia's fields, which qktrace writes too): a node's `qk_tracing_results` name their
 // components by node id, either a node of the graph or a key of the graph's `qk_only_nodes`.
@@ -11,7 +13,7 @@
 // normalises the adjacency matrix before pruning: each edge's weight divided by the sum of |weight| over
 // every edge into its target, so a target's incoming |normalised weights| sum to 1 (the sign is kept).
 
-const ID = /^([a-z_]+)\/c(\d+)\/p(\d+)(?:\/([ft])(\d+))?$/;
+const ID = /^([a-z_]+)\/[cl](\d+)\/p(\d+)(?:\/([ft])(\d+))?$/; // c: checkpoint; l: layer (transcoder kinds)
 const FOREIGN_KINDS = { embedding: "token", logit: "logit", bias: "sae_bias" };
 
 export function parseId(id, node = {}) {
@@ -33,7 +35,8 @@ export function indexGraph(graph) {
     const p = parseId(n.node_id, n);
     // circuit-tracer leaves token and error labels empty and its page writes them: so does this one
     const tok = JSON.stringify(tokens[p.pos] === undefined ? "?" : tokens[p.pos]);
-    const clerp = n.clerp || (p.kind === "token" ? `Emb: ${tok}` : p.kind === "error" ? `Err: ${tok}` : "");
+    const err = p.kind === "error" || p.kind === "mlp_error";
+    const clerp = n.clerp || (p.kind === "token" ? `Emb: ${tok}` : err ? `Err: ${tok}` : "");
     return { ...n, clerp, id: n.node_id, p, ins: [], outs: [] };
   });
   const byId = new Map(nodes.map((n) => [n.id, n]));
