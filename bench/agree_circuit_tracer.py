@@ -116,7 +116,9 @@ def compare(g: TranscoderGraph, ct: dict, n_layers: int) -> dict[str, float]:
     }
 
 
-def run_ct(ct_dir: Path, model_dir: Path, tc_dir: Path, prompts: list[list[int]], repeat: int, threads: int, dtype: str) -> list:  # type: ignore[type-arg]
+def run_ct(
+    ct_dir: Path, model_dir: Path, tc_dir: Path, prompts: list[list[int]], repeat: int, threads: int, dtype: str
+) -> list:  # type: ignore[type-arg]
     out = Path(tempfile.mkdtemp()) / "ct.pt"
     ids = ";".join(",".join(map(str, p)) for p in prompts)
     script = str(Path(__file__).with_name("ct_side.py"))
