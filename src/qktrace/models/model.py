@@ -182,7 +182,7 @@ def public_name(name_or_path: str | os.PathLike[str], full_path: bool = False) -
         return DEMO_NAME
     try:
         recorded = json.loads((path / "config.json").read_text()).get("_name_or_path")
-    except (OSError, ValueError, AttributeError):
+    except (OSError, ValueError, AttributeError, RecursionError):  # a damaged config names nothing
         recorded = None
     if (
         isinstance(recorded, str)
@@ -230,7 +230,6 @@ def load_model(
     target = parse_device(device) if device_map is None else None
     shown = name or str(name_or_path)
     source = model_source(name_or_path, shown)
-    called = name or public_name(name_or_path, full_path)
     try:
         config = AutoConfig.from_pretrained(source)
     except Exception as e:  # OSError, ValueError, and JSON or type errors from a damaged config.json
@@ -259,7 +258,7 @@ def load_model(
         log.warning("no tokenizer for %s (%s); prompts must be token ids", shown, _first_line(e))
         tokenizer = None
     try:
-        return Model(hf, tokenizer, name=called)
+        return Model(hf, tokenizer, name=name or public_name(name_or_path, full_path))
     except QKTraceError:
         raise
     except (AttributeError, KeyError, TypeError) as e:
