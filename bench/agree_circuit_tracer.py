@@ -17,7 +17,10 @@ Targets: jaccard 1.0, pearson >= 0.9999, max_rel <= 1e-4; speed >= 10x.
 
 Not a test (it needs a second stack). Build circuit-tracer's environment once with `bench/ct_env.sh DIR`, then
 
-  python bench/agree_circuit_tracer.py --ct DIR [--tokens 16,32] [--repeat 3] [--threads 2]
+  python bench/agree_circuit_tracer.py --ct DIR [--tokens 16,32] [--repeat 3] [--threads 2] [--dtype float64]
+
+--dtype float64 runs both tools in float64 (weights, activations and backward passes), which shows how much
+of max_rel is float32 rounding rather than a difference in what they compute.
 """
 
 from __future__ import annotations
@@ -113,12 +116,14 @@ def compare(g: TranscoderGraph, ct: dict, n_layers: int) -> dict[str, float]:
     }
 
 
-def run_ct(ct_dir: Path, model_dir: Path, tc_dir: Path, prompts: list[list[int]], repeat: int, threads: int) -> list:  # type: ignore[type-arg]
+def run_ct(
+    ct_dir: Path, model_dir: Path, tc_dir: Path, prompts: list[list[int]], repeat: int, threads: int, dtype: str
+) -> list:  # type: ignore[type-arg]
     out = Path(tempfile.mkdtemp()) / "ct.pt"
     ids = ";".join(",".join(map(str, p)) for p in prompts)
     script = str(Path(__file__).with_name("ct_side.py"))
     cmd = [sys.executable, script, "--model", str(model_dir), "--transcoders", str(tc_dir), "--ids", ids,
-           "--out", str(out), "--repeat", str(repeat), "--threads", str(threads)]  # fmt: skip
+           "--out", str(out), "--repeat", str(repeat), "--threads", str(threads), "--dtype", dtype]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(ct_dir), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=tempfile.gettempdir())
     if done.returncode != 0:
@@ -133,30 +138,32 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--models", default=",".join(SHAPES))
+    ap.add_argument("--dtype", default="float32", choices=["float32", "float64"], help="both tools' weights and sums")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     root = Path(tempfile.mkdtemp(prefix="agree-ct-"))
     lengths = [int(t) for t in args.tokens.split(",")]
+    dtype = getattr(torch, args.dtype)
     for i, (family, shape) in enumerate(SHAPES.items()):
         if family not in args.models.split(","):
             continue
         model_dir = make_tiny_model(family, root / family, seed=11 + i, **shape)
         tc_dir = root / f"{family}-transcoders"
-        model = load_model(model_dir)
+        model = load_model(model_dir, dtype=dtype)
         write_transcoders(tc_dir, model.d_model, input_norms(model), seed=21 + i)
-        ts = load_transcoders(tc_dir, model)
+        ts = load_transcoders(tc_dir, model, dtype=dtype)
         g = torch.Generator().manual_seed(5)
         vocab = int(model.anatomy.W_E.shape[0])
         bos = int(model.tokenizer.bos_token_id)
         prompts = [[bos, *torch.randint(3, vocab, (n - 1,), generator=g).tolist()] for n in lengths]
-        theirs = run_ct(args.ct, model_dir, tc_dir, prompts, args.repeat, args.threads)
+        theirs = run_ct(args.ct, model_dir, tc_dir, prompts, args.repeat, args.threads, args.dtype)
         for n, prompt, ct in zip(lengths, prompts, theirs):
             seconds = []
             for _ in range(args.repeat):
                 t = time.perf_counter()
                 ours = transcoder_graph(model, ts, prompt)
                 seconds.append(time.perf_counter() - t)
-            row = {"model": family, "tokens": n, **compare(ours, ct, model.n_layers)}
+            row = {"model": family, "dtype": args.dtype, "tokens": n, **compare(ours, ct, model.n_layers)}
             row |= {"qktrace_s": min(seconds), "circuit_tracer_s": min(ct["seconds"])}
             row["speed"] = row["circuit_tracer_s"] / row["qktrace_s"]
             print("RESULT " + json.dumps(row), flush=True)

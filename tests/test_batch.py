@@ -148,3 +148,12 @@ def test_default_ids_follow_prompt_order(tmp_path: Path) -> None:
     path = tmp_path / "p.jsonl"
     path.write_text('{"prompt": "w1"}\n\n{"prompt": "w2", "id": "mine"}\n{"prompt": "w3"}\n')
     assert [(r.id, r.line) for r in read_prompts(path)] == [("p00000", 1), ("mine", 3), ("p00002", 4)]
+
+
+def test_job_files_name_the_model_not_its_folder(setup: Setup, reference: Path) -> None:
+    files = [p for p in reference.rglob("*") if p.is_file()]
+    assert len(files) > 5 and str(setup.model).startswith("/")
+    for p in files:
+        assert str(setup.model.parent).encode() not in p.read_bytes(), p  # neither the model's nor the SAEs' folder
+    job = json.loads((reference / "job.json").read_text())
+    assert (job["model"], job["saes"]) == ("model", "saes")

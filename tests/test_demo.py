@@ -17,8 +17,9 @@ import torch
 
 import qktrace
 from qktrace import FreezeAttention, SteerQK, run_with
+from qktrace.cli import main
 from qktrace.config import DEMO_MODEL, DEMO_SAES
-from qktrace.demo.run import CASES, PAIRS, SHIFT, correctness, report, run_demo
+from qktrace.demo.run import CASES, PAIRS, SHIFT, correctness, report
 from recipes.demo.corpus import EVAL_FAMILIES, training_documents
 
 
@@ -52,7 +53,8 @@ def test_shipped_saes_reconstruct_held_out_text(tracer: qktrace.Tracer) -> None:
 def test_demo_loads_like_any_checkpoint(tracer: qktrace.Tracer) -> None:
     model, saes = tracer.model, tracer.saes
     assert model.name == "demo"  # 'demo' is resolved once, at the entry point; load_model takes the path
-    assert qktrace.load_model(DEMO_MODEL).name == str(DEMO_MODEL)
+    assert qktrace.load_model(DEMO_MODEL).name == "demo"  # by its path too: files never name the machine
+    assert qktrace.load_model(DEMO_MODEL, full_path=True).name == str(DEMO_MODEL.resolve())  # unless asked
     assert len(saes) == len(qktrace.load_saes(DEMO_SAES, model))
     assert model.family == "llama" and model.n_heads == 8 and model.anatomy.layers[0].n_kv_heads == 4
     assert sorted(saes) == list(range(model.n_layers + 1))  # an SAE at every checkpoint
@@ -61,10 +63,26 @@ def test_demo_loads_like_any_checkpoint(tracer: qktrace.Tracer) -> None:
 
 
 @pytest.fixture(scope="module")
-def demo_dir(tracer: qktrace.Tracer, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def demo_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("demo")
-    assert run_demo(out, serve=False, tracer=tracer) == 0
+    assert main(["demo", "--no-serve", "--out", str(out)]) == 0  # `qktrace demo --no-serve`: run_demo via the CLI
     return out
+
+
+def test_demo_files_name_no_path_and_each_graph_once(demo_dir: Path) -> None:
+    """An upload publishes what the files say: the model is "demo", not where the package lies; and
+    Neuronpedia refuses a second graph under one slug."""
+    files = [p for p in demo_dir.rglob("*") if p.is_file()]
+    where = (str(Path(qktrace.__file__).resolve().parent.parent), str(DEMO_MODEL), str(demo_dir))
+    assert len(files) > 10 and all(w.startswith("/") for w in where)
+    for p in files:
+        data = p.read_bytes()
+        assert not any(w.encode() in data for w in where), p
+    graphs = [json.loads(p.read_text()) for p in demo_dir.glob("*.graph.json")]
+    assert {g["metadata"]["qktrace"]["model"] for g in graphs} == {"demo"}
+    slugs = [g["metadata"]["slug"] for g in graphs]
+    assert len(slugs) == len(set(slugs)) >= len(CASES)
+    assert "Model: `demo`" in (demo_dir / "report.md").read_text()
 
 
 def test_run_demo_writes_everything(demo_dir: Path) -> None:
@@ -78,8 +96,11 @@ def test_run_demo_writes_everything(demo_dir: Path) -> None:
         assert mech["answer"] == case.answer and mech["candidates"]
     for pair in PAIRS:
         assert pair.title in md
-        for name in ("true", "false"):
-            assert json.loads((demo_dir / f"{pair.slug}.{name}.graph.json").read_text())["nodes"]
+        for name, prompt in (("true", pair.true), ("false", pair.false)):
+            graphed = [c.slug for c in CASES if c.prompt == prompt]  # a case study's graph of the same prompt
+            file = f"{graphed[0]}.graph.json" if graphed else f"{pair.slug}.{name}.graph.json"
+            assert f"`{file}` ({name})" in md  # the report names the file that holds it
+            assert json.loads((demo_dir / file).read_text())["metadata"]["prompt"].endswith(prompt)  # after BOS
         assert json.loads((demo_dir / f"{pair.slug}.last.compare.json").read_text())["differing"]
     assert "concordance" in md and "discordance" in md and "W_QK skew" in md
 

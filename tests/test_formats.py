@@ -467,3 +467,139 @@ def test_transcoder_graph_json_is_what_circuit_tracer_and_neuronpedia_read(tiny_
     back = load_graph(graph.save(tmp_path / "tc.json"))
     assert [n.node for n in back.nodes] == [n.node for n in graph.nodes]
     assert back.summary()["n_features"] == types["cross layer transcoder"]
+
+
+# -- the scores Neuronpedia shows --------------------------------------------------------------------------
+# A Python port of Neuronpedia's graph score worker (apps/webapp/app/[modelId]/graph/score.worker.ts), written
+# from its algorithm: nodes sorted by (feature type in its list, layer, ctx_idx, feature), unlisted types last;
+# adjacency[target, source]; rows normalised by their |weights|; influence w A + w A^2 + ... with the logits'
+# token_prob as w on the LAST n_logits rows; replacement = token / (token + error) influence; completeness =
+# the (influence + w)-weighted mean of each row's non-error share. Unpinned features merge into the error node
+# at their (layer, ctx_idx) when nodes are pinned. Its graph view shows metadata.replacement_score and
+# metadata.completeness_score instead when a file carries both (subgraph.tsx).
+
+NP_TYPES = ["cross layer transcoder", "lorsa", "mlp reconstruction error", "lorsa error", "embedding", "logit"]
+
+
+def np_sort_key(n: dict) -> tuple:
+    kind = NP_TYPES.index(n["feature_type"]) if n["feature_type"] in NP_TYPES else len(NP_TYPES)
+    layer = str(n["layer"])
+    number = 0 if layer == "E" else int(m[0]) if (m := re.match(r"^\s*[+-]?\d+", layer)) else 999
+    return (kind, number, n["ctx_idx"], n.get("feature") or 0)
+
+
+def np_worker_scores(data: dict, pinned: tuple[str, ...] = ()) -> tuple[float, float]:
+    """(replacement, completeness) as Neuronpedia's score worker computes them from a file's nodes and links."""
+    nodes = sorted(data["nodes"], key=np_sort_key)
+    at = {n["node_id"]: i for i, n in enumerate(nodes)}
+    a = torch.zeros(len(nodes), len(nodes), dtype=torch.float64)
+    for e in data["links"]:
+        if e["source"] in at and e["target"] in at:
+            a[at[e["target"]], at[e["source"]]] = e["weight"]
+    types = [n["feature_type"] for n in nodes]
+    if pinned:
+        errors = {(n["layer"], n["ctx_idx"]): i for i, n in enumerate(nodes) if types[i] == "mlp reconstruction error"}
+        for i, n in enumerate(nodes):
+            if types[i] != "cross layer transcoder" or n["node_id"] in pinned:
+                continue
+            j = errors.get((n["layer"], n["ctx_idx"]))
+            if j is not None:
+                a[:, j] += a[:, i]
+            a[i, :] = 0
+            a[:, i] = 0
+    n_feat, n_err, n_tok = (types.count(t) for t in ("cross layer transcoder", "mlp reconstruction error", "embedding"))
+    logits = [n.get("token_prob", math.nan) for n in nodes if n["feature_type"] == "logit"]
+    w = torch.zeros(len(nodes), dtype=torch.float64)
+    w[len(nodes) - len(logits) :] = torch.tensor(logits, dtype=torch.float64)
+    norm = a.abs() / a.abs().sum(1, keepdim=True).clamp_min(1e-10)
+    current = w @ norm
+    influence = current.clone()
+    for _ in range(1000):
+        if not current.any():
+            break
+        current = current @ norm
+        influence += current
+    else:
+        raise AssertionError("influence did not converge")
+    errs, toks = slice(n_feat, n_feat + n_err), slice(n_feat + n_err, n_feat + n_err + n_tok)
+    with torch.no_grad():
+        token, error = float(influence[toks].sum()), float(influence[errs].sum())
+        replacement = token / (token + error) if token + error else math.nan
+        out = influence + w
+        total = float(out.sum())
+        completeness = float(((1 - norm[:, errs].sum(1)) * out).sum()) / total if total else math.nan
+    return (0.0 if math.isnan(replacement) else replacement, 0.0 if math.isnan(completeness) else completeness)
+
+
+def np_shown_scores(data: dict) -> tuple[float, float]:
+    """What Neuronpedia's graph view shows for a file: its metadata scores when present, else the worker's."""
+    meta = data["metadata"]
+    if "replacement_score" in meta and "completeness_score" in meta:
+        return meta["replacement_score"], meta["completeness_score"]
+    return np_worker_scores(data)
+
+
+def test_neuronpedia_shows_our_scores(demo):
+    """Neuronpedia's graph view shows the scores qktrace reports, for a pruned file too: we write them as
+    metadata.replacement_score / completeness_score (the unpruned graph's, circuit-tracer's definition), which
+    it shows instead of computing its own from the file's (pruned) links. Its subgraph panel still computes
+    from the file's links around the pinned nodes (`np_worker_scores(data, pinned)`)."""
+    _, graphs = demo
+    for name, _, graph in graphs:
+        data = json.loads(json.dumps(graph.to_json()))
+        shown = np_shown_scores(data)
+        assert shown == pytest.approx((graph.replacement, graph.completeness), abs=1e-6), name
+        assert 0 < graph.replacement < 1 and 0 < graph.completeness < 1, name
+
+
+@pytest.fixture(scope="module")
+def unpruned(demo):
+    """A small graph built here with every edge kept, as JSON, without the metadata scores."""
+    tracer, _ = demo
+    graph = tracer.run("Aunt Sally came home. Aunt").graph(
+        progress=False, node_threshold=1.0, edge_threshold=1.0, max_nodes=None, qk_terms=False
+    )
+    data = json.loads(json.dumps(graph.to_json()))
+    for key in ("replacement_score", "completeness_score"):
+        del data["metadata"][key]
+    return graph, data
+
+
+def test_neuronpedia_worker_computes_our_scores_from_every_edge(unpruned):
+    """Neuronpedia's algorithm on the file's every edge gives qktrace's scores (prune._scores): the two tools
+    compute the same thing. Bias nodes are sorted among the features here (where a node type its worker lists
+    puts them: sources with no inputs, counted neither as tokens nor as errors, as qktrace counts them)."""
+    graph, data = unpruned
+    data = json.loads(json.dumps(data))  # a copy: the fixture is shared
+    assert len(data["links"]) > 1000
+    for n in data["nodes"]:
+        if n["feature_type"] == "bias":
+            n["feature_type"] = "cross layer transcoder"
+    got = np_worker_scores(data)
+    assert got == pytest.approx((graph.replacement, graph.completeness), abs=1e-6)
+
+
+def test_neuronpedia_worker_alone_misreads_bias_nodes(unpruned):
+    """Why the scores are in the metadata: on our node types its worker sorts "bias" after the logits, puts
+    the logit weights on bias nodes, and shows replacement 0 and completeness 1 (the issue's observation)."""
+    graph, data = unpruned
+    assert np_worker_scores(data) == (0.0, 1.0)
+    assert (graph.replacement, graph.completeness) != pytest.approx((0.0, 1.0), abs=0.05)
+
+
+def test_neuronpedia_worker_computes_our_transcoder_graph_scores(tiny_models, tmp_path):
+    """A plain transcoder graph has no bias nodes, and its feature types are the ones Neuronpedia's worker lists:
+    on its every edge, the worker computes qktrace's scores from the file alone (and shows the metadata's)."""
+    from qktrace.saes import load_transcoders
+    from qktrace.testing import random_prompt, write_transcoder_set
+
+    model = tiny_models["llama"]
+    write_transcoder_set(tmp_path / "ct", model.d_model, model.n_layers)
+    traced = qktrace.Tracer(model, transcoders=load_transcoders(tmp_path / "ct", model)).run(random_prompt(8, seed=2))
+    graph = traced.graph(node_threshold=1.0, edge_threshold=1.0, max_nodes=None, qk_terms=False)
+    data = json.loads(json.dumps(graph.to_json()))
+    assert np_shown_scores(data) == pytest.approx((graph.replacement, graph.completeness), abs=1e-6)
+    for key in ("replacement_score", "completeness_score"):
+        del data["metadata"][key]
+    assert len(data["links"]) > 100 and 0 < graph.replacement < 1
+    assert np_worker_scores(data) == pytest.approx((graph.replacement, graph.completeness), abs=1e-6)

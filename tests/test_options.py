@@ -20,6 +20,7 @@ from qktrace.options import (
     DashboardOptions,
     ExplainSettings,
     GraphOptions,
+    ModelOptions,
     QKOptions,
     SweepOptions,
     doc,
@@ -58,6 +59,8 @@ def test_cli_defaults_are_the_options_defaults():
     assert parse("serve").max_memory == GraphOptions().max_memory
     pair = parse("compare", *MODEL, "--prompt-a", "a", "--prompt-b", "b")
     assert CompareOptions(top=pair.top, top_terms=pair.top_terms) == CompareOptions()
+    assert ModelOptions(full_path=graph.full_path) == ModelOptions() == ModelOptions(full_path=batch.full_path)
+    assert parse("graph", *MODEL, "--prompt", "p", "--out", "g.json", "--full-path").full_path
 
 
 def test_cli_help_is_the_fields_documentation():

@@ -3,6 +3,7 @@
 - `GraphOptions`: an attribution graph (`build_graph`, `Traced.graph`): pruning, logit targets, head
   loadings, memory budget, and the QK terms `Traced.graph` attaches.
 - `SweepOptions`: a steering sweep (`qktrace.steering.requests.SteerRequest`): scales, side, mode.
+- `ModelOptions`: how a loaded model is named in the files qktrace writes.
 - `QKOptions`: a QK attribution's listing (`qktrace qk`, POST /api/qk).
 - `ExplainSettings`: how hard `explain` looks; `CompareOptions`: what `compare` keeps.
 - `DashboardOptions`, `BatchOptions`: the two corpus-scale jobs (`qktrace.jobs`).
@@ -231,6 +232,20 @@ class DashboardOptions:
     def keep(self) -> int:
         """Top activations kept per feature (contexts and the label's pool)."""
         return max(self.n_contexts, self.label_pool)
+
+
+@dataclass(frozen=True)
+class ModelOptions:
+    """How a loaded model is named in what qktrace writes (`Tracer.load`, every command taking a model)."""
+
+    full_path: bool = setting(
+        False,
+        "write a local model's full path into graph files, reports and job files (by default they carry its "
+        "hub id, or the folder's name: a path names the machine, and an upload publishes it)",
+    )
+
+    def __post_init__(self) -> None:
+        _flag(self, "full_path")
 
 
 @dataclass(frozen=True)

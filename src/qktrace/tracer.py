@@ -19,7 +19,7 @@ from torch import Tensor
 from .config import DEMO_MODEL, DEMO_NAME, resolve_saes
 from .errors import InputError
 from .models import Model, Trace, load_model
-from .options import GraphOptions, with_overrides
+from .options import GraphOptions, ModelOptions, with_overrides
 from .qk import QKAttribution, qk_attribution
 from .saes import SAE, FeatureActs, SAESet, TranscoderSet, load_saes, load_transcoders
 
@@ -56,6 +56,7 @@ class Tracer:
         device_map: str | dict[str, Any] | None = None,
         labels: str | os.PathLike[str] | Sequence[str | os.PathLike[str]] | None = None,
         transcoders: str | os.PathLike[str] | None = None,
+        full_path: bool = False,
     ) -> Tracer:
         """`model`: a save_pretrained directory, a hub id, or "demo" (whose SAEs are the default `saes`).
 
@@ -64,13 +65,16 @@ class Tracer:
         (accelerate); each SAE then sits on the device of the layer that reads its checkpoint.
         `labels`: Neuronpedia explanation exports (files or folders) that label the SAEs' features.
         `transcoders`: a transcoder set (`qktrace.saes.load_transcoders`: circuit-tracer, Gemma Scope, Llama
-        Scope, SAELens); without residual SAEs, `Traced.graph` then builds the plain transcoder graph."""
+        Scope, SAELens); without residual SAEs, `Traced.graph` then builds the plain transcoder graph.
+        `full_path`: name a local model by its full path in the files written (`ModelOptions.full_path`;
+        by default its hub id or folder name)."""
         name = str(model)
         saes = resolve_saes(name, None if saes is None else str(saes))
         if saes is None and labels is not None:
             raise InputError("labels were given but no SAEs: pass the SAEs the Neuronpedia export describes")
         source = DEMO_MODEL if name == DEMO_NAME else model
-        m = load_model(source, dtype=dtype, device=device, device_map=device_map, name=name)
+        keep = ModelOptions(full_path=full_path).full_path
+        m = load_model(source, dtype=dtype, device=device, device_map=device_map, full_path=keep)
         s = None
         if saes is not None:
             s = load_saes(saes, m, sae_ids=sae_ids, device=m.device, dtype=m.anatomy.dtype, labels=labels)

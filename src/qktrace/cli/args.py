@@ -16,7 +16,16 @@ from typing import Any, Literal, NoReturn, get_args, get_origin, get_type_hints
 from .. import config
 from ..config import LIMITS
 from ..errors import InputError, QKTraceError
-from ..options import BatchOptions, CompareOptions, DashboardOptions, GraphOptions, QKOptions, SweepOptions, doc
+from ..options import (
+    BatchOptions,
+    CompareOptions,
+    DashboardOptions,
+    GraphOptions,
+    ModelOptions,
+    QKOptions,
+    SweepOptions,
+    doc,
+)
 
 _BREAKS = frozenset("\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029")
 
@@ -169,6 +178,7 @@ def _model_args(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("--sae-ids", help="comma-separated SAE ids within --saes (e.g. blocks.3.hook_resid_pre)")
     _labels_arg(sp)
     _device_args(sp)
+    setting(sp, ModelOptions, "full_path")
 
 
 def _labels_arg(sp: argparse.ArgumentParser) -> None:

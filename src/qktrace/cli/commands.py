@@ -40,6 +40,7 @@ def _tracer(args: argparse.Namespace, model: str | None = None, saes: str | None
         dtype=args.dtype,
         labels=getattr(args, "labels", None),
         transcoders=getattr(args, "transcoders", None),
+        full_path=getattr(args, "full_path", False),
     )
 
 
@@ -335,7 +336,7 @@ def cmd_dashboards(args: argparse.Namespace) -> int:
         result = build_dashboards(
             model, saes, args.corpus, out, workers=args.workers, ray_address=args.ray_address, progress=bar,
             options=options, circuit_tracer=args.circuit_tracer, sae_ids=ids, device=str(args.device),
-            dtype=str(args.dtype).removeprefix("torch."),
+            dtype=str(args.dtype).removeprefix("torch."), full_path=args.full_path,
         )  # fmt: skip
     _console().print(
         f"{result.n_tokens} tokens in {result.shards} shards ({result.resumed} already done); "
@@ -356,6 +357,7 @@ def cmd_batch(args: argparse.Namespace) -> int:
         result = trace_batch(
             model, saes, args.prompts, out, workers=args.workers, ray_address=args.ray_address, progress=bar,
             options=options, sae_ids=ids, device=str(args.device), dtype=str(args.dtype).removeprefix("torch."),
+            full_path=args.full_path,
         )  # fmt: skip
     _console().print(f"{result.n_prompts} prompts ({result.resumed} already done); summary {result.summary}")
     return 0

@@ -13,7 +13,9 @@ their expected answers and rivals).
    finds positive for concordance and negative for discordance heads. Attention is read from the last
    position (where this model answers) and from the stated value (where the paper reads it).
 3. Everything goes to the output folder: graph JSON (both prompts of each pair too, for the compare
-   view), mechanism JSON and PNG, QK JSON, comparison JSON, and report.md.
+   view), mechanism JSON and PNG, QK JSON, comparison JSON, and report.md. Each graph is written once:
+   a pair's prompt that a case study already graphed (the same slug) points at that case's file, since
+   Neuronpedia refuses a second upload under one slug.
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ from ..analyses.compare import Comparison
 from ..analyses.explain import Mechanism, explain
 from ..config import DEMO_NAME, DEMO_SAES
 from ..files import atomic_write
+from ..graph import Graph
+from ..graph.formats import default_slug
 from ..tables import markdown_table
 from ..tracer import Tracer
 
@@ -119,6 +123,7 @@ class PairResult:
     comparisons: dict[str, Comparison]  # "last" and "value": the query position read
     heads: list[dict[str, Any]]  # concordance- and discordance-like heads, per query position
     files: list[str] = field(default_factory=list)
+    graphs: dict[str, str] = field(default_factory=dict)  # "true" / "false": the graph file of that prompt
 
     @property
     def answers(self) -> tuple[float, float]:
@@ -127,11 +132,21 @@ class PairResult:
         return c.metric_a, c.metric_b
 
 
-def study(tracer: Tracer, case: CaseStudy, out: Path) -> CaseResult:
-    """One case study: graph towards the answer, `explain`, QK attribution of the mechanism's head."""
+def save_once(graph: Graph, path: Path, written: dict[str, str]) -> str:
+    """The name of the file holding `graph`: `path`, written now, unless a file of this run already holds
+    a graph of the same slug (same prompt, model, settings and logits: the same graph)."""
+    slug = graph.slug or default_slug(graph)
+    if slug not in written:
+        written[slug] = graph.save(path).name
+    return written[slug]
+
+
+def study(tracer: Tracer, case: CaseStudy, out: Path, written: dict[str, str] | None = None) -> CaseResult:
+    """One case study: graph towards the answer, `explain`, QK attribution of the mechanism's head.
+    `written`: slug -> file of the graphs this run has saved (updated)."""
     traced = tracer.run(case.prompt)
     graph = traced.graph(targets=[case.answer], progress=False)
-    files = [graph.save(out / f"{case.slug}.graph.json").name]
+    files = [save_once(graph, out / f"{case.slug}.graph.json", {} if written is None else written)]
     m = explain(tracer, case.prompt, case.answer, case.rival, graph=graph)
     files.append(m.save_json(out / f"{case.slug}.mechanism.json").name)
     files.append(m.plot(out / f"{case.slug}.mechanism.png").name)
@@ -146,14 +161,18 @@ def study(tracer: Tracer, case: CaseStudy, out: Path) -> CaseResult:
     return CaseResult(case, m, qk, graph.summary(), files)
 
 
-def correctness(tracer: Tracer, pair: MinimalPair, out: Path) -> PairResult:
-    """Compare the pair head by head; the heads whose attention to the object splits true from false."""
+def correctness(tracer: Tracer, pair: MinimalPair, out: Path, written: dict[str, str] | None = None) -> PairResult:
+    """Compare the pair head by head; the heads whose attention to the object splits true from false.
+    `written`: slug -> file of the graphs this run has saved (updated; a graph saved before is not saved
+    again)."""
     a, b = tracer.run(pair.true), tracer.run(pair.false)
-    files = []
+    written = {} if written is None else written
+    files, graphs = [], {}
     for name, traced in (("true", a), ("false", b)):
-        path = out / f"{pair.slug}.{name}.graph.json"
-        traced.graph(progress=False).save(path)
-        files.append(path.name)
+        before = set(written.values())
+        graphs[name] = save_once(traced.graph(progress=False), out / f"{pair.slug}.{name}.graph.json", written)
+        if graphs[name] not in before:
+            files.append(graphs[name])
     toks = a.str_tokens
     key = toks.index(pair.key)
     queries = {"last": len(toks) - 1, "value": toks.index(pair.value)}
@@ -168,7 +187,7 @@ def correctness(tracer: Tracer, pair: MinimalPair, out: Path) -> PairResult:
             heads.append({"query": q, "role": role, **row, "attention_true": row["attention_a"],
                           "attention_false": row["attention_b"], "skew_agrees": agrees})  # fmt: skip
         files.append(atomic_write(out / f"{pair.slug}.{q}.compare.json", json.dumps(c.to_json(top=12))).name)
-    return PairResult(pair, key, comparisons, heads, files)
+    return PairResult(pair, key, comparisons, heads, files, graphs)
 
 
 def report(results: list[CaseResult], pairs: list[PairResult], tracer: Tracer, seconds: float) -> str:
@@ -215,7 +234,8 @@ def correctness_section(pairs: list[PairResult]) -> str:
         )
         md.append(
             f"\n### {p.pair.title}\n\nlogit(' Yes') − logit(' No'): {yes_true:+.3f} when true, {yes_false:+.3f} "
-            f"when false: the model says {said}. Object: position {p.key_pos} {c.str_tokens_a[p.key_pos]!r}.\n\n"
+            f"when false: the model says {said}. Object: position {p.key_pos} {c.str_tokens_a[p.key_pos]!r}. "
+            f"Graphs: `{p.graphs['true']}` (true), `{p.graphs['false']}` (false).\n\n"
         )
         rows = [
             {
@@ -284,10 +304,11 @@ def run_demo(
     out.mkdir(parents=True, exist_ok=True)
     if tracer is None:
         tracer = Tracer.load(DEMO_NAME)  # the embedded model and its SAEs
-    results = []
+    results: list[CaseResult] = []
+    written: dict[str, str] = {}  # slug -> graph file, so that each graph is written once
     for case in cases:
         con.print(f"[bold]{case.slug}[/bold]: {case.prompt!r}")
-        r = study(tracer, case, out)
+        r = study(tracer, case, out, written)
         results.append(r)
         m, best = r.mechanism, r.mechanism.best
         what = "no candidate" if best is None else f"{best.kind} ({best.side}) {best.label!r} in {best.name}"
@@ -299,7 +320,7 @@ def run_demo(
     compared = []
     for pair in pairs:
         con.print(f"[bold]correctness[/bold]: {pair.title}")
-        p = correctness(tracer, pair, out)
+        p = correctness(tracer, pair, out, written)
         compared.append(p)
         con.print("  " + verdict(p))
     seconds = time.perf_counter() - start

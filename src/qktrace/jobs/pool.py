@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 from ..errors import InputError, QKTraceError
+from ..models import public_name
 
 if TYPE_CHECKING:
     from ..tracer import Tracer
@@ -37,11 +38,14 @@ class TracerSpec:
     sae_ids: tuple[str, ...] | None = None
     device: str = "auto"
     dtype: str = "float32"
+    full_path: bool = False  # ModelOptions.full_path: files name a local model by its full path
 
     def load(self) -> Tracer:
         from ..tracer import Tracer
 
-        return Tracer.load(self.model, self.saes, sae_ids=self.sae_ids, device=self.device, dtype=self.dtype)
+        return Tracer.load(
+            self.model, self.saes, sae_ids=self.sae_ids, device=self.device, dtype=self.dtype, full_path=self.full_path
+        )
 
 
 def tracer_source(
@@ -52,6 +56,7 @@ def tracer_source(
     device: str = "auto",
     dtype: str = "float32",
     distributed: bool = False,
+    full_path: bool | None = None,
 ) -> TracerSpec | Tracer:
     """A loaded Tracer as given (in this process only), or the spec each worker loads its replica from."""
     from ..tracer import Tracer
@@ -63,8 +68,9 @@ def tracer_source(
             raise InputError("Ray workers load their own replica: pass the model as a path or hub id, not a Tracer")
         return model
     return TracerSpec(
-        str(model), None if saes is None else str(saes), tuple(sae_ids) if sae_ids else None, device, dtype
-    )
+        str(model), None if saes is None else str(saes), tuple(sae_ids) if sae_ids else None, device, dtype,
+        bool(full_path),
+    )  # fmt: skip
 
 
 def replica(source: TracerSpec | Tracer) -> Tracer:
@@ -75,8 +81,10 @@ def replica(source: TracerSpec | Tracer) -> Tracer:
 def describe_source(source: TracerSpec | Tracer) -> dict[str, Any]:
     """What a job's identity records about its model and SAEs."""
     if isinstance(source, TracerSpec):
-        return {"model": source.model, "saes": source.saes, "sae_ids": source.sae_ids, "dtype": source.dtype}
-    saes = {str(c): s.source or s.hook_name for c, s in source.saes.items()}
+        model = public_name(source.model, source.full_path)  # hub ids or folder names: job files travel
+        named = None if source.saes is None else public_name(source.saes, source.full_path)
+        return {"model": model, "saes": named, "sae_ids": source.sae_ids, "dtype": source.dtype}
+    saes = {str(c): public_name(s.source) if s.source else s.hook_name for c, s in source.saes.items()}
     return {"model": source.model.name, "saes": saes, "dtype": str(source.model.anatomy.dtype)}
 
 

@@ -43,7 +43,8 @@ class RunArgs(TypedDict, total=False):
     """How a job runs, the keyword arguments every job takes (each job adds its own): `workers` model replicas
     (1: this process; more: Ray actors), on the Ray cluster at `ray_address` (see `pool.worker_pool`),
     each loading the model with `sae_ids`, on `device` in `dtype` (as `Tracer.load` takes them); `progress`
-    hears where the job stands."""
+    hears where the job stands; `full_path`: job files name a local model by its full path
+    (`ModelOptions.full_path`)."""
 
     workers: int
     ray_address: str | None
@@ -51,6 +52,7 @@ class RunArgs(TypedDict, total=False):
     sae_ids: Sequence[str] | None
     device: str
     dtype: str
+    full_path: bool
 
 
 def check_args(how: Mapping[str, Any], args: Any) -> None:
@@ -96,7 +98,9 @@ def run_job(
     workers, ray_address = how.get("workers", 1), how.get("ray_address")
     distributed = workers > 1 or bool(ray_address)
     ids, device, dtype = how.get("sae_ids"), how.get("device", "auto"), how.get("dtype", "float32")
-    source = tracer_source(model, saes, sae_ids=ids, device=device, dtype=dtype, distributed=distributed)
+    source = tracer_source(
+        model, saes, sae_ids=ids, device=device, dtype=dtype, distributed=distributed, full_path=how.get("full_path")
+    )
     identity = {"job": spec.name, "version": spec.version, **describe_source(source), **spec.identity}
     resumed = check_job(out, identity)
     done = {i for i in range(spec.n_shards) if resumed and (out / spec.marker(i)).is_file()}

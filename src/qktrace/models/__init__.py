@@ -3,7 +3,7 @@ model owns about tokens (`Contrast`, `resolve_positions`)."""
 
 from .anatomy import Anatomy, Layer, Norm, Rotary
 from .families import FAMILIES, SUPPORTED, ModuleHandles, family_for
-from .model import Model, load_model
+from .model import Model, load_model, public_name
 from .residuals import residuals
 from .tokens import Contrast, Positions, resolve_positions
 from .trace import PerLayer, Trace
@@ -23,6 +23,7 @@ __all__ = [
     "Trace",
     "family_for",
     "load_model",
+    "public_name",
     "residuals",
     "resolve_positions",
 ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections.abc import Sequence
@@ -11,7 +12,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..config import parse_device, parse_dtype
+from ..config import DEMO_MODEL, DEMO_NAME, DEMO_SAES, parse_device, parse_dtype
 from ..errors import InputError, ModelLoadError, QKTraceError
 from . import tokens
 from .anatomy import Anatomy
@@ -157,8 +158,6 @@ def _looks_like_hub_id(name: str) -> bool:
 def _load_tokenizer(source: str):
     """AutoTokenizer, except that a generic tokenizers-backed file is loaded as saved (v5's AutoTokenizer
     would otherwise rebuild it as the family's own tokenizer class, e.g. Qwen2's)."""
-    import json
-
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
     cfg = Path(source) / "tokenizer_config.json"
@@ -167,6 +166,32 @@ def _load_tokenizer(source: str):
         if cls in ("TokenizersBackend", "PreTrainedTokenizerFast"):
             return PreTrainedTokenizerFast.from_pretrained(source)
     return AutoTokenizer.from_pretrained(source)
+
+
+def public_name(name_or_path: str | os.PathLike[str], full_path: bool = False) -> str:
+    """What files call a model (or an SAE set): a hub id as given; a local folder by the hub id its
+    config.json records (`_name_or_path`) or else by the folder's name; the embedded demo "demo". `full_path`: a local
+    folder's full path instead (the user asked: a path names the machine, and an upload publishes it)."""
+    text = str(name_or_path)
+    path = Path(text).expanduser()
+    if not path.exists():
+        return text
+    if full_path:
+        return str(path.resolve())
+    if path.resolve() in (DEMO_MODEL.resolve(), DEMO_SAES.resolve()):
+        return DEMO_NAME
+    try:
+        recorded = json.loads((path / "config.json").read_text()).get("_name_or_path")
+    except (OSError, ValueError, AttributeError, RecursionError):  # a damaged config names nothing
+        recorded = None
+    if (
+        isinstance(recorded, str)
+        and _looks_like_hub_id(recorded)
+        and not recorded.startswith((".", "/", "~"))
+        and not Path(recorded).expanduser().exists()
+    ):
+        return recorded
+    return path.resolve().name or text
 
 
 def model_source(name_or_path: str | os.PathLike[str], shown: str | None = None) -> str:
@@ -190,13 +215,15 @@ def load_model(
     *,
     device_map: str | dict[str, Any] | None = None,
     name: str | None = None,
+    full_path: bool = False,
 ) -> Model:
     """Load an HF causal LM (eager attention, so patterns are exposed) and its tokenizer.
 
     `name_or_path`: a `save_pretrained` directory or a hub id. `dtype`: float32, bfloat16 or float16
     (decompositions accumulate in float32 either way). `device`: cpu, cuda, cuda:N or auto.
     `device_map`: spread the layers over devices with accelerate (e.g. "auto", or {"model.layers.0": 0,
-    ...}); each layer's decomposition then runs on that layer's device. `name`: what graphs call it."""
+    ...}); each layer's decomposition then runs on that layer's device. `name`: what graphs call it
+    (default `public_name`: the hub id or the folder's name; `full_path`: a local folder's full path)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     torch_dtype = parse_dtype(dtype)
@@ -231,7 +258,7 @@ def load_model(
         log.warning("no tokenizer for %s (%s); prompts must be token ids", shown, _first_line(e))
         tokenizer = None
     try:
-        return Model(hf, tokenizer, name=shown)
+        return Model(hf, tokenizer, name=name or public_name(name_or_path, full_path))
     except QKTraceError:
         raise
     except (AttributeError, KeyError, TypeError) as e:

@@ -9,8 +9,9 @@ The file (circuit-tracer 0.5's frontend models and Neuronpedia's upload schema, 
 
     metadata       slug, scan, prompt_tokens, prompt, transcoder_list, node_threshold, schema_version,
                    feature_details (when the SAEs are on Neuronpedia), info, generation_settings,
-                   pruning_settings; qktrace: {format_version, model, n_layers, tokens, replacement,
-                   completeness, settings, neuronpedia_ids}
+                   pruning_settings, replacement_score and completeness_score (the unpruned graph's, which
+                   Neuronpedia's graph view shows); qktrace: {format_version, model (a hub id or folder
+                   name), n_layers, tokens, replacement, completeness, settings, neuronpedia_ids}
     qParams        pinnedIds, supernodes, linkType, clickedId, sg_pos
     nodes          node_id, feature, layer, ctx_idx, feature_type, jsNodeId, clerp, token_prob,
                    is_target_logit, run_idx, reverse_ctx_idx, influence (cumulative), activation;

@@ -105,6 +105,8 @@ class MetadataJSON(TypedDict):
     info: NotRequired[dict[str, Any]]
     generation_settings: NotRequired[dict[str, Any]]
     pruning_settings: NotRequired[dict[str, Any]]
+    replacement_score: NotRequired[float]  # Neuronpedia shows these when present (else it computes its own)
+    completeness_score: NotRequired[float]
     qktrace: NotRequired[QKTraceMeta]
 
 

@@ -132,6 +132,10 @@ def _metadata(graph: Graph, shift: tuple[str, int] | None) -> MetadataJSON:
     meta["info"] = {"generator": {"name": "qktrace", "version": VERSION}}
     meta["generation_settings"] = {k: v for k, v in settings.items() if k not in ("node_threshold", "edge_threshold")}
     meta["pruning_settings"] = {k: settings[k] for k in ("node_threshold", "edge_threshold") if k in settings}
+    # Neuronpedia's graph view shows these when a file has them; else its score worker computes them from the
+    # file's links, which are pruned (and it sorts our "bias" nodes after the logits: replacement 0, complete 1)
+    meta["replacement_score"] = graph.replacement
+    meta["completeness_score"] = graph.completeness
     meta["qktrace"] = ours
     return meta
 
