@@ -224,6 +224,36 @@ def test_graph_job_errors(client):
     assert "no job" in refused(client.get("/api/jobs/deadbeef"), 404)
 
 
+def test_explain_job_saves_a_mechanism_the_list_opens(client, setup):
+    """POST /api/explain/jobs runs explain as a job; its file is listed under mechanisms (not as an invalid
+    graph) and served by GET /api/mechanisms with the same answer and candidates as POST /api/explain."""
+    req = {"prompt": "Aunt Sally is the opposite of Uncle Bob . Aunt", "answer": "Sally", "name": "aunt.graph.json"}
+    job = ok(client.post("/api/explain/jobs", json=req), 202)
+    deadline = time.monotonic() + 300
+    while job["status"] == "running" and time.monotonic() < deadline:
+        time.sleep(0.2)
+        job = ok(client.get(f"/api/jobs/{job['id']}"))
+    assert job["status"] == "done", job
+    assert job["graph"] == "aunt.mechanism.json"
+    listing = ok(client.get("/api/graphs"))
+    assert "aunt.mechanism.json" in [m["name"] for m in listing["mechanisms"]]
+    assert "aunt.mechanism.json" not in [b["name"] for b in listing["invalid"]]
+    saved = ok(client.get("/api/mechanisms/aunt.mechanism.json"))["mechanism"]
+    direct = ok(client.post("/api/explain", json={k: v for k, v in req.items() if k != "name"}))["mechanism"]
+    assert (saved["answer"], saved["best"], len(saved["candidates"])) == (
+        direct["answer"],
+        direct["best"],
+        len(direct["candidates"]),
+    )
+    assert [c["effect"] for c in saved["candidates"]] == pytest.approx([c["effect"] for c in direct["candidates"]])
+    assert "not a mechanism file" in refused(client.get(f"/api/mechanisms/{GRAPH_NAME}"), 404)
+    again = ok(client.post("/api/explain/jobs", json=req), 202)  # never overwrites: a numbered name
+    while again["status"] == "running" and time.monotonic() < deadline:
+        time.sleep(0.2)
+        again = ok(client.get(f"/api/jobs/{again['id']}"))
+    assert again["graph"] == "aunt-2.mechanism.json"
+
+
 # -- sweeps -----------------------------------------------------------------------------------------
 
 

@@ -148,7 +148,7 @@ def create_app(
     add_info_routes(app, tracer, features)
     add_graph_routes(app, store, need_engine)
     add_model_routes(app, need_engine)
-    add_explain_routes(app, need_engine)
+    add_explain_routes(app, need_engine, store)
     app.add_middleware(Guard, max_bytes=limits.max_request_bytes)  # outermost: sees every request and bug
     log.info(
         "app: %d routes over %s, %s; bodies up to %d bytes",

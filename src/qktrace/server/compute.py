@@ -76,7 +76,7 @@ class _GraphJob:
     overwrite: bool
 
 
-def _error_text(e: BaseException) -> str:
+def error_text(e: BaseException) -> str:
     if isinstance(e, QKTraceError | ApiError):
         return " ".join(str(e).split())
     if isinstance(e, MemoryError) or "out of memory" in str(e) or "can't allocate memory" in str(e):
@@ -97,7 +97,7 @@ class Engine:
         self._tokenizing = self._twin(tracer.model)
         self._traced: OrderedDict[tuple[int, ...], Traced] = OrderedDict()
         self.jobs: OrderedDict[str, JobState] = OrderedDict()
-        self._jobs_lock = threading.Lock()
+        self.jobs_lock = threading.Lock()
         self._queue: queue.SimpleQueue[_GraphJob] = queue.SimpleQueue()
         self._worker: threading.Thread | None = None
 
@@ -190,7 +190,7 @@ class Engine:
         )
         names = {w: check_name(getattr(req, w), w) for w in ("slug", "scan") if getattr(req, w) is not None}
         ids = self.ids(req)
-        with self._jobs_lock:
+        with self.jobs_lock:
             active = sum(j.status == "running" for j in self.jobs.values())
             if active >= self.limits.max_queued_jobs:
                 raise ApiError(
@@ -210,7 +210,7 @@ class Engine:
         return job
 
     def job(self, job_id: str) -> JobState | None:
-        with self._jobs_lock:
+        with self.jobs_lock:
             return self.jobs.get(job_id)
 
     def _forget_finished(self) -> None:
@@ -238,7 +238,7 @@ class Engine:
         except Exception as e:  # every failure is the job's state; the server keeps serving
             if not isinstance(e, QKTraceError | ApiError):
                 log.exception("graph job %s failed", job.id)
-            job.error, job.stage, job.status = _error_text(e), "failed", "error"
+            job.error, job.stage, job.status = error_text(e), "failed", "error"
 
 
 # -- QK and sweeps -------------------------------------------------------------------------------------

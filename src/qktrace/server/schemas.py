@@ -138,9 +138,19 @@ class InvalidGraph(BaseModel):
     error: str
 
 
+class MechanismSummary(BaseModel):
+    name: str
+    prompt: str
+    answer: str
+    rival: str | None
+
+
 class GraphList(Versioned):
     graphs: list[GraphSummary]
     invalid: list[InvalidGraph] = Field(default_factory=list, description="JSON files that are not graphs")
+    mechanisms: list[MechanismSummary] = Field(
+        default_factory=list, description="`*.mechanism.json` files (`qktrace explain`), opened by GET /api/mechanisms"
+    )
 
 
 class Job(Versioned):
