@@ -38,7 +38,7 @@ from ..errors import InputError, QKTraceError, check_index
 from ..graph.formats import check_name
 from ..models import Model
 from ..options import GraphOptions, SweepOptions
-from ..steering.requests import Checked, SteerRequest, build_steering, check_request, check_text
+from ..steering.requests import Checked, SteerPart, SteerRequest, build_steering, check_request, check_text
 from ..tracer import Traced, Tracer
 from . import schemas as S
 from .store import ApiError, GraphStore, graph_name
@@ -289,9 +289,13 @@ def qk_response(traced: Traced, req: S.QKRequest) -> S.QKResponse:
     )
 
 
+def _positions(p: int | list[int]) -> int | list[int]:
+    return p if isinstance(p, int) else list(p)
+
+
 def steer_request(req: S.SweepRequest) -> Checked:
     """The sweep request as the CLI's `SteerRequest`, checked without the model (`steering.requests.check_request`)."""
-    positions = req.positions if isinstance(req.positions, int) else list(req.positions)
+    positions = _positions(req.positions)
     return check_request(
         SteerRequest(
             feature=req.feature,
@@ -300,6 +304,10 @@ def steer_request(req: S.SweepRequest) -> Checked:
             checkpoint=req.checkpoint,
             watch_tokens=list(req.watch_tokens),
             watch_attention=list(req.watch_attention),
+            also=[
+                SteerPart([(ly, h) for ly, h in x.heads], list(x.features), _positions(x.positions), x.side)
+                for x in req.also
+            ],
             options=SweepOptions(
                 scales=req.scales if isinstance(req.scales, str) else tuple(req.scales),
                 side=req.side,
