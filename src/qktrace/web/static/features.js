@@ -33,7 +33,7 @@ export const hideTip = () => { tip().hidden = true; };
 
 export function showTip(e, content) {
   const t = clear(tip());
-  t.append(...[content].flat());
+  t.append(...[content].flat().filter((x) => x !== null && x !== undefined)); // no "null" at the end
   t.hidden = false;
   moveTip(e);
 }

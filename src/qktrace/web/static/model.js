@@ -11,7 +11,7 @@
 // normalises the adjacency matrix before pruning: each edge's weight divided by the sum of |weight| over
 // every edge into its target, so a target's incoming |normalised weights| sum to 1 (the sign is kept).
 
-const ID = /^([a-z_]+)\/c(\d+)\/p(\d+)(?:\/([ft])(\d+))?$/;
+const ID = /^([a-z_]+)\/[cl](\d+)\/p(\d+)(?:\/([ft])(\d+))?$/; // c<checkpoint>, or l<layer> (transcoders)
 const FOREIGN_KINDS = { embedding: "token", logit: "logit", bias: "sae_bias" };
 
 export function parseId(id, node = {}) {

@@ -19,8 +19,9 @@ export function promptPayload(state) {
 const tokOf = (res, i) => JSON.stringify(res.str_tokens[i] === undefined ? "?" : res.str_tokens[i]);
 const comp = (id, label) => el("td", {}, el("span", { class: "comp", "data-component": id }, label));
 
-/** `state()`: the store's state. Wires the QK form; `explainHead(link, layer, head)` fills it and explains. */
-export function createQKPanel(state) {
+/** `state()`: the store's state. Wires the QK form; `explainHead(link, layer, head)` fills it and explains;
+ * `onShown({layer, head, query, key})` hears each view shown (the URL keeps it). */
+export function createQKPanel(state, { onShown = () => {} } = {}) {
   const body = $("qk-body");
 
   $("qk-form").addEventListener("submit", (e) => {
@@ -40,6 +41,7 @@ export function createQKPanel(state) {
   }
 
   function render(res) {
+    onShown({ layer: res.layer, head: res.head, query: res.query_pos, key: res.key_pos });
     const qk = res.qk, ours = state().model && state().model.meta.qktrace;
     clear(body).append(el("h3", { id: "qk-title" }, `L${res.layer}H${res.head}: query ${res.query_pos} `
       + `${tokOf(res, res.query_pos)} → key ${res.key_pos} ${tokOf(res, res.key_pos)}`));
@@ -92,13 +94,23 @@ export function createQKPanel(state) {
 
   function explainHead(l, layer, head) {
     const q = l.t.p.pos, k = l.s.p.pos;
-    $("qk-layer").value = layer; $("qk-head").value = head; $("qk-query").value = q; $("qk-key").value = k;
+    fill({ layer, head, query: q, key: k });
     const info = state().info;
     if (info && info.can_compute) run({ layer, head, query_pos: q, key_pos: k });
     else stored(l, layer, head);
   }
 
-  return { run, explainHead };
+  const fill = ({ layer, head, query, key }) => {
+    $("qk-layer").value = layer; $("qk-head").value = head; $("qk-query").value = query; $("qk-key").value = key;
+  };
+
+  /** The view `{layer, head, query, key}` (from a link): the form filled, then explained. */
+  function show(v) {
+    fill(v);
+    return run({ layer: v.layer, head: v.head, query_pos: v.query, key_pos: v.key });
+  }
+
+  return { run, show, explainHead };
 }
 
 function termTable(terms, id, withPos) {
