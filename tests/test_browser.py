@@ -1043,4 +1043,29 @@ def test_every_view_is_a_link(setup, shots, driver, tmp_path):
         )
         ActionChains(driver).send_keys(Keys.ESCAPE).perform()
         WebDriverWait(driver, 5).until(lambda d: "node=" not in d.execute_script("return location.hash"))
+
+        # the QK view: features only hides every term with a bias or error side; a click opens a feature's panel
+        rows = driver.find_elements(By.CSS_SELECTOR, "#qk-terms tr.qk-term")
+        click(driver, driver.find_element(By.ID, "qk-features-only"))
+        kinds = [
+            {Node.parse(s.get_attribute("data-component")).kind for s in r.find_elements(By.CSS_SELECTOR, "span.comp")}
+            for r in rows
+        ]
+        assert [r.is_displayed() for r in rows] == [k == {Kind.FEATURE} for k in kinds]
+        click(driver, driver.find_element(By.ID, "qk-features-only"))  # all terms again
+        comp = feature_component(driver, "#qk-terms")
+        wanted = comp.get_attribute("data-component")
+        click(driver, comp)
+        detail = wait(driver, "#feature-detail")
+        assert (
+            detail.get_attribute("data-component") == wanted
+            and driver.find_element(By.ID, "feature-panel").is_displayed()
+        )
+
+        # steering with neither heads nor a checkpoint: one line that says what to give
+        driver.find_element(By.ID, "steer-heads").clear()
+        driver.find_element(By.ID, "steer-checkpoint").clear()
+        click(driver, driver.find_element(By.ID, "steer-run"))
+        err = wait(driver, "#steer-body p.error")
+        assert "name heads (e.g. L1H3 L1H0)" in err.text and "a checkpoint" in err.text
         assert console_errors(driver) == []

@@ -37,5 +37,8 @@ export function legend(model) {
   const line = (sign, colour, dash) => el("span", { class: "legend-item", "data-sign": sign },
     sv("svg", { width: 22, height: 8 }, sv("line", { x1: 1, y1: 4, x2: 21, y2: 4, stroke: colour, "stroke-width": 2,
       "stroke-dasharray": dash })), sign === "pos" ? "excites" : "inhibits");
-  return [...items, line("pos", C.pos, "none"), line("neg", C.neg, "4 2")];
+  const rows = el("span", { class: "legend-item", title: "rows from the bottom: the tokens, the residual stream at each "
+    + "checkpoint (checkpoint c is the input of layer c), the logits" }, "rows: tokens, c0…c", String(model.nLayers),
+  " = residual checkpoints, logits");
+  return [...items, line("pos", C.pos, "none"), line("neg", C.neg, "4 2"), rows];
 }

@@ -4,7 +4,7 @@
 
 import { clear, el, fmt, num } from "./dom.js";
 import { componentLabel, nodeLabel, nodeWhere, strongest, weightOf } from "./model.js";
-import { attachTips } from "./features.js";
+import { attachTips, showFeaturePanel } from "./features.js";
 
 const HINT = "Click a node.";
 const ROWS = 12;
@@ -34,6 +34,8 @@ export function createNodePanel(body, { onLink, onPin, onExplain = null, onSteer
       n.p.kind === "logit" && onExplain ? el("button", { type: "button", id: "explain-logit",
         title: "explain why the model gives this token rather than the strongest other logit",
         onclick: () => onExplain(n) }, "Explain this answer") : null,
+      n.p.kind === "feature" ? el("button", { type: "button", id: "feature-details",
+        onclick: () => showFeaturePanel(n.id, nodeLabel(n)) }, "Details") : null,
       n.p.kind === "feature" && onSteer ? el("button", { type: "button", id: "steer-node",
         title: "fill the steering panel with this feature at its position", onclick: () => onSteer(n) },
       "Steer this feature") : null));

@@ -74,6 +74,10 @@ export function createSweepPanel(state) {
       .map((m) => [+m[1], +m[2], +m[3], +m[4]]);
     const positions = $("steer-positions").value.split(/[\s,]+/).filter(Boolean).map(Number);
     const cp = $("steer-checkpoint").value.trim();
+    if (!heads.length && cp === "") {
+      throw new Error("name heads (e.g. L1H3 L1H0) to steer inside their QK circuits, or a checkpoint to steer the "
+        + "residual stream there");
+    }
     return {
       ...promptPayload(state()), heads, side: $("steer-side").value, checkpoint: cp === "" ? null : +cp,
       feature: +$("steer-feature").value, positions, scales: $("steer-scales").value.trim(), mode: $("steer-mode").value,
