@@ -268,7 +268,11 @@ def build_steering(traced: Traced, req: SteerRequest | Checked) -> Steering:
     ivs: list[Intervention]
     if checked.layer is not None:
         ivs = [SteerQK(layer, heads, o.side, feature, tuple(pos), **amount)]
-        ivs += [SteerQK(*where, f, tuple(at), **amount) for where, fs, at in _parts(traced, r.also, o.side) for f in fs]
+        ivs += [
+            SteerQK(ly, hs, side, f, tuple(at), **amount)
+            for ly, hs, side, fs, at in _parts(traced, r.also, o.side)
+            for f in fs
+        ]
         if o.freeze_others:
             ivs.append(FreezeAttention())
         title = f"steer feature {feature} (QK {o.side}, L{layer} heads {list(heads)})"
@@ -282,7 +286,7 @@ def build_steering(traced: Traced, req: SteerRequest | Checked) -> Steering:
 
 def _parts(
     traced: Traced, parts: Sequence[SteerPart], side: Literal["query", "key"]
-) -> list[tuple[tuple[int, tuple[int, ...], Literal["query", "key"]], list[int], list[int]]]:
+) -> list[tuple[int, tuple[int, ...], Literal["query", "key"], list[int], list[int]]]:
     """Each extra part checked against the prompt: (layer, heads, side), features, positions."""
     model, out = traced.model, []
     for part in parts:
@@ -290,5 +294,5 @@ def _parts(
         heads = tuple(check_index(h, model.anatomy.layers[layer].n_heads, "head") for _, h in part.heads)
         d_sae = traced.sae(layer).d_sae
         features = [check_index(f, d_sae, f"checkpoint {layer} feature") for f in part.features]
-        out.append(((layer, heads, part.side or side), features, _positions(part.positions, traced.trace.n_pos)))
+        out.append((layer, heads, part.side or side, features, _positions(part.positions, traced.trace.n_pos)))
     return out
