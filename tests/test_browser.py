@@ -1062,6 +1062,28 @@ def test_every_view_is_a_link(setup, shots, driver, tmp_path):
             and driver.find_element(By.ID, "feature-panel").is_displayed()
         )
 
+        # the subgraph of the pinned nodes: those nodes alone, every edge among them, in the URL
+        driver.execute_script(
+            "arguments[0].dispatchEvent(new MouseEvent('click', {bubbles: true, shiftKey: true}))",
+            driver.find_element(By.CSS_SELECTOR, f'#graph-svg g.node[data-id="{link["target"]}"]'),
+        )
+        click(driver, driver.find_element(By.ID, "subgraph"))
+        WebDriverWait(driver, 5).until(lambda d: "sub=1" in d.execute_script("return location.hash"))
+        shown_nodes = driver.execute_script(
+            "return [...document.querySelectorAll('#graph-svg g.node')]"
+            ".filter(g => g.getAttribute('display') !== 'none')"
+            ".map(g => g.dataset.id)"
+        )
+        shown_edges = driver.execute_script(
+            "return [...document.querySelectorAll('#graph-svg g.edge')]"
+            ".filter(g => g.getAttribute('display') !== 'none')"
+            ".map(g => +g.dataset.i)"
+        )
+        ends = {link["source"], link["target"]}
+        assert set(shown_nodes) == ends
+        assert shown_edges == [i for i, x in enumerate(graph["links"]) if {x["source"], x["target"]} <= ends]
+        click(driver, driver.find_element(By.ID, "subgraph"))
+
         # steering with neither heads nor a checkpoint: one line that says what to give
         driver.find_element(By.ID, "steer-heads").clear()
         driver.find_element(By.ID, "steer-checkpoint").clear()

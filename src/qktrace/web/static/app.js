@@ -105,7 +105,10 @@ store.subscribe((s, changed) => {
     nodePanel.reset();
     edgePanel.reset();
   }
-  if (s.model && any("model", "selNode", "selLink", "pinned", "weights", "prune")) edgeCount(view.restyle());
+  if (s.model && any("model", "selNode", "selLink", "pinned", "weights", "prune", "subgraph")) {
+    edgeCount(view.restyle());
+  }
+  if (any("subgraph")) $("subgraph").checked = s.subgraph;
   if (any("model", "selNode", "selLink", "pinned", "hover")) view.drawLabels();
   if (any("model", "supernodes")) view.drawSupernodes();
   if (changed.has("selNode") && s.selNode) { nodePanel.show(s); if (!restoring) reveal("node-panel", false); }
@@ -113,7 +116,7 @@ store.subscribe((s, changed) => {
   if (changed.has("selLink") && s.selLink) { edgePanel.show(s); if (!restoring) reveal("edge-panel", false); }
   if (any("model", "pinned", "supernodes")) groupPanel.show(s);
   if (any("weights")) $("weights-norm").checked = s.weights === "norm";
-  if (!restoring && any("weights", "prune", "pinned", "selNode", "selLink", "qk", "mechanism")) {
+  if (!restoring && any("weights", "prune", "pinned", "subgraph", "selNode", "selLink", "qk", "mechanism")) {
     writeUrl(any("selNode", "selLink", "qk", "mechanism"));
   }
 });
@@ -132,7 +135,7 @@ let restoring = false; // while the page applies the URL's view, it does not wri
 function writeUrl(push, force = false) {
   const s = store.state;
   if (!s.name || (compareView.isOpen() && !force)) return;
-  setHash(viewHash({ graph: s.name, weights: s.weights, prune: s.prune, pins: [...s.pinned],
+  setHash(viewHash({ graph: s.name, weights: s.weights, prune: s.prune, pins: [...s.pinned], subgraph: s.subgraph,
     node: s.selNode && s.selNode.id, edge: s.selLink && { source: s.selLink.source, target: s.selLink.target },
     qk: s.qk, mechanism: s.mechanism }), push);
 }
@@ -146,6 +149,7 @@ function applyView(v) {
     const patch = {};
     if (v.prune !== null && v.prune !== store.state.prune) { $("prune").value = v.prune; patch.prune = v.prune; }
     if (v.pins.length) patch.pinned = new Set(v.pins.filter((id) => m.byId.has(id)));
+    if (v.subgraph !== store.state.subgraph) patch.subgraph = v.subgraph;
     const node = (v.node && m.byId.get(v.node)) || null;
     const link = (!node && v.edge && m.links.find((l) => l.source === v.edge.source && l.target === v.edge.target))
       || null;
@@ -269,6 +273,7 @@ function wire() {
   prune.addEventListener("input", pruned);
   pruned(); // a reload may have restored the slider
   $("weights-norm").addEventListener("change", (e) => store.set({ weights: e.target.checked ? "norm" : "raw" }));
+  $("subgraph").addEventListener("change", (e) => store.set({ subgraph: e.target.checked }));
   let resize = null;
   window.addEventListener("resize", () => { clearTimeout(resize); resize = setTimeout(view.fit, 100); });
   window.addEventListener("hashchange", followUrl);

@@ -116,13 +116,15 @@ export function createGraphView(svg, state, { onNode, onLink, onHover, onBackgro
   /** Which edges show (pruning), how thick (the shown weights), how strongly (selection), which nodes wear rings. */
   function restyle() {
     if (!model) return { shown: 0, total: 0, threshold: 0 };
-    const { selNode: sel, selLink: link, pinned, weights, prune } = state();
+    const { selNode: sel, selLink: link, pinned, weights, prune, subgraph } = state();
+    const only = subgraph && pinned.size ? pinned : null; // the subgraph of the pinned nodes, alone
     const threshold = quantile(model, weights, prune / 100);
     const maxAbs = Math.max(1e-30, quantile(model, weights, 1));
     let shown = 0;
     for (const l of model.links) {
       const g = edgeEls[l.i], w = weightOf(l, weights), touches = sel && (l.s === sel || l.t === sel);
-      const on = Math.abs(w) >= threshold || l === link || touches;
+      const on = only ? only.has(l.source) && only.has(l.target)
+        : Math.abs(w) >= threshold || l === link || touches;
       g.setAttribute("display", on ? "inline" : "none");
       g.setAttribute("data-weight", w);
       shown += on ? 1 : 0;
@@ -133,6 +135,7 @@ export function createGraphView(svg, state, { onNode, onLink, onHover, onBackgro
     for (const [id, g] of nodeEls) {
       const n = model.byId.get(id), chosen = n === sel || (link && (n === link.s || n === link.t));
       const ring = g.querySelector(".ring");
+      g.setAttribute("display", !only || only.has(id) ? "inline" : "none");
       ring.setAttribute("opacity", pinned.has(id) || chosen ? 1 : 0);
       ring.setAttribute("stroke", chosen ? C.accent : C.sel);
     }

@@ -2,7 +2,7 @@
 // prune level, the pins, the selected node or edge, the head and QK query and key explained, the mechanism
 // shown, or the compare pair. No DOM here but `location` and `history`.
 //
-//   #graph=NAME&weights=norm&prune=70&pins=ID,ID&node=ID&edge=SOURCE>TARGET&qk=L1H3:20:6&mechanism=NAME
+//   #graph=NAME&weights=norm&prune=70&pins=ID,ID&sub=1&node=ID&edge=SOURCE>TARGET&qk=L1H3:20:6&mechanism=NAME
 //   #compare=A,B
 
 const QK = /^L(\d+)H(\d+):(-?\d+):(-?\d+)$/;
@@ -20,6 +20,7 @@ export function readUrl() {
     compare: pair.length === 2 ? pair : null,
     prune: Number.isInteger(prune) && prune >= 0 && prune <= 99 ? prune : null,
     pins: (hash.get("pins") || "").split(",").filter(Boolean),
+    subgraph: hash.get("sub") === "1",
     node: hash.get("node"),
     edge: edge.length === 2 ? { source: edge[0], target: edge[1] } : null,
     qk: qk ? { layer: +qk[1], head: +qk[2], query: +qk[3], key: +qk[4] } : null,
@@ -27,12 +28,13 @@ export function readUrl() {
   };
 }
 
-/** The hash for a view: {graph, weights, prune, pins, node, edge, qk, mechanism}. */
-export function viewHash({ graph, weights, prune, pins, node, edge, qk, mechanism }) {
+/** The hash for a view: {graph, weights, prune, pins, subgraph, node, edge, qk, mechanism}. */
+export function viewHash({ graph, weights, prune, pins, subgraph, node, edge, qk, mechanism }) {
   const p = new URLSearchParams({ graph });
   if (weights === "norm") p.set("weights", "norm");
   if (prune !== null && prune !== undefined && prune !== 50) p.set("prune", String(prune));
   if (pins && pins.length) p.set("pins", pins.join(","));
+  if (subgraph) p.set("sub", "1");
   if (node) p.set("node", node);
   if (edge) p.set("edge", `${edge.source}>${edge.target}`);
   if (qk) p.set("qk", `L${qk.layer}H${qk.head}:${qk.query}:${qk.key}`);
