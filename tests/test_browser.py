@@ -3,7 +3,9 @@ nothing downloaded): open a graph, click an edge, read its head loadings, explai
 panel's numbers with the API's, run a sweep, pin and group nodes, export a PNG; and the same without a model,
 where the page shows the graph's stored QK terms; the page opening the first graph by itself, labels drawn
 for hovered and pinned nodes, weights normalised per target, graphs named in the URL, and its ES modules
-served as JavaScript. Screenshots go to $QKTRACE_SCREENSHOTS or a tmp dir."""
+served as JavaScript; on the demo's graphs, the 300-node graph fitted at 1280x800 with every logit and the
+answer column on screen, a mechanism opened, replayed and explained anew, and every view (edge, head, QK,
+pins, prune, subgraph) reopened from a shared URL. Screenshots go to $QKTRACE_SCREENSHOTS or a tmp dir."""
 
 from __future__ import annotations
 
