@@ -8,6 +8,7 @@
 import * as API from "./api.js";
 import { lineChart } from "./chart.js";
 import { $, clear, el, errorBox, fmt, num } from "./dom.js";
+import { tokenOf } from "./model.js";
 
 const tok = (m, i) => JSON.stringify(m.str_tokens[i] === undefined ? "?" : m.str_tokens[i]);
 
@@ -112,13 +113,6 @@ export function createMechanismPanel(state, { onOpen, onReplay, onHighlight, onD
   }
 
   return { open, fromLogit, explainAnswer, current: () => current };
-}
-
-/** A logit node's token text: from its label 'Output " x" (p=…)', else its id. */
-export function tokenOf(n) {
-  const m = /"((?:[^"\\]|\\.)*)"/.exec(n.clerp || "");
-  if (m) { try { return JSON.parse(`"${m[1]}"`); } catch { return m[1]; } }
-  return String(n.p.index);
 }
 
 function curveView(m, c) {

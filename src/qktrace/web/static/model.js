@@ -117,3 +117,10 @@ export function withViewState(model, { pinned, supernodes, selNode }) {
     supernodes: supernodes.map((s) => [s.name, ...s.ids]), clickedId: selNode ? selNode.id : "" };
   return out;
 }
+
+/** A logit node's token text: from its label 'Output " x" (p=…)', else its id. */
+export function tokenOf(n) {
+  const m = /"((?:[^"\\]|\\.)*)"/.exec(n.clerp || "");
+  if (m) { try { return JSON.parse(`"${m[1]}"`); } catch { return m[1]; } }
+  return String(n.p.index);
+}

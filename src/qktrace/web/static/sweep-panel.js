@@ -7,6 +7,7 @@
 import * as API from "./api.js";
 import { lineChart } from "./chart.js";
 import { $, clear, el, errorBox, num } from "./dom.js";
+import { tokenOf } from "./model.js";
 import { promptPayload } from "./qk-panel.js";
 
 /** `state()`: the store's state. Wires the sweep form; `setDefaults(sweep)` fills it with the server's defaults
@@ -56,7 +57,8 @@ export function createSweepPanel(state) {
     $("steer-positions").value = String(l.s.p.pos);
     $("steer-watch-attn").value = `L${layer}H${head}:${l.t.p.pos}->${l.s.p.pos}`;
     const logits = state().model.nodes.filter((n) => n.p.kind === "logit").sort((a, b) => b.token_prob - a.token_prob);
-    $("steer-watch-tokens").value = logits.slice(0, 2).map((n) => n.p.index).join(", ");
+    $("steer-watch-tokens").value = logits.slice(0, 2).map((n) => n.p.index).join(", "); // ids: exact
+    $("steer-watch-tokens").title = `token ids of ${logits.slice(0, 2).map((n) => JSON.stringify(tokenOf(n))).join(", ")}`;
   }
 
   async function run() {
