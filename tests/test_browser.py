@@ -3,7 +3,9 @@ nothing downloaded): open a graph, click an edge, read its head loadings, explai
 panel's numbers with the API's, run a sweep, pin and group nodes, export a PNG; and the same without a model,
 where the page shows the graph's stored QK terms; the page opening the first graph by itself, labels drawn
 for hovered and pinned nodes, weights normalised per target, graphs named in the URL, and its ES modules
-served as JavaScript. Screenshots go to $QKTRACE_SCREENSHOTS or a tmp dir."""
+served as JavaScript; on the demo's graphs, the 300-node graph fitted at 1280x800 with every logit and the
+answer column on screen, a mechanism opened, replayed and explained anew, and every view (edge, head, QK,
+pins, prune, subgraph) reopened from a shared URL. Screenshots go to $QKTRACE_SCREENSHOTS or a tmp dir."""
 
 from __future__ import annotations
 
@@ -43,6 +45,7 @@ from selenium.webdriver.support.ui import Select, WebDriverWait  # noqa: E402
 import qktrace  # noqa: E402
 from qktrace.graph import load_graph  # noqa: E402
 from qktrace.nodes import Kind, Node  # noqa: E402
+from qktrace.nodes import feature as feature_node  # noqa: E402
 from qktrace.options import SweepOptions  # noqa: E402
 from qktrace.server import create_app  # noqa: E402
 from qktrace.testing import GRAPH_NAME, make_server_setup  # noqa: E402
@@ -493,7 +496,10 @@ def test_first_graph_labels_normalised_weights_and_url(setup, shots, driver, tmp
     toggle shows a known edge's weight over its target's incoming |weights|, as computed here; a URL that
     names a graph opens that graph, and choosing another one puts it into the URL."""
     graph = json.loads((setup.data / GRAPH_NAME).read_text())
-    labelled = next(n for n in graph["nodes"] if Node.parse(n["node_id"]).kind is Kind.FEATURE)
+    unasked = default_labelled(graph)  # logits and the top nodes by influence: labelled from the start
+    labelled = next(
+        n for n in graph["nodes"] if Node.parse(n["node_id"]).kind is not Kind.TOKEN and n["node_id"] not in unasked
+    )
     labelled["clerp"] = LONG_LABEL
     node_id = labelled["node_id"]
     data = tmp_path / "graphs"
@@ -510,6 +516,9 @@ def test_first_graph_labels_normalised_weights_and_url(setup, shots, driver, tmp
         assert driver.execute_script("return location.hash") == f"#graph={first}"
         assert len(driver.find_elements(By.CSS_SELECTOR, "#graph-svg g.node")) == len(graph["nodes"])
 
+        WebDriverWait(driver, 10).until(lambda d: label_boxes(d))
+        shown = set(label_boxes(driver))  # unasked: every logit, and top nodes by influence where they fit
+        assert {n for n in unasked if "logit/" in n} <= shown <= unasked
         # hover: the node's label, cut to 28 characters, the full text in its title; gone when the mouse leaves
         marker = driver.find_element(By.CSS_SELECTOR, f'#graph-svg g.node[data-id="{node_id}"] > :first-child')
         ActionChains(driver).move_to_element(marker).perform()
@@ -518,7 +527,7 @@ def test_first_graph_labels_normalised_weights_and_url(setup, shots, driver, tmp
         assert text_of(label.find_element(By.TAG_NAME, "title")) == LONG_LABEL
         assert "hover-only" in label.get_attribute("class")
         ActionChains(driver).move_to_element(driver.find_element(By.ID, "graph-info")).perform()
-        WebDriverWait(driver, 10).until(lambda d: not d.find_elements(By.CSS_SELECTOR, "#graph-svg g.node-label"))
+        WebDriverWait(driver, 10).until(lambda d: set(label_boxes(d)) == shown)
 
         # pin it and its three nearest nodes: their labels stay, and none covers another
         xy = {
@@ -535,7 +544,7 @@ def test_first_graph_labels_normalised_weights_and_url(setup, shots, driver, tmp
             driver.execute_script("arguments[0].scrollIntoView({block: 'center', inline: 'center'})", node)
             ActionChains(driver).key_down(Keys.SHIFT).click(node).key_up(Keys.SHIFT).perform()
         ActionChains(driver).move_to_element(driver.find_element(By.ID, "graph-info")).perform()
-        WebDriverWait(driver, 10).until(lambda d: set(label_boxes(d)) == set(near))
+        WebDriverWait(driver, 10).until(lambda d: set(near) <= set(label_boxes(d)) <= set(near) | unasked)
         for label in driver.find_elements(By.CSS_SELECTOR, "#graph-svg g.node-label"):
             assert "hover-only" not in label.get_attribute("class")
         boxes = list(label_boxes(driver).values())
@@ -732,4 +741,391 @@ def test_transcoder_graph_in_the_browser(setup, shots, driver, tmp_path):
             cells = row.find_elements(By.CSS_SELECTOR, "td")
             assert (text_of(cells[0]), text_of(cells[1])) == (labels[q], labels[k])
         driver.save_screenshot(str(shots / "12-transcoder-graph.png"))
+
+
+# -- the page researchers keep open: fitted big graphs, the explained answer, every view a link ---------------
+
+
+TOP_LABELLED = 12  # graphview.js: the most influential nodes labelled without a click
+
+
+def default_labelled(graph: dict) -> set[str]:
+    """The nodes the page labels unasked, computed here from the file: every logit, and the 12 features with
+    the largest |raw_influence| (ties by id)."""
+    kind = lambda n: Node.parse(n["node_id"]).kind  # noqa: E731
+    feats = sorted(
+        (n for n in graph["nodes"] if kind(n) is Kind.FEATURE),
+        key=lambda n: (-abs(n.get("raw_influence") or 0), n["node_id"]),
+    )
+    return {n["node_id"] for n in graph["nodes"] if kind(n) is Kind.LOGIT} | {
+        n["node_id"] for n in feats[:TOP_LABELLED]
+    }
+
+
+def view_box(driver) -> str:
+    return driver.execute_script("return document.getElementById('graph-svg').getAttribute('viewBox')")
+
+
+def screen_rect(driver, element) -> dict:
+    return driver.execute_script("const r = arguments[0].getBoundingClientRect(); return r.toJSON()", element)
+
+
+def inside(inner: dict, outer: dict) -> bool:
+    return (
+        inner["left"] >= outer["left"] - 0.5
+        and inner["right"] <= outer["right"] + 0.5
+        and inner["top"] >= outer["top"] - 0.5
+        and inner["bottom"] <= outer["bottom"] + 0.5
+    )
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    """The demo's induction graph and mechanism, and its largest graph (multiple choice, 300+ nodes), built
+    as `qktrace demo` builds them."""
+    from qktrace.analyses.explain import explain
+    from qktrace.config import DEMO_MODEL, DEMO_SAES
+    from qktrace.demo.run import CASES
+    from qktrace.tracer import Tracer
+
+    tracer = Tracer.load(DEMO_MODEL, DEMO_SAES)
+    data = tmp_path_factory.mktemp("demo-graphs")
+    cases = {c.slug: c for c in CASES}
+    for slug in ("induction", "multiple_choice"):
+        case = cases[slug]
+        graph = tracer.run(case.prompt).graph(targets=[case.answer], progress=False)
+        graph.save(data / f"{slug}.graph.json")
+        if slug == "induction":
+            explain(tracer, case.prompt, case.answer, case.rival, graph=graph).save_json(
+                data / f"{slug}.mechanism.json"
+            )
+    return tracer, data, DEMO_SAES
+
+
+def test_big_graph_opens_fitted_and_labelled(demo, shots, driver):
+    """The demo's largest graph at 1280x800: every logit node and the answer column on screen after load,
+    logits labelled with token and probability, the top nodes by influence labelled without overlap, a
+    legend of the kinds present, inhibitory edges dashed; zoom and fit change the view, labels stay 11 px."""
+    tracer, data, saes = demo
+    name = "multiple_choice.graph.json"
+    graph = json.loads((data / name).read_text())
+    assert len(graph["nodes"]) > 300
+    driver.set_window_size(1280, 800)
+    with LiveServer(create_app(data, saes_dir=saes)) as server:
+        driver.get(f"{server.url}/#graph={name}")
+        opened(driver, name)
+        pane = screen_rect(driver, driver.find_element(By.ID, "graph-scroll"))
+        logits = [n for n in graph["nodes"] if Node.parse(n["node_id"]).kind is Kind.LOGIT]
+        assert logits
+        unasked = default_labelled(graph)
+        WebDriverWait(driver, 10).until(lambda d: label_boxes(d))
+        shown = set(label_boxes(driver))
+        assert {n["node_id"] for n in logits} <= shown <= unasked
+        assert len(shown) >= len(logits) + TOP_LABELLED // 2, "most top nodes by influence are labelled"
+        for n in logits:
+            marker = driver.find_element(By.CSS_SELECTOR, f'#graph-svg g.node[data-id="{n["node_id"]}"] .mark')
+            assert inside(screen_rect(driver, marker), pane), f"logit {n['node_id']} is off screen"
+            label = driver.find_element(By.CSS_SELECTOR, f'#graph-svg g.node-label[data-id="{n["node_id"]}"] text')
+            assert f"p={n['token_prob']:.3f}" in text_of(label) or "p=" in text_of(label)
+        answer_pos = max(Node.parse(n["node_id"]).pos for n in logits)
+        column = driver.find_element(By.CSS_SELECTOR, f'#graph-svg text.token-label[data-pos="{answer_pos}"]')
+        assert inside(screen_rect(driver, column), pane), "the answer column is off screen"
+        rects = driver.execute_script(
+            "return [...document.querySelectorAll('#graph-svg g.node-label rect')]"
+            ".map(r => r.getBoundingClientRect().toJSON())"
+        )
+        for i, a in enumerate(rects):
+            for b in rects[i + 1 :]:
+                dx = min(a["right"], b["right"]) - max(a["left"], b["left"])
+                dy = min(a["bottom"], b["bottom"]) - max(a["top"], b["top"])
+                assert dx <= 0.5 or dy <= 0.5, "two labels overlap"
+        font = driver.execute_script(
+            "const t = document.querySelector('#graph-svg g.node-label text'); return t.getBoundingClientRect().height"
+        )
+        kinds = {Node.parse(n["node_id"]).kind.value for n in graph["nodes"]}
+        legend = {e.get_attribute("data-kind") for e in driver.find_elements(By.CSS_SELECTOR, "#legend [data-kind]")}
+        assert legend == kinds
+        markers = driver.execute_script(
+            "const out = {}; for (const k of arguments[0]) { const m = document.querySelector("
+            "`#legend [data-kind='${k}'] .mark`); out[k] = m.tagName + m.getAttribute('fill') }; return out",
+            sorted(kinds),
+        )
+        assert len(set(markers.values())) == len(kinds), "two kinds share one marker"
+        neg = next(i for i, x in enumerate(graph["links"]) if x["weight"] < 0)
+        pos = next(i for i, x in enumerate(graph["links"]) if x["weight"] > 0)
+        dash = lambda i: driver.find_element(  # noqa: E731
+            By.CSS_SELECTOR, f'#graph-svg g.edge[data-i="{i}"] line.vis'
+        ).get_attribute("stroke-dasharray")
+        assert dash(neg) != "none" and dash(pos) == "none"
+        assert driver.find_element(By.ID, "top").size["height"] < 50, "the header wraps at 1280 px"
+        driver.save_screenshot(str(shots / "20-big-graph-1280.png"))
+
+        before = view_box(driver)
+        click(driver, driver.find_element(By.ID, "zoom-in"))
+        WebDriverWait(driver, 5).until(lambda d: view_box(d) != before)
+        zoomed = [float(x) for x in view_box(driver).split()]
+        assert zoomed[2] == pytest.approx([float(x) for x in before.split()][2] / 1.4, rel=1e-3)
+        WebDriverWait(driver, 5).until(
+            lambda d: d.execute_script(
+                "const t = document.querySelector('#graph-svg g.node-label text');"
+                "return t && Math.abs(t.getBoundingClientRect().height - arguments[0]) < 1",
+                font,
+            )
+        )
+        click(driver, driver.find_element(By.ID, "zoom-fit"))
+        WebDriverWait(driver, 5).until(lambda d: view_box(d) == before)
+        assert console_errors(driver) == []
+
+
+def test_mechanism_view_replay_and_explain(demo, shots, driver):
+    """A *.mechanism.json from the list opens on its graph: the candidates table and the winning curve as the
+    file holds them, the clean scale marked, the chosen features highlighted; Replay runs them all (several
+    features, all its heads) in the steering panel, whose p(answer) and p(rival) equal the curve's; and
+    "Explain this answer" from the logit node runs the explain job and opens its mechanism, whose numbers
+    are POST /api/explain's."""
+    tracer, data, saes = demo
+    mech = json.loads((data / "induction.mechanism.json").read_text())
+    best = mech["candidates"][mech["best"]]
+    graph = json.loads((data / "induction.graph.json").read_text())
+    with LiveServer(create_app(data, tracer, saes_dir=saes)) as server:
+        open_graph(driver, server, "multiple_choice.graph.json")
+        option = driver.find_element(
+            By.CSS_SELECTOR, '#graph-select option[value="mechanism:induction.mechanism.json"]'
+        )
+        assert "(not a graph)" not in option.text
+        Select(driver.find_element(By.ID, "graph-select")).select_by_value("mechanism:induction.mechanism.json")
+        wait(driver, "#mech-candidates tr.mech-cand")
+        WebDriverWait(driver, 20).until(
+            lambda d: d.find_element(By.ID, "status").text.startswith(f"{len(set(ids_of(best)) & node_ids(graph))} of")
+        )
+        assert "graph=induction.graph.json" in driver.execute_script("return location.hash")
+        assert "mechanism=induction.mechanism.json" in driver.execute_script("return location.hash")
+        rows = driver.find_elements(By.CSS_SELECTOR, "#mech-candidates tr.mech-cand")
+        assert len(rows) == len(mech["candidates"])
+        effects = [numbers(r.find_element(By.CSS_SELECTOR, "td[data-field=effect]"))[1] for r in rows]
+        assert effects == sorted(c["effect"] for c in mech["candidates"])
+        assert "selected" in driver.find_element(
+            By.CSS_SELECTOR, f'tr.mech-cand[data-index="{mech["best"]}"]'
+        ).get_attribute("class")
+        curve = driver.find_elements(By.CSS_SELECTOR, "#mech-curve tr.curve-row")
+        assert [numbers(r.find_element(By.CSS_SELECTOR, "td[data-field=metric]"))[1] for r in curve] == [
+            p["metric"] for p in best["curve"]
+        ]
+        assert float(driver.find_element(By.ID, "mech-metric").get_attribute("data-value")) == mech["metric"]
+        assert driver.find_element(By.CSS_SELECTOR, "#mech-metric-chart g.mark").get_attribute("data-x") == "1"
+        chosen = {g.get_attribute("data-id") for g in driver.find_elements(By.CSS_SELECTOR, "#graph-svg g.node.chosen")}
+        assert chosen == set(ids_of(best)) & node_ids(graph) and chosen
+        driver.save_screenshot(str(shots / "21-mechanism.png"))
+
+        click(driver, driver.find_element(By.ID, "mech-replay"))
+        wait(driver, "#sweep-table tr.sweep-row", 60)
+        assert driver.find_element(By.ID, "steer-also").get_attribute("value"), "the other features go along"
+        sweep = driver.find_elements(By.CSS_SELECTOR, "#sweep-table tr.sweep-row")
+        assert len(sweep) == len(best["curve"])
+        for row, point in zip(sweep, best["curve"]):
+            cells = row.find_elements(By.CSS_SELECTOR, "td[data-field^='p:']")
+            assert numbers(row.find_element(By.CSS_SELECTOR, "td[data-field=scale]"))[1] == point["scale"]
+            assert float(cells[0].get_attribute("data-value")) == pytest.approx(point["p_answer"], rel=1e-3, abs=1e-6)
+            assert float(cells[1].get_attribute("data-value")) == pytest.approx(point["p_rival"], rel=1e-3, abs=1e-6)
+        top = driver.execute_script("return document.getElementById('steer-panel').getBoundingClientRect().top")
+        assert 0 <= top < 200, "the sweep's panel is scrolled into view"
+        driver.save_screenshot(str(shots / "22-replay.png"))
+
+        # explain this answer, from the logit node: a job with progress, then its mechanism opens
+        logit = next(n for n in graph["nodes"] if Node.parse(n["node_id"]).kind is Kind.LOGIT)
+        click(driver, driver.find_element(By.CSS_SELECTOR, f'#graph-svg g.node[data-id="{logit["node_id"]}"] .mark'))
+        click(driver, wait(driver, "#explain-logit"))
+        assert driver.find_element(By.ID, "explain-answer").get_attribute("value") == mech["answer"]
+        driver.find_element(By.ID, "explain-rival").clear()
+        driver.find_element(By.ID, "explain-rival").send_keys(mech["rival"])
+        click(driver, driver.find_element(By.ID, "explain-run"))
+        WebDriverWait(driver, 120).until(
+            lambda d: "mechanism=induction-2.mechanism.json" in d.execute_script("return location.hash")
+        )
+        wait(driver, "#mech-candidates tr.mech-cand")
+        api = server.post(
+            "/api/explain", {"tokens": graph["metadata"]["qktrace"]["tokens"], "answer": mech["answer"],
+                             "rival": mech["rival"]}
+        )["mechanism"]  # fmt: skip
+        WebDriverWait(driver, 10).until(
+            lambda d: float(d.find_element(By.ID, "mech-metric").get_attribute("data-value")) == api["metric"]
+        )
+        assert len(driver.find_elements(By.CSS_SELECTOR, "#mech-candidates tr.mech-cand")) == len(api["candidates"])
+        assert console_errors(driver) == []
+
+
+def ids_of(candidate: dict) -> list[str]:
+    return [feature_node(p["layer"], p["position"], f).id for p in candidate["parts"] for f in p["features"]]
+
+
+def node_ids(graph: dict) -> set[str]:
+    return {n["node_id"] for n in graph["nodes"]}
+
+
+def qk_view(driver) -> tuple[str, list[float]]:
+    """The QK panel's title and its check row's exact numbers."""
+    title = driver.find_element(By.ID, "qk-title").text
+    cells = driver.find_elements(By.CSS_SELECTOR, "#qk-check td[data-field]")
+    return title, [float(c.get_attribute("data-value")) for c in cells]
+
+
+def test_every_view_is_a_link(setup, shots, driver, tmp_path):
+    """Pins, prune level, the selected edge, the head and the QK query and key go into the URL; the URL opened
+    afresh shows the same edge, the same QK numbers (the API's), the same pins and prune level; Back
+    returns to the selected node; #compare=A,B then #graph=X opens X; tooltips never end in "null" and go
+    with their graph; the keyboard moves along edges (arrow up: the strongest output), Enter opens, Escape
+    closes."""
+    graph = setup.graph
+    link, q, k = visible_cross_link(graph)
+    top = link["head_loadings"][0]
+    data = tmp_path / "graphs"
+    data.mkdir()
+    for name in ("a.json", "b.json"):
+        (data / name).write_text((setup.data / GRAPH_NAME).read_text())
+    tokenless = json.loads((setup.data / GRAPH_NAME).read_text())  # nothing where the tokens were
+    is_token = lambda i: Node.parse(i).kind is Kind.TOKEN  # noqa: E731
+    tokenless["nodes"] = [n for n in tokenless["nodes"] if not is_token(n["node_id"])]
+    tokenless["links"] = [x for x in tokenless["links"] if not (is_token(x["source"]) or is_token(x["target"]))]
+    (data / "c.json").write_text(json.dumps(tokenless))
+    with LiveServer(create_app(data, setup.tracer)) as server:
+        driver.get(server.url + "/#compare=a.json,b.json")
+        wait(driver, "#compare-table tr.compare-row")
+        driver.execute_script("location.hash = '#graph=b.json'")
+        opened(driver, "b.json")
+        time.sleep(1)  # no late answer opens another graph
+        assert driver.find_element(By.ID, "status").text == "opened b.json"
+        assert (
+            Select(driver.find_element(By.ID, "graph-select")).first_selected_option.get_attribute("value") == "b.json"
+        )
+
+        # a token node's tooltip: no "null"; it goes when another graph opens
+        token = next(n for n in graph["nodes"] if Node.parse(n["node_id"]).kind is Kind.TOKEN)
+        ActionChains(driver).move_to_element(
+            driver.find_element(By.CSS_SELECTOR, f'#graph-svg g.node[data-id="{token["node_id"]}"] .mark')
+        ).perform()
+        tip = driver.find_element(By.ID, "tooltip")
+        WebDriverWait(driver, 10).until(lambda d: tip.is_displayed())
+        assert "null" not in tip.text
+        driver.execute_script("location.hash = '#graph=c.json'")
+        opened(driver, "c.json")
+        assert not tip.is_displayed()
+        driver.execute_script("location.hash = '#graph=a.json'")
+        opened(driver, "a.json")
+
+        # pin, prune, select the node, then the edge, then its top head's QK view
+        pin = link["source"]
+        driver.execute_script(
+            "arguments[0].dispatchEvent(new MouseEvent('click', {bubbles: true, shiftKey: true}))",
+            driver.find_element(By.CSS_SELECTOR, f'#graph-svg g.node[data-id="{pin}"]'),
+        )
+        driver.execute_script(
+            "const p = document.getElementById('prune'); p.value = 70; p.dispatchEvent(new Event('input'))"
+        )
+        click(driver, driver.find_element(By.CSS_SELECTOR, f'#graph-svg g.node[data-id="{link["target"]}"] .mark'))
+        wait(driver, "#node-panel table.links")
+        node_url = driver.execute_script("return location.hash")
+        assert f"node={link['target']}".replace("/", "%2F") in node_url
+        click(driver, driver.find_element(By.CSS_SELECTOR, f'#node-panel tr[data-link="{graph["links"].index(link)}"]'))
+        wait(driver, "#head-table tr.head-row")
+        click(driver, driver.find_element(By.CSS_SELECTOR, "#head-table button.head-btn"))
+        wait(driver, "#qk-check td[data-field=score]")
+        WebDriverWait(driver, 10).until(lambda d: "qk=" in d.execute_script("return location.hash"))
+        url = driver.current_url
+        assert f"qk=L{top['layer']}H{top['head']}%3A{q}%3A{k}" in url and "prune=70" in url and "pins=" in url
+        shown = qk_view(driver)
+        qk_top = driver.execute_script("return document.getElementById('qk-panel').getBoundingClientRect().top")
+        assert 0 <= qk_top < 200, "the QK result is scrolled into view"
+
+        # Back: the selected node, before the edge
+        driver.back()
+        driver.back()
+        WebDriverWait(driver, 10).until(lambda d: d.execute_script("return location.hash") == node_url)
+        WebDriverWait(driver, 10).until(
+            lambda d: (
+                link["target"] in d.find_element(By.ID, "node-panel").text
+                or d.find_element(By.CSS_SELECTOR, "#node-panel h3")
+            )
+        )
+
+        # the same URL in a fresh page: the same edge, QK view, pins and prune level
+        driver.get("about:blank")
+        driver.get(url)
+        opened(driver, "a.json")
+        wait(driver, "#qk-check td[data-field=score]")
+        WebDriverWait(driver, 10).until(lambda d: qk_view(d) == shown)
+        api = server.post(
+            "/api/qk",
+            {"tokens": setup.tokens, "layer": top["layer"], "head": top["head"], "query_pos": q, "key_pos": k},
+        )["qk"]
+        assert shown[1][0] == api["score"][0]
+        assert float(driver.find_element(By.ID, "edge-weight").get_attribute("data-value")) == pytest.approx(
+            link["weight"]
+        )
+        assert driver.find_element(By.ID, "prune").get_attribute("value") == "70"
+        pinned = driver.find_elements(By.CSS_SELECTOR, f'#graph-svg g.node-label[data-id="{pin}"]')
+        assert pinned, "the pinned node keeps its label"
+        driver.save_screenshot(str(shots / "23-shared-url.png"))
+
+        # the keyboard: focus the source, arrow up goes to its strongest output, Enter opens it, Escape closes
+        src = link["source"]
+        outs = [x for x in graph["links"] if x["source"] == src]
+        strongest = max(outs, key=lambda x: abs(x["weight"]))["target"]
+        driver.execute_script("document.querySelector(arguments[0]).focus()", f'#graph-svg g.node[data-id="{src}"]')
+        ActionChains(driver).send_keys(Keys.ARROW_UP).perform()
+        WebDriverWait(driver, 5).until(
+            lambda d: d.execute_script("return document.activeElement.dataset.id") == strongest
+        )
+        ActionChains(driver).send_keys(Keys.ENTER).perform()
+        WebDriverWait(driver, 5).until(
+            lambda d: strongest.replace("/", "%2F") in d.execute_script("return location.hash")
+        )
+        ActionChains(driver).send_keys(Keys.ESCAPE).perform()
+        WebDriverWait(driver, 5).until(lambda d: "node=" not in d.execute_script("return location.hash"))
+
+        # the QK view: features only hides every term with a bias or error side; a click opens a feature's panel
+        rows = driver.find_elements(By.CSS_SELECTOR, "#qk-terms tr.qk-term")
+        click(driver, driver.find_element(By.ID, "qk-features-only"))
+        kinds = [
+            {Node.parse(s.get_attribute("data-component")).kind for s in r.find_elements(By.CSS_SELECTOR, "span.comp")}
+            for r in rows
+        ]
+        assert [r.is_displayed() for r in rows] == [k == {Kind.FEATURE} for k in kinds]
+        click(driver, driver.find_element(By.ID, "qk-features-only"))  # all terms again
+        comp = feature_component(driver, "#qk-terms")
+        wanted = comp.get_attribute("data-component")
+        click(driver, comp)
+        detail = wait(driver, "#feature-detail")
+        assert (
+            detail.get_attribute("data-component") == wanted
+            and driver.find_element(By.ID, "feature-panel").is_displayed()
+        )
+
+        # the subgraph of the pinned nodes: those nodes alone, every edge among them, in the URL
+        driver.execute_script(
+            "arguments[0].dispatchEvent(new MouseEvent('click', {bubbles: true, shiftKey: true}))",
+            driver.find_element(By.CSS_SELECTOR, f'#graph-svg g.node[data-id="{link["target"]}"]'),
+        )
+        click(driver, driver.find_element(By.ID, "subgraph"))
+        WebDriverWait(driver, 5).until(lambda d: "sub=1" in d.execute_script("return location.hash"))
+        shown_nodes = driver.execute_script(
+            "return [...document.querySelectorAll('#graph-svg g.node')]"
+            ".filter(g => g.getAttribute('display') !== 'none')"
+            ".map(g => g.dataset.id)"
+        )
+        shown_edges = driver.execute_script(
+            "return [...document.querySelectorAll('#graph-svg g.edge')]"
+            ".filter(g => g.getAttribute('display') !== 'none')"
+            ".map(g => +g.dataset.i)"
+        )
+        ends = {link["source"], link["target"]}
+        assert set(shown_nodes) == ends
+        assert shown_edges == [i for i, x in enumerate(graph["links"]) if {x["source"], x["target"]} <= ends]
+        click(driver, driver.find_element(By.ID, "subgraph"))
+
+        # steering with neither heads nor a checkpoint: one line that says what to give
+        driver.find_element(By.ID, "steer-heads").clear()
+        driver.find_element(By.ID, "steer-checkpoint").clear()
+        click(driver, driver.find_element(By.ID, "steer-run"))
+        err = wait(driver, "#steer-body p.error")
+        assert "name heads (e.g. L1H3 L1H0)" in err.text and "a checkpoint" in err.text
         assert console_errors(driver) == []

@@ -224,6 +224,36 @@ def test_graph_job_errors(client):
     assert "no job" in refused(client.get("/api/jobs/deadbeef"), 404)
 
 
+def test_explain_job_saves_a_mechanism_the_list_opens(client, setup):
+    """POST /api/explain/jobs runs explain as a job; its file is listed under mechanisms (not as an invalid
+    graph) and served by GET /api/mechanisms with the same answer and candidates as POST /api/explain."""
+    req = {"prompt": "Aunt Sally is the opposite of Uncle Bob . Aunt", "answer": "Sally", "name": "aunt.graph.json"}
+    job = ok(client.post("/api/explain/jobs", json=req), 202)
+    deadline = time.monotonic() + 300
+    while job["status"] == "running" and time.monotonic() < deadline:
+        time.sleep(0.2)
+        job = ok(client.get(f"/api/jobs/{job['id']}"))
+    assert job["status"] == "done", job
+    assert job["graph"] == "aunt.mechanism.json"
+    listing = ok(client.get("/api/graphs"))
+    assert "aunt.mechanism.json" in [m["name"] for m in listing["mechanisms"]]
+    assert "aunt.mechanism.json" not in [b["name"] for b in listing["invalid"]]
+    saved = ok(client.get("/api/mechanisms/aunt.mechanism.json"))["mechanism"]
+    direct = ok(client.post("/api/explain", json={k: v for k, v in req.items() if k != "name"}))["mechanism"]
+    assert (saved["answer"], saved["best"], len(saved["candidates"])) == (
+        direct["answer"],
+        direct["best"],
+        len(direct["candidates"]),
+    )
+    assert [c["effect"] for c in saved["candidates"]] == pytest.approx([c["effect"] for c in direct["candidates"]])
+    assert "not a mechanism file" in refused(client.get(f"/api/mechanisms/{GRAPH_NAME}"), 404)
+    again = ok(client.post("/api/explain/jobs", json=req), 202)  # never overwrites: a numbered name
+    while again["status"] == "running" and time.monotonic() < deadline:
+        time.sleep(0.2)
+        again = ok(client.get(f"/api/jobs/{again['id']}"))
+    assert again["graph"] == "aunt-2.mechanism.json"
+
+
 # -- sweeps -----------------------------------------------------------------------------------------
 
 
@@ -252,6 +282,40 @@ def test_sweep_equals_direct(client, setup):
     clean = setup.tracer.run(setup.tokens).trace
     col = f"attn:L1.H0:{n - 1}->2"
     assert body["rows"][1][col] == pytest.approx(float(clean.pattern(1, n - 1, [0])[0, 0, 2]), abs=1e-6)  # scale 1
+
+
+def test_sweep_replays_a_mechanism(client):
+    """A mechanism's candidate (several features, maybe several sites) replayed through POST /api/sweep's
+    `also` gives the p(answer) and p(rival) of the curve that explain measured through its own path."""
+    prompt = "Aunt Sally is the opposite of Uncle Bob . Aunt"
+    mech = ok(client.post("/api/explain", json={"prompt": prompt, "answer": "Sally"}))["mechanism"]
+    cands = sorted(mech["candidates"], key=lambda c: -sum(len(p["features"]) for p in c["parts"]))
+    cand = cands[0]
+    first, *rest = cand["parts"]
+    assert len(first["features"]) + sum(len(p["features"]) for p in rest) > 1, "want a set of several features"
+    part = lambda p: {"heads": [[p["layer"], h] for h in p["heads"]], "side": p["side"], "positions": p["position"]}  # noqa: E731
+    req = {
+        "prompt": prompt,
+        **part(first),
+        "feature": first["features"][0],
+        "also": [{**part(first), "features": first["features"][1:]}] * (len(first["features"]) > 1)
+        + [{**part(p), "features": p["features"]} for p in rest],
+        "scales": [pt["scale"] for pt in cand["curve"]],
+        "freeze_others": True,
+        "mode": "scale",
+        "watch_tokens": [mech["answer_id"], mech["rival_id"]],
+    }
+    body = ok(client.post("/api/sweep", json=req))
+    p_cols = [c for c in body["columns"] if c.startswith("p:")]
+    assert len(p_cols) == 2
+    for row, pt in zip(body["rows"], cand["curve"]):
+        assert row["scale"] == pt["scale"]
+        assert row[p_cols[0]] == pytest.approx(pt["p_answer"], rel=1e-4, abs=1e-7)
+        assert row[p_cols[1]] == pytest.approx(pt["p_rival"], rel=1e-4, abs=1e-7)
+    bad = {**req, "heads": [], "checkpoint": first["layer"], "freeze_others": False}
+    assert "needs heads" in refused(client.post("/api/sweep", json=bad), 400)
+    many = {**req, "also": [{**part(first), "features": list(range(65))}]}
+    assert "give 1 to 64 features" in refused(client.post("/api/sweep", json=many), 400)
 
 
 def test_sweep_residual_and_errors(client, setup):

@@ -111,6 +111,8 @@ class Limits:
     max_scales: int = 64  # steering scales in one sweep: one forward pass each
     max_abs_scale: float = 1e4  # |scale| (or |value|) a steered activation may be given
     max_heads: int = 256  # (layer, head) pairs in one steering request (no repeats, each a real head)
+    max_steer_parts: int = 16  # more feature sets in one steering request (a mechanism's parts)
+    max_steer_features: int = 64  # features in one such part
     max_positions: int = 4096  # explicit positions in one request (a slice is resolved against the prompt)
     max_watch_tokens: int = 20  # watched next tokens in a sweep
     max_watch_attention: int = 20  # watched attention weights in a sweep

@@ -11,7 +11,10 @@
     POST /api/qk                             QK attribution at (layer, head, query_pos, key_pos), the head's
                                              attention row, inhibitory terms, contrast with the rival key
     POST /api/sweep                          steer a feature inside chosen heads' QK circuits over scales
+                                             (`also`: more feature sets at the same scale, a mechanism's)
     POST /api/compare, POST /api/explain     two aligned prompts head by head; an answer's mechanism (`explain`)
+    POST /api/explain/jobs                   `explain` as a job, saved as <stem>.mechanism.json (explain.py)
+    GET  /api/mechanisms/{name}              a saved mechanism (GET /api/graphs lists them under `mechanisms`)
     GET  /api/features/{checkpoint}/{f}      a feature's label and dashboard (dashboards.json) if any
 
 Safety (STYLE point 10): the app never unpickles; graph names are plain file names resolved inside the
@@ -148,7 +151,7 @@ def create_app(
     add_info_routes(app, tracer, features)
     add_graph_routes(app, store, need_engine)
     add_model_routes(app, need_engine)
-    add_explain_routes(app, need_engine)
+    add_explain_routes(app, need_engine, store)
     app.add_middleware(Guard, max_bytes=limits.max_request_bytes)  # outermost: sees every request and bug
     log.info(
         "app: %d routes over %s, %s; bodies up to %d bytes",

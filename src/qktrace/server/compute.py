@@ -38,7 +38,7 @@ from ..errors import InputError, QKTraceError, check_index
 from ..graph.formats import check_name
 from ..models import Model
 from ..options import GraphOptions, SweepOptions
-from ..steering.requests import Checked, SteerRequest, build_steering, check_request, check_text
+from ..steering.requests import Checked, SteerPart, SteerRequest, build_steering, check_request, check_text
 from ..tracer import Traced, Tracer
 from . import schemas as S
 from .store import ApiError, GraphStore, graph_name
@@ -76,7 +76,7 @@ class _GraphJob:
     overwrite: bool
 
 
-def _error_text(e: BaseException) -> str:
+def error_text(e: BaseException) -> str:
     if isinstance(e, QKTraceError | ApiError):
         return " ".join(str(e).split())
     if isinstance(e, MemoryError) or "out of memory" in str(e) or "can't allocate memory" in str(e):
@@ -97,7 +97,7 @@ class Engine:
         self._tokenizing = self._twin(tracer.model)
         self._traced: OrderedDict[tuple[int, ...], Traced] = OrderedDict()
         self.jobs: OrderedDict[str, JobState] = OrderedDict()
-        self._jobs_lock = threading.Lock()
+        self.jobs_lock = threading.Lock()
         self._queue: queue.SimpleQueue[_GraphJob] = queue.SimpleQueue()
         self._worker: threading.Thread | None = None
 
@@ -190,7 +190,7 @@ class Engine:
         )
         names = {w: check_name(getattr(req, w), w) for w in ("slug", "scan") if getattr(req, w) is not None}
         ids = self.ids(req)
-        with self._jobs_lock:
+        with self.jobs_lock:
             active = sum(j.status == "running" for j in self.jobs.values())
             if active >= self.limits.max_queued_jobs:
                 raise ApiError(
@@ -210,7 +210,7 @@ class Engine:
         return job
 
     def job(self, job_id: str) -> JobState | None:
-        with self._jobs_lock:
+        with self.jobs_lock:
             return self.jobs.get(job_id)
 
     def _forget_finished(self) -> None:
@@ -238,7 +238,7 @@ class Engine:
         except Exception as e:  # every failure is the job's state; the server keeps serving
             if not isinstance(e, QKTraceError | ApiError):
                 log.exception("graph job %s failed", job.id)
-            job.error, job.stage, job.status = _error_text(e), "failed", "error"
+            job.error, job.stage, job.status = error_text(e), "failed", "error"
 
 
 # -- QK and sweeps -------------------------------------------------------------------------------------
@@ -289,9 +289,13 @@ def qk_response(traced: Traced, req: S.QKRequest) -> S.QKResponse:
     )
 
 
+def _positions(p: int | list[int]) -> int | list[int]:
+    return p if isinstance(p, int) else list(p)
+
+
 def steer_request(req: S.SweepRequest) -> Checked:
     """The sweep request as the CLI's `SteerRequest`, checked without the model (`steering.requests.check_request`)."""
-    positions = req.positions if isinstance(req.positions, int) else list(req.positions)
+    positions = _positions(req.positions)
     return check_request(
         SteerRequest(
             feature=req.feature,
@@ -300,6 +304,10 @@ def steer_request(req: S.SweepRequest) -> Checked:
             checkpoint=req.checkpoint,
             watch_tokens=list(req.watch_tokens),
             watch_attention=list(req.watch_attention),
+            also=[
+                SteerPart([(ly, h) for ly, h in x.heads], list(x.features), _positions(x.positions), x.side)
+                for x in req.also
+            ],
             options=SweepOptions(
                 scales=req.scales if isinstance(req.scales, str) else tuple(req.scales),
                 side=req.side,

@@ -6,6 +6,9 @@
                          (`qktrace.compare`)
     POST /api/explain    a prompt and its answer -> the confirmed QK mechanism and every candidate tried
                          (`qktrace.explain`; seconds on a small model, one request at a time)
+    POST /api/explain/jobs   the same as a job (202; poll GET /api/jobs/{id}) that saves the mechanism as
+                         `<graph or prompt>.mechanism.json` in the data directory; the job's `graph` names it
+    GET  /api/mechanisms/{name}   a saved `*.mechanism.json` (GET /api/graphs lists them under `mechanisms`)
 
 Both need a loaded model (409 otherwise), hold the model's lock while they compute, and answer with
 versioned JSON built from the library's own `to_json`.
@@ -13,6 +16,10 @@ versioned JSON built from the library's own `to_json`.
 
 from __future__ import annotations
 
+import logging
+import re
+import threading
+import uuid
 from collections.abc import Callable
 from typing import Annotated, Any, Literal
 
@@ -24,7 +31,10 @@ from ..analyses.explain import explain
 from ..config import LIMITS
 from ..options import CompareOptions, doc
 from . import schemas as S
-from .compute import Engine
+from .compute import Engine, JobState, error_text
+from .store import MECHANISM, ApiError, GraphStore
+
+log = logging.getLogger(__name__)
 
 Prompt = Annotated[StrictStr, Field(max_length=LIMITS.max_prompt_chars)]
 Token = Annotated[StrictStr, Field(min_length=1, max_length=200)] | S.TokenId  # a token's text, or its id
@@ -121,6 +131,42 @@ class ExplainResponse(S.Versioned):
     mechanism: dict[str, Any] = Field(description="`Mechanism.to_json()`: heads, sites, candidates, the best")
 
 
+class ExplainJobRequest(ExplainRequest):
+    name: Annotated[StrictStr, Field(min_length=1, max_length=150)] | None = Field(
+        None, description="the file's stem (e.g. the graph's name): saved as <stem>.mechanism.json, made unique"
+    )
+
+
+def start_explain(engine: Engine, store: GraphStore, req: ExplainJobRequest) -> JobState:
+    """Check the prompt, then run `explain` on its own thread; the job names the saved file when done."""
+    ids = engine.ids(req)  # checked (and held to the token limit) before the job starts
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "-", (req.name or req.prompt or "explained").removesuffix(".json"))
+    stem = stem.removesuffix(".graph").strip("-.")[:60] or "explained"
+    names = (f"{stem}{'' if i == 1 else f'-{i}'}{MECHANISM}" for i in range(1, 1000))
+    fname = next((f for f in names if not store.exists(f)), None)
+    if fname is None:
+        raise ApiError(409, f"mechanisms named {stem}-*{MECHANISM} fill the data directory: give this one a name")
+    job = JobState(uuid.uuid4().hex[:12], stage="waiting for the model")
+    with engine.jobs_lock:
+        engine.jobs[job.id] = job
+
+    def work() -> None:
+        try:
+            with engine.traced(ids):  # holds the model's lock
+                job.stage = "explaining: ablating heads, then steering candidate feature sets"
+                m = explain(engine.tracer, list(ids), req.answer, req.rival, req.side)
+            job.stage = "saving"
+            store.root.mkdir(parents=True, exist_ok=True)
+            m.save_json(store.root / fname)
+            job.graph, job.status, job.stage = fname, "done", "done"
+        except Exception as e:  # every failure is the job's state; the server keeps serving
+            log.info("explain job %s failed: %s", job.id, e)
+            job.error, job.stage, job.status = error_text(e), "failed", "error"
+
+    threading.Thread(target=work, name="qktrace-explain", daemon=True).start()
+    return job
+
+
 def compare_response(engine: Engine, req: CompareRequest) -> CompareResponse:
     # both prompts checked (and held to the token limit) before waiting for the model
     ids_a = engine.ids(S.PromptRequest(prompt=req.prompt_a, tokens=req.tokens_a))
@@ -140,8 +186,17 @@ def explain_response(engine: Engine, req: ExplainRequest) -> ExplainResponse:
         return ExplainResponse(model=engine.tracer.model.name, mechanism=m.to_json())
 
 
-def add_routes(app: FastAPI, need_engine: Callable[[], Engine]) -> None:
-    """Register POST /api/compare and POST /api/explain on `app`."""
+def add_routes(app: FastAPI, need_engine: Callable[[], Engine], store: GraphStore) -> None:
+    """Register POST /api/compare, POST /api/explain (and its job) and GET /api/mechanisms/{name} on `app`."""
+
+    @app.post("/api/explain/jobs", status_code=202)
+    def explain_job(req: ExplainJobRequest) -> S.Job:
+        return start_explain(need_engine(), store, req).view()
+
+    @app.get("/api/mechanisms/{name:path}")
+    def mechanism(name: str) -> dict[str, Any]:
+        fname, data = store.read_mechanism(name)
+        return {"version": S.API_VERSION, "name": fname, "mechanism": data}
 
     @app.post("/api/compare")
     def compare_prompts(req: CompareRequest) -> CompareResponse:

@@ -78,6 +78,17 @@ class QKRequest(PromptRequest):
     top: Annotated[int, Strict(), Field(ge=1, le=LIMITS.max_top)] = QK.top
 
 
+class SweepPart(BaseModel):
+    """More features steered with the request's own, at the same scale (`steering.requests.SteerPart`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    heads: list[tuple[Int, Int]] = Field(description="[[layer, head], ...] of one layer")
+    features: list[Int] = Field(description="features of that layer's checkpoint")
+    positions: Int | list[Int]
+    side: Literal["query", "key"] | None = Field(None, description="default: the request's side")
+
+
 class SweepRequest(PromptRequest):
     """Checked by `qktrace.steering.requests` (the CLI's checks): list lengths, repeats, ranges, scales."""
 
@@ -96,6 +107,9 @@ class SweepRequest(PromptRequest):
     watch_tokens: list[StrictStr | TokenId] = Field(default_factory=list)
     watch_attention: list[tuple[Int, Int, Int, Int]] = Field(default_factory=list)
     top_k: Annotated[int, Strict(), Field(ge=1, le=20)] = SWEEP.top_k
+    also: list[SweepPart] = Field(
+        default_factory=list, description="more feature sets steered at the same scale (a mechanism's parts)"
+    )
 
 
 # -- responses --------------------------------------------------------------------------------------
@@ -138,9 +152,19 @@ class InvalidGraph(BaseModel):
     error: str
 
 
+class MechanismSummary(BaseModel):
+    name: str
+    prompt: str
+    answer: str
+    rival: str | None
+
+
 class GraphList(Versioned):
     graphs: list[GraphSummary]
     invalid: list[InvalidGraph] = Field(default_factory=list, description="JSON files that are not graphs")
+    mechanisms: list[MechanismSummary] = Field(
+        default_factory=list, description="`*.mechanism.json` files (`qktrace explain`), opened by GET /api/mechanisms"
+    )
 
 
 class Job(Versioned):

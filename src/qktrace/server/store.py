@@ -34,6 +34,7 @@ from ..tracer import Tracer
 from . import schemas as S
 
 log = logging.getLogger(__name__)
+MECHANISM = ".mechanism.json"  # `qktrace explain --out` and the demo write these beside graphs
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
 
 
@@ -88,7 +89,17 @@ class GraphStore:
         """Every graph file; one that cannot be read (any reason) is listed as invalid, never the whole list."""
         graphs: list[S.GraphSummary] = []
         invalid: list[S.InvalidGraph] = []
+        mechanisms: list[S.MechanismSummary] = []
         for name in self._candidates():
+            if name.endswith(MECHANISM):
+                try:
+                    m = self.read_mechanism(name)[1]
+                    mechanisms.append(
+                        S.MechanismSummary(name=name, prompt=m["prompt"], answer=m["answer"], rival=m.get("rival"))
+                    )
+                except (ApiError, OSError, QKTraceError, KeyError, TypeError) as e:
+                    invalid.append(S.InvalidGraph(name=name, error=f"not a mechanism file: {' '.join(str(e).split())}"))
+                continue
             try:
                 real = self.resolve(name)
                 st = real.stat()
@@ -107,7 +118,18 @@ class GraphStore:
                 graphs.append(item)
             else:
                 invalid.append(item)
-        return S.GraphList(graphs=graphs, invalid=invalid)
+        return S.GraphList(graphs=graphs, invalid=invalid, mechanisms=mechanisms)
+
+    def read_mechanism(self, name: str) -> tuple[str, dict[str, Any]]:
+        """A `*.mechanism.json` file (`Mechanism.to_json()`), confined as graphs are; 404 for any other name."""
+        if not name.endswith(MECHANISM):
+            raise ApiError(404, f"'{name[:80]}' is not a mechanism file: its name must end in {MECHANISM}")
+        path = self.resolve(name)
+        data = formats.read_json(path, self.limits.max_graph_file_bytes, shown=path.name)
+        if not isinstance(data, dict) or not isinstance(data.get("candidates"), list) or "answer" not in data:
+            msg = f"{path.name} is not a mechanism (no answer or candidates): write it with qktrace explain"
+            raise ApiError(422, msg)
+        return path.name, data
 
     def read(self, name: str) -> tuple[str, dict[str, Any]]:
         path = self.resolve(name)

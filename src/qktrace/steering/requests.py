@@ -7,7 +7,9 @@ The front ends only translate their arguments; every check lives here, every def
   (what to steer, and how: `SweepOptions`, whose scales, side and mode checked themselves):
   1. `check_request(req)` -- no model needed, so it runs before anything is loaded or locked: list
      lengths within `config.LIMITS`, no repeated head, the heads of one layer, no negative feature,
-     `freeze_others` only with heads.
+     `freeze_others` only with heads; `also` (more feature sets steered at the same scale, each inside
+     its own heads' QK circuit, as a mechanism of several sites is) only with heads, each part's heads of
+     one layer, at most `LIMITS.max_steer_parts` parts of at most `LIMITS.max_steer_features` features.
   2. `build_steering(traced, req)` -- against the traced prompt: layer, heads, checkpoint with an SAE,
      feature below the SAE's width, positions inside the prompt (none twice), watched tokens and
      attention weights, and (when scaling) the feature active at one of the positions at least, since
@@ -21,7 +23,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 from ..config import LIMITS
 from ..errors import InputError, check_index
@@ -63,6 +65,33 @@ def _int(value: object, what: str) -> int:
 
 
 @dataclass(frozen=True)
+class SteerPart:
+    """More features steered with a request's own and at the same scale: `features` (of checkpoint `layer`)
+    at `positions`, inside the QK circuit of `heads` of that layer, on `side` (None: the request's side)."""
+
+    heads: Sequence[tuple[int, int]]
+    features: Sequence[int]
+    positions: Positions
+    side: Literal["query", "key"] | None = None
+
+
+def _check_part(part: SteerPart) -> None:
+    if not part.heads or len(part.heads) > LIMITS.max_heads:
+        raise InputError(f"a steered part names {len(part.heads)} heads: give 1 to {LIMITS.max_heads} heads")
+    if len({_int(ly, "layer") for ly, _ in part.heads}) > 1:
+        raise InputError("a steered part's heads span layers: give each layer's heads as a part of its own")
+    if not part.features or len(part.features) > LIMITS.max_steer_features:
+        raise InputError(
+            f"a steered part names {len(part.features)} features: give 1 to {LIMITS.max_steer_features} features"
+        )
+    for f in part.features:
+        if _int(f, "feature") < 0:
+            raise InputError(f"feature {f} is negative: features are numbered from 0 (up to the SAE's width - 1)")
+    if part.side not in (None, "query", "key"):
+        raise InputError(f"a steered part's side {part.side!r} is neither 'query' nor 'key'")
+
+
+@dataclass(frozen=True)
 class SteerRequest:
     """Steer SAE feature `feature` at `positions`, inside the QK circuit of `heads` ((layer, head) pairs of
     one layer; the feature is read at that layer's input checkpoint) or, without heads, in the residual at
@@ -76,6 +105,7 @@ class SteerRequest:
     watch_tokens: Sequence[str | int] = ()
     watch_attention: Sequence[tuple[int, int, int, int]] | None = ()
     options: SweepOptions = field(default_factory=SweepOptions)
+    also: Sequence[SteerPart] = ()  # more features steered at the same scale (QK steering only)
 
 
 @dataclass(frozen=True)
@@ -124,6 +154,12 @@ def check_request(req: SteerRequest) -> Checked:
         raise InputError(
             "freezing the other heads needs heads to steer (QK-only steering): residual steering moves all"
         )
+    if req.also and layer is None:
+        raise InputError("steering more parts ('also') needs heads: it steers inside QK circuits only")
+    if len(req.also) > LIMITS.max_steer_parts:
+        raise InputError(f"{len(req.also)} more parts given: steer at most {LIMITS.max_steer_parts} at once")
+    for part in req.also:
+        _check_part(part)
     if isinstance(req.positions, int):
         _int(req.positions, "position")
     elif not isinstance(req.positions, slice):
@@ -232,10 +268,31 @@ def build_steering(traced: Traced, req: SteerRequest | Checked) -> Steering:
     ivs: list[Intervention]
     if checked.layer is not None:
         ivs = [SteerQK(layer, heads, o.side, feature, tuple(pos), **amount)]
+        ivs += [
+            SteerQK(ly, hs, side, f, tuple(at), **amount)
+            for ly, hs, side, fs, at in _parts(traced, r.also, o.side)
+            for f in fs
+        ]
         if o.freeze_others:
             ivs.append(FreezeAttention())
         title = f"steer feature {feature} (QK {o.side}, L{layer} heads {list(heads)})"
+        if r.also:
+            title += f" and {len(ivs) - 1 - o.freeze_others} more"
     else:
         ivs = [SteerFeature(c, feature, tuple(pos), **amount)]
         title = f"steer feature {feature} (residual, checkpoint {c})"
     return Steering(traced, tuple(ivs), checked.scales, tuple(tokens), tuple(watch), o.top_k, title)
+
+
+def _parts(
+    traced: Traced, parts: Sequence[SteerPart], side: Literal["query", "key"]
+) -> list[tuple[int, tuple[int, ...], Literal["query", "key"], list[int], list[int]]]:
+    """Each extra part checked against the prompt: (layer, heads, side), features, positions."""
+    model, out = traced.model, []
+    for part in parts:
+        layer = check_index(part.heads[0][0], model.n_layers, "layer")
+        heads = tuple(check_index(h, model.anatomy.layers[layer].n_heads, "head") for _, h in part.heads)
+        d_sae = traced.sae(layer).d_sae
+        features = [check_index(f, d_sae, f"checkpoint {layer} feature") for f in part.features]
+        out.append((layer, heads, part.side or side, features, _positions(part.positions, traced.trace.n_pos)))
+    return out

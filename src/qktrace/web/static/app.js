@@ -5,11 +5,15 @@
 //   node-panel, edge-panel, qk-panel, sweep-panel, group-panel  export (JSON, PNG)
 //   compare (two graphs side by side and the heads whose attention differs, over their own stores)
 //
+//   zoom (pan, zoom, fit)  legend (node kinds)  keys (the graph by keyboard)  panels (collapsible, reveal)
+//   mechanism-panel (explain an answer; a *.mechanism.json shown)  url (the view in the hash)
+//
 // Which graph opens: the one the URL names (#graph=NAME, or ?graph=NAME), else the first one GET /api/graphs
 // lists, i.e. the first JSON file of the data directory in file-name order (then files given to `qktrace
-// serve` by path). Opening a graph writes #graph=NAME into the URL, so a reload comes back to it;
-// &weights=norm there shows edge weights normalised per target. #compare=A,B opens the compare view on graphs
-// A and B (the Compare button writes it).
+// serve` by path). The whole view lives in the URL (url.js: pins, prune level, the selected node or edge,
+// the QK view, the mechanism), so a link or a reload reopens it; selections are history entries, so Back
+// and Forward step through them. #compare=A,B opens the compare view on graphs A and B (the Compare
+// button writes it); leaving it for #graph=X opens X.
 
 import * as API from "./api.js";
 import { createCompareView } from "./compare.js";
@@ -19,29 +23,54 @@ import { hideTip, moveTip, refreshLabels, showNodeTip } from "./features.js";
 import { createEdgePanel } from "./edge-panel.js";
 import { createGraphView } from "./graphview.js";
 import { createGroupPanel } from "./group-panel.js";
+import { keyHandler } from "./keys.js";
+import { legend } from "./legend.js";
+import { createMechanismPanel } from "./mechanism-panel.js";
 import { indexGraph } from "./model.js";
 import { createNodePanel } from "./node-panel.js";
+import { reveal } from "./panels.js";
 import { createQKPanel } from "./qk-panel.js";
 import { createSweepPanel } from "./sweep-panel.js";
 import {
   addSupernode, clearSelection, removeSupernode, selectLink, selectNode, store, togglePin,
 } from "./state.js";
+import { readUrl, setHash, viewHash } from "./url.js";
 
 const state = () => store.state;
+const openNode = (n, e) => (e && e.shiftKey ? togglePin(n.id) : selectNode(n));
 
 const view = createGraphView($("graph-svg"), state, {
-  onNode: (n, e) => (e && e.shiftKey ? togglePin(n.id) : selectNode(n)),
+  onNode: openNode,
   onLink: selectLink,
   onHover: (n, e) => {
     if (n) showNodeTip(e, store.state.model, n); else hideTip();
     if (store.state.hover !== n) store.set({ hover: n });
   },
   onBackground: clearSelection,
+  onKey: keyHandler(() => store.state.model, () => view, openNode),
 });
-const qkPanel = createQKPanel(state);
+const qkPanel = createQKPanel(state, {
+  onShown: (qk) => { store.set({ qk }); reveal("qk-panel"); },
+});
 const sweepPanel = createSweepPanel(state);
+const mechPanel = createMechanismPanel(state, {
+  onOpen: (name, m) => showMechanism(name, m),
+  onReplay: (m, cand) => { reveal("steer-panel"); sweepPanel.replay(m, cand).then(() => reveal("steer-panel")); },
+  onHighlight: (ids) => {
+    const shown = view.highlight(ids);
+    $("mech-body").dataset.highlighted = shown.join(",");
+    setStatus(`${shown.length} of ${ids.length} of the mechanism's features are nodes of this graph (purple)`);
+  },
+  onDone: (name) => listGraphs().then(() => openMechanism(name, true), showError),
+});
 const nodePanel = createNodePanel($("node-panel").querySelector(".body"), {
   onLink: selectLink, onPin: (n) => togglePin(n.id),
+  onExplain: (n) => { mechPanel.fromLogit(n); reveal("mech-panel"); $("explain-answer").focus(); },
+  onSteer: (n) => {
+    $("steer-checkpoint").value = n.p.cp; $("steer-feature").value = n.p.index; $("steer-positions").value = n.p.pos;
+    $("steer-heads").value = ""; $("steer-also").value = ""; $("steer-freeze").checked = false;
+    reveal("steer-panel");
+  },
 });
 const edgePanel = createEdgePanel($("edge-panel").querySelector(".body"), {
   onHead: (l, layer, head) => {
@@ -54,7 +83,10 @@ const compareView = createCompareView({
   info: () => store.state.info,
   onOpen: (a, b) => setHash(new URLSearchParams({ compare: `${a},${b}` }), false),
   onClose: () => {
-    if (store.state.name) writeUrl(false, true);
+    // the URL may already name the graph to show (#compare=A,B followed by #graph=X): that one, not the first
+    const want = readUrl().graph || store.state.name;
+    if (want && want === store.state.name) writeUrl(false, true);
+    else if (want) openGraph(want);
     else listGraphs().then((d) => d.graphs.length && openGraph(d.graphs[0].name), showError);
   },
 });
@@ -66,21 +98,26 @@ const groupPanel = createGroupPanel($("group-body"), {
 store.subscribe((s, changed) => {
   const any = (...keys) => keys.some((k) => changed.has(k));
   if (any("model")) {
+    hideTip(); // a tooltip never outlives its graph
+    clear($("legend")).append(...(s.model ? legend(s.model) : []));
     view.show(s.model);
     $("graph-empty").hidden = !!s.model;
     nodePanel.reset();
     edgePanel.reset();
   }
-  if (s.model && any("model", "selNode", "selLink", "pinned", "weights", "prune")) edgeCount(view.restyle());
+  if (s.model && any("model", "selNode", "selLink", "pinned", "weights", "prune", "subgraph")) {
+    edgeCount(view.restyle());
+  }
+  if (any("subgraph")) $("subgraph").checked = s.subgraph;
   if (any("model", "selNode", "selLink", "pinned", "hover")) view.drawLabels();
   if (any("model", "supernodes")) view.drawSupernodes();
-  if (changed.has("selNode") && s.selNode) nodePanel.show(s);
+  if (changed.has("selNode") && s.selNode) { nodePanel.show(s); if (!restoring) reveal("node-panel", false); }
   else if (any("pinned", "weights")) nodePanel.refresh(s);
-  if (changed.has("selLink") && s.selLink) edgePanel.show(s);
+  if (changed.has("selLink") && s.selLink) { edgePanel.show(s); if (!restoring) reveal("edge-panel", false); }
   if (any("model", "pinned", "supernodes")) groupPanel.show(s);
-  if (any("weights")) {
-    $("weights-norm").checked = s.weights === "norm";
-    writeUrl(false);
+  if (any("weights")) $("weights-norm").checked = s.weights === "norm";
+  if (!restoring && any("weights", "prune", "pinned", "subgraph", "selNode", "selLink", "qk", "mechanism")) {
+    writeUrl(any("selNode", "selLink", "qk", "mechanism"));
   }
 });
 
@@ -91,35 +128,49 @@ function edgeCount({ shown, total, threshold }) {
 
 // -- the URL ---------------------------------------------------------------------------------------
 
-function readUrl() {
-  const hash = new URLSearchParams(location.hash.slice(1)), query = new URLSearchParams(location.search);
-  const pair = (hash.get("compare") || "").split(",").filter(Boolean);
-  return { graph: hash.get("graph") || query.get("graph"), weights: hash.get("weights") === "norm" ? "norm" : "raw",
-    compare: pair.length === 2 ? pair : null };
-}
+let restoring = false; // while the page applies the URL's view, it does not write it back
 
-function setHash(params, push) {
-  const url = `${location.pathname}#${params}`;
-  if (url === `${location.pathname}${location.hash}`) return;
-  if (push) history.pushState(null, "", url); else history.replaceState(null, "", url);
-}
-
-/** Writes the open graph (and the weights shown) into the URL's hash; `push`: as a new history entry.
- * While the compare view is open the hash names its two graphs instead, unless `force`. */
+/** Writes the view into the URL's hash; `push`: as a new history entry. While the compare view is open the
+ * hash names its two graphs instead, unless `force`. */
 function writeUrl(push, force = false) {
-  const { name, weights } = store.state;
-  if (!name || (compareView.isOpen() && !force)) return;
-  const params = new URLSearchParams({ graph: name });
-  if (weights === "norm") params.set("weights", "norm");
-  setHash(params, push);
+  const s = store.state;
+  if (!s.name || (compareView.isOpen() && !force)) return;
+  setHash(viewHash({ graph: s.name, weights: s.weights, prune: s.prune, pins: [...s.pinned], subgraph: s.subgraph,
+    node: s.selNode && s.selNode.id, edge: s.selLink && { source: s.selLink.source, target: s.selLink.target },
+    qk: s.qk, mechanism: s.mechanism }), push);
 }
 
-function followUrl() {
-  const { graph, weights, compare } = readUrl();
-  if (weights !== store.state.weights) store.set({ weights });
-  if (compare) return void compareView.open(...compare);
-  if (compareView.isOpen()) compareView.close();
-  if (graph && graph !== store.state.name) openGraph(graph);
+/** The URL's pins, prune level, selection, QK view and mechanism on the open graph. */
+function applyView(v) {
+  const m = store.state.model;
+  if (!m) return;
+  restoring = true;
+  try {
+    const patch = {};
+    if (v.prune !== null && v.prune !== store.state.prune) { $("prune").value = v.prune; patch.prune = v.prune; }
+    if (v.pins.length) patch.pinned = new Set(v.pins.filter((id) => m.byId.has(id)));
+    if (v.subgraph !== store.state.subgraph) patch.subgraph = v.subgraph;
+    const node = (v.node && m.byId.get(v.node)) || null;
+    const link = (!node && v.edge && m.links.find((l) => l.source === v.edge.source && l.target === v.edge.target))
+      || null;
+    if (node !== store.state.selNode || link !== store.state.selLink) Object.assign(patch, { selNode: node, selLink: link });
+    store.set(patch);
+    if (node) view.focusNode(node);
+    const q = v.qk, had = store.state.qk;
+    if (q && !(had && ["layer", "head", "query", "key"].every((k) => had[k] === q[k]))
+      && store.state.info && store.state.info.can_compute) qkPanel.show(q);
+    if (v.mechanism && v.mechanism !== store.state.mechanism) openMechanism(v.mechanism, false);
+  } finally { restoring = false; }
+  $("prune-value").textContent = `${$("prune").value}%`;
+}
+
+async function followUrl() {
+  const v = readUrl();
+  if (v.weights !== store.state.weights) store.set({ weights: v.weights });
+  if (v.compare) return void compareView.open(...v.compare);
+  if (compareView.isOpen()) compareView.close(); // its onClose opens the graph the URL names
+  if (v.graph && v.graph !== store.state.name) await openGraph(v.graph);
+  if (store.state.name === (v.graph || store.state.name)) applyView(v);
 }
 
 // -- graphs ----------------------------------------------------------------------------------------
@@ -132,6 +183,12 @@ async function listGraphs() {
     sel.append(el("option", { value: g.name, title: `${g.prompt} — ${g.n_nodes} nodes, ${g.n_links} links` },
       `${g.name} — ${truncate(g.prompt, 40)}${g.origin && g.origin !== "qktrace" ? ` (${g.origin})` : ""}`));
   }
+  if (data.mechanisms && data.mechanisms.length) {
+    sel.append(el("optgroup", { label: "explained answers (mechanisms)" }, data.mechanisms.map((m) =>
+      el("option", { value: `mechanism:${m.name}`, title: `${m.prompt} → ${JSON.stringify(m.answer)}` },
+        `${m.name} — ${truncate(JSON.stringify(m.answer), 16)} rather than ${truncate(JSON.stringify(m.rival), 16)}`))));
+  }
+  graphNames = new Set(data.graphs.map((g) => g.name));
   for (const bad of data.invalid) {
     sel.append(el("option", { value: "", disabled: true, title: bad.error }, `${bad.name} (not a graph)`));
   }
@@ -140,16 +197,40 @@ async function listGraphs() {
 }
 
 let opening = 0; // only the latest request opens its graph
+let graphNames = new Set(); // the graphs listed
 
-async function openGraph(name, { push = false } = {}) {
+/** Show a mechanism file (in the explain panel), on its graph when the data directory has it. */
+function openMechanism(name, push) {
+  if (push) store.set({ mechanism: name });
+  reveal("mech-panel");
+  return mechPanel.open(name);
+}
+
+async function showMechanism(name, m) {
+  const graph = name.replace(/\.mechanism\.json$/, ".graph.json");
+  const ours = store.state.model && store.state.model.meta.qktrace;
+  const same = ours && ours.prompt === m.prompt;
+  if (!same && graphNames.has(graph) && graph !== store.state.name) await openGraph(graph, { keep: true });
+  restoring = true;
+  store.set({ mechanism: name });
+  restoring = false;
+  writeUrl(false);
+  $("graph-select").value = `mechanism:${name}`;
+  const cur = mechPanel.current();
+  if (cur && cur.m.best !== null) $("mech-highlight").click();
+}
+
+async function openGraph(name, { push = false, keep = false } = {}) {
   const ticket = ++opening;
   setStatus(`loading ${name}…`, { busy: true });
   try {
     const data = await API.graph(name);
     if (ticket !== opening) return;
     const model = indexGraph(data.graph);
+    restoring = true;
     store.set({ name: data.name, model, selNode: null, selLink: null, hover: null, pinned: new Set(model.pinned),
-      supernodes: model.supernodes });
+      supernodes: model.supernodes, qk: null, mechanism: keep ? store.state.mechanism : null });
+    restoring = false;
     $("graph-select").value = data.name;
     graphInfo(model);
     writeUrl(push);
@@ -162,8 +243,10 @@ async function openGraph(name, { push = false } = {}) {
 
 function graphInfo(model) {
   const meta = model.meta, ours = meta.qktrace || {}, loaded = store.state.info && store.state.info.model;
-  const info = $("graph-info");
-  info.textContent = `${meta.prompt || ""} · ${model.nodes.length} nodes · model ${ours.model || meta.scan || "?"}`
+  const info = $("graph-info"), name = String(ours.model || meta.scan || "?");
+  info.title = `${meta.prompt || ""}\nmodel ${name}`;
+  $("prompt-line").textContent = meta.prompt || "";
+  info.textContent = `${model.nodes.length} nodes · model ${name.split("/").filter(Boolean).pop()}`
     + (model.foreign ? ` · made by ${model.maker}: no head loadings`
       : ` · completeness ${fmt(ours.completeness, 3)} · replacement ${fmt(ours.replacement, 3)}`);
   const mismatch = loaded && ours.model && loaded !== ours.model;
@@ -190,12 +273,20 @@ function wire() {
   prune.addEventListener("input", pruned);
   pruned(); // a reload may have restored the slider
   $("weights-norm").addEventListener("change", (e) => store.set({ weights: e.target.checked ? "norm" : "raw" }));
+  $("subgraph").addEventListener("change", (e) => store.set({ subgraph: e.target.checked }));
   let resize = null;
   window.addEventListener("resize", () => { clearTimeout(resize); resize = setTimeout(view.fit, 100); });
   window.addEventListener("hashchange", followUrl);
   window.addEventListener("popstate", followUrl);
   $("graph-svg").addEventListener("mousemove", (e) => { if (!$("tooltip").hidden) moveTip(e); });
-  $("graph-select").addEventListener("change", (e) => { if (e.target.value) openGraph(e.target.value, { push: true }); });
+  $("graph-select").addEventListener("change", (e) => {
+    const v = e.target.value;
+    if (v.startsWith("mechanism:")) openMechanism(v.slice(10), true);
+    else if (v) openGraph(v, { push: true });
+  });
+  $("zoom-in").addEventListener("click", () => view.zoom.zoomBy(1.4));
+  $("zoom-out").addEventListener("click", () => view.zoom.zoomBy(1 / 1.4));
+  $("zoom-fit").addEventListener("click", () => view.fit());
   $("refresh-graphs").addEventListener("click", () => listGraphs().catch(showError));
   $("compare-open").addEventListener("click", () => compareView.open(store.state.name, null));
   $("export-json").addEventListener("click", () => {
@@ -226,14 +317,20 @@ async function start() {
     const info = await API.info();
     store.set({ info, weights: readUrl().weights });
     sweepPanel.setDefaults(info.defaults.sweep);
-    $("model-info").textContent = info.model ? `model ${info.model} (${info.n_layers} layers × ${info.n_heads} heads)`
-      : "no model loaded: viewing only";
-    for (const id of ["build-btn", "qk-run", "steer-run", "prompt-input"]) $(id).disabled = !info.can_compute;
+    $("model-info").textContent = info.model ? `loaded: ${info.model.split("/").filter(Boolean).pop()} `
+      + `(${info.n_layers} layers × ${info.n_heads} heads)` : "no model loaded: viewing only";
+    $("model-info").title = info.model || "";
+    for (const id of ["build-btn", "qk-run", "steer-run", "prompt-input", "explain-run"]) {
+      $(id).disabled = !info.can_compute;
+    }
     const list = await listGraphs();
     const first = list.graphs.length ? list.graphs[0].name : null;
-    const { graph, compare } = readUrl();
-    if (compare) await compareView.open(...compare);
-    else if (graph || first) await openGraph(graph || first);
+    const v = readUrl();
+    if (v.compare) await compareView.open(...v.compare);
+    else if (v.graph || first) {
+      await openGraph(v.graph || first);
+      applyView(v);
+    } else if (v.mechanism) openMechanism(v.mechanism, true);
     else setStatus("no graphs in the data directory yet");
   } catch (e) { showError(e); }
 }

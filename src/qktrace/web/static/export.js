@@ -28,6 +28,7 @@ export function exportPNG(view, name) {
   const [w, h] = view.size();
   clone.setAttribute("width", w);
   clone.setAttribute("height", h);
+  clone.setAttribute("viewBox", `0 0 ${w} ${h}`); // the whole drawing, whatever the zoom
   const scale = Math.min(2, 8000 / Math.max(w, h));
   return new Promise((resolve, reject) => {
     const img = new Image();

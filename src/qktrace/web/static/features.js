@@ -1,9 +1,15 @@
-// The tooltip, and what it shows for a feature: its label and dashboard (GET /api/features), fetched once.
+// The tooltip, and what it shows for a feature: its label and dashboard (GET /api/features), fetched once;
+// a click on a feature opens the same in the Feature panel, with every context, to stay while the mouse moves.
+// Whitespace in tokens is drawn visible (␣ space, ⏎ newline, ⇥ tab).
 
 import * as API from "./api.js";
 import { $, clear, el, fmt } from "./dom.js";
 import { nodeLabel, nodeWhere, parseId, qkSuffix } from "./model.js";
+import { reveal } from "./panels.js";
 import { store } from "./state.js";
+
+/** A token with its whitespace visible. */
+export const visible = (t) => String(t).replace(/ /g, "␣").replace(/\n/g, "⏎").replace(/\t/g, "⇥") || "∅";
 
 const cache = new Map(); // "checkpoint/feature" -> Promise<FeatureResponse | null>
 
@@ -33,12 +39,12 @@ export const hideTip = () => { tip().hidden = true; };
 
 export function showTip(e, content) {
   const t = clear(tip());
-  t.append(...[content].flat());
+  t.append(...[content].flat().filter((x) => x !== null && x !== undefined)); // no "null" at the end
   t.hidden = false;
   moveTip(e);
 }
 
-function dashboardView(d, fallback) {
+function dashboardView(d, fallback, contexts = 6) {
   if (!d) return [el("b", {}, fallback)];
   const out = [el("b", {}, d.label), el("div", { class: "muted" }, `checkpoint ${d.checkpoint}, feature ${d.feature}`)];
   const dash = d.dashboard;
@@ -46,11 +52,11 @@ function dashboardView(d, fallback) {
   out.push(el("div", { class: "muted" }, `fires on ${fmt(100 * (dash.freq || 0), 3)}% of tokens; max activation `
     + fmt(dash.max_act, 3)));
   if (dash.top_out.length) {
-    out.push(el("div", { class: "chips" }, "top outputs: ", dash.top_out.map((t) => el("span", {}, t))));
+    out.push(el("div", { class: "chips" }, "top outputs: ", dash.top_out.map((t) => el("span", { title: JSON.stringify(t) }, visible(t)))));
   }
-  for (const c of dash.contexts.slice(0, 6)) {
+  for (const c of dash.contexts.slice(0, contexts)) {
     out.push(el("div", { class: "ctx" }, el("span", { class: "muted" }, `${fmt(c.act, 3)} `),
-      c.tokens.map((t, i) => el(i === c.i ? "mark" : "span", { class: "t" }, t))));
+      c.tokens.map((t, i) => el(i === c.i ? "mark" : "span", { class: "t" }, visible(t)))));
   }
   return out;
 }
@@ -72,9 +78,27 @@ export function showNodeTip(e, model, n) {
     n.activation !== null && n.activation !== undefined ? el("div", {}, `value ${fmt(n.activation)}`) : null]);
 }
 
-/** Tooltips for every `[data-component]` span under `root`. */
+/** The Feature panel: a feature's label and whole dashboard, until another is clicked. */
+export async function showFeaturePanel(id, fallback) {
+  const p = parseId(id), body = $("feature-body");
+  if (p.kind !== "feature") return;
+  body.className = "body";
+  clear(body).append(el("p", { class: "muted" }, `${fallback} (${id})`));
+  reveal("feature-panel");
+  const d = await feature(p.cp, p.index);
+  clear(body).append(el("div", { id: "feature-detail", "data-component": id }, dashboardView(d, fallback, 50)),
+    el("div", { class: "muted" }, id));
+}
+
+/** Tooltips for every `[data-component]` span under `root`; a click opens the Feature panel. */
 export function attachTips(root) {
   for (const span of root.querySelectorAll("[data-component]")) {
+    if (!span.closest("tr.clickable")) { // a clickable row keeps its own click (its edge)
+      span.addEventListener("click", (e) => {
+        e.stopPropagation();
+        showFeaturePanel(span.dataset.component, span.textContent);
+      });
+    }
     span.addEventListener("mouseenter", (e) => showFeatureTip(e, span.dataset.component, span.textContent));
     span.addEventListener("mousemove", moveTip);
     span.addEventListener("mouseleave", hideTip);

@@ -1,4 +1,8 @@
-// One graph drawn as SVG: grid, edges, nodes, supernode boxes and node labels, in layers of one <svg>.
+// One graph drawn as SVG: grid, edges, nodes, supernode boxes and node labels, in layers of one <svg>,
+// zoomed and panned through its viewBox (zoom.js). Labels are drawn at screen size whatever the zoom: the
+// logit nodes' (token and probability) and the most influential nodes' always, the chosen, pinned and
+// hovered ones' on top, placed without overlap (labels.js). Edge sign is colour and line style (inhibitory
+// edges dashed); nodes take focus (Tab) and report keys to `onKey`.
 // The view holds no selection of its own: it draws what `state()` returns ({selNode, selLink, hover, pinned,
 // supernodes, weights, prune}) and reports clicks and hovers to the handlers it was given, so a second
 // view (e.g. two graphs compared side by side) is a second `createGraphView` over its own store.
@@ -6,16 +10,41 @@
 import { C, FONT, clear, fmt, sv, truncate } from "./dom.js";
 import { placeLabels } from "./labels.js";
 import { L, layout, rowName } from "./layout.js";
+import { marker } from "./legend.js";
 import { isCross, nodeLabel, quantile, shortLabel, weightOf } from "./model.js";
+import { createZoom } from "./zoom.js";
 
 const LABEL_FONT = 11, LABEL_H = 15; // on screen, whatever the drawing's scale
+export const TOP_LABELLED = 12; // the most influential nodes labelled without a click
 
-/** handlers: onNode(n, event), onLink(l), onHover(n or null, event), onBackground(). */
-export function createGraphView(svg, state, { onNode, onLink, onHover, onBackground }) {
-  let model = null, size = null, scale = 1, edgeEls = [], nodeEls = new Map(), drawn = "";
+/** The nodes labelled by default: every logit, then the features and transcoder features by |raw influence|. */
+export function defaultLabelled(model) {
+  const logits = model.nodes.filter((n) => n.p.kind === "logit");
+  const strength = (n) => Math.abs(n.raw_influence || 0) || (n.influence ? 1 - n.influence : 0);
+  const inner = model.nodes.filter((n) => n.p.kind === "feature" || n.p.kind === "transcoder")
+    .sort((a, b) => strength(b) - strength(a) || a.id.localeCompare(b.id)).slice(0, TOP_LABELLED);
+  return [...logits, ...inner];
+}
+
+/** A logit's label names its token and probability. */
+function labelText(n) {
+  if (n.p.kind !== "logit" || n.token_prob === undefined || /p=/.test(n.clerp)) return shortLabel(n);
+  return `${shortLabel(n)} (p=${fmt(n.token_prob, 3)})`;
+}
+
+/** handlers: onNode(n, event), onLink(l), onHover(n or null, event), onBackground(), onKey(n, event). */
+export function createGraphView(svg, state, { onNode, onLink, onHover, onBackground, onKey = () => {} }) {
+  let model = null, size = null, scale = 1, edgeEls = [], nodeEls = new Map(), drawn = "", pending = 0;
   const measure = document.createElement("canvas").getContext("2d");
   measure.font = `${LABEL_FONT}px ${FONT}`;
   svg.addEventListener("click", () => onBackground());
+  const zoom = createZoom(svg, (k) => {
+    if (Math.abs(k - scale) < 1e-6) return;
+    scale = k;
+    drawn = "";
+    cancelAnimationFrame(pending);
+    pending = requestAnimationFrame(() => drawLabels());
+  });
 
   function show(m) {
     model = m;
@@ -24,8 +53,9 @@ export function createGraphView(svg, state, { onNode, onLink, onHover, onBackgro
     if (!model) return;
     const lay = layout(model);
     size = [lay.width, lay.height];
-    fit();
-    svg.setAttribute("viewBox", `0 0 ${lay.width} ${lay.height}`);
+    svg.setAttribute("width", "100%");
+    svg.setAttribute("height", "100%");
+    zoom.fit(size);
     svg.append(sv("rect", { x: 0, y: 0, width: lay.width, height: lay.height, fill: "#ffffff" }), grid(lay));
     const edges = sv("g", { class: "edges" });
     edgeEls = model.links.map((l) => {
@@ -33,7 +63,8 @@ export function createGraphView(svg, state, { onNode, onLink, onHover, onBackgro
       const g = sv("g", { class: "edge", "data-i": l.i, "data-source": l.source, "data-target": l.target,
         "data-cross": isCross(l) ? 1 : 0, "data-raw": l.weight, "data-norm": l.norm,
         onclick: (e) => { e.stopPropagation(); onLink(l); } },
-      sv("line", { ...ends, class: "vis", stroke: l.weight >= 0 ? C.pos : C.neg, "stroke-linecap": "round" }),
+      sv("line", { ...ends, class: "vis", stroke: l.weight >= 0 ? C.pos : C.neg, "stroke-linecap": "round",
+        "stroke-dasharray": l.weight >= 0 ? "none" : "5 2.5" }),
       sv("line", { ...ends, class: "hit", stroke: "#000", "stroke-opacity": 0, "stroke-width": 9 }),
       sv("title", {}, `${nodeLabel(l.s)} → ${nodeLabel(l.t)}: ${fmt(l.weight)} (normalised ${fmt(l.norm)})`));
       edges.append(g);
@@ -43,7 +74,8 @@ export function createGraphView(svg, state, { onNode, onLink, onHover, onBackgro
     nodeEls = new Map();
     for (const n of model.nodes) {
       const g = sv("g", { class: "node", "data-id": n.id, "data-kind": n.p.kind, transform: `translate(${n.x},${n.y})`,
-        onclick: (e) => { e.stopPropagation(); onNode(n, e); },
+        tabindex: 0, role: "button", "aria-label": `${nodeLabel(n)} (${n.id})`,
+        onclick: (e) => { e.stopPropagation(); onNode(n, e); }, onkeydown: (e) => onKey(n, e),
         onmouseenter: (e) => onHover(n, e), onmouseleave: (e) => onHover(null, e) }, marker(n.p.kind),
       sv("circle", { class: "ring", r: 8.5, fill: "none", stroke: C.sel, "stroke-width": 1.6, opacity: 0 }));
       nodes.append(g);
@@ -71,80 +103,72 @@ export function createGraphView(svg, state, { onNode, onLink, onHover, onBackgro
     return g;
   }
 
-  function marker(kind) {
-    if (kind === "feature") return sv("circle", { r: 5, fill: C.feature, stroke: "#92400e", "stroke-width": 0.8 });
-    if (kind === "transcoder") {
-      return sv("circle", { r: 5, fill: C.transcoder, stroke: "#075985", "stroke-width": 0.8 });
-    }
-    if (kind === "token" || kind === "logit") {
-      return sv("rect", { x: -6, y: -4.5, width: 12, height: 9, rx: 2, fill: kind === "token" ? C.token : C.logit,
-        stroke: "#334155", "stroke-width": 0.8 });
-    }
-    return sv("rect", { x: -4, y: -4, width: 8, height: 8, fill: C.other, stroke: "#64748b", "stroke-width": 0.8 });
-  }
+  /** The whole drawing in the pane (the answer column in view when it is too wide to read whole). */
+  const fit = () => zoom.fit(size);
 
-  /** Scale the drawing to the pane (between 0.6x and 2x); larger graphs scroll. */
-  function fit() {
-    if (!size) return;
-    const [w, h] = size, pane = svg.parentElement;
-    const k = Math.max(0.6, Math.min(2, (pane.clientWidth - 8) / w, (pane.clientHeight - 8) / h));
-    svg.setAttribute("width", Math.floor(w * k));
-    svg.setAttribute("height", Math.floor(h * k));
-    if (k !== scale) {
-      scale = k;
-      drawn = "";
-      drawLabels();
-    }
+  /** Bring node `n` into view and give it the keyboard focus. */
+  function focusNode(n) {
+    zoom.reveal(n.x, n.y);
+    const g = nodeEls.get(n.id);
+    if (g) g.focus({ preventScroll: true });
   }
 
   /** Which edges show (pruning), how thick (the shown weights), how strongly (selection), which nodes wear rings. */
   function restyle() {
     if (!model) return { shown: 0, total: 0, threshold: 0 };
-    const { selNode: sel, selLink: link, pinned, weights, prune } = state();
+    const { selNode: sel, selLink: link, pinned, weights, prune, subgraph } = state();
+    const only = subgraph && pinned.size ? pinned : null; // the subgraph of the pinned nodes, alone
     const threshold = quantile(model, weights, prune / 100);
     const maxAbs = Math.max(1e-30, quantile(model, weights, 1));
     let shown = 0;
     for (const l of model.links) {
       const g = edgeEls[l.i], w = weightOf(l, weights), touches = sel && (l.s === sel || l.t === sel);
-      const on = Math.abs(w) >= threshold || l === link || touches;
+      const on = only ? only.has(l.source) && only.has(l.target)
+        : Math.abs(w) >= threshold || l === link || touches;
       g.setAttribute("display", on ? "inline" : "none");
       g.setAttribute("data-weight", w);
       shown += on ? 1 : 0;
       const vis = g.firstChild;
-      vis.setAttribute("stroke-width", (0.6 + 4.4 * Math.sqrt(Math.abs(w) / maxAbs)).toFixed(2));
+      vis.setAttribute("stroke-width", (0.6 + 4.4 * Math.sqrt(Math.abs(w) / maxAbs) + (l === link ? 2 : 0)).toFixed(2));
       vis.setAttribute("stroke-opacity", l === link ? 0.95 : sel ? (touches ? 0.85 : 0.07) : link ? 0.15 : 0.5);
-      vis.setAttribute("stroke-dasharray", l === link ? "6 3" : "none");
     }
     for (const [id, g] of nodeEls) {
       const n = model.byId.get(id), chosen = n === sel || (link && (n === link.s || n === link.t));
       const ring = g.querySelector(".ring");
+      g.setAttribute("display", !only || only.has(id) ? "inline" : "none");
       ring.setAttribute("opacity", pinned.has(id) || chosen ? 1 : 0);
       ring.setAttribute("stroke", chosen ? C.accent : C.sel);
     }
     return { shown, total: model.links.length, threshold };
   }
 
-  /** Labels of the chosen and pinned nodes (placed first, so they stay put) and of the hovered node. */
+  /** Labels of the chosen and pinned nodes (placed first, so they stay put), of the logits and the most
+   * influential nodes, and of the hovered node. */
   function drawLabels() {
     const layer = svg.querySelector(".labels");
     if (!model || !layer) return;
     const { selNode, selLink, pinned, hover } = state();
-    const ids = [selNode && selNode.id, selLink && selLink.t.id, selLink && selLink.s.id, ...pinned];
+    const ids = [selNode && selNode.id, selLink && selLink.t.id, selLink && selLink.s.id, ...pinned,
+      ...defaultLabelled(model).map((n) => n.id)];
     const keep = [...new Set(ids.filter((id) => id && model.byId.has(id)))];
+    const chosen = new Set([selNode && selNode.id, selLink && selLink.t.id, selLink && selLink.s.id, ...pinned]);
     const all = hover && !keep.includes(hover.id) ? [...keep, hover.id] : keep;
     const key = all.map((id) => `${keep.includes(id) ? "" : "hover:"}${id}=${nodeLabel(model.byId.get(id))}`).join("\n");
     if (key === drawn) return;
     drawn = key;
     const u = 1 / scale; // one screen pixel in drawing units
     const items = all.map((id) => {
-      const n = model.byId.get(id), text = shortLabel(n); // the full text goes in its title
-      return { id, x: n.x, y: n.y, w: (Math.ceil(measure.measureText(text).width) + 8) * u, h: LABEL_H * u, n, text };
+      const n = model.byId.get(id), text = labelText(n); // the full text goes in its title
+      return { id, x: n.x, y: n.y, w: (Math.ceil(measure.measureText(text).width) + 8) * u, h: LABEL_H * u, n, text,
+        optional: keep.includes(id) && !chosen.has(id) && n.p.kind !== "logit" }; // top nodes by influence give way
     });
     const obstacles = model.nodes.map((n) => ({ x: n.x - 6, y: n.y - 6, w: 12, h: 12 }));
     const boxes = placeLabels(items, obstacles, { width: size[0], height: size[1] });
     clear(layer).setAttribute("font-size", (LABEL_FONT * u).toFixed(2));
     items.forEach((it, i) => {
-      const { box } = boxes[i], n = it.n, full = nodeLabel(n), hoverOnly = !keep.includes(it.id);
+      const { box } = boxes[i];
+      if (!box) return;
+      const n = it.n, full = nodeLabel(n), hoverOnly = !keep.includes(it.id);
       const cx = Math.max(box.x, Math.min(n.x, box.x + box.w)), cy = Math.max(box.y, Math.min(n.y, box.y + box.h));
       const far = Math.hypot(cx - n.x, cy - n.y) > 11;
       layer.append(sv("g", { class: `node-label${hoverOnly ? " hover-only" : ""}`, "data-id": it.id, "data-full": full,
@@ -176,5 +200,12 @@ export function createGraphView(svg, state, { onNode, onLink, onHover, onBackgro
     }
   }
 
-  return { svg, show, fit, restyle, drawLabels, drawSupernodes, size: () => size };
+  /** Mark the nodes `ids` (a mechanism's features) on the graph; returns those that are nodes of it. */
+  function highlight(ids) {
+    const chosen = new Set(ids);
+    for (const [id, g] of nodeEls) g.classList.toggle("chosen", chosen.has(id));
+    return ids.filter((id) => nodeEls.has(id));
+  }
+
+  return { svg, show, fit, highlight, restyle, drawLabels, drawSupernodes, focusNode, zoom, size: () => size };
 }

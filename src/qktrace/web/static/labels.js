@@ -3,7 +3,7 @@
 // stacked above and below) and takes the first that covers no label placed so far, no node and nothing
 // outside the drawing; when every spot covers something, the one that covers least. No DOM here.
 
-const STACK = 4;
+const STACK = 8;
 
 function spots(x, y, w, h) {
   const out = [
@@ -12,6 +12,10 @@ function spots(x, y, w, h) {
   ];
   for (let k = 0; k < STACK; k++) {
     out.push([x - w / 2, y - 9 - h - k * (h + 2)], [x - w / 2, y + 9 + k * (h + 2)]); // above, below
+  }
+  for (let k = 1; k < STACK; k++) { // stacked beside, right then left
+    out.push([x + 10, y - h / 2 - k * (h + 2)], [x + 10, y - h / 2 + k * (h + 2)]);
+    out.push([x - 10 - w, y - h / 2 - k * (h + 2)], [x - 10 - w, y - h / 2 + k * (h + 2)]);
   }
   return out;
 }
@@ -26,7 +30,8 @@ const outside = (box, { width, height }) => box.w * box.h - overlap(box, { x: 0,
 
 /**
  * items: [{id, x, y, w, h}], a node at (x, y) and its label's size; obstacles: [{x, y, w, h}], boxes
- * labels should not cover (node markers); bounds: {width, height}. Returns [{id, box: {x, y, w, h}}].
+ * labels should not cover (node markers); bounds: {width, height}. An item with `optional: true` is left out (box null) rather than
+ * cover a label placed before it. Returns [{id, box: {x, y, w, h} or null}].
  */
 export function placeLabels(items, obstacles, bounds) {
   const placed = [];
@@ -34,13 +39,13 @@ export function placeLabels(items, obstacles, bounds) {
     let best = null;
     for (const [x, y] of spots(it.x, it.y, it.w, it.h)) {
       const box = { x, y, w: it.w, h: it.h };
-      let cost = 4 * outside(box, bounds);
-      for (const p of placed) cost += 4 * overlap(box, p.box);
-      for (const o of obstacles) cost += overlap(box, o);
-      if (!best || cost < best.cost) best = { id: it.id, box, cost };
+      let covers = 0;
+      for (const p of placed) if (p.box) covers += overlap(box, p.box);
+      const cost = 4 * outside(box, bounds) + 4 * covers + obstacles.reduce((a, o) => a + overlap(box, o), 0);
+      if (!best || cost < best.cost) best = { id: it.id, box, cost, covers };
       if (cost === 0) break;
     }
-    placed.push(best);
+    placed.push(it.optional && best.covers > 0 ? { id: it.id, box: null } : best);
   }
   return placed;
 }

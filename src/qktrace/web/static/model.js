@@ -13,7 +13,7 @@
 // normalises the adjacency matrix before pruning: each edge's weight divided by the sum of |weight| over
 // every edge into its target, so a target's incoming |normalised weights| sum to 1 (the sign is kept).
 
-const ID = /^([a-z_]+)\/[cl](\d+)\/p(\d+)(?:\/([ft])(\d+))?$/; // c: checkpoint; l: layer (transcoder kinds)
+const ID = /^([a-z_]+)\/[cl](\d+)\/p(\d+)(?:\/([ft])(\d+))?$/; // c<checkpoint>, or l<layer> (transcoders)
 const FOREIGN_KINDS = { embedding: "token", logit: "logit", bias: "sae_bias" };
 
 export function parseId(id, node = {}) {
@@ -119,4 +119,11 @@ export function withViewState(model, { pinned, supernodes, selNode }) {
   out.qParams = { ...(out.qParams || {}), pinnedIds: [...pinned],
     supernodes: supernodes.map((s) => [s.name, ...s.ids]), clickedId: selNode ? selNode.id : "" };
   return out;
+}
+
+/** A logit node's token text: from its label 'Output " x" (p=…)', else its id. */
+export function tokenOf(n) {
+  const m = /"((?:[^"\\]|\\.)*)"/.exec(n.clerp || "");
+  if (m) { try { return JSON.parse(`"${m[1]}"`); } catch { return m[1]; } }
+  return String(n.p.index);
 }

@@ -4,14 +4,14 @@
 
 import { clear, el, fmt, num } from "./dom.js";
 import { componentLabel, nodeLabel, nodeWhere, strongest, weightOf } from "./model.js";
-import { attachTips } from "./features.js";
+import { attachTips, showFeaturePanel } from "./features.js";
 
 const HINT = "Click a node.";
 const ROWS = 12;
 
 /** handlers: onLink(l), onPin(n), onNode(n). `show(state)` draws state.selNode; `refresh(state)` redraws
  * the node last shown (pins or weights changed); `reset()` goes back to the hint. */
-export function createNodePanel(body, { onLink, onPin }) {
+export function createNodePanel(body, { onLink, onPin, onExplain = null, onSteer = null }) {
   let current = null;
 
   function reset() {
@@ -30,7 +30,15 @@ export function createNodePanel(body, { onLink, onPin }) {
       el("dt", {}, "activation"), el("dd", {}, fmt(n.activation)),
       el("dt", {}, "influence"), el("dd", {}, `${fmt(n.raw_influence)} (cumulative ${fmt(n.influence, 3)})`)),
     el("div", { class: "btnrow" },
-      el("button", { type: "button", id: "pin-btn", onclick: () => onPin(n) }, pinned.has(n.id) ? "Unpin" : "Pin")));
+      el("button", { type: "button", id: "pin-btn", onclick: () => onPin(n) }, pinned.has(n.id) ? "Unpin" : "Pin"),
+      n.p.kind === "logit" && onExplain ? el("button", { type: "button", id: "explain-logit",
+        title: "explain why the model gives this token rather than the strongest other logit",
+        onclick: () => onExplain(n) }, "Explain this answer") : null,
+      n.p.kind === "feature" ? el("button", { type: "button", id: "feature-details",
+        onclick: () => showFeaturePanel(n.id, nodeLabel(n)) }, "Details") : null,
+      n.p.kind === "feature" && onSteer ? el("button", { type: "button", id: "steer-node",
+        title: "fill the steering panel with this feature at its position", onclick: () => onSteer(n) },
+      "Steer this feature") : null));
     const column = weights === "norm" ? "normalised" : "weight";
     const table = (title, links, end) => {
       if (!links.length) return el("p", { class: "muted" }, `no ${title.toLowerCase()}`);

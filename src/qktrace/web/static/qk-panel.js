@@ -5,7 +5,9 @@
 import * as API from "./api.js";
 import { $, C, FONT, clear, el, errorBox, fmt, num, sv, truncate } from "./dom.js";
 import { attachTips } from "./features.js";
-import { tokText } from "./model.js";
+import { parseId, tokText } from "./model.js";
+
+const isFeature = (id) => parseId(id).kind === "feature";
 
 /** The prompt to compute on: the open graph's token ids, else the text in the prompt box. */
 export function promptPayload(state) {
@@ -19,8 +21,9 @@ export function promptPayload(state) {
 const tokOf = (res, i) => JSON.stringify(res.str_tokens[i] === undefined ? "?" : res.str_tokens[i]);
 const comp = (id, label) => el("td", {}, el("span", { class: "comp", "data-component": id }, label));
 
-/** `state()`: the store's state. Wires the QK form; `explainHead(link, layer, head)` fills it and explains. */
-export function createQKPanel(state) {
+/** `state()`: the store's state. Wires the QK form; `explainHead(link, layer, head)` fills it and explains;
+ * `onShown({layer, head, query, key})` hears each view shown (the URL keeps it). */
+export function createQKPanel(state, { onShown = () => {} } = {}) {
   const body = $("qk-body");
 
   $("qk-form").addEventListener("submit", (e) => {
@@ -40,6 +43,7 @@ export function createQKPanel(state) {
   }
 
   function render(res) {
+    onShown({ layer: res.layer, head: res.head, query: res.query_pos, key: res.key_pos });
     const qk = res.qk, ours = state().model && state().model.meta.qktrace;
     clear(body).append(el("h3", { id: "qk-title" }, `L${res.layer}H${res.head}: query ${res.query_pos} `
       + `${tokOf(res, res.query_pos)} → key ${res.key_pos} ${tokOf(res, res.key_pos)}`));
@@ -54,7 +58,11 @@ export function createQKPanel(state) {
         num(qk.max_relative_error, "max_relative_error", 2))));
     body.append(el("h4", {}, "Attention of the query over every key (blue: this key, amber: its rival; click a bar)"),
       attentionChart(res, (k) => run({ layer: res.layer, head: res.head, query_pos: res.query_pos, key_pos: k })));
-    body.append(el("h4", {}, "Top terms: query-side × key-side components"), termTable(qk.terms, "qk-terms", false));
+    const table = termTable(qk.terms, "qk-terms", false);
+    body.append(el("h4", {}, "Top terms: query-side × key-side components ",
+      el("label", { class: "muted", title: "hide terms with a bias or error term on either side" },
+        el("input", { type: "checkbox", id: "qk-features-only",
+          onchange: (e) => table.classList.toggle("features-only", e.target.checked) }), " features only")), table);
     body.append(el("div", { class: "two-col" }, marginalTable(qk.query_marginals, "Query side (summed)", "qk-qmarg"),
       marginalTable(qk.key_marginals, "Key side (summed)", "qk-kmarg")));
     body.append(el("h4", {}, "Strongest inhibitory terms (lower p(key) most, over all keys)"),
@@ -92,20 +100,31 @@ export function createQKPanel(state) {
 
   function explainHead(l, layer, head) {
     const q = l.t.p.pos, k = l.s.p.pos;
-    $("qk-layer").value = layer; $("qk-head").value = head; $("qk-query").value = q; $("qk-key").value = k;
+    fill({ layer, head, query: q, key: k });
     const info = state().info;
     if (info && info.can_compute) run({ layer, head, query_pos: q, key_pos: k });
     else stored(l, layer, head);
   }
 
-  return { run, explainHead };
+  const fill = ({ layer, head, query, key }) => {
+    $("qk-layer").value = layer; $("qk-head").value = head; $("qk-query").value = query; $("qk-key").value = key;
+  };
+
+  /** The view `{layer, head, query, key}` (from a link): the form filled, then explained. */
+  function show(v) {
+    fill(v);
+    return run({ layer: v.layer, head: v.head, query_pos: v.query, key_pos: v.key });
+  }
+
+  return { run, show, explainHead };
 }
 
 function termTable(terms, id, withPos) {
   return el("table", { id, class: "terms" },
     el("tr", {}, el("th", {}, "query side"), el("th", {}, "key side"), withPos ? el("th", { class: "num" }, "key") : null,
       el("th", { class: "num" }, "term"), el("th", { class: "num" }, "Δp(key)")),
-    terms.map((t) => el("tr", { class: "qk-term" }, comp(t.query, t.query_label), comp(t.key, t.key_label),
+    terms.map((t) => el("tr", { class: `qk-term${isFeature(t.query) && isFeature(t.key) ? "" : " not-features"}` },
+      comp(t.query, t.query_label), comp(t.key, t.key_label),
       withPos ? el("td", { class: "num" }, String(t.key_pos)) : null, num(t.value, "value"),
       num(t.prob_effect, "prob_effect"))));
 }

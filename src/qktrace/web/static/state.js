@@ -33,6 +33,9 @@ export const initialState = () => ({
   supernodes: [], // [{name, ids}]
   weights: "raw", // edge weights shown: "raw" or "norm" (normalised per target)
   prune: 50, // hide edges below this percentile of the shown |weights|
+  qk: null, // the QK view shown: {layer, head, query, key}
+  mechanism: null, // the name of the *.mechanism.json shown
+  subgraph: false, // show only the pinned nodes and the edges among them
 });
 
 export const store = createStore(initialState());

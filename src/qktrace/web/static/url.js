@@ -1,0 +1,50 @@
+// The view in the URL's hash, so that a link (or a reload) reopens it: the graph, the weights shown, the
+// prune level, the pins, the selected node or edge, the head and QK query and key explained, the mechanism
+// shown, or the compare pair. No DOM here but `location` and `history`.
+//
+//   #graph=NAME&weights=norm&prune=70&pins=ID,ID&sub=1&node=ID&edge=SOURCE>TARGET&qk=L1H3:20:6&mechanism=NAME
+//   #compare=A,B
+
+const QK = /^L(\d+)H(\d+):(-?\d+):(-?\d+)$/;
+
+/** The view the URL names (graph also from ?graph=NAME). */
+export function readUrl() {
+  const hash = new URLSearchParams(location.hash.slice(1)), query = new URLSearchParams(location.search);
+  const pair = (hash.get("compare") || "").split(",").filter(Boolean);
+  const qk = QK.exec(hash.get("qk") || "");
+  const edge = (hash.get("edge") || "").split(">");
+  const prune = Number.parseInt(hash.get("prune"), 10);
+  return {
+    graph: hash.get("graph") || query.get("graph"),
+    weights: hash.get("weights") === "norm" ? "norm" : "raw",
+    compare: pair.length === 2 ? pair : null,
+    prune: Number.isInteger(prune) && prune >= 0 && prune <= 99 ? prune : null,
+    pins: (hash.get("pins") || "").split(",").filter(Boolean),
+    subgraph: hash.get("sub") === "1",
+    node: hash.get("node"),
+    edge: edge.length === 2 ? { source: edge[0], target: edge[1] } : null,
+    qk: qk ? { layer: +qk[1], head: +qk[2], query: +qk[3], key: +qk[4] } : null,
+    mechanism: hash.get("mechanism"),
+  };
+}
+
+/** The hash for a view: {graph, weights, prune, pins, subgraph, node, edge, qk, mechanism}. */
+export function viewHash({ graph, weights, prune, pins, subgraph, node, edge, qk, mechanism }) {
+  const p = new URLSearchParams({ graph });
+  if (weights === "norm") p.set("weights", "norm");
+  if (prune !== null && prune !== undefined && prune !== 50) p.set("prune", String(prune));
+  if (pins && pins.length) p.set("pins", pins.join(","));
+  if (subgraph) p.set("sub", "1");
+  if (node) p.set("node", node);
+  if (edge) p.set("edge", `${edge.source}>${edge.target}`);
+  if (qk) p.set("qk", `L${qk.layer}H${qk.head}:${qk.query}:${qk.key}`);
+  if (mechanism) p.set("mechanism", mechanism);
+  return p;
+}
+
+/** Write `params` into the hash; `push`: as a new history entry (Back returns to the one before). */
+export function setHash(params, push) {
+  const url = `${location.pathname}#${params}`;
+  if (url === `${location.pathname}${location.hash}`) return;
+  if (push) history.pushState(null, "", url); else history.replaceState(null, "", url);
+}
