@@ -159,6 +159,7 @@ def _summary(name: str, path: Path, mtime: float, limits: Limits) -> S.GraphSumm
     """What the list shows of a graph file: qktrace's own, or circuit-tracer's / Neuronpedia's."""
     try:
         data = formats.read_json(path, limits.max_graph_file_bytes, shown=path.name)
+        Graph.from_json(data, where=path.name)  # the check `read` makes: listed valid only if it is served
         try:
             head = formats.describe(data)
         except GraphFileError as e:
