@@ -75,6 +75,7 @@ class JobSpec:
     marker: Callable[[int], str]
     worker: Callable[[TracerSpec | Tracer], Worker]
     prepare: tuple[str, tuple[Any, ...]] | None = None
+    finished: Callable[[Path, int], bool] | None = None  # shard i done in this folder (default: its marker exists)
 
 
 @dataclass(frozen=True)
@@ -99,7 +100,8 @@ def run_job(
     source = tracer_source(model, saes, sae_ids=ids, device=device, dtype=dtype, distributed=distributed)
     identity = {"job": spec.name, "version": spec.version, **describe_source(source), **spec.identity}
     resumed = check_job(out, identity)
-    done = {i for i in range(spec.n_shards) if resumed and (out / spec.marker(i)).is_file()}
+    finished = spec.finished or (lambda folder, i: (folder / spec.marker(i)).is_file())
+    done = {i for i in range(spec.n_shards) if resumed and finished(out, i)}
     factory = functools.partial(spec.worker, source)
     gpu = isinstance(source, TracerSpec) and source.device != "cpu"
     with worker_pool(factory, workers=workers, ray_address=ray_address, gpu=gpu) as pool:
@@ -117,7 +119,7 @@ def check_job(out: Path, identity: Mapping[str, Any]) -> bool:
     if path.is_file():
         try:
             have = json.loads(path.read_text())
-        except ValueError:
+        except (ValueError, OSError, RecursionError):
             raise InputError(f"{path} is not readable JSON: delete it or pass another output folder") from None
         if have == want:
             return True
@@ -125,6 +127,12 @@ def check_job(out: Path, identity: Mapping[str, Any]) -> bool:
         raise InputError(
             f"{out} holds another job ({key}: {str(have.get(key))[:80]} there, {str(want.get(key))[:80]} now): "
             "pass another output folder, or delete it to start over"
+        )
+    if path.exists() or path.is_symlink():
+        raise InputError(f"{path} is not a regular file: delete it or pass another output folder")
+    if out.is_dir() and any(out.iterdir()):  # the user's files: a job never writes over them
+        raise InputError(
+            f"{out} holds files but no {JOB_FILE}, so it is not a job's folder: pass a new or empty output folder"
         )
     atomic_write(path, (json.dumps(want, indent=1) + "\n").encode(), parents=True)
     return False
