@@ -70,20 +70,14 @@ def check_index(value: int, size: int, what: str, *, allow_negative: bool = Fals
 
 
 def quoted(value: object, limit: int = 60) -> str:
-    """A user's value as an error message shows it: quoted, on one line, cut to `limit` characters (with
-    how long it was), so that a 100 KB answer or a 5,000-digit number gives a short message."""
-    text = value if isinstance(value, str) else _short_repr(value, limit)
-    one = " ".join(text.split()) if text.strip() else text
-    if len(one) <= limit:
-        return repr(one) if isinstance(value, str) else one
-    cut = one[:limit]
-    return (repr(cut) if isinstance(value, str) else cut) + f"... ({len(text):,} characters)"
-
-
-def _short_repr(value: object, limit: int) -> str:
-    if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 10**limit:
+    """A user's value as an error message shows it: its repr (one line: newlines are escaped), cut to about
+    `limit` characters with how long it was, so that a 100 KB answer or a 5,000-digit number gives a short line."""
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 3.33 * limit:
         return f"an integer of about {value.bit_length() * 0.30103:.0f} digits"  # str() of 10**5000 is refused
+    if isinstance(value, str) and len(value) > limit:
+        return f"{value[:limit]!r}... ({len(value):,} characters)"
     try:
-        return repr(value)
+        text = repr(value)
     except (ValueError, RecursionError):
-        return type(value).__name__
+        return f"a {type(value).__name__}"
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text):,} characters)"

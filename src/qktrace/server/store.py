@@ -30,6 +30,8 @@ from ..errors import GraphFileError, InputError, QKTraceError, check_index
 from ..files import atomic_write
 from ..graph import Graph, formats
 from ..saes import hook_checkpoint
+from ..saes.formats import read_json
+from ..saes.labels import LABELS_FILE, read_labels_json
 from ..tracer import Tracer
 from . import schemas as S
 
@@ -204,12 +206,10 @@ class Features:
         elif saes_dir is not None:
             for cfg_path in sorted(Path(saes_dir).rglob("cfg.json")):
                 try:
-                    cfg = json.loads(cfg_path.read_text())
+                    cfg = read_json(cfg_path, "SAELens cfg.json")  # a regular file, bounded: never a FIFO
                     c = hook_checkpoint((cfg.get("metadata") or {}).get("hook_name") or cfg["hook_name"])
                     self.d_sae[c], self.dirs[c] = int(cfg["d_sae"]), cfg_path.parent
-                    labels = cfg_path.parent / "labels.json"
-                    raw = json.loads(labels.read_text()) if labels.is_file() else {}
-                    self.labels[c] = {int(k): str(v) for k, v in raw.items()}
+                    self.labels[c] = read_labels_json(cfg_path.parent / LABELS_FILE)
                 except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError, QKTraceError) as e:
                     log.warning("skipping SAE config %s (%s: %s)", cfg_path, type(e).__name__, e)
 
