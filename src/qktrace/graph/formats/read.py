@@ -15,6 +15,7 @@ import json
 import logging
 import math
 import os
+import stat
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,7 +44,10 @@ def read_json(path: str | os.PathLike[str], max_bytes: int | None = None, shown:
     p = Path(path)
     name = str(p) if shown is None else shown
     try:
-        size = p.stat().st_size
+        st = p.stat()
+        if not stat.S_ISREG(st.st_mode):  # a FIFO or a device would block or never end
+            raise GraphFileError(f"{name} is not a regular file: give a graph file written by Graph.save")
+        size = st.st_size
         if max_bytes is not None and size > max_bytes:
             raise GraphFileError(
                 f"{name} is {size / 2**20:.0f} MiB, more than the {max_bytes / 2**20:.0f} MiB this server reads: "
