@@ -81,9 +81,10 @@ def _load_dataset(path: Path, text_field: str) -> Any:
 MAX_LINE_BYTES = 4 << 20  # one corpus document or prompt record: a longer line is refused, not tokenised
 
 
-def _lines(path: Path, max_bytes: int = MAX_LINE_BYTES) -> Iterator[tuple[int, bytes]]:
+def _lines(path: Path, max_bytes: int | None = None) -> Iterator[tuple[int, bytes]]:
     """(line number, bytes) of every non-blank line, each read with a bound: a line past `max_bytes` is
     refused with its number before it is read whole (a 50 MB line would abort the Rust tokenizer)."""
+    max_bytes = MAX_LINE_BYTES if max_bytes is None else max_bytes
     with path.open("rb") as f:
         n = 0
         while line := f.readline(max_bytes + 1):
@@ -143,14 +144,14 @@ def iter_documents(path: str | os.PathLike[str], text_field: str = "text") -> It
 
 
 def count_documents(path: str | os.PathLike[str], text_field: str = "text") -> int:
-    """How many documents `iter_documents` yields (a dataset's length is read, not iterated)."""
+    """How many documents `iter_documents` yields (a dataset's length is read, not iterated). Every line
+    of a text corpus is read as the job will read it, so a bad one is refused here, before any work."""
     n = 0
     for f in corpus_files(path):
         if f.is_dir():
             n += len(_load_dataset(f, text_field))
         else:
-            with f.open("rb") as lines:
-                n += sum(1 for line in lines if line.strip())
+            n += sum(1 for _ in (_jsonl(f, text_field) if f.suffix == ".jsonl" else _lines(f)))
     return n
 
 

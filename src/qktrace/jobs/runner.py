@@ -99,21 +99,24 @@ def run_job(
     ids, device, dtype = how.get("sae_ids"), how.get("device", "auto"), how.get("dtype", "float32")
     source = tracer_source(model, saes, sae_ids=ids, device=device, dtype=dtype, distributed=distributed)
     identity = {"job": spec.name, "version": spec.version, **describe_source(source), **spec.identity}
-    resumed = check_job(out, identity)
+    resumed = check_job(out, identity, write=False)  # job.json is written once `prepare` has passed
     finished = spec.finished or (lambda folder, i: (folder / spec.marker(i)).is_file())
     done = {i for i in range(spec.n_shards) if resumed and finished(out, i)}
     factory = functools.partial(spec.worker, source)
     gpu = isinstance(source, TracerSpec) and source.device != "cpu"
     with worker_pool(factory, workers=workers, ray_address=ray_address, gpu=gpu) as pool:
         prepared = pool.call(spec.prepare[0], *spec.prepare[1]) if spec.prepare is not None else None
+        if not resumed:
+            check_job(out, identity)
         todo = ((i, payload) for i, payload in tasks if i not in done)
         progress = how.get("progress")
         tokens = run_shards(pool, todo, out, total=spec.n_shards, skipped=len(done), progress=progress)
     return JobRun(len(done), tokens, prepared)
 
 
-def check_job(out: Path, identity: Mapping[str, Any]) -> bool:
-    """Write `out/job.json`, or check that the one there describes the same job. True when resuming."""
+def check_job(out: Path, identity: Mapping[str, Any], *, write: bool = True) -> bool:
+    """Write `out/job.json` (`write`; else only check that it could be), or check that the one there
+    describes the same job. True when resuming."""
     path = out / JOB_FILE
     want = json.loads(json.dumps(identity))  # as it reads back
     if path.is_file():
@@ -134,7 +137,8 @@ def check_job(out: Path, identity: Mapping[str, Any]) -> bool:
         raise InputError(
             f"{out} holds files but no {JOB_FILE}, so it is not a job's folder: pass a new or empty output folder"
         )
-    atomic_write(path, (json.dumps(want, indent=1) + "\n").encode(), parents=True)
+    if write:
+        atomic_write(path, (json.dumps(want, indent=1) + "\n").encode(), parents=True)
     return False
 
 

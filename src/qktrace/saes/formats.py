@@ -306,7 +306,8 @@ def read_path(path: Path, overrides: Mapping[str, Any] | None = None, repo_kind:
 
 def find_saes(root: Path) -> list[Path]:
     """Every SAE folder or npz file under `root`, sorted."""
-    found = {p.parent for p in root.rglob(CFG_FILE) if (p.parent / WEIGHTS_FILE).is_file()}
+    # a weights file that is not a regular one is still found, then refused by name (not "no SAEs found")
+    found = {p.parent for p in root.rglob(CFG_FILE) if os.path.lexists(p.parent / WEIGHTS_FILE)}
     found |= {p.parent for p in root.rglob(LLAMA_SCOPE_CFG)}
     return sorted(found) + sorted(root.rglob(NPZ_FILE))
 

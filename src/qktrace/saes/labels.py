@@ -55,9 +55,10 @@ def _files(path: Path) -> list[Path]:
     return [path]
 
 
-def _read_bounded(path: Path, limit: int = MAX_EXPORT_BYTES) -> bytes:
+def _read_bounded(path: Path, limit: int | None = None) -> bytes:
     """The bytes of an export file, gunzipped if it is `.gz`, refused once past `limit`: a small gzip
     that inflates to gigabytes stops at the limit, never read whole."""
+    limit = MAX_EXPORT_BYTES if limit is None else limit
     with open(path, "rb") as raw:
         stream = gzip.GzipFile(fileobj=raw) if path.suffix == ".gz" else raw
         data = stream.read(limit + 1)
