@@ -232,7 +232,7 @@ BAD = {
     "--top": ints_outside(1, LIMITS.max_top),
     "--out": bad_out,
     "--plot": bad_out,
-    "--max-nodes": ints_outside(1, LIMITS.max_graph_nodes),
+    "--max-nodes": ints_outside(1, LIMITS.max_graph_nodes).filter(lambda s: s.strip().lower() != "none"),  # no cap
     "--node-threshold": bad_fraction,
     "--max-memory": bad_memory,
     "--device": bad_device,
