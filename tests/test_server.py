@@ -581,3 +581,34 @@ def test_a_bug_is_one_line_of_json_and_the_server_keeps_serving(setup, tmp_path,
     assert job["status"] == "error" and job["stage"] == "failed" and "internal error (RuntimeError" in job["error"]
     assert list(tmp_path.iterdir()) == []
     ok(client.get("/api/info"))
+
+
+def test_concurrent_reads_of_one_graph_share_one_parse(setup, monkeypatch):
+    """Four requests for one file at once parse it once and get the same bytes; a later request parses again."""
+    import threading
+
+    from qktrace.graph import formats
+
+    client = TestClient(create_app(setup.data))
+    calls, gate = [], threading.Event()
+    real = formats.read_json
+
+    def slow(*args, **kwargs):  # the first parse waits until every request has arrived
+        calls.append(1)
+        gate.wait(5)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(formats, "read_json", slow)
+    bodies: list[bytes] = []
+    threads = [threading.Thread(target=lambda: bodies.append(client.get(f"/api/graphs/{GRAPH_NAME}").content))
+               for _ in range(4)]  # fmt: skip
+    for t in threads:
+        t.start()
+    time.sleep(0.5)
+    gate.set()
+    for t in threads:
+        t.join(10)
+    assert len(bodies) == 4 and len(set(bodies)) == 1 and json.loads(bodies[0])["name"] == GRAPH_NAME
+    assert len(calls) == 1
+    client.get(f"/api/graphs/{GRAPH_NAME}")
+    assert len(calls) == 2

@@ -21,7 +21,9 @@ import json
 import logging
 import os
 import re
-from collections.abc import Iterator, Mapping, Sequence
+import threading
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +64,8 @@ class GraphStore:
                 raise InputError(f"two graph files are named '{p.name}': rename one or serve their folders")
             self.files[p.name] = p
         self._summaries: dict[Path, tuple[tuple[int, int], S.GraphSummary | S.InvalidGraph]] = {}
+        self._lock = threading.Lock()
+        self._inflight: dict[tuple[Path, int, int], Future[bytes]] = {}  # reads under way, shared
 
     def resolve(self, name: str) -> Path:
         """The file for `name` ('x' or 'x.json'), confined to the data directory; ApiError otherwise."""
@@ -110,6 +114,30 @@ class GraphStore:
             else:
                 invalid.append(item)
         return S.GraphList(graphs=graphs, invalid=invalid)
+
+    def read_shared(self, name: str, render: Callable[[str, dict[str, Any]], bytes]) -> bytes:
+        """`render(*self.read(name))`, computed once for concurrent requests of one unchanged file: the others
+        wait for that parse and share its bytes (or its error), so four readers of a large graph hold one copy."""
+        path = self.resolve(name)
+        st = path.stat()
+        key = (path, st.st_mtime_ns, st.st_size)
+        with self._lock:
+            shared = self._inflight.get(key)
+            owner = shared is None
+            if shared is None:
+                shared = self._inflight[key] = Future()
+        if not owner:
+            return shared.result()
+        try:
+            body = render(*self.read(name))
+            shared.set_result(body)
+            return body
+        except BaseException as e:
+            shared.set_exception(e)
+            raise
+        finally:
+            with self._lock:
+                self._inflight.pop(key, None)
 
     def read(self, name: str) -> tuple[str, dict[str, Any]]:
         path = self.resolve(name)
