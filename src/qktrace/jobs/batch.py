@@ -11,8 +11,11 @@ prompt's folder, by default p00000, p00001, ... in line order). Per prompt, unde
 4. `summary.json`: the prompt's row of the summary table, written last: it marks the prompt done.
 
 Across prompts: `summary.jsonl` (and `summary.parquet` when pyarrow is installed), in prompt order. A
-restarted job skips prompts whose summary.json exists (`qktrace.jobs.runner`); the files are the same whatever
-the number of workers, and the same as tracing each prompt alone (`trace_prompt`).
+restarted job skips prompts whose summary.json was written for the same prompt, answer and rival
+(`qktrace.jobs.runner`): the job is its options, model and SAEs, so a corrected or extended prompts file
+resumes and only the changed lines are traced again. Every line is checked (JSON, ids, answer and rival
+single tokens and different) before any work. The files are the same whatever the number of workers, and
+the same as tracing each prompt alone (`trace_prompt`).
 """
 
 from __future__ import annotations
