@@ -395,6 +395,18 @@ def _sae_folder(w, root: Path, kind: str, n: int) -> Path:  # type: ignore[no-un
                 z.writestr(f"{name}.npy", buf.getvalue() + b"\0" * 64)
         shutil.rmtree(folder)
         return root
+    elif kind == "npz-shapes-disagree":  # W_dec's stated shape is not W_enc's transpose
+        import numpy as np
+
+        npz = root / "layer_1" / "width_16k" / "average_l0_9" / "params.npz"
+        npz.parent.mkdir(parents=True)
+        d = 32
+        arrays = {"W_enc": np.zeros((d, D_SAE), "f4"), "W_dec": np.zeros((D_SAE + n, d), "f4"),
+                  "b_enc": np.zeros(D_SAE, "f4"), "b_dec": np.zeros(d, "f4"),
+                  "threshold": np.zeros(D_SAE, "f4")}  # fmt: skip
+        np.savez(npz, **arrays)
+        shutil.rmtree(folder)
+        return root
     else:
         edits = {
             "d_sae-huge": {"d_sae": 10 ** (300 + 50 * n)},
@@ -410,7 +422,8 @@ def _sae_folder(w, root: Path, kind: str, n: int) -> Path:  # type: ignore[no-un
     return folder
 
 
-SAE_KINDS = ["cfg-fifo", "cfg-devzero", "weights-devzero", "npz-header-lie", "d_sae-huge", "width-lie", "layer-digits",
+SAE_KINDS = ["cfg-fifo", "cfg-devzero", "weights-devzero", "npz-header-lie", "npz-shapes-disagree",
+             "d_sae-huge", "width-lie", "layer-digits",
              "norm-overflow", "non-finite", "deeply-nested"]  # fmt: skip
 
 

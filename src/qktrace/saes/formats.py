@@ -20,7 +20,7 @@ import math
 import os
 import re
 import stat
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -60,7 +60,7 @@ class RawSAE:
 
 
 MAX_CONFIG_BYTES = 16 << 20  # a config file (cfg.json, hyperparams.json)
-_NPZ_RATIO = 64  # an npz member may inflate to at most this many times its stored size (weights barely compress)
+_NPZ_RATIO = 8  # an npz member may inflate to at most this many times its stored size (weights barely compress)
 
 
 def regular_file(path: Path, what: str, missing: str, limit: int | None = None) -> int:
@@ -129,9 +129,9 @@ def read_safetensors(
     return w
 
 
-def _npz_member(z: Any, name: str, path: Path) -> Tensor:
-    """One array of an open npz, its header read first: refused, before it is inflated, if its stated size
-    is past what its stored bytes can hold (`_NPZ_RATIO`)."""
+def _npz_shape(z: Any, name: str, path: Path) -> tuple[int, ...]:
+    """The shape an npz member's header states, read without inflating it; refused if its stated size is
+    past what its stored bytes can hold (`_NPZ_RATIO`)."""
     info = z.zip.getinfo(f"{name}.npy")
     with z.zip.open(info) as f:
         version = np.lib.format.read_magic(f)
@@ -143,17 +143,23 @@ def _npz_member(z: Any, name: str, path: Path) -> Tensor:
             f"{path}: array {name} states shape {list(shape)} ({size:,} bytes) but holds {info.compress_size:,} "
             "stored bytes: the file is not a real SAE; re-download it"
         )
-    return torch.from_numpy(np.array(z[name]))
+    return tuple(shape)
 
 
-def read_npz(path: Path, names: Sequence[str] | None = None) -> dict[str, Tensor]:
-    """The arrays of an npz file (`names` among them, default all) as tensors, each bounded by its stored
-    size before it is inflated, refusing unreadable files and NaN or infinite values."""
+def read_npz(
+    path: Path, names: Sequence[str] | None = None, check: Callable[[dict[str, tuple[int, ...]]], None] | None = None
+) -> dict[str, Tensor]:
+    """The arrays of an npz file (`names` among them, default all) as tensors. Each header is read first:
+    an array is refused before it is inflated when its stated size is past its stored bytes, and `check`
+    sees every stated shape before any array is read. NaN or infinite values are refused too."""
     regular_file(path, "npz", "re-download the SAE")
     try:
         with np.load(path, allow_pickle=False) as z:
             wanted = z.files if names is None else [n for n in z.files if n in names]
-            raw = {name: _npz_member(z, name, path) for name in wanted}
+            shapes = {name: _npz_shape(z, name, path) for name in wanted}
+            if check is not None:
+                check(shapes)
+            raw = {name: torch.from_numpy(np.array(z[name])) for name in wanted}
     except SAELoadError:
         raise
     except Exception as e:  # zipfile, OSError, ValueError on truncated or non-npz files
@@ -162,6 +168,26 @@ def read_npz(path: Path, names: Sequence[str] | None = None) -> dict[str, Tensor
         ) from None
     check_tensors(raw, str(path))
     return raw
+
+
+def _gemma_shapes(path: Path, aliases: Mapping[str, Sequence[str]]) -> Callable[[dict[str, tuple[int, ...]]], None]:
+    """A check of a Gemma Scope npz's stated shapes before any array is read: W_enc [d_in, d_sae] and the
+    others matching it (there is no config to hold them against)."""
+
+    def check(shapes: dict[str, tuple[int, ...]]) -> None:
+        ours = {name: shapes[a] for name, names in aliases.items() for a in names if a in shapes}
+        enc = ours.get("W_enc")
+        if enc is None or len(enc) != 2:
+            return  # _require names what is missing
+        d_in, d_sae = enc
+        want = {"W_dec": (d_sae, d_in), "b_enc": (d_sae,), "b_dec": (d_in,), "threshold": (d_sae,)}
+        bad = [f"{k} {list(ours[k])}" for k, v in want.items() if k in ours and ours[k] != v]
+        if bad:
+            raise SAELoadError(
+                f"{path} states {', '.join(bad)} against W_enc {list(enc)}: the arrays disagree; re-download it"
+            )
+
+    return check
 
 
 def _require(w: Mapping[str, Tensor], names: tuple[str, ...], path: Path) -> None:
@@ -211,7 +237,8 @@ def read_gemma_npz(path: Path, overrides: Mapping[str, Any] | None = None, repo_
             f"cannot tell the layer of {path}: put it under a layer_N folder as in Gemma Scope "
             "(e.g. layer_12/width_16k/average_l0_82/params.npz)"
         )
-    raw = read_npz(path, [a for aliases in layout["tensors"].values() for a in aliases])
+    aliases = layout["tensors"]
+    raw = read_npz(path, [a for names in aliases.values() for a in names], _gemma_shapes(path, aliases))
     w: dict[str, Tensor] = {}
     for name, aliases in layout["tensors"].items():
         found = [a for a in aliases if a in raw]
