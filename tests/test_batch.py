@@ -134,6 +134,8 @@ def test_explain_when_qktrace_has_it(setup: Setup, prompts: Path, tmp_path: Path
         (['{"prompt": "w1", "id": "a/b"}'], "id 'a/b' must be"),
         (['{"prompt": "w1", "id": "x"}', '{"prompt": "w2", "id": "x"}'], "already used on line 1"),
         (['{"prompt": "w1", "answer": " w1 w2"}'], r"line 1 \(p00000\): answer ' w1 w2' is 2 tokens"),
+        (['{"prompt": "w1"}', '{"prompt": "w1", "answer": " w2", "rival": " w2"}'], 'line 2: the "rival" is the'),
+        (['{"prompt": "w1"}', '{"prompt": "w1", "answer": "' + " w2" * 40_000 + '"}'], r"line 2 \(p00001\)"),
     ],
 )
 def test_bad_prompts_are_one_line(setup: Setup, tmp_path: Path, lines: list[str], message: str) -> None:
@@ -141,7 +143,33 @@ def test_bad_prompts_are_one_line(setup: Setup, tmp_path: Path, lines: list[str]
     path.write_text("\n".join(lines) + "\n")
     with pytest.raises(InputError, match=message) as e:
         trace_batch(setup.model, setup.saes, path, tmp_path / "out", device="cpu")
-    assert "\n" not in str(e.value) and not list((tmp_path / "out").glob("prompts/*"))
+    assert "\n" not in str(e.value) and len(str(e.value)) < 400 and not (tmp_path / "out").exists()
+
+
+def test_a_corrected_prompts_file_resumes(setup: Setup, prompts: Path, reference: Path, tmp_path: Path) -> None:
+    """The job is its options: prompts already traced for the same text are kept, a changed one is traced
+    again, and the result equals a fresh run of the corrected file."""
+    import shutil
+
+    out = tmp_path / "out"
+    shutil.copytree(reference, out)
+    fixed = [dict(p) for p in PROMPTS]
+    fixed[2]["answer"] = " Uncle"
+    path = tmp_path / "fixed.jsonl"
+    path.write_text("".join(json.dumps(p) + "\n" for p in fixed))
+    result = trace_batch(setup.model, setup.saes, path, out, device="cpu")
+    assert result.resumed == 2
+    fresh = trace_batch(setup.model, setup.saes, path, tmp_path / "fresh", device="cpu")
+    assert fresh.resumed == 0 and tree(out) == tree(tmp_path / "fresh")
+    assert json.loads((out / "prompts" / "p00002" / "summary.json").read_text())["answer"] == " Uncle"
+
+
+def test_a_folder_of_the_users_files_is_refused(setup: Setup, prompts: Path, tmp_path: Path) -> None:
+    (tmp_path / "summary.jsonl").write_text("mine\n")
+    with pytest.raises(InputError, match="no job.json"):
+        trace_batch(setup.model, setup.saes, prompts, tmp_path, device="cpu")
+    assert [p.name for p in tmp_path.iterdir()] == ["summary.jsonl"]
+    assert (tmp_path / "summary.jsonl").read_text() == "mine\n"
 
 
 def test_default_ids_follow_prompt_order(tmp_path: Path) -> None:

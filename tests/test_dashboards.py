@@ -206,6 +206,12 @@ def test_bad_input_is_one_line_before_any_work(setup: Setup, tmp_path: Path) -> 
     with pytest.raises(InputError, match="no documents"):
         build_dashboards(setup.model, setup.saes, tmp_path / "empty.jsonl", tmp_path / "o", device="cpu")
     tracer = qktrace.Tracer.load(setup.model, setup.saes)
+    limit = tracer.model.max_positions
+    assert limit is not None
+    with pytest.raises(InputError, match=f"seq_len {limit + 1} is more than the {limit} positions"):
+        build_dashboards(tracer, None, setup.corpus, tmp_path / "o", options=DashboardOptions(seq_len=limit + 1))
+    with pytest.raises(InputError, match=r"nothing answers at Ray address 127.0.0.1:1 \(.*at most 10 s"):
+        build_dashboards(setup.model, setup.saes, setup.corpus, tmp_path / "o", ray_address="127.0.0.1:1")
     with pytest.raises(InputError, match="Ray workers load their own replica"):
         build_dashboards(tracer, None, setup.corpus, tmp_path / "o", workers=2)
     assert not (tmp_path / "o").exists()

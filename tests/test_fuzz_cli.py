@@ -232,7 +232,7 @@ BAD = {
     "--top": ints_outside(1, LIMITS.max_top),
     "--out": bad_out,
     "--plot": bad_out,
-    "--max-nodes": ints_outside(1, LIMITS.max_graph_nodes),
+    "--max-nodes": ints_outside(1, LIMITS.max_graph_nodes).filter(lambda s: s.strip().lower() != "none"),  # no cap
     "--node-threshold": bad_fraction,
     "--max-memory": bad_memory,
     "--device": bad_device,
@@ -299,7 +299,7 @@ test_fuzz_serve = _fuzz("serve", SERVE_BAD)
 test_fuzz_demo = _fuzz("demo", {**BAD, "--out": st.sampled_from(["@OUT/keep.txt", "@OUT/keep.txt/x", ""])})
 SCALE_BAD = {
     **BAD,
-    "--out": st.sampled_from(["@OUT/keep.txt", "@OUT/keep.txt/x", ""]),
+    "--out": st.sampled_from(["@OUT/keep.txt", "@OUT/keep.txt/x", "", "@OUT"]),  # @OUT: the user's files
     "--corpus": st.sampled_from(["@OUT/no-corpus", "@OUT/keep.txt/x", "", "@OUT/empty.jsonl"]),
     "--prompts": st.sampled_from(["@OUT/no-prompts", "@OUT/keep.txt", "@OUT/empty.jsonl", "@OUT/bad.jsonl", ""]),
     "--workers": st.one_of(st.integers(max_value=0).map(str), st.integers(min_value=4097).map(str), not_int),
@@ -358,3 +358,168 @@ def test_huge_values_are_refused_in_bounded_memory(world):
     for case, (code, err, seconds) in zip(HUGE_CASES, results):
         assert code == 2 and len(err.strip().splitlines()) == 1, (case[:2], err[:300])
         assert seconds < 30, (case[:2], seconds)
+
+
+# -- hostile files: SAE folders, label exports, corpora, prompts -------------------------------------------
+
+
+def _sae_folder(w, root: Path, kind: str, n: int) -> Path:  # type: ignore[no-untyped-def]
+    """A copy of one saved SAE, made hostile in one way."""
+    import shutil
+
+    folder = root / "blocks.1.hook_resid_pre"
+    shutil.copytree(Path(w["S"]) / "blocks.1.hook_resid_pre", folder)
+    cfg_path = folder / "cfg.json"
+    cfg = json.loads(cfg_path.read_text())
+    if kind == "cfg-fifo":
+        cfg_path.unlink()
+        os.mkfifo(cfg_path)
+    elif kind == "cfg-devzero":
+        cfg_path.unlink()
+        cfg_path.symlink_to("/dev/zero")
+    elif kind == "weights-devzero":
+        (folder / "sae_weights.safetensors").unlink()
+        (folder / "sae_weights.safetensors").symlink_to("/dev/zero")
+    elif kind == "npz-header-lie":  # a Gemma Scope npz whose header states a huge width, holding a few bytes
+        import zipfile
+
+        npz = root / "layer_1" / "width_16k" / "average_l0_9" / "params.npz"
+        npz.parent.mkdir(parents=True)
+        header = {"descr": "<f4", "fortran_order": False, "shape": (32, 10 ** (5 + n))}
+        import numpy as np
+
+        buf = io.BytesIO()
+        np.lib.format.write_array_header_1_0(buf, header)
+        with zipfile.ZipFile(npz, "w", zipfile.ZIP_DEFLATED) as z:
+            for name in ("W_enc", "W_dec", "b_enc", "b_dec", "threshold"):
+                z.writestr(f"{name}.npy", buf.getvalue() + b"\0" * 64)
+        shutil.rmtree(folder)
+        return root
+    elif kind == "npz-shapes-disagree":  # W_dec's stated shape is not W_enc's transpose
+        import numpy as np
+
+        npz = root / "layer_1" / "width_16k" / "average_l0_9" / "params.npz"
+        npz.parent.mkdir(parents=True)
+        d = 32
+        arrays = {"W_enc": np.zeros((d, D_SAE), "f4"), "W_dec": np.zeros((D_SAE + n, d), "f4"),
+                  "b_enc": np.zeros(D_SAE, "f4"), "b_dec": np.zeros(d, "f4"),
+                  "threshold": np.zeros(D_SAE, "f4")}  # fmt: skip
+        np.savez(npz, **arrays)
+        shutil.rmtree(folder)
+        return root
+    else:
+        edits = {
+            "d_sae-huge": {"d_sae": 10 ** (300 + 50 * n)},
+            "width-lie": {"d_sae": D_SAE * (n + 1)},
+            "layer-digits": {"metadata": cfg["metadata"] | {"hook_name": f"blocks.{'7' * (1000 * n)}.hook_resid_pre"}},
+            "norm-overflow": {"normalize_activations": "expected_average_only_in",
+                              "norm_scaling_factor": 10.0 ** (38 + n)},
+            "non-finite": {"norm_scaling_factor": "@INF"},
+            "deeply-nested": {"metadata": "@DEEP"},
+        }  # fmt: skip
+        text = json.dumps(cfg | edits[kind]).replace('"@INF"', "1e999").replace('"@DEEP"', "[" * 10**5 + "]" * 10**5)
+        cfg_path.write_text(text)
+    return folder
+
+
+SAE_KINDS = ["cfg-fifo", "cfg-devzero", "weights-devzero", "npz-header-lie", "npz-shapes-disagree",
+             "d_sae-huge", "width-lie", "layer-digits",
+             "norm-overflow", "non-finite", "deeply-nested"]  # fmt: skip
+
+
+@FUZZ
+@given(kind=st.sampled_from(SAE_KINDS), n=st.integers(1, 3))
+def test_fuzz_hostile_sae_files(world, tmp_path_factory, kind, n):
+    """An SAE folder that is a FIFO, a link to /dev/zero, a lying header, an overflowing constant or an odd
+    number: one line (exit 2), at once, never a hang or a read without bound."""
+    folder = _sae_folder(world, tmp_path_factory.mktemp("sae"), kind, n)
+    check_refused(world, "info", "--saes", str(folder))
+
+
+def _export(root: Path, kind: str, n: int) -> Path:
+    import gzip
+
+    record = {"modelId": "", "layer": "1-res", "index": "3", "description": "a label"}
+    path = root / ("labels.jsonl.gz" if kind == "gzip-bomb" else "labels.jsonl")
+    if kind == "gzip-bomb":  # inflates past the (lowered) bound: refused before it is read whole
+        path.write_bytes(gzip.compress(b" " * ((2 + n) << 20)))
+        return path
+    if kind == "index-superscript":
+        record["index"] = "²" * n
+    elif kind == "index-digits":
+        record["index"] = "9" * (1000 * n)
+    elif kind == "modelId-number":
+        record["modelId"] = 10**n  # type: ignore[assignment]
+    text = json.dumps(record)
+    if kind == "deeply-nested":
+        text = "[" * (10**4 * n) + "]" * (10**4 * n)
+    path.write_text(text + "\n")
+    return path
+
+
+@FUZZ
+@given(kind=st.sampled_from(["gzip-bomb", "index-superscript", "index-digits", "modelId-number", "deeply-nested"]),
+       n=st.integers(1, 3))  # fmt: skip
+def test_fuzz_hostile_label_exports(world, tmp_path_factory, kind, n):
+    path = _export(tmp_path_factory.mktemp("labels"), kind, n)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr("qktrace.saes.labels.MAX_EXPORT_BYTES", 1 << 20)
+        check_refused(world, "info", "--labels", str(path))
+
+
+def _lines_file(root: Path, kind: str, n: int, field: str) -> Path:
+    """A JSONL corpus or prompts file whose line 2 is hostile."""
+    path = root / "f.jsonl"
+    good = json.dumps({field: "Aunt Sally is the", "answer": " Aunt"} if field == "prompt" else {field: "w1 w2"})
+    bad = {
+        "huge-line": b'{"%s": "' % field.encode() + b"w" * ((1 << 20) + n) + b'"}',
+        "invalid-utf8": b'{"%s": "\xff\xfe"}' % field.encode(),
+        "lone-surrogate": b'{"%s": "\\ud800 x"}' % field.encode(),
+        "deeply-nested": b"[" * (10**4 * n) + b"]" * (10**4 * n),
+        "answer-is-rival": b'{"prompt": "Aunt Sally is the", "answer": " Aunt", "rival": " Aunt"}',
+        "multi-token-answer": b'{"prompt": "Aunt Sally is the", "answer": " Aunt Sally is"}',
+    }
+    if kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "sparse":  # one line of zeros, no newline, bigger than the bound: read no further than it
+        with path.open("wb") as f:
+            f.truncate((8 << 20) * n)
+    elif kind == "compressed":
+        import gzip
+
+        path.write_bytes(gzip.compress((good + "\n" + good + "\n").encode()))
+    else:
+        path.write_bytes(good.encode() + b"\n" + bad[kind] + b"\n")
+    return path
+
+
+LINE_KINDS = ["huge-line", "invalid-utf8", "lone-surrogate", "deeply-nested", "fifo", "sparse", "compressed"]
+
+
+@FUZZ
+@given(data=st.data())
+def test_fuzz_hostile_corpora_and_prompts(world, tmp_path_factory, data):
+    """A corpus or prompts file with a line past the bound, bad bytes, a lone surrogate, deep nesting, a FIFO,
+    a sparse or gzipped file, or (prompts) an answer that is its rival or several tokens: one line naming
+    the line where there is one, before any work; the user's folder untouched."""
+    command = data.draw(st.sampled_from(["dashboards", "batch"]), label="command")
+    extra = ["answer-is-rival", "multi-token-answer"] if command == "batch" else []
+    kind = data.draw(st.sampled_from(LINE_KINDS + extra), label="kind")
+    field, flag = ("prompt", "--prompts") if command == "batch" else ("text", "--corpus")
+    path = _lines_file(tmp_path_factory.mktemp("lines"), kind, data.draw(st.integers(1, 2), label="n"), field)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr("qktrace.jobs.corpus.MAX_LINE_BYTES", 1 << 20)
+        check_refused(world, command, flag, str(path))
+    out_folder = base_args(world)[command]["--out"]
+    assert not Path(str(out_folder)).exists() or kind not in ("fifo", "sparse"), "work started"
+
+
+def test_explain_refuses_one_file_for_out_and_plot(world):
+    out = world["OUT"]
+    argv = [world["M"], "--saes", world["S"], "--prompt", PROMPT, "--answer", " Sally", "--device", "cpu"]
+    before = snapshot(out)
+    code, stdout, stderr, _ = run_cli(["explain", *argv, "--out", str(out / "g.json"), "--plot", str(out / "g.json")])
+    assert code == 2 and "both name" in stderr and len(stderr.strip().splitlines()) == 1, stderr
+    code, _, stderr, _ = run_cli(["explain", *argv, "--answer", " Sally" * 20_000])
+    assert code == 2 and len(stderr) < 500, stderr[:600]
+    assert snapshot(out) == before

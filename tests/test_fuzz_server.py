@@ -308,6 +308,11 @@ def test_huge_requests_are_refused_in_bounded_memory(tmp_path):
         graph = json.loads((s.data / "tiny.json").read_text())
         graph["metadata"]["qktrace"]["settings"]["top_heads"] = 200_000
         (s.data / "huge.json").write_text(json.dumps(graph))
+        link = dict(graph["links"][0], head_loadings=[])
+        wide = dict(link, head_loadings=[{{"layer": 0, "head": h, "direct": 0.0, "via_mlp": 0.0}} for h in range(1024)])
+        graph["metadata"]["qktrace"]["settings"]["top_heads"] = 5
+        graph["links"] = [wide] + [link] * 100_000  # padded to 1024 heads: 2.4 GB in float64
+        (s.data / "pad.json").write_text(json.dumps(graph))
         client = TestClient(create_app(s.data, s.tracer))
         resource.setrlimit(resource.RLIMIT_AS, (3 << 30, 3 << 30))
         base = {{"tokens": s.tokens, "heads": [[1, 0]], "feature": 3, "positions": [2], "scales": "0,1"}}
@@ -326,6 +331,7 @@ def test_huge_requests_are_refused_in_bounded_memory(tmp_path):
             ("POST", "/api/graph", {{"prompt": "w1", "max_nodes": 10**30}}),
             ("POST", "/api/qk", "x" * (50 << 20)),
             ("GET", "/api/graphs/huge", None),
+            ("GET", "/api/graphs/pad", None),
         ]
         out = []
         for method, path, body in cases:
@@ -349,3 +355,94 @@ def test_huge_requests_are_refused_in_bounded_memory(tmp_path):
         assert 400 <= status < 500 and error and "\n" not in error, (path, status, error)
         assert seconds < 30, (path, seconds)
     assert info[1] == 200
+
+
+# -- hostile graph files: listed and read alike ------------------------------------------------------------
+
+
+def _hostile_graph(base: dict, kind: str, n: int) -> bytes | None:
+    """A graph file of one hostile kind, from a valid one; None for a FIFO (made by the caller)."""
+    g = json.loads(json.dumps(base))
+    qk = g["metadata"]["qktrace"]
+    node = next(x for x in g["nodes"] if x.get("qk_tracing_head")) if kind.startswith("head") else None
+    if kind == "non-finite":
+        return json.dumps(g).replace('"replacement":', f'"replacement":1e{308 + n}, "x":', 1).encode()
+    if kind == "deeply-nested":
+        g["metadata"]["prompt"] = json.loads("[" * 50 + "]" * 50)
+        return json.dumps(g).replace('"prompt": [', '"prompt": ' + "[" * (1000 * n), 1).replace(
+            "]", "]" * (1000 * n), 1
+        ).encode()  # fmt: skip
+    if kind == "padding":  # one link with many head loadings beside many with none
+        link = dict(g["links"][0], head_loadings=[])
+        wide = [{"layer": 0, "head": h, "direct": 0.0, "via_mlp": 0.0} for h in range(min(64 * n, 1100))]
+        g["links"] = [dict(link, head_loadings=wide)] + [link] * (500 * n)
+    elif kind == "top_heads":
+        qk["settings"] = {"top_heads": 10**n}
+    elif kind == "head-layer":
+        assert node is not None
+        node["qk_tracing_head"]["layer"] = -n
+    elif kind == "head-head":
+        assert node is not None
+        node["qk_tracing_head"]["head"] = 10 ** (3 + n)
+    elif kind == "head-pos":
+        assert node is not None
+        node["qk_tracing_head"]["query_pos"] = len(qk["tokens"]) + n
+    elif kind == "invalid-utf8":
+        return json.dumps(g).encode()[:-10] + b"\xff\xfe" + json.dumps(g).encode()[-10:]
+    elif kind == "compressed":
+        import gzip
+
+        return gzip.compress(json.dumps(g).encode())
+    elif kind == "fifo":
+        return None
+    return json.dumps(g).encode()
+
+
+GRAPH_KINDS = ["non-finite", "deeply-nested", "padding", "top_heads", "head-layer", "head-head", "head-pos",
+               "invalid-utf8", "compressed", "fifo"]  # fmt: skip
+
+
+@FUZZ
+@given(kind=st.sampled_from(GRAPH_KINDS), n=st.integers(1, 6))
+def test_fuzz_graph_files_listed_as_served(world, tmp_path_factory, kind, n):
+    """A hostile graph file is listed valid exactly when it is served (200), else refused with one line (4xx),
+    in bounded time; `load_graph` agrees; a graph that loads keeps its head table within what the file holds."""
+    from qktrace.errors import GraphFileError
+    from qktrace.graph import load_graph
+
+    folder = tmp_path_factory.mktemp("hostile")
+    path = folder / "h.json"
+    data = _hostile_graph(world["setup"].graph, kind, n)
+    if data is None:
+        os.mkfifo(path)
+    else:
+        path.write_bytes(data)
+    client = TestClient(create_app(folder), raise_server_exceptions=True)
+    start = time.perf_counter()
+    listing = client.get("/api/graphs").json()
+    r = client.get("/api/graphs/h")
+    assert time.perf_counter() - start < 30, kind
+    listed = [g["name"] for g in listing["graphs"]]
+    assert (listed == ["h.json"]) == (r.status_code == 200), (kind, listing, r.status_code)
+    if r.status_code != 200:
+        assert 400 <= r.status_code < 500 and len(r.json()["error"].splitlines()) == 1, (kind, r.text[:300])
+    if kind == "fifo":
+        return  # load_graph names a file the user chose: refused as not regular (checked below without blocking)
+    try:
+        graph = load_graph(path)
+    except GraphFileError as e:
+        assert "\n" not in str(e) and len(str(e)) < 500, (kind, str(e)[:600])
+        assert r.status_code != 200, kind
+        return
+    assert kind in ("padding", "top_heads") and r.status_code == 200, kind  # within the bounds: served
+    loadings = sum(len(link.get("head_loadings") or []) for link in json.loads(data or b"{}")["links"])
+    assert graph.heads.numel() <= 16 * (len(graph.source) + loadings)
+
+
+def test_load_graph_refuses_a_fifo(tmp_path):
+    from qktrace.errors import GraphFileError
+    from qktrace.graph import load_graph
+
+    os.mkfifo(tmp_path / "g.json")
+    with pytest.raises(GraphFileError, match="not a regular file"):
+        load_graph(tmp_path / "g.json")

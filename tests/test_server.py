@@ -557,10 +557,11 @@ def test_unreadable_files_are_listed_as_invalid_and_the_rest_listed(setup, tmp_p
     client = TestClient(create_app(tmp_path, limits=small_limits(max_graph_file_bytes=1 << 20)))
     (tmp_path / "big.json").write_bytes(b" " * (2 << 20))
     listing = ok(client.get("/api/graphs"))
-    assert [g["name"] for g in listing["graphs"]] == ["huge.json", GRAPH_NAME]
+    assert [g["name"] for g in listing["graphs"]] == [GRAPH_NAME]  # listed valid only what is served
     bad = {b["name"]: b["error"] for b in listing["invalid"]}
-    assert set(bad) == {"deep.json", "utf8.json", "nodes.json", "dir.json", "big.json"}
+    assert set(bad) == {"deep.json", "utf8.json", "nodes.json", "dir.json", "big.json", "huge.json"}
     assert "nested too deeply" in bad["deep.json"] and "MiB" in bad["big.json"]
+    assert "settings.top_heads" in bad["huge.json"]
     start = time.perf_counter()
     assert "settings.top_heads" in refused(client.get("/api/graphs/huge"), 422)
     assert time.perf_counter() - start < 5
@@ -666,3 +667,34 @@ def test_serve_with_transcoders_builds_transcoder_graphs(setup, tmp_path):
     assert graph["metadata"]["qktrace"]["settings"]["graph"] == "transcoder"
     kinds = {Node.parse(n["node_id"]).kind.value for n in graph["nodes"]}
     assert {"mlp_error", "token", "logit"} <= kinds and "feature" not in kinds
+
+
+def test_concurrent_reads_of_one_graph_share_one_parse(setup, monkeypatch):
+    """Four requests for one file at once parse it once and get the same bytes; a later request parses again."""
+    import threading
+
+    from qktrace.graph import formats
+
+    client = TestClient(create_app(setup.data))
+    calls, gate = [], threading.Event()
+    real = formats.read_json
+
+    def slow(*args, **kwargs):  # the first parse waits until every request has arrived
+        calls.append(1)
+        gate.wait(5)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(formats, "read_json", slow)
+    bodies: list[bytes] = []
+    threads = [threading.Thread(target=lambda: bodies.append(client.get(f"/api/graphs/{GRAPH_NAME}").content))
+               for _ in range(4)]  # fmt: skip
+    for t in threads:
+        t.start()
+    time.sleep(0.5)
+    gate.set()
+    for t in threads:
+        t.join(10)
+    assert len(bodies) == 4 and len(set(bodies)) == 1 and json.loads(bodies[0])["name"] == GRAPH_NAME
+    assert len(calls) == 1
+    client.get(f"/api/graphs/{GRAPH_NAME}")
+    assert len(calls) == 2

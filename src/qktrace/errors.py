@@ -67,3 +67,17 @@ def check_index(value: int, size: int, what: str, *, allow_negative: bool = Fals
         return value
     lo = -size if allow_negative else 0
     raise OutOfRangeError(f"{what} {value} is out of range: valid values are {lo}..{size - 1}")
+
+
+def quoted(value: object, limit: int = 60) -> str:
+    """A user's value as an error message shows it: its repr (one line: newlines are escaped), cut to about
+    `limit` characters with how long it was, so that a 100 KB answer or a 5,000-digit number gives a short line."""
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 3.33 * limit:
+        return f"an integer of about {value.bit_length() * 0.30103:.0f} digits"  # str() of 10**5000 is refused
+    if isinstance(value, str) and len(value) > limit:
+        return f"{value[:limit]!r}... ({len(value):,} characters)"
+    try:
+        text = repr(value)
+    except (ValueError, RecursionError):
+        return f"a {type(value).__name__}"
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text):,} characters)"

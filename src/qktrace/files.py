@@ -54,6 +54,19 @@ def check_output(path: str | os.PathLike[str], what: str = "output", flag: str =
     return p
 
 
+def check_distinct(outputs: dict[str, Path | None]) -> None:
+    """Refuse, before any work, two outputs (flag -> path, None for not given) that name one file: the
+    second write would replace the first."""
+    seen: dict[Path, str] = {}
+    for flag, path in outputs.items():
+        if path is None:
+            continue
+        real = path.expanduser().resolve()
+        if real in seen:
+            raise InputError(f"{seen[real]} and {flag} both name {path}: give each its own file")
+        seen[real] = flag
+
+
 def check_output_dir(path: str | os.PathLike[str], flag: str = "--out") -> Path:
     """A folder that exists (or can be created) and is writable, checked before any work."""
     p = Path(path).expanduser()

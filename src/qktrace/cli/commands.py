@@ -15,7 +15,7 @@ from typing import Any
 from .. import config
 from ..config import LIMITS
 from ..errors import InputError
-from ..files import check_output, check_output_dir
+from ..files import check_distinct, check_output, check_output_dir
 from ..options import BatchOptions, DashboardOptions, GraphOptions, SweepOptions
 from ..steering.requests import SteerRequest, build_steering, check_request, check_text
 
@@ -235,6 +235,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
     check_text(args.prompt)
     out = check_output(args.out, "output", "--out") if args.out is not None else None
     plot = check_output(args.plot, "plot", "--plot") if args.plot is not None else None
+    check_distinct({"--out": out, "--plot": plot})
     m = explain(_tracer(args), args.prompt, args.answer, args.rival, args.side)
     if out is not None:
         m.save_json(out)

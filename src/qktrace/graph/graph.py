@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..errors import InputError
+from ..errors import GraphFileError, InputError
 from ..files import atomic_write
 from ..nodes import Kind, Node
 from . import formats
@@ -182,7 +182,12 @@ class Graph:
         crash mid-write leaves the old file intact. `overwrite=False` refuses an existing `path`.
         `slug`, `scan`: Neuronpedia's graph name and model id, instead of the graph's own."""
         graph = self.with_names(slug=slug, scan=scan)
-        text = json.dumps(graph.to_json(), separators=(",", ":"), allow_nan=False)
+        try:
+            text = json.dumps(graph.to_json(), separators=(",", ":"), allow_nan=False)
+        except ValueError:  # NaN or infinity somewhere: no tool reads them back
+            raise GraphFileError(
+                "the graph holds a NaN or infinite number, which JSON cannot carry: rebuild it from finite inputs"
+            ) from None
         return atomic_write(path, text, overwrite=overwrite)
 
     def with_names(self, *, slug: str | None = None, scan: str | None = None) -> Graph:

@@ -11,8 +11,11 @@ prompt's folder, by default p00000, p00001, ... in line order). Per prompt, unde
 4. `summary.json`: the prompt's row of the summary table, written last: it marks the prompt done.
 
 Across prompts: `summary.jsonl` (and `summary.parquet` when pyarrow is installed), in prompt order. A
-restarted job skips prompts whose summary.json exists (`qktrace.jobs.runner`); the files are the same whatever
-the number of workers, and the same as tracing each prompt alone (`trace_prompt`).
+restarted job skips prompts whose summary.json was written for the same prompt, answer and rival
+(`qktrace.jobs.runner`): the job is its options, model and SAEs, so a corrected or extended prompts file
+resumes and only the changed lines are traced again. Every line is checked (JSON, ids, answer and rival
+single tokens and different) before any work. The files are the same whatever the number of workers, and
+the same as tracing each prompt alone (`trace_prompt`).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import json
 import logging
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,7 +46,8 @@ from .runner import JobSpec, ModelArg, PathArg, RunArgs, check_args, run_job
 
 log = logging.getLogger(__name__)
 
-VERSION = 1
+VERSION = 1  # of the files written
+JOB_VERSION = 2  # of the job's identity (2: the prompts are not part of it; each summary names its prompt)
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 SUMMARY_COLUMNS = (
     "id", "prompt", "n_tokens", "top_token", "top_prob", "answer", "answer_prob", "answer_rank", "rival", "rival_prob",
@@ -74,6 +79,8 @@ def read_prompts(path: str | os.PathLike[str]) -> list[PromptRecord]:
                 raise InputError(f'{p} line {n}: "{key}" must be a string')
         if rec.get("rival") is not None and rec.get("answer") is None:
             raise InputError(f'{p} line {n} names a "rival" but no "answer": add the answer')
+        if rec.get("rival") is not None and rec["rival"] == rec["answer"]:
+            raise InputError(f'{p} line {n}: the "rival" is the "answer" itself: name another token, or drop it')
         pid = rec.get("id") or f"p{len(out):05d}"
         if not _ID.match(pid):
             raise InputError(f"{p} line {n}: id {pid!r} must be letters, digits, '.', '_' or '-' (a folder name)")
@@ -189,10 +196,13 @@ def trace_batch(
     out = Path(out)
     records = read_prompts(prompts)
     log.info("batch: %d prompts from %s", len(records), prompts)
-    identity = {"options": dataclasses.asdict(o), "prompts": [dataclasses.asdict(r) for r in records]}
+    # the job is its options (and model and SAEs); each prompt is done when its summary holds that prompt,
+    # so a corrected or extended prompts file resumes, and a changed prompt is traced again
+    identity = {"options": dataclasses.asdict(o)}
     marker = lambda i: f"prompts/{records[i].id}/summary.json"  # noqa: E731
     worker = functools.partial(BatchWorker, options=o)
-    spec = JobSpec("batch", VERSION, identity, len(records), marker, worker, ("check", (records, str(prompts))))
+    prepare = ("check", (records, str(prompts)))
+    spec = JobSpec("batch", JOB_VERSION, identity, len(records), marker, worker, prepare, _finished(records, marker))
     run = run_job(spec, model, saes, out, enumerate(records), how)
     log.info("batch: traced %d prompts, %d resumed", len(records) - run.resumed, run.resumed)
     rows = [json.loads((out / marker(i)).read_text()) for i in range(len(records))]
@@ -201,6 +211,22 @@ def trace_batch(
     parquet = _write_parquet(out / "summary.parquet", rows)
     log.info("batch: wrote %s%s", summary, " and its parquet" if parquet else "")
     return BatchResult(out, summary, parquet, len(records), run.resumed)
+
+
+def _finished(records: list[PromptRecord], marker: Callable[[int], str]) -> Callable[[Path, int], bool]:
+    """Whether prompt i is done in a folder: its summary exists and was written for this very prompt."""
+
+    def finished(out: Path, i: int) -> bool:
+        try:
+            row = json.loads((out / marker(i)).read_text(encoding="utf-8"))
+        except (OSError, ValueError, RecursionError):
+            return False
+        r = records[i]
+        return isinstance(row, dict) and (row.get("prompt"), row.get("answer"), row.get("rival")) == (
+            r.prompt, r.answer, r.rival
+        )  # fmt: skip
+
+    return finished
 
 
 def _write_parquet(path: Path, rows: list[dict[str, Any]]) -> Path | None:

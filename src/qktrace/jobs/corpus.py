@@ -78,18 +78,38 @@ def _load_dataset(path: Path, text_field: str) -> Any:
     return ds
 
 
+MAX_LINE_BYTES = 4 << 20  # one corpus document or prompt record: a longer line is refused, not tokenised
+
+
+def _lines(path: Path, max_bytes: int | None = None) -> Iterator[tuple[int, bytes]]:
+    """(line number, bytes) of every non-blank line, each read with a bound: a line past `max_bytes` is
+    refused with its number before it is read whole (a 50 MB line would abort the Rust tokenizer)."""
+    max_bytes = MAX_LINE_BYTES if max_bytes is None else max_bytes
+    with path.open("rb") as f:
+        n = 0
+        while line := f.readline(max_bytes + 1):
+            n += 1
+            if len(line) > max_bytes:
+                raise InputError(
+                    f"{path} line {n} is longer than {max_bytes >> 20} MiB: split that document into shorter lines"
+                )
+            if line.strip():
+                yield n, line
+
+
 def jsonl_records(path: Path) -> Iterator[tuple[int, Any]]:
     """(line number, record) of every non-blank line of a JSONL file (a corpus, batch prompts);
-    InputError naming the file and line that is not JSON."""
-    with path.open(encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except ValueError:
-                raise InputError(f"{path} line {n} is not JSON: write one JSON object per line") from None
-            yield n, record
+    InputError naming the file and line that is too long, not UTF-8, not JSON or nested too deeply."""
+    for n, raw in _lines(path):
+        try:
+            record = json.loads(raw.decode("utf-8"))
+            if b"\\ud" in raw.lower():  # an escaped surrogate: it must pair up
+                json.dumps(record, ensure_ascii=False).encode("utf-8")
+        except UnicodeError:
+            raise InputError(f"{path} line {n} is not valid UTF-8 text (or holds a lone surrogate): fix it") from None
+        except (ValueError, RecursionError):
+            raise InputError(f"{path} line {n} is not JSON: write one JSON object per line") from None
+        yield n, record
 
 
 def _jsonl(path: Path, text_field: str) -> Iterator[str]:
@@ -100,29 +120,38 @@ def _jsonl(path: Path, text_field: str) -> Iterator[str]:
         yield text
 
 
+def _text(path: Path) -> Iterator[str]:
+    for _, raw in _lines(path):
+        yield raw.decode("utf-8", errors="replace").rstrip("\n")
+
+
 def iter_documents(path: str | os.PathLike[str], text_field: str = "text") -> Iterator[str]:
     """Every document of the corpus, in order (see the module docstring for the formats)."""
     for f in corpus_files(path):
         if f.is_dir():
             ds = _load_dataset(f, text_field)
-            for batch in ds.iter(batch_size=1000):
-                yield from (str(t) for t in batch[text_field])
+            for i, batch in enumerate(ds.iter(batch_size=1000)):
+                for j, t in enumerate(batch[text_field]):
+                    if len(str(t)) > MAX_LINE_BYTES:
+                        raise InputError(
+                            f"{f} row {1000 * i + j} is longer than {MAX_LINE_BYTES >> 20} Mi characters: split it"
+                        )
+                    yield str(t)
         elif f.suffix == ".jsonl":
             yield from _jsonl(f, text_field)
         else:
-            with f.open(encoding="utf-8", errors="replace") as lines:
-                yield from (line.rstrip("\n") for line in lines if line.strip())
+            yield from _text(f)
 
 
 def count_documents(path: str | os.PathLike[str], text_field: str = "text") -> int:
-    """How many documents `iter_documents` yields (a dataset's length is read, not iterated)."""
+    """How many documents `iter_documents` yields (a dataset's length is read, not iterated). Every line
+    of a text corpus is read as the job will read it, so a bad one is refused here, before any work."""
     n = 0
     for f in corpus_files(path):
         if f.is_dir():
             n += len(_load_dataset(f, text_field))
         else:
-            with f.open("rb") as lines:
-                n += sum(1 for line in lines if line.strip())
+            n += sum(1 for _ in (_jsonl(f, text_field) if f.suffix == ".jsonl" else _lines(f)))
     return n
 
 

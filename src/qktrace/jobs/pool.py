@@ -16,6 +16,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
+import socket
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
@@ -237,6 +239,27 @@ def import_ray(required: bool) -> Any:
     return ray
 
 
+RAY_CONNECT_TIMEOUT_S = 10.0  # how long a Ray address may take to accept a connection
+
+
+def check_reachable(address: str, timeout: float = RAY_CONNECT_TIMEOUT_S) -> None:
+    """Refuse, within `timeout` seconds, a `HOST:PORT` or `ray://HOST:PORT` where nothing accepts a
+    connection (Ray itself would wait without bound); `auto` and other forms are left to Ray."""
+    m = re.fullmatch(r"(?:ray://)?\[?([A-Za-z0-9.:-]+?)\]?:([0-9]{1,5})", address.strip())
+    if m is None:
+        return
+    host, port = m[1], int(m[2])
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            pass
+    except OSError as e:
+        reason = "timed out" if isinstance(e, TimeoutError) else (e.strerror or type(e).__name__)
+        raise InputError(
+            f"nothing answers at Ray address {address[:100]} ({reason}, waited at most {timeout:g} s): start the "
+            "head node (ray start --head), or check the host and port (ray://HOST:10001, HOST:6379, or auto)"
+        ) from None
+
+
 @contextlib.contextmanager
 def worker_pool(
     factory: Callable[[], Worker], *, workers: int = 1, ray_address: str | None = None, gpu: bool = False
@@ -255,6 +278,8 @@ def worker_pool(
         return
     started = False
     if not ray.is_initialized():
+        if ray_address:
+            check_reachable(ray_address)
         try:
             if ray_address:
                 ray.init(address=ray_address, log_to_driver=False)

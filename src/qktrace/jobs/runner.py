@@ -77,6 +77,7 @@ class JobSpec:
     marker: Callable[[int], str]
     worker: Callable[[TracerSpec | Tracer], Worker]
     prepare: tuple[str, tuple[Any, ...]] | None = None
+    finished: Callable[[Path, int], bool] | None = None  # shard i done in this folder (default: its marker exists)
 
 
 @dataclass(frozen=True)
@@ -102,26 +103,30 @@ def run_job(
         model, saes, sae_ids=ids, device=device, dtype=dtype, distributed=distributed, full_path=how.get("full_path")
     )
     identity = {"job": spec.name, "version": spec.version, **describe_source(source), **spec.identity}
-    resumed = check_job(out, identity)
-    done = {i for i in range(spec.n_shards) if resumed and (out / spec.marker(i)).is_file()}
+    resumed = check_job(out, identity, write=False)  # job.json is written once `prepare` has passed
+    finished = spec.finished or (lambda folder, i: (folder / spec.marker(i)).is_file())
+    done = {i for i in range(spec.n_shards) if resumed and finished(out, i)}
     factory = functools.partial(spec.worker, source)
     gpu = isinstance(source, TracerSpec) and source.device != "cpu"
     with worker_pool(factory, workers=workers, ray_address=ray_address, gpu=gpu) as pool:
         prepared = pool.call(spec.prepare[0], *spec.prepare[1]) if spec.prepare is not None else None
+        if not resumed:
+            check_job(out, identity)
         todo = ((i, payload) for i, payload in tasks if i not in done)
         progress = how.get("progress")
         tokens = run_shards(pool, todo, out, total=spec.n_shards, skipped=len(done), progress=progress)
     return JobRun(len(done), tokens, prepared)
 
 
-def check_job(out: Path, identity: Mapping[str, Any]) -> bool:
-    """Write `out/job.json`, or check that the one there describes the same job. True when resuming."""
+def check_job(out: Path, identity: Mapping[str, Any], *, write: bool = True) -> bool:
+    """Write `out/job.json` (`write`; else only check that it could be), or check that the one there
+    describes the same job. True when resuming."""
     path = out / JOB_FILE
     want = json.loads(json.dumps(identity))  # as it reads back
     if path.is_file():
         try:
             have = json.loads(path.read_text())
-        except ValueError:
+        except (ValueError, OSError, RecursionError):
             raise InputError(f"{path} is not readable JSON: delete it or pass another output folder") from None
         if have == want:
             return True
@@ -130,7 +135,14 @@ def check_job(out: Path, identity: Mapping[str, Any]) -> bool:
             f"{out} holds another job ({key}: {str(have.get(key))[:80]} there, {str(want.get(key))[:80]} now): "
             "pass another output folder, or delete it to start over"
         )
-    atomic_write(path, (json.dumps(want, indent=1) + "\n").encode(), parents=True)
+    if path.exists() or path.is_symlink():
+        raise InputError(f"{path} is not a regular file: delete it or pass another output folder")
+    if out.is_dir() and any(out.iterdir()):  # the user's files: a job never writes over them
+        raise InputError(
+            f"{out} holds files but no {JOB_FILE}, so it is not a job's folder: pass a new or empty output folder"
+        )
+    if write:
+        atomic_write(path, (json.dumps(want, indent=1) + "\n").encode(), parents=True)
     return False
 
 

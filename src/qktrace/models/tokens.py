@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Literal
 
 from torch import Tensor
 
-from ..errors import InputError, OutOfRangeError, check_index
+from ..errors import InputError, OutOfRangeError, check_index, quoted
 
 if TYPE_CHECKING:
     from .model import Model
@@ -38,6 +38,9 @@ def vocab_size(model: Model) -> int:
     return min(int(model.anatomy.W_E.shape[0]), int(model.anatomy.W_U.shape[1]))
 
 
+MAX_TOKEN_CHARS = 1024  # longer than any token of any tokenizer
+
+
 def single_token(model: Model, token: str | int, what: str = "token") -> int:
     """The one token id that `token` names: an id (any integer, e.g. 3920 or a numpy int) in
     0..vocab_size-1, or a string the tokenizer encodes to exactly one token without special tokens
@@ -50,7 +53,9 @@ def single_token(model: Model, token: str | int, what: str = "token") -> int:
         except TypeError:
             tid = None
         if tid is None:
-            raise InputError(f"{what} {token!r} is neither a token string nor a token id: give e.g. ' Paris' or 3920")
+            raise InputError(
+                f"{what} {quoted(token)} is neither a token string nor a token id: give e.g. ' Paris' or 3920"
+            )
         if not 0 <= tid < n:
             raise OutOfRangeError(f"{what} id {tid} is out of range: valid ids are 0..{n - 1}")
         return tid
@@ -58,15 +63,17 @@ def single_token(model: Model, token: str | int, what: str = "token") -> int:
         raise InputError(f"model '{model.name}' has no tokenizer: give the {what} as a token id")
     if not token:
         raise InputError(f"{what} '' is empty: name a single token, e.g. ' the' (with its leading space)")
+    if len(token) > MAX_TOKEN_CHARS:  # no token is this long: refused before the tokenizer sees it
+        raise InputError(f"{what} {quoted(token)} is longer than any single token: name one token, e.g. ' the'")
     ids = [int(i) for i in model.tokenizer(token, add_special_tokens=False)["input_ids"]]
     if len(ids) != 1:
-        pieces = list(model.str_tokens(ids))
+        pieces = list(model.str_tokens(ids[:8])) + (["..."] if len(ids) > 8 else [])
         hint = f"e.g. its first piece {pieces[0]!r}" if pieces else "e.g. ' the'"
         raise InputError(
-            f"{what} {token!r} is {len(ids)} tokens for this tokenizer {pieces}: name a single token, {hint}"
+            f"{what} {quoted(token)} is {len(ids)} tokens for this tokenizer {pieces}: name a single token, {hint}"
         )
     if not 0 <= ids[0] < n:
-        raise OutOfRangeError(f"{what} {token!r} is token id {ids[0]}, outside the model's vocabulary 0..{n - 1}")
+        raise OutOfRangeError(f"{what} {quoted(token)} is token id {ids[0]}, outside the model's vocabulary 0..{n - 1}")
     return ids[0]
 
 

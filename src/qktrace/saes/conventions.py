@@ -36,11 +36,17 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..errors import SAELoadError
+from ..errors import SAELoadError, quoted
 from .releases import registry
 
 _MISSING = object()
-_EXPECTED = {bool: "true or false", int: "an integer", float: "a number", str: "a string", dict: "an object"}
+_EXPECTED = {
+    bool: "true or false",
+    int: "an integer below 2**53",
+    float: "a number",
+    str: "a string",
+    dict: "an object",
+}
 
 
 def typed(value: Any, key: str, kind: type, where: str, *, optional: bool = False) -> Any:
@@ -49,18 +55,24 @@ def typed(value: Any, key: str, kind: type, where: str, *, optional: bool = Fals
         return None
     ok = {
         bool: isinstance(value, bool),
-        int: isinstance(value, int) and not isinstance(value, bool),
-        float: isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value),
+        int: isinstance(value, int) and not isinstance(value, bool) and abs(value) < 2**53,
+        float: isinstance(value, (int, float)) and not isinstance(value, bool) and _finite(value),
         str: isinstance(value, str),
         dict: isinstance(value, dict),
     }[kind]
     if not ok:
-        shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
         raise SAELoadError(
-            f"{where}: {key} is {shown} ({type(value).__name__}), expected {_EXPECTED[kind]}"
+            f"{where}: {key} is {quoted(value)} ({type(value).__name__}), expected {_EXPECTED[kind]}"
             f"{' or null' if optional else ''}: fix {key} in that file"
         )
     return float(value) if kind is float else value
+
+
+def _finite(value: float) -> bool:
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an integer past float's range, 10**400
+        return False
 
 
 @dataclass(frozen=True)
@@ -164,6 +176,18 @@ def check_tensors(w: Mapping[str, Tensor], where: str) -> None:
             bad = int((~torch.isfinite(t)).sum())
             raise SAELoadError(
                 f"{where} has {bad} NaN or infinite values in tensor '{name}': re-download or re-export the SAE"
+            )
+
+
+def check_folded(w: Mapping[str, Tensor], notes: list[str], dtype: torch.dtype, where: str) -> None:
+    """The weights as they will be used (conventions folded, in `dtype`) are finite: a scaling factor of
+    1e39, or a threshold times a norm past float range, loads finite raw weights but gives NaN QK terms."""
+    for name, t in w.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            folded = f" after folding {', '.join(notes)}" if notes else ""
+            raise SAELoadError(
+                f"{where}: {name} is NaN or infinite{folded} in {str(dtype).removeprefix('torch.')}: check its "
+                "scaling factor, norm and threshold values (or load it in float32)"
             )
 
 

@@ -19,13 +19,15 @@ import json
 import math
 import os
 import re
-from collections.abc import Mapping
+import stat
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 from torch import Tensor
@@ -57,11 +59,34 @@ class RawSAE:
     labels: dict[int, str]
 
 
-def read_json(path: Path, what: str = "JSON object") -> dict[str, Any]:
+MAX_CONFIG_BYTES = 16 << 20  # a config file (cfg.json, hyperparams.json)
+_NPZ_RATIO = 8  # an npz member may inflate to at most this many times its stored size (weights barely compress)
+
+
+def regular_file(path: Path, what: str, missing: str, limit: int | None = None) -> int:
+    """The size of `path` if it is a regular file (links followed) of at most `limit` bytes; SAELoadError
+    otherwise, naming what it is: a device such as /dev/zero or a FIFO is refused before it is opened."""
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        st = path.stat()
     except FileNotFoundError:
-        raise SAELoadError(f"{path} is missing: re-download the SAE") from None
+        raise SAELoadError(f"{path} is missing: {missing}") from None
+    except OSError as e:
+        raise SAELoadError(f"cannot read {path} ({e.strerror or type(e).__name__}): check its permissions") from None
+    if not stat.S_ISREG(st.st_mode):
+        kind = "folder" if stat.S_ISDIR(st.st_mode) else "FIFO" if stat.S_ISFIFO(st.st_mode) else "device or socket"
+        raise SAELoadError(f"{path} is a {kind}, not a regular {what} file: put the real file there")
+    if limit is not None and st.st_size > limit:
+        raise SAELoadError(
+            f"{path} is {st.st_size:,} bytes, more than a {what} holds ({limit:,}): is it the right file?"
+        )
+    return st.st_size
+
+
+def read_json(path: Path, what: str = "JSON object") -> dict[str, Any]:
+    regular_file(path, what, "re-download the SAE", MAX_CONFIG_BYTES)
+    try:
+        with open(path, "rb") as f:
+            data = json.loads(f.read(MAX_CONFIG_BYTES + 1).decode("utf-8"))
     except (ValueError, OSError, RecursionError, UnicodeDecodeError) as e:
         raise SAELoadError(f"{path} is not a valid {what} ({type(e).__name__}): re-download or re-export it") from None
     if not isinstance(data, dict):
@@ -69,9 +94,31 @@ def read_json(path: Path, what: str = "JSON object") -> dict[str, Any]:
     return data
 
 
-def read_safetensors(path: Path) -> dict[str, Tensor]:
-    if not path.is_file():
-        raise SAELoadError(f"{path} is missing: put {path.name} beside the SAE's config")
+def safetensors_shapes(path: Path) -> dict[str, list[int]]:
+    """The tensor shapes a safetensors file's header states, read without loading any tensor."""
+    regular_file(path, "safetensors", f"put {path.name} beside the SAE's config")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: list(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118 (not a dict)
+    except Exception as e:  # safetensors raises several types on truncated/corrupt files
+        raise SAELoadError(
+            f"{path} is not a readable safetensors file ({type(e).__name__}): re-download or re-save it"
+        ) from None
+
+
+def read_safetensors(
+    path: Path, expect: Mapping[str, Sequence[int | None]] | None = None, said: str = "the config"
+) -> dict[str, Tensor]:
+    """Every tensor of a safetensors file; `expect` (name -> shape, None for any size: what `said` says, e.g.
+    "cfg.json: d_in is 8, d_sae is 32") is checked against the header before anything is loaded."""
+    shapes = safetensors_shapes(path)
+    for name, want in (expect or {}).items():
+        got = shapes.get(name)
+        if got is not None and (len(got) != len(want) or any(w is not None and w != g for w, g in zip(want, got))):
+            raise SAELoadError(
+                f"{said} but {path} has {name} of shape {got}: the config and the weights disagree; "
+                "re-download or fix the config"
+            )
     try:
         w = load_file(str(path))
     except Exception as e:  # safetensors raises several types on truncated/corrupt files
@@ -82,17 +129,65 @@ def read_safetensors(path: Path) -> dict[str, Tensor]:
     return w
 
 
-def read_npz(path: Path) -> dict[str, Tensor]:
-    """Every array of an npz file as a tensor, refusing unreadable files and NaN or infinite values."""
+def _npz_shape(z: Any, name: str, path: Path) -> tuple[int, ...]:
+    """The shape an npz member's header states, read without inflating it; refused if its stated size is
+    past what its stored bytes can hold (`_NPZ_RATIO`)."""
+    info = z.zip.getinfo(f"{name}.npy")
+    with z.zip.open(info) as f:
+        version = np.lib.format.read_magic(f)
+        header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, _, dtype = header(f)
+    size = math.prod(shape) * dtype.itemsize
+    if size > max(_NPZ_RATIO * info.compress_size, 1 << 20):
+        raise SAELoadError(
+            f"{path}: array {name} states shape {list(shape)} ({size:,} bytes) but holds {info.compress_size:,} "
+            "stored bytes: the file is not a real SAE; re-download it"
+        )
+    return tuple(shape)
+
+
+def read_npz(
+    path: Path, names: Sequence[str] | None = None, check: Callable[[dict[str, tuple[int, ...]]], None] | None = None
+) -> dict[str, Tensor]:
+    """The arrays of an npz file (`names` among them, default all) as tensors. Each header is read first:
+    an array is refused before it is inflated when its stated size is past its stored bytes, and `check`
+    sees every stated shape before any array is read. NaN or infinite values are refused too."""
+    regular_file(path, "npz", "re-download the SAE")
     try:
         with np.load(path, allow_pickle=False) as z:
-            raw = {name: torch.from_numpy(np.array(z[name])) for name in z.files}
+            wanted = z.files if names is None else [n for n in z.files if n in names]
+            shapes = {name: _npz_shape(z, name, path) for name in wanted}
+            if check is not None:
+                check(shapes)
+            raw = {name: torch.from_numpy(np.array(z[name])) for name in wanted}
+    except SAELoadError:
+        raise
     except Exception as e:  # zipfile, OSError, ValueError on truncated or non-npz files
         raise SAELoadError(
             f"{path} is not a readable npz file ({type(e).__name__}): re-download or re-export it"
         ) from None
     check_tensors(raw, str(path))
     return raw
+
+
+def _gemma_shapes(path: Path, aliases: Mapping[str, Sequence[str]]) -> Callable[[dict[str, tuple[int, ...]]], None]:
+    """A check of a Gemma Scope npz's stated shapes before any array is read: W_enc [d_in, d_sae] and the
+    others matching it (there is no config to hold them against)."""
+
+    def check(shapes: dict[str, tuple[int, ...]]) -> None:
+        ours = {name: shapes[a] for name, names in aliases.items() for a in names if a in shapes}
+        enc = ours.get("W_enc")
+        if enc is None or len(enc) != 2:
+            return  # _require names what is missing
+        d_in, d_sae = enc
+        want = {"W_dec": (d_sae, d_in), "b_enc": (d_sae,), "b_dec": (d_in,), "threshold": (d_sae,)}
+        bad = [f"{k} {list(ours[k])}" for k, v in want.items() if k in ours and ours[k] != v]
+        if bad:
+            raise SAELoadError(
+                f"{path} states {', '.join(bad)} against W_enc {list(enc)}: the arrays disagree; re-download it"
+            )
+
+    return check
 
 
 def _require(w: Mapping[str, Tensor], names: tuple[str, ...], path: Path) -> None:
@@ -119,7 +214,9 @@ def _release_extras(overrides: Mapping[str, Any] | None, where: str) -> dict[str
 def read_sae_lens_dir(directory: Path, overrides: Mapping[str, Any] | None = None) -> RawSAE:
     cfg_path, weights_path = directory / CFG_FILE, directory / WEIGHTS_FILE
     cfg = read_sae_lens_cfg(read_json(cfg_path, "SAELens cfg.json"), str(cfg_path), overrides)
-    w = read_safetensors(weights_path)
+    d_in, d_sae = cfg.d_in, cfg.d_sae
+    shapes = {"W_enc": (d_in, d_sae), "W_dec": (d_sae, d_in), "b_enc": (d_sae,)}
+    w = read_safetensors(weights_path, shapes, f"{cfg_path}: d_in is {d_in}, d_sae is {d_sae}")
     if "threshold" not in w and "log_threshold" in w:
         w["threshold"] = w.pop("log_threshold").exp()
     _require(w, _NEEDED + (("threshold",) if cfg.architecture == "jumprelu" else ()), weights_path)
@@ -140,7 +237,8 @@ def read_gemma_npz(path: Path, overrides: Mapping[str, Any] | None = None, repo_
             f"cannot tell the layer of {path}: put it under a layer_N folder as in Gemma Scope "
             "(e.g. layer_12/width_16k/average_l0_82/params.npz)"
         )
-    raw = read_npz(path)
+    aliases = layout["tensors"]
+    raw = read_npz(path, [a for names in aliases.values() for a in names], _gemma_shapes(path, aliases))
     w: dict[str, Tensor] = {}
     for name, aliases in layout["tensors"].items():
         found = [a for a in aliases if a in raw]
@@ -185,10 +283,11 @@ def read_llama_scope_dir(directory: Path, overrides: Mapping[str, Any] | None = 
     factor = math.sqrt(d_model) / norm_in
     scale = (overrides or {}).get("norm_scaling_factor", factor)
     scale = typed(scale, "norm_scaling_factor", float, f"release entry for {directory}")
-    raw = read_safetensors(weights_path)
     names = layout["tensors_transposed"] | layout["tensors"]
-    _require(raw, tuple(names.values()), weights_path)
     shapes = {"W_enc": (d_sae, d_model), "W_dec": (d_model, d_sae), "b_enc": (d_sae,), "b_dec": (d_model,)}
+    said = f"{hp_path}: d_model is {d_model}, d_sae is {d_sae}"
+    raw = read_safetensors(weights_path, {names[ours]: shape for ours, shape in shapes.items()}, said)
+    _require(raw, tuple(names.values()), weights_path)
     for ours, theirs in names.items():
         if tuple(raw[theirs].shape) != shapes[ours]:
             raise SAELoadError(
@@ -234,7 +333,8 @@ def read_path(path: Path, overrides: Mapping[str, Any] | None = None, repo_kind:
 
 def find_saes(root: Path) -> list[Path]:
     """Every SAE folder or npz file under `root`, sorted."""
-    found = {p.parent for p in root.rglob(CFG_FILE) if (p.parent / WEIGHTS_FILE).is_file()}
+    # a weights file that is not a regular one is still found, then refused by name (not "no SAEs found")
+    found = {p.parent for p in root.rglob(CFG_FILE) if os.path.lexists(p.parent / WEIGHTS_FILE)}
     found |= {p.parent for p in root.rglob(LLAMA_SCOPE_CFG)}
     return sorted(found) + sorted(root.rglob(NPZ_FILE))
 

@@ -19,14 +19,16 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..errors import SAELoadError
+from ..errors import SAELoadError, quoted
 
 if TYPE_CHECKING:
     from .sae import SAESet
 
 LABELS_FILE = "labels.json"
 _SUFFIXES = (".json", ".jsonl", ".json.gz", ".jsonl.gz")
-_LAYER_NUMBER = re.compile(r"^(\d+)-")
+_LAYER_NUMBER = re.compile(r"^([0-9]{1,9})-")
+_INDEX = re.compile(r"[0-9]{1,15}")  # a feature number: ASCII digits only ("²" is a digit to str.isdigit)
+MAX_EXPORT_BYTES = 1 << 30  # one export file, as read and (gzip) once inflated
 
 
 def read_labels_json(path: Path) -> dict[int, str]:
@@ -53,12 +55,26 @@ def _files(path: Path) -> list[Path]:
     return [path]
 
 
+def _read_bounded(path: Path, limit: int | None = None) -> bytes:
+    """The bytes of an export file, gunzipped if it is `.gz`, refused once past `limit`: a small gzip
+    that inflates to gigabytes stops at the limit, never read whole."""
+    limit = MAX_EXPORT_BYTES if limit is None else limit
+    with open(path, "rb") as raw:
+        stream = gzip.GzipFile(fileobj=raw) if path.suffix == ".gz" else raw
+        data = stream.read(limit + 1)
+    if len(data) > limit:
+        what = "inflates to" if path.suffix == ".gz" else "is"
+        raise SAELoadError(
+            f"{path} {what} more than {limit >> 20} MiB: split the export into smaller files (a folder of them reads)"
+        )
+    return data
+
+
 def _records(path: Path) -> Iterator[tuple[str, Any]]:
     """(where, record) for every record of one export file."""
     try:
-        raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
-        text = raw.decode("utf-8")
-    except (OSError, EOFError, gzip.BadGzipFile, UnicodeDecodeError) as e:
+        text = _read_bounded(path).decode("utf-8")
+    except (OSError, EOFError, gzip.BadGzipFile, UnicodeDecodeError, ValueError) as e:
         raise SAELoadError(f"{path} is not a readable export file ({type(e).__name__}): re-download it") from None
     stripped = text.lstrip()
     try:
@@ -71,15 +87,22 @@ def _records(path: Path) -> Iterator[tuple[str, Any]]:
         else:
             for n, line in enumerate(text.splitlines(), 1):
                 if line.strip():
-                    yield f"{path} line {n}", json.loads(line)
+                    yield f"{path} line {n}", _line(line, f"{path} line {n}")
     except (ValueError, RecursionError) as e:
         raise SAELoadError(f"{path} is not valid JSON / JSONL ({type(e).__name__}): re-download the export") from None
 
 
+def _line(line: str, where: str) -> Any:
+    try:
+        return json.loads(line)
+    except (ValueError, RecursionError) as e:
+        raise SAELoadError(f"{where} is not valid JSON / JSONL ({type(e).__name__}): re-download the export") from None
+
+
 def _index(value: Any, where: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, str)) or not str(value).strip().isdigit():
-        raise SAELoadError(f"{where}: index is {value!r}, expected a feature number: fix or drop the record")
-    return int(value)
+    if isinstance(value, bool) or not isinstance(value, (int, str)) or not _INDEX.fullmatch(str(value).strip()):
+        raise SAELoadError(f"{where}: index is {quoted(value)}, expected a feature number: fix or drop the record")
+    return int(str(value).strip())
 
 
 def _match_layer(layer: str, model_id: str, saes: SAESet, layers: Mapping[str, int]) -> int | None:
@@ -125,8 +148,14 @@ def neuronpedia_labels(
             if not isinstance(rec, dict):
                 raise SAELoadError(f"{where} is a {type(rec).__name__}, expected an explanation object")
             layer, model_id = rec.get("layer", rec.get("saeId")), rec.get("modelId") or ""
-            if not isinstance(layer, str) or not isinstance(model_id, str):
-                raise SAELoadError(f"{where}: layer is {layer!r}, expected a Neuronpedia source id like '8-res-jb'")
+            if not isinstance(layer, str):
+                raise SAELoadError(
+                    f"{where}: layer is {quoted(layer)}, expected a Neuronpedia source id like '8-res-jb'"
+                )
+            if not isinstance(model_id, str):
+                raise SAELoadError(
+                    f"{where}: modelId is {quoted(model_id)}, expected a Neuronpedia model id like 'gpt2-small'"
+                )
             key = (model_id, layer)
             if key not in cache:
                 cache[key] = _match_layer(layer, model_id, saes, layers)

@@ -19,7 +19,7 @@ import torch
 
 from ..config import parse_device, parse_dtype
 from ..errors import SAELoadError, SAEMismatchError
-from .conventions import check_config, check_tensors, fold, read_sae_lens_cfg
+from .conventions import check_config, check_folded, check_tensors, fold, read_sae_lens_cfg
 from .formats import CFG_FILE, NPZ_FILE, WEIGHTS_FILE, RawSAE, find_saes, layout_of, read_path
 from .labels import neuronpedia_labels
 from .releases import Release, find_release, hub_file, known_releases, registry
@@ -65,6 +65,7 @@ def build_sae(
     w, notes = fold(raw.weights, cfg, centre, raw.config_file)
     names = ("W_enc", "b_enc", "W_dec", "b_dec") + (("threshold",) if cfg.architecture == "jumprelu" else ())
     t = {n: w[n].detach().to(device=device, dtype=dtype) for n in names}
+    check_folded(t, notes, dtype, raw.config_file)
     return SAE(
         checkpoint=checkpoint,
         architecture=cfg.architecture,

@@ -20,10 +20,10 @@ from typing import Any, TypeVar
 import torch
 from torch import Tensor
 
-from ..errors import MissingSAEError, SAELoadError, SAEMismatchError, check_index
+from ..errors import MissingSAEError, SAELoadError, SAEMismatchError, check_index, quoted
 
 ARCHITECTURES = ("standard", "jumprelu", "topk")
-_RESID_HOOK = re.compile(r"^blocks\.(\d+)\.hook_resid_(pre|post)$")
+_RESID_HOOK = re.compile(r"^blocks\.([0-9]{1,6})\.hook_resid_(pre|post)$")  # a 5,000-digit layer is no layer
 
 
 def hook_checkpoint(hook_name: str, where: str = "SAE") -> int:
@@ -31,7 +31,7 @@ def hook_checkpoint(hook_name: str, where: str = "SAE") -> int:
     m = _RESID_HOOK.match(hook_name) if isinstance(hook_name, str) else None
     if m is None:
         raise SAEMismatchError(
-            f"{where} reads hook '{hook_name}': only residual-stream SAEs are supported "
+            f"{where} reads hook {quoted(hook_name)}: only residual-stream SAEs are supported "
             "(blocks.L.hook_resid_pre or blocks.L.hook_resid_post): use a residual-stream SAE"
         )
     return int(m.group(1)) + (m.group(2) == "post")

@@ -279,9 +279,11 @@ def add_graph_routes(app: FastAPI, store: GraphStore, need_engine: Callable[[], 
 
     @app.get("/api/graphs/{name:path}")
     def graph(name: str) -> Response:
-        fname, data = store.read(name)
-        body = {"version": S.API_VERSION, "name": fname, "graph": data}
-        return Response(json.dumps(body, separators=(",", ":"), allow_nan=False), media_type="application/json")
+        def render(fname: str, data: dict[str, Any]) -> bytes:
+            body = {"version": S.API_VERSION, "name": fname, "graph": data}
+            return json.dumps(body, separators=(",", ":"), allow_nan=False).encode()
+
+        return Response(store.read_shared(name, render), media_type="application/json")  # one parse for many
 
     @app.post("/api/graph", status_code=202)
     def build(req: S.GraphRequest) -> S.Job:

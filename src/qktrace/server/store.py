@@ -21,7 +21,9 @@ import json
 import logging
 import os
 import re
-from collections.abc import Iterator, Mapping, Sequence
+import threading
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +32,8 @@ from ..errors import GraphFileError, InputError, QKTraceError, check_index
 from ..files import atomic_write
 from ..graph import Graph, formats
 from ..saes import hook_checkpoint
+from ..saes.formats import read_json
+from ..saes.labels import LABELS_FILE, read_labels_json
 from ..tracer import Tracer
 from . import schemas as S
 
@@ -61,6 +65,8 @@ class GraphStore:
                 raise InputError(f"two graph files are named '{p.name}': rename one or serve their folders")
             self.files[p.name] = p
         self._summaries: dict[Path, tuple[tuple[int, int], S.GraphSummary | S.InvalidGraph]] = {}
+        self._lock = threading.Lock()
+        self._inflight: dict[tuple[Path, int, int], Future[bytes]] = {}  # reads under way, shared
 
     def resolve(self, name: str) -> Path:
         """The file for `name` ('x' or 'x.json'), confined to the data directory; ApiError otherwise."""
@@ -131,6 +137,30 @@ class GraphStore:
             raise ApiError(422, msg)
         return path.name, data
 
+    def read_shared(self, name: str, render: Callable[[str, dict[str, Any]], bytes]) -> bytes:
+        """`render(*self.read(name))`, computed once for concurrent requests of one unchanged file: the others
+        wait for that parse and share its bytes (or its error), so four readers of a large graph hold one copy."""
+        path = self.resolve(name)
+        st = path.stat()
+        key = (path, st.st_mtime_ns, st.st_size)
+        with self._lock:
+            shared = self._inflight.get(key)
+            owner = shared is None
+            if shared is None:
+                shared = self._inflight[key] = Future()
+        if not owner:
+            return shared.result()
+        try:
+            body = render(*self.read(name))
+            shared.set_result(body)
+            return body
+        except BaseException as e:
+            shared.set_exception(e)
+            raise
+        finally:
+            with self._lock:
+                self._inflight.pop(key, None)
+
     def read(self, name: str) -> tuple[str, dict[str, Any]]:
         path = self.resolve(name)
         data = formats.read_json(path, self.limits.max_graph_file_bytes, shown=path.name)
@@ -181,6 +211,7 @@ def _summary(name: str, path: Path, mtime: float, limits: Limits) -> S.GraphSumm
     """What the list shows of a graph file: qktrace's own, or circuit-tracer's / Neuronpedia's."""
     try:
         data = formats.read_json(path, limits.max_graph_file_bytes, shown=path.name)
+        Graph.from_json(data, where=path.name)  # the check `read` makes: listed valid only if it is served
         try:
             head = formats.describe(data)
         except GraphFileError as e:
@@ -225,12 +256,10 @@ class Features:
         elif saes_dir is not None:
             for cfg_path in sorted(Path(saes_dir).rglob("cfg.json")):
                 try:
-                    cfg = json.loads(cfg_path.read_text())
+                    cfg = read_json(cfg_path, "SAELens cfg.json")  # a regular file, bounded: never a FIFO
                     c = hook_checkpoint((cfg.get("metadata") or {}).get("hook_name") or cfg["hook_name"])
                     self.d_sae[c], self.dirs[c] = int(cfg["d_sae"]), cfg_path.parent
-                    labels = cfg_path.parent / "labels.json"
-                    raw = json.loads(labels.read_text()) if labels.is_file() else {}
-                    self.labels[c] = {int(k): str(v) for k, v in raw.items()}
+                    self.labels[c] = read_labels_json(cfg_path.parent / LABELS_FILE)
                 except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError, QKTraceError) as e:
                     log.warning("skipping SAE config %s (%s: %s)", cfg_path, type(e).__name__, e)
 

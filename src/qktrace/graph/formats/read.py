@@ -15,6 +15,7 @@ import json
 import logging
 import math
 import os
+import stat
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,13 +44,16 @@ def read_json(path: str | os.PathLike[str], max_bytes: int | None = None, shown:
     p = Path(path)
     name = str(p) if shown is None else shown
     try:
-        size = p.stat().st_size
+        st = p.stat()
+        if not stat.S_ISREG(st.st_mode):  # a FIFO or a device would block or never end
+            raise GraphFileError(f"{name} is not a regular file: give a graph file written by Graph.save")
+        size = st.st_size
         if max_bytes is not None and size > max_bytes:
             raise GraphFileError(
                 f"{name} is {size / 2**20:.0f} MiB, more than the {max_bytes / 2**20:.0f} MiB this server reads: "
                 "open it with qktrace.load_graph, or prune it"
             )
-        data = json.loads(p.read_bytes().decode("utf-8"), parse_constant=_no_constant)
+        data = json.loads(p.read_bytes().decode("utf-8"), parse_constant=_no_constant, parse_float=_finite)
     except (OSError, ValueError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
         raise GraphFileError(f"cannot read graph {name} ({type(e).__name__}): check it or write it again") from None
     except RecursionError:
@@ -61,6 +65,14 @@ def read_json(path: str | os.PathLike[str], max_bytes: int | None = None, shown:
 
 def _no_constant(name: str) -> None:
     raise ValueError(f"{name} is not valid in a graph")
+
+
+def _finite(text: str) -> float:
+    """A JSON number as a float; a literal past float's range (`1e999`) is refused, not read as infinity."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"the number {text[:20]} is past float's range")
+    return value
 
 
 def origin(data: Mapping[str, Any]) -> str:
@@ -224,6 +236,7 @@ def _our_nodes(
         head = n.get("qk_tracing_head")
         results = n.get("qk_tracing_results")
         if v2 and head is not None and results is not None:
+            _check_tracing_head(head, node.id, n_tokens, n_layers)
             label = label.removesuffix(qk_suffix(head))
             tracing[i] = QKTracing(
                 head["layer"], head["head"], head["query_pos"], head["key_pos"], head["score"], head["pattern"],
@@ -233,6 +246,15 @@ def _our_nodes(
             )  # fmt: skip
         nodes.append(_graph_node(n, node, label, float(n.get("raw_influence") or 0.0)))
     return nodes, tracing
+
+
+def _check_tracing_head(head: Mapping[str, Any], node_id: str, n_tokens: int, n_layers: int) -> None:
+    """A node's qk_tracing_head names a real head and positions of the graph's prompt (query after key)."""
+    where = f"node {node_id[:80]} qk_tracing_head"
+    _bounded_int(head["layer"], 0, n_layers - 1, f"{where}.layer")
+    _bounded_int(head["head"], 0, LIMITS.max_heads_per_layer - 1, f"{where}.head")
+    query = _bounded_int(head["query_pos"], 0, max(n_tokens - 1, 0), f"{where}.query_pos")
+    _bounded_int(head["key_pos"], 0, query, f"{where}.key_pos")
 
 
 def _graph_node(n: NodeJSON, node: Node, label: str, influence: float, source_id: str | None = None) -> GraphNode:
@@ -265,19 +287,35 @@ def _edges(ends: list[tuple[int, int]], links: Sequence[LinkJSON]) -> dict[str, 
 
 def _head_loadings(links: list[LinkJSON], settings: Mapping[str, Any], n_layers: int) -> dict[str, torch.Tensor]:
     """Per link: its edge influence, the layer whose heads carried it, and (head, direct, via_mlp) of its
-    top heads, padded with head -1 to the most any link (or settings.top_heads) keeps."""
-    top = max((len(link.get("head_loadings") or []) for link in links), default=0)
-    top = max(top, _bounded_int(settings.get("top_heads") or 0, 0, LIMITS.max_heads_per_layer, "settings.top_heads"))
-    n_links, pad = len(links), [(-1, 0.0, 0.0)] * top
-    layer, rows = [-1] * n_links, []  # per link: its layer, and (head, direct, via_mlp) padded to `top`
+    top heads, padded with head -1 to the most any link keeps (or to settings.top_heads, where that padding
+    stays within what the file holds). Memory is bounded by the file: the padded table has at most
+    `_PAD_FACTOR` cells per link and loading in it (GraphFileError otherwise)."""
     max_head = LIMITS.max_heads_per_layer - 1
-    for e, link in enumerate(links):
-        row = [(h["head"], h["direct"], h["via_mlp"]) for h in link.get("head_loadings") or []]
-        for h in link.get("head_loadings") or []:
+    n_links, lists = len(links), [link.get("head_loadings") or [] for link in links]
+    top = max((len(x) for x in lists), default=0)
+    budget = _PAD_FACTOR * (n_links + sum(len(x) for x in lists))
+    if top > LIMITS.max_heads_per_layer or n_links * top > budget:
+        raise GraphFileError(
+            f"a link has {top} head loadings, more than one layer's heads or than the file's other links "
+            "can carry: write the graph again with Graph.save"
+        )
+    stated = _bounded_int(settings.get("top_heads") or 0, 0, LIMITS.max_heads_per_layer, "settings.top_heads")
+    if stated > top and n_links * stated <= budget:
+        top = stated
+    layer = [-1] * n_links  # per link: the layer of its heads
+    where: list[tuple[int, int]] = []  # (link, slot) of each loading
+    cells: list[tuple[float, float, float]] = []  # its (head, direct, via_mlp)
+    for e, loadings in enumerate(lists):
+        for j, h in enumerate(loadings):
             layer[e] = _bounded_int(h["layer"], 0, n_layers - 1, "head_loadings layer")
             _bounded_int(h["head"], 0, max_head, "head_loadings head")
-        rows.append(row + pad[len(row) :])
-    table = torch.tensor(rows, dtype=torch.float64, device=_CPU).reshape(n_links, top, 3)
+            where.append((e, j))
+            cells.append((h["head"], h["direct"], h["via_mlp"]))
+    table = torch.zeros(n_links, top, 3, dtype=torch.float64, device=_CPU)  # [edge, top, (head, direct, via)]
+    table[..., 0] = -1
+    if cells:
+        at = torch.tensor(where, dtype=torch.long, device=_CPU)
+        table[at[:, 0], at[:, 1]] = torch.tensor(cells, dtype=torch.float64, device=_CPU)
     return {
         "influence": torch.tensor([link.get("influence", 0.0) for link in links], device=_CPU),
         "head_layer": torch.tensor(layer, dtype=torch.long, device=_CPU),
@@ -285,6 +323,9 @@ def _head_loadings(links: list[LinkJSON], settings: Mapping[str, Any], n_layers:
         "direct": table[..., 1].float(),
         "via_mlp": table[..., 2].float(),
     }
+
+
+_PAD_FACTOR = 16  # padded head-loading cells allowed per link and loading the file holds
 
 
 def _theirs(data: GraphJSON, raw: Mapping[str, Any], kind: str) -> dict[str, Any]:

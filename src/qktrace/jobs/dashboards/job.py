@@ -55,6 +55,12 @@ class DashboardWorker:
             raise InputError(f"model '{model.name}' has no tokenizer: dashboards read text")
         if len(saes) == 0:
             raise InputError("no SAEs loaded: pass --saes (dashboards describe SAE features)")
+        limit = model.max_positions
+        if limit is not None and options.seq_len > limit:
+            raise InputError(
+                f"seq_len {options.seq_len} is more than the {limit} positions model '{model.name}' takes: "
+                f"give --seq-len {limit} or less"
+            )
         cps = options.checkpoints if options.checkpoints is not None else saes.checkpoints
         require_saes(saes, cps)
         self.saes = {c: saes[c] for c in sorted(cps)}
