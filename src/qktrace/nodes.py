@@ -15,11 +15,14 @@ prefix per field, so ids never collide and always parse back:
     transcoder/l2/p5/f12    transcoder feature 12 read at layer 2's MLP input, position 5 (writes layer 2's
                             MLP output, and later layers' for a cross-layer transcoder)
     mlp_error/l2/p5         layer 2's MLP output minus its transcoder reconstruction at position 5
+    attn/l2/p5/f12          attention-output SAE feature 12 of layer 2 at position 5 (reads layer 2's attention
+                            output, at hook_z or after W_O; writes it)
+    attn_error/l2/p5        layer 2's attention output minus its attention SAE's reconstruction at position 5
 
 Checkpoint c is the residual stream at the input of layer c; c = n_layers is the final residual.
-Transcoder nodes belong to a layer's MLP, not to a checkpoint: their ids write `l{layer}` and `Node.layer`
-reads it (the number is stored in the `checkpoint` field; `TRANSCODER_FEATURE_TYPES` gives their
-circuit-tracer / Neuronpedia feature types).
+Transcoder and attention-SAE nodes belong to a layer's MLP or attention, not to a checkpoint: their ids write
+`l{layer}` and `Node.layer` reads it (the number is stored in the `checkpoint` field; `TRANSCODER_FEATURE_TYPES`
+gives their circuit-tracer / Neuronpedia feature types).
 A *positionless* id drops the position (`feature/c3/f1234`, `error/c3`): the same feature at any position.
 
 Tensors of many nodes store a kind as an integer: `CODE[kind]` writes it, `KINDS[code]` reads it back.
@@ -48,16 +51,25 @@ class Kind(str, Enum):
     HEAD_BIAS = "head_bias"
     TRANSCODER = "transcoder"
     MLP_ERROR = "mlp_error"
+    ATTN_FEATURE = "attn"
+    ATTN_ERROR = "attn_error"
 
 
 KINDS: tuple[Kind, ...] = tuple(Kind)
 CODE: dict[Kind, int] = {kind: i for i, kind in enumerate(KINDS)}
-LEAF_KINDS = (Kind.ERROR, Kind.SAE_BIAS, Kind.ATTN_BIAS, Kind.MLP_BIAS, Kind.MLP_ERROR)  # no edge enters these
-LAYERED_KINDS = (Kind.TRANSCODER, Kind.MLP_ERROR)  # numbered by layer (`l2`), not by checkpoint
-TRANSCODER_FEATURE_TYPES = {Kind.TRANSCODER: "cross layer transcoder", Kind.MLP_ERROR: "mlp reconstruction error"}
+# no edge enters these
+LEAF_KINDS = (Kind.ERROR, Kind.SAE_BIAS, Kind.ATTN_BIAS, Kind.MLP_BIAS, Kind.MLP_ERROR, Kind.ATTN_ERROR)
+LAYERED_KINDS = (Kind.TRANSCODER, Kind.MLP_ERROR, Kind.ATTN_FEATURE, Kind.ATTN_ERROR)  # numbered by layer (`l2`)
+# attention features: Neuronpedia's types for attention-layer features and their error ("lorsa", "lorsa error")
+TRANSCODER_FEATURE_TYPES = {
+    Kind.TRANSCODER: "cross layer transcoder",
+    Kind.MLP_ERROR: "mlp reconstruction error",
+    Kind.ATTN_FEATURE: "lorsa",
+    Kind.ATTN_ERROR: "lorsa error",
+}
 
 
-_INDEXED = {Kind.TOKEN: "t", Kind.FEATURE: "f", Kind.LOGIT: "t", Kind.TRANSCODER: "f"}
+_INDEXED = {Kind.TOKEN: "t", Kind.FEATURE: "f", Kind.LOGIT: "t", Kind.TRANSCODER: "f", Kind.ATTN_FEATURE: "f"}
 _PATTERN = re.compile(r"^(?P<kind>[a-z_]+)/(?P<cl>[cl])(?P<c>\d+)/p(?P<p>\d+)(?:/(?P<tag>[ft])(?P<i>\d+))?$")
 _POSITIONLESS = re.compile(r"^(?P<kind>[a-z_]+)/(?P<cl>[cl])(?P<c>\d+)(?:/(?P<tag>[ft])(?P<i>\d+))?$")
 
@@ -71,11 +83,11 @@ class Node:
     kind: Kind
     checkpoint: int
     pos: int
-    index: int = -1  # feature id (FEATURE, TRANSCODER), token id (TOKEN, LOGIT), else -1
+    index: int = -1  # feature id (FEATURE, TRANSCODER, ATTN_FEATURE), token id (TOKEN, LOGIT), else -1
 
     @property
     def layer(self) -> int:
-        """The layer of a transcoder or MLP-error node (the layer whose MLP it reads or replaces)."""
+        """The layer of a transcoder, attention-SAE or error node (the layer whose MLP or attention it reads)."""
         return self.checkpoint
 
     @property
@@ -142,6 +154,8 @@ def describe(node: Node) -> str:
         Kind.HEAD_BIAS: f"head bias at layer {c} (norm bias through W_Q/W_K, plus b_Q/b_K)",
         Kind.TRANSCODER: f"transcoder feature {node.index} at layer {c}",
         Kind.MLP_ERROR: f"MLP error of layer {c} (its output minus the transcoder reconstruction)",
+        Kind.ATTN_FEATURE: f"attention SAE feature {node.index} at layer {c}",
+        Kind.ATTN_ERROR: f"attention error of layer {c} (its output minus the attention SAE reconstruction)",
     }[node.kind]
 
 
@@ -171,6 +185,14 @@ def transcoder(layer: int, pos: int, index: int) -> Node:
 
 def mlp_error(layer: int, pos: int) -> Node:
     return Node(Kind.MLP_ERROR, layer, pos)
+
+
+def attn_feature(layer: int, pos: int, index: int) -> Node:
+    return Node(Kind.ATTN_FEATURE, layer, pos, index)
+
+
+def attn_error(layer: int, pos: int) -> Node:
+    return Node(Kind.ATTN_ERROR, layer, pos)
 
 
 def of_code(code: int, checkpoint: int, pos: int, index: int = -1) -> Node:
