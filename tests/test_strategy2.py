@@ -19,9 +19,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from qktrace.graph.strategy2 import checkpointed_graph
+from qktrace.errors import SAEMismatchError
+from qktrace.graph.strategy2 import checkpointed_graph, head_loadings
 from qktrace.models import load_model
-from qktrace.nodes import Kind
+from qktrace.nodes import LEAF_KINDS, TRANSCODER_FEATURE_TYPES, Kind, Node, attn_error, attn_feature
 from qktrace.saes import load_transcoders
 from qktrace.saes.attention import AttentionSAE, AttentionSAESet
 from qktrace.testing import make_tiny_model, random_sae
@@ -287,6 +288,7 @@ def test_every_edge_and_head_loading_is_an_autograd_gradient_through_hf(
     assert checked > 200
     # head loadings: each head's part is the gradient of that head's own term; the parts sum to the edge
     hl = g.head_loadings
+    assert hl is not None
     assert hl.parts.shape[1] == n_heads and len(hl.target) > 50
     torch.testing.assert_close(hl.parts.sum(-1), g.adjacency[hl.target, hl.source], rtol=1e-10, atol=1e-12)
     nonzero_rows = (g.adjacency[a0 : a0 + a.layer.numel()] != 0).sum()
@@ -307,6 +309,29 @@ def test_every_edge_and_head_loading_is_an_autograd_gradient_through_hf(
         [Kind.TRANSCODER] * f.layer.numel() + [Kind.MLP_ERROR] * (n_layers * n_pos) + [Kind.ATTN_FEATURE] * n_att
         + [Kind.ATTN_ERROR] * (n_layers * n_pos) + [Kind.TOKEN] * n_pos + [Kind.LOGIT] * len(g.logit_tokens)
     )  # fmt: skip
+    # without the head axis: the same adjacency; loadings on demand equal the stored ones
+    summed = checkpointed_graph(model, ts, saes, prompt, desired_logit_prob=0.5, max_n_logits=3, by_head=False)
+    assert summed.head_loadings is None
+    torch.testing.assert_close(summed.adjacency, g.adjacency, rtol=1e-10, atol=1e-12)
+    some = torch.arange(1, a.layer.numel(), 2)
+    later = head_loadings(summed.checkpoints, some, batch_size=5)
+    stored = torch.isin(hl.target, some + a0)
+    assert torch.equal(later.target, hl.target[stored]) and torch.equal(later.source, hl.source[stored])
+    torch.testing.assert_close(later.parts, hl.parts[stored], rtol=1e-10, atol=1e-12)
     first = (a.layer == 0).nonzero()[:, 0] + a0
     assert bool((g.adjacency[first, : a0 + n_att + n_layers * n_pos] == 0).all())
     assert g.nodes[a0].id.startswith(f"attn/l{int(a.layer[0])}/p")
+
+
+def test_node_ids_and_coverage(models64, tmp_path):
+    assert attn_feature(2, 5, 12).id == "attn/l2/p5/f12" and Node.parse("attn/l2/p5/f12") == attn_feature(2, 5, 12)
+    assert attn_error(1, 3).id == "attn_error/l1/p3" and Node.parse("attn_error/l1/p3") == attn_error(1, 3)
+    assert attn_feature(2, 5, 12).positionless == "attn/l2/f12" and attn_feature(2, 5, 12).layer == 2
+    assert TRANSCODER_FEATURE_TYPES[Kind.ATTN_FEATURE] == "lorsa" and Kind.ATTN_ERROR in LEAF_KINDS
+    model = models64["llama"]
+    write_set(tmp_path / "ct", model.d_model, model.n_layers, "mlp_in", False)
+    ts = load_transcoders(tmp_path / "ct", model, dtype=torch.float64)
+    one = AttentionSAESet({0: attention_saes(model, ("z", "z"))[0]})
+    with pytest.raises(SAEMismatchError, match=r"attention SAEs cover layers \(0,\) of 2: load one per layer") as err:
+        checkpointed_graph(model, ts, one, "Aunt Sally")
+    assert "\n" not in str(err.value)

@@ -34,9 +34,12 @@ layer's own attention-SAE features.
       (z: e's slice for head h; attn_out: W_O[h] applied to e after the post-attention norm's adjoint),
       cotangent A_h[p, k] * W_V[kv(h)] r_h at each key position k through the frozen attention-input norm
       (`Checkpoints.head_cotangents`). The head axis rides along the sweep below layer l, so every edge
-      comes out as per-head parts: the head loadings, whose sum is the edge.
+      comes out as per-head parts: the head loadings, whose sum is the edge. With `by_head=False` the heads
+      are summed before the sweep (n_heads times less work, no loadings); `head_loadings` computes them
+      later for the attention features asked (those a pruned graph keeps).
 6. Assemble (`CheckpointedGraph`): adjacency [node, node] (row = target, column = source; logits are no
-   source) and the head loadings of every non-zero edge into an attention feature (`HeadLoadings`).
+   source) and the head loadings of every non-zero edge into an attention feature (`HeadLoadings`, one
+   row per edge: [edge, head], so n_heads times the non-zero entries of the attention rows).
 
 Memory follows the question: cotangents are [chunk, pos, d_model], a chunk of attention targets times their
 heads at most `batch_size`; one layer's pattern at a time in step 1, the chunk's pattern rows in step 5b.
@@ -46,7 +49,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -94,7 +97,8 @@ class CheckpointedGraph:
     adjacency: Tensor  # [node, node]: adjacency[target, source]
     transcoder_features: Encoded
     attention_features: AttentionEncoded
-    head_loadings: HeadLoadings
+    head_loadings: HeadLoadings | None  # every non-zero edge into an attention feature (None: by_head=False)
+    checkpoints: Checkpoints  # what the sweep reads: `head_loadings(graph.checkpoints, features)` on demand
     tokens: Tensor  # [pos]
     logit_tokens: Tensor  # [logit]
     logit_probs: Tensor  # [logit]
@@ -246,12 +250,20 @@ class Checkpoints:
         g = A.transpose(0, 1)[..., None] * u[:, :, None, :]  # [b, head, k_pos, d_model]
         return norm_adjoint(ly.ln_attn, g, trace.scale_ln_attn[layer].to(g))
 
-    def head_rows(self, layer: int, pos: Tensor, e: Tensor) -> Tensor:
-        """Step 5b: per-head rows [b, head, n_cols] of attention targets; their sum over heads is the row."""
+    def head_rows(self, layer: int, pos: Tensor, e: Tensor, by_head: bool = True) -> Tensor:
+        """Step 5b: rows of attention targets of `layer`: per head [b, head, n_cols] (their sum over heads is
+        the row), or summed over heads before the sweep [b, n_cols] (`by_head=False`, n_heads times cheaper)."""
         g = self.head_cotangents(layer, pos, e)
+        if not by_head:
+            g = g.sum(1, keepdim=True)
         out = g.new_zeros(g.shape[0] * g.shape[1], self.n_cols)
         self.sweep(g.flatten(0, 1), layer - 1, out)
-        return out.unflatten(0, g.shape[:2])
+        return out.unflatten(0, g.shape[:2]) if by_head else out
+
+    def encoder(self, features: Tensor) -> Tensor:
+        """Site directions [b, d_in] (encoder columns) of attention features `features` (one layer's)."""
+        W = self.saes[int(self.att.layer[features[0]])].W_enc
+        return W[:, self.att.index[features].to(W.device)].T
 
 
 def direct_rows(cp: Checkpoints, logit_vecs: Tensor, batch_size: int, adjacency: Tensor) -> None:
@@ -272,27 +284,52 @@ def direct_rows(cp: Checkpoints, logit_vecs: Tensor, batch_size: int, adjacency:
         adjacency[rows, : cp.n_cols] = cp.rows(start[chunk], pos[chunk], inject)
 
 
-def attention_rows(cp: Checkpoints, batch_size: int, adjacency: Tensor) -> HeadLoadings:
-    """Step 5b: the rows of every attention feature, chunked so that targets x heads <= `batch_size`, and
-    the per-head parts of their non-zero edges."""
+def _chunks(cp: Checkpoints, features: Tensor, batch_size: int, by_head: bool) -> Iterator[tuple[int, Tensor]]:
+    """(layer, attention feature indices) chunks: one layer each, targets (x heads when `by_head`) <= batch_size."""
     att, an = cp.att, cp.rep.anatomy
-    width = max(ly.n_heads for ly in an.layers)
-    target, source, parts = [], [], []
-    for layer in att.layer.unique().tolist():
-        n_heads = an.layers[layer].n_heads
-        for chunk in (att.layer == layer).nonzero()[:, 0].split(max(1, batch_size // n_heads)):
-            W = cp.saes[layer].W_enc
-            by_head = cp.head_rows(layer, att.pos[chunk], W[:, att.index[chunk].to(W.device)].T.to(adjacency))
-            rows = chunk.to(adjacency.device) + cp.attn_col
-            adjacency[rows, : cp.n_cols] = by_head.sum(1)
-            b, c = by_head.ne(0).any(1).nonzero().unbind(1)
-            target.append(rows[b])
-            source.append(c)
-            parts.append(torch.nn.functional.pad(by_head[b, :, c], (0, width - n_heads)))
-    if not parts:
-        empty = adjacency.new_zeros(0, dtype=torch.long)
-        return HeadLoadings(empty, empty, adjacency.new_zeros(0, width))
-    return HeadLoadings(torch.cat(target), torch.cat(source), torch.cat(parts))
+    for layer in att.layer[features].unique().tolist():
+        size = max(1, batch_size // an.layers[layer].n_heads) if by_head else batch_size
+        yield from ((layer, chunk) for chunk in features[att.layer[features] == layer].split(size))
+
+
+def attention_rows(cp: Checkpoints, batch_size: int, adjacency: Tensor, by_head: bool) -> HeadLoadings | None:
+    """Step 5b: the rows of every attention feature; with `by_head`, also the per-head parts of their non-zero
+    edges (each row's sweep then carries the head axis: n_heads times the work)."""
+    features = torch.arange(cp.att.layer.numel(), device=cp.att.layer.device)
+    found: list[tuple[Tensor, Tensor, Tensor]] = []
+    for layer, chunk in _chunks(cp, features, batch_size, by_head):
+        rows = cp.head_rows(layer, cp.att.pos[chunk], cp.encoder(chunk).to(adjacency), by_head)
+        at = chunk.to(adjacency.device) + cp.attn_col
+        adjacency[at, : cp.n_cols] = rows.sum(1) if by_head else rows
+        if by_head:
+            found.append(_nonzero(cp, at, rows))
+    return _gather(cp, found, adjacency) if by_head else None
+
+
+def _nonzero(cp: Checkpoints, rows: Tensor, by_head: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(target rows, source columns, parts [edge, head] zero-padded to the widest layer) of non-zero edges."""
+    width = max(ly.n_heads for ly in cp.rep.anatomy.layers)
+    b, c = by_head.ne(0).any(1).nonzero().unbind(1)
+    return rows[b], c, torch.nn.functional.pad(by_head[b, :, c], (0, width - by_head.shape[1]))
+
+
+def _gather(cp: Checkpoints, found: list[tuple[Tensor, Tensor, Tensor]], like: Tensor) -> HeadLoadings:
+    if not found:
+        empty = like.new_zeros(0, dtype=torch.long)
+        return HeadLoadings(empty, empty, like.new_zeros(0, max(ly.n_heads for ly in cp.rep.anatomy.layers)))
+    return HeadLoadings(*(torch.cat(col) for col in zip(*found)))
+
+
+def head_loadings(cp: Checkpoints, features: Tensor, batch_size: int = 256) -> HeadLoadings:
+    """The head loadings of every non-zero edge into the attention features `features` (indices into
+    `cp.att`, e.g. those a pruned graph keeps), computed on demand: exactly what `by_head=True` stores."""
+    like = cp.rep.enc.errors
+    found = []
+    with torch.no_grad():
+        for layer, chunk in _chunks(cp, features.to(cp.att.layer.device), batch_size, by_head=True):
+            rows = cp.head_rows(layer, cp.att.pos[chunk], cp.encoder(chunk).to(like))
+            found.append(_nonzero(cp, chunk.to(like.device) + cp.attn_col, rows))
+    return _gather(cp, found, like)
 
 
 def _check_coverage(model: Model, transcoders: TranscoderSet, attention_saes: AttentionSAESet) -> None:
@@ -315,9 +352,12 @@ def checkpointed_graph(
     desired_logit_prob: float = 0.95,
     zero_positions: int = 1,
     batch_size: int = 256,
+    by_head: bool = True,
 ) -> CheckpointedGraph:
     """The unpruned strategy-2 graph of `prompt` (transcoders and attention-output SAEs at every layer),
-    every active feature a row, with head loadings: see the module docstring for the steps."""
+    every active feature a row, with the head loadings of every non-zero edge into an attention feature
+    (`by_head=False`: none, and n_heads times less work for those rows; `head_loadings` computes them later
+    for the features asked): see the module docstring for the steps."""
     _check_coverage(model, transcoders, attention_saes)
     t0 = time.perf_counter()
     trace = model.run(prompt)
@@ -336,7 +376,7 @@ def checkpointed_graph(
     adjacency = enc.errors.new_zeros(cp.n_cols + len(ids), cp.n_cols + len(ids))
     with torch.no_grad():
         direct_rows(cp, vecs, batch_size, adjacency)
-        loadings = attention_rows(cp, batch_size, adjacency)
+        loadings = attention_rows(cp, batch_size, adjacency, by_head)
     log.info("checkpointed graph: %d rows in %.2fs", cp.n_cols + len(ids), time.perf_counter() - t0)
     nodes = node_table(enc, att, model.n_layers, trace.tokens, ids)
-    return CheckpointedGraph(nodes, adjacency, enc, att, loadings, trace.tokens, ids, probs)
+    return CheckpointedGraph(nodes, adjacency, enc, att, loadings, cp, trace.tokens, ids, probs)
