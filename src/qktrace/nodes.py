@@ -19,11 +19,14 @@ prefix per field, so ids never collide and always parse back:
                             output at position 5 (every head, its biases, the post-attention norm)
     tc_bias/l2/p5           a QK component: layer 2's transcoder decoder bias plus its skip term at position 5
     pos_embed/c0/p5         a QK component: the learned position embedding at position 5 (GPT-2)
+    attn/l2/p5/f12          attention-output SAE feature 12 of layer 2 at position 5 (reads layer 2's attention
+                            output, at hook_z or after W_O; writes it)
+    attn_error/l2/p5        layer 2's attention output minus its attention SAE's reconstruction at position 5
 
 Checkpoint c is the residual stream at the input of layer c; c = n_layers is the final residual.
-Transcoder nodes belong to a layer's MLP, not to a checkpoint: their ids write `l{layer}` and `Node.layer`
-reads it (the number is stored in the `checkpoint` field; `TRANSCODER_FEATURE_TYPES` gives their
-circuit-tracer / Neuronpedia feature types).
+Transcoder and attention-SAE nodes belong to a layer's MLP or attention, not to a checkpoint: their ids write
+`l{layer}` and `Node.layer` reads it (the number is stored in the `checkpoint` field; `TRANSCODER_FEATURE_TYPES`
+gives their circuit-tracer / Neuronpedia feature types).
 A *positionless* id drops the position (`feature/c3/f1234`, `error/c3`): the same feature at any position.
 
 Tensors of many nodes store a kind as an integer: `CODE[kind]` writes it, `KINDS[code]` reads it back.
@@ -55,21 +58,32 @@ class Kind(str, Enum):
     ATTN_OUT = "attn_out"
     TC_BIAS = "tc_bias"
     POS_EMBED = "pos_embed"
+    ATTN_FEATURE = "attn"
+    ATTN_ERROR = "attn_error"
 
 
 KINDS: tuple[Kind, ...] = tuple(Kind)
 CODE: dict[Kind, int] = {kind: i for i, kind in enumerate(KINDS)}
-LEAF_KINDS = (Kind.ERROR, Kind.SAE_BIAS, Kind.ATTN_BIAS, Kind.MLP_BIAS, Kind.MLP_ERROR)  # no edge enters these
+# no edge enters these
+LEAF_KINDS = (Kind.ERROR, Kind.SAE_BIAS, Kind.ATTN_BIAS, Kind.MLP_BIAS, Kind.MLP_ERROR, Kind.ATTN_ERROR)
 LAYERED_KINDS = (
     Kind.TRANSCODER,
     Kind.MLP_ERROR,
     Kind.ATTN_OUT,
     Kind.TC_BIAS,
+    Kind.ATTN_FEATURE,
+    Kind.ATTN_ERROR,
 )  # numbered by layer (`l2`), not by checkpoint
-TRANSCODER_FEATURE_TYPES = {Kind.TRANSCODER: "cross layer transcoder", Kind.MLP_ERROR: "mlp reconstruction error"}
+# attention features: Neuronpedia's types for attention-layer features and their error ("lorsa", "lorsa error")
+TRANSCODER_FEATURE_TYPES = {
+    Kind.TRANSCODER: "cross layer transcoder",
+    Kind.MLP_ERROR: "mlp reconstruction error",
+    Kind.ATTN_FEATURE: "lorsa",
+    Kind.ATTN_ERROR: "lorsa error",
+}
 
 
-_INDEXED = {Kind.TOKEN: "t", Kind.FEATURE: "f", Kind.LOGIT: "t", Kind.TRANSCODER: "f"}
+_INDEXED = {Kind.TOKEN: "t", Kind.FEATURE: "f", Kind.LOGIT: "t", Kind.TRANSCODER: "f", Kind.ATTN_FEATURE: "f"}
 _PATTERN = re.compile(r"^(?P<kind>[a-z_]+)/(?P<cl>[cl])(?P<c>\d+)/p(?P<p>\d+)(?:/(?P<tag>[ft])(?P<i>\d+))?$")
 _POSITIONLESS = re.compile(r"^(?P<kind>[a-z_]+)/(?P<cl>[cl])(?P<c>\d+)(?:/(?P<tag>[ft])(?P<i>\d+))?$")
 
@@ -83,11 +97,11 @@ class Node:
     kind: Kind
     checkpoint: int
     pos: int
-    index: int = -1  # feature id (FEATURE, TRANSCODER), token id (TOKEN, LOGIT), else -1
+    index: int = -1  # feature id (FEATURE, TRANSCODER, ATTN_FEATURE), token id (TOKEN, LOGIT), else -1
 
     @property
     def layer(self) -> int:
-        """The layer of a transcoder or MLP-error node (the layer whose MLP it reads or replaces)."""
+        """The layer of a transcoder, attention-SAE or error node (the layer whose MLP or attention it reads)."""
         return self.checkpoint
 
     @property
@@ -157,6 +171,8 @@ def describe(node: Node) -> str:
         Kind.ATTN_OUT: f"attention output of layer {c} (every head and its biases)",
         Kind.TC_BIAS: f"transcoder decoder bias and skip term of layer {c}",
         Kind.POS_EMBED: f"position embedding at position {node.pos}",
+        Kind.ATTN_FEATURE: f"attention SAE feature {node.index} at layer {c}",
+        Kind.ATTN_ERROR: f"attention error of layer {c} (its output minus the attention SAE reconstruction)",
     }[node.kind]
 
 
@@ -186,6 +202,14 @@ def transcoder(layer: int, pos: int, index: int) -> Node:
 
 def mlp_error(layer: int, pos: int) -> Node:
     return Node(Kind.MLP_ERROR, layer, pos)
+
+
+def attn_feature(layer: int, pos: int, index: int) -> Node:
+    return Node(Kind.ATTN_FEATURE, layer, pos, index)
+
+
+def attn_error(layer: int, pos: int) -> Node:
+    return Node(Kind.ATTN_ERROR, layer, pos)
 
 
 def of_code(code: int, checkpoint: int, pos: int, index: int = -1) -> Node:
