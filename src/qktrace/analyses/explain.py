@@ -46,7 +46,8 @@ Budget: at most `ablate + sites + sides * (sites * candidates + 1) * (len(scales
 forward passes (8 + 4 + 2 * 25 * 4 = 212 with the defaults; fewer when candidates coincide), plus
 `null_draws * (len(scales) - 1)` per control (32; at most 3 controls), one clean run, one graph and one
 QK row per site head. Every pass reuses the one clean run (activations, frozen patterns).
-`Mechanism.n_passes` counts them, `Mechanism.seconds` times the whole.
+`Mechanism.n_passes` counts the search's (steps 2-6), `Null.n_passes` each control's; `Mechanism.seconds`
+times the whole.
 """
 
 from __future__ import annotations
@@ -248,7 +249,7 @@ def test_against_null(probe: _Probe, m: Mechanism, settings: ExplainSettings, st
         nulls.append(null_for(probe, i, c, settings, m.criterion, clean, m.answer, m.correct))
         if nulls[-1].specific or len(nulls) == MAX_NULLS:
             break
-    out = replace(m, nulls=tuple(nulls), n_passes=probe.passes, seconds=time.perf_counter() - start)
+    out = replace(m, nulls=tuple(nulls), seconds=time.perf_counter() - start)  # n_passes: the search's
     log.info("explain: %d controls, %d passes in them; %s", len(nulls), sum(n.n_passes for n in nulls), out.verdict())
     return out
 

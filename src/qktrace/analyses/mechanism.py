@@ -183,7 +183,7 @@ class Mechanism:
     sites: tuple[Site, ...]
     candidates: tuple[Candidate, ...]
     scales: tuple[float, ...]
-    n_passes: int  # intervened forward passes run
+    n_passes: int  # intervened forward passes of the search (the controls count theirs: Null.n_passes)
     seconds: float
     settings: ExplainSettings
     nulls: tuple[Null, ...] = ()  # the controls run, in the order tried: the winner's first (`null`)
@@ -352,6 +352,7 @@ class Mechanism:
             "nulls": [{**asdict(n), "n": n.n, "stronger": n.stronger, "specific": n.specific} for n in self.nulls],
             "scales": list(self.scales),
             "n_passes": self.n_passes,
+            "null_passes": sum(n.n_passes for n in self.nulls),
             "settings": asdict(self.settings),
         }
 
@@ -361,7 +362,8 @@ class Mechanism:
         md = [
             f"Prompt `{self.prompt!r}` → `{self.prediction!r}`; p({a!r}) = {self.p_answer:.3f}, "
             f"m = logit({a!r}) − logit({r!r}) = {self.metric:+.3f}. "
-            f"{len(self.candidates)} candidates, {self.n_passes} intervened passes, {self.seconds:.1f} s.\n\n",
+            f"{len(self.candidates)} candidates, {self.n_passes} intervened passes "
+            f"(+{sum(n.n_passes for n in self.nulls)} for controls), {self.seconds:.1f} s.\n\n",
             "Heads by share of the answer's cross-position influence, each ablated with every other head frozen "
             "(Δm), and the key each attends to from the last position:\n\n",
             markdown_table(

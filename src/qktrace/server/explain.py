@@ -91,6 +91,14 @@ class HeadTermsOut(BaseModel):
     n_terms: int
 
 
+class PatchingOut(BaseModel):
+    heads: list[list[int]] = Field(description="(layer, head) of the top heads, in compare's order")
+    alone: list[float] = Field(description="per head: the change of m in A with its pattern taken from B")
+    together: float = Field(description="the change of m in A with every one of them patched from B")
+    total: float = Field(description="m(B) - m(A)")
+    share: float | None = Field(description="together / total (None when m does not differ)")
+
+
 class CompareResponse(S.Versioned):
     model: str
     prompt_a: str
@@ -103,6 +111,9 @@ class CompareResponse(S.Versioned):
     rival: str | None
     metric_a: float | None
     metric_b: float | None
+    patching: PatchingOut | None = Field(
+        None, description="with an answer: the top heads' patterns patched from B into A, others frozen"
+    )
     heads: list[HeadDiffOut] = Field(description="every head, largest |attention_b - attention_a| first")
     terms: list[HeadTermsOut] = Field(description="the top heads' QK terms at (query, key), matched by component")
     attention_a: list[list[list[float]]] = Field(description="[layer][head][key] attention from query_pos")
