@@ -687,9 +687,10 @@ def test_compare_view(setup, shots, driver, tmp_path):
             {"tokens_a": traced["a.json"].trace.tokens.tolist(), "tokens_b": traced["b.json"].trace.tokens.tolist(),
              "query_pos": -1, "top": 5, "answer": "Sally"},
         )["patching"]  # fmt: skip
-        alone = driver.find_elements(By.CSS_SELECTOR, "#compare-patching-table tr.patch-alone td[data-field=delta]")
+        table = "#compare-patching-table"
+        alone = driver.find_elements(By.CSS_SELECTOR, f"{table} tr.patch-alone td[data-field=delta]")
         assert [numbers(c)[1] for c in alone] == patched["alone"] and len(alone) == 5
-        together = driver.find_element(By.CSS_SELECTOR, "#compare-patching-table tr.patch-together td[data-field=delta]")
+        together = driver.find_element(By.CSS_SELECTOR, f"{table} tr.patch-together td[data-field=delta]")
         assert numbers(together)[1] == patched["together"]
         assert "m(B) − m(A)" in driver.find_element(By.ID, "compare-patching-summary").text
 

@@ -356,7 +356,7 @@ def make_qk_circuit(path: Path, seed: int = 0, answer: str = "Sally") -> QKCircu
     from .tracer import Tracer
 
     make_tiny_model("gpt2", path, seed=seed)
-    hf = AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager")
+    hf: Any = AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager")
     tok = word_tokenizer(path)
     prompt, key_pos, layer, head, d_head = "w5 w6 Bob w7 w8 w9 Uncle w10 is", 3, 1, 0, 8
     ids = tok(prompt, return_tensors="pt")["input_ids"]

@@ -37,8 +37,8 @@ def draw_controls(traced: Traced, c: Candidate, n: int, seed: int) -> list[Candi
     rng = random.Random(f"{seed}:{c.name}")  # a string seed is hashed deterministically (sha512)
     pools = []
     for p in c.parts:
-        feats, _ = traced.acts(p.layer).at(p.position)
-        pools.append(sorted(set(int(f) for f in feats.tolist()) - set(p.features)))
+        active, _ = traced.acts(p.layer).at(p.position)
+        pools.append(sorted(set(int(f) for f in active.tolist()) - set(p.features)))
     if not any(pools):
         return []
     out = []

@@ -19,7 +19,7 @@ from ..errors import InputError
 from ..files import atomic_open, atomic_write
 from ..steering.interventions import FreezeAttention, Intervention, SteerQK
 from ..tables import markdown_table
-from .null import Null, flips, halves
+from .null import Null, control_markdown, flips, halves, verdict
 
 if TYPE_CHECKING:
     from ..options import ExplainSettings
@@ -263,23 +263,7 @@ class Mechanism:
 
     def verdict(self) -> str:
         """One line: what the mechanism does to the answer, where the answer goes, and its control."""
-        did = "flips the answer" if self.flips else "halves p(answer)" if self.halves else "does not flip it"
-        where = {
-            "rival": f", to the rival {self.rival!r}",
-            "other": f", to another token {self.goes_to_token!r}",
-            "nowhere": " (the answer stays on top)",
-        }.get(self.goes_to, "")
-        n = self.null
-        if n is None:
-            return f"it {did}{where}; no control was run"
-        control = (
-            f"{n.stronger} of {n.n} random draws of as many other active features are as strong (p = "
-            f"{n.p_value:.3f}, threshold {n.threshold:.3f}); {n.flip_share:.0%} of draws flip the answer, "
-            f"{n.halve_share:.0%} halve p(answer)"
-            if n.n
-            else "no other active feature to draw a control from"
-        )
-        return f"it {did}{where}; {'specific' if self.specific else 'not specific'}: {control}"
+        return verdict(self)
 
     # -- views -------------------------------------------------------------------------------------
     def frame(self) -> pd.DataFrame:
@@ -411,6 +395,7 @@ class Mechanism:
         )
         df = best.frame()
         md.append(markdown_table(df.to_dict(orient="records"), {c: ".3f" for c in df.columns if c != "top_token"}))
+        md.append(control_markdown(self))
         md.append(f"\nCandidates tried (the {min(top, len(self.candidates))} strongest of {len(self.candidates)}):\n\n")
         cols = [
             "kind",
@@ -450,6 +435,13 @@ class Mechanism:
         if best is not None:
             xs = [p.scale for p in best.curve]
             top.plot(xs, [p.metric for p in best.curve], color="C3", lw=2.2, marker="o", zorder=3)
+            n = self.null
+            if n is not None and n.quantiles and n.criterion == "metric":  # the control's band, on m's axis
+                lo, mid, hi = zip(*n.quantiles)
+                top.fill_between(xs, lo, hi, color="C0", alpha=0.2, zorder=2, label=f"control, 10-90% of {n.n}")
+                top.plot(xs, mid, color="C0", lw=1.2, ls="--", zorder=2)
+                top.legend(fontsize=7, loc="best")
+            top.set_title(self.verdict()[:110], fontsize=8)
             bottom.plot(xs, [p.p_answer for p in best.curve], marker="o", label=f"p({self.answer!r})")
             bottom.plot(xs, [p.p_rival for p in best.curve], marker="o", label=f"p({self.rival!r})")
             keys = [p.key_pos for p in best.parts for _ in p.heads]

@@ -27,8 +27,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from ..tables import markdown_table
+
 if TYPE_CHECKING:
-    from .mechanism import Point
+    from .mechanism import Mechanism, Point
 
 QUANTILES = (0.1, 0.5, 0.9)
 
@@ -80,3 +82,56 @@ def halves(curve: Sequence[Point], p_clean: float) -> bool:
 def curve_effect(curve: Sequence[Point], criterion: str, clean: float) -> float:
     """How far a curve lowers the criterion below its clean value (negative: towards losing)."""
     return min(float(getattr(p, criterion)) for p in curve) - clean
+
+
+# -- reading it beside the verdict (Mechanism.verdict, Mechanism.markdown) --------------------------------
+
+
+def verdict(self: Mechanism) -> str:
+    """`Mechanism.verdict`: one line, what the mechanism does to the answer, where the answer goes, and its control."""
+    did = "flips the answer" if self.flips else "halves p(answer)" if self.halves else "does not flip it"
+    where = {
+        "rival": f", to the rival {self.rival!r}",
+        "other": f", to another token {self.goes_to_token!r}",
+        "nowhere": " (the answer stays on top)",
+    }.get(self.goes_to, "")
+    n = self.null
+    if n is None:
+        return f"it {did}{where}; no control was run"
+    control = (
+        f"{n.stronger} of {n.n} random draws of as many other active features are as strong (p = "
+        f"{n.p_value:.3f}, threshold {n.threshold:.3f}); {n.flip_share:.0%} of draws flip the answer, "
+        f"{n.halve_share:.0%} halve p(answer)"
+        if n.n
+        else "no other active feature to draw a control from"
+    )
+    return f"it {did}{where}; {'specific' if self.specific else 'not specific'}: {control}"
+
+
+def control_markdown(self: Mechanism) -> str:
+    """A section of `Mechanism.markdown`: each control run (its p-value) and the mechanism's control curve."""
+    if not self.nulls:
+        return ""
+    rows = [
+        {
+            "tested": f"{n.candidate} {self.candidates[n.candidate].name}"[:80],
+            "effect": n.effect,
+            "draws": n.n,
+            "as strong": n.stronger,
+            "p": n.p_value,
+            "draws flip": n.flip_share,
+            "draws halve": n.halve_share,
+            "specific": n.specific,
+        }
+        for n in self.nulls
+    ]
+    fmt = {"effect": "+.3f", "p": ".3f", "draws flip": ".0%", "draws halve": ".0%"}
+    md = ["\nControls (random active features of the same count, layer and position, same heads and scales):\n\n"]
+    md.append(markdown_table(rows, fmt))
+    n, best = self.null, self.best
+    if n is not None and n.quantiles and best is not None:
+        q = [{"scale": p.scale, "mechanism": float(getattr(p, n.criterion)), "control 10%": lo, "control 50%": mid,
+              "control 90%": hi} for p, (lo, mid, hi) in zip(best.curve, n.quantiles)]  # fmt: skip
+        md.append(f"\nThe mechanism's {n.criterion} against its control's, by scale:\n\n")
+        md.append(markdown_table(q, {k: "+.3f" for k in q[0] if k != "scale"}))
+    return "".join(md)

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from ..steering.interventions import FreezeAttention, PatchAttention, run_with
+from ..steering.interventions import FreezeAttention, Intervention, PatchAttention, run_with
 
 if TYPE_CHECKING:
     from ..models.tokens import Contrast
@@ -58,7 +58,7 @@ def patch_heads(a: Traced, b: Traced, heads: Sequence[tuple[int, int]], pair: Co
     m_b = pair.metric(b.trace.last_logits.float())
 
     def patched(which: Sequence[tuple[int, int]]) -> float:
-        ivs = [PatchAttention(frozenset(which), b.trace), FreezeAttention()]
+        ivs: list[Intervention] = [PatchAttention(frozenset(which), b.trace), FreezeAttention()]
         res = run_with(a.model, a.saes, a.trace.tokens, ivs, clean=a.trace, last_only=True)
         return pair.metric(res.logits[-1].float()) - m_a
 

@@ -233,7 +233,10 @@ def cmd_explain(args: argparse.Namespace) -> int:
     check_text(args.prompt)
     out = check_output(args.out, "output", "--out") if args.out is not None else None
     plot = check_output(args.plot, "plot", "--plot") if args.plot is not None else None
-    m = explain(_tracer(args), args.prompt, args.answer, args.rival, args.side)
+    from ..options import ExplainSettings
+
+    settings = ExplainSettings(null_draws=args.null_draws, null_seed=args.null_seed)
+    m = explain(_tracer(args), args.prompt, args.answer, args.rival, args.side, settings=settings)
     if out is not None:
         m.save_json(out)
     if plot is not None:

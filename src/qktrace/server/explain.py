@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, Strict, StrictStr, model_vali
 from ..analyses.compare import compare
 from ..analyses.explain import explain
 from ..config import LIMITS
-from ..options import CompareOptions, doc
+from ..options import CompareOptions, ExplainSettings, doc
 from . import schemas as S
 from .compute import Engine
 
@@ -125,6 +125,12 @@ class ExplainRequest(S.PromptRequest):
     answer: Token
     rival: Token | None = None
     side: Literal["auto", "query", "key"] = "auto"
+    null_draws: Annotated[int, Strict(), Field(ge=0, le=1000)] = Field(
+        ExplainSettings().null_draws, description=doc(ExplainSettings, "null_draws")
+    )
+    null_seed: Annotated[int, Strict(), Field(ge=0)] = Field(
+        ExplainSettings().null_seed, description=doc(ExplainSettings, "null_seed")
+    )
 
 
 class ExplainResponse(S.Versioned):
@@ -147,7 +153,8 @@ def compare_response(engine: Engine, req: CompareRequest) -> CompareResponse:
 def explain_response(engine: Engine, req: ExplainRequest) -> ExplainResponse:
     ids = engine.ids(req)  # checked before waiting for the model
     with engine.traced(ids):  # holds the model's lock
-        m = explain(engine.tracer, list(ids), req.answer, req.rival, req.side)
+        settings = ExplainSettings(null_draws=req.null_draws, null_seed=req.null_seed)
+        m = explain(engine.tracer, list(ids), req.answer, req.rival, req.side, settings=settings)
         return ExplainResponse(model=engine.tracer.model.name, mechanism=m.to_json())
 
 
