@@ -49,7 +49,7 @@ def main() -> None:
     results = []
     start = time.perf_counter()
     for r in rows:
-        m = qktrace.analyses.explain(tracer, r["prompt"], r["answer"], side=args.side, settings=settings)
+        m = qktrace.explain(tracer, r["prompt"], r["answer"], side=args.side, settings=settings)
         best = m.best
         results.append(
             {

@@ -267,6 +267,10 @@ def test_cli_explain_prints_and_writes_what_the_library_finds(capsys, tiny_on_di
     assert json.loads((tmp_path / "m.json").read_text()) == got
     assert (tmp_path / "m.png").read_bytes()[:4] == b"\x89PNG"
     assert main([*base, "--answer", "Sally"]) == 0 and "**Mechanism**" in capsys.readouterr().out
+    assert got["verdict"] == want.verdict() and got["specific"] == want.specific
+    assert main([*base, "--answer", "Sally", "--null-draws", "2", "--null-seed", "4", "--json"]) == 0
+    nulls = json.loads(capsys.readouterr().out)["nulls"]
+    assert nulls and all(n["n"] <= 2 for n in nulls) and json.loads(out)["nulls"][0]["n"] <= 8
     assert main([*base, "--answer", "Sally Bob"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "name a single token" in err
@@ -345,7 +349,7 @@ def test_an_answer_the_model_does_not_give_never_flips(circuit):
     m = explain(c.tracer, c.prompt, "Bob", settings=SMALL)
     assert not m.correct and m.prediction == c.answer
     assert all(p.top_token != "Bob" for cand in m.candidates for p in cand.curve)  # the old test said "flips"
-    assert not m.flips and m.goes_to_token is None and m.goes_to in ("", "nowhere")
+    assert not m.flips and m.goes_to_token is None and m.goes_to == "" and "nothing to flip" in m.verdict()
     assert not m.to_json()["flips"] and not any(m.frame()["flips"])
     assert m.confirmed == m.halves
     assert m.to_json()["halves"] == (min(p.p_answer for p in m.best.curve) <= 0.5 * m.p_answer)

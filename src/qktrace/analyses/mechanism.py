@@ -249,7 +249,10 @@ class Mechanism:
     @property
     def goes_to(self) -> str:
         """Where the answer goes at the best curve's strongest scale where it is no longer top: "rival", "other"
-        (a third token, `goes_to_token`), "nowhere" (p(answer) halved but still top), or "" (neither)."""
+        (a third token, `goes_to_token`), "nowhere" (p(answer) halved but still top), or "" (neither, or the
+        model does not give the answer)."""
+        if not self.correct:
+            return ""  # the answer was never on top: it goes nowhere it had not gone already
         if self.flips:
             return "rival" if self.goes_to_token == self.rival else "other"
         return "nowhere" if self.halves else ""

@@ -95,6 +95,8 @@ def verdict(self: Mechanism) -> str:
         "other": f", to another token {self.goes_to_token!r}",
         "nowhere": " (the answer stays on top)",
     }.get(self.goes_to, "")
+    if not self.correct:
+        did += f" (the model answers {self.prediction!r}, not {self.answer!r}: nothing to flip)"
     n = self.null
     if n is None:
         return f"it {did}{where}; no control was run"
