@@ -16,7 +16,7 @@ The algorithm (explain's step 7, `qktrace.analyses.control.null_for`; this modul
 Threshold: the candidate is *specific* when it is confirmed (it flips or halves the answer itself)
 and p <= max(0.05, 1 / (N + 1)). With the default N = 8 the smallest p attainable is 1/9 = 0.11, so
 the candidate must beat every draw: were it exchangeable with random features of its size, that
-happens with probability 1/9. From N = 20 on, the conventional 5% applies (at N = 39 one draw may
+happens with probability 1/9. From N = 19 on, the conventional 5% applies (at N = 39 one draw may
 tie or beat it). A single draw as strong as the winner out of 8 is enough to refuse the word
 "specific": a researcher reading it should not have to discount it.
 """
