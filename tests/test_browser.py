@@ -687,6 +687,22 @@ def test_compare_view(setup, shots, driver, tmp_path):
         driver.execute_script("document.getElementById('compare-terms').scrollIntoView()")
         driver.save_screenshot(str(shots / "11-compare-terms.png"))
 
+        # with an answer: the top heads' patterns patched from B into A, the numbers the API computes
+        driver.find_element(By.ID, "compare-answer").send_keys("Sally")
+        click(driver, driver.find_element(By.ID, "compare-run"))
+        wait(driver, "#compare-patching-table tr.patch-together")
+        patched = server.post(
+            "/api/compare",
+            {"tokens_a": traced["a.json"].trace.tokens.tolist(), "tokens_b": traced["b.json"].trace.tokens.tolist(),
+             "query_pos": -1, "top": 5, "answer": "Sally"},
+        )["patching"]  # fmt: skip
+        table = "#compare-patching-table"
+        alone = driver.find_elements(By.CSS_SELECTOR, f"{table} tr.patch-alone td[data-field=delta]")
+        assert [numbers(c)[1] for c in alone] == patched["alone"] and len(alone) == 5
+        together = driver.find_element(By.CSS_SELECTOR, f"{table} tr.patch-together td[data-field=delta]")
+        assert numbers(together)[1] == patched["together"]
+        assert "m(B) − m(A)" in driver.find_element(By.ID, "compare-patching-summary").text
+
         # back to one graph
         click(driver, driver.find_element(By.ID, "compare-close"))
         WebDriverWait(driver, 10).until(lambda d: d.find_element(By.ID, "main").is_displayed())

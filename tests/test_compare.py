@@ -178,3 +178,62 @@ def test_cli_compare(capsys, tiny_paths, tmp_path):
     assert main([*base, "--prompt-a", A, "--prompt-b", A + " Sally"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "11 tokens" in err
+
+
+# -- compare's heads shown causally: their patterns patched from B into A --------------------------
+
+
+def test_patching_numbers_equal_direct_runs(tiny_models):
+    from qktrace import FreezeAttention, run_with
+    from qktrace.steering.interventions import PatchAttention
+
+    model = tiny_models["llama"]
+    tracer = Tracer(model, random_saes(model, "topk", seed=2))
+    a, b = tracer.run(A), tracer.run(B)
+    c = compare(a, b, answer="Sally", top=3)
+    p = c.patching
+    assert p is not None and p.heads == tuple((h.layer, h.head) for h in c.heads[:3])
+    assert p.total == pytest.approx(c.metric_b - c.metric_a, abs=1e-5)
+    sally, rival = model.token_id("Sally"), model.token_id(c.rival)
+    hf_b = hf_attention(model, b.trace.tokens)
+    for head, alone in zip(p.heads, p.alone):
+        # a second code path: B's pattern as HF computes it, put in by hand over A's, others frozen
+        ivs = [PatchAttention(frozenset([head]), b.trace), FreezeAttention()]
+        res = run_with(model, tracer.saes, a.trace.tokens, ivs, record_attention=[head[0]])
+        assert torch.allclose(res.patterns[head[0]][head[1]], hf_b.patterns[head[0]][head[1]].float(), atol=1e-5)
+        assert alone == pytest.approx(float(res.logits[-1, sally] - res.logits[-1, rival]) - c.metric_a, abs=1e-4)
+    assert p.share == pytest.approx(p.together / p.total)
+    data = json.loads(json.dumps(c.to_json(), allow_nan=False))
+    assert data["patching"]["together"] == p.together and "patched from B into A" in c.markdown()
+    assert compare(a, b, answer="Sally", top=3, query_pos=3).patching is None  # m is read at the last position
+    assert compare(a, b, top=3).patching is None  # no answer, no m
+
+
+def test_patching_a_prompt_into_itself_changes_nothing(tiny_models):
+    from qktrace.analyses.patching import patch_heads
+    from qktrace.models.tokens import Contrast
+
+    for fam in ("gpt2", "llama", "gemma2"):
+        model = tiny_models[fam]
+        tracer = Tracer(model, random_saes(model, "topk", seed=2))
+        a = tracer.run(A)
+        pair = Contrast.resolve(model, "Sally", None, a.trace.last_logits.float())
+        every = [(ly, h) for ly in range(model.n_layers) for h in range(model.n_heads)]
+        p = patch_heads(a, tracer.run(A), every[:3] + every[-2:], pair)
+        assert p.alone == (0.0,) * 5 and p.together == 0.0 and p.total == 0.0 and p.share is None  # exactly
+
+
+def test_demo_yellow_red_top_heads_carry_more_than_the_last():
+    from qktrace.analyses.patching import patch_heads
+    from qktrace.models.tokens import Contrast
+
+    tracer = Tracer.load("demo")
+    yes = tracer.run("Answer with yes or no. The color of a banana is yellow?")
+    no = tracer.run("Answer with yes or no. The color of a banana is red?")
+    c = yes.compare(no, answer=" Yes", rival=" No")
+    p = c.patching
+    assert p is not None and len(p.heads) == 5
+    pair = Contrast.resolve(tracer.model, " Yes", " No", yes.trace.last_logits.float())
+    last = patch_heads(yes, no, [(h.layer, h.head) for h in c.heads[-len(p.heads) :]], pair)
+    assert abs(p.together) > 10 * abs(last.together)
+    assert p.total < -15 and p.together < 0  # towards B's answer

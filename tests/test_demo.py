@@ -94,6 +94,8 @@ def test_run_demo_writes_everything(demo_dir: Path) -> None:
         assert graph["nodes"] and graph["links"]
         mech = json.loads((demo_dir / f"{case.slug}.mechanism.json").read_text())
         assert mech["answer"] == case.answer and mech["candidates"]
+        assert mech["nulls"] and mech["verdict"] in md and mech["goes_to"] in ("rival", "other", "nowhere", "")
+        assert mech["nulls"][0]["candidate"] == mech["winner"]  # the winner is tested first
     for pair in PAIRS:
         assert pair.title in md
         for name, prompt in (("true", pair.true), ("false", pair.false)):
@@ -103,6 +105,7 @@ def test_run_demo_writes_everything(demo_dir: Path) -> None:
             assert json.loads((demo_dir / file).read_text())["metadata"]["prompt"].endswith(prompt)  # after BOS
         assert json.loads((demo_dir / f"{pair.slug}.last.compare.json").read_text())["differing"]
     assert "concordance" in md and "discordance" in md and "W_QK skew" in md
+    assert md.count("patterns patched from B into A") == len(PAIRS)  # both pairs, shown causally
 
 
 def test_induction_mechanism_hands_the_answer_to_the_distractor(tracer: qktrace.Tracer, demo_dir: Path) -> None:

@@ -267,6 +267,89 @@ def test_cli_explain_prints_and_writes_what_the_library_finds(capsys, tiny_on_di
     assert json.loads((tmp_path / "m.json").read_text()) == got
     assert (tmp_path / "m.png").read_bytes()[:4] == b"\x89PNG"
     assert main([*base, "--answer", "Sally"]) == 0 and "**Mechanism**" in capsys.readouterr().out
+    assert got["verdict"] == want.verdict() and got["specific"] == want.specific
+    assert main([*base, "--answer", "Sally", "--null-draws", "2", "--null-seed", "4", "--json"]) == 0
+    nulls = json.loads(capsys.readouterr().out)["nulls"]
+    assert nulls and all(n["n"] <= 2 for n in nulls) and json.loads(out)["nulls"][0]["n"] <= 8
     assert main([*base, "--answer", "Sally Bob"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "name a single token" in err
+
+
+# -- the control (null) and where the answer goes ---------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def circuit(tmp_path_factory):
+    from qktrace.testing import make_qk_circuit
+
+    return make_qk_circuit(tmp_path_factory.mktemp("circuit") / "model")
+
+
+def steered(c, probe, features, settings):
+    """A candidate of `features` in the circuit's head, on the query side at the last position, confirmed."""
+    from qktrace.analyses.mechanism import Candidate, Part
+
+    q = len(probe.traced.str_tokens) - 1
+    part = Part(0, c.layer, (c.head,), "query", q, c.key_pos, tuple(features), tuple("f" for _ in features))
+    return probe.confirm(Candidate("feature", (part,), 0.0, 0.0, ()), settings.scales)
+
+
+def test_null_of_the_built_in_feature_is_far_below_it(circuit):
+    """The answer is built into one head's QK circuit through one feature: steering it flips the answer, steering
+    as many random active features in the same head barely moves it; a random feature is not specific."""
+    from qktrace.analyses.control import null_for
+    from qktrace.analyses.explain import measure_metric
+
+    c, settings = circuit, ExplainSettings()
+    traced = c.tracer.run(c.prompt)
+    q = traced.trace.n_pos - 1
+    assert traced.pattern(c.layer, c.head, q)[c.key_pos] > 0.99  # the head finds the key ...
+    assert c.tracer.model.str_tokens(traced.trace.last_logits.argmax().reshape(1))[0] == c.answer  # ... and answers
+    probe = measure_metric(c.tracer, c.prompt, c.answer, None)
+    p_answer = float(torch.softmax(traced.trace.last_logits.float(), -1)[probe.a])
+    clean = {"metric": probe.clean, "p_answer": p_answer}
+    right = steered(c, probe, [c.feature], settings)
+    null = null_for(probe, 0, right, settings, "metric", clean, c.answer, True)
+    assert null.n == settings.null_draws and all(len(d) == 1 and d[0][1] != c.feature for d in null.draws)
+    assert null.effect < -1.0 and all(e > 0.05 * null.effect for e in null.effects)  # far below: < 5% of it
+    assert null.confirmed and null.specific and null.p_value == pytest.approx(1 / (settings.null_draws + 1))
+    assert null.flip_share == 0 and null.halve_share == 0
+    assert len(null.quantiles) == len(settings.scales) and all(lo <= mid <= hi for lo, mid, hi in null.quantiles)
+    # every draw is what steering its features directly does (a second code path)
+    for d, curve in zip(null.draws, null.curves):
+        logits, _ = fresh(c.tracer, c.prompt, steered(c, probe, [d[0][1]], settings).interventions(curve[-1].scale))
+        assert curve[-1].metric == pytest.approx(float(logits[probe.a] - logits[probe.r]), abs=2e-3)
+    again = null_for(probe, 0, right, settings, "metric", clean, c.answer, True)
+    assert again.draws == null.draws  # seeded
+    feats, _ = traced.acts(c.layer).at(q)
+    other = next(int(f) for f in feats.tolist() if int(f) != c.feature)
+    random_one = null_for(probe, 0, steered(c, probe, [other], settings), settings, "metric", clean, c.answer, True)
+    assert not random_one.specific
+
+
+def test_explain_finds_the_built_in_feature_and_calls_it_specific(circuit):
+    c = circuit
+    m = explain(c.tracer, c.prompt, c.answer, settings=SMALL)
+    assert m.best is not None and (c.layer, c.feature) in m.best.features and m.best.side == "query"
+    assert m.confirmed and m.specific and m.null is not None and m.null.candidate == m.candidates.index(m.best)
+    assert "specific" in m.verdict() and "p = " in m.markdown()
+    data = json.loads(json.dumps(m.to_json(), allow_nan=False))
+    assert data["specific"] and data["nulls"][0]["p_value"] == m.null.p_value and data["goes_to"] == m.goes_to
+    assert m.goes_to in ("rival", "other", "nowhere")
+    if m.flips:
+        lost = [p for p in m.best.curve if p.top_token != m.answer]
+        assert m.goes_to_token in {p.top_token for p in lost}
+        assert (m.goes_to == "rival") == (m.goes_to_token == m.rival)
+
+
+def test_an_answer_the_model_does_not_give_never_flips(circuit):
+    """The top token is not the answer on the clean run already: nothing can flip it."""
+    c = circuit
+    m = explain(c.tracer, c.prompt, "Bob", settings=SMALL)
+    assert not m.correct and m.prediction == c.answer
+    assert all(p.top_token != "Bob" for cand in m.candidates for p in cand.curve)  # the old test said "flips"
+    assert not m.flips and m.goes_to_token is None and m.goes_to == "" and "nothing to flip" in m.verdict()
+    assert not m.to_json()["flips"] and not any(m.frame()["flips"])
+    assert m.confirmed == m.halves
+    assert m.to_json()["halves"] == (min(p.p_answer for p in m.best.curve) <= 0.5 * m.p_answer)

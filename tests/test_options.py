@@ -61,6 +61,8 @@ def test_cli_defaults_are_the_options_defaults():
     assert CompareOptions(top=pair.top, top_terms=pair.top_terms) == CompareOptions()
     assert ModelOptions(full_path=graph.full_path) == ModelOptions() == ModelOptions(full_path=batch.full_path)
     assert parse("graph", *MODEL, "--prompt", "p", "--out", "g.json", "--full-path").full_path
+    ex = parse("explain", *MODEL, "--prompt", "p", "--answer", "a")
+    assert (ex.null_draws, ex.null_seed) == (ExplainSettings().null_draws, ExplainSettings().null_seed)
 
 
 def test_cli_help_is_the_fields_documentation():
@@ -88,6 +90,10 @@ def test_server_defaults_are_the_options_defaults():
     from qktrace.server.explain import CompareRequest
 
     assert defaults(CompareRequest, ("top", "top_terms")) == dataclasses.asdict(CompareOptions())
+    from qktrace.server.explain import ExplainRequest
+
+    null = ("null_draws", "null_seed")
+    assert defaults(ExplainRequest, null) == {n: getattr(ExplainSettings(), n) for n in null}
     from qktrace.server.compute import steer_request
 
     req = S.SweepRequest(prompt="p", heads=[(1, 0)], feature=3, positions=2)
@@ -132,6 +138,7 @@ BAD = [
     (QKOptions, {"top": 0}, "top=0", "1..1000"),
     (ExplainSettings, {"sites": 0}, "sites=0", ">= 1"),
     (ExplainSettings, {"scales": (1.0, 2.0)}, "scales=(1.0, 2.0)", "below 1"),
+    (ExplainSettings, {"null_draws": -1}, "null_draws=-1", "0..1000"),
     (DashboardOptions, {"seq_len": 1}, "seq_len=1", "2..65536"),
     (DashboardOptions, {"max_docs": 0}, "max_docs=0", ">= 1"),
     (BatchOptions, {"qk_rows": -1}, "qk_rows=-1", "0..1000"),

@@ -184,10 +184,14 @@ class ExplainSettings:
     top_k: tuple[int, ...] = setting((2, 3, 5), "sizes of the 'top k together' candidates")
     scales: tuple[float, ...] = setting((1.0, 0.0, -1.0, -2.0, -3.0), "1: clean, 0: removed, < 0: reversed")
     member_attention: float = setting(0.1, "a head joins a site when it attends to the site's key at least this")
+    null_draws: int = setting(8, "random controls per tested mechanism, 0..1000 (0: no control, never 'specific')")
+    null_seed: int = setting(0, "seed of the controls' draws")
 
     def __post_init__(self) -> None:
         for name in ("sites", "ablate", "candidates"):
             _int(self, name, 1)
+        _int(self, "null_draws", 0, 1000)
+        _int(self, "null_seed", 0)
         if any(isinstance(k, bool) or not isinstance(k, int) or k < 2 for k in self.top_k):
             raise InputError(f"ExplainSettings.top_k={self.top_k}: group sizes must be integers of 2 or more")
         scales = tuple(float(s) for s in self.scales)

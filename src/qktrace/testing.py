@@ -357,3 +357,67 @@ def make_server_setup(root: Path, n_words: int = 6) -> ServerSetup:
     traced.graph(progress=False).save(data / GRAPH_NAME)
     tokens = traced.trace.tokens.tolist()
     return ServerSetup(root, data, sae_dir, tracer, tokens, json.loads((data / GRAPH_NAME).read_text()))
+
+
+# -- a tiny model whose answer is built into one head's QK circuit -------------------------------------------
+
+
+@dataclass(frozen=True)
+class QKCircuit:
+    """`make_qk_circuit`'s model and SAEs, and where the answer was built in."""
+
+    tracer: Tracer
+    prompt: str
+    answer: str
+    layer: int
+    head: int
+    key_pos: int  # the key the head attends to from the last position
+    feature: int  # the SAE feature (at `layer`, last position) that carries the whole query
+
+
+def make_qk_circuit(path: Path, seed: int = 0, answer: str = "Sally") -> QKCircuit:
+    """A tiny GPT-2 whose layer-1 head 0 answers `answer` because of one SAE feature, by construction.
+
+    The SAE at checkpoint 1 (standard, random but for feature 0) has feature 0 read and write the last
+    position's residual r_Q exactly (activation 1 there). The head's W_Q and W_K are rank one: the query
+    is (x · x̂_Q) e0 and each key (x_p · x̂_k) e0, where x = ln_1(r) (its bias zeroed, so feature 0 is the
+    whole query) and x̂ is a unit vector: the head attends from the last position to key k. Its W_V reads
+    (x_p · x̂_k) and its W_O writes that times 40 times the answer's embedding, so that what it finds at k
+    becomes the answer. Removing feature 0 from the head's query removes all of its attention to k.
+    """
+    from transformers import AutoModelForCausalLM
+
+    from .models import load_model
+    from .tracer import Tracer
+
+    make_tiny_model("gpt2", path, seed=seed)
+    hf: Any = AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager")
+    tok = word_tokenizer(path)
+    prompt, key_pos, layer, head, d_head = "w5 w6 Bob w7 w8 w9 Uncle w10 is", 3, 1, 0, 8
+    ids = tok(prompt, return_tensors="pt")["input_ids"]
+    block = hf.transformer.h[layer]
+    with torch.no_grad():
+        block.ln_1.bias.zero_()
+        r = hf(ids, output_hidden_states=True).hidden_states[layer][0]  # [pos, d_model], the input of `layer`
+        x = block.ln_1(r)
+        xq, xk = x[-1] / x[-1].norm(), x[key_pos] / x[key_pos].norm()
+        d = hf.config.n_embd
+        W, b = block.attn.c_attn.weight, block.attn.c_attn.bias  # [d_model, 3 d_model]: q | k | v
+        for part, direction in ((0, xq), (1, xk), (2, xk)):
+            cols = slice(part * d + head * d_head, part * d + (head + 1) * d_head)
+            W[:, cols] = 0.0
+            b[cols] = 0.0
+            W[:, cols.start] = direction * (1.5 if part < 2 else 1.0)
+        u = hf.transformer.wte.weight[tok.convert_tokens_to_ids(answer)]
+        rows = slice(head * d_head, (head + 1) * d_head)
+        block.attn.c_proj.weight[rows] = 0.0
+        block.attn.c_proj.weight[rows.start] = 40.0 * (u - u.mean()) / u.norm()
+    hf.save_pretrained(path)
+    sae = random_sae("standard", d, 48, seed=seed, checkpoint=layer)
+    rq = r[-1].detach()
+    W_enc, b_enc, W_dec = sae.W_enc.clone(), sae.b_enc.clone(), sae.W_dec.clone()
+    W_enc[:, 0], b_enc[0], W_dec[0] = rq / rq.dot(rq), 0.0, rq
+    sae = dataclasses.replace(sae, W_enc=W_enc, b_enc=b_enc, W_dec=W_dec, labels={0: "the built-in query"})
+    others = {c: random_sae("standard", d, 48, seed=seed + 1 + c, checkpoint=c) for c in (0, 2)}
+    tracer = Tracer(load_model(path), SAESet({**others, layer: sae}))
+    return QKCircuit(tracer, prompt, answer, layer, head, key_pos, 0)

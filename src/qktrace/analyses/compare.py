@@ -15,6 +15,9 @@ heads, "yellow" against "red"):
 4. Beside each head its W_QK eigenvalue sign skew (`heads.qk_spectrum`): positive skew attends where
    query and key carry the same directions (the paper's concordance heads), negative where they
    differ (discordance heads). With an answer (and rival), m = logit(answer) - logit(rival) in both.
+5. With an answer, the `top` heads shown causally (`qktrace.analyses.patching`): each, then all of
+   them, patched from B into A (every other head frozen); the change of m, and their share of m(B) - m(A).
+   Needs the query position to be the last (m is read there).
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from ..nodes import Kind, Node
 from ..options import CompareOptions, with_overrides
 from ..steering.heads import qk_spectrum
 from ..tables import markdown_table
+from .patching import Patching, patch_heads
 
 if TYPE_CHECKING:
     from ..tracer import Traced
@@ -109,6 +113,7 @@ class Comparison:
     rival: str | None = None
     metric_a: float | None = None  # logit(answer) - logit(rival) in prompt a
     metric_b: float | None = None
+    patching: Patching | None = None  # the top heads patched from B into A (with an answer)
 
     @cached_property
     def attention_diff(self) -> Tensor:
@@ -159,6 +164,7 @@ class Comparison:
             "rival": self.rival,
             "metric_a": self.metric_a,
             "metric_b": self.metric_b,
+            "patching": None if self.patching is None else self.patching.to_json(),
             "heads": [h.__dict__ for h in heads],
             "terms": [
                 {**{k: v for k, v in t.__dict__.items() if k != "terms"}, "terms": [x.__dict__ for x in t.terms]}
@@ -200,6 +206,7 @@ class Comparison:
         ]
         fmt = {"attention A": ".3f", "attention B": ".3f", "B − A": "+.3f", "W_QK skew": "+.3f"}
         md.append(markdown_table(rows, fmt))
+        md.append(self._patching_markdown())
         for t in self.terms:
             md.append(
                 f"\nL{t.layer}H{t.head} at ({t.query_pos}, {t.key_pos}): score {t.score_a:+.3f} in A, "
@@ -221,6 +228,18 @@ class Comparison:
                 )
             )
         return "".join(md)
+
+    def _patching_markdown(self) -> str:
+        p = self.patching
+        if p is None:
+            return ""
+        share = "" if p.share is None else f": {p.share:.0%} of the total difference"
+        rows = [{"heads": f"L{ly}H{h}", "Δm": d} for (ly, h), d in zip(p.heads, p.alone)]
+        rows.append({"heads": "together", "Δm": p.together})
+        return (
+            f"\nThese heads' attention patterns patched from B into A, every other head frozen: m moves by "
+            f"{p.together:+.3f} of m(B) − m(A) = {p.total:+.3f}{share}.\n\n" + markdown_table(rows, {"Δm": "+.3f"})
+        )
 
 
 def compare(
@@ -249,6 +268,9 @@ def compare(
     heads = rank_heads(att_a, att_b, skew)  # 3
     terms = match_terms(a, b, heads, q, top, top_terms)  # 3
     pair = measure_metric(a, b, answer, rival)  # 4
+    patching = None
+    if pair is not None and q == a.trace.n_pos - 1:  # 5
+        patching = patch_heads(a, b, [(h.layer, h.head) for h in heads[:top]], pair)
     return Comparison(
         prompt_a=prompt_text(a),
         prompt_b=prompt_text(b),
@@ -265,6 +287,7 @@ def compare(
         rival=None if pair is None else pair.rival,
         metric_a=None if pair is None else pair.metric(a.trace.last_logits.float()),
         metric_b=None if pair is None else pair.metric(b.trace.last_logits.float()),
+        patching=patching,
     )
 
 

@@ -37,11 +37,17 @@ The algorithm (every number comes from the library's own pieces: `Traced.graph`,
    a mechanism handing the answer to a third token counts. Only when no single site's candidate
    flips the answer or halves p(answer), every site's strongest predicted candidate is steered
    together ("sites", one more candidate per side) and competes too. Every candidate tried is kept.
+7. Control (`qktrace.analyses.null`): the winner is steered against `settings.null_draws` random draws
+   of as many other active features at the same layers and positions, in the same heads at the same
+   scales. When it does not beat them, the next confirmed candidates in the order of step 6 are
+   tested the same way (at most 3 in all) until one does; that one becomes the mechanism.
 
 Budget: at most `ablate + sites + sides * (sites * candidates + 1) * (len(scales) - 1)` intervened
-forward passes (8 + 4 + 2 * 25 * 4 = 212 with the defaults; fewer when candidates coincide), plus one
-clean run, one graph and one QK row per site head. `Mechanism.n_passes` counts them,
-`Mechanism.seconds` times the whole.
+forward passes (8 + 4 + 2 * 25 * 4 = 212 with the defaults; fewer when candidates coincide), plus
+`null_draws * (len(scales) - 1)` per control (32; at most 3 controls), one clean run, one graph and one
+QK row per site head. Every pass reuses the one clean run (activations, frozen patterns).
+`Mechanism.n_passes` counts the search's (steps 2-6), `Null.n_passes` each control's; `Mechanism.seconds`
+times the whole.
 """
 
 from __future__ import annotations
@@ -50,6 +56,7 @@ import functools
 import logging
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -61,7 +68,9 @@ from ..nodes import CODE, Kind
 from ..options import ExplainSettings  # re-exported: explain's settings, declared with the others
 from ..qk import QKAttribution
 from ..steering.interventions import FreezeAttention, Intervention, ScaleHead, run_with
+from .control import null_for
 from .mechanism import Candidate, HeadEffect, Mechanism, Part, Point, Side, Site
+from .null import Null, flips, halves
 
 if TYPE_CHECKING:
     from ..graph import Graph
@@ -70,6 +79,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 FEATURE = CODE[Kind.FEATURE]
 SIDES = ("auto", "query", "key")
+MAX_NULLS = 3  # candidates tested against a control at most: the winner and two more
 
 
 # -- the pipeline ----------------------------------------------------------------------------------
@@ -101,7 +111,8 @@ def explain(
     ranked, together = rank_candidates(probe.traced, sites, sides, settings)  # 4
     candidates = confirm_candidates(probe, ranked, settings)  # 5
     assemble = functools.partial(_assemble, prompt, probe, heads, sites, settings, start)
-    return choose_mechanism(probe, candidates, together, settings, assemble)  # 6
+    chosen = choose_mechanism(probe, candidates, together, settings, assemble)  # 6
+    return test_against_null(probe, chosen, settings, start)  # 7
 
 
 def measure_metric(
@@ -221,6 +232,26 @@ def choose_mechanism(
         result.effect(best) if best else float("nan"),
     )
     return result
+
+
+def test_against_null(probe: _Probe, m: Mechanism, settings: ExplainSettings, start: float) -> Mechanism:
+    """Step 7: the winner against its control; when it fails, the next confirmed candidates in order (at
+    most `MAX_NULLS` in all) until one beats its own, which becomes the mechanism (`Mechanism.best`)."""
+    if settings.null_draws == 0 or not m.candidates:
+        return m
+    clean = {"metric": m.metric, "margin": m.margin, "p_answer": m.p_answer}
+    ranked = sorted(range(len(m.candidates)), key=lambda i: m.effect(m.candidates[i]))
+    nulls: list[Null] = []
+    for i in ranked:
+        c = m.candidates[i]
+        if nulls and not (flips(c.curve, m.answer, m.correct) or halves(c.curve, m.p_answer)):
+            continue  # after the winner, only a candidate that moves the answer itself can become the mechanism
+        nulls.append(null_for(probe, i, c, settings, m.criterion, clean, m.answer, m.correct))
+        if nulls[-1].specific or len(nulls) == MAX_NULLS:
+            break
+    out = replace(m, nulls=tuple(nulls), seconds=time.perf_counter() - start)  # n_passes: the search's
+    log.info("explain: %d controls, %d passes in them; %s", len(nulls), sum(n.n_passes for n in nulls), out.verdict())
+    return out
 
 
 def _assemble(
@@ -407,8 +438,6 @@ class _Probe:
         )
 
     def confirm(self, c: Candidate, scales: Sequence[float]) -> Candidate:
-        from dataclasses import replace
-
         return replace(c, curve=tuple(self.point(c, s) for s in scales))
 
 

@@ -19,6 +19,7 @@ from ..errors import InputError
 from ..files import atomic_open, atomic_write
 from ..steering.interventions import FreezeAttention, Intervention, SteerQK
 from ..tables import markdown_table
+from .null import Null, control_markdown, flips, halves, verdict
 
 if TYPE_CHECKING:
     from ..options import ExplainSettings
@@ -182,9 +183,10 @@ class Mechanism:
     sites: tuple[Site, ...]
     candidates: tuple[Candidate, ...]
     scales: tuple[float, ...]
-    n_passes: int  # intervened forward passes run
+    n_passes: int  # intervened forward passes of the search (the controls count theirs: Null.n_passes)
     seconds: float
     settings: ExplainSettings
+    nulls: tuple[Null, ...] = ()  # the controls run, in the order tried: the winner's first (`null`)
 
     # -- verdicts ----------------------------------------------------------------------------------
     @property
@@ -203,26 +205,68 @@ class Mechanism:
         return self.prediction == self.answer
 
     @property
-    def best(self) -> Candidate | None:
-        """The confirmed mechanism (None without candidates)."""
+    def winner(self) -> Candidate | None:
+        """The candidate whose curve lowers the criterion the most (None without candidates)."""
         return min(self.candidates, key=self.effect, default=None)
 
     @property
+    def best(self) -> Candidate | None:
+        """The mechanism: the first candidate tried against its control that beats it; else the winner."""
+        for n in self.nulls:
+            if n.specific:
+                return self.candidates[n.candidate]
+        return self.winner
+
+    @property
+    def null(self) -> Null | None:
+        """The control of the mechanism (`best`), when one was run."""
+        best = self.best
+        return next((n for n in self.nulls if self.candidates[n.candidate] is best), None)
+
+    @property
     def flips(self) -> bool:
-        """At some scale of the best curve the top-1 token is no longer the answer."""
+        """The clean top-1 token is the answer, and at some scale of the best curve it is not."""
         b = self.best
-        return b is not None and any(p.top_token != self.answer for p in b.curve)
+        return b is not None and flips(b.curve, self.answer, self.correct)
 
     @property
     def halves(self) -> bool:
         """At some scale of the best curve p(answer) is at most half its clean value."""
         b = self.best
-        return b is not None and min(p.p_answer for p in b.curve) <= 0.5 * self.p_answer
+        return b is not None and halves(b.curve, self.p_answer)
 
     @property
     def confirmed(self) -> bool:
         """The best candidate flips the answer or at least halves p(answer)."""
         return self.flips or self.halves
+
+    @property
+    def specific(self) -> bool:
+        """The mechanism beats its control (`Null.specific`: see `qktrace.analyses.null` for the threshold)."""
+        n = self.null
+        return n is not None and n.specific
+
+    @property
+    def goes_to(self) -> str:
+        """Where the answer goes at the best curve's strongest scale where it is no longer top: "rival", "other"
+        (a third token, `goes_to_token`), "nowhere" (p(answer) halved but still top), or "" (neither, or the
+        model does not give the answer)."""
+        if not self.correct:
+            return ""  # the answer was never on top: it goes nowhere it had not gone already
+        if self.flips:
+            return "rival" if self.goes_to_token == self.rival else "other"
+        return "nowhere" if self.halves else ""
+
+    @property
+    def goes_to_token(self) -> str | None:
+        """The top token at the best curve's strongest scale where the answer lost its place (None if nowhere)."""
+        b = self.best
+        lost = [p for p in b.curve if p.top_token != self.answer] if b is not None and self.correct else []
+        return min(lost, key=lambda p: float(getattr(p, self.criterion))).top_token if lost else None
+
+    def verdict(self) -> str:
+        """One line: what the mechanism does to the answer, where the answer goes, and its control."""
+        return verdict(self)
 
     # -- views -------------------------------------------------------------------------------------
     def frame(self) -> pd.DataFrame:
@@ -247,7 +291,7 @@ class Mechanism:
                 "effect": self.effect(c),
                 "lowest_at": by.scale,
                 "p_answer_min": min(p.p_answer for p in c.curve),
-                "flips": any(p.top_token != self.answer for p in c.curve),
+                "flips": flips(c.curve, self.answer, self.correct),
             }
             row.update({f"m@{p.scale:g}": p.metric for p in c.curve})
             rows.append(row)
@@ -282,12 +326,20 @@ class Mechanism:
             "correct": self.correct,
             "flips": self.flips,
             "halves": self.halves,
+            "confirmed": self.confirmed,
+            "specific": self.specific,
+            "goes_to": self.goes_to,
+            "goes_to_token": self.goes_to_token,
+            "verdict": self.verdict(),
             "heads": [asdict(h) for h in self.heads],
             "sites": [asdict(x) for x in self.sites],
             "candidates": [{**asdict(c), "effect": self.effect(c)} for c in self.candidates],
             "best": None if best is None else self.candidates.index(best),
+            "winner": None if self.winner is None else self.candidates.index(self.winner),
+            "nulls": [{**asdict(n), "n": n.n, "stronger": n.stronger, "specific": n.specific} for n in self.nulls],
             "scales": list(self.scales),
             "n_passes": self.n_passes,
+            "null_passes": sum(n.n_passes for n in self.nulls),
             "settings": asdict(self.settings),
         }
 
@@ -297,7 +349,8 @@ class Mechanism:
         md = [
             f"Prompt `{self.prompt!r}` → `{self.prediction!r}`; p({a!r}) = {self.p_answer:.3f}, "
             f"m = logit({a!r}) − logit({r!r}) = {self.metric:+.3f}. "
-            f"{len(self.candidates)} candidates, {self.n_passes} intervened passes, {self.seconds:.1f} s.\n\n",
+            f"{len(self.candidates)} candidates, {self.n_passes} intervened passes "
+            f"(+{sum(n.n_passes for n in self.nulls)} for controls), {self.seconds:.1f} s.\n\n",
             "Heads by share of the answer's cross-position influence, each ablated with every other head frozen "
             "(Δm), and the key each attends to from the last position:\n\n",
             markdown_table(
@@ -332,7 +385,6 @@ class Mechanism:
         if best is None:
             md.append("\nNo active feature moves any site's attention to its key: no candidate.\n")
             return "".join(md)
-        verdict = "flips the answer" if self.flips else "halves p(answer)" if self.halves else "does not flip it"
         where = "; ".join(
             f"L{p.layer} heads {list(p.heads)} at {p.position} {self._tok(p.position)} (key {p.key_pos} "
             f"{self._tok(p.key_pos)}): " + " + ".join(f"f{f} {lab}" for f, lab in zip(p.features, p.labels))
@@ -342,10 +394,11 @@ class Mechanism:
         md.append(
             f"\n**Mechanism** ({best.kind}, {best.side} side): {where}. Steered inside those heads' QK circuits, "
             f"every other head frozen, it lowers {what} by {-self.effect(best):.3f} (predicted change of m at the "
-            f"most negative scale {best.predicted:+.3f}): it {verdict}.\n\n"
+            f"most negative scale {best.predicted:+.3f}): {self.verdict()}.\n\n"
         )
         df = best.frame()
         md.append(markdown_table(df.to_dict(orient="records"), {c: ".3f" for c in df.columns if c != "top_token"}))
+        md.append(control_markdown(self))
         md.append(f"\nCandidates tried (the {min(top, len(self.candidates))} strongest of {len(self.candidates)}):\n\n")
         cols = [
             "kind",
@@ -385,6 +438,13 @@ class Mechanism:
         if best is not None:
             xs = [p.scale for p in best.curve]
             top.plot(xs, [p.metric for p in best.curve], color="C3", lw=2.2, marker="o", zorder=3)
+            n = self.null
+            if n is not None and n.quantiles and n.criterion == "metric":  # the control's band, on m's axis
+                lo, mid, hi = zip(*n.quantiles)
+                top.fill_between(xs, lo, hi, color="C0", alpha=0.2, zorder=2, label=f"control, 10-90% of {n.n}")
+                top.plot(xs, mid, color="C0", lw=1.2, ls="--", zorder=2)
+                top.legend(fontsize=7, loc="best")
+            top.set_title(self.verdict()[:110], fontsize=8)
             bottom.plot(xs, [p.p_answer for p in best.curve], marker="o", label=f"p({self.answer!r})")
             bottom.plot(xs, [p.p_rival for p in best.curve], marker="o", label=f"p({self.rival!r})")
             keys = [p.key_pos for p in best.parts for _ in p.heads]

@@ -20,6 +20,7 @@ from ..options import (
     BatchOptions,
     CompareOptions,
     DashboardOptions,
+    ExplainSettings,
     GraphOptions,
     ModelOptions,
     QKOptions,
@@ -284,6 +285,8 @@ def _explain(sub: Sub, commands: Commands) -> None:
     sp.add_argument("--answer", required=True, help="the answer's token, e.g. ' Sally' (with its leading space)")
     sp.add_argument("--rival", help="the token it should beat (default: the clean runner-up)")
     sp.add_argument("--side", choices=("auto", "query", "key"), default="auto", help="where candidates are sought")
+    setting(sp, ExplainSettings, "null_draws")
+    setting(sp, ExplainSettings, "null_seed")
     sp.add_argument("--json", action="store_true", help="print the mechanism as one JSON object")
     sp.add_argument("--out", help="also write the mechanism's JSON here")
     sp.add_argument("--plot", help="write a PNG of every candidate's curve and the mechanism's")

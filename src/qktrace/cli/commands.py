@@ -16,7 +16,7 @@ from .. import config
 from ..config import LIMITS
 from ..errors import InputError
 from ..files import check_distinct, check_output, check_output_dir
-from ..options import BatchOptions, DashboardOptions, GraphOptions, SweepOptions
+from ..options import BatchOptions, DashboardOptions, ExplainSettings, GraphOptions, SweepOptions
 from ..steering.requests import SteerRequest, build_steering, check_request, check_text
 
 
@@ -236,7 +236,8 @@ def cmd_explain(args: argparse.Namespace) -> int:
     out = check_output(args.out, "output", "--out") if args.out is not None else None
     plot = check_output(args.plot, "plot", "--plot") if args.plot is not None else None
     check_distinct({"--out": out, "--plot": plot})
-    m = explain(_tracer(args), args.prompt, args.answer, args.rival, args.side)
+    settings = ExplainSettings(null_draws=args.null_draws, null_seed=args.null_seed)
+    m = explain(_tracer(args), args.prompt, args.answer, args.rival, args.side, settings=settings)
     if out is not None:
         m.save_json(out)
     if plot is not None:

@@ -314,8 +314,8 @@ def run_demo(
         what = "no candidate" if best is None else f"{best.kind} ({best.side}) {best.label!r} in {best.name}"
         con.print(
             f"  predicts {m.prediction!r} (p({case.answer!r}) = {m.p_answer:.3f}); mechanism: {what}; "
-            f"{'flips the answer' if m.flips else 'halves p' if m.halves else 'not confirmed'} "
-            f"({len(m.candidates)} candidates, {m.n_passes} passes, {m.seconds:.1f} s)"
+            f"{m.verdict()} ({len(m.candidates)} candidates, {m.n_passes} passes "
+            f"+ {sum(n.n_passes for n in m.nulls)} for controls, {m.seconds:.1f} s)"
         )
     compared = []
     for pair in pairs:
@@ -323,6 +323,11 @@ def run_demo(
         p = correctness(tracer, pair, out, written)
         compared.append(p)
         con.print("  " + verdict(p))
+        patched = p.comparisons["last"].patching
+        if patched is not None:
+            share = "" if patched.share is None else f" ({patched.share:.1%} of it)"
+            con.print(f"  the top heads' patterns from false into true move m by {patched.together:+.3f} of "
+                      f"{patched.total:+.3f}{share}")  # fmt: skip
     seconds = time.perf_counter() - start
     atomic_write(out / "report.md", report(results, compared, tracer, seconds))
     n_files = sum(len(r.files) for r in results) + sum(len(p.files) for p in compared)

@@ -29,7 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field, Strict, StrictStr, model_vali
 from ..analyses.compare import compare
 from ..analyses.explain import explain
 from ..config import LIMITS
-from ..options import CompareOptions, doc
+from ..options import CompareOptions, ExplainSettings, doc
 from . import schemas as S
 from .compute import Engine, JobState, error_text
 from .store import MECHANISM, ApiError, GraphStore
@@ -101,6 +101,14 @@ class HeadTermsOut(BaseModel):
     n_terms: int
 
 
+class PatchingOut(BaseModel):
+    heads: list[list[int]] = Field(description="(layer, head) of the top heads, in compare's order")
+    alone: list[float] = Field(description="per head: the change of m in A with its pattern taken from B")
+    together: float = Field(description="the change of m in A with every one of them patched from B")
+    total: float = Field(description="m(B) - m(A)")
+    share: float | None = Field(description="together / total (None when m does not differ)")
+
+
 class CompareResponse(S.Versioned):
     model: str
     prompt_a: str
@@ -113,6 +121,9 @@ class CompareResponse(S.Versioned):
     rival: str | None
     metric_a: float | None
     metric_b: float | None
+    patching: PatchingOut | None = Field(
+        None, description="with an answer: the top heads' patterns patched from B into A, others frozen"
+    )
     heads: list[HeadDiffOut] = Field(description="every head, largest |attention_b - attention_a| first")
     terms: list[HeadTermsOut] = Field(description="the top heads' QK terms at (query, key), matched by component")
     attention_a: list[list[list[float]]] = Field(description="[layer][head][key] attention from query_pos")
@@ -124,6 +135,12 @@ class ExplainRequest(S.PromptRequest):
     answer: Token
     rival: Token | None = None
     side: Literal["auto", "query", "key"] = "auto"
+    null_draws: Annotated[int, Strict(), Field(ge=0, le=1000)] = Field(
+        ExplainSettings().null_draws, description=doc(ExplainSettings, "null_draws")
+    )
+    null_seed: Annotated[int, Strict(), Field(ge=0)] = Field(
+        ExplainSettings().null_seed, description=doc(ExplainSettings, "null_seed")
+    )
 
 
 class ExplainResponse(S.Versioned):
@@ -182,7 +199,8 @@ def compare_response(engine: Engine, req: CompareRequest) -> CompareResponse:
 def explain_response(engine: Engine, req: ExplainRequest) -> ExplainResponse:
     ids = engine.ids(req)  # checked before waiting for the model
     with engine.traced(ids):  # holds the model's lock
-        m = explain(engine.tracer, list(ids), req.answer, req.rival, req.side)
+        settings = ExplainSettings(null_draws=req.null_draws, null_seed=req.null_seed)
+        m = explain(engine.tracer, list(ids), req.answer, req.rival, req.side, settings=settings)
         return ExplainResponse(model=engine.tracer.model.name, mechanism=m.to_json())
 
 

@@ -16,8 +16,9 @@ The algorithm of `run_with(model, saes, prompt, interventions)`:
 3. Run again with the hooks in place. At the attention seam each steered head's scores are recomputed
    from HF's own q and k plus the deltas (same scale, soft-cap and mask as HF), and soft-maxed; every
    other head keeps exactly the pattern HF computed. Frozen heads then get their clean pattern
-   (recomputed from the clean trace's q and k, one layer at a time), and `ScaleHead` multiplies a
-   head's pattern (the same as scaling its z before W_O).
+   (recomputed from the clean trace's q and k, one layer at a time), `PatchAttention` gives a head its
+   pattern in another prompt's trace, and `ScaleHead` multiplies a head's pattern (the same as scaling
+   its z before W_O).
 
 Memory: a result keeps the residual stream and logits; attention scores and patterns only of the
 layers asked for (`record_attention`), never of every layer.
@@ -137,7 +138,19 @@ class ScaleHead:
     scale: float | ScalePlaceholder
 
 
-Intervention = SteerFeature | SteerQK | FreezeAttention | ScaleHead
+@dataclass(frozen=True, eq=False)
+class PatchAttention:
+    """Give heads (layer, head) the patterns they have in another prompt of the same length: `source` is that
+    prompt's clean trace (activation patching of attention patterns; the values stay this prompt's)."""
+
+    heads: frozenset[tuple[int, int]]
+    source: Trace
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "heads", frozenset((int(ly), int(h)) for ly, h in self.heads))
+
+
+Intervention = SteerFeature | SteerQK | FreezeAttention | ScaleHead | PatchAttention
 
 
 @dataclass(frozen=True, eq=False)
@@ -176,6 +189,7 @@ class _Plan:
     recompute: dict[int, set[int]] = field(default_factory=dict)  # layer -> heads whose scores change
     frozen: set[tuple[int, int]] = field(default_factory=set)
     head_scale: dict[tuple[int, int], float] = field(default_factory=dict)
+    patched: dict[tuple[int, int], Trace] = field(default_factory=dict)  # (layer, head) -> the trace it reads
 
 
 def _plan(model: Model, saes: Mapping[int, SAELike], clean: Trace | None, ivs: Sequence[Intervention]) -> _Plan:
@@ -230,6 +244,16 @@ def _plan(model: Model, saes: Mapping[int, SAELike], clean: Trace | None, ivs: S
             if isinstance(iv.scale, ScalePlaceholder):
                 raise InputError(f"{iv} still holds the SCALE placeholder: only sweep() fills it in")
             plan.head_scale[key] = plan.head_scale.get(key, 1.0) * float(iv.scale)
+        elif isinstance(iv, PatchAttention):
+            if clean is not None and iv.source.n_pos != clean.n_pos:
+                raise InputError(
+                    f"PatchAttention's source has {iv.source.n_pos} tokens and the prompt {clean.n_pos}: "
+                    "patch between prompts whose tokens align"
+                )
+            for ly_, h in iv.heads:
+                key = (check_index(ly_, L, "layer"), check_index(h, H, "head"))
+                plan.patched[key] = iv.source
+                declared.add(key)  # patched, so not frozen
     for iv in ivs:
         if isinstance(iv, FreezeAttention):
             if iv.heads is None:
@@ -244,7 +268,7 @@ def _plan(model: Model, saes: Mapping[int, SAELike], clean: Trace | None, ivs: S
 
 
 def _needs_clean(ivs: Sequence[Intervention]) -> bool:
-    return any(isinstance(iv, SteerFeature | SteerQK | FreezeAttention) for iv in ivs)
+    return any(isinstance(iv, SteerFeature | SteerQK | FreezeAttention | PatchAttention) for iv in ivs)
 
 
 # -- the hooks -------------------------------------------------------------------------------------
@@ -316,11 +340,14 @@ def _applied(model: Model, plan: _Plan, clean: Trace | None, record: set[int]) -
                 new[h] = torch.softmax(x[h].float(), dim=-1).to(probs.dtype)
         heads = [h for (ly_, h) in plan.frozen if ly_ == layer]
         scaled = [(h, s) for (ly_, h), s in plan.head_scale.items() if ly_ == layer]
-        if heads or scaled:
+        patched = [(h, src) for (ly_, h), src in plan.patched.items() if ly_ == layer]
+        if heads or scaled or patched:
             new = new.clone() if new is probs else new
             if heads:
                 assert clean is not None
                 new[heads] = clean.pattern(layer, heads=heads).to(device=new.device, dtype=new.dtype)
+            for h, src in patched:
+                new[h] = src.pattern(layer, heads=[h])[0].to(device=new.device, dtype=new.dtype)
             for h, factor in scaled:
                 new[h] = new[h] * factor
         if layer in record:

@@ -2,7 +2,9 @@
 // the tokens that differ marked in both) and, with a model loaded, the heads whose attention differs most
 // between the two prompts (POST /api/compare): each head's attention from the query position in A and in B
 // at the key where they differ most, its W_QK eigenvalue sign skew, and for the top heads the QK terms that
-// differ most, component by component. Opened by the Compare button or by #compare=A,B in the URL.
+// differ most, component by component; with an answer, those heads shown causally (their patterns patched
+// from B into A, every other head frozen: the change of logit(answer) − logit(rival), alone and together, and
+// their share of the whole difference). Opened by the Compare button or by #compare=A,B in the URL.
 
 import * as API from "./api.js";
 import { $, clear, el, errorBox, fmt, num, setStatus, showError } from "./dom.js";
@@ -136,6 +138,7 @@ export function createCompareView({ info, onOpen, onClose }) {
           el("th", {}, "A"), el("th", {}, "B")),
         el("tr", {}, el("td", {}, ""), num(res.metric_a, "metric_a"), num(res.metric_b, "metric_b"))));
     }
+    if (res.patching) body.append(patching(res.patching));
     const terms = new Map(res.terms.map((t) => [`${t.layer}/${t.head}`, t]));
     const detail = el("div", { id: "compare-terms" }, el("p", { class: "muted" },
       "Click a head for the QK terms that differ most (the top heads are computed)."));
@@ -156,6 +159,20 @@ export function createCompareView({ info, onOpen, onClose }) {
           el("th", { class: "num", title: "W_QK eigenvalue sign skew: > 0 concordance-like, < 0 discordance-like" },
             "W_QK skew")),
         rows), detail);
+  }
+
+  /** The top heads' patterns patched from B into A (others frozen): the change of m, alone and together. */
+  function patching(p) {
+    const share = p.share === null ? "" : ` (${(100 * p.share).toFixed(1)}% of it)`;
+    const row = (name, d, cls) => el("tr", { class: cls }, el("td", {}, name), num(d, "delta"));
+    return el("div", { id: "compare-patching" },
+      el("h4", {}, "The top heads shown causally: their attention patterns patched from B into A"),
+      el("p", { id: "compare-patching-summary" }, `Every other head frozen, m moves by ${fmt(p.together)} of `
+        + `m(B) − m(A) = ${fmt(p.total)}${share}.`),
+      el("table", { id: "compare-patching-table" },
+        el("tr", {}, el("th", {}, "patched"), el("th", { class: "num" }, "Δm")),
+        p.heads.map(([ly, h], i) => row(`L${ly}H${h}`, p.alone[i], "patch-alone")),
+        row("together", p.together, "patch-together")));
   }
 
   function showTerms(t, h, detail, tok) {
