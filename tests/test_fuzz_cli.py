@@ -21,10 +21,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from qktrace.cli import main
-from qktrace.config import LIMITS, parse_bytes, parse_device, parse_dtype
+from qktrace.config import LIMITS, parse_bytes, parse_device, parse_dtype, parse_scales
 from qktrace.errors import QKTraceError
 from qktrace.saes import save_sae_lens
-from qktrace.steering.interventions import parse_scales
 from qktrace.testing import random_saes
 
 PROMPT = "Aunt Sally is the"  # 5 tokens with BOS

@@ -7,8 +7,10 @@ import pytest
 import torch
 
 from qktrace.analyses.plots import plot_sweep
+from qktrace.config import parse_scales
 from qktrace.errors import InputError, OutOfRangeError
 from qktrace.models.capture import forward_hooks
+from qktrace.models.tokens import resolve_positions
 from qktrace.saes import SAE
 from qktrace.steering.interventions import (
     SCALE,
@@ -17,11 +19,9 @@ from qktrace.steering.interventions import (
     SteerFeature,
     SteerQK,
     generate_with,
-    parse_scales,
-    resolve_positions,
     run_with,
-    sweep,
 )
+from qktrace.steering.sweep import sweep
 from qktrace.testing import hf_attention, random_prompt, random_saes
 
 PROMPT = random_prompt(9, seed=4) + " Aunt Sally . the Aunt"

@@ -258,7 +258,8 @@ def test_explain_job_saves_a_mechanism_the_list_opens(client, setup):
 
 
 def test_sweep_equals_direct(client, setup):
-    from qktrace.steering.interventions import SCALE, FreezeAttention, SteerQK, sweep
+    from qktrace.steering.interventions import SCALE, FreezeAttention, SteerQK
+    from qktrace.steering.sweep import sweep
 
     n = len(setup.tokens)
     req = {

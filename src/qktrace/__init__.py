@@ -11,7 +11,8 @@ from .graph import Graph, build_graph, load_graph
 from .models import Model, Trace, load_model
 from .qk import QKAttribution, qk_attribution
 from .saes import SAE, SAESet, load_saes
-from .steering.interventions import FreezeAttention, ScaleHead, SteerFeature, SteerQK, run_with, sweep
+from .steering.interventions import FreezeAttention, ScaleHead, SteerFeature, SteerQK, run_with
+from .steering.sweep import sweep
 from .tracer import Traced, Tracer
 
 __all__ = [

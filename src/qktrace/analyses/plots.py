@@ -34,7 +34,7 @@ def _save(fig: Figure, path: str | os.PathLike[str]) -> Path:
 
 
 def plot_sweep(df: pd.DataFrame, path: str | os.PathLike[str], title: str | None = None) -> Path:
-    """Write a sweep DataFrame (from `interventions.sweep`) as a PNG; returns the path."""
+    """Write a sweep DataFrame (from `sweep.sweep`) as a PNG; returns the path."""
     if "scale" not in df.columns or "top_1" not in df.columns or df.empty:
         raise InputError("plot_sweep needs a non-empty sweep() DataFrame with 'scale' and 'top_1' columns")
     df = df.sort_values("scale")

@@ -12,7 +12,7 @@ forgotten; finished ones are, oldest first, past `Limits.max_finished_jobs`. A f
 its error as its state.
 
 Every number comes from the library (`Traced.qk`, `QKAttribution.effects_frame` / `contrast`,
-`Traced.graph`, `interventions.sweep`); this module only picks keys and rivals and shapes the results
+`Traced.graph`, `sweep.sweep`); this module only picks keys and rivals and shapes the results
 into `schemas`.
 """
 

@@ -38,12 +38,11 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
-import pandas as pd
 import torch
 from torch import Tensor
 
-from ..config import parse_scales  # the sweep's scales, parsed where every front end parses them
 from ..errors import InputError, check_index
+from ..models.anatomy import Layer
 from ..models.capture import SeamHooks, attention_seam, first_tensor, forward_hooks, output_tensor
 from ..models.model import Model
 from ..models.replay import project, qk_norm_and_rotate
@@ -281,6 +280,44 @@ class _Record:
     patterns: dict[int, Tensor] = field(default_factory=dict)
 
 
+def _recomputed(
+    ly: Layer, plan: _Plan, layer: int, q: Tensor, k: Tensor, x: Tensor, probs: Tensor, masked: Tensor
+) -> tuple[Tensor, Tensor]:
+    """(scores, pattern) of `layer` with the plan's heads recomputed from their steered queries and keys."""
+    kv = ly.kv_head
+    x, new = x.clone(), probs.clone()
+    for h in sorted(plan.recompute[layer]):
+        qh, kh = q[h], k[kv[h]]  # [pos, d_head]
+        if layer in plan.q_delta:
+            qh = qh + plan.q_delta[layer][h].to(qh.dtype)
+        if layer in plan.k_delta:
+            kh = kh + plan.k_delta[layer][h].to(kh.dtype)
+        s = torch.matmul(qh, kh.T) * ly.scale  # [q_pos, k_pos]
+        if ly.softcap is not None:
+            s = ly.softcap * torch.tanh(s / ly.softcap)
+        x[h] = torch.where(masked[h], x[h], s)
+        new[h] = torch.softmax(x[h].float(), dim=-1).to(probs.dtype)
+    return x, new
+
+
+def _replaced(plan: _Plan, clean: Trace | None, layer: int, new: Tensor, probs: Tensor) -> Tensor:
+    """The pattern with the plan's frozen, patched and scaled heads of `layer` put in."""
+    heads = [h for (ly_, h) in plan.frozen if ly_ == layer]
+    scaled = [(h, s) for (ly_, h), s in plan.head_scale.items() if ly_ == layer]
+    patched = [(h, src) for (ly_, h), src in plan.patched.items() if ly_ == layer]
+    if not (heads or scaled or patched):
+        return new
+    new = new.clone() if new is probs else new
+    if heads:
+        assert clean is not None
+        new[heads] = clean.pattern(layer, heads=heads).to(device=new.device, dtype=new.dtype)
+    for h, src in patched:
+        new[h] = src.pattern(layer, heads=[h])[0].to(device=new.device, dtype=new.dtype)
+    for h, factor in scaled:
+        new[h] = new[h] * factor
+    return new
+
+
 @contextlib.contextmanager
 def _applied(model: Model, plan: _Plan, clean: Trace | None, record: set[int]) -> Iterator[_Record]:
     """Install the plan's hooks plus recorders (attention of the layers in `record`); every hook is
@@ -323,33 +360,8 @@ def _applied(model: Model, plan: _Plan, clean: Trace | None, record: set[int]) -
         masked = x <= torch.finfo(x.dtype).min / 2
         new = probs
         if layer in plan.recompute:
-            ly = an.layers[layer]
-            q, k = seen.pop(layer)
-            kv = ly.kv_head
-            x, new = x.clone(), probs.clone()
-            for h in sorted(plan.recompute[layer]):
-                qh, kh = q[h], k[kv[h]]  # [pos, d_head]
-                if layer in plan.q_delta:
-                    qh = qh + plan.q_delta[layer][h].to(qh.dtype)
-                if layer in plan.k_delta:
-                    kh = kh + plan.k_delta[layer][h].to(kh.dtype)
-                s = torch.matmul(qh, kh.T) * ly.scale  # [q_pos, k_pos]
-                if ly.softcap is not None:
-                    s = ly.softcap * torch.tanh(s / ly.softcap)
-                x[h] = torch.where(masked[h], x[h], s)
-                new[h] = torch.softmax(x[h].float(), dim=-1).to(probs.dtype)
-        heads = [h for (ly_, h) in plan.frozen if ly_ == layer]
-        scaled = [(h, s) for (ly_, h), s in plan.head_scale.items() if ly_ == layer]
-        patched = [(h, src) for (ly_, h), src in plan.patched.items() if ly_ == layer]
-        if heads or scaled or patched:
-            new = new.clone() if new is probs else new
-            if heads:
-                assert clean is not None
-                new[heads] = clean.pattern(layer, heads=heads).to(device=new.device, dtype=new.dtype)
-            for h, src in patched:
-                new[h] = src.pattern(layer, heads=[h])[0].to(device=new.device, dtype=new.dtype)
-            for h, factor in scaled:
-                new[h] = new[h] * factor
+            x, new = _recomputed(an.layers[layer], plan, layer, *seen.pop(layer), x, probs, masked)
+        new = _replaced(plan, clean, layer, new, probs)
         if layer in record:
             rec.scores[layer] = x.detach().float().masked_fill(masked, float("-inf"))
             rec.patterns[layer] = new.detach().float()
@@ -435,67 +447,3 @@ def generate_with(
         res = run_with(model, saes, ids, ivs, last_only=True)
         ids = torch.cat([ids, res.logits[-1].argmax().reshape(1)])
     return model.to_string(ids[n:], special_tokens=True)
-
-
-# -- sweeps ----------------------------------------------------------------------------------------
-
-
-def _fill(ivs: Sequence[Intervention], s: float) -> list[Intervention]:
-    out: list[Intervention] = []
-    for iv in ivs:
-        changes = {k: s for k in ("scale", "value") if isinstance(getattr(iv, k, None), ScalePlaceholder)}
-        out.append(dataclasses.replace(iv, **changes) if changes else iv)  # type: ignore[arg-type]
-    return out
-
-
-def watch_column(layer: int, head: int, q_pos: int, k_pos: int) -> str:
-    return f"attn:L{layer}.H{head}:{q_pos}->{k_pos}"
-
-
-def sweep(
-    model: Model,
-    saes: Mapping[int, SAELike],
-    prompt: str | Sequence[int] | Tensor,
-    interventions: Callable[[float], Sequence[Intervention]] | Sequence[Intervention],
-    scales: str | Sequence[float],
-    watch_tokens: Sequence[str | int] = (),
-    watch_attention: Sequence[tuple[int, int, int, int]] = (),
-    top_k: int = 5,
-    pos: int = -1,
-) -> pd.DataFrame:
-    """One row per scale: top-k next tokens and probabilities at `pos`, watched tokens' probabilities,
-    the logit difference of the first two watched tokens, and watched attention weights.
-
-    Columns: scale, top_1..top_k, p_top_1..p_top_k, 'p:<token>' per watched token, logit_diff (with
-    two or more watched tokens), and 'attn:L<layer>.H<head>:<q_pos>-><k_pos>' per watched weight.
-    """
-    ids = model.tokenize(prompt)
-    n = int(ids.shape[0])
-    make = interventions if callable(interventions) else (lambda s: _fill(interventions, s))
-    tok_ids = [model.to_single_token(t, "watched token") for t in watch_tokens]
-    tok_names = list(model.str_tokens(tok_ids))
-    watched = []
-    for ly, h, qp, kp in watch_attention:
-        ly, h = check_index(ly, model.n_layers, "layer"), check_index(h, model.n_heads, "head")
-        qp, kp = (check_index(p, n, "position", allow_negative=True) for p in (qp, kp))
-        watched.append((ly, h, qp, kp))
-    p = check_index(pos, n, "position", allow_negative=True)
-    clean = model.run(ids)
-    rows = []
-    layers = {w[0] for w in watched}
-    for s in parse_scales(scales):
-        res = run_with(model, saes, ids, list(make(s)), clean=clean, record_attention=layers, last_only=p == n - 1)
-        logits = res.logits[p if p < n - 1 else -1].float()
-        probs = torch.softmax(logits, dim=-1)
-        top = probs.topk(min(top_k, probs.shape[0]))
-        names = model.str_tokens(top.indices)
-        row: dict[str, Any] = {"scale": s}
-        row.update({f"top_{i + 1}": names[i] for i in range(len(names))})
-        row.update({f"p_top_{i + 1}": float(top.values[i]) for i in range(len(names))})
-        row.update({f"p:{name}": float(probs[t]) for name, t in zip(tok_names, tok_ids)})
-        if len(tok_ids) >= 2:
-            row["logit_diff"] = float(logits[tok_ids[0]] - logits[tok_ids[1]])
-        row.update({watch_column(*w): float(res.patterns[w[0]][w[1:]]) for w in watched})
-        rows.append(row)
-        log.info("scale %g: top-1 %r (p=%.3f)", s, names[0], float(top.values[0]))
-    return pd.DataFrame(rows)

@@ -14,8 +14,8 @@ The front ends only translate their arguments; every check lives here, every def
      feature below the SAE's width, positions inside the prompt (none twice), watched tokens and
      attention weights, and (when scaling) the feature active at one of the positions at least, since
      scaling an inactive feature changes nothing. Returns a `Steering`: the library's interventions
-     (`SteerQK` / `SteerFeature`, `FreezeAttention`) and everything `interventions.sweep` needs.
-  3. `Steering.run()` -- `interventions.sweep`, one row per scale.
+     (`SteerQK` / `SteerFeature`, `FreezeAttention`) and everything `sweep.sweep` needs.
+  3. `Steering.run()` -- `sweep.sweep`, one row per scale.
 """
 
 from __future__ import annotations
@@ -187,7 +187,7 @@ def check_request(req: SteerRequest) -> Checked:
 
 @dataclass(frozen=True, eq=False)
 class Steering:
-    """Checked interventions on one traced prompt, ready for `interventions.sweep`."""
+    """Checked interventions on one traced prompt, ready for `sweep.sweep`."""
 
     traced: Traced
     interventions: tuple[Intervention, ...]
@@ -198,7 +198,7 @@ class Steering:
     title: str
 
     def run(self) -> pd.DataFrame:
-        from .interventions import sweep
+        from .sweep import sweep
 
         t = self.traced
         return sweep(
