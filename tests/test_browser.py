@@ -931,6 +931,17 @@ def test_mechanism_view_replay_and_explain(demo, shots, driver):
         assert driver.find_element(By.CSS_SELECTOR, "#mech-metric-chart g.mark").get_attribute("data-x") == "1"
         chosen = {g.get_attribute("data-id") for g in driver.find_elements(By.CSS_SELECTOR, "#graph-svg g.node.chosen")}
         assert chosen == set(ids_of(best)) & node_ids(graph) and chosen
+        # the verdict beside its control, as the file holds them
+        assert driver.find_element(By.ID, "mech-verdict").text == mech["verdict"]
+        assert (
+            driver.find_element(By.ID, "mech-verdict").get_attribute("data-specific") == str(mech["specific"]).lower()
+        )
+        nulls = driver.find_elements(By.CSS_SELECTOR, "#mech-nulls tr.mech-null")
+        assert len(nulls) == len(mech["nulls"]) >= 1
+        for row, n in zip(nulls, mech["nulls"]):
+            assert int(row.get_attribute("data-candidate")) == n["candidate"]
+            assert numbers(row.find_element(By.CSS_SELECTOR, "td[data-field=p_value]"))[1] == n["p_value"]
+            assert numbers(row.find_element(By.CSS_SELECTOR, "td[data-field=stronger]"))[1] == n["stronger"]
         driver.save_screenshot(str(shots / "21-mechanism.png"))
 
         click(driver, driver.find_element(By.ID, "mech-replay"))

@@ -14,6 +14,7 @@ import io
 import json
 import math
 import os
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -339,6 +340,7 @@ def test_release_entries_come_from_sae_lens_yaml_when_installed(
         "    neuronpedia: tiny-gpt2/1-test\n"
     )
     monkeypatch.syspath_prepend(str(site))
+    monkeypatch.delitem(sys.modules, "sae_lens", raising=False)  # the real one may be imported: find the stand-in
     release = find_release("my-tiny-release")
     assert release is not None and release.origin.endswith("pretrained_saes.yaml")
     assert find_release("gpt2-small-res-jb") is not None  # not in that yaml: qktrace's registry fills in
@@ -390,6 +392,7 @@ def test_release_scale_and_centring_together(hf_cache: Path, tmp_path: Path, mon
         "  saes:\n  - id: a\n    path: a\n    norm_scaling_factor: 3.5\n"
     )
     monkeypatch.syspath_prepend(str(site))
+    monkeypatch.delitem(sys.modules, "sae_lens", raising=False)  # the real one may be imported: find the stand-in
     g = torch.Generator().manual_seed(4)
     d = 8
     w = {"W_enc": torch.randn(d, D_SAE, generator=g), "b_enc": torch.randn(D_SAE, generator=g) * 0.3,

@@ -243,7 +243,10 @@ def write_transcoder_set(
     from safetensors.torch import save_file
 
     def rand(*shape: int, seed: int, scale: float = 1.0) -> Tensor:
-        return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64) * scale
+        return (
+            torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64, device="cpu")
+            * scale
+        )
 
     folder.mkdir(parents=True)
     folder.joinpath("config.yaml").write_text(

@@ -72,8 +72,10 @@ def null_for(
     n = len(curves)
     quantiles: list[tuple[float, float, float]] = []  # none without draws
     for i in range(len(settings.scales) if n else 0):
-        values = torch.tensor([float(getattr(curve[i], criterion)) for curve in curves], dtype=torch.float64)
-        q = torch.quantile(values, torch.tensor(QUANTILES, dtype=torch.float64)).tolist()
+        values = torch.tensor(
+            [float(getattr(curve[i], criterion)) for curve in curves], dtype=torch.float64, device="cpu"
+        )
+        q = torch.quantile(values, torch.tensor(QUANTILES, dtype=torch.float64, device="cpu")).tolist()
         quantiles.append((q[0], q[1], q[2]))
     null = Null(
         candidate=index,

@@ -336,7 +336,11 @@ class Mechanism:
             "candidates": [{**asdict(c), "effect": self.effect(c)} for c in self.candidates],
             "best": None if best is None else self.candidates.index(best),
             "winner": None if self.winner is None else self.candidates.index(self.winner),
-            "nulls": [{**asdict(n), "n": n.n, "stronger": n.stronger, "specific": n.specific} for n in self.nulls],
+            "nulls": [  # without the time taken: the same prompt gives the same bytes
+                {k: v for k, v in asdict(n).items() if k != "seconds"}
+                | {"n": n.n, "stronger": n.stronger, "specific": n.specific}
+                for n in self.nulls
+            ],
             "scales": list(self.scales),
             "n_passes": self.n_passes,
             "null_passes": sum(n.n_passes for n in self.nulls),

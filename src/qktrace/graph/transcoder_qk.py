@@ -185,7 +185,7 @@ def _read_direction(model: Model, trace: Trace, ts: TranscoderSet, node: Node) -
         g = input_adjoint(ts.input_site, an.layers[node.layer].ln_mlp, enc.to(scale.device, scale.dtype), scale)
         return g[0], node.layer + 1
     if node.kind is Kind.LOGIT:
-        vec = logit_vectors(an, torch.tensor([node.index]))
+        vec = logit_vectors(an, torch.tensor([node.index], device=an.W_U.device))
         scale = trace.scale_final[q : q + 1]
         return norm_adjoint(an.final_norm, vec.to(scale.device, vec.dtype), scale)[0], an.n_layers
     return None

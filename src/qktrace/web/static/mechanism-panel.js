@@ -80,7 +80,12 @@ export function createMechanismPanel(state, { onOpen, onReplay, onHighlight, onD
       el("dt", {}, "found"), el("dd", {}, best ? `${best.kind}: ${best.parts.reduce((a, p) => a + p.features.length, 0)}`
         + ` features at ${best.parts.length} site(s); ${m.flips ? "flips the answer" : m.halves ? "halves p(answer)"
           : "neither flips nor halves the answer"}` : "no candidate lowered m"),
-      el("dt", {}, "searched"), el("dd", {}, `${m.candidates.length} candidates, ${m.n_passes} intervened passes`)));
+      el("dt", {}, "verdict"), el("dd", { id: "mech-verdict", "data-specific": String(Boolean(m.specific)) },
+        m.verdict || "—"),
+      el("dt", {}, "the answer goes to"), el("dd", { id: "mech-goes-to" }, goesTo(m)),
+      el("dt", {}, "searched"), el("dd", {}, `${m.candidates.length} candidates, ${m.n_passes} intervened passes`
+        + (m.null_passes ? ` (+${m.null_passes} for the controls)` : ""))));
+    if (m.nulls && m.nulls.length) body.append(el("h4", {}, "Against random features (the control)"), nullsTable(m));
     if (best) {
       body.append(el("div", { class: "btnrow" },
         el("button", { type: "button", id: "mech-replay", onclick: () => onReplay(m, best) },
@@ -132,6 +137,26 @@ function curveView(m, c) {
       c.curve.map((p) => el("tr", { class: `curve-row${p.scale === 1 ? " clean" : ""}` }, num(p.scale, "scale", 3),
         num(p.metric, "metric", 4), num(p.p_answer, "p_answer", 3), num(p.p_rival, "p_rival", 3),
         el("td", {}, `${JSON.stringify(p.top_token)} (${fmt(p.top_p, 3)})`))))];
+}
+
+function goesTo(m) {
+  if (!m.goes_to) return "— (the model does not give the answer)";
+  const where = { rival: "the rival", other: "another token", nowhere: "nowhere (p halved, still top)" }[m.goes_to];
+  return m.goes_to_token ? `${where || m.goes_to}: ${JSON.stringify(m.goes_to_token)}` : where || m.goes_to;
+}
+
+const count = (x, field) => el("td", { class: "num", "data-field": field, "data-value": x }, String(x));
+
+/** Each candidate run against its control: N draws of as many other active features in the same heads. */
+function nullsTable(m) {
+  return el("table", { id: "mech-nulls" },
+    el("tr", {}, el("th", {}, "candidate"), el("th", { class: "num" }, "draws"), el("th", { class: "num" },
+      "at least as strong"), el("th", { class: "num" }, "p"), el("th", { class: "num" }, "threshold"),
+    el("th", { class: "num" }, "draws flip"), el("th", { class: "num" }, "draws halve"), el("th", {}, "specific")),
+    m.nulls.map((n) => el("tr", { class: "mech-null", "data-candidate": n.candidate }, el("td", {}, `#${n.candidate}`),
+      count(n.n, "n"), count(n.stronger, "stronger"), num(n.p_value, "p_value", 3), num(n.threshold, "threshold", 3),
+      num(n.flip_share, "flip_share", 3), num(n.halve_share, "halve_share", 3),
+      el("td", { "data-field": "specific" }, n.specific ? "yes" : "no"))));
 }
 
 function partsTable(m, c) {
