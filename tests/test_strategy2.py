@@ -12,7 +12,6 @@ pre-activation (its z slice through the encoder, or its z_h W_O[h] through the f
 
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
 
 import pytest
@@ -25,7 +24,7 @@ from qktrace.models import load_model
 from qktrace.nodes import LEAF_KINDS, TRANSCODER_FEATURE_TYPES, Kind, Node, attn_error, attn_feature
 from qktrace.saes import load_transcoders
 from qktrace.saes.attention import AttentionSAE, AttentionSAESet
-from qktrace.testing import make_tiny_model, random_sae
+from qktrace.testing import detached_softmax, frozen_norm, make_tiny_model, norm_gain, random_sae
 
 D_SAE = 40
 TOL = dict(rtol=1e-5, atol=1e-5)
@@ -94,30 +93,6 @@ def models64(tmp_path_factory):
     """The tiny models in float64, so the reference autograd and the graph agree to rounding."""
     root = tmp_path_factory.mktemp("s2")
     return {f: load_model(make_tiny_model(f, root / f, seed=i), dtype=torch.float64) for i, f in enumerate(HF)}
-
-
-def frozen_norm(module, args, kwargs, out):  # type: ignore[no-untyped-def]
-    """The norm's own formula with its denominator detached (LayerNorm: centred; Gemma: 1 + w)."""
-    x = args[0] if args else kwargs["hidden_states"]
-    eps = getattr(module, "eps", None) or getattr(module, "variance_epsilon", 1e-6)
-    if isinstance(module, torch.nn.LayerNorm):
-        xc = x - x.mean(-1, keepdim=True)
-        return xc * torch.rsqrt(xc.pow(2).mean(-1, keepdim=True) + eps).detach() * module.weight + module.bias
-    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps).detach() * gain(module)
-
-
-def gain(module) -> torch.Tensor:  # type: ignore[no-untyped-def]
-    return 1.0 + module.weight if "Gemma" in type(module).__name__ else module.weight
-
-
-@contextlib.contextmanager
-def detached_softmax():
-    real = torch.nn.functional.softmax
-    torch.nn.functional.softmax = lambda *a, **k: real(*a, **k).detach()  # type: ignore[assignment]
-    try:
-        yield
-    finally:
-        torch.nn.functional.softmax = real  # type: ignore[assignment]
 
 
 def leaf_split(coder, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # type: ignore[no-untyped-def]
@@ -210,7 +185,7 @@ def head_terms(got, saes, n_heads: int, layer: int, pos: int, index: int) -> lis
         write = W_h @ zs[h]
         if post is not None:  # Gemma-2: the post-attention norm at its frozen scale
             o = got["o"][layer][0, pos]
-            write = write * torch.rsqrt(o.pow(2).mean() + post.eps) * gain(post)
+            write = write * torch.rsqrt(o.pow(2).mean() + post.eps) * norm_gain(post)
         out.append(write @ w)
     return out
 

@@ -9,7 +9,6 @@ demeaned unembedding direction read after the final norm."""
 
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
 
 import pytest
@@ -19,7 +18,7 @@ from qktrace.graph.replacement import transcoder_graph
 from qktrace.models import load_model
 from qktrace.nodes import Kind
 from qktrace.saes import load_transcoders
-from qktrace.testing import make_tiny_model, write_transcoder_set
+from qktrace.testing import detached_softmax, frozen_norm, make_tiny_model, write_transcoder_set
 
 FAMILIES = ("gpt2", "llama", "gemma2", "qwen3")
 D_SAE = 48
@@ -49,27 +48,6 @@ def models64(tmp_path_factory):
     """The tiny models in float64, so the reference autograd and the graph agree to rounding."""
     root = tmp_path_factory.mktemp("tc64")
     return {f: load_model(make_tiny_model(f, root / f, seed=i), dtype=torch.float64) for i, f in enumerate(FAMILIES)}
-
-
-def frozen_norm(module, args, kwargs, out):  # type: ignore[no-untyped-def]
-    """The norm's own formula with its denominator detached (LayerNorm: centred; Gemma: 1 + w)."""
-    x = args[0] if args else kwargs["hidden_states"]
-    eps = getattr(module, "eps", None) or getattr(module, "variance_epsilon", 1e-6)
-    if isinstance(module, torch.nn.LayerNorm):
-        xc = x - x.mean(-1, keepdim=True)
-        return xc * torch.rsqrt(xc.pow(2).mean(-1, keepdim=True) + eps).detach() * module.weight + module.bias
-    gain = 1.0 + module.weight if "Gemma" in type(module).__name__ else module.weight
-    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps).detach() * gain
-
-
-@contextlib.contextmanager
-def detached_softmax():
-    real = torch.nn.functional.softmax
-    torch.nn.functional.softmax = lambda *a, **k: real(*a, **k).detach()  # type: ignore[assignment]
-    try:
-        yield
-    finally:
-        torch.nn.functional.softmax = real  # type: ignore[assignment]
 
 
 def reference(model, family: str, ts, ids: torch.Tensor):  # type: ignore[no-untyped-def]

@@ -10,9 +10,10 @@ compare against. tests/conftest.py turns these into pytest fixtures.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -424,3 +425,32 @@ def make_qk_circuit(path: Path, seed: int = 0, answer: str = "Sally") -> QKCircu
     others = {c: random_sae("standard", d, 48, seed=seed + 1 + c, checkpoint=c) for c in (0, 2)}
     tracer = Tracer(load_model(path), SAESet({**others, layer: sae}))
     return QKCircuit(tracer, prompt, answer, layer, head, key_pos, 0)
+
+
+# -- HF's own forward with frozen norms and patterns: the independent reference of the replacement graphs -------
+
+
+def norm_gain(module: Any) -> Tensor:
+    """A HF norm module's gain (Gemma's RMSNorm multiplies by 1 + w)."""
+    return 1.0 + module.weight if "Gemma" in type(module).__name__ else module.weight
+
+
+def frozen_norm(module: Any, args: Any, kwargs: Any, out: Any) -> Tensor:
+    """A forward hook: the norm's own formula with its denominator detached (LayerNorm: centred, with bias)."""
+    x = args[0] if args else kwargs["hidden_states"]
+    eps = getattr(module, "eps", None) or getattr(module, "variance_epsilon", 1e-6)
+    if isinstance(module, torch.nn.LayerNorm):
+        xc = x - x.mean(-1, keepdim=True)
+        return xc * torch.rsqrt(xc.pow(2).mean(-1, keepdim=True) + eps).detach() * module.weight + module.bias
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps).detach() * norm_gain(module)
+
+
+@contextlib.contextmanager
+def detached_softmax() -> Iterator[None]:
+    """Every softmax's output detached while inside (HF's eager attention reaches it through F.softmax)."""
+    real = torch.nn.functional.softmax
+    torch.nn.functional.softmax = lambda *a, **k: real(*a, **k).detach()
+    try:
+        yield
+    finally:
+        torch.nn.functional.softmax = real
