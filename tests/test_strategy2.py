@@ -12,11 +12,8 @@ pre-activation (its z slice through the encoder, or its z_h W_O[h] through the f
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
-from safetensors.torch import save_file
 
 from qktrace.errors import SAEMismatchError
 from qktrace.graph.strategy2 import checkpointed_graph, head_loadings
@@ -24,7 +21,7 @@ from qktrace.models import load_model
 from qktrace.nodes import LEAF_KINDS, TRANSCODER_FEATURE_TYPES, Kind, Node, attn_error, attn_feature
 from qktrace.saes import load_transcoders
 from qktrace.saes.attention import AttentionSAE, AttentionSAESet
-from qktrace.testing import detached_softmax, frozen_norm, make_tiny_model, norm_gain, random_sae
+from qktrace.testing import frozen_norm, hooked_forward, make_tiny_model, norm_gain, random_sae, write_transcoder_set
 
 D_SAE = 40
 TOL = dict(rtol=1e-5, atol=1e-5)
@@ -40,7 +37,6 @@ HF = {
     "gemma2": (lambda hf: hf.model.layers, "pre_feedforward_layernorm", "self_attn", "self_attn.o_proj",
                "post_attention_layernorm", "model.norm", "model.embed_tokens", "post_feedforward_layernorm"),
 }  # fmt: skip
-INPUT_HOOK = {"resid_mid": "hook_resid_mid", "mlp_in": "mlp.hook_in"}
 # (family, transcoder input site, skip, attention SAE site per layer)
 CASES = [
     ("gpt2", "mlp_in", False, ("z", "attn_out")),
@@ -49,29 +45,6 @@ CASES = [
     ("gemma2", "mlp_in", True, ("z", "attn_out")),
     ("gemma2", "resid_mid", False, ("attn_out", "z")),
 ]
-
-
-def rand(*shape: int, seed: int, scale: float = 1.0) -> torch.Tensor:
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64) * scale
-
-
-def write_set(folder: Path, d: int, n: int, input_site: str, skip: bool) -> None:
-    """A circuit-tracer ReLU transcoder set with a negative encoder bias (a few features active per token)."""
-    folder.mkdir(parents=True)
-    folder.joinpath("config.yaml").write_text(
-        f'model_kind: "transcoder_set"\nfeature_input_hook: "{INPUT_HOOK[input_site]}"\n'
-        'feature_output_hook: "hook_mlp_out"\n'
-    )
-    for i in range(n):
-        w = {
-            "W_enc": rand(D_SAE, d, seed=10 * i + 1, scale=1.0 / d**0.5),
-            "W_dec": rand(D_SAE, d, seed=10 * i + 2, scale=0.3),
-            "b_enc": rand(D_SAE, seed=10 * i + 3, scale=0.2) - 0.4,
-            "b_dec": rand(d, seed=10 * i + 4, scale=0.2),
-        }
-        if skip:
-            w["W_skip"] = rand(d, d, seed=10 * i + 6, scale=0.1)
-        save_file({k: v.float() for k, v in w.items()}, str(folder / f"layer_{i}.safetensors"))
 
 
 def attention_saes(model, sites: tuple[str, ...]) -> AttentionSAESet:  # type: ignore[no-untyped-def]
@@ -161,12 +134,7 @@ def reference(model, family: str, ts, saes: AttentionSAESet, ids: torch.Tensor) 
     handles.append(emb_mod.register_forward_hook(lambda m, a, o: got.update(emb=o.detach().requires_grad_(True))))
     handles.append(emb_mod.register_forward_hook(lambda m, a, o: got["emb"]))
     handles.append(hf.get_submodule(final).register_forward_hook(lambda m, a, o: got.update(final=o)))
-    try:
-        with detached_softmax():
-            hf(ids[None], use_cache=False)
-    finally:
-        for h in handles:
-            h.remove()
+    hooked_forward(hf, ids, handles)
     got["post_attn"] = [None if post_attn is None else b.get_submodule(post_attn) for b in blocks]
     got["o_proj"] = [b.get_submodule(o_proj) for b in blocks]
     return got
@@ -235,7 +203,7 @@ def test_every_edge_and_head_loading_is_an_autograd_gradient_through_hf(
 ):
     model = models64[family]
     n_layers, n_heads = model.n_layers, model.anatomy.layers[0].n_heads
-    write_set(tmp_path / "ct", model.d_model, n_layers, input_site, skip)
+    write_transcoder_set(tmp_path / "ct", model.d_model, n_layers, input_site, skip=skip, d_sae=D_SAE)
     ts = load_transcoders(tmp_path / "ct", model, dtype=torch.float64)
     saes = attention_saes(model, sites)
     prompt = "Aunt Sally is the opposite of Uncle Bob ."
@@ -304,7 +272,7 @@ def test_node_ids_and_coverage(models64, tmp_path):
     assert attn_feature(2, 5, 12).positionless == "attn/l2/f12" and attn_feature(2, 5, 12).layer == 2
     assert TRANSCODER_FEATURE_TYPES[Kind.ATTN_FEATURE] == "lorsa" and Kind.ATTN_ERROR in LEAF_KINDS
     model = models64["llama"]
-    write_set(tmp_path / "ct", model.d_model, model.n_layers, "mlp_in", False)
+    write_transcoder_set(tmp_path / "ct", model.d_model, model.n_layers, d_sae=D_SAE)
     ts = load_transcoders(tmp_path / "ct", model, dtype=torch.float64)
     one = AttentionSAESet({0: attention_saes(model, ("z", "z"))[0]})
     with pytest.raises(SAEMismatchError, match=r"attention SAEs cover layers \(0,\) of 2: load one per layer") as err:

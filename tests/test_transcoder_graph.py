@@ -18,7 +18,7 @@ from qktrace.graph.replacement import transcoder_graph
 from qktrace.models import load_model
 from qktrace.nodes import Kind
 from qktrace.saes import load_transcoders
-from qktrace.testing import detached_softmax, frozen_norm, make_tiny_model, write_transcoder_set
+from qktrace.testing import frozen_norm, hooked_forward, make_tiny_model, write_transcoder_set
 
 FAMILIES = ("gpt2", "llama", "gemma2", "qwen3")
 D_SAE = 48
@@ -94,12 +94,7 @@ def reference(model, family: str, ts, ids: torch.Tensor):  # type: ignore[no-unt
     handles.append(emb_mod.register_forward_hook(lambda m, a, o: got.update(emb=o.detach().requires_grad_(True))))
     handles.append(emb_mod.register_forward_hook(lambda m, a, o: got["emb"]))
     handles.append(final(hf).register_forward_hook(lambda m, a, o: got.update(final=o)))
-    try:
-        with detached_softmax():
-            hf(ids[None], use_cache=False)
-    finally:
-        for h in handles:
-            h.remove()
+    hooked_forward(hf, ids, handles)
     return got
 
 

@@ -454,3 +454,13 @@ def detached_softmax() -> Iterator[None]:
         yield
     finally:
         torch.nn.functional.softmax = real
+
+
+def hooked_forward(hf: Any, ids: Tensor, handles: Iterable[Any]) -> None:
+    """HF's forward over `ids` with every softmax detached; the hooks in `handles` are removed afterwards."""
+    try:
+        with detached_softmax():
+            hf(ids[None], use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
