@@ -29,7 +29,7 @@ NodeRows = tuple[Tensor, ...]  # [node] each: kind code, checkpoint (or layer), 
 
 def assemble_graph(
     model: Model, saes: SAESet, trace: Trace, att: Attribution, pruned: Pruned, edge_cols: tuple[Tensor, ...],
-    top: int, settings: dict[str, object],
+    settings: dict[str, object],
 ) -> Graph:  # fmt: skip
     rows = (att.kinds, att.checkpoints, att.pos, att.index, att.acts, att.logit_weights)
     label = lambda node: saes[node.checkpoint].label(node.index)  # noqa: E731

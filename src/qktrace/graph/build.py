@@ -400,7 +400,7 @@ def build_graph(
         log.info(
             "graph: %d target rows recomputed to stay within %.1f GB", att.store.recomputed, att.store.budget / 1e9
         )
-    return assemble_graph(model, saes, trace, att, pruned, edge_cols, top, {
+    return assemble_graph(model, saes, trace, att, pruned, edge_cols, {
         "readout": o.readout,
         "mode": o.mode,
         "node_threshold": o.node_threshold,
