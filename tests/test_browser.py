@@ -1156,3 +1156,101 @@ def test_every_view_is_a_link(setup, shots, driver, tmp_path):
         err = wait(driver, "#steer-body p.error")
         assert "name heads (e.g. L1H3 L1H0)" in err.text and "a checkpoint" in err.text
         assert console_errors(driver) == []
+
+
+# -- supernodes collapsed into one node; compare with full panels on both sides -------------------------------
+
+
+def shown_nodes(driver, svg: str = "graph-svg") -> list[str]:
+    """The ids of the graph's nodes drawn now (not hidden by a collapsed supernode or the pinned-only view)."""
+    return driver.execute_script(
+        f"return [...document.querySelectorAll('#{svg} g.nodes g.node')]"
+        ".filter(g => g.getAttribute('display') !== 'none').map(g => g.dataset.id)"
+    )
+
+
+def summed_edges(graph: dict, members: set[str], group: str) -> dict[tuple[str, str], float]:
+    """From the file: the edges of a collapsed group, each the sum over its members' edges to or from one
+    other node (edges among the members are inside the group)."""
+    out: dict[tuple[str, str], float] = {}
+    for x in graph["links"]:
+        s, t = (group if x[e] in members else x[e] for e in ("source", "target"))
+        if group in (s, t) and s != t:
+            out[(s, t)] = out.get((s, t), 0.0) + x["weight"]
+    return out
+
+
+def drawn_summed_edges(driver) -> dict[tuple[str, str], float]:
+    edges = driver.find_elements(By.CSS_SELECTOR, "#graph-svg g.edge.summed")
+    return {(e.get_attribute("data-source"), e.get_attribute("data-target")): float(e.get_attribute("data-raw"))
+            for e in edges}  # fmt: skip
+
+
+def test_supernode_collapses_into_one_node(setup, shots, driver):
+    """Three pinned nodes grouped, then collapsed by a click on the group's label: one node drawn for them
+    (three fewer graph nodes), its edges the sums over the members' edges read from the graph file, its
+    member count shown; the URL keeps it collapsed (a reload reopens it so); a click on it expands it into its
+    members ringed (nothing drawn round the other nodes); "c" on a member collapses it again."""
+    graph = setup.graph
+    kind = lambda i: Node.parse(i).kind  # noqa: E731
+    degree = {n["node_id"]: 0 for n in graph["nodes"]}
+    for x in graph["links"]:
+        degree[x["source"]] += 1
+        degree[x["target"]] += 1
+    members = sorted((i for i in degree if kind(i) is Kind.FEATURE), key=lambda i: (-degree[i], i))[:3]
+    with LiveServer(create_app(setup.data, setup.tracer)) as server:
+        open_graph(driver, server, GRAPH_NAME)
+        everyone = shown_nodes(driver)
+        assert len(everyone) == len(graph["nodes"])
+        for node_id in members:
+            node = driver.find_element(By.CSS_SELECTOR, f'#graph-svg g.node[data-id="{node_id}"] .mark')
+            ActionChains(driver).key_down(Keys.SHIFT).click(node).key_up(Keys.SHIFT).perform()
+        WebDriverWait(driver, 10).until(lambda d: len(d.find_elements(By.CSS_SELECTOR, ".pin-check")) == 3)
+        driver.find_element(By.ID, "group-name").send_keys("trio")
+        click(driver, driver.find_element(By.ID, "group-btn"))
+        expanded = wait(driver, '#graph-svg g.supernode.expanded[data-name="trio"]')
+        assert not expanded.find_elements(By.CSS_SELECTOR, "rect")  # no box that could take in other nodes
+        rings = expanded.find_elements(By.CSS_SELECTOR, "circle.member-ring")
+        centres = {(float(r.get_attribute("cx")), float(r.get_attribute("cy"))) for r in rings}
+        where = driver.execute_script(
+            "return Object.fromEntries([...document.querySelectorAll('#graph-svg g.nodes g.node')]"
+            ".map(g => [g.dataset.id, g.transform.baseVal.consolidate().matrix]).map(([i, m]) => [i, [m.e, m.f]]))"
+        )
+        assert centres == {tuple(where[i]) for i in members}
+
+        click(driver, driver.find_element(By.CSS_SELECTOR, '#graph-svg .group-label[data-group="0"]'))
+        group = wait(driver, '#graph-svg g.supernode.collapsed[data-name="trio"]')
+        assert group.get_attribute("data-count") == "3"
+        assert sorted(shown_nodes(driver)) == sorted(set(everyone) - set(members))  # three fewer, one group node
+        assert len(driver.find_elements(By.CSS_SELECTOR, "#graph-svg g.supernode.collapsed")) == 1
+        label = driver.find_element(By.CSS_SELECTOR, '#graph-svg .group-label[data-group="0"] text')
+        assert text_of(label) == "▸ trio (3)"
+        expected = summed_edges(graph, set(members), "supernode:0")
+        drawn = drawn_summed_edges(driver)
+        assert drawn.keys() == expected.keys() and len(drawn) > 0
+        for key, w in expected.items():
+            assert drawn[key] == pytest.approx(w, rel=1e-6, abs=1e-9), key
+        x, y = (float(v) for v in re.findall(r"-?[\d.]+", group.get_attribute("transform")))
+        assert (x, y) == pytest.approx(tuple(sum(where[i][j] for i in members) / 3 for j in (0, 1)))
+        driver.save_screenshot(str(shots / "20-supernode-collapsed.png"))
+
+        # the URL keeps it: reloaded, the group is collapsed again with the same edges
+        WebDriverWait(driver, 10).until(lambda d: "group=c" in d.execute_script("return location.hash"))
+        url = driver.current_url
+        driver.get("about:blank")
+        driver.get(url)
+        wait(driver, '#graph-svg g.supernode.collapsed[data-name="trio"]')
+        assert sorted(shown_nodes(driver)) == sorted(set(everyone) - set(members))
+        assert drawn_summed_edges(driver) == drawn
+
+        # a click expands it; "c" on a member collapses it again
+        click(driver, driver.find_element(By.CSS_SELECTOR, "#graph-svg g.supernode.collapsed circle.mark"))
+        wait(driver, '#graph-svg g.supernode.expanded[data-name="trio"]')
+        assert len(shown_nodes(driver)) == len(graph["nodes"])
+        assert not driver.find_elements(By.CSS_SELECTOR, "#graph-svg g.edge.summed")
+        WebDriverWait(driver, 10).until(lambda d: "group=e" in d.execute_script("return location.hash"))
+        member = driver.find_element(By.CSS_SELECTOR, f'#graph-svg g.node[data-id="{members[0]}"]')
+        driver.execute_script("arguments[0].focus()", member)
+        ActionChains(driver).send_keys("c").perform()
+        wait(driver, '#graph-svg g.supernode.collapsed[data-name="trio"]')
+        assert console_errors(driver) == []

@@ -32,7 +32,7 @@ import { reveal } from "./panels.js";
 import { createQKPanel } from "./qk-panel.js";
 import { createSweepPanel } from "./sweep-panel.js";
 import {
-  addSupernode, clearSelection, removeSupernode, selectLink, selectNode, store, togglePin,
+  addSupernode, clearSelection, removeSupernode, selectLink, selectNode, store, togglePin, toggleSupernode,
 } from "./state.js";
 import { readUrl, setHash, viewHash } from "./url.js";
 
@@ -48,6 +48,7 @@ const view = createGraphView($("graph-svg"), state, {
   },
   onBackground: clearSelection,
   onKey: keyHandler(() => store.state.model, () => view, openNode),
+  onSupernode: toggleSupernode,
 });
 const qkPanel = createQKPanel(state, {
   onShown: (qk) => { store.set({ qk }); reveal("qk-panel"); },
@@ -92,6 +93,7 @@ const compareView = createCompareView({
 });
 const groupPanel = createGroupPanel($("group-body"), {
   onNode: selectNode, onPin: (n) => togglePin(n.id), onGroup: addSupernode, onUngroup: removeSupernode,
+  onToggle: toggleSupernode,
 });
 
 // Every change reaches the parts that show it.
@@ -105,7 +107,7 @@ store.subscribe((s, changed) => {
     nodePanel.reset();
     edgePanel.reset();
   }
-  if (s.model && any("model", "selNode", "selLink", "pinned", "weights", "prune", "subgraph")) {
+  if (s.model && any("model", "selNode", "selLink", "pinned", "weights", "prune", "subgraph", "supernodes")) {
     edgeCount(view.restyle());
   }
   if (any("subgraph")) $("subgraph").checked = s.subgraph;
@@ -116,7 +118,8 @@ store.subscribe((s, changed) => {
   if (changed.has("selLink") && s.selLink) { edgePanel.show(s); if (!restoring) reveal("edge-panel", false); }
   if (any("model", "pinned", "supernodes")) groupPanel.show(s);
   if (any("weights")) $("weights-norm").checked = s.weights === "norm";
-  if (!restoring && any("weights", "prune", "pinned", "subgraph", "selNode", "selLink", "qk", "mechanism")) {
+  if (!restoring && any("weights", "prune", "pinned", "subgraph", "supernodes", "selNode", "selLink", "qk",
+    "mechanism")) {
     writeUrl(any("selNode", "selLink", "qk", "mechanism"));
   }
 });
@@ -136,7 +139,7 @@ function writeUrl(push, force = false) {
   const s = store.state;
   if (!s.name || (compareView.isOpen() && !force)) return;
   setHash(viewHash({ graph: s.name, weights: s.weights, prune: s.prune, pins: [...s.pinned], subgraph: s.subgraph,
-    node: s.selNode && s.selNode.id, edge: s.selLink && { source: s.selLink.source, target: s.selLink.target },
+    supernodes: s.supernodes, node: s.selNode && s.selNode.id, edge: s.selLink && { source: s.selLink.source, target: s.selLink.target },
     qk: s.qk, mechanism: s.mechanism }), push);
 }
 
@@ -150,6 +153,8 @@ function applyView(v) {
     if (v.prune !== null && v.prune !== store.state.prune) { $("prune").value = v.prune; patch.prune = v.prune; }
     if (v.pins.length) patch.pinned = new Set(v.pins.filter((id) => m.byId.has(id)));
     if (v.subgraph !== store.state.subgraph) patch.subgraph = v.subgraph;
+    const groups = v.supernodes && v.supernodes.map((s) => ({ ...s, ids: s.ids.filter((id) => m.byId.has(id)) }));
+    if (groups && JSON.stringify(groups) !== JSON.stringify(store.state.supernodes)) patch.supernodes = groups;
     const node = (v.node && m.byId.get(v.node)) || null;
     const link = (!node && v.edge && m.links.find((l) => l.source === v.edge.source && l.target === v.edge.target))
       || null;

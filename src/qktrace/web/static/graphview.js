@@ -1,8 +1,10 @@
-// One graph drawn as SVG: grid, edges, nodes, supernode boxes and node labels, in layers of one <svg>,
+// One graph drawn as SVG: grid, edges, nodes, supernodes and node labels, in layers of one <svg>,
 // zoomed and panned through its viewBox (zoom.js). Labels are drawn at screen size whatever the zoom: the
 // logit nodes' (token and probability) and the most influential nodes' always, the chosen, pinned and
 // hovered ones' on top, placed without overlap (labels.js). Edge sign is colour and line style (inhibitory
-// edges dashed); nodes take focus (Tab) and report keys to `onKey`.
+// edges dashed); nodes take focus (Tab) and report keys to `onKey`. Supernodes (supernodes.js): an expanded
+// one rings its members, a collapsed one is one node with summed edges; a click on it or on its label, Enter
+// on it, or "c" on a member toggles it (`onSupernode(i)`).
 // The view holds no selection of its own: it draws what `state()` returns ({selNode, selLink, hover, pinned,
 // supernodes, weights, prune}) and reports clicks and hovers to the handlers it was given, so a second
 // view (e.g. two graphs compared side by side) is a second `createGraphView` over its own store.
@@ -12,6 +14,7 @@ import { placeLabels } from "./labels.js";
 import { L, layout, rowName } from "./layout.js";
 import { marker } from "./legend.js";
 import { isCross, nodeLabel, quantile, shortLabel, weightOf } from "./model.js";
+import { collapse, drawGroups, groupOf } from "./supernodes.js";
 import { createZoom } from "./zoom.js";
 
 const LABEL_FONT = 11, LABEL_H = 15; // on screen, whatever the drawing's scale
@@ -32,13 +35,16 @@ function labelText(n) {
   return `${shortLabel(n)} (p=${fmt(n.token_prob, 3)})`;
 }
 
-/** handlers: onNode(n, event), onLink(l), onHover(n or null, event), onBackground(), onKey(n, event). */
-export function createGraphView(svg, state, { onNode, onLink, onHover, onBackground, onKey = () => {} }) {
+/** handlers: onNode(n, event), onLink(l), onHover(n or null, event), onBackground(), onKey(n, event),
+ * onSupernode(i): toggle supernode i. `opts.minFit`: the least scale `fit` opens at (zoom.js). */
+export function createGraphView(svg, state, { onNode, onLink, onHover, onBackground, onKey = () => {},
+  onSupernode = () => {} }, opts = {}) {
   let model = null, size = null, scale = 1, edgeEls = [], nodeEls = new Map(), drawn = "", pending = 0;
+  let grouped = collapse({ links: [] }, []), groupedFor = null, summedEls = new Map();
   const measure = document.createElement("canvas").getContext("2d");
   measure.font = `${LABEL_FONT}px ${FONT}`;
   svg.addEventListener("click", () => onBackground());
-  const zoom = createZoom(svg, (k) => {
+  const zoom = createZoom(svg, opts, (k) => {
     if (Math.abs(k - scale) < 1e-6) return;
     scale = k;
     drawn = "";
@@ -49,6 +55,7 @@ export function createGraphView(svg, state, { onNode, onLink, onHover, onBackgro
   function show(m) {
     model = m;
     drawn = "";
+    groupedFor = null;
     clear(svg);
     if (!model) return;
     const lay = layout(model);
@@ -75,13 +82,36 @@ export function createGraphView(svg, state, { onNode, onLink, onHover, onBackgro
     for (const n of model.nodes) {
       const g = sv("g", { class: "node", "data-id": n.id, "data-kind": n.p.kind, transform: `translate(${n.x},${n.y})`,
         tabindex: 0, role: "button", "aria-label": `${nodeLabel(n)} (${n.id})`,
-        onclick: (e) => { e.stopPropagation(); onNode(n, e); }, onkeydown: (e) => onKey(n, e),
+        onclick: (e) => { e.stopPropagation(); onNode(n, e); }, onkeydown: (e) => nodeKey(n, e),
         onmouseenter: (e) => onHover(n, e), onmouseleave: (e) => onHover(null, e) }, marker(n.p.kind),
       sv("circle", { class: "ring", r: 8.5, fill: "none", stroke: C.sel, "stroke-width": 1.6, opacity: 0 }));
       nodes.append(g);
       nodeEls.set(n.id, g);
     }
-    svg.append(edges, sv("g", { class: "supernodes" }), nodes, sv("g", { class: "labels", "font-family": FONT }));
+    svg.append(edges, sv("g", { class: "group-edges" }), sv("g", { class: "group-rings" }), nodes,
+      sv("g", { class: "group-nodes", "font-family": FONT }), sv("g", { class: "labels", "font-family": FONT }));
+  }
+
+  /** "c" on a grouped node toggles its supernode; every other key goes to `onKey`. */
+  function nodeKey(n, e) {
+    const i = e.key === "c" ? groupOf(state().supernodes || [], n.id) : -1;
+    if (i < 0) return onKey(n, e);
+    e.preventDefault();
+    onSupernode(i);
+  }
+
+  /** The supernodes as drawn now: (re)drawn when the list changed (a new array: the store never mutates it). */
+  function groups() {
+    const sn = state().supernodes || [];
+    if (model && sn !== groupedFor) {
+      groupedFor = sn;
+      grouped = collapse(model, sn);
+      const layer = (c) => svg.querySelector(`.${c}`);
+      summedEls = drawGroups({ rings: layer("group-rings"), edges: layer("group-edges"), nodes: layer("group-nodes") },
+        model, sn, grouped, onSupernode);
+      drawn = "";
+    }
+    return grouped;
   }
 
   function grid(lay) {
@@ -120,84 +150,121 @@ export function createGraphView(svg, state, { onNode, onLink, onHover, onBackgro
     const only = subgraph && pinned.size ? pinned : null; // the subgraph of the pinned nodes, alone
     const threshold = quantile(model, weights, prune / 100);
     const maxAbs = Math.max(1e-30, quantile(model, weights, 1));
+    const { hidden, links: summed } = groups();
     let shown = 0;
-    for (const l of model.links) {
-      const g = edgeEls[l.i], w = weightOf(l, weights), touches = sel && (l.s === sel || l.t === sel);
-      const on = only ? only.has(l.source) && only.has(l.target)
-        : Math.abs(w) >= threshold || l === link || touches;
+    const style = (g, l, w, on, touches) => {
       g.setAttribute("display", on ? "inline" : "none");
       g.setAttribute("data-weight", w);
       shown += on ? 1 : 0;
-      const vis = g.firstChild;
-      vis.setAttribute("stroke-width", (0.6 + 4.4 * Math.sqrt(Math.abs(w) / maxAbs) + (l === link ? 2 : 0)).toFixed(2));
+      const vis = g.firstChild, k = Math.sqrt(Math.min(1, Math.abs(w) / maxAbs));
+      vis.setAttribute("stroke-width", (0.6 + 4.4 * k + (l === link ? 2 : 0)).toFixed(2));
       vis.setAttribute("stroke-opacity", l === link ? 0.95 : sel ? (touches ? 0.85 : 0.07) : link ? 0.15 : 0.5);
+    };
+    for (const l of model.links) {
+      const w = weightOf(l, weights), touches = sel && (l.s === sel || l.t === sel);
+      const on = !hidden.has(l.source) && !hidden.has(l.target) && (only ? only.has(l.source) && only.has(l.target)
+        : Math.abs(w) >= threshold || l === link || touches);
+      style(edgeEls[l.i], l, w, on, touches);
+    }
+    for (const l of summed) { // a group's summed edge shows when one of its edges would
+      const w = weightOf(l, weights), touches = sel && (l.s === sel || l.t === sel);
+      const on = !only && (touches || l.members.some((m) => Math.abs(weightOf(m, weights)) >= threshold));
+      style(summedEls.get(l.key), l, w, on, touches);
     }
     for (const [id, g] of nodeEls) {
       const n = model.byId.get(id), chosen = n === sel || (link && (n === link.s || n === link.t));
       const ring = g.querySelector(".ring");
-      g.setAttribute("display", !only || only.has(id) ? "inline" : "none");
+      g.setAttribute("display", !hidden.has(id) && (!only || only.has(id)) ? "inline" : "none");
       ring.setAttribute("opacity", pinned.has(id) || chosen ? 1 : 0);
       ring.setAttribute("stroke", chosen ? C.accent : C.sel);
     }
+    svg.querySelector(".group-nodes").setAttribute("display", only ? "none" : "inline");
     return { shown, total: model.links.length, threshold };
   }
 
-  /** Labels of the chosen and pinned nodes (placed first, so they stay put), of the logits and the most
-   * influential nodes, and of the hovered node. */
+  /** Labels of the chosen and pinned nodes (placed first, so they stay put), of the supernodes, of the logits
+   * and the most influential nodes, and of the hovered node; none for a collapsed supernode's members. */
   function drawLabels() {
     const layer = svg.querySelector(".labels");
     if (!model || !layer) return;
     const { selNode, selLink, pinned, hover } = state();
+    const { hidden, groups: shut } = groups(), sn = state().supernodes || [];
     const ids = [selNode && selNode.id, selLink && selLink.t.id, selLink && selLink.s.id, ...pinned,
       ...defaultLabelled(model).map((n) => n.id)];
-    const keep = [...new Set(ids.filter((id) => id && model.byId.has(id)))];
+    const keep = [...new Set(ids.filter((id) => id && model.byId.has(id) && !hidden.has(id)))];
     const chosen = new Set([selNode && selNode.id, selLink && selLink.t.id, selLink && selLink.s.id, ...pinned]);
-    const all = hover && !keep.includes(hover.id) ? [...keep, hover.id] : keep;
-    const key = all.map((id) => `${keep.includes(id) ? "" : "hover:"}${id}=${nodeLabel(model.byId.get(id))}`).join("\n");
+    const all = hover && !keep.includes(hover.id) && !hidden.has(hover.id) ? [...keep, hover.id] : keep;
+    const tags = groupTags(sn, shut);
+    const key = [...tags.map((t) => `${t.id}=${t.text}`),
+      ...all.map((id) => `${keep.includes(id) ? "" : "hover:"}${id}=${nodeLabel(model.byId.get(id))}`)].join("\n");
     if (key === drawn) return;
     drawn = key;
     const u = 1 / scale; // one screen pixel in drawing units
-    const items = all.map((id) => {
+    const box = (text, bold = false) => {
+      measure.font = `${bold ? "600 " : ""}${LABEL_FONT}px ${FONT}`;
+      return { w: (Math.ceil(measure.measureText(text).width) + 8) * u, h: LABEL_H * u };
+    };
+    const items = [...tags.map((t) => ({ ...t, ...box(t.text, true) })), ...all.map((id) => {
       const n = model.byId.get(id), text = labelText(n); // the full text goes in its title
-      return { id, x: n.x, y: n.y, w: (Math.ceil(measure.measureText(text).width) + 8) * u, h: LABEL_H * u, n, text,
+      return { id, x: n.x, y: n.y, n, text, ...box(text),
         optional: keep.includes(id) && !chosen.has(id) && n.p.kind !== "logit" }; // top nodes by influence give way
-    });
-    const obstacles = model.nodes.map((n) => ({ x: n.x - 6, y: n.y - 6, w: 12, h: 12 }));
+    })];
+    const obstacles = [...model.nodes.filter((n) => !hidden.has(n.id)), ...shut]
+      .map((n) => ({ x: n.x - 6, y: n.y - 6, w: 12, h: 12 }));
     const boxes = placeLabels(items, obstacles, { width: size[0], height: size[1] });
     clear(layer).setAttribute("font-size", (LABEL_FONT * u).toFixed(2));
     items.forEach((it, i) => {
-      const { box } = boxes[i];
-      if (!box) return;
-      const n = it.n, full = nodeLabel(n), hoverOnly = !keep.includes(it.id);
-      const cx = Math.max(box.x, Math.min(n.x, box.x + box.w)), cy = Math.max(box.y, Math.min(n.y, box.y + box.h));
-      const far = Math.hypot(cx - n.x, cy - n.y) > 11;
-      layer.append(sv("g", { class: `node-label${hoverOnly ? " hover-only" : ""}`, "data-id": it.id, "data-full": full,
-        onclick: (e) => { e.stopPropagation(); onNode(n, e); },
-        onmouseenter: (e) => onHover(n, e), onmouseleave: (e) => onHover(null, e) },
-      far ? sv("line", { x1: n.x, y1: n.y, x2: cx, y2: cy, stroke: C.muted, "stroke-width": 0.8 }) : null,
-      sv("rect", { x: box.x, y: box.y, width: box.w, height: box.h, rx: 3 * u, fill: "#ffffff", "fill-opacity": 0.92,
-        stroke: hoverOnly ? C.muted : C.sel, "stroke-width": 0.6 * u }),
-      sv("text", { x: box.x + 4 * u, y: box.y + (LABEL_H - 4) * u, fill: C.sel }, it.text),
-      sv("title", {}, full)));
+      const { box: b } = boxes[i];
+      if (b) layer.append(it.group === undefined ? nodeTag(it, b, u, !keep.includes(it.id)) : groupTag(it, b, u));
     });
   }
 
+  /** A supernode's label: at its node when collapsed, at its topmost member when expanded; a click toggles it. */
+  function groupTags(sn, shut) {
+    return sn.map((s, i) => {
+      const g = shut.find((x) => x.i === i);
+      const members = g ? [g] : s.ids.map((id) => model.byId.get(id)).filter(Boolean);
+      if (!members.length) return null;
+      const top = members.reduce((a, n) => (n.y < a.y ? n : a));
+      const k = g ? g.members.length : members.length;
+      return { id: `group:${i}`, group: i, x: top.x, y: top.y, open: !g, text: `${g ? "▸" : "▾"} ${s.name} (${k})`,
+        title: `${s.name}: ${k} nodes; click to ${g ? "expand" : "collapse"} (or "c" on a member)` };
+    }).filter(Boolean);
+  }
+
+  function leader(x, y, b) {
+    const cx = Math.max(b.x, Math.min(x, b.x + b.w)), cy = Math.max(b.y, Math.min(y, b.y + b.h));
+    return Math.hypot(cx - x, cy - y) > 11 ? sv("line", { x1: x, y1: y, x2: cx, y2: cy, stroke: C.muted,
+      "stroke-width": 0.8 }) : null;
+  }
+
+  function nodeTag(it, b, u, hoverOnly) {
+    const n = it.n, full = nodeLabel(n);
+    return sv("g", { class: `node-label${hoverOnly ? " hover-only" : ""}`, "data-id": it.id, "data-full": full,
+      onclick: (e) => { e.stopPropagation(); onNode(n, e); },
+      onmouseenter: (e) => onHover(n, e), onmouseleave: (e) => onHover(null, e) },
+    leader(n.x, n.y, b),
+    sv("rect", { x: b.x, y: b.y, width: b.w, height: b.h, rx: 3 * u, fill: "#ffffff", "fill-opacity": 0.92,
+      stroke: hoverOnly ? C.muted : C.sel, "stroke-width": 0.6 * u }),
+    sv("text", { x: b.x + 4 * u, y: b.y + (LABEL_H - 4) * u, fill: C.sel }, it.text),
+    sv("title", {}, full));
+  }
+
+  function groupTag(it, b, u) {
+    return sv("g", { class: `node-label group-label ${it.open ? "expanded" : "collapsed"}`, "data-group": it.group,
+      onclick: (e) => { e.stopPropagation(); onSupernode(it.group); } },
+    leader(it.x, it.y, b),
+    sv("rect", { x: b.x, y: b.y, width: b.w, height: b.h, rx: 3 * u, fill: "#f5f3ff", "fill-opacity": 0.95,
+      stroke: C.group, "stroke-width": 0.8 * u }),
+    sv("text", { x: b.x + 4 * u, y: b.y + (LABEL_H - 4) * u, fill: C.group, "font-weight": 600 }, it.text),
+    sv("title", {}, it.title));
+  }
+
+  /** Draw the supernodes now (they are also drawn whenever the view restyles or labels). */
   function drawSupernodes() {
-    const layer = svg.querySelector(".supernodes");
-    if (!model || !layer) return;
-    clear(layer);
-    for (const s of state().supernodes) {
-      const members = s.ids.map((id) => model.byId.get(id)).filter(Boolean);
-      if (!members.length) continue;
-      const xs = members.map((n) => n.x), ys = members.map((n) => n.y);
-      const x = Math.min(...xs) - 12, y = Math.min(...ys) - 12;
-      const w = Math.max(...xs) - x + 12, h = Math.max(...ys) - y + 12;
-      layer.append(sv("g", { class: "supernode", "data-name": s.name, "data-ids": s.ids.join(",") },
-        sv("rect", { x, y, width: w, height: h, rx: 8, fill: C.group, "fill-opacity": 0.07, stroke: C.group,
-          "stroke-dasharray": "5 3", "stroke-width": 1.2 }),
-        sv("text", { x: x + 4, y: y - 3, fill: C.group, "font-family": FONT, "font-size": 11, "font-weight": 600 },
-          s.name)));
-    }
+    if (!model) return;
+    groups();
+    drawLabels();
   }
 
   /** Mark the nodes `ids` (a mechanism's features) on the graph; returns those that are nodes of it. */

@@ -1,12 +1,13 @@
-// The pins and supernodes panel: pinned nodes (shift-click or Pin), grouped into labelled supernodes.
+// The pins and supernodes panel: pinned nodes (shift-click or Pin), grouped into labelled supernodes, each
+// collapsed into one node or expanded (supernodes.js draws them).
 
 import { clear, el } from "./dom.js";
 import { nodeLabel, nodeWhere, shortLabel } from "./model.js";
 
 const HINT = "Shift-click nodes (or use Pin) to pin them; group pinned nodes into a labelled supernode.";
 
-/** handlers: onNode(n), onPin(n), onGroup(name, ids), onUngroup(i). `show(state)` redraws the panel. */
-export function createGroupPanel(body, { onNode, onPin, onGroup, onUngroup }) {
+/** handlers: onNode(n), onPin(n), onGroup(name, ids), onUngroup(i), onToggle(i). `show(state)` redraws it. */
+export function createGroupPanel(body, { onNode, onPin, onGroup, onUngroup, onToggle }) {
   function show({ model, pinned, supernodes }) {
     clear(body).className = "body";
     if (!model || (!pinned.size && !supernodes.length)) {
@@ -32,9 +33,11 @@ export function createGroupPanel(body, { onNode, onPin, onGroup, onUngroup }) {
     }
     if (supernodes.length) {
       body.append(el("h4", {}, "Supernodes"), el("table", { id: "supernode-table" }, supernodes.map((s, i) =>
-        el("tr", {}, el("td", {}, el("b", {}, s.name)),
+        el("tr", { "data-i": i }, el("td", {}, el("b", {}, s.name), ` (${s.ids.length})`),
           el("td", { class: "muted" }, s.ids.map((id) => shortLabel(model.byId.get(id))).join("; ")),
-          el("td", {}, el("button", { type: "button", onclick: () => onUngroup(i) }, "ungroup"))))));
+          el("td", { class: "btnrow" }, el("button", { type: "button", class: "group-toggle",
+            onclick: () => onToggle(i) }, s.collapsed ? "expand" : "collapse"),
+          el("button", { type: "button", onclick: () => onUngroup(i) }, "ungroup"))))));
     }
   }
 

@@ -70,7 +70,7 @@ export function indexGraph(graph) {
     sortedAbs: new Map(), // weights mode -> every |shown weight|, ascending (for pruning quantiles)
     pinned: pins.filter((id) => byId.has(id)),
     supernodes: (q.supernodes || []).filter((s) => Array.isArray(s) && s.length > 1)
-      .map(([name, ...ids]) => ({ name: String(name), ids: ids.filter((id) => byId.has(id)) })),
+      .map(([name, ...ids]) => ({ name: String(name), ids: ids.filter((id) => byId.has(id)), collapsed: false })),
   };
 }
 

@@ -30,7 +30,7 @@ export const initialState = () => ({
   selLink: null, // the clicked edge
   hover: null, // the node under the mouse
   pinned: new Set(), // pinned node ids, in pin order
-  supernodes: [], // [{name, ids}]
+  supernodes: [], // [{name, ids, collapsed}]: a new array on every change (the view redraws on a new one)
   weights: "raw", // edge weights shown: "raw" or "norm" (normalised per target)
   prune: 50, // hide edges below this percentile of the shown |weights|
   qk: null, // the QK view shown: {layer, head, query, key}
@@ -54,7 +54,11 @@ export function togglePin(id) {
 
 export function addSupernode(name, ids) {
   const { supernodes } = store.state;
-  store.set({ supernodes: [...supernodes, { name: name || `group ${supernodes.length + 1}`, ids }] });
+  store.set({ supernodes: [...supernodes, { name: name || `group ${supernodes.length + 1}`, ids, collapsed: false }] });
 }
+
+/** Collapse supernode `i` into one node, or expand it. */
+export const toggleSupernode = (i) => store.set({ supernodes: store.state.supernodes.map((s, j) =>
+  (j === i ? { ...s, collapsed: !s.collapsed } : s)) });
 
 export const removeSupernode = (i) => store.set({ supernodes: store.state.supernodes.filter((_, j) => j !== i) });

@@ -1,11 +1,21 @@
 // The view in the URL's hash, so that a link (or a reload) reopens it: the graph, the weights shown, the
-// prune level, the pins, the selected node or edge, the head and QK query and key explained, the mechanism
-// shown, or the compare pair. No DOM here but `location` and `history`.
+// prune level, the pins, the supernodes (each e: expanded or c: collapsed, its name, its members), the
+// selected node or edge, the head and QK query and key explained, the mechanism shown, or the compare pair
+// (and the node or edge chosen on either side). No DOM here but `location` and `history`.
 //
-//   #graph=NAME&weights=norm&prune=70&pins=ID,ID&sub=1&node=ID&edge=SOURCE>TARGET&qk=L1H3:20:6&mechanism=NAME
-//   #compare=A,B
+//   #graph=NAME&weights=norm&prune=70&pins=ID,ID&sub=1&group=c:NAME|ID,ID&group=e:NAME|ID,ID&node=ID
+//     &edge=SOURCE>TARGET&qk=L1H3:20:6&mechanism=NAME
+//   #compare=A,B&side=b&node=ID
 
 const QK = /^L(\d+)H(\d+):(-?\d+):(-?\d+)$/;
+const GROUP = /^([ce]):(.*)\|([^|]*)$/;
+
+/** `group=c:NAME|ID,ID` values as supernodes, or null when the URL names none. */
+function readGroups(values) {
+  const out = values.map((v) => GROUP.exec(v)).filter(Boolean)
+    .map(([, state, name, ids]) => ({ name, ids: ids.split(",").filter(Boolean), collapsed: state === "c" }));
+  return values.length ? out.filter((s) => s.ids.length) : null;
+}
 
 /** The view the URL names (graph also from ?graph=NAME). */
 export function readUrl() {
@@ -21,6 +31,8 @@ export function readUrl() {
     prune: Number.isInteger(prune) && prune >= 0 && prune <= 99 ? prune : null,
     pins: (hash.get("pins") || "").split(",").filter(Boolean),
     subgraph: hash.get("sub") === "1",
+    supernodes: readGroups(hash.getAll("group")),
+    side: ["a", "b"].includes(hash.get("side")) ? hash.get("side") : null,
     node: hash.get("node"),
     edge: edge.length === 2 ? { source: edge[0], target: edge[1] } : null,
     qk: qk ? { layer: +qk[1], head: +qk[2], query: +qk[3], key: +qk[4] } : null,
@@ -28,13 +40,14 @@ export function readUrl() {
   };
 }
 
-/** The hash for a view: {graph, weights, prune, pins, subgraph, node, edge, qk, mechanism}. */
-export function viewHash({ graph, weights, prune, pins, subgraph, node, edge, qk, mechanism }) {
+/** The hash for a view: {graph, weights, prune, pins, subgraph, supernodes, node, edge, qk, mechanism}. */
+export function viewHash({ graph, weights, prune, pins, subgraph, supernodes, node, edge, qk, mechanism }) {
   const p = new URLSearchParams({ graph });
   if (weights === "norm") p.set("weights", "norm");
   if (prune !== null && prune !== undefined && prune !== 50) p.set("prune", String(prune));
   if (pins && pins.length) p.set("pins", pins.join(","));
   if (subgraph) p.set("sub", "1");
+  for (const s of supernodes || []) p.append("group", `${s.collapsed ? "c" : "e"}:${s.name}|${s.ids.join(",")}`);
   if (node) p.set("node", node);
   if (edge) p.set("edge", `${edge.source}>${edge.target}`);
   if (qk) p.set("qk", `L${qk.layer}H${qk.head}:${qk.query}:${qk.key}`);

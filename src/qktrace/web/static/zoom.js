@@ -3,10 +3,11 @@
 // whole or, when that would shrink it below MIN_FIT, at a readable scale with its right end (the answer
 // column: logits sit at the last position) in view. `scale()`: screen pixels per drawing unit. No state
 // of the page here; `onChange(scale)` hears every change (the view redraws its labels at screen size).
+// `minFit` raises the least scale a fit opens at (the compare view's half-width panes keep text readable).
 
 const MIN_FIT = 0.45, MAX_FIT = 1.6, MIN_SCALE = 0.05, MAX_SCALE = 12;
 
-export function createZoom(svg, onChange) {
+export function createZoom(svg, { minFit = MIN_FIT } = {}, onChange = () => {}) {
   let size = null, box = null, drag = null, dragged = false, fitted = false; // fitted: untouched since fit
 
   const pane = () => svg.getBoundingClientRect();
@@ -24,7 +25,7 @@ export function createZoom(svg, onChange) {
     size = drawing;
     const [w, h] = size, r = pane(), W = Math.max(r.width, 50), H = Math.max(r.height, 50);
     let k = Math.min(W / w, H / h, MAX_FIT);
-    if (k < MIN_FIT) k = Math.min(H / h, MIN_FIT);
+    if (k < minFit) k = minFit === MIN_FIT ? Math.min(H / h, MIN_FIT) : minFit;
     const bw = W / k, bh = H / k;
     const right = at === null ? w : Math.min(w, at + bw / 2);
     const x = bw >= w ? (w - bw) / 2 : Math.max(0, right - bw);
