@@ -651,7 +651,7 @@ def test_compare_view(setup, shots, driver, tmp_path):
         driver.get(server.url + "/#compare=a.json,b.json")
         wait(driver, "#compare-table tr.compare-row")
         assert driver.find_element(By.ID, "compare-pane").is_displayed()
-        assert not driver.find_element(By.ID, "main").is_displayed()
+        assert not driver.find_element(By.ID, "graph-pane").is_displayed()
         for side, name in (("a", "a.json"), ("b", "b.json")):
             nodes = driver.find_elements(By.CSS_SELECTOR, f"#compare-svg-{side} g.node")
             assert len(nodes) == len(graphs[name]["nodes"])
@@ -705,7 +705,7 @@ def test_compare_view(setup, shots, driver, tmp_path):
 
         # back to one graph
         click(driver, driver.find_element(By.ID, "compare-close"))
-        WebDriverWait(driver, 10).until(lambda d: d.find_element(By.ID, "main").is_displayed())
+        WebDriverWait(driver, 10).until(lambda d: d.find_element(By.ID, "graph-pane").is_displayed())
         opened(driver, "a.json")
         assert driver.execute_script("return location.hash") == "#graph=a.json"
         # and the Compare button opens it again, A = the open graph

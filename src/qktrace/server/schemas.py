@@ -141,6 +141,9 @@ class GraphSummary(BaseModel):
     model: str
     n_nodes: int
     n_links: int
+    tokens: list[str] = Field(
+        default_factory=list, description="the prompt's tokens (metadata.prompt_tokens): which graphs align"
+    )
     modified: float
     origin: Literal["qktrace", "circuit-tracer", "neuronpedia"] = Field(
         "qktrace", description="the tool that wrote it; only qktrace's graphs have head loadings"

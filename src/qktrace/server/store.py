@@ -222,6 +222,7 @@ def _summary(name: str, path: Path, mtime: float, limits: Limits) -> S.GraphSumm
             model=head.model,
             n_nodes=head.n_nodes,
             n_links=head.n_links,
+            tokens=[str(t) for t in (data.get("metadata") or {}).get("prompt_tokens") or []],
             modified=mtime,
             origin=head.origin,  # type: ignore[arg-type]
         )

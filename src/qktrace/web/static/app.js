@@ -3,7 +3,8 @@
 //   dom (helpers)  api (the server's JSON)  state (the store)  model (a graph file, indexed)
 //   layout, labels, graphview (the drawing)  features (tooltips, dashboards)
 //   node-panel, edge-panel, qk-panel, sweep-panel, group-panel  export (JSON, PNG)
-//   compare (two graphs side by side and the heads whose attention differs, over their own stores)
+//   compare, compare-table (two graphs side by side over their own stores, and the heads whose attention
+//     differs; a click on either graph opens the same panels, on that side's store: `active()`)
 //
 //   zoom (pan, zoom, fit)  legend (node kinds)  keys (the graph by keyboard)  panels (collapsible, reveal)
 //   mechanism-panel (explain an answer; a *.mechanism.json shown)  url (the view in the hash)
@@ -38,6 +39,8 @@ import { readUrl, setHash, viewHash } from "./url.js";
 
 const state = () => store.state;
 const openNode = (n, e) => (e && e.shiftKey ? togglePin(n.id) : selectNode(n));
+/** The store the panels act on: the page's, or in the compare view the side last clicked. */
+const active = () => (compareView.isOpen() ? compareView.active() : store);
 
 const view = createGraphView($("graph-svg"), state, {
   onNode: openNode,
@@ -46,14 +49,14 @@ const view = createGraphView($("graph-svg"), state, {
     if (n) showNodeTip(e, store.state.model, n); else hideTip();
     if (store.state.hover !== n) store.set({ hover: n });
   },
-  onBackground: clearSelection,
+  onBackground: () => clearSelection(),
   onKey: keyHandler(() => store.state.model, () => view, openNode),
   onSupernode: toggleSupernode,
 });
-const qkPanel = createQKPanel(state, {
-  onShown: (qk) => { store.set({ qk }); reveal("qk-panel"); },
+const qkPanel = createQKPanel(() => active().state, {
+  onShown: (qk) => { active().set({ qk }); reveal("qk-panel"); },
 });
-const sweepPanel = createSweepPanel(state);
+const sweepPanel = createSweepPanel(() => active().state);
 const mechPanel = createMechanismPanel(state, {
   onOpen: (name, m) => showMechanism(name, m),
   onReplay: (m, cand) => { reveal("steer-panel"); sweepPanel.replay(m, cand).then(() => reveal("steer-panel")); },
@@ -65,7 +68,7 @@ const mechPanel = createMechanismPanel(state, {
   onDone: (name) => listGraphs().then(() => openMechanism(name, true), showError),
 });
 const nodePanel = createNodePanel($("node-panel").querySelector(".body"), {
-  onLink: selectLink, onPin: (n) => togglePin(n.id),
+  onLink: (l) => selectLink(l, active()), onPin: (n) => togglePin(n.id, active()),
   onExplain: (n) => { mechPanel.fromLogit(n); reveal("mech-panel"); $("explain-answer").focus(); },
   onSteer: (n) => {
     $("steer-checkpoint").value = n.p.cp; $("steer-feature").value = n.p.index; $("steer-positions").value = n.p.pos;
@@ -83,7 +86,12 @@ const edgePanel = createEdgePanel($("edge-panel").querySelector(".body"), {
 const compareView = createCompareView({
   info: () => store.state.info,
   onOpen: (a, b) => setHash(new URLSearchParams({ compare: `${a},${b}` }), false),
+  onEnter: () => { nodePanel.reset(); edgePanel.reset(); },
+  onChange: (side, changed) => { if (side === compareView.active()) showPanels(side.state, changed); },
   onClose: () => {
+    nodePanel.reset(); // the panels go back to the page's graph
+    edgePanel.reset();
+    showPanels(store.state, new Set(["selNode", "selLink"]));
     // the URL may already name the graph to show (#compare=A,B followed by #graph=X): that one, not the first
     const want = readUrl().graph || store.state.name;
     if (want && want === store.state.name) writeUrl(false, true);
@@ -113,9 +121,7 @@ store.subscribe((s, changed) => {
   if (any("subgraph")) $("subgraph").checked = s.subgraph;
   if (any("model", "selNode", "selLink", "pinned", "hover")) view.drawLabels();
   if (any("model", "supernodes")) view.drawSupernodes();
-  if (changed.has("selNode") && s.selNode) { nodePanel.show(s); if (!restoring) reveal("node-panel", false); }
-  else if (any("pinned", "weights")) nodePanel.refresh(s);
-  if (changed.has("selLink") && s.selLink) { edgePanel.show(s); if (!restoring) reveal("edge-panel", false); }
+  if (!compareView.isOpen()) showPanels(s, changed);
   if (any("model", "pinned", "supernodes")) groupPanel.show(s);
   if (any("weights")) $("weights-norm").checked = s.weights === "norm";
   if (!restoring && any("weights", "prune", "pinned", "subgraph", "supernodes", "selNode", "selLink", "qk",
@@ -123,6 +129,13 @@ store.subscribe((s, changed) => {
     writeUrl(any("selNode", "selLink", "qk", "mechanism"));
   }
 });
+
+/** The node and edge panels follow the selection of the store `s` belongs to. */
+function showPanels(s, changed) {
+  if (changed.has("selNode") && s.selNode) { nodePanel.show(s); if (!restoring) reveal("node-panel", false); }
+  else if (changed.has("pinned") || changed.has("weights")) nodePanel.refresh(s);
+  if (changed.has("selLink") && s.selLink) { edgePanel.show(s); if (!restoring) reveal("edge-panel", false); }
+}
 
 function edgeCount({ shown, total, threshold }) {
   const what = store.state.weights === "norm" ? "|normalised w|" : "|w|";
@@ -312,7 +325,7 @@ function wire() {
     if (prompt) buildGraph(prompt); else showError("type a prompt first");
   });
   document.addEventListener("keydown", (e) => {
-    if (e.key === "Escape") { clearSelection(); hideTip(); }
+    if (e.key === "Escape") { clearSelection(active()); hideTip(); }
   });
 }
 

@@ -1,103 +1,216 @@
 // The compare view: two graphs side by side (prompt A and prompt B, each with its own store and graph view,
-// the tokens that differ marked in both) and, with a model loaded, the heads whose attention differs most
-// between the two prompts (POST /api/compare): each head's attention from the query position in A and in B
-// at the key where they differ most, its W_QK eigenvalue sign skew, and for the top heads the QK terms that
-// differ most, component by component; with an answer, those heads shown causally (their patterns patched
-// from B into A, every other head frozen: the change of logit(answer) − logit(rival), alone and together, and
-// their share of the whole difference). Opened by the Compare button or by #compare=A,B in the URL.
+// zoomed, panned and fitted as the main view is but never below a readable scale, the tokens that differ
+// marked in both) and, with a model loaded, the heads whose attention differs most between the two prompts
+// (POST /api/compare, drawn by compare-table.js). A click on a node or an edge of either graph selects it in
+// that side's store and makes that side the active one: the page opens the same node, edge (head loadings)
+// and QK panels as for one graph, on that side's graph and prompt (`onChange(store, changed)` hears every
+// change of either side). B is a graph of the data directory (those whose tokens align with A's listed
+// first, and the Compare button picks one of them) or a typed prompt: compared at once (the server traces
+// it against the loaded model and SAEs), then its graph built by the server's bounded graph job and drawn.
+// A pair whose tokens do not align is refused in one line before any work. Opened by the Compare button or
+// by #compare=A,B in the URL.
 
 import * as API from "./api.js";
-import { $, clear, el, errorBox, fmt, num, setStatus, showError } from "./dom.js";
+import { $, clear, el, setStatus, truncate } from "./dom.js";
+import { renderComparison } from "./compare-table.js";
 import { hideTip, showNodeTip } from "./features.js";
 import { createGraphView } from "./graphview.js";
 import { indexGraph } from "./model.js";
 import { createStore, initialState } from "./state.js";
 
-const HINT = "Pick two graphs of prompts with the same number of tokens (a minimal pair) and press Compare.";
+const HINT = "Pick two graphs of prompts with the same number of tokens (a minimal pair), or type prompt B, and "
+  + "press Compare. A click on a node or an edge of either graph opens its panels.";
+const MIN_FIT = 0.85; // the panes open at this scale or more: the graphs' 12-unit token text is at least 10 px
 
-/** One side: its own store and graph view over the svg `svgId`. */
-function createSide(svgId, info) {
-  const store = createStore({ ...initialState(), info: info() });
-  const view = createGraphView($(svgId), () => store.state, {
-    onNode: (n) => store.set({ selNode: n, selLink: null }),
-    onLink: (l) => store.set({ selLink: l, selNode: null }),
+const shown = (t) => JSON.stringify(t === undefined ? "(end)" : t);
+
+/** Why the tokens `ta` of graph `a` and `tb` of graph `b` do not align, in one line; null when they do. */
+export function misaligned(a, ta, b, tb) {
+  if (ta.length === tb.length) return null;
+  const first = ta.findIndex((t, i) => t !== tb[i]);
+  const at = first < 0 ? ta.length : first;
+  return `A (${a}) has ${ta.length} tokens and B (${b}) has ${tb.length}; they first differ at position ${at} `
+    + `(${shown(ta[at])} vs ${shown(tb[at])}): compare needs prompts whose tokens align (a minimal pair)`;
+}
+
+/** How many positions two aligned token lists differ at. */
+const differing = (ta, tb) => ta.reduce((n, t, i) => n + (t !== tb[i] ? 1 : 0), 0);
+
+/** One side: its own store and graph view over the svg `compare-svg-<key>`. */
+function createSide(key, onPick, onChange) {
+  const store = createStore({ ...initialState() });
+  const pick = (patch) => { onPick(key); store.set(patch); };
+  const view = createGraphView($(`compare-svg-${key}`), () => store.state, {
+    onNode: (n) => pick({ selNode: n, selLink: null }),
+    onLink: (l) => pick({ selLink: l, selNode: null }),
     onHover: (n, e) => {
       if (n) showNodeTip(e, store.state.model, n); else hideTip();
       if (store.state.hover !== n) store.set({ hover: n });
     },
     onBackground: () => store.set({ selNode: null, selLink: null }),
-  });
+  }, { minFit: MIN_FIT });
   store.subscribe((s, changed) => {
     const any = (...keys) => keys.some((k) => changed.has(k));
     if (any("model")) view.show(s.model);
-    if (s.model && any("model", "selNode", "selLink", "pinned", "prune")) view.restyle();
+    if (s.model && any("model", "selNode", "selLink", "pinned", "prune", "weights")) view.restyle();
     if (any("model", "selNode", "selLink", "pinned", "hover")) view.drawLabels();
+    onChange(store, changed);
   });
-  return { store, view };
+  return { key, store, view };
 }
 
-/** `info()`: GET /api/info's answer. `onOpen(a, b)` hears a comparison opened, `onClose()` the view closed. */
-export function createCompareView({ info, onOpen, onClose }) {
+/** `info()`: GET /api/info's answer. `onOpen(a, b)` hears a comparison opened, `onEnter()` the view shown,
+ * `onClose()` it closed, `onChange(store, changed)` a side's store changed. */
+export function createCompareView({ info, onOpen, onEnter = () => {}, onClose, onChange = () => {} }) {
   const pane = $("compare-pane"), body = $("compare-body");
-  const sides = { a: createSide("compare-svg-a", info), b: createSide("compare-svg-b", info) };
-  let ticket = 0;
+  let active = "a", ticket = 0, summaries = new Map();
+  const markActive = (key) => {
+    active = key;
+    for (const k of ["a", "b"]) $(`compare-svg-${k}`).closest(".compare-side").classList.toggle("active", k === key);
+  };
+  const sides = { a: createSide("a", markActive, onChange), b: createSide("b", markActive, onChange) };
 
   $("compare-run").addEventListener("click", () => run($("compare-a").value, $("compare-b").value));
   $("compare-close").addEventListener("click", close);
+  $("compare-a").addEventListener("change", () => fillB(null));
+  $("compare-prompt-b").addEventListener("keydown", (e) => { if (e.key === "Enter") $("compare-run").click(); });
 
   async function list(a, b) {
     const data = await API.graphs();
-    for (const [id, chosen] of [["compare-a", a], ["compare-b", b]]) {
-      const sel = clear($(id));
-      for (const g of data.graphs) sel.append(el("option", { value: g.name, title: g.prompt }, g.name));
-      if (chosen) sel.value = chosen;
-    }
-    return data.graphs.map((g) => g.name);
+    summaries = new Map(data.graphs.map((g) => [g.name, g]));
+    const sel = clear($("compare-a"));
+    for (const g of data.graphs) sel.append(el("option", { value: g.name, title: g.prompt }, g.name));
+    if (a) sel.value = a;
+    fillB(b);
   }
 
-  /** Show the view; with two graph names, compare them. */
+  /** B's list: the graphs whose tokens align with A's first (fewest differing positions first, A itself
+   * last), then the others; `chosen`, else the first aligned graph but A. */
+  function fillB(chosen) {
+    const a = summaries.get($("compare-a").value), ta = a ? a.tokens : [];
+    const aligned = [], other = [];
+    for (const g of summaries.values()) (a && g.tokens.length === ta.length ? aligned : other).push(g);
+    const rank = (g) => (g === a ? Infinity : differing(ta, g.tokens) || 1e6);
+    aligned.sort((x, y) => rank(x) - rank(y));
+    const opt = (g) => el("option", { value: g.name, title: g.prompt, "data-aligned": aligned.includes(g) ? 1 : 0 },
+      `${g.name} (${g.tokens.length} tokens)`);
+    clear($("compare-b")).append(
+      el("optgroup", { label: a ? `aligned with A (${ta.length} tokens)` : "graphs" }, aligned.map(opt)),
+      el("optgroup", { label: "not aligned with A" }, other.map(opt)));
+    const pick = aligned.find((g) => g !== a);
+    $("compare-b").value = chosen || (pick ? pick.name : "");
+    return pick;
+  }
+
+  /** Show the view; with two graph names, compare them; with one, pick a B that aligns or say why none does. */
   async function open(a, b) {
     pane.hidden = false;
-    $("main").hidden = true;
+    $("graph-pane").hidden = true;
+    onEnter();
     try {
-      const names = await list(a, b);
-      if (!a || !b) {
-        const other = names.find((n) => n !== $("compare-a").value);
-        if (other) $("compare-b").value = other;
-        clear(body).append(HINT);
-        body.className = "body hint";
-        return;
-      }
-      await run(a, b);
-    } catch (e) { showError(e); }
+      await list(a, b);
+      if (a && b) return await run(a, b);
+      const g = summaries.get($("compare-a").value);
+      const others = [...summaries.values()].filter((x) => x !== g).map((x) => x.tokens.length);
+      body.className = "body hint";
+      if (!g || !others.length || $("compare-b").value) return void clear(body).append(HINT);
+      clear(body).append(el("p", { id: "compare-none" }, `No other graph aligns with A (${g.name}, ${g.tokens.length} `
+        + `tokens): the others have ${[...new Set(others)].sort((x, y) => x - y).join(", ")} tokens. Type a prompt B `
+        + `of ${g.tokens.length} tokens to trace one.`));
+    } catch (e) { fail(e); }
   }
 
   function close() {
+    ticket++;
     pane.hidden = true;
-    $("main").hidden = false;
+    $("graph-pane").hidden = false;
     hideTip();
     onClose();
   }
 
+  function fail(e) {
+    const msg = String(e.message || e);
+    body.className = "body";
+    clear(body).append(el("p", { class: "error", id: "compare-error" }, msg));
+    setStatus(msg, { error: true });
+  }
+
+  function draw(side, name, model, title) {
+    side.store.set({ name, model, info: info(), selNode: null, selLink: null, hover: null, pinned: new Set(), qk: null });
+    $(`compare-title-${side.key}`).textContent = title || `${side.key.toUpperCase()}: ${name} — ${model.meta.prompt || ""}`;
+  }
+
   async function run(a, b) {
-    if (!a || !b) return showError("pick graph A and graph B first");
+    const typed = $("compare-prompt-b").value.trim();
+    if (typed) return runTyped(a, typed);
+    if (!a || !b) return fail("pick graph A and graph B (or type prompt B) first");
     const mine = ++ticket;
     setStatus(`comparing ${a} and ${b}…`, { busy: true });
     try {
       const [ga, gb] = await Promise.all([API.graph(a), API.graph(b)]);
       if (mine !== ticket) return;
       const ma = indexGraph(ga.graph), mb = indexGraph(gb.graph);
-      sides.a.store.set({ name: ga.name, model: ma, selNode: null, selLink: null, hover: null, pinned: new Set() });
-      sides.b.store.set({ name: gb.name, model: mb, selNode: null, selLink: null, hover: null, pinned: new Set() });
-      $("compare-title-a").textContent = `A: ${ga.name} — ${ma.meta.prompt || ""}`;
-      $("compare-title-b").textContent = `B: ${gb.name} — ${mb.meta.prompt || ""}`;
+      const why = misaligned(ga.name, ma.tokens, gb.name, mb.tokens);
+      if (why) return fail(why);
+      draw(sides.a, ga.name, ma);
+      draw(sides.b, gb.name, mb);
       markDiffering(ma.tokens, mb.tokens);
       onOpen(ga.name, gb.name);
-      await differences(ma, mb, mine);
+      const ta = tokenIds(ma), tb = tokenIds(mb);
+      if (!ta || !tb) return note(ta ? "B" : "A");
+      await differences({ tokens_a: ta, tokens_b: tb }, mine);
       if (mine === ticket) setStatus(`compared ${ga.name} and ${gb.name}`);
     } catch (e) {
-      if (mine === ticket) { errorBox(body, e); showError(e); }
+      if (mine === ticket) fail(e);
     }
+  }
+
+  /** Prompt B typed: compared with graph A's tokens at once (the server traces it), then its graph built. */
+  async function runTyped(a, text) {
+    if (!a) return fail("pick graph A first");
+    if (!(info() && info().can_compute)) {
+      return fail("a typed prompt B needs a loaded model: qktrace serve --model MODEL --saes SAES");
+    }
+    const mine = ++ticket;
+    setStatus(`tracing prompt B against ${a}…`, { busy: true });
+    try {
+      const ga = await API.graph(a);
+      if (mine !== ticket) return;
+      const ma = indexGraph(ga.graph), ta = tokenIds(ma);
+      if (!ta) return fail(`${ga.name} was made by another tool: it has no token ids to compare with`);
+      draw(sides.a, ga.name, ma);
+      sides.b.store.set({ name: null, model: null, selNode: null, selLink: null });
+      $("compare-title-b").textContent = `B: ${truncate(text, 80)} (typed; its graph follows)`;
+      const res = await differences({ tokens_a: ta, prompt_b: text }, mine);
+      if (!res || mine !== ticket) return;
+      const same = [...summaries.values()].find((g) => g.prompt === text && g.tokens.join("\u0000")
+        === res.str_tokens_b.join("\u0000") && g.model === res.model);
+      const name = same ? same.name : await API.buildGraph(text, (job) => {
+        if (mine === ticket) setStatus(`compared; building B's graph: ${job.stage} (${Math.round(job.elapsed_s)} s)`,
+          { busy: true });
+      });
+      if (mine !== ticket) return;
+      const gb = await API.graph(name), mb = indexGraph(gb.graph);
+      if (mine !== ticket) return;
+      draw(sides.b, gb.name, mb);
+      markDiffering(ma.tokens, mb.tokens);
+      await list(ga.name, gb.name);
+      $("compare-prompt-b").value = "";
+      onOpen(ga.name, gb.name);
+      setStatus(`compared ${ga.name} and ${gb.name} (prompt B typed)`);
+    } catch (e) {
+      if (mine === ticket) fail(e);
+    }
+  }
+
+  const tokenIds = (m) => (m.meta.qktrace && Array.isArray(m.meta.qktrace.tokens) ? m.meta.qktrace.tokens : null);
+
+  function note(which) {
+    body.className = "body";
+    const can = info() && info().can_compute;
+    clear(body).append(el("p", { class: "muted", id: "compare-note" }, !can
+      ? "No model is loaded: the per-head differences need one (qktrace serve --model MODEL --saes SAES)."
+      : `Graph ${which} was made by another tool: it has no token ids to compare.`));
   }
 
   function markDiffering(ta, tb) {
@@ -109,88 +222,21 @@ export function createCompareView({ info, onOpen, onClose }) {
     }
   }
 
-  async function differences(ma, mb, mine) {
+  /** POST /api/compare with the toolbar's query position, answer and rival; its answer drawn (and returned). */
+  async function differences(prompts, mine) {
+    if (!(info() && info().can_compute)) return void note("");
     body.className = "body";
-    const can = info() && info().can_compute;
-    const ta = ma.meta.qktrace && ma.meta.qktrace.tokens, tb = mb.meta.qktrace && mb.meta.qktrace.tokens;
-    if (!can || !Array.isArray(ta) || !Array.isArray(tb)) {
-      clear(body).append(el("p", { class: "muted", id: "compare-note" }, !can
-        ? "No model is loaded: the per-head differences need one (qktrace serve --model MODEL --saes SAES)."
-        : "A graph made by another tool has no token ids to compare."));
-      return;
-    }
     clear(body).append(el("p", { class: "muted" }, el("span", { class: "spinner" }), "comparing every head…"));
     const answer = $("compare-answer").value, rival = $("compare-rival").value, q = $("compare-query").value.trim();
-    const res = await API.compare({ tokens_a: ta, tokens_b: tb, query_pos: q === "" ? -1 : +q,
+    const res = await API.compare({ ...prompts, query_pos: q === "" ? -1 : +q,
       answer: answer === "" ? null : answer, rival: rival === "" ? null : rival, top: 5 });
-    if (mine === ticket) render(res);
+    if (mine === ticket) renderComparison(body, res);
+    return res;
   }
 
-  function render(res) {
-    const tok = (i) => JSON.stringify(res.str_tokens_a[i] === undefined ? "?" : res.str_tokens_a[i]);
-    const tokB = (i) => JSON.stringify(res.str_tokens_b[i] === undefined ? "?" : res.str_tokens_b[i]);
-    const where = res.differing.map((p) => `${p} (${tok(p)} → ${tokB(p)})`).join(", ") || "nowhere";
-    clear(body).append(el("p", { id: "compare-summary" }, `${res.str_tokens_a.length} aligned tokens, different at `,
-      where, `; attention from position ${res.query_pos} ${tok(res.query_pos)}.`));
-    if (res.metric_a !== null) {
-      body.append(el("table", { id: "compare-metric" },
-        el("tr", {}, el("th", {}, `logit(${JSON.stringify(res.answer)}) − logit(${JSON.stringify(res.rival)})`),
-          el("th", {}, "A"), el("th", {}, "B")),
-        el("tr", {}, el("td", {}, ""), num(res.metric_a, "metric_a"), num(res.metric_b, "metric_b"))));
-    }
-    if (res.patching) body.append(patching(res.patching));
-    const terms = new Map(res.terms.map((t) => [`${t.layer}/${t.head}`, t]));
-    const detail = el("div", { id: "compare-terms" }, el("p", { class: "muted" },
-      "Click a head for the QK terms that differ most (the top heads are computed)."));
-    const rows = res.heads.slice(0, 20).map((h) => {
-      const tr = el("tr", { class: "clickable compare-row", "data-layer": h.layer, "data-head": h.head,
-        "data-key": h.key_pos, onclick: () => {
-          for (const r of body.querySelectorAll("tr.compare-row")) r.classList.toggle("selected", r === tr);
-          showTerms(terms.get(`${h.layer}/${h.head}`), h, detail, tok);
-        } },
-      el("td", {}, `L${h.layer}H${h.head}`), el("td", {}, `${h.key_pos} ${tok(h.key_pos)}`),
-      num(h.attention_a, "attention_a"), num(h.attention_b, "attention_b"), num(h.diff, "diff"), num(h.skew, "skew"));
-      return tr;
-    });
-    body.append(el("h4", {}, "Heads whose attention differs most (at the key where it differs most)"),
-      el("table", { id: "compare-table" },
-        el("tr", {}, el("th", {}, "head"), el("th", {}, "key"), el("th", { class: "num" }, "attention A"),
-          el("th", { class: "num" }, "attention B"), el("th", { class: "num" }, "B − A"),
-          el("th", { class: "num", title: "W_QK eigenvalue sign skew: > 0 concordance-like, < 0 discordance-like" },
-            "W_QK skew")),
-        rows), detail);
-  }
-
-  /** The top heads' patterns patched from B into A (others frozen): the change of m, alone and together. */
-  function patching(p) {
-    const share = p.share === null ? "" : ` (${(100 * p.share).toFixed(1)}% of it)`;
-    const row = (name, d, cls) => el("tr", { class: cls }, el("td", {}, name), num(d, "delta"));
-    return el("div", { id: "compare-patching" },
-      el("h4", {}, "The top heads shown causally: their attention patterns patched from B into A"),
-      el("p", { id: "compare-patching-summary" }, `Every other head frozen, m moves by ${fmt(p.together)} of `
-        + `m(B) − m(A) = ${fmt(p.total)}${share}.`),
-      el("table", { id: "compare-patching-table" },
-        el("tr", {}, el("th", {}, "patched"), el("th", { class: "num" }, "Δm")),
-        p.heads.map(([ly, h], i) => row(`L${ly}H${h}`, p.alone[i], "patch-alone")),
-        row("together", p.together, "patch-together")));
-  }
-
-  function showTerms(t, h, detail, tok) {
-    clear(detail);
-    if (!t) {
-      detail.append(el("p", { class: "muted" }, `L${h.layer}H${h.head} is not among the heads whose terms were `
-        + "computed (the top 5 with an SAE at their layer)."));
-      return;
-    }
-    detail.append(el("h4", { id: "compare-terms-title" }, `L${t.layer}H${t.head} at (${t.query_pos} `
-      + `${tok(t.query_pos)}, ${t.key_pos} ${tok(t.key_pos)}): score ${fmt(t.score_a)} in A, ${fmt(t.score_b)} in B`),
-    el("table", {},
-      el("tr", {}, el("th", {}, "query"), el("th", {}, "key"), el("th", { class: "num" }, "A"),
-        el("th", { class: "num" }, "B"), el("th", { class: "num" }, "B − A")),
-      t.terms.map((x) => el("tr", { class: "compare-term" }, el("td", {}, x.query_label), el("td", {}, x.key_label),
-        num(x.value_a, "value_a"), num(x.value_b, "value_b"), num(x.diff, "diff")))),
-    el("p", { class: "muted" }, `${t.n_terms} terms in all; the others add ${fmt(t.rest)}.`));
-  }
-
-  return { open, close, isOpen: () => !pane.hidden };
+  return {
+    open, close, isOpen: () => !pane.hidden,
+    /** The store of the side last clicked (A until one is). */
+    active: () => sides[active].store,
+  };
 }

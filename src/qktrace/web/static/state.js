@@ -42,14 +42,15 @@ export const store = createStore(initialState());
 
 // -- actions ---------------------------------------------------------------------------------------
 
-export const selectNode = (n) => store.set({ selNode: n, selLink: null });
-export const selectLink = (l) => store.set({ selLink: l, selNode: null });
-export const clearSelection = () => store.set({ selNode: null, selLink: null });
+// (on the page's store, or on `target`: a compare side's)
+export const selectNode = (n, target = store) => target.set({ selNode: n, selLink: null });
+export const selectLink = (l, target = store) => target.set({ selLink: l, selNode: null });
+export const clearSelection = (target = store) => target.set({ selNode: null, selLink: null });
 
-export function togglePin(id) {
-  const pinned = new Set(store.state.pinned);
+export function togglePin(id, target = store) {
+  const pinned = new Set(target.state.pinned);
   if (pinned.has(id)) pinned.delete(id); else pinned.add(id);
-  store.set({ pinned });
+  target.set({ pinned });
 }
 
 export function addSupernode(name, ids) {
