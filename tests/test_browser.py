@@ -1232,7 +1232,7 @@ def test_supernode_collapses_into_one_node(setup, shots, driver):
             assert drawn[key] == pytest.approx(w, rel=1e-6, abs=1e-9), key
         x, y = (float(v) for v in re.findall(r"-?[\d.]+", group.get_attribute("transform")))
         assert (x, y) == pytest.approx(tuple(sum(where[i][j] for i in members) / 3 for j in (0, 1)))
-        driver.save_screenshot(str(shots / "20-supernode-collapsed.png"))
+        driver.save_screenshot(str(shots / "30-supernode-collapsed.png"))
 
         # the URL keeps it: reloaded, the group is collapsed again with the same edges
         WebDriverWait(driver, 10).until(lambda d: "group=c" in d.execute_script("return location.hash"))
@@ -1254,3 +1254,186 @@ def test_supernode_collapses_into_one_node(setup, shots, driver):
         ActionChains(driver).send_keys("c").perform()
         wait(driver, '#graph-svg g.supernode.collapsed[data-name="trio"]')
         assert console_errors(driver) == []
+
+
+def compare_graphs(tracer, data: Path, prompts: dict[str, str]) -> dict[str, dict]:
+    """Each prompt traced and its graph saved as data/name; the graph files, by name."""
+    for name, prompt in prompts.items():
+        tracer.run(prompt).graph(progress=False).save(data / name)
+    return {name: json.loads((data / name).read_text()) for name in prompts}
+
+
+PAIR = {
+    "a.json": "Aunt Sally is the opposite of Uncle Bob . Aunt",
+    "b.json": "Aunt Sally is the opposite of Uncle Sally . Aunt",
+    "0-short.json": "Aunt Sally is the opposite of Uncle",  # listed first; its tokens align with neither
+}
+
+
+def font_px(driver, element) -> float:
+    return float(driver.execute_script("return parseFloat(getComputedStyle(arguments[0]).fontSize)", element))
+
+
+def test_compare_opens_full_panels_on_either_side(setup, shots, driver, tmp_path):
+    """At 1280x800, a click on a node of graph B opens the node panel with B's numbers (from B's graph file,
+    which differ from A's there), the edge panel with B's head loadings, and the QK panel computed on B's
+    tokens (the API's numbers); the graphs are fitted at a readable scale (token text and labels at least
+    10 px) and the panels' text too."""
+    data = tmp_path / "graphs"
+    data.mkdir()
+    graphs = compare_graphs(setup.tracer, data, PAIR)
+    a, b = graphs["a.json"], graphs["b.json"]
+    last = len(b["metadata"]["prompt_tokens"]) - 1
+    links_a = {(x["source"], x["target"]): x["weight"] for x in a["links"]}
+
+    def differs_in_a(node_id: str) -> bool:
+        ins = [x for x in b["links"] if x["target"] == node_id]
+        return any(links_a.get((x["source"], x["target"])) != x["weight"] for x in ins)
+
+    candidates = [
+        n["node_id"]
+        for n in sorted(b["nodes"], key=lambda n: -abs(n.get("raw_influence") or 0))
+        if Node.parse(n["node_id"]).kind is Kind.FEATURE
+        and Node.parse(n["node_id"]).pos == last
+        and differs_in_a(n["node_id"])
+        and any(x["target"] == n["node_id"] and x["head_loadings"] for x in b["links"])
+    ]
+    driver.set_window_size(1280, 800)
+    with LiveServer(create_app(data, setup.tracer)) as server:
+        driver.get(server.url + "/#compare=a.json,b.json")
+        wait(driver, "#compare-table tr.compare-row")
+        target = driver.execute_script(
+            "return arguments[0].find(id => { const m = document.querySelector(`#compare-svg-b g.node[data-id='${id}']"
+            " .mark`), r = m.getBoundingClientRect();"
+            " return m.closest('g.node').contains(document.elementFromPoint(r.x + r.width / 2, r.y + r.height / 2)) })",
+            candidates,
+        )  # a node drawn where a click reaches it (not under a label)
+        node = next(n for n in b["nodes"] if n["node_id"] == target)
+        mark = driver.find_element(By.CSS_SELECTOR, f'#compare-svg-b g.node[data-id="{target}"] .mark')
+        assert inside(screen_rect(driver, mark), screen_rect(driver, driver.find_element(By.ID, "compare-svg-b")))
+        mark.click()  # a real click where the node is drawn
+        title = wait(driver, "#node-panel .body h3")
+        WebDriverWait(driver, 10).until(lambda d: title.text == (node["clerp"] or target))
+        assert target in driver.find_element(By.CSS_SELECTOR, "#node-panel dl.kv").text
+        rows = driver.find_elements(By.CSS_SELECTOR, "#node-panel table.links tr[data-link]")
+        ins = sorted((x for x in b["links"] if x["target"] == target), key=lambda x: -abs(x["weight"]))[:12]
+        shown = [numbers(r.find_element(By.CSS_SELECTOR, "td[data-field=weight]"))[1] for r in rows[: len(ins)]]
+        assert shown == [x["weight"] for x in ins]  # B's, which differ from A's
+        assert "active" in driver.find_element(By.CSS_SELECTOR, "#compare-svg-b").find_element(
+            By.XPATH, "ancestor::div[contains(@class, 'compare-side')]"
+        ).get_attribute("class")
+
+        # readable: the panel's text, the graph's labels and its token text, at 1280x800
+        assert font_px(driver, title) >= 10 and font_px(driver, rows[0]) >= 10
+        pane = screen_rect(driver, driver.find_element(By.ID, "compare-svg-b"))
+        tokens = [
+            t for t in driver.find_elements(By.CSS_SELECTOR, "#compare-svg-b text.token-label")
+            if inside(screen_rect(driver, t), pane)
+        ]  # fmt: skip
+        assert tokens and min(screen_rect(driver, t)["height"] for t in tokens) >= 10
+        label = driver.find_element(By.CSS_SELECTOR, f'#compare-svg-b .node-label[data-id="{target}"] rect')
+        assert screen_rect(driver, label)["height"] >= 10
+        driver.save_screenshot(str(shots / "31-compare-node-panel.png"))
+
+        # an input with head loadings: the edge panel shows B's; its top head: QK on B's tokens
+        link = next(x for x in ins if x["head_loadings"])
+        click(driver, driver.find_element(By.CSS_SELECTOR, f'#node-panel tr[data-link="{b["links"].index(link)}"]'))
+        wait(driver, "#head-table tr.head-row")
+        assert float(driver.find_element(By.ID, "edge-weight").get_attribute("data-value")) == link["weight"]
+        direct = driver.find_elements(By.CSS_SELECTOR, "#head-table td[data-field=direct]")
+        assert [numbers(c)[1] for c in direct] == [h["direct"] for h in link["head_loadings"]]
+        top = link["head_loadings"][0]
+        click(driver, driver.find_element(By.CSS_SELECTOR, "#head-table button.head-btn"))
+        wait(driver, "#qk-check td[data-field=score]")
+        api = server.post(
+            "/api/qk",
+            {"tokens": b["metadata"]["qktrace"]["tokens"], "layer": top["layer"], "head": top["head"],
+             "query_pos": Node.parse(link["target"]).pos, "key_pos": Node.parse(link["source"]).pos, "top": 12},
+        )  # fmt: skip
+        for field in ("score", "pattern"):
+            cell = driver.find_element(By.CSS_SELECTOR, f"#qk-check td[data-field={field}]")
+            assert numbers(cell)[1] == api["qk"][field][0]
+        driver.save_screenshot(str(shots / "32-compare-qk-panel.png"))
+        assert console_errors(driver) == []
+
+
+def compare_error(driver) -> str:
+    """The compare view's one-line refusal or error, once shown."""
+    box = wait(driver, "#compare-error", 60)
+    WebDriverWait(driver, 10).until(lambda d: box.text)
+    assert "\n" not in box.text and driver.find_element(By.ID, "status").text == box.text
+    return box.text
+
+
+def test_compare_pairs_aligned_prompts_and_takes_a_typed_prompt_b(setup, shots, driver, tmp_path):
+    """The Compare button pairs the open graph with one whose tokens align (not the first listed, which does
+    not), or says in one line that none does; a pair that does not align is refused in one line naming both
+    token counts and the first differing position; a typed prompt B is compared (the table is
+    `Traced.compare`'s for the same prompts) and its graph built and drawn; a typed prompt that does not
+    align gets the server's one-line reason."""
+    data = tmp_path / "graphs"
+    data.mkdir()
+    graphs = compare_graphs(setup.tracer, data, PAIR)
+    short = graphs["0-short.json"]["metadata"]["prompt_tokens"]
+    long = graphs["a.json"]["metadata"]["prompt_tokens"]
+    with LiveServer(create_app(data, setup.tracer)) as server:
+        open_graph(driver, server, "a.json")
+        click(driver, driver.find_element(By.ID, "compare-open"))
+        WebDriverWait(driver, 10).until(lambda d: Select(d.find_element(By.ID, "compare-b")).options)
+        b_list = Select(driver.find_element(By.ID, "compare-b"))
+        assert b_list.first_selected_option.get_attribute("value") == "b.json"
+        names = [o.get_attribute("value") for o in b_list.options]
+        assert names.index("b.json") < names.index("0-short.json")  # aligned pairs offered first
+
+        # a pair that does not align: refused in one line, nothing compared
+        b_list.select_by_value("0-short.json")
+        click(driver, driver.find_element(By.ID, "compare-run"))
+        why = compare_error(driver)
+        assert f"A (a.json) has {len(long)} tokens and B (0-short.json) has {len(short)}" in why
+        assert f"first differ at position {len(short)} ({json.dumps(long[len(short)])} vs " in why
+        assert not driver.find_elements(By.CSS_SELECTOR, "#compare-table")
+
+        # A without any graph that aligns: the Compare button says so in one line
+        driver.get(server.url + "/#graph=0-short.json")
+        opened(driver, "0-short.json")
+        click(driver, driver.find_element(By.ID, "compare-open"))
+        none = wait(driver, "#compare-none")
+        assert f"No other graph aligns with A (0-short.json, {len(short)} tokens)" in none.text
+        assert f"the others have {len(long)} tokens" in none.text
+
+        # prompt B typed: compared against graph A, as Traced.compare compares them, then its graph drawn
+        typed = "Aunt Bob is the opposite of Uncle Sally . Aunt"
+        Select(driver.find_element(By.ID, "compare-a")).select_by_value("a.json")
+        driver.find_element(By.ID, "compare-prompt-b").send_keys(typed)
+        click(driver, driver.find_element(By.ID, "compare-run"))
+        WebDriverWait(driver, 120).until(lambda d: "(prompt B typed)" in d.find_element(By.ID, "status").text)
+        ref = setup.tracer.run(PAIR["a.json"]).compare(setup.tracer.run(typed), query_pos=-1, top=5).to_json()
+        rows = driver.find_elements(By.CSS_SELECTOR, "#compare-table tr.compare-row")
+        assert len(rows) == min(20, len(ref["heads"]))
+        for row, h in zip(rows, ref["heads"]):
+            assert (int(row.get_attribute("data-layer")), int(row.get_attribute("data-head"))) == (
+                h["layer"],
+                h["head"],
+            )
+            assert int(row.get_attribute("data-key")) == h["key_pos"]
+            for field in ("attention_a", "attention_b", "diff", "skew"):
+                cell = row.find_element(By.CSS_SELECTOR, f"td[data-field={field}]")
+                assert numbers(cell)[1] == pytest.approx(h[field], rel=1e-6, abs=1e-9)
+        assert len(ref["differing"]) == 2
+        summary = driver.find_element(By.ID, "compare-summary").text
+        assert f"different at {ref['differing'][0]} (" in summary and f"), {ref['differing'][1]} (" in summary
+        built = sorted(set(p.name for p in data.glob("*.json")) - set(PAIR))
+        assert len(built) == 1 and json.loads((data / built[0]).read_text())["metadata"]["prompt"].endswith(typed)
+        b_nodes = json.loads((data / built[0]).read_text())["nodes"]
+        assert len(driver.find_elements(By.CSS_SELECTOR, "#compare-svg-b g.node")) == len(b_nodes)
+        marked = driver.find_elements(By.CSS_SELECTOR, "#compare-svg-b text.token-label.differs")
+        assert [int(t.get_attribute("data-pos")) for t in marked] == ref["differing"]
+        assert driver.execute_script("return location.hash") == f"#compare=a.json%2C{built[0]}"
+        driver.save_screenshot(str(shots / "33-compare-typed-b.png"))
+
+        # a typed prompt that does not align: the server's reason, in one line
+        driver.find_element(By.ID, "compare-prompt-b").send_keys("Aunt Bob is")
+        click(driver, driver.find_element(By.ID, "compare-run"))
+        why = compare_error(driver)
+        assert f"prompt A has {len(long)} tokens and prompt B has 4" in why, why
+        assert [e for e in console_errors(driver) if "/api/compare" not in e or "status of 400" not in e] == []
