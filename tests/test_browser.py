@@ -1335,6 +1335,16 @@ def test_compare_opens_full_panels_on_either_side(setup, shots, driver, tmp_path
         assert screen_rect(driver, label)["height"] >= 10
         driver.save_screenshot(str(shots / "31-compare-node-panel.png"))
 
+        # the link names the side and the node: opened afresh, B's node panel again
+        url = driver.current_url
+        assert "side=b" in url and "node=" + target.replace("/", "%2F") in url
+        driver.get("about:blank")
+        driver.get(url)
+        title = wait(driver, "#node-panel .body h3")
+        WebDriverWait(driver, 30).until(lambda d: title.text == (node["clerp"] or target))
+        rows = driver.find_elements(By.CSS_SELECTOR, "#node-panel table.links tr[data-link]")
+        assert [numbers(r.find_element(By.CSS_SELECTOR, "td[data-field=weight]"))[1] for r in rows[: len(ins)]] == shown
+
         # an input with head loadings: the edge panel shows B's; its top head: QK on B's tokens
         link = next(x for x in ins if x["head_loadings"])
         click(driver, driver.find_element(By.CSS_SELECTOR, f'#node-panel tr[data-link="{b["links"].index(link)}"]'))

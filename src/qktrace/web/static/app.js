@@ -35,7 +35,7 @@ import { createSweepPanel } from "./sweep-panel.js";
 import {
   addSupernode, clearSelection, removeSupernode, selectLink, selectNode, store, togglePin, toggleSupernode,
 } from "./state.js";
-import { readUrl, setHash, viewHash } from "./url.js";
+import { compareHash, readUrl, setHash, viewHash } from "./url.js";
 
 const state = () => store.state;
 const openNode = (n, e) => (e && e.shiftKey ? togglePin(n.id) : selectNode(n));
@@ -85,9 +85,14 @@ const edgePanel = createEdgePanel($("edge-panel").querySelector(".body"), {
 });
 const compareView = createCompareView({
   info: () => store.state.info,
-  onOpen: (a, b) => setHash(new URLSearchParams({ compare: `${a},${b}` }), false),
+  onOpen: (a, b) => setHash(compareHash({ a, b }), false),
   onEnter: () => { nodePanel.reset(); edgePanel.reset(); },
-  onChange: (side, changed) => { if (side === compareView.active()) showPanels(side.state, changed); },
+  onChange: (side, changed) => {
+    if (side !== compareView.active()) return;
+    showPanels(side.state, changed);
+    const w = compareView.where();
+    if ((changed.has("selNode") || changed.has("selLink")) && w.a && w.b) setHash(compareHash(w), false);
+  },
   onClose: () => {
     nodePanel.reset(); // the panels go back to the page's graph
     edgePanel.reset();
@@ -185,7 +190,7 @@ function applyView(v) {
 async function followUrl() {
   const v = readUrl();
   if (v.weights !== store.state.weights) store.set({ weights: v.weights });
-  if (v.compare) return void compareView.open(...v.compare);
+  if (v.compare) return void compareView.open(...v.compare, v);
   if (compareView.isOpen()) compareView.close(); // its onClose opens the graph the URL names
   if (v.graph && v.graph !== store.state.name) await openGraph(v.graph);
   if (store.state.name === (v.graph || store.state.name)) applyView(v);
@@ -344,7 +349,7 @@ async function start() {
     const list = await listGraphs();
     const first = list.graphs.length ? list.graphs[0].name : null;
     const v = readUrl();
-    if (v.compare) await compareView.open(...v.compare);
+    if (v.compare) await compareView.open(...v.compare, v);
     else if (v.graph || first) {
       await openGraph(v.graph || first);
       applyView(v);

@@ -8,13 +8,14 @@
 // first, and the Compare button picks one of them) or a typed prompt: compared at once (the server traces
 // it against the loaded model and SAEs), then its graph built by the server's bounded graph job and drawn.
 // A pair whose tokens do not align is refused in one line before any work. Opened by the Compare button or
-// by #compare=A,B in the URL.
+// by #compare=A,B in the URL (with &side=b&node=ID or &edge=S>T: that side's node or edge chosen).
 
 import * as API from "./api.js";
 import { $, clear, el, setStatus, truncate } from "./dom.js";
 import { renderComparison } from "./compare-table.js";
 import { hideTip, showNodeTip } from "./features.js";
 import { createGraphView } from "./graphview.js";
+import { keyHandler } from "./keys.js";
 import { indexGraph } from "./model.js";
 import { createStore, initialState } from "./state.js";
 
@@ -48,6 +49,7 @@ function createSide(key, onPick, onChange) {
       if (store.state.hover !== n) store.set({ hover: n });
     },
     onBackground: () => store.set({ selNode: null, selLink: null }),
+    onKey: keyHandler(() => store.state.model, () => view, (n) => pick({ selNode: n, selLink: null })),
   }, { minFit: MIN_FIT });
   store.subscribe((s, changed) => {
     const any = (...keys) => keys.some((k) => changed.has(k));
@@ -102,14 +104,19 @@ export function createCompareView({ info, onOpen, onEnter = () => {}, onClose, o
     return pick;
   }
 
-  /** Show the view; with two graph names, compare them; with one, pick a B that aligns or say why none does. */
-  async function open(a, b) {
+  /** Show the view; with two graph names, compare them (then choose `chosen`: {side, node, edge}, as the URL
+   * names them); with one, pick a B that aligns or say why none does. */
+  async function open(a, b, chosen = null) {
     pane.hidden = false;
     $("graph-pane").hidden = true;
     onEnter();
     try {
       await list(a, b);
-      if (a && b) return await run(a, b);
+      if (a && b) {
+        await run(a, b);
+        if (chosen && chosen.side) select(chosen);
+        return;
+      }
       const g = summaries.get($("compare-a").value);
       const others = [...summaries.values()].filter((x) => x !== g).map((x) => x.tokens.length);
       body.className = "body hint";
@@ -183,8 +190,8 @@ export function createCompareView({ info, onOpen, onEnter = () => {}, onClose, o
       $("compare-title-b").textContent = `B: ${truncate(text, 80)} (typed; its graph follows)`;
       const res = await differences({ tokens_a: ta, prompt_b: text }, mine);
       if (!res || mine !== ticket) return;
-      const same = [...summaries.values()].find((g) => g.prompt === text && g.tokens.join("\u0000")
-        === res.str_tokens_b.join("\u0000") && g.model === res.model);
+      const same = [...summaries.values()].find((g) => g.model === res.model // B's graph is there already
+        && g.tokens.join("\u0000") === res.str_tokens_b.join("\u0000"));
       const name = same ? same.name : await API.buildGraph(text, (job) => {
         if (mine === ticket) setStatus(`compared; building B's graph: ${job.stage} (${Math.round(job.elapsed_s)} s)`,
           { busy: true });
@@ -234,8 +241,27 @@ export function createCompareView({ info, onOpen, onEnter = () => {}, onClose, o
     return res;
   }
 
+  /** Choose node `node` (else edge `edge`: {source, target}) of side `side`'s graph. */
+  function select({ side, node, edge }) {
+    const st = sides[side].store, m = st.state.model;
+    if (!m) return;
+    const n = node && m.byId.get(node);
+    const l = !n && edge && m.links.find((x) => x.source === edge.source && x.target === edge.target);
+    if (!n && !l) return;
+    markActive(side);
+    st.set({ selNode: n || null, selLink: l || null });
+    if (n) sides[side].view.focusNode(n);
+  }
+
+  /** The pair shown and the node or edge chosen on the active side (for the URL). */
+  function where() {
+    const s = sides[active].store.state, l = s.selLink;
+    return { a: sides.a.store.state.name, b: sides.b.store.state.name, side: active,
+      node: s.selNode && s.selNode.id, edge: l && { source: l.source, target: l.target } };
+  }
+
   return {
-    open, close, isOpen: () => !pane.hidden,
+    open, close, select, where, isOpen: () => !pane.hidden,
     /** The store of the side last clicked (A until one is). */
     active: () => sides[active].store,
   };

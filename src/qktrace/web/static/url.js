@@ -55,6 +55,15 @@ export function viewHash({ graph, weights, prune, pins, subgraph, supernodes, no
   return p;
 }
 
+/** The compare view's hash: the pair, and the node or edge chosen on `side` ("a" or "b"), if any. */
+export function compareHash({ a, b, side, node, edge }) {
+  const p = new URLSearchParams({ compare: `${a},${b}` });
+  if (side && (node || edge)) p.set("side", side);
+  if (side && node) p.set("node", node);
+  else if (side && edge) p.set("edge", `${edge.source}>${edge.target}`);
+  return p;
+}
+
 /** Write `params` into the hash; `push`: as a new history entry (Back returns to the one before). */
 export function setHash(params, push) {
   const url = `${location.pathname}#${params}`;
