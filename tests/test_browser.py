@@ -1253,6 +1253,12 @@ def test_supernode_collapses_into_one_node(setup, shots, driver):
         driver.execute_script("arguments[0].focus()", member)
         ActionChains(driver).send_keys("c").perform()
         wait(driver, '#graph-svg g.supernode.collapsed[data-name="trio"]')
+        script = "const e = document.activeElement; return [e.getAttribute('class'), e.dataset.id]"
+        focused = lambda: driver.execute_script(script)  # noqa: E731
+        assert focused() == ["supernode collapsed", "supernode:0"]  # the keyboard stays on the group
+        ActionChains(driver).send_keys(Keys.ENTER).perform()
+        wait(driver, '#graph-svg g.supernode.expanded[data-name="trio"]')
+        assert focused() == ["node", members[0]]
         assert console_errors(driver) == []
 
 

@@ -97,7 +97,16 @@ export function createGraphView(svg, state, { onNode, onLink, onHover, onBackgro
     const i = e.key === "c" ? groupOf(state().supernodes || [], n.id) : -1;
     if (i < 0) return onKey(n, e);
     e.preventDefault();
+    toggleByKey(i);
+  }
+
+  /** Toggle supernode i from the keyboard; the focus goes to its node (collapsed) or first member (expanded). */
+  function toggleByKey(i) {
     onSupernode(i);
+    groups();
+    const g = svg.querySelector(`.group-nodes g.supernode[data-i="${i}"]`);
+    const s = (state().supernodes || [])[i], first = s && nodeEls.get(s.ids.find((id) => nodeEls.has(id)));
+    if (g || first) (g || first).focus({ preventScroll: true });
   }
 
   /** The supernodes as drawn now: (re)drawn when the list changed (a new array: the store never mutates it). */
@@ -108,7 +117,7 @@ export function createGraphView(svg, state, { onNode, onLink, onHover, onBackgro
       grouped = collapse(model, sn);
       const layer = (c) => svg.querySelector(`.${c}`);
       summedEls = drawGroups({ rings: layer("group-rings"), edges: layer("group-edges"), nodes: layer("group-nodes") },
-        model, sn, grouped, onSupernode);
+        model, sn, grouped, (i, key) => (key ? toggleByKey(i) : onSupernode(i)));
       drawn = "";
     }
     return grouped;

@@ -50,8 +50,8 @@ export const groupOf = (supernodes, id) => supernodes.findIndex((s) => s.ids.inc
 
 /**
  * Draws the groups: expanded ones as rings round their members (in `rings`), collapsed ones as one node
- * each (in `nodes`) and their summed edges (in `edges`, their sums in the title). `onToggle(i)`: a collapsed
- * node clicked, or Enter or Space on it.
+ * each (in `nodes`) and their summed edges (in `edges`, their sums in the title). `onToggle(i, byKey)`: a
+ * collapsed node clicked, or Enter or Space on it.
  * Returns the summed edges' elements, by key, for `restyle`.
  */
 export function drawGroups({ rings, edges, nodes }, model, supernodes, collapsed, onToggle) {
@@ -78,7 +78,7 @@ export function drawGroups({ rings, edges, nodes }, model, supernodes, collapsed
     els.set(l.key, g);
   }
   for (const g of collapsed.groups) {
-    const s = supernodes[g.i], toggle = (e) => { e.stopPropagation(); e.preventDefault(); onToggle(g.i); };
+    const s = supernodes[g.i], toggle = (e) => { e.stopPropagation(); e.preventDefault(); onToggle(g.i, !!e.key); };
     nodes.append(sv("g", { class: "supernode collapsed", "data-name": s.name, "data-ids": s.ids.join(","),
       "data-i": g.i, "data-id": g.id, "data-count": g.members.length, transform: `translate(${g.x},${g.y})`,
       tabindex: 0, role: "button", "aria-label": `supernode ${s.name}: ${g.members.length} nodes (Enter expands)`,
