@@ -1234,6 +1234,26 @@ def test_supernode_collapses_into_one_node(setup, shots, driver):
         assert (x, y) == pytest.approx(tuple(sum(where[i][j] for i in members) / 3 for j in (0, 1)))
         driver.save_screenshot(str(shots / "30-supernode-collapsed.png"))
 
+        # a summed edge clicked: the edge panel shows the sum and the edges it sums; one of them opens
+        (s, t), w = max(expected.items(), key=lambda kv: abs(kv[1]))
+        click(
+            driver,
+            driver.find_element(
+                By.CSS_SELECTOR, f'#graph-svg g.edge.summed[data-source="{s}"][data-target="{t}"] line.hit'
+            ),
+        )
+        rows = wait(driver, "#summed-table") and driver.find_elements(By.CSS_SELECTOR, "#summed-table tr[data-link]")
+        assert float(driver.find_element(By.ID, "edge-weight").get_attribute("data-value")) == pytest.approx(w)
+        ends = lambda x: tuple("supernode:0" if x[e] in members else x[e] for e in ("source", "target"))  # noqa: E731
+        sums = [x for x in graph["links"] if ends(x) == (s, t)]
+        assert sorted(numbers(r.find_element(By.CSS_SELECTOR, "td[data-field=weight]"))[1] for r in rows) == sorted(
+            x["weight"] for x in sums
+        )
+        first = graph["links"][int(rows[0].get_attribute("data-link"))]
+        click(driver, rows[0])
+        WebDriverWait(driver, 10).until(lambda d: not d.find_elements(By.ID, "summed-table"))
+        assert float(driver.find_element(By.ID, "edge-weight").get_attribute("data-value")) == first["weight"]
+
         # the URL keeps it: reloaded, the group is collapsed again with the same edges
         WebDriverWait(driver, 10).until(lambda d: "group=c" in d.execute_script("return location.hash"))
         url = driver.current_url

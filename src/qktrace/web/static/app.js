@@ -77,6 +77,7 @@ const nodePanel = createNodePanel($("node-panel").querySelector(".body"), {
   },
 });
 const edgePanel = createEdgePanel($("edge-panel").querySelector(".body"), {
+  onLink: (l) => selectLink(l, active()),
   onHead: (l, layer, head) => {
     edgePanel.markHead(layer, head);
     sweepPanel.prefill(l, layer, head);

@@ -1,14 +1,15 @@
 // The edge panel: an edge's weight, raw and normalised per target, and the heads that carried it (head
-// loadings, direct and via the MLP, as a chart and a table; click a head for its QK attribution).
+// loadings, direct and via the MLP, as a chart and a table; click a head for its QK attribution); a collapsed
+// supernode's edge: its summed weight and the edges it sums.
 
 import { C, FONT, clear, el, fmt, num, sv } from "./dom.js";
-import { isCross, nodeLabel, nodeWhere } from "./model.js";
+import { isCross, nodeLabel, nodeWhere, strongest, weightOf } from "./model.js";
 import { attachTips } from "./features.js";
 
 const HINT = "Click an edge, or an input or output of a node.";
 
-/** handlers: onHead(link, layer, head). */
-export function createEdgePanel(body, { onHead }) {
+/** handlers: onHead(link, layer, head), onLink(link): one of the edges a supernode's edge sums. */
+export function createEdgePanel(body, { onHead, onLink = () => {} }) {
   function reset() {
     clear(body).append(HINT);
     body.className = "body hint";
@@ -17,6 +18,7 @@ export function createEdgePanel(body, { onHead }) {
   function show(state) {
     const l = state.selLink, model = state.model;
     clear(body).className = "body";
+    if (l.members) return summed(l, state.weights);
     const share = `${fmt(100 * Math.abs(l.norm), 3)}% of the |weight| into its target`;
     body.append(el("h3", {}, el("span", { class: "comp", "data-component": l.s.id }, nodeLabel(l.s)), " → ",
       el("span", { class: "comp", "data-component": l.t.id }, nodeLabel(l.t))),
@@ -45,6 +47,19 @@ export function createEdgePanel(body, { onHead }) {
     body.append(el("table", { id: "head-table" }, el("tr", {}, el("th", {}, "head"), el("th", { class: "num" }, "direct"),
       el("th", { class: "num" }, "via MLP"), el("th", { class: "num" }, "total")), rows));
     attachTips(body);
+  }
+
+  /** A collapsed supernode's edge (supernodes.js): the sum, and the edges it sums, strongest first. */
+  function summed(l, weights) {
+    const n = l.members.length;
+    body.append(el("h3", {}, nodeLabel(l.s), " → ", nodeLabel(l.t)), el("dl", { class: "kv" },
+      el("dt", {}, "weight"), el("dd", {}, el("span", { id: "edge-weight", "data-value": l.weight }, fmt(l.weight)),
+        el("span", { class: "muted" }, ` the sum of ${n} edge${n === 1 ? "" : "s"}`)),
+      el("dt", {}, "normalised"), el("dd", { id: "edge-weight-norm", "data-value": l.norm }, fmt(l.norm))),
+    el("h4", {}, "The edges it sums (click one for its head loadings)"),
+    el("table", { id: "summed-table", class: "links" }, strongest(l.members, weights).map((m) =>
+      el("tr", { class: "clickable", "data-link": m.i, onclick: () => onLink(m) }, num(weightOf(m, weights), "weight", 3),
+        el("td", {}, nodeLabel(m.s), " → ", nodeLabel(m.t))))));
   }
 
   /** Marks the chosen head's buttons. */

@@ -117,7 +117,7 @@ export function createGraphView(svg, state, { onNode, onLink, onHover, onBackgro
       grouped = collapse(model, sn);
       const layer = (c) => svg.querySelector(`.${c}`);
       summedEls = drawGroups({ rings: layer("group-rings"), edges: layer("group-edges"), nodes: layer("group-nodes") },
-        model, sn, grouped, (i, key) => (key ? toggleByKey(i) : onSupernode(i)));
+        model, sn, grouped, (i, key) => (key ? toggleByKey(i) : onSupernode(i)), onLink);
       drawn = "";
     }
     return grouped;

@@ -51,10 +51,10 @@ export const groupOf = (supernodes, id) => supernodes.findIndex((s) => s.ids.inc
 /**
  * Draws the groups: expanded ones as rings round their members (in `rings`), collapsed ones as one node
  * each (in `nodes`) and their summed edges (in `edges`, their sums in the title). `onToggle(i, byKey)`: a
- * collapsed node clicked, or Enter or Space on it.
+ * collapsed node clicked, or Enter or Space on it; `onLink(l)`: a summed edge clicked.
  * Returns the summed edges' elements, by key, for `restyle`.
  */
-export function drawGroups({ rings, edges, nodes }, model, supernodes, collapsed, onToggle) {
+export function drawGroups({ rings, edges, nodes }, model, supernodes, collapsed, onToggle, onLink) {
   for (const layer of [rings, edges, nodes]) layer.replaceChildren();
   supernodes.forEach((s, i) => {
     if (s.collapsed) return;
@@ -68,7 +68,7 @@ export function drawGroups({ rings, edges, nodes }, model, supernodes, collapsed
   for (const l of collapsed.links) {
     const ends = { x1: l.s.x, y1: l.s.y, x2: l.t.x, y2: l.t.y };
     const g = sv("g", { class: "edge summed", "data-source": l.source, "data-target": l.target, "data-raw": l.weight,
-      "data-norm": l.norm, "data-count": l.members.length, onclick: (e) => e.stopPropagation() },
+      "data-norm": l.norm, "data-count": l.members.length, onclick: (e) => { e.stopPropagation(); onLink(l); } },
     sv("line", { ...ends, class: "vis", stroke: l.weight >= 0 ? C.pos : C.neg, "stroke-linecap": "round",
       "stroke-dasharray": l.weight >= 0 ? "none" : "5 2.5" }),
     sv("line", { ...ends, class: "hit", stroke: "#000", "stroke-opacity": 0, "stroke-width": 9 }),
