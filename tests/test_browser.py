@@ -720,6 +720,12 @@ def test_compare_view(setup, shots, driver, tmp_path):
         note = wait(driver, "#compare-note")
         assert "No model is loaded" in note.text
         assert len(driver.find_elements(By.CSS_SELECTOR, "#compare-svg-b g.node")) == len(graphs["b.json"]["nodes"])
+        driver.find_element(By.ID, "compare-prompt-b").send_keys("Aunt Bob is the opposite of Uncle Sally . Aunt")
+        click(driver, driver.find_element(By.ID, "compare-run"))
+        assert (
+            wait(driver, "#compare-error").text
+            == "a typed prompt B needs a loaded model: qktrace serve --model MODEL --saes SAES"
+        )
         assert console_errors(driver) == []
 
 
