@@ -72,12 +72,13 @@ def test_info(client, viewer, setup):
     assert not view["can_compute"] and view["model"] is None and view["checkpoints"] == [0, 1, 2]
 
 
-def test_list_graphs(client):
+def test_list_graphs(client, setup):
     listing = ok(client.get("/api/graphs"))
     names = [g["name"] for g in listing["graphs"]]
     assert GRAPH_NAME in names
     tiny = next(g for g in listing["graphs"] if g["name"] == GRAPH_NAME)
     assert tiny["n_nodes"] > 0 and tiny["n_links"] > 0
+    assert tiny["tokens"] == setup.graph["metadata"]["prompt_tokens"] and len(tiny["tokens"]) == len(setup.tokens)
     bad = {b["name"]: b["error"] for b in listing["invalid"]}
     assert {"broken.json", "other.json", "escape.json"} <= set(bad)
     assert "outside the data directory" in bad["escape.json"]
