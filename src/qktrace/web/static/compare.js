@@ -142,9 +142,18 @@ export function createCompareView({ info, onOpen, onEnter = () => {}, onClose, o
     setStatus(msg, { error: true });
   }
 
-  function draw(side, name, model, title) {
+  function draw(side, name, model) {
     side.store.set({ name, model, info: info(), selNode: null, selLink: null, hover: null, pinned: new Set(), qk: null });
-    $(`compare-title-${side.key}`).textContent = title || `${side.key.toUpperCase()}: ${name} — ${model.meta.prompt || ""}`;
+    $(`compare-title-${side.key}`).textContent = `${side.key.toUpperCase()}: ${name} — ${model.meta.prompt || ""}`;
+    fitHeights();
+  }
+
+  /** The panes as tall as the taller graph at the least scale (up to 3/4 of the window): every row in view,
+   * the rest of the view (the table) below them. */
+  function fitHeights() {
+    const hs = Object.values(sides).filter((s) => s.store.state.model).map((s) => s.view.size()[1] * MIN_FIT);
+    const h = Math.min(Math.max(400, ...hs), Math.round(0.75 * window.innerHeight));
+    for (const box of pane.querySelectorAll(".compare-scroll")) box.style.height = `${Math.ceil(h)}px`;
   }
 
   async function run(a, b) {
