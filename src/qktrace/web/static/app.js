@@ -1,7 +1,8 @@
 // qktrace's page, the entry module: wires the store to the graph view and the panels, lists and opens
 // graphs, builds new ones. Native ES modules served from /static, no build step, nothing from a CDN:
 //   dom (helpers)  api (the server's JSON)  state (the store)  model (a graph file, indexed)
-//   layout, labels, graphview (the drawing)  features (tooltips, dashboards)
+//   layout, labels, graphview, supernodes (the drawing; supernodes ringed or collapsed)  features (tooltips,
+//     dashboards)
 //   node-panel, edge-panel, qk-panel, sweep-panel, group-panel  export (JSON, PNG)
 //   compare, compare-table (two graphs side by side over their own stores, and the heads whose attention
 //     differs; a click on either graph opens the same panels, on that side's store: `active()`)
@@ -11,10 +12,11 @@
 //
 // Which graph opens: the one the URL names (#graph=NAME, or ?graph=NAME), else the first one GET /api/graphs
 // lists, i.e. the first JSON file of the data directory in file-name order (then files given to `qktrace
-// serve` by path). The whole view lives in the URL (url.js: pins, prune level, the selected node or edge,
-// the QK view, the mechanism), so a link or a reload reopens it; selections are history entries, so Back
-// and Forward step through them. #compare=A,B opens the compare view on graphs A and B (the Compare
-// button writes it); leaving it for #graph=X opens X.
+// serve` by path). The whole view lives in the URL (url.js: pins, supernodes, prune level, the selected
+// node or edge, the QK view, the mechanism), so a link or a reload reopens it; selections are history
+// entries, so Back and Forward step through them. #compare=A,B opens the compare view on graphs A and B
+// (the Compare button writes it, with the side and node or edge chosen there); leaving it for #graph=X
+// opens X.
 
 import * as API from "./api.js";
 import { createCompareView } from "./compare.js";
