@@ -1268,6 +1268,12 @@ def test_supernode_collapses_into_one_node(setup, shots, driver):
         wait(driver, '#graph-svg g.supernode.collapsed[data-name="trio"]')
         assert sorted(shown_nodes(driver)) == sorted(set(everyone) - set(members))
         assert drawn_summed_edges(driver) == drawn
+        script = "const e = document.activeElement; return [e.getAttribute('class'), e.dataset.id]"
+        focused = lambda: driver.execute_script(script)  # noqa: E731
+        driver.get(url + "&node=" + members[1].replace("/", "%2F"))  # a member chosen: the keyboard is on its group
+        driver.refresh()
+        wait(driver, '#graph-svg g.supernode.collapsed[data-name="trio"]')
+        WebDriverWait(driver, 10).until(lambda d: focused() == ["supernode collapsed", "supernode:0"])
 
         # a click expands it; "c" on a member collapses it again
         click(driver, driver.find_element(By.CSS_SELECTOR, "#graph-svg g.supernode.collapsed circle.mark"))
@@ -1279,8 +1285,6 @@ def test_supernode_collapses_into_one_node(setup, shots, driver):
         driver.execute_script("arguments[0].focus()", member)
         ActionChains(driver).send_keys("c").perform()
         wait(driver, '#graph-svg g.supernode.collapsed[data-name="trio"]')
-        script = "const e = document.activeElement; return [e.getAttribute('class'), e.dataset.id]"
-        focused = lambda: driver.execute_script(script)  # noqa: E731
         assert focused() == ["supernode collapsed", "supernode:0"]  # the keyboard stays on the group
         ActionChains(driver).send_keys(Keys.ENTER).perform()
         wait(driver, '#graph-svg g.supernode.expanded[data-name="trio"]')

@@ -145,10 +145,11 @@ export function createGraphView(svg, state, { onNode, onLink, onHover, onBackgro
   /** The whole drawing in the pane (the answer column in view when it is too wide to read whole). */
   const fit = () => zoom.fit(size);
 
-  /** Bring node `n` into view and give it the keyboard focus. */
+  /** Bring node `n` (or the collapsed supernode it is in) into view and give it the keyboard focus. */
   function focusNode(n) {
-    zoom.reveal(n.x, n.y);
-    const g = nodeEls.get(n.id);
+    const shut = groups().groups.find((x) => x.members.includes(n)); // a collapsed supernode's member: the group
+    zoom.reveal((shut || n).x, (shut || n).y);
+    const g = shut ? svg.querySelector(`.group-nodes g.supernode[data-i="${shut.i}"]`) : nodeEls.get(n.id);
     if (g) g.focus({ preventScroll: true });
   }
 
