@@ -113,7 +113,7 @@ export function createCompareView({ info, onOpen, onEnter = () => {}, onClose, o
     try {
       await list(a, b);
       if (a && b) {
-        await run(a, b);
+        await comparePair(a, b); // the pair the URL or the caller names, whatever is typed
         if (chosen && chosen.side) select(chosen);
         return;
       }
@@ -156,9 +156,13 @@ export function createCompareView({ info, onOpen, onEnter = () => {}, onClose, o
     for (const box of pane.querySelectorAll(".compare-scroll")) box.style.height = `${Math.ceil(h)}px`;
   }
 
-  async function run(a, b) {
+  /** The Compare button: A against the typed prompt B, else against graph B. */
+  function run(a, b) {
     const typed = $("compare-prompt-b").value.trim();
-    if (typed) return runTyped(a, typed);
+    return typed ? runTyped(a, typed) : comparePair(a, b);
+  }
+
+  async function comparePair(a, b) {
     if (!a || !b) return fail("pick graph A and graph B (or type prompt B) first");
     const mine = ++ticket;
     setStatus(`comparing ${a} and ${b}…`, { busy: true });
