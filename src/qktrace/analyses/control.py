@@ -8,7 +8,7 @@ import random
 import time
 from collections.abc import Sequence
 from dataclasses import replace
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
@@ -47,7 +47,7 @@ def feature_label(traced: Traced, kind: str, layer: int, feature: int) -> str:
     return ts.clt.label(layer, feature) if ts.clt is not None else ts[layer].label(feature)
 
 
-def carrier_heads(traced: Traced, graph: Graph, n: int) -> list[dict[str, float | int]]:
+def carrier_heads(traced: Traced, graph: Graph, n: int) -> list[dict[str, Any]]:
     """`Graph.top_heads` for a transcoder graph, which has no head loadings: each target of a kept
     cross-position edge gives its cross-position influence to the head that carries it most directly
     (`qktrace.graph.transcoder_qk.direct_carrier`); the `n` heads with the largest share."""

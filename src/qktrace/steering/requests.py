@@ -149,14 +149,15 @@ def check_request(req: SteerRequest) -> Checked:
     if len(layers) > 1:
         raise InputError(f"heads span layers {layers}: QK steering steers heads of one layer at a time")
     layer = layers[0] if layers else None
-    if _check_kind(req, layer):
+    transcoder = _check_kind(req, layer)
+    if transcoder:
         checkpoint = req.feature_layer if layer is not None else req.checkpoint
     else:
         checkpoint = req.checkpoint if req.checkpoint is not None else layer
     if checkpoint is None:
         raise InputError("give heads [[layer, head], ...] to steer inside QK circuits, or a checkpoint to steer")
     checkpoint = _int(checkpoint, "checkpoint")
-    if layer is not None and checkpoint != layer and req.kind != "transcoder":
+    if layer is not None and checkpoint != layer and not transcoder:
         raise InputError(
             f"heads of layer {layer} read checkpoint {layer}, not {checkpoint}: "
             f"pick a feature of checkpoint {layer} or leave checkpoint out"
