@@ -153,3 +153,33 @@ def test_transcoder_batch_equals_tracing_each_prompt_alone(setup, tmp_path):
             assert {k: v for k, v in h.items() if k != "influence"} == want
     job = json.loads((tmp_path / "b" / "job.json").read_text())
     assert job["transcoders"] == "ct"  # the set's name, not its local path
+
+
+def test_server_sweep_and_explain_on_transcoders(tiny_paths, tmp_path):
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+
+    from qktrace.server.app import create_app
+    from qktrace.steering.interventions import SCALE, FreezeAttention, SteerQK
+    from qktrace.steering.sweep import sweep
+
+    tracer = Tracer.load(tiny_paths["llama"], transcoders=write_transcoder_set(tmp_path / "ct", 32, 2))
+    (tmp_path / "data").mkdir()
+    client = TestClient(create_app(tmp_path / "data", tracer))
+    traced = tracer.run(A)
+    x = traced.writers().enc
+    f = int(x.index[(x.layer == 0) & (x.pos == 3)][0])
+    tokens = traced.trace.tokens.tolist()
+    req = {"tokens": tokens, "heads": [[1, 1]], "side": "key", "feature": f, "feature_layer": 0, "positions": 3,
+           "scales": "0:2:3", "freeze_others": True, "watch_attention": [[1, 1, len(tokens) - 1, 3]]}  # fmt: skip
+    r = client.post("/api/sweep", json=req)
+    assert r.status_code == 200, r.text
+    ivs = [SteerQK(1, 1, "key", f, 3, scale=SCALE, kind="transcoder", feature_layer=0), FreezeAttention()]
+    df = sweep(tracer.model, {}, torch.tensor(tokens), ivs, "0:2:3", (), [(1, 1, len(tokens) - 1, 3)],
+               transcoders=tracer.transcoders)  # fmt: skip
+    assert r.json()["rows"] == json.loads(json.dumps(df.to_dict(orient="records")))
+    bad = client.post("/api/sweep", json=req | {"feature_layer": 1})
+    assert bad.status_code == 400 and "feature layer in 0..0" in bad.text
+    r = client.post("/api/explain", json={"tokens": tokens, "answer": "Sally", "null_draws": 2})
+    assert r.status_code == 200, r.text
+    assert r.json()["mechanism"]["verdict"]
