@@ -134,7 +134,7 @@ def test_a_cross_layer_feature_writes_every_later_layer(tiny_models):
     assert float((got - only_first).abs().max()) > 1e-3  # the later layer's write matters
 
 
-@pytest.mark.parametrize("family,input_site,output_hook,skip", CASES[:2] + CASES[3:4])
+@pytest.mark.parametrize("family,input_site,output_hook,skip", CASES)
 @pytest.mark.parametrize("side", ["query", "key"])
 def test_qk_steering_moves_only_the_chosen_heads_scores_by_the_qk_terms(
     family, input_site, output_hook, skip, side, tiny_models, tmp_path
@@ -186,3 +186,18 @@ def test_transcoder_steering_refuses_what_it_cannot_do(tiny_models, tmp_path):
         SteerFeature(0, 1, 2, scale=2.0, kind="mlp_error")
     with pytest.raises(OutOfRangeError, match="feature"):
         run_with(model, {}, ids, [SteerFeature(0, 48, 2, scale=2.0, kind=Kind.TRANSCODER)], transcoders=ts)
+
+
+def test_traced_intervene_steers_with_the_tracers_transcoders(tiny_paths, tmp_path):
+    from qktrace import Tracer
+
+    model_path = tiny_paths["gpt2"]
+    ct = write_transcoder_set(tmp_path / "ct", 32, 2)
+    traced = Tracer.load(model_path, transcoders=ct).run(random_prompt(8, seed=2))
+    enc = traced.writers().enc
+    i = int(enc.act.argmax())
+    iv = SteerFeature(int(enc.layer[i]), int(enc.index[i]), int(enc.pos[i]), scale=0.0, kind=Kind.TRANSCODER)
+    got = traced.intervene([iv]).logits
+    want = run_with(traced.model, {}, traced.trace.tokens, [iv], transcoders=traced.transcoders).logits
+    assert torch.equal(got, want)
+    assert not torch.allclose(got[-1], traced.trace.last_logits.float(), atol=1e-4)

@@ -82,14 +82,14 @@ class Part:
         layers = self.feature_layers if self.kind == "transcoder" else (self.layer,) * len(self.features)
         return tuple(zip(layers, self.features))
 
-    @property
-    def feature_names(self) -> tuple[str, ...]:
-        return tuple(f"t{ly}/f{f}" if self.kind == "transcoder" else f"f{f}" for ly, f in self.keys)
+    def feature_names(self, table: bool = False) -> tuple[str, ...]:  # `table`: SAE features as L{checkpoint}f{f}
+        sae = f"L{self.layer}f" if table else "f"
+        return tuple(f"t{ly}/f{f}" if self.kind == "transcoder" else f"{sae}{f}" for ly, f in self.keys)
 
     @property
     def name(self) -> str:
         heads = "+".join(f"H{h}" for h in self.heads)
-        return f"L{self.layer} {heads} {self.side}@{self.position} " + "+".join(self.feature_names)
+        return f"L{self.layer} {heads} {self.side}@{self.position} " + "+".join(self.feature_names())
 
     def interventions(self, scale: float) -> list[Intervention]:
         tc = self.kind == "transcoder"
@@ -302,7 +302,7 @@ class Mechanism:
                 "heads": "+".join(f"L{ly}H{h}" for ly, h in c.heads),
                 "positions": "+".join(str(p.position) for p in c.parts),
                 "keys": "+".join(str(p.key_pos) for p in c.parts),
-                "features": "+".join(f"L{ly}f{f}" for ly, f in c.features),
+                "features": "+".join(n for p in c.parts for n in p.feature_names(table=True)),
                 "label": c.label,
                 "prob_effect": c.prob_effect,
                 "predicted": c.predicted,
@@ -409,7 +409,7 @@ class Mechanism:
             return "".join(md)
         where = "; ".join(
             f"L{p.layer} heads {list(p.heads)} at {p.position} {self._tok(p.position)} (key {p.key_pos} "
-            f"{self._tok(p.key_pos)}): " + " + ".join(f"{n} {lab}" for n, lab in zip(p.feature_names, p.labels))
+            f"{self._tok(p.key_pos)}): " + " + ".join(f"{n} {lab}" for n, lab in zip(p.feature_names(), p.labels))
             for p in best.parts
         )
         what = "the answer's lead over the strongest other token" if self.criterion == "margin" else "m"
