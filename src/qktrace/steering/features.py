@@ -130,6 +130,7 @@ class Features:
     def output(self, kind: Kind, layer: int, feature: int, pos: list[int], coef: Tensor) -> Writes:
         """What steering the feature's output by `coef` [n] at `pos` adds (module docstring)."""
         out, ref = Writes(), self.clean.resid[0]
+        coef = coef.to(ref.device)  # under a device map the activations sit with their layer
         if kind is Kind.FEATURE:
             out.resid[layer] = coef[:, None] * sae_at(self.saes, layer).W_dec[feature].to(ref)
             return out
@@ -149,6 +150,7 @@ class Features:
         `checkpoint`'s heads read, through frozen post-MLP norms (module docstring); InputError when it adds
         nothing there."""
         ref = self.clean.resid[checkpoint]
+        coef = coef.to(ref.device)
         if kind is Kind.FEATURE:
             if layer != checkpoint:
                 raise InputError(
