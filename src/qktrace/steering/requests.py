@@ -197,13 +197,18 @@ def check_request(req: SteerRequest) -> Checked:
     return Checked(req, checkpoint, layer, tuple(h for _, h in pairs), scales)
 
 
+NEEDS_LAYER = "a transcoder feature steered inside QK circuits needs its layer: give feature_layer (--feature-layer)"
+
+
 def _check_kind(req: SteerRequest, layer: int | None) -> bool:
     """The request's kind checked against its fields; True when it names a transcoder feature."""
     if req.kind not in (None, "feature", "transcoder"):
         raise InputError(f"feature kind {req.kind!r} is neither 'feature' (residual SAE) nor 'transcoder'")
     if req.feature_layer is None:
         if req.kind == "transcoder" and layer is not None:
-            raise InputError("a transcoder feature steered inside QK circuits needs its layer: give feature_layer")
+            raise InputError(
+                "a transcoder feature steered inside QK circuits needs its layer: give feature_layer (--feature-layer)"
+            )
         return req.kind == "transcoder"
     if req.kind == "feature":
         raise InputError("feature_layer names a transcoder feature's layer: drop it for an SAE feature")
@@ -285,7 +290,9 @@ def build_steering(traced: Traced, req: SteerRequest | Checked) -> Steering:
     L = model.n_layers
     kind = feature_kind(traced, r.kind or ("transcoder" if r.feature_layer is not None else None))
     if kind.value == "transcoder" and checked.layer is not None and r.feature_layer is None:
-        raise InputError("a transcoder feature steered inside QK circuits needs its layer: give feature_layer")
+        raise InputError(
+            "a transcoder feature steered inside QK circuits needs its layer: give feature_layer (--feature-layer)"
+        )
     c = check_index(checked.checkpoint, L + 1, "checkpoint")
     if checked.layer is not None:
         layer = check_index(checked.layer, L, "layer")
