@@ -143,3 +143,68 @@ def test_heads_of_a_transcoder_graph_are_the_ones_that_carry_it(tmp_path):
     heads = carrier_heads(traced, graph, 5)
     assert [(h["layer"], h["head"]) for h in heads] == [(1, 1)]
     assert heads[0]["influence"] == pytest.approx(1.0)
+
+
+def _planted(path, answer: str = "Sally"):
+    """A tiny GPT-2 whose layer-1 head 0 answers `answer` because of one layer-0 transcoder feature (f0): as
+    `qktrace.testing.make_qk_circuit`, but f0 reads layer 0's MLP input at the last position (activation 1)
+    and writes exactly that MLP's output there, and the head's query reads only the part of f0's write that no
+    other writer of that residual shares; the key reads the residual at key 3, W_O writes the answer."""
+    import dataclasses
+
+    from transformers import AutoModelForCausalLM
+
+    from qktrace.models import load_model
+    from qktrace.saes import Transcoder
+    from qktrace.testing import make_tiny_model, random_sae, word_tokenizer
+
+    make_tiny_model("gpt2", path)
+    hf = AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager")
+    tok = word_tokenizer(path)
+    prompt, key_pos, d_head = "w5 w6 Bob w7 w8 w9 Uncle w10 is", 3, 8
+    mlp, block = hf.transformer.h[0].mlp, hf.transformer.h[1]
+    seen = {}
+    hooks = [mlp.register_forward_pre_hook(lambda m, a: seen.__setitem__("x", a[0][0, -1].detach())),
+             mlp.register_forward_hook(lambda m, a, o: seen.__setitem__("y", o[0, -1].detach()))]  # fmt: skip
+    with torch.no_grad():
+        block.ln_1.bias.zero_()
+        r = hf(tok(prompt, return_tensors="pt")["input_ids"], output_hidden_states=True).hidden_states[1][0]
+    for h in hooks:
+        h.remove()
+    x_in, d0, gain = seen["x"], seen["y"], block.ln_1.weight.detach()
+    rest, mine = ((v - v.mean()) * gain for v in (r[-1] - d0, d0))  # through ln_1 at unit scale
+    u = mine - (mine @ rest) / (rest @ rest) * rest  # f0's own part of the query residual
+    d = hf.config.n_embd
+    with torch.no_grad():
+        xk = block.ln_1(r)[key_pos]
+        W, b = block.attn.c_attn.weight, block.attn.c_attn.bias  # [d_model, 3 d_model]: q | k | v
+        for part, direction in ((0, 6.0 * u / u.norm()), (1, 1.5 * xk / xk.norm()), (2, xk / xk.norm())):
+            cols = slice(part * d, part * d + d_head)  # head 0
+            W[:, cols], b[cols] = 0.0, 0.0
+            W[:, cols.start] = direction
+        e = hf.transformer.wte.weight[tok.convert_tokens_to_ids(answer)]
+        block.attn.c_proj.weight[:d_head] = 0.0
+        block.attn.c_proj.weight[0] = 40.0 * (e - e.mean()) / e.norm()
+    hf.save_pretrained(path)
+    coders = {}
+    for layer in range(2):
+        c = random_sae("standard", d, 48, seed=5 + layer, checkpoint=layer, std=(d**-0.5, 0.2, 0.3, 0.2))
+        W_enc, b_enc, W_dec = c.W_enc.clone(), c.b_enc - 0.2, c.W_dec.clone()
+        if layer == 0:
+            W_enc[:, 0], b_enc[0], W_dec[0] = x_in / x_in.dot(x_in), 0.0, d0
+        coders[layer] = Transcoder(layer, dataclasses.replace(c, W_enc=W_enc, b_enc=b_enc, W_dec=W_dec), "mlp_in")
+    return Tracer(load_model(path), transcoders=TranscoderSet(coders)), prompt
+
+
+def test_explain_finds_the_planted_transcoder_feature_and_calls_it_specific(tmp_path):
+    tracer, prompt = _planted(tmp_path / "m")
+    traced = tracer.run(prompt)
+    assert float(traced.pattern(1, 0, -1)[3]) > 0.9  # the head finds key 3 ...
+    att = traced.qk(1, 0, traced.trace.n_pos - 1, 3)
+    f0 = att.query.ids.index(f"transcoder/l0/p{traced.trace.n_pos - 1}/f0")
+    assert float(att.terms[f0].sum()) == pytest.approx(float(att.sum_of_terms[0]), rel=0.05)  # ... through f0
+    m = explain(tracer, prompt, "Sally", settings=SMALL)
+    assert m.best is not None and (0, 0) in m.best.features and m.best.side == "query"
+    assert all(p.kind == "transcoder" and p.layer == 1 and 0 in p.heads for p in m.best.parts)
+    assert m.confirmed and m.specific and m.null is not None and m.null.candidate == m.candidates.index(m.best)
+    assert "specific" in m.verdict()
