@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from .graph import Graph, QKContributor, QKTracing
     from .graph.transcoder_qk import ResidualWriters
     from .nodes import Node
+    from .steering.interventions import Intervention, InterventionResult
 
 
 class Tracer:
@@ -302,6 +303,19 @@ class Traced:
 
         assert self.transcoders is not None
         return direct_carrier(self.model, self.trace, self.transcoders, graph, t)
+
+    def intervene(
+        self, interventions: Sequence[Intervention], *, record_attention: bool | Sequence[int] = False,
+        last_only: bool = False,
+    ) -> InterventionResult:  # fmt: skip
+        """This prompt run once more under `interventions` (`qktrace.steering.interventions.run_with`), reusing its
+        clean run, with this tracer's SAEs and transcoders (`SteerFeature` / `SteerQK` of kind transcoder)."""
+        from .steering.interventions import run_with
+
+        return run_with(
+            self.model, self.saes, self.trace.tokens, interventions, clean=self.trace,
+            record_attention=record_attention, last_only=last_only, transcoders=self.transcoders,
+        )  # fmt: skip
 
     def compare(self, other: Traced, **kwargs: Any) -> Comparison:
         """This prompt (A) against `other` (B), whose tokens align, head by head (see `qktrace.compare`)."""

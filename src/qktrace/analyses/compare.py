@@ -8,7 +8,8 @@ heads, "yellow" against "red"):
 2. Per head, its attention from the query position (default: the last) to every key, in both
    prompts; the difference b - a, key by key (positions align).
 3. Heads ranked by their largest |difference| at any key. For the `top` heads whose layer has an
-   SAE: the key where it is largest, and the QK terms at (query, key) of both prompts matched
+   SAE (or, on a tracer of transcoders, every layer: components are the residual's writers): the key where
+   it is largest, and the QK terms at (query, key) of both prompts matched
    component by component. A term is a (query component, key component) pair, each named by its
    positionless id and position (its node id); a term present in one prompt only counts against
    zero. The differences of all terms sum to the difference of the two pre-softmax scores.
@@ -362,8 +363,10 @@ def rank_heads(att_a: Tensor, att_b: Tensor, skew: Tensor) -> list[HeadDiff]:
 
 
 def match_terms(a: Traced, b: Traced, heads: list[HeadDiff], q: int, top: int, top_terms: int) -> list[HeadTerms]:
-    """Step 3, second half: the QK terms of the `top` heads with an SAE, matched across the prompts."""
-    with_sae = islice((h for h in heads if h.layer in a.saes), top)  # only the `top` are computed
+    """Step 3, second half: the QK terms of the `top` heads with an SAE (with transcoders and no SAE at their
+    layer: over the residual's writers, `qktrace.graph.transcoder_qk`), matched across the prompts."""
+    traced = a.transcoders is not None
+    with_sae = islice((h for h in heads if h.layer in a.saes or traced), top)  # only the `top` are computed
     terms = [head_terms(a, b, h.layer, h.head, q, h.key_pos, top_terms) for h in with_sae]
     log.info("compare: matched the QK terms of %d heads", len(terms))
     return terms

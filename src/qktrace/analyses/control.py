@@ -8,14 +8,15 @@ import random
 import time
 from collections.abc import Sequence
 from dataclasses import replace
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
-from .mechanism import Candidate
+from .mechanism import Candidate, Part
 from .null import QUANTILES, Null, curve_effect, flips, halves
 
 if TYPE_CHECKING:
+    from ..graph import Graph
     from ..options import ExplainSettings
     from ..tracer import Traced
 
@@ -31,23 +32,71 @@ class Prober(Protocol):
     def confirm(self, c: Candidate, scales: Sequence[float]) -> Candidate: ...
 
 
+def has_features(traced: Traced, layer: int) -> bool:
+    """Whether heads of `layer` read features explain can steer: an SAE at checkpoint `layer`, or, on a tracer
+    of transcoders, transcoder features of a layer below (every layer but the first)."""
+    return layer in traced.saes or (traced.transcoders is not None and layer > 0)
+
+
+def feature_label(traced: Traced, kind: str, layer: int, feature: int) -> str:
+    """A feature's label: an SAE feature of checkpoint `layer`, or the transcoder feature read at `layer`."""
+    if kind == "feature":
+        return traced.sae(layer).label(feature)
+    ts = traced.transcoders
+    assert ts is not None
+    return ts.clt.label(layer, feature) if ts.clt is not None else ts[layer].label(feature)
+
+
+def carrier_heads(traced: Traced, graph: Graph, n: int) -> list[dict[str, Any]]:
+    """`Graph.top_heads` for a transcoder graph, which has no head loadings: each target of a kept
+    cross-position edge gives its cross-position influence to the head that carries it most directly
+    (`qktrace.graph.transcoder_qk.direct_carrier`); the `n` heads with the largest share."""
+    from ..graph.transcoder_qk import direct_carrier
+
+    ts = traced.transcoders
+    assert ts is not None
+    inflow: dict[int, float] = {}
+    for e in graph.cross_position_edges(loaded=False):
+        t = int(graph.target[e])
+        inflow[t] = inflow.get(t, 0.0) + float(graph.influence[e])
+    totals: dict[tuple[int, int], float] = {}
+    for t, weight in inflow.items():
+        carrier = direct_carrier(traced.model, traced.trace, ts, graph, t)
+        if carrier is not None:
+            totals[carrier[:2]] = totals.get(carrier[:2], 0.0) + weight
+    total = max(sum(inflow.values()), 1e-30)
+    ranked = sorted(totals.items(), key=lambda kv: (-kv[1], kv[0]))[:n]
+    return [{"layer": ly, "head": h, "influence": w / total} for (ly, h), w in ranked if w > 0]
+
+
+def _pool(traced: Traced, p: Part) -> list[tuple[int, int]]:
+    """The other active features a part's control draws from, as (layer, feature): of its checkpoint's SAE at
+    its position, or every transcoder feature active there that its heads read (read at a layer below)."""
+    if p.kind == "transcoder":
+        enc = traced.writers().enc
+        at = ((enc.pos == p.position) & (enc.layer < p.layer)).nonzero().flatten()
+        active = set(zip(enc.layer[at].tolist(), enc.index[at].tolist()))
+    else:
+        feats, _ = traced.acts(p.layer).at(p.position)
+        active = {(p.layer, int(f)) for f in feats.tolist()}
+    return sorted(active - set(p.keys))
+
+
 def draw_controls(traced: Traced, c: Candidate, n: int, seed: int) -> list[Candidate]:
     """`n` candidates like `c`, each part's features replaced by as many other active features at its layer
     and position (fewer when fewer are active); none when no part has another active feature."""
     rng = random.Random(f"{seed}:{c.name}")  # a string seed is hashed deterministically (sha512)
-    pools = []
-    for p in c.parts:
-        active, _ = traced.acts(p.layer).at(p.position)
-        pools.append(sorted(set(int(f) for f in active.tolist()) - set(p.features)))
+    pools = [_pool(traced, p) for p in c.parts]
     if not any(pools):
         return []
     out = []
     for _ in range(n):
         parts = []
         for p, pool in zip(c.parts, pools):
-            feats = tuple(sorted(rng.sample(pool, min(len(p.features), len(pool)))))
-            sae = traced.sae(p.layer)
-            parts.append(replace(p, features=feats, labels=tuple(map(sae.label, feats))))
+            keys = sorted(rng.sample(pool, min(len(p.features), len(pool))))
+            layers = tuple(ly for ly, _ in keys) if p.kind == "transcoder" else ()
+            labels = tuple(feature_label(traced, p.kind, ly, f) for ly, f in keys)
+            parts.append(replace(p, features=tuple(f for _, f in keys), labels=labels, feature_layers=layers))
         out.append(Candidate(kind=c.kind, parts=tuple(parts), prob_effect=0.0, predicted=0.0, predicted_attention=()))
     return out
 

@@ -42,6 +42,13 @@ The algorithm (every number comes from the library's own pieces: `Traced.graph`,
    scales. When it does not beat them, the next confirmed candidates in the order of step 6 are
    tested the same way (at most 3 in all) until one does; that one becomes the mechanism.
 
+On a tracer of transcoders (no residual SAEs) the same steps run over transcoder features: the graph is the
+plain transcoder graph, which has no head loadings, so step 2 ranks heads by the cross-position influence
+they carry most directly (`control.carrier_heads`); a site's heads read the features of every layer below
+theirs (layer 0's heads none, so they found no site); step 4 ranks those features by the transcoder QK terms
+(`qktrace.graph.transcoder_qk`), step 5 steers their writes inside the site's QK circuits (`SteerQK` of kind
+transcoder), and step 7 draws other transcoder features active at the same position and read below the site.
+
 Budget: at most `ablate + sites + sides * (sites * candidates + 1) * (len(scales) - 1)` intervened
 forward passes (8 + 4 + 2 * 25 * 4 = 212 with the defaults; fewer when candidates coincide), plus
 `null_draws * (len(scales) - 1)` per control (32; at most 3 controls), one clean run, one graph and one
@@ -57,7 +64,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import Tensor
@@ -68,7 +75,7 @@ from ..nodes import CODE, Kind
 from ..options import ExplainSettings  # re-exported: explain's settings, declared with the others
 from ..qk import QKAttribution
 from ..steering.interventions import FreezeAttention, Intervention, ScaleHead, run_with
-from .control import null_for
+from .control import carrier_heads, feature_label, has_features, null_for
 from .mechanism import Candidate, HeadEffect, Mechanism, Part, Point, Side, Site
 from .null import Null, flips, halves
 
@@ -77,7 +84,7 @@ if TYPE_CHECKING:
     from ..tracer import Traced, Tracer
 
 log = logging.getLogger(__name__)
-FEATURE = CODE[Kind.FEATURE]
+FEATURE, TRANSCODER = CODE[Kind.FEATURE], CODE[Kind.TRANSCODER]
 SIDES = ("auto", "query", "key")
 MAX_NULLS = 3  # candidates tested against a control at most: the winner and two more
 
@@ -135,7 +142,10 @@ def ablate_heads(probe: _Probe, graph: Graph | None, settings: ExplainSettings) 
         graph = traced.graph(targets=[probe.a], progress=False, qk_terms=False)
     elif tuple(graph.tokens) != tuple(traced.trace.tokens.tolist()):
         raise InputError("the graph given is of another prompt: build it with traced.graph(targets=[answer])")
-    ranked = graph.top_heads(max(settings.ablate, settings.sites))
+    n_top = max(settings.ablate, settings.sites)
+    ranked = (
+        graph.top_heads(n_top) if graph.settings.get("graph") != "transcoder" else carrier_heads(traced, graph, n_top)
+    )
     if not ranked:
         log.warning("explain: the graph has no cross-position influence; no head to search")
     heads: list[HeadEffect] = []
@@ -157,7 +167,7 @@ def find_sites(probe: _Probe, heads: list[HeadEffect], settings: ExplainSettings
     for h in heads:
         if len(sites) == settings.sites:
             break
-        if h.layer not in traced.saes or any(x.layer == h.layer and h.head in x.heads for x in sites):
+        if not has_features(traced, h.layer) or any(x.layer == h.layer and h.head in x.heads for x in sites):
             continue
         members, attention = [], []
         for o in range(traced.model.anatomy.layers[h.layer].n_heads):
@@ -308,13 +318,20 @@ def attended_key(traced: Traced, layer: int, head: int, query_pos: int) -> int:
 # -- attribution: candidates and their predictions (no forward pass) -------------------------------
 
 
-def scaled_row(att: QKAttribution, side: Side, position: int, features: Sequence[int], factor: float) -> Tensor:
+def scaled_row(
+    att: QKAttribution,
+    side: Side,
+    position: int,
+    features: Sequence[int],
+    factor: float,
+    layers: Sequence[int] | None = None,
+) -> Tensor:
     """The head's attention row [key] with the terms of `features` (on `side`, at `position`) multiplied
     by `factor`: exact, since a side's terms are parts of the pre-cap score (the same linearisation at
-    frozen norm scales that `SteerQK` applies)."""
+    frozen norm scales that `SteerQK` applies). `layers`: transcoder features, each read at that layer
+    (None: SAE features of the head's checkpoint)."""
     comp = att.query if side == "query" else att.key
-    feats = torch.as_tensor(list(features), dtype=comp.feature.dtype, device=comp.feature.device)
-    sel = ((comp.kind == FEATURE) & (comp.pos == position) & torch.isin(comp.feature, feats)).nonzero().flatten()
+    sel = _selected(comp, position, features, layers)
     per_kc = att.terms[sel].sum(0) if side == "query" else torch.zeros_like(att.terms[0])
     if side == "key":
         per_kc = per_kc.index_add(0, sel, att.terms[:, sel].sum(0))
@@ -325,31 +342,55 @@ def scaled_row(att: QKAttribution, side: Side, position: int, features: Sequence
     return torch.softmax(scores.double(), -1).to(scores.dtype)
 
 
+def _selected(comp: Any, position: int, features: Sequence[int], layers: Sequence[int] | None) -> Tensor:
+    """Indices of the components that are `features` at `position`: SAE features (`layers` None), or the
+    transcoder features read at `layers`."""
+    dev = comp.feature.device
+    at = comp.pos == position
+    if layers is None:
+        feats = torch.as_tensor(list(features), dtype=comp.feature.dtype, device=dev)
+        return ((comp.kind == FEATURE) & at & torch.isin(comp.feature, feats)).nonzero().flatten()
+    width = max([int(comp.feature.max()) if len(comp.feature) else 0, *features]) + 1
+    want = torch.as_tensor([ly * width + f for ly, f in zip(layers, features)], dtype=comp.feature.dtype, device=dev)
+    key = comp.layer.to(dev) * width + comp.feature
+    return ((comp.kind == TRANSCODER) & at & torch.isin(key, want)).nonzero().flatten()
+
+
+def _feature_effects(
+    atts: list[QKAttribution], side: Side, position: int, key_pos: int
+) -> dict[tuple[int, int], float]:
+    """Each active feature's first-order effect on the site's summed attention to its key, by (layer, feature):
+    SAE features of the heads' checkpoint, or transcoder features of the layers below."""
+    per_feature: dict[tuple[int, int], float] = {}
+    for att in atts:
+        comp = att.query if side == "query" else att.key
+        feature = (comp.kind == FEATURE) | (comp.kind == TRANSCODER)
+        idx = (feature & (comp.pos == position)).nonzero().flatten()
+        eff = att.prob_effects(key_pos)  # [q_component, k_component]
+        per = (eff.sum(1) if side == "query" else eff.sum(0))[idx]
+        layers = comp.layer[idx].tolist() if comp.layer is not None else [att.layer] * len(idx)
+        for ly, f, e in zip(layers, comp.feature[idx].tolist(), per.tolist()):
+            per_feature[int(ly), int(f)] = per_feature.get((int(ly), int(f)), 0.0) + float(e)
+    return per_feature
+
+
 def _propose(
     traced: Traced, row: Any, index: int, site: Site, side: Side, q: int, settings: ExplainSettings
 ) -> list[Candidate]:
     """Candidates of one site and side, ranked by predicted effect (the `settings.candidates` best)."""
     position = q if side == "query" else site.key_pos
-    sae = traced.sae(site.layer)
+    kind: Literal["feature", "transcoder"] = "feature" if site.layer in traced.saes else "transcoder"
     atts = [row(site.layer, h) for h in site.heads]
-    # each active feature's first-order effect on the site's summed attention to its key
-    per_feature: dict[int, float] = {}
-    for att in atts:
-        comp = att.query if side == "query" else att.key
-        idx = ((comp.kind == FEATURE) & (comp.pos == position)).nonzero().flatten()
-        eff = att.prob_effects(site.key_pos)  # [q_component, k_component]
-        per = (eff.sum(1) if side == "query" else eff.sum(0))[idx]
-        for f, e in zip(comp.feature[idx].tolist(), per.tolist()):
-            per_feature[int(f)] = per_feature.get(int(f), 0.0) + float(e)
+    per_feature = _feature_effects(atts, side, position, site.key_pos)
     sign = 1.0 if site.ablation <= 0 else -1.0  # the site carries the answer: its support raises p(key)
     order = sorted((f for f in per_feature if per_feature[f] * sign > 0), key=lambda f: -per_feature[f] * sign)
     if not order:
         return []
-    groups: list[tuple[str, list[int]]] = [("feature", [f]) for f in order]
+    groups: list[tuple[str, list[tuple[int, int]]]] = [("feature", [f]) for f in order]
     groups += [("top-k", order[:k]) for k in settings.top_k if len(order) >= k]
-    by_label: dict[str, list[int]] = {}
+    by_label: dict[str, list[tuple[int, int]]] = {}
     for f in per_feature:
-        by_label.setdefault(sae.label(f), []).append(f)
+        by_label.setdefault(feature_label(traced, kind, *f), []).append(f)
     for members in by_label.values():
         if len(members) > 1 and sum(per_feature[f] for f in members) * sign > 0:
             groups.append(("supernode", members))
@@ -357,21 +398,24 @@ def _propose(
     # ablation effect per unit of its summed attention
     low = min(settings.scales)
     base = sum(site.attention)
-    out: dict[tuple[int, ...], Candidate] = {}
-    for kind, members in groups:
-        features = tuple(sorted(members))
-        if features in out:
+    out: dict[tuple[tuple[int, int], ...], Candidate] = {}
+    for group, members in groups:
+        keys = tuple(sorted(members))
+        if keys in out:
             continue
         k = [att.key_positions.index(site.key_pos) for att in atts]
-        after = tuple(float(scaled_row(att, side, position, features, low)[i]) for att, i in zip(atts, k))
+        layers = [ly for ly, _ in keys] if kind == "transcoder" else None
+        feats = [f for _, f in keys]
+        after = tuple(float(scaled_row(att, side, position, feats, low, layers)[i]) for att, i in zip(atts, k))
         predicted = -(sum(after) - base) * site.ablation / max(base, 1e-6)
         part = Part(
-            index, site.layer, site.heads, side, position, site.key_pos, features, tuple(map(sae.label, features))
-        )
-        out[features] = Candidate(
-            kind=kind,  # type: ignore[arg-type]
+            index, site.layer, site.heads, side, position, site.key_pos, tuple(feats),
+            tuple(feature_label(traced, kind, *f) for f in keys), kind, tuple(layers or ()),
+        )  # fmt: skip
+        out[keys] = Candidate(
+            kind=group,  # type: ignore[arg-type]
             parts=(part,),
-            prob_effect=sum(per_feature[f] for f in features),
+            prob_effect=sum(per_feature[f] for f in keys),
             predicted=predicted,
             predicted_attention=after,
         )
@@ -391,7 +435,7 @@ def _together(leaders: list[Candidate]) -> Candidate:
 
 
 def _identity(c: Candidate) -> tuple[Any, ...]:
-    return tuple((p.layer, p.heads, p.side, p.position, p.features) for p in c.parts)
+    return tuple((p.layer, p.heads, p.side, p.position, p.keys) for p in c.parts)
 
 
 # -- confirmation: intervened forward passes -------------------------------------------------------
@@ -408,7 +452,10 @@ class _Probe:
     def run(self, ivs: list[Intervention], record: Sequence[int] = ()) -> Any:
         t = self.traced
         self.passes += 1
-        return run_with(t.model, t.saes, t.trace.tokens, ivs, clean=t.trace, record_attention=record, last_only=True)
+        return run_with(
+            t.model, t.saes, t.trace.tokens, ivs, clean=t.trace, record_attention=record, last_only=True,
+            transcoders=t.transcoders,
+        )  # fmt: skip
 
     def metric(self, ivs: list[Intervention]) -> float:
         return self.pair.metric(self.run(ivs).logits[-1].float())

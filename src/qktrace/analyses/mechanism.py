@@ -17,6 +17,7 @@ import pandas as pd
 
 from ..errors import InputError
 from ..files import atomic_open, atomic_write
+from ..nodes import Kind
 from ..steering.interventions import FreezeAttention, Intervention, SteerQK
 from ..tables import markdown_table
 from .null import Null, control_markdown, flips, halves, verdict
@@ -72,14 +73,31 @@ class Part:
     key_pos: int  # the key whose attention it should move
     features: tuple[int, ...]
     labels: tuple[str, ...]
+    kind: Literal["feature", "transcoder"] = "feature"  # residual-SAE features of checkpoint `layer`, or transcoder's
+    feature_layers: tuple[int, ...] = ()  # transcoder features: the layer that reads each (below `layer`)
+
+    @property
+    def keys(self) -> tuple[tuple[int, int], ...]:
+        """(layer, feature) of each feature: its checkpoint (SAE) or the layer that reads it (transcoder)."""
+        layers = self.feature_layers if self.kind == "transcoder" else (self.layer,) * len(self.features)
+        return tuple(zip(layers, self.features))
+
+    def feature_names(self, table: bool = False) -> tuple[str, ...]:  # `table`: SAE features as L{checkpoint}f{f}
+        sae = f"L{self.layer}f" if table else "f"
+        return tuple(f"t{ly}/f{f}" if self.kind == "transcoder" else f"{sae}{f}" for ly, f in self.keys)
 
     @property
     def name(self) -> str:
         heads = "+".join(f"H{h}" for h in self.heads)
-        return f"L{self.layer} {heads} {self.side}@{self.position} " + "+".join(f"f{f}" for f in self.features)
+        return f"L{self.layer} {heads} {self.side}@{self.position} " + "+".join(self.feature_names())
 
     def interventions(self, scale: float) -> list[Intervention]:
-        return [SteerQK(self.layer, self.heads, self.side, f, self.position, scale=float(scale)) for f in self.features]
+        tc = self.kind == "transcoder"
+        return [
+            SteerQK(self.layer, self.heads, self.side, f, self.position, scale=float(scale),
+                    kind=Kind.TRANSCODER if tc else Kind.FEATURE, feature_layer=ly if tc else None)
+            for ly, f in self.keys
+        ]  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -121,8 +139,8 @@ class Candidate:
 
     @property
     def features(self) -> tuple[tuple[int, int], ...]:
-        """(layer, feature) of every feature it steers."""
-        return tuple((p.layer, f) for p in self.parts for f in p.features)
+        """(layer, feature) of every feature it steers (`Part.keys`)."""
+        return tuple(k for p in self.parts for k in p.keys)
 
     @property
     def name(self) -> str:
@@ -284,7 +302,7 @@ class Mechanism:
                 "heads": "+".join(f"L{ly}H{h}" for ly, h in c.heads),
                 "positions": "+".join(str(p.position) for p in c.parts),
                 "keys": "+".join(str(p.key_pos) for p in c.parts),
-                "features": "+".join(f"L{ly}f{f}" for ly, f in c.features),
+                "features": "+".join(n for p in c.parts for n in p.feature_names(table=True)),
                 "label": c.label,
                 "prob_effect": c.prob_effect,
                 "predicted": c.predicted,
@@ -391,7 +409,7 @@ class Mechanism:
             return "".join(md)
         where = "; ".join(
             f"L{p.layer} heads {list(p.heads)} at {p.position} {self._tok(p.position)} (key {p.key_pos} "
-            f"{self._tok(p.key_pos)}): " + " + ".join(f"f{f} {lab}" for f, lab in zip(p.features, p.labels))
+            f"{self._tok(p.key_pos)}): " + " + ".join(f"{n} {lab}" for n, lab in zip(p.feature_names(), p.labels))
             for p in best.parts
         )
         what = "the answer's lead over the strongest other token" if self.criterion == "margin" else "m"

@@ -163,7 +163,8 @@ def transcoders_path(text: str) -> str:
 
 
 def _transcoders_arg(sp: argparse.ArgumentParser) -> None:
-    """--transcoders, for every command that loads a model for graphs or QK (graph, qk, serve)."""
+    """--transcoders, for every command that loads a model for graphs, QK or steering (graph, qk, steer, explain,
+    compare, serve)."""
     sp.add_argument(
         "--transcoders",
         type=transcoders_path,
@@ -267,10 +268,23 @@ def _graph(sub: Sub, commands: Commands) -> None:
 def _steer(sub: Sub, commands: Commands) -> None:
     sp = _command(sub, commands, "steer", "sweep a feature's scale inside chosen heads' QK circuit (or the residual)")
     sp.add_argument("--prompt", required=True)
-    sp.add_argument("--layer", type=int_in(0), required=True, help="the layer whose input checkpoint holds the feature")
+    sp.add_argument(
+        "--layer",
+        type=int_in(0),
+        required=True,
+        help="the layer whose input checkpoint holds the feature (with --transcoders: the heads' layer, or "
+        "without --heads the layer whose transcoder reads it)",
+    )
     sp.add_argument("--feature", type=feature, required=True)
     sp.add_argument("--positions", required=True, help="5, 3:7 or 2,4 (negative counts from the end)")
     sp.add_argument("--heads", help="comma-separated heads of --layer: steer only inside their QK circuit")
+    _transcoders_arg(sp)
+    sp.add_argument(
+        "--feature-layer",
+        type=int_in(0),
+        help="with --transcoders and --heads: the layer whose transcoder reads the feature (below --layer); "
+        "without --heads, --layer is that layer and the feature's output is steered",
+    )
     for name in ("side", "mode", "scales", "freeze_others"):
         setting(sp, SweepOptions, name)
     sp.add_argument("--watch", action="append", default=[], help="a token whose probability to report (repeat)")
@@ -285,6 +299,7 @@ def _explain(sub: Sub, commands: Commands) -> None:
     sp.add_argument("--answer", required=True, help="the answer's token, e.g. ' Sally' (with its leading space)")
     sp.add_argument("--rival", help="the token it should beat (default: the clean runner-up)")
     sp.add_argument("--side", choices=("auto", "query", "key"), default="auto", help="where candidates are sought")
+    _transcoders_arg(sp)
     setting(sp, ExplainSettings, "null_draws")
     setting(sp, ExplainSettings, "null_seed")
     sp.add_argument("--json", action="store_true", help="print the mechanism as one JSON object")
@@ -299,6 +314,7 @@ def _compare(sub: Sub, commands: Commands) -> None:
     sp.add_argument("--query-pos", type=int, default=-1, help="the attending position (default -1, the last)")
     sp.add_argument("--answer", help="a token: logit(answer) - logit(rival) in both prompts")
     sp.add_argument("--rival", help="default: prompt A's runner-up")
+    _transcoders_arg(sp)
     setting(sp, CompareOptions, "top")
     setting(sp, CompareOptions, "top_terms")
     sp.add_argument("--json", action="store_true", help="print the comparison as one JSON object")
@@ -338,6 +354,7 @@ def _dashboards(sub: Sub, commands: Commands) -> None:
     for name in ("seq_len", "max_docs", "text_field"):
         setting(sp, DashboardOptions, name)
     setting(sp, DashboardOptions, "n_contexts", "--contexts")
+    _transcoders_arg(sp)
     sp.add_argument("--circuit-tracer", action="store_true", help="also write circuit-tracer's per-feature files")
 
 
@@ -345,6 +362,7 @@ def _batch(sub: Sub, commands: Commands) -> None:
     sp = _command(sub, commands, "batch", "trace a JSONL of prompts: graphs, QK rows of top heads, explain (Ray)")
     _scale_args(sp, "--prompts", 'JSONL: {"prompt": ..., optional "answer", "rival", "id"}')
     _graph_args(sp, memory_budget=False)
+    _transcoders_arg(sp)
     sp.add_argument("--no-explain", action="store_true", help=f"do not {doc(BatchOptions, 'explain')}")
 
 

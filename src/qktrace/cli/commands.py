@@ -206,6 +206,8 @@ def steer_request(args: argparse.Namespace) -> SteerRequest:
         watch_tokens=[check_text(w, "watched token") for w in args.watch],
         watch_attention=parse_watch_attn(args.watch_attn) if (args.watch_attn or not heads) else None,
         options=SweepOptions(side=args.side, mode=args.mode, scales=args.scales, freeze_others=args.freeze_others),
+        kind="transcoder" if args.transcoders is not None and args.saes is None else None,
+        feature_layer=args.feature_layer,
     )
 
 
@@ -338,7 +340,7 @@ def cmd_dashboards(args: argparse.Namespace) -> int:
         result = build_dashboards(
             model, saes, args.corpus, out, workers=args.workers, ray_address=args.ray_address, progress=bar,
             options=options, circuit_tracer=args.circuit_tracer, sae_ids=ids, device=str(args.device),
-            dtype=str(args.dtype).removeprefix("torch."), full_path=args.full_path,
+            dtype=str(args.dtype).removeprefix("torch."), full_path=args.full_path, transcoders=args.transcoders,
         )  # fmt: skip
     _console().print(
         f"{result.n_tokens} tokens in {result.shards} shards ({result.resumed} already done); "
@@ -359,7 +361,7 @@ def cmd_batch(args: argparse.Namespace) -> int:
         result = trace_batch(
             model, saes, args.prompts, out, workers=args.workers, ray_address=args.ray_address, progress=bar,
             options=options, sae_ids=ids, device=str(args.device), dtype=str(args.dtype).removeprefix("torch."),
-            full_path=args.full_path,
+            full_path=args.full_path, transcoders=args.transcoders,
         )  # fmt: skip
     _console().print(f"{result.n_prompts} prompts ({result.resumed} already done); summary {result.summary}")
     return 0

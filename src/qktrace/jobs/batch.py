@@ -34,6 +34,7 @@ from typing import Any
 import torch
 from typing_extensions import Unpack
 
+from ..analyses.control import carrier_heads
 from ..analyses.explain import explain
 from ..errors import InputError, QKTraceError
 from ..files import atomic_open, atomic_write
@@ -115,10 +116,13 @@ def trace_prompt(tracer: Tracer, record: PromptRecord, options: BatchOptions | N
     files: dict[str, bytes] = {}
     base = f"prompts/{record.id}"
     files[f"{base}/graph.json"] = json.dumps(graph.to_json(), separators=(",", ":"), allow_nan=False).encode()
-    heads = graph.top_heads(o.qk_rows)
+    if graph.settings.get("graph") == "transcoder":  # no head loadings: the heads that carry it most directly
+        heads = carrier_heads(traced, graph, o.qk_rows)
+    else:
+        heads = graph.top_heads(o.qk_rows)
     rows = []
     for h in heads:
-        if h["layer"] not in tracer.saes:
+        if h["layer"] not in tracer.saes and tracer.transcoders is None:
             continue
         att = traced.qk(h["layer"], h["head"], -1)
         rows.append({"influence": h["influence"], **att.to_json(top=o.qk_top)})

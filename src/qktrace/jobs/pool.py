@@ -41,13 +41,15 @@ class TracerSpec:
     device: str = "auto"
     dtype: str = "float32"
     full_path: bool = False  # ModelOptions.full_path: files name a local model by its full path
+    transcoders: str | None = None  # a transcoder set (`Tracer.load(..., transcoders=)`)
 
     def load(self) -> Tracer:
         from ..tracer import Tracer
 
         return Tracer.load(
-            self.model, self.saes, sae_ids=self.sae_ids, device=self.device, dtype=self.dtype, full_path=self.full_path
-        )
+            self.model, self.saes, sae_ids=self.sae_ids, device=self.device, dtype=self.dtype, full_path=self.full_path,
+            transcoders=self.transcoders,
+        )  # fmt: skip
 
 
 def tracer_source(
@@ -59,19 +61,20 @@ def tracer_source(
     dtype: str = "float32",
     distributed: bool = False,
     full_path: bool | None = None,
+    transcoders: str | os.PathLike[str] | None = None,
 ) -> TracerSpec | Tracer:
     """A loaded Tracer as given (in this process only), or the spec each worker loads its replica from."""
     from ..tracer import Tracer
 
     if isinstance(model, Tracer):
-        if saes is not None:
-            raise InputError("a loaded Tracer carries its SAEs: pass saes=None with it")
+        if saes is not None or transcoders is not None:
+            raise InputError("a loaded Tracer carries its SAEs and transcoders: pass saes=None, transcoders=None")
         if distributed:
             raise InputError("Ray workers load their own replica: pass the model as a path or hub id, not a Tracer")
         return model
     return TracerSpec(
         str(model), None if saes is None else str(saes), tuple(sae_ids) if sae_ids else None, device, dtype,
-        bool(full_path),
+        bool(full_path), None if transcoders is None else str(transcoders),
     )  # fmt: skip
 
 
@@ -85,9 +88,18 @@ def describe_source(source: TracerSpec | Tracer) -> dict[str, Any]:
     if isinstance(source, TracerSpec):
         model = public_name(source.model, source.full_path)  # hub ids or folder names: job files travel
         named = None if source.saes is None else public_name(source.saes, source.full_path)
-        return {"model": model, "saes": named, "sae_ids": source.sae_ids, "dtype": source.dtype}
+        out: dict[str, Any] = {"model": model, "saes": named, "sae_ids": source.sae_ids, "dtype": source.dtype}
+        if source.transcoders is not None:  # absent otherwise: jobs of SAEs keep their identity
+            out["transcoders"] = public_name(source.transcoders, source.full_path)
+        return out
     saes = {str(c): public_name(s.source) if s.source else s.hook_name for c, s in source.saes.items()}
-    return {"model": source.model.name, "saes": saes, "dtype": str(source.model.anatomy.dtype)}
+    loaded: dict[str, Any] = {"model": source.model.name, "saes": saes, "dtype": str(source.model.anatomy.dtype)}
+    if source.transcoders is not None:
+        rows = source.transcoders.describe()
+        loaded["transcoders"] = [
+            {k: public_name(v) if k == "source" and v else str(v) for k, v in r.items()} for r in rows
+        ]
+    return loaded
 
 
 @dataclass(frozen=True)

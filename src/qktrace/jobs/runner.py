@@ -44,7 +44,7 @@ class RunArgs(TypedDict, total=False):
     (1: this process; more: Ray actors), on the Ray cluster at `ray_address` (see `pool.worker_pool`),
     each loading the model with `sae_ids`, on `device` in `dtype` (as `Tracer.load` takes them); `progress`
     hears where the job stands; `full_path`: job files name a local model by its full path
-    (`ModelOptions.full_path`)."""
+    (`ModelOptions.full_path`); `transcoders`: a transcoder set each replica loads (`Tracer.load`)."""
 
     workers: int
     ray_address: str | None
@@ -53,6 +53,7 @@ class RunArgs(TypedDict, total=False):
     device: str
     dtype: str
     full_path: bool
+    transcoders: PathArg | None
 
 
 def check_args(how: Mapping[str, Any], args: Any) -> None:
@@ -100,8 +101,9 @@ def run_job(
     distributed = workers > 1 or bool(ray_address)
     ids, device, dtype = how.get("sae_ids"), how.get("device", "auto"), how.get("dtype", "float32")
     source = tracer_source(
-        model, saes, sae_ids=ids, device=device, dtype=dtype, distributed=distributed, full_path=how.get("full_path")
-    )
+        model, saes, sae_ids=ids, device=device, dtype=dtype, distributed=distributed, full_path=how.get("full_path"),
+        transcoders=how.get("transcoders"),
+    )  # fmt: skip
     identity = {"job": spec.name, "version": spec.version, **describe_source(source), **spec.identity}
     resumed = check_job(out, identity, write=False)  # job.json is written once `prepare` has passed
     finished = spec.finished or (lambda folder, i: (folder / spec.marker(i)).is_file())

@@ -315,6 +315,8 @@ def steer_request(req: S.SweepRequest) -> Checked:
                 freeze_others=req.freeze_others,
                 top_k=req.top_k,
             ),
+            kind=req.kind,
+            feature_layer=req.feature_layer,
         )
     )
 

@@ -9,10 +9,13 @@ The algorithm of `run_with(model, saes, prompt, interventions)`:
    at position p (the SAE encoding of the clean residual) and decoder row v is steered by adding
    c * v with c = (scale - 1) * a, or c = value - a to set (or inject) the activation.
    - `SteerFeature`: c * v is added to the residual at checkpoint c (forward-pre hook on block c, or
-     a forward hook on the last block for the final residual).
+     a forward hook on the last block for the final residual). A transcoder feature (kind=Kind.TRANSCODER)
+     is read at its layer's MLP input site and writes the MLP output of every layer it writes
+     (`qktrace.steering.features`): residual adds at checkpoint j + 1, or a forward hook on the MLP module.
    - `SteerQK`: c * v is pushed through the QK circuit only, linearised at the clean run's frozen
      scales: attention-input norm, W_Q (or W_K of the head's kv head), QK-norm, rotary at p. The
-     result is a delta on the query (or key) of each chosen head, kept per *query* head.
+     result is a delta on the query (or key) of each chosen head, kept per *query* head. For a transcoder
+     feature v is its writes into the residual the heads' layer reads (`Features.into_residual`).
 3. Run again with the hooks in place. At the attention seam each steered head's scores are recomputed
    from HF's own q and k plus the deltas (same scale, soft-cap and mask as HF), and soft-maxed; every
    other head keeps exactly the pattern HF computed. Frozen heads then get their clean pattern
@@ -36,7 +39,7 @@ import dataclasses
 import logging
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import Tensor
@@ -48,20 +51,13 @@ from ..models.model import Model
 from ..models.replay import project, qk_norm_and_rotate
 from ..models.tokens import Positions, resolve_positions
 from ..models.trace import PerLayer, Trace
-from ..saes.sae import sae_at
+from ..nodes import Kind
+from .features import Features, SAELike, steerable_kind
+
+if TYPE_CHECKING:
+    from ..saes.transcoder import TranscoderSet
 
 log = logging.getLogger(__name__)
-
-
-class SAELike(Protocol):
-    """What interventions need from an SAE (qktrace.saes.SAE satisfies it)."""
-
-    @property
-    def checkpoint(self) -> int: ...
-    @property
-    def W_dec(self) -> Tensor: ...  # [d_sae, d_model]
-
-    def encode(self, resid: Tensor) -> Tensor: ...  # [pos, d_model] -> [pos, d_sae]
 
 
 class ScalePlaceholder:
@@ -85,21 +81,28 @@ def _freeze_positions(obj: Any) -> None:
 
 @dataclass(frozen=True)
 class SteerFeature:
-    """Residual steering of one SAE feature at checkpoint c (the input of layer c; n_layers = final)."""
+    """Steer one feature's output: an SAE feature at checkpoint c (the input of layer c; n_layers = final), its
+    decoder added to the residual there; or, with kind=Kind.TRANSCODER, the transcoder feature read at layer
+    `checkpoint`'s MLP input, its decoder added to the MLP output of every layer it writes
+    (`qktrace.steering.features`)."""
 
-    checkpoint: int
+    checkpoint: int  # the SAE's checkpoint, or the layer whose MLP input the transcoder reads
     feature: int
     positions: Positions  # int, list of ints, slice or range; negative counts from the end of the prompt
     scale: Amount = None  # activation becomes scale * a
     value: Amount = None  # activation becomes value (injects where the feature is inactive)
+    kind: Kind = Kind.FEATURE  # Kind.FEATURE (residual SAE) or Kind.TRANSCODER
 
     def __post_init__(self) -> None:
         _freeze_positions(self)
+        object.__setattr__(self, "kind", steerable_kind(self.kind))
 
 
 @dataclass(frozen=True)
 class SteerQK:
-    """Steer a feature of checkpoint `layer` only inside the QK circuit of `heads` of that layer."""
+    """Steer a feature only inside the QK circuit of `heads` of `layer`: an SAE feature of checkpoint `layer`,
+    or, with kind=Kind.TRANSCODER, the transcoder feature read at layer `feature_layer` (< `layer`), whose
+    writes into the residual that `layer` reads are steered for those heads alone."""
 
     layer: int
     heads: int | tuple[int, ...]
@@ -108,9 +111,17 @@ class SteerQK:
     positions: Positions  # query positions (side="query") or key positions (side="key")
     scale: Amount = None
     value: Amount = None
+    kind: Kind = Kind.FEATURE  # Kind.FEATURE (residual SAE) or Kind.TRANSCODER
+    feature_layer: int | None = None  # the transcoder feature's layer (None for an SAE feature: `layer`)
 
     def __post_init__(self) -> None:
         _freeze_positions(self)
+        object.__setattr__(self, "kind", steerable_kind(self.kind))
+        if (self.kind is Kind.TRANSCODER) != (self.feature_layer is not None):
+            raise InputError(
+                f"SteerQK of kind {self.kind.value} with feature_layer={self.feature_layer}: a transcoder feature "
+                "needs the layer that reads it (feature_layer=), an SAE feature none (it is of checkpoint `layer`)"
+            )
         heads = (self.heads,) if isinstance(self.heads, int) else tuple(int(h) for h in self.heads)
         object.__setattr__(self, "heads", heads)
         if self.side not in ("query", "key"):
@@ -183,6 +194,7 @@ class _Plan:
     """The explicit numbers of a list of interventions for one sequence (scratch, built per run)."""
 
     resid_add: dict[int, Tensor] = field(default_factory=dict)  # checkpoint -> [pos, d_model]
+    mlp_add: dict[int, Tensor] = field(default_factory=dict)  # layer -> [pos, d_model] added to the MLP's output
     q_delta: dict[int, Tensor] = field(default_factory=dict)  # layer -> [head, pos, d_head]
     k_delta: dict[int, Tensor] = field(default_factory=dict)  # layer -> [head, pos, d_head] per query head
     recompute: dict[int, set[int]] = field(default_factory=dict)  # layer -> heads whose scores change
@@ -191,53 +203,24 @@ class _Plan:
     patched: dict[tuple[int, int], Trace] = field(default_factory=dict)  # (layer, head) -> the trace it reads
 
 
-def _plan(model: Model, saes: Mapping[int, SAELike], clean: Trace | None, ivs: Sequence[Intervention]) -> _Plan:
-    an, L, H = model.anatomy, model.n_layers, model.n_heads
+def _plan(
+    model: Model,
+    saes: Mapping[int, SAELike],
+    clean: Trace | None,
+    ivs: Sequence[Intervention],
+    transcoders: TranscoderSet | None = None,
+) -> _Plan:
+    L, H = model.n_layers, model.n_heads
     plan = _Plan()
-    acts: dict[int, Tensor] = {}
-
-    def feature_row(c: int, f: int) -> tuple[Tensor, Tensor]:
-        assert clean is not None
-        sae = sae_at(saes, c)
-        check_index(f, int(sae.W_dec.shape[0]), f"feature (SAE at checkpoint {c})")
-        resid = clean.resid[c]
-        if c not in acts:
-            with torch.no_grad():
-                acts[c] = sae.encode(resid).to(device=resid.device, dtype=resid.dtype)
-        return acts[c], sae.W_dec[f].to(resid)
-
+    feats = None if clean is None else Features(model, saes, transcoders, clean)
     declared: set[tuple[int, int]] = set()
     for iv in ivs:
         if isinstance(iv, SteerFeature):
-            assert clean is not None
-            c = check_index(iv.checkpoint, L + 1, "checkpoint")
-            a, v = feature_row(c, iv.feature)
-            pos = resolve_positions(iv.positions, clean.n_pos)
-            coef = _coefficients(iv, a, pos)
-            if bool((coef != 0).any()):
-                add = plan.resid_add.setdefault(c, torch.zeros_like(clean.resid[c]))
-                add[pos] += coef[:, None] * v
+            assert feats is not None
+            _plan_output(plan, feats, iv)
         elif isinstance(iv, SteerQK):
-            assert clean is not None
-            layer = check_index(iv.layer, L, "layer")
-            heads = [check_index(h, H, "head") for h in iv.heads]  # type: ignore[union-attr]
-            declared.update((layer, h) for h in heads)
-            a, v = feature_row(layer, iv.feature)
-            pos = resolve_positions(iv.positions, clean.n_pos)
-            coef = _coefficients(iv, a, pos)
-            if not bool((coef != 0).any()):
-                continue
-            ly, side = an.layers[layer], "q" if iv.side == "query" else "k"
-            pos_t = torch.tensor(pos, device=clean.resid[layer].device)
-            xn = ly.ln_attn.linear(coef[:, None] * v, clean.scale_ln_attn[layer, pos_t])  # [n, d_model]
-            d = qk_norm_and_rotate(an, ly, side, project(ly, side, xn, bias=False), pos_t, clean)
-            if side == "k":
-                d = d[ly.kv_index()]  # [kv_head, n, d_head] -> [head, n, d_head]
-            store = plan.q_delta if side == "q" else plan.k_delta
-            delta = store.setdefault(layer, torch.zeros_like(clean.q[layer]))  # [head, pos, d_head]
-            for h in heads:
-                delta[h, pos_t] += d[h]
-            plan.recompute.setdefault(layer, set()).update(heads)
+            assert feats is not None
+            declared |= _plan_qk(plan, feats, iv)
         elif isinstance(iv, ScaleHead):
             key = (check_index(iv.layer, L, "layer"), check_index(iv.head, H, "head"))
             if isinstance(iv.scale, ScalePlaceholder):
@@ -253,6 +236,59 @@ def _plan(model: Model, saes: Mapping[int, SAELike], clean: Trace | None, ivs: S
                 key = (check_index(ly_, L, "layer"), check_index(h, H, "head"))
                 plan.patched[key] = iv.source
                 declared.add(key)  # patched, so not frozen
+    _plan_frozen(plan, ivs, declared, L, H)
+    return plan
+
+
+def _add(store: dict[int, Tensor], at: int, like: Tensor, pos: list[int], v: Tensor) -> None:
+    add = store.setdefault(at, torch.zeros_like(like))
+    add[pos] += v.to(add)
+
+
+def _plan_output(plan: _Plan, feats: Features, iv: SteerFeature) -> None:
+    """A feature's output steered: its writes at every site it writes (`Features.output`)."""
+    clean = feats.clean
+    at = feats.check(iv.kind, iv.checkpoint, iv.feature)
+    pos = resolve_positions(iv.positions, clean.n_pos)
+    coef = _coefficients(iv, feats.acts(iv.kind, at), pos)
+    if not bool((coef != 0).any()):
+        return
+    writes = feats.output(iv.kind, at, iv.feature, pos, coef)
+    for c, v in writes.resid.items():
+        _add(plan.resid_add, c, clean.resid[c], pos, v)
+    for j, v in writes.mlp.items():
+        _add(plan.mlp_add, j, clean.mlp_out[j], pos, v)
+
+
+def _plan_qk(plan: _Plan, feats: Features, iv: SteerQK) -> set[tuple[int, int]]:
+    """A feature steered inside some heads' QK circuits: its part of the residual those heads read, pushed
+    through the frozen attention-input norm, W_Q or W_K, QK-norm and rotary; returns the heads."""
+    model, clean = feats.model, feats.clean
+    an, L = model.anatomy, model.n_layers
+    layer = check_index(iv.layer, L, "layer")
+    heads = [check_index(h, an.layers[layer].n_heads, "head") for h in iv.heads]  # type: ignore[union-attr]
+    source = layer if iv.feature_layer is None else iv.feature_layer
+    at = feats.check(iv.kind, source, iv.feature)
+    pos = resolve_positions(iv.positions, clean.n_pos)
+    coef = _coefficients(iv, feats.acts(iv.kind, at), pos)
+    vec = feats.into_residual(iv.kind, at, iv.feature, pos, coef, layer)  # [n, d_model]; checks it reaches them
+    if not bool((coef != 0).any()):
+        return {(layer, h) for h in heads}
+    ly, side = an.layers[layer], "q" if iv.side == "query" else "k"
+    pos_t = torch.tensor(pos, device=clean.resid[layer].device)
+    xn = ly.ln_attn.linear(vec, clean.scale_ln_attn[layer, pos_t])  # [n, d_model]
+    d = qk_norm_and_rotate(an, ly, side, project(ly, side, xn, bias=False), pos_t, clean)
+    if side == "k":
+        d = d[ly.kv_index()]  # [kv_head, n, d_head] -> [head, n, d_head]
+    store = plan.q_delta if side == "q" else plan.k_delta
+    delta = store.setdefault(layer, torch.zeros_like(clean.q[layer]))  # [head, pos, d_head]
+    for h in heads:
+        delta[h, pos_t] += d[h]
+    plan.recompute.setdefault(layer, set()).update(heads)
+    return {(layer, h) for h in heads}
+
+
+def _plan_frozen(plan: _Plan, ivs: Sequence[Intervention], declared: set[tuple[int, int]], L: int, H: int) -> None:
     for iv in ivs:
         if isinstance(iv, FreezeAttention):
             if iv.heads is None:
@@ -263,7 +299,6 @@ def _plan(model: Model, saes: Mapping[int, SAELike], clean: Trace | None, ivs: S
                     raise InputError(f"heads {both} are both steered and frozen: drop them from FreezeAttention")
                 for i, h in iv.heads:
                     plan.frozen.add((check_index(i, L, "layer"), check_index(h, H, "head")))
-    return plan
 
 
 def _needs_clean(ivs: Sequence[Intervention]) -> bool:
@@ -369,6 +404,7 @@ def _applied(model: Model, plan: _Plan, clean: Trace | None, record: set[int]) -
 
     steer_pre = [(blocks[c], steer_in(add)) for c, add in plan.resid_add.items() if c < L]
     steer_post = [(blocks[-1], steer_out(plan.resid_add[L]))] if L in plan.resid_add else []
+    steer_post += [(model.modules.mlp[j], steer_out(add)) for j, add in plan.mlp_add.items()]
     with (
         attention_seam(model.attn_modules, SeamHooks(inputs=on_inputs, pattern=on_pattern)),  # first: it locks
         forward_hooks(steer_pre, pre=True),
@@ -391,11 +427,13 @@ def run_with(
     *,
     record_attention: bool | Iterable[int] = False,
     last_only: bool = False,
+    transcoders: TranscoderSet | None = None,
 ) -> InterventionResult:
     """One forward pass of `prompt` under all `interventions` (pass `clean` to reuse a clean run).
 
     `record_attention`: keep the scores and patterns of every layer (True) or of the layers given;
-    `last_only`: logits of the last position only."""
+    `last_only`: logits of the last position only; `transcoders`: the set whose features interventions of
+    kind Kind.TRANSCODER steer."""
     ids = model.tokenize(prompt)
     ivs = list(interventions)
     if clean is None and _needs_clean(ivs):
@@ -406,7 +444,7 @@ def run_with(
     record = (
         set(range(L)) if record_attention is True else set() if record_attention is False else set(record_attention)
     )
-    plan = _plan(model, saes, clean, ivs)
+    plan = _plan(model, saes, clean, ivs, transcoders)
     with _applied(model, plan, clean, record) as rec:
         logits = model.forward(ids, last_only=last_only)
     return InterventionResult(
@@ -434,6 +472,7 @@ def generate_with(
     prompt: str | Sequence[int] | Tensor,
     interventions: Sequence[Intervention],
     max_new_tokens: int = 5,
+    transcoders: TranscoderSet | None = None,
 ) -> str:
     """Greedy continuation with the interventions re-applied at every step (use_cache off).
 
@@ -444,6 +483,6 @@ def generate_with(
     n = int(ids.shape[0])
     ivs = _pin_positions(interventions, n)
     for _ in range(max_new_tokens):
-        res = run_with(model, saes, ids, ivs, last_only=True)
+        res = run_with(model, saes, ids, ivs, last_only=True, transcoders=transcoders)
         ids = torch.cat([ids, res.logits[-1].argmax().reshape(1)])
     return model.to_string(ids[n:], special_tokens=True)

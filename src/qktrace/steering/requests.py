@@ -23,7 +23,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from ..config import LIMITS
 from ..errors import InputError, check_index
@@ -33,6 +33,7 @@ from ..options import SweepOptions
 if TYPE_CHECKING:
     import pandas as pd
 
+    from ..nodes import Kind
     from ..tracer import Traced
     from .interventions import Intervention
 
@@ -96,7 +97,12 @@ class SteerRequest:
     """Steer SAE feature `feature` at `positions`, inside the QK circuit of `heads` ((layer, head) pairs of
     one layer; the feature is read at that layer's input checkpoint) or, without heads, in the residual at
     `checkpoint`. `watch_attention=None`: the first steered head's attention from the last position to the
-    steered positions (QK steering only). `options`: scales, side, mode, freeze_others, top_k."""
+    steered positions (QK steering only). `options`: scales, side, mode, freeze_others, top_k.
+
+    `kind`: "feature" (a residual-SAE feature) or "transcoder" (a transcoder feature); None: "transcoder" when
+    the tracer holds transcoders and no residual SAEs, else "feature". A transcoder feature is read at layer
+    `feature_layer` (with heads: below the heads' layer) or, without heads, at layer `checkpoint`; steering
+    its output changes the MLP output of every layer it writes."""
 
     feature: int
     positions: Positions
@@ -106,6 +112,8 @@ class SteerRequest:
     watch_attention: Sequence[tuple[int, int, int, int]] | None = ()
     options: SweepOptions = field(default_factory=SweepOptions)
     also: Sequence[SteerPart] = ()  # more features steered at the same scale (QK steering only)
+    kind: str | None = None  # "feature" | "transcoder" | None (the tracer's kind)
+    feature_layer: int | None = None  # a transcoder feature's layer, when steered inside heads' QK circuits
 
 
 @dataclass(frozen=True)
@@ -141,11 +149,15 @@ def check_request(req: SteerRequest) -> Checked:
     if len(layers) > 1:
         raise InputError(f"heads span layers {layers}: QK steering steers heads of one layer at a time")
     layer = layers[0] if layers else None
-    checkpoint = req.checkpoint if req.checkpoint is not None else layer
+    transcoder = _check_kind(req, layer)
+    if transcoder:
+        checkpoint = req.feature_layer if layer is not None else req.checkpoint
+    else:
+        checkpoint = req.checkpoint if req.checkpoint is not None else layer
     if checkpoint is None:
         raise InputError("give heads [[layer, head], ...] to steer inside QK circuits, or a checkpoint to steer")
     checkpoint = _int(checkpoint, "checkpoint")
-    if layer is not None and checkpoint != layer:
+    if layer is not None and checkpoint != layer and not transcoder:
         raise InputError(
             f"heads of layer {layer} read checkpoint {layer}, not {checkpoint}: "
             f"pick a feature of checkpoint {layer} or leave checkpoint out"
@@ -185,6 +197,44 @@ def check_request(req: SteerRequest) -> Checked:
     return Checked(req, checkpoint, layer, tuple(h for _, h in pairs), scales)
 
 
+NEEDS_LAYER = "a transcoder feature steered inside QK circuits needs its layer: give feature_layer (--feature-layer)"
+
+
+def _check_kind(req: SteerRequest, layer: int | None) -> bool:
+    """The request's kind checked against its fields; True when it names a transcoder feature."""
+    if req.kind not in (None, "feature", "transcoder"):
+        raise InputError(f"feature kind {req.kind!r} is neither 'feature' (residual SAE) nor 'transcoder'")
+    if req.feature_layer is None:
+        if req.kind == "transcoder" and layer is not None:
+            raise InputError(
+                "a transcoder feature steered inside QK circuits needs its layer: give feature_layer (--feature-layer)"
+            )
+        return req.kind == "transcoder"
+    if req.kind == "feature":
+        raise InputError("feature_layer names a transcoder feature's layer: drop it for an SAE feature")
+    if layer is None:
+        raise InputError("feature_layer is for steering inside heads' QK circuits: give heads, or use checkpoint")
+    if _int(req.feature_layer, "feature layer") < 0 or req.feature_layer >= layer:
+        raise InputError(
+            f"a transcoder feature of layer {req.feature_layer} writes nothing layer {layer}'s heads read: "
+            f"give a feature layer in 0..{layer - 1}"
+        )
+    if req.also:
+        raise InputError("steering more parts ('also') is for residual-SAE features: steer transcoder features alone")
+    return True
+
+
+def feature_kind(traced: Traced, kind: str | None) -> Kind:
+    """The kind of feature a request names: `kind`, or the tracer's (transcoders and no residual SAEs)."""
+    from ..nodes import Kind
+
+    if kind is None:
+        kind = "transcoder" if traced.transcoders is not None and not len(traced.saes) else "feature"
+    if kind == "transcoder" and traced.transcoders is None:
+        raise InputError("a transcoder feature was asked for but no transcoders are loaded: pass --transcoders")
+    return Kind(kind)
+
+
 @dataclass(frozen=True, eq=False)
 class Steering:
     """Checked interventions on one traced prompt, ready for `sweep.sweep`."""
@@ -210,6 +260,7 @@ class Steering:
             watch_tokens=self.watch_tokens,
             watch_attention=self.watch_attention,
             top_k=self.top_k,
+            transcoders=t.transcoders,
         )
 
 
@@ -237,23 +288,25 @@ def build_steering(traced: Traced, req: SteerRequest | Checked) -> Steering:
     o = r.options
     model, n_pos = traced.model, traced.trace.n_pos
     L = model.n_layers
+    kind = feature_kind(traced, r.kind or ("transcoder" if r.feature_layer is not None else None))
+    if kind.value == "transcoder" and checked.layer is not None and r.feature_layer is None:
+        raise InputError(
+            "a transcoder feature steered inside QK circuits needs its layer: give feature_layer (--feature-layer)"
+        )
     c = check_index(checked.checkpoint, L + 1, "checkpoint")
     if checked.layer is not None:
         layer = check_index(checked.layer, L, "layer")
         n_heads = model.anatomy.layers[layer].n_heads
         heads = tuple(check_index(h, n_heads, "head") for h in checked.heads)
-    d_sae = traced.sae(c).d_sae  # MissingSAEError when the checkpoint has no SAE
-    feature = check_index(r.feature, d_sae, f"checkpoint {c} feature")
+    feature, active = _active(traced, kind, c, r.feature)
+    where = f"checkpoint {c}" if kind.value == "feature" else f"transcoder layer {c}"
     pos = _positions(r.positions, n_pos)
-    if o.mode == "scale":
-        acts = traced.acts(c)
-        active = sorted(set(acts.pos[acts.feature == feature].tolist()))
-        if not set(active) & set(pos):
-            where = f"positions {active[:20]}" if active else "no position of this prompt"
-            raise InputError(
-                f"feature {feature} is not active at positions {pos[:20]} of checkpoint {c}, so scaling it changes "
-                f"nothing: it is active at {where} (or set its value instead of scaling it)"
-            )
+    if o.mode == "scale" and not set(active) & set(pos):
+        at = f"positions {active[:20]}" if active else "no position of this prompt"
+        raise InputError(
+            f"feature {feature} is not active at positions {pos[:20]} of {where}, so scaling it changes "
+            f"nothing: it is active at {at} (or set its value instead of scaling it)"
+        )
     tokens = [model.to_single_token(t, "watched token") for t in r.watch_tokens]
     if r.watch_attention is None:
         watch = [(layer, heads[0], n_pos - 1, p) for p in pos[:4]] if checked.layer is not None else []
@@ -264,10 +317,11 @@ def build_steering(traced: Traced, req: SteerRequest | Checked) -> Steering:
             h = check_index(h, model.anatomy.layers[ly].n_heads, "watched head")
             q = check_index(q, n_pos, "watched query position", allow_negative=True)
             watch.append((ly, h, q, check_index(k, n_pos, "watched key position", allow_negative=True)))
-    amount = {o.mode: SCALE}  # the swept number scales the activation, or replaces it
+    amount: dict[str, Any] = {o.mode: SCALE}  # the swept number scales the activation, or replaces it
     ivs: list[Intervention]
+    f_layer = c if kind.value == "transcoder" and checked.layer is not None else None
     if checked.layer is not None:
-        ivs = [SteerQK(layer, heads, o.side, feature, tuple(pos), **amount)]
+        ivs = [SteerQK(layer, heads, o.side, feature, tuple(pos), **amount, kind=kind, feature_layer=f_layer)]
         ivs += [
             SteerQK(ly, hs, side, f, tuple(at), **amount)
             for ly, hs, side, fs, at in _parts(traced, r.also, o.side)
@@ -275,13 +329,31 @@ def build_steering(traced: Traced, req: SteerRequest | Checked) -> Steering:
         ]
         if o.freeze_others:
             ivs.append(FreezeAttention())
-        title = f"steer feature {feature} (QK {o.side}, L{layer} heads {list(heads)})"
+        title = f"steer {_name(kind, c, feature)} (QK {o.side}, L{layer} heads {list(heads)})"
         if r.also:
             title += f" and {len(ivs) - 1 - o.freeze_others} more"
     else:
-        ivs = [SteerFeature(c, feature, tuple(pos), **amount)]
-        title = f"steer feature {feature} (residual, checkpoint {c})"
+        ivs = [SteerFeature(c, feature, tuple(pos), **amount, kind=kind)]
+        title = f"steer {_name(kind, c, feature)} ({'residual' if kind.value == 'feature' else 'output'})"
     return Steering(traced, tuple(ivs), checked.scales, tuple(tokens), tuple(watch), o.top_k, title)
+
+
+def _name(kind: Kind, c: int, feature: int) -> str:
+    return f"feature {feature} of checkpoint {c}" if kind.value == "feature" else f"transcoder feature {c}/{feature}"
+
+
+def _active(traced: Traced, kind: Kind, c: int, feature: int) -> tuple[int, list[int]]:
+    """The feature checked against its dictionary's width, and the positions where it is active."""
+    if kind.value == "feature":
+        d_sae = traced.sae(c).d_sae  # MissingSAEError when the checkpoint has no SAE
+        feature = check_index(feature, d_sae, f"checkpoint {c} feature")
+        acts = traced.acts(c)
+        return feature, sorted(set(acts.pos[acts.feature == feature].tolist()))
+    from .features import Features
+
+    feats = Features(traced.model, traced.saes, traced.transcoders, traced.trace)
+    feats.check(kind, c, feature)
+    return feature, (feats.acts(kind, c)[:, feature] != 0).nonzero().flatten().tolist()
 
 
 def _parts(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 import torch
@@ -15,6 +15,9 @@ from ..config import parse_scales  # the sweep's scales, parsed where every fron
 from ..errors import check_index
 from ..models.model import Model
 from .interventions import Intervention, SAELike, ScalePlaceholder, run_with
+
+if TYPE_CHECKING:
+    from ..saes.transcoder import TranscoderSet
 
 log = logging.getLogger(__name__)
 
@@ -41,10 +44,12 @@ def sweep(
     watch_attention: Sequence[tuple[int, int, int, int]] = (),
     top_k: int = 5,
     pos: int = -1,
+    transcoders: TranscoderSet | None = None,
 ) -> pd.DataFrame:
     """One row per scale: top-k next tokens and probabilities at `pos`, watched tokens' probabilities,
     the logit difference of the first two watched tokens, and watched attention weights.
 
+    `transcoders`: the set whose features interventions of kind Kind.TRANSCODER steer.
     Columns: scale, top_1..top_k, p_top_1..p_top_k, 'p:<token>' per watched token, logit_diff (with
     two or more watched tokens), and 'attn:L<layer>.H<head>:<q_pos>-><k_pos>' per watched weight.
     """
@@ -63,7 +68,16 @@ def sweep(
     rows = []
     layers = {w[0] for w in watched}
     for s in parse_scales(scales):
-        res = run_with(model, saes, ids, list(make(s)), clean=clean, record_attention=layers, last_only=p == n - 1)
+        res = run_with(
+            model,
+            saes,
+            ids,
+            list(make(s)),
+            clean=clean,
+            record_attention=layers,
+            last_only=p == n - 1,
+            transcoders=transcoders,
+        )
         logits = res.logits[p if p < n - 1 else -1].float()
         probs = torch.softmax(logits, dim=-1)
         top = probs.topk(min(top_k, probs.shape[0]))

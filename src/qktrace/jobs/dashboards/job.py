@@ -8,15 +8,18 @@ import json
 import logging
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from torch import Tensor
 from typing_extensions import Unpack
 
 from ...errors import InputError
 from ...files import atomic_write
 from ...graph.formats.numbering import cantor
+from ...models import Model, residuals
 from ...options import DashboardOptions  # re-exported: the job's settings, declared with the others
 from ...saes import require_saes
 from ...tracer import Tracer
@@ -25,6 +28,7 @@ from ..pool import ShardResult, TracerSpec, replica
 from ..runner import JobSpec, ModelArg, PathArg, RunArgs, check_args, run_job
 from .render import VERSION, TokenKind, circuit_tracer_features, render, token_kind, top_outputs
 from .stats import Partial, collect, from_bytes, merge, to_bytes
+from .transcoders import Coder, TranscoderFeatures, transcoder_inputs
 
 SHARDS = "shards"
 INDEX_FILE, DASHBOARDS_FILE, LABELS_FILE = "index.json", "dashboards.json", "labels.json"
@@ -50,20 +54,32 @@ class DashboardWorker:
     def __init__(self, source: TracerSpec | Tracer, options: DashboardOptions) -> None:
         self.tracer = replica(source)
         self.options = options
-        model, saes = self.tracer.model, self.tracer.saes
+        model, saes, ts = self.tracer.model, self.tracer.saes, self.tracer.transcoders
         if model.tokenizer is None:
             raise InputError(f"model '{model.name}' has no tokenizer: dashboards read text")
-        if len(saes) == 0:
-            raise InputError("no SAEs loaded: pass --saes (dashboards describe SAE features)")
+        if len(saes) == 0 and ts is None:
+            raise InputError(
+                "no SAEs or transcoders loaded: pass --saes or --transcoders (dashboards describe features)"
+            )
         limit = model.max_positions
         if limit is not None and options.seq_len > limit:
             raise InputError(
                 f"seq_len {options.seq_len} is more than the {limit} positions model '{model.name}' takes: "
                 f"give --seq-len {limit} or less"
             )
-        cps = options.checkpoints if options.checkpoints is not None else saes.checkpoints
-        require_saes(saes, cps)
-        self.saes = {c: saes[c] for c in sorted(cps)}
+        self.saes: dict[int, Coder]
+        self.inputs: Callable[[Model, Tensor, list[int]], dict[int, Tensor]] = residuals
+        if len(saes) == 0 and ts is not None:  # transcoder features, keyed by the layer that reads them
+            layers = options.checkpoints if options.checkpoints is not None else ts.layers
+            bad = sorted(set(layers) - set(ts.layers))
+            if bad:
+                raise InputError(f"no transcoder reads layers {bad}: loaded are layers {list(ts.layers)}")
+            self.saes = {ly: TranscoderFeatures(ly, ts) for ly in sorted(layers)}
+            self.inputs = functools.partial(transcoder_inputs, site=ts.input_site)
+        else:
+            cps = options.checkpoints if options.checkpoints is not None else saes.checkpoints
+            require_saes(saes, cps)
+            self.saes = {c: saes[c] for c in sorted(cps)}
         self.bos = bos_token(model.tokenizer, getattr(saes, "prepend_bos", None))
 
     def info(self) -> dict[str, Any]:
@@ -74,6 +90,8 @@ class DashboardWorker:
         for c, sae in self.saes.items():
             top, bottom = top_outputs(model, sae, self.options.n_out)
             header = {"checkpoint": c, "hook_name": sae.hook_name, "model": model.name, "d_sae": sae.d_sae, "k": sae.k}
+            if isinstance(sae, TranscoderFeatures):  # keyed by the layer that reads them
+                header |= {"kind": "transcoder", "layer": c}
             saes[c] = {"header": header, "top": top, "bottom": bottom}
         return {"vocab": vocab, "saes": saes}
 
@@ -88,6 +106,7 @@ class DashboardWorker:
             before=o.before,
             after=o.after,
             batch_tokens=o.batch_tokens,
+            inputs=self.inputs,
         )
         return ShardResult({shard_file(index): to_bytes(parts)}, tokens=chunks.n_tokens)
 

@@ -23,8 +23,8 @@ import torch
 from torch import Tensor
 
 from ...models import Model
-from ...saes import SAE
 from .stats import HIST_EDGES, PAD, Partial
+from .transcoders import Coder
 
 VERSION = 1  # of dashboards.json
 TokenKind = Callable[[str], "str | None"]
@@ -77,7 +77,7 @@ def auto_label(
 
 
 @torch.no_grad()
-def top_outputs(model: Model, sae: SAE, n: int) -> tuple[np.ndarray, np.ndarray]:
+def top_outputs(model: Model, sae: Coder, n: int) -> tuple[np.ndarray, np.ndarray]:
     """([d_sae, n] top, [d_sae, n] bottom) output token ids of every feature, strongest first."""
     a = model.anatomy
     W_U = a.W_U.to(a.compute_dtype)  # [d_model, vocab] (a view for float32 models)

@@ -11,7 +11,7 @@ over the whole corpus gives, bit for bit.
 from __future__ import annotations
 
 import io
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,8 +19,8 @@ import torch
 from torch import Tensor
 
 from ...models import Model, residuals
-from ...saes import SAE
 from ..corpus import Chunks
+from .transcoders import Coder
 
 # activation histogram bins: 10 per decade from 1e-4 to 1e5; smaller (larger) activations count in the first (last)
 HIST_EDGES = (10.0 ** (np.arange(-40, 51) / 10)).astype(np.float32)  # [n_bins + 1]
@@ -83,7 +83,7 @@ def merge(parts: Iterable[Partial], keep: int) -> Partial:
 class _Collector:
     """Running statistics of one SAE: counts and histogram on its device, top candidates reduced as they grow."""
 
-    def __init__(self, sae: SAE, keep: int, device: torch.device) -> None:
+    def __init__(self, sae: Coder, keep: int, device: torch.device) -> None:
         self.sae, self.keep, self.device = sae, keep, device
         self.n_tokens = 0
         self.count = torch.zeros(sae.d_sae, dtype=torch.long, device=device)
@@ -125,7 +125,7 @@ class _Collector:
 
 def collect(
     model: Model,
-    saes: Mapping[int, SAE],
+    saes: Mapping[int, Coder],
     chunks: Chunks,
     *,
     keep: int,
@@ -133,12 +133,14 @@ def collect(
     after: int,
     batch_tokens: int = 4096,
     encode_elements: int = 1 << 25,
+    inputs: Callable[[Model, Tensor, list[int]], dict[int, Tensor]] = residuals,
 ) -> dict[int, Partial]:
     """Statistics of every SAE in `saes` (checkpoint -> SAE) over `chunks`, one Partial per checkpoint.
 
     Chunks run through the model in order, in batches of about `batch_tokens` tokens (right-padded: causal
     attention leaves the real positions alone); residuals are encoded `encode_elements // d_sae` rows at a
-    time. BOS positions are not counted."""
+    time. BOS positions are not counted. `inputs(model, ids, keys)`: what each coder encodes, [batch, pos,
+    d_model] per key (default: the residual at each checkpoint; transcoders: `transcoders.transcoder_inputs`)."""
     skip = int(chunks.has_bos)
     cpu = torch.device("cpu")  # token bookkeeping; residuals go where the model is
     lengths = torch.tensor([len(x) for x in chunks.ids], dtype=torch.long, device=cpu)
@@ -157,7 +159,7 @@ def collect(
         for i, x in enumerate(chunks.ids[r:hi]):
             ids[i, : len(x)] = x
             real[i, skip : len(x)] = True
-        res = residuals(model, ids, sorted(saes))  # {c: [batch, pos, d_model]}
+        res = inputs(model, ids, sorted(saes))  # {c: [batch, pos, d_model]}
         pos = torch.arange(width, device=cpu).expand(hi - r, width)
         doc = chunks.doc[r:hi, None].expand(hi - r, width)[real]
         where = (starts[r:hi, None] + pos)[real]
