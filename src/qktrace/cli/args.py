@@ -162,14 +162,35 @@ def transcoders_path(text: str) -> str:
     return text
 
 
+def attention_saes_path(text: str) -> str:
+    """Attention-output SAEs that exist: a folder (or tree) of SAELens hook_z / hook_attn_out SAEs or Gemma
+    Scope "att" params.npz files."""
+    from pathlib import Path
+
+    if not text.strip() or not Path(text).expanduser().exists():
+        raise argparse.ArgumentTypeError(
+            f"{text[:80]!r} does not exist: pass attention-output SAEs (SAELens hook_z or hook_attn_out folders, "
+            "Gemma Scope att params.npz files, or a tree of them, one per layer)"
+        )
+    return text
+
+
 def _transcoders_arg(sp: argparse.ArgumentParser) -> None:
-    """--transcoders, for every command that loads a model for graphs or QK (graph, qk, serve)."""
+    """--transcoders and --attention-saes, for every command that loads a model for graphs or QK (graph, qk,
+    serve)."""
     sp.add_argument(
         "--transcoders",
         type=transcoders_path,
         metavar="PATH",
         help="a transcoder set; without --saes, graphs are plain transcoder graphs (circuit-tracer's) and QK "
         "components are the residual's writers",
+    )
+    sp.add_argument(
+        "--attention-saes",
+        type=attention_saes_path,
+        metavar="PATH",
+        help="SAEs on every layer's attention output, with --transcoders: graphs are checkpointed graphs "
+        "(strategy 2) whose edges into attention features carry head loadings",
     )
 
 
