@@ -349,12 +349,12 @@ def checkpointed_graph(
     attention_saes: AttentionSAESet,
     prompt: str | Sequence[int] | Tensor | Trace,
     *,
-    logit_ids: Tensor | None = None,
+    by_head: bool = True,
     max_n_logits: int = 10,
     desired_logit_prob: float = 0.95,
     zero_positions: int = 1,
     batch_size: int = 256,
-    by_head: bool = True,
+    logit_ids: Tensor | None = None,
 ) -> CheckpointedGraph:
     """The unpruned strategy-2 graph of `prompt` (transcoders and attention-output SAEs at every layer),
     every active feature a row, with the head loadings of every non-zero edge into an attention feature
