@@ -60,11 +60,12 @@ def kept_loadings(model: Model, cg: CheckpointedGraph, pruned: Pruned, top: int)
     keys, order = torch.sort(hl.target.to(dev) * n_nodes + hl.source.to(dev))
     want = e.target[into] * n_nodes + e.source[into]
     at = torch.searchsorted(keys, want).clamp(max=max(len(keys) - 1, 0))
-    assert len(keys) and bool((keys[at] == want).all()), "a kept edge into an attention feature has no head parts"
-    parts = hl.parts.to(dev)[order[at]]  # [kept edge, head], zero-padded to the widest layer
+    parts = hl.parts.to(dev).new_zeros(len(into), hl.parts.shape[1])  # [kept edge, head], zero-padded
+    found = (keys[at] == want) if len(keys) else torch.zeros_like(want, dtype=torch.bool)
+    parts[found] = hl.parts.to(dev)[order[at[found]]]  # not found: a zero edge kept at threshold 1 (no parts)
     best = torch.topk(parts.abs(), min(top, parts.shape[1]), dim=1).indices  # largest first
     n_heads = torch.tensor([ly.n_heads for ly in model.anatomy.layers], device=dev)[att.layer.to(dev)[feats]]
-    real = best < n_heads[:, None]  # padding heads of a narrower layer: none
+    real = (best < n_heads[:, None]) & found[:, None]  # padding heads of a narrower layer, zero edges: none
     w = best.shape[1]
     heads[into, :w] = torch.where(real, best, -1)
     direct[into, :w] = torch.where(real, parts.gather(1, best), 0).to(direct)
