@@ -48,7 +48,7 @@ def models64(tmp_path_factory):
     return {f: load_model(make_tiny_model(f, root / f, seed=i), dtype=torch.float64) for i, (f, *_) in enumerate(CASES)}
 
 
-def setup(model, tmp_path, input_site="mlp_in", skip=False, sites=("z", "attn_out")):  # type: ignore[no-untyped-def]
+def setup(model, tmp_path, input_site="mlp_in", skip=False, sites=("z", "attn_out")):
     write_transcoder_set(tmp_path / "ct", model.d_model, model.n_layers, input_site, skip=skip, d_sae=D_SAE)
     ts = load_transcoders(tmp_path / "ct", model, dtype=model.anatomy.dtype)
     return ts, random_attention_saes(model, sites, D_SAE)
@@ -159,7 +159,7 @@ def test_tracer_graph_json_carries_head_loadings_and_qk_tracing(tiny_models, tmp
                                                (n["feature_type"] for n in data["nodes"]))  # fmt: skip
 
 
-def run_cli(capsys, *argv: str) -> tuple[int, str, str]:  # type: ignore[no-untyped-def]
+def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
     from qktrace.cli import main
 
     code = main(list(argv))
