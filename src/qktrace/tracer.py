@@ -220,7 +220,9 @@ class Traced:
     ) -> Graph:
         """The attribution graph of this prompt: with residual SAEs, the residual-SAE graph with head loadings
         (`qktrace.graph.build_graph`); with transcoders and no residual SAEs, the plain transcoder graph, pruned
-        and scored as circuit-tracer does (`qktrace.graph.build_transcoder_graph`; `graph_kind` says which).
+        and scored as circuit-tracer does (`qktrace.graph.build_transcoder_graph`), or with attention SAEs too
+        the checkpointed graph, whose edges into attention features carry head loadings
+        (`qktrace.graph.strategy2_graph`); `graph_kind` says which.
 
         `options` (`qktrace.options.GraphOptions`, or any of its fields as keywords, which replace the
         options' own): with `qk_terms`, the `qk_links` most influential cross-position links also carry the
