@@ -14,9 +14,8 @@ import pytest
 import torch
 
 from qktrace.config import TOLERANCE
-from qktrace.graph import load_graph
+from qktrace.graph import build_checkpointed_graph, load_graph
 from qktrace.graph.strategy2 import checkpointed_graph
-from qktrace.graph.strategy2_graph import build_checkpointed_graph
 from qktrace.models import load_model
 from qktrace.nodes import Kind, Node
 from qktrace.saes import AttentionSAE, load_transcoders
