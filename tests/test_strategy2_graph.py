@@ -184,6 +184,8 @@ def test_cli_graph_and_qk_with_attention_saes_and_bad_inputs(capsys, tiny_paths,
     obj = json.loads(stdout)
     assert abs(obj["capped_sum"][-1] - obj["score"][-1]) < 1e-4 * max(1.0, abs(obj["score"][-1]))
     assert any(t["key"].startswith("attn/l0/") for t in obj["terms"])
+    labels = [(t["key"], t["key_label"]) for t in obj["terms"] if t["key"].startswith("attn/l0/")]
+    assert all(label.startswith(f"a0/f{Node.parse(key).index} @") for key, label in labels)
     one = tmp_path / "one"
     write_attention_saes(one, {0: random_attention_saes(model, ("z",), D_SAE)[0]})
     hook = "blocks.1.hook_attn_out"  # an attention SAE 4 wider than this model's d_model
