@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from qktrace.config import TOLERANCE
+from qktrace.errors import InputError
 from qktrace.graph import build_checkpointed_graph, load_graph
 from qktrace.graph.strategy2 import checkpointed_graph
 from qktrace.models import load_model
@@ -127,6 +128,8 @@ def test_tracer_graph_json_carries_head_loadings_and_qk_tracing(tiny_models, tmp
     ts, att = setup(model, tmp_path)
     traced = Tracer(model, transcoders=ts, attention_saes=att).run(random_prompt(9, seed=2))
     assert traced.graph_kind == "checkpointed"
+    with pytest.raises(InputError, match="attention SAEs were given without transcoders"):
+        Tracer(model, attention_saes=att)
     graph = traced.graph(progress=False, node_threshold=0.95)
     data = json.loads(json.dumps(graph.to_json(), allow_nan=False))
     types = {n["feature_type"] for n in data["nodes"]}

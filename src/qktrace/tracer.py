@@ -45,6 +45,7 @@ class Tracer:
         self, model: Model, saes: SAESet | None = None, *, transcoders: TranscoderSet | None = None,
         attention_saes: AttentionSAESet | None = None,
     ):  # fmt: skip
+        _check_pairing(transcoders, attention_saes)
         self.model = model
         self.saes = saes if saes is not None else SAESet({})
         self.transcoders = transcoders
@@ -82,11 +83,7 @@ class Tracer:
         saes = resolve_saes(name, None if saes is None else str(saes))
         if saes is None and labels is not None:
             raise InputError("labels were given but no SAEs: pass the SAEs the Neuronpedia export describes")
-        if attention_saes is not None and transcoders is None:
-            raise InputError(
-                "attention SAEs were given without transcoders: a checkpointed graph replaces every MLP and every "
-                "attention output, so pass transcoders too (transcoders=PATH, --transcoders)"
-            )
+        _check_pairing(transcoders, attention_saes)
         source = DEMO_MODEL if name == DEMO_NAME else model
         keep = ModelOptions(full_path=full_path).full_path
         m = load_model(source, dtype=dtype, device=device, device_map=device_map, full_path=keep)
@@ -105,6 +102,15 @@ class Tracer:
     def run(self, prompt: str | Sequence[int] | Tensor) -> Traced:
         trace = self.model.run(self.tokenize(prompt))
         return Traced(self.model, self.saes, trace, self.transcoders, attention_saes=self.attention_saes)
+
+
+def _check_pairing(transcoders: object, attention_saes: object) -> None:
+    """Attention SAEs come with transcoders (one line otherwise)."""
+    if attention_saes is not None and transcoders is None:
+        raise InputError(
+            "attention SAEs were given without transcoders: a checkpointed graph replaces every MLP and every "
+            "attention output, so pass transcoders too (transcoders=PATH, --transcoders)"
+        )
 
 
 def _attention_saes(
