@@ -824,6 +824,45 @@ def demo(tmp_path_factory):
     return tracer, data, DEMO_SAES
 
 
+def test_checkpointed_graph_in_the_browser(setup, driver, tmp_path):
+    """A checkpointed graph (transcoders + attention SAEs) opens: attention-SAE features drawn as their own kind,
+    named in the legend with a marker of their own; an edge into one lists its heads."""
+    from qktrace.saes import load_transcoders
+    from qktrace.testing import random_attention_saes, random_prompt, write_transcoder_set
+
+    model = setup.tracer.model
+    ts = load_transcoders(write_transcoder_set(tmp_path / "ct", model.d_model, model.n_layers), model)
+    att = random_attention_saes(model, ("z", "attn_out"))
+    traced = qktrace.Tracer(model, transcoders=ts, attention_saes=att).run(random_prompt(8, seed=2))
+    data = tmp_path / "graphs"
+    data.mkdir()
+    traced.graph(progress=False, node_threshold=0.95).save(data / "s2.json")
+    raw = json.loads((data / "s2.json").read_text())
+    with LiveServer(create_app(data, setup.tracer)) as server:
+        open_graph(driver, server, "s2.json")
+        nodes = driver.find_elements(By.CSS_SELECTOR, "#graph-svg g.node")
+        assert {g.get_attribute("data-id") for g in nodes} == {n["node_id"] for n in raw["nodes"]}
+        kinds = {g.get_attribute("data-kind") for g in nodes}
+        assert {"attn", "transcoder", "token", "logit"} <= kinds, kinds
+        legend = {e.get_attribute("data-kind") for e in driver.find_elements(By.CSS_SELECTOR, "#legend [data-kind]")}
+        assert legend == kinds
+        markers = driver.execute_script(
+            "const out = {}; for (const k of arguments[0]) { const m = document.querySelector("
+            "`#legend [data-kind='${k}'] .mark`); out[k] = m.tagName + m.getAttribute('fill') }; return out",
+            sorted(kinds),
+        )
+        assert len(set(markers.values())) == len(kinds), "two kinds share one marker"
+        link = next(x for x in raw["links"] if x["head_loadings"])
+        edge = driver.find_element(
+            By.CSS_SELECTOR,
+            f'#graph-svg g.edge[data-source="{link["source"]}"][data-target="{link["target"]}"] line.hit',
+        )
+        driver.execute_script("arguments[0].dispatchEvent(new MouseEvent('click', {bubbles: true}))", edge)
+        h = link["head_loadings"][0]
+        wait(driver, f'#head-table button.head-btn[data-layer="{h["layer"]}"][data-head="{h["head"]}"]')
+        assert console_errors(driver) == []
+
+
 def test_big_graph_opens_fitted_and_labelled(demo, shots, driver):
     """The demo's largest graph at 1280x800: every logit node and the answer column on screen after load,
     logits labelled with token and probability, the top nodes by influence labelled without overlap, a

@@ -603,3 +603,35 @@ def test_neuronpedia_worker_computes_our_transcoder_graph_scores(tiny_models, tm
         del data["metadata"][key]
     assert len(data["links"]) > 100 and 0 < graph.replacement < 1
     assert np_worker_scores(data) == pytest.approx((graph.replacement, graph.completeness), abs=1e-6)
+
+
+def test_checkpointed_graph_json_passes_neuronpedia_and_its_worker_computes_our_scores(tiny_models, tmp_path):
+    """A checkpointed graph (transcoders + attention SAEs): Neuronpedia's upload rules with its "lorsa" and
+    "lorsa error" types, distinct (layer, feature, ctx_idx), attention features numbered Cantor(n_layers + layer,
+    index), attention errors -9; its view shows qktrace's scores."""
+    from qktrace.saes import load_transcoders
+    from qktrace.testing import random_attention_saes, random_prompt, write_transcoder_set
+
+    model = tiny_models["gemma2"]
+    write_transcoder_set(tmp_path / "ct", model.d_model, model.n_layers)
+    ts, att = load_transcoders(tmp_path / "ct", model), random_attention_saes(model, ("z", "attn_out"))
+    traced = qktrace.Tracer(model, transcoders=ts, attention_saes=att).run(random_prompt(8, seed=2))
+    graph = traced.graph(node_threshold=0.95)
+    data = json.loads(json.dumps(graph.to_json(), allow_nan=False))
+    check_neuronpedia(data)
+    types = Counter(n["feature_type"] for n in data["nodes"])
+    assert set(types) <= set(NP_TYPES) and types["lorsa"] and types["cross layer transcoder"], types
+    keys = Counter((str(n["layer"]), n["feature"], n["ctx_idx"]) for n in data["nodes"])
+    assert keys.most_common(1)[0][1] == 1
+    for n in data["nodes"]:
+        node = Node.parse(n["node_id"])
+        if node.kind is Kind.ATTN_FEATURE:
+            w = (math.isqrt(8 * n["feature"] + 1) - 1) // 2
+            index = n["feature"] - w * (w + 1) // 2
+            assert (w - index, index, n["layer"]) == (model.n_layers + node.layer, node.index, str(node.layer))
+        elif node.kind is Kind.ATTN_ERROR:
+            assert (n["layer"], n["feature"], n["feature_type"]) == (str(node.layer), -9, "lorsa error")
+    assert any(link["head_loadings"] for link in data["links"])
+    # Neuronpedia's view shows the metadata's scores (the port of its worker above slices the sorted node list
+    # by transcoder and MLP-error counts only, so it does not model lorsa nodes: no claim about the worker here)
+    assert np_shown_scores(data) == (graph.replacement, graph.completeness) and 0 < graph.replacement < 1

@@ -190,8 +190,13 @@ def ct_threshold(scores: torch.Tensor, fraction: float) -> float:
 
 
 def ct_prune(tg, node_threshold: float, edge_threshold: float):  # type: ignore[no-untyped-def]
+    """circuit-tracer's pruning and scores of an unpruned graph (a plain transcoder graph, or a checkpointed one:
+    attention features count as features, attention errors as errors)."""
     adj = tg.adjacency.double()
-    n_logit, n_tok, n_feat = len(tg.logit_tokens), int(tg.tokens.numel()), tg.n_features
+    n_logit, n_tok = len(tg.logit_tokens), int(tg.tokens.numel())
+    kinds = [n.kind for n in tg.nodes]
+    feat = torch.tensor([k in (Kind.TRANSCODER, Kind.ATTN_FEATURE) for k in kinds])
+    err = torch.tensor([k in (Kind.MLP_ERROR, Kind.ATTN_ERROR) for k in kinds])
     w = torch.zeros(len(adj), dtype=torch.float64)
     w[-n_logit:] = tg.logit_probs.double()
     infl = ct_influence(ct_normalize(adj), w)
@@ -206,29 +211,43 @@ def ct_prune(tg, node_threshold: float, edge_threshold: float):  # type: ignore[
     while True:
         old = mask.clone()
         mask[: -n_logit - n_tok] &= edges[:, : -n_logit - n_tok].any(0)
-        mask[:n_feat] &= edges[:n_feat].any(1)
+        mask[feat] &= edges[feat].any(1)
         edges &= mask[:, None] & mask[None, :]
         if torch.equal(mask, old):
             break
-    err = slice(n_feat, len(adj) - n_logit - n_tok)
     full = ct_normalize(adj)
     tok_i, err_i = float(infl[-n_logit - n_tok : -n_logit].sum()), float(infl[err].sum())
     completeness = float(((1 - full[:, err].sum(1)) * (infl + w)).sum() / (infl + w).sum())
     return mask, edges, tok_i / (tok_i + err_i), completeness
 
 
-@pytest.mark.parametrize("family", ["gpt2", "gemma2"])
-def test_pruned_graph_is_circuit_tracers_prune_of_the_adjacency(family, models64, tmp_path):
+@pytest.mark.parametrize("family,checkpointed", [("gpt2", False), ("gemma2", False), ("llama", True), ("gemma2", True)])
+def test_pruned_graph_is_circuit_tracers_prune_of_the_adjacency(family, checkpointed, models64, tmp_path):
     """Kept nodes and edges, weights and both scores equal circuit-tracer's prune_graph / compute_graph_scores
-    on the unpruned adjacency (written densely above); every kept edge is an adjacency entry, unchanged."""
+    on the unpruned adjacency (written densely above); every kept edge is an adjacency entry, unchanged. The
+    same for a checkpointed graph (transcoders + attention SAEs, `strategy2_graph`), whose blocks put each
+    layer's attention features below its transcoder features."""
+    from qktrace.graph.replacement import TranscoderGraph
     from qktrace.graph.replacement_graph import build_transcoder_graph
+    from qktrace.graph.strategy2 import CheckpointedGraph, checkpointed_graph
+    from qktrace.graph.strategy2_graph import build_checkpointed_graph
+    from qktrace.options import GraphOptions
+    from qktrace.testing import random_attention_saes
 
     model = models64[family]
     write_set(tmp_path / "ct", model.d_model, model.n_layers, "mlp_in", "hook_mlp_out", False)
     ts = load_transcoders(tmp_path / "ct", model, dtype=torch.float64)
     trace = model.run("Aunt Sally is the opposite of Uncle Bob .")
-    tg = transcoder_graph(model, ts, trace)
-    graph = build_transcoder_graph(model, ts, trace, node_threshold=0.9, edge_threshold=0.95, max_nodes=None)
+    options = GraphOptions(node_threshold=0.9, edge_threshold=0.95, max_nodes=None)
+    tg: CheckpointedGraph | TranscoderGraph
+    if checkpointed:
+        att = random_attention_saes(model, ("z", "attn_out"), D_SAE)
+        tg = checkpointed_graph(model, ts, att, trace, by_head=False)
+        graph = build_checkpointed_graph(model, ts, att, trace, options)
+        assert Kind.ATTN_FEATURE in {n.node.kind for n in graph.nodes}
+    else:
+        tg = transcoder_graph(model, ts, trace)
+        graph = build_transcoder_graph(model, ts, trace, options)
     mask, edges, replacement, completeness = ct_prune(tg, 0.9, 0.95)
     index = {n.id: i for i, n in enumerate(tg.nodes)}
     kept = [index[n.id] for n in graph.nodes]
@@ -241,7 +260,8 @@ def test_pruned_graph_is_circuit_tracers_prune_of_the_adjacency(family, models64
     assert graph.replacement == pytest.approx(replacement, rel=1e-9)
     assert graph.completeness == pytest.approx(completeness, rel=1e-9)
     kinds = {n.node.kind for n in graph.nodes}
-    assert {Kind.MLP_ERROR, Kind.TOKEN, Kind.LOGIT} <= kinds and graph.heads.shape == (graph.n_edges, 0)
+    assert {Kind.MLP_ERROR, Kind.TOKEN, Kind.LOGIT} <= kinds
+    assert checkpointed or graph.heads.shape == (graph.n_edges, 0)
     assert Kind.TRANSCODER in kinds, [(n.id, n.influence) for n in graph.nodes]
     # the Graph saves and reads back like any other, node kinds and scores included
     from qktrace.graph import load_graph

@@ -22,6 +22,8 @@ prefix per field, so ids never collide and always parse back:
     attn/l2/p5/f12          attention-output SAE feature 12 of layer 2 at position 5 (reads layer 2's attention
                             output, at hook_z or after W_O; writes it)
     attn_error/l2/p5        layer 2's attention output minus its attention SAE's reconstruction at position 5
+    attn_sae_bias/l2/p5     a QK component of checkpointed graphs: layer 2's attention SAE decoder bias and the
+                            layer's output bias, as written into the residual at position 5
 
 Checkpoint c is the residual stream at the input of layer c; c = n_layers is the final residual.
 Transcoder and attention-SAE nodes belong to a layer's MLP or attention, not to a checkpoint: their ids write
@@ -60,6 +62,7 @@ class Kind(str, Enum):
     POS_EMBED = "pos_embed"
     ATTN_FEATURE = "attn"
     ATTN_ERROR = "attn_error"
+    ATTN_SAE_BIAS = "attn_sae_bias"
 
 
 KINDS: tuple[Kind, ...] = tuple(Kind)
@@ -73,6 +76,7 @@ LAYERED_KINDS = (
     Kind.TC_BIAS,
     Kind.ATTN_FEATURE,
     Kind.ATTN_ERROR,
+    Kind.ATTN_SAE_BIAS,
 )  # numbered by layer (`l2`), not by checkpoint
 # attention features: Neuronpedia's types for attention-layer features and their error ("lorsa", "lorsa error")
 TRANSCODER_FEATURE_TYPES = {
@@ -173,6 +177,7 @@ def describe(node: Node) -> str:
         Kind.POS_EMBED: f"position embedding at position {node.pos}",
         Kind.ATTN_FEATURE: f"attention SAE feature {node.index} at layer {c}",
         Kind.ATTN_ERROR: f"attention error of layer {c} (its output minus the attention SAE reconstruction)",
+        Kind.ATTN_SAE_BIAS: f"attention SAE decoder bias and output bias of layer {c}",
     }[node.kind]
 
 

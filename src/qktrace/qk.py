@@ -175,6 +175,8 @@ class QKAttribution:
             return str(self.feature_labels.get(index, f"f{index}"))
         if kind is Kind.TRANSCODER:
             return f"tc{layer}/f{index}"
+        if kind is Kind.ATTN_FEATURE:  # an attention-output SAE's feature (a checkpointed graph's QK)
+            return f"a{layer}/f{index}"
         return kind.value
 
     def terms_frame(self, top: int | None = 50, key_pos: int | None = None) -> pd.DataFrame:

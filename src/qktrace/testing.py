@@ -268,6 +268,30 @@ def write_transcoder_set(
     return folder
 
 
+def random_attention_saes(model: Any, sites: Iterable[str], d_sae: int = 40, seed: int = 50, **kw: Any) -> Any:
+    """An `AttentionSAESet`: per layer a random standard SAE at `sites[layer]` ("z" or "attn_out", seed + layer,
+    a negative encoder bias), in the model's dtype unless `dtype` is given; `write_attention_saes` saves them."""
+    from .saes.attention import AttentionSAE, AttentionSAESet
+
+    kw.setdefault("dtype", model.anatomy.dtype)
+    saes = {}
+    for layer, site in enumerate(sites):
+        ly = model.anatomy.layers[layer]
+        hook = f"blocks.{layer}.attn.hook_z" if site == "z" else f"blocks.{layer}.hook_attn_out"
+        d_in = ly.n_heads * ly.d_head if site == "z" else model.d_model
+        std = (0.4, 0.3, 0.3, 0.2)
+        coder = random_sae("standard", d_in, d_sae, seed=seed + layer, checkpoint=layer, std=std, hook_name=hook, **kw)
+        saes[layer] = AttentionSAE(layer, site, coder, *((ly.n_heads, ly.d_head) if site == "z" else (None, None)))
+    return AttentionSAESet(saes)
+
+
+def write_attention_saes(folder: Path, saes: Any) -> Path:
+    """An `AttentionSAESet` as SAELens folders under `folder` (one per hook), as `load_attention_saes` reads."""
+    for sae in saes.values():
+        save_sae_lens(sae.coder, folder / sae.hook_name)
+    return folder
+
+
 # -- setups on disk: the jobs' (a model, SAEs of every architecture, a corpus) and the server's ----------------
 
 # checkpoint -> (hook, architecture): the tiny llama has 2 layers, so checkpoints 0, 1 and 2 (= resid_post of 1)

@@ -21,7 +21,7 @@ from .errors import InputError
 from .models import Model, Trace, load_model
 from .options import GraphOptions, ModelOptions, with_overrides
 from .qk import QKAttribution, qk_attribution
-from .saes import SAE, FeatureActs, SAESet, TranscoderSet, load_saes, load_transcoders
+from .saes import SAE, AttentionSAESet, FeatureActs, SAESet, TranscoderSet, load_saes, load_transcoders
 
 log = logging.getLogger(__name__)
 
@@ -38,12 +38,19 @@ class Tracer:
 
     With residual SAEs, graphs are residual-SAE graphs with head loadings and QK components are SAE
     features; with transcoders and no residual SAEs, graphs are plain transcoder graphs (circuit-tracer's)
-    and QK components are the residual's writers (`qktrace.graph.transcoder_qk`)."""
+    and QK components are the residual's writers (`qktrace.graph.transcoder_qk`); with transcoders and
+    attention-output SAEs, graphs are checkpointed graphs (the paper's strategy 2, `qktrace.graph.strategy2`),
+    whose edges into attention features carry head loadings, and the writers include those features."""
 
-    def __init__(self, model: Model, saes: SAESet | None = None, *, transcoders: TranscoderSet | None = None):
+    def __init__(
+        self, model: Model, saes: SAESet | None = None, *, transcoders: TranscoderSet | None = None,
+        attention_saes: AttentionSAESet | None = None,
+    ):  # fmt: skip
+        _check_pairing(transcoders, attention_saes)
         self.model = model
         self.saes = saes if saes is not None else SAESet({})
         self.transcoders = transcoders
+        self.attention_saes = attention_saes
 
     @classmethod
     def load(
@@ -57,6 +64,7 @@ class Tracer:
         device_map: str | dict[str, Any] | None = None,
         labels: str | os.PathLike[str] | Sequence[str | os.PathLike[str]] | None = None,
         transcoders: str | os.PathLike[str] | None = None,
+        attention_saes: str | os.PathLike[str] | None = None,
         full_path: bool = False,
     ) -> Tracer:
         """`model`: a save_pretrained directory, a hub id, or "demo" (whose SAEs are the default `saes`).
@@ -67,12 +75,16 @@ class Tracer:
         `labels`: Neuronpedia explanation exports (files or folders) that label the SAEs' features.
         `transcoders`: a transcoder set (`qktrace.saes.load_transcoders`: circuit-tracer, Gemma Scope, Llama
         Scope, SAELens); without residual SAEs, `Traced.graph` then builds the plain transcoder graph.
+        `attention_saes`: SAEs on every layer's attention output (`qktrace.saes.load_attention_saes`: SAELens
+        hook_z / hook_attn_out folders, Gemma Scope "att" params.npz), with `transcoders` only: `Traced.graph`
+        then builds the checkpointed graph (strategy 2) with head loadings.
         `full_path`: name a local model by its full path in the files written (`ModelOptions.full_path`;
         by default its hub id or folder name)."""
         name = str(model)
         saes = resolve_saes(name, None if saes is None else str(saes))
         if saes is None and labels is not None:
             raise InputError("labels were given but no SAEs: pass the SAEs the Neuronpedia export describes")
+        _check_pairing(transcoders, attention_saes)
         source = DEMO_MODEL if name == DEMO_NAME else model
         keep = ModelOptions(full_path=full_path).full_path
         m = load_model(source, dtype=dtype, device=device, device_map=device_map, full_path=keep)
@@ -82,14 +94,38 @@ class Tracer:
         if s is not None and device_map is not None:
             s = SAESet({c: sae.to(m.checkpoint_device(c)) for c, sae in s.items()})
         ts = None if transcoders is None else load_transcoders(transcoders, m, device=m.device, dtype=m.anatomy.dtype)
-        return cls(m, s, transcoders=ts)
+        return cls(m, s, transcoders=ts, attention_saes=_attention_saes(attention_saes, m, ts))
 
     def tokenize(self, prompt: str | Sequence[int] | Tensor) -> Tensor:
         """Token ids as this model and these SAEs expect them (BOS first when the SAEs were trained with it)."""
         return self.model.tokenize(prompt, prepend_bos=getattr(self.saes, "prepend_bos", None))
 
     def run(self, prompt: str | Sequence[int] | Tensor) -> Traced:
-        return Traced(self.model, self.saes, self.model.run(self.tokenize(prompt)), self.transcoders)
+        trace = self.model.run(self.tokenize(prompt))
+        return Traced(self.model, self.saes, trace, self.transcoders, attention_saes=self.attention_saes)
+
+
+def _check_pairing(transcoders: object, attention_saes: object) -> None:
+    """Attention SAEs come with transcoders (one line otherwise)."""
+    if attention_saes is not None and transcoders is None:
+        raise InputError(
+            "attention SAEs were given without transcoders: a checkpointed graph replaces every MLP and every "
+            "attention output, so pass transcoders too (transcoders=PATH, --transcoders)"
+        )
+
+
+def _attention_saes(
+    source: str | os.PathLike[str] | None, model: Model, transcoders: TranscoderSet | None
+) -> AttentionSAESet | None:
+    """The attention SAEs at `source`, checked to cover every layer, as the transcoders must (one line)."""
+    if source is None or transcoders is None:
+        return None
+    from .graph.strategy2 import check_coverage
+    from .saes import load_attention_saes
+
+    saes = load_attention_saes(source, model, device=model.device, dtype=model.anatomy.dtype)
+    check_coverage(model, transcoders, saes)
+    return saes
 
 
 @dataclass(eq=False)
@@ -102,6 +138,7 @@ class Traced:
     transcoders: TranscoderSet | None = None
     _acts: dict[int, FeatureActs] = field(default_factory=dict, repr=False)
     _writers: ResidualWriters | None = field(default=None, repr=False)
+    attention_saes: AttentionSAESet | None = None
 
     @property
     def str_tokens(self) -> tuple[str, ...]:
@@ -114,10 +151,8 @@ class Traced:
         held = sum(
             t.numel() * t.element_size() for a in self._acts.values() for t in (a.pos, a.feature, a.act, a.error)
         )
-        w = self._writers
-        if w is not None:
-            parts = (*w.attn, *w.mlp, *w.sites.x, *w.sites.y, w.tokens, w.enc.errors, w.enc.act)
-            held += sum(t.numel() * t.element_size() for t in parts)
+        if self._writers is not None:
+            held += self._writers.nbytes
         return self.trace.nbytes + held
 
     def sae(self, checkpoint: int) -> SAE:
@@ -147,20 +182,23 @@ class Traced:
         if self.transcoders is None:
             raise InputError("this tracer holds no transcoders: load them (Tracer.load(..., transcoders=PATH))")
         if self._writers is None:
-            self._writers = residual_writers(self.model, self.trace, self.transcoders)
+            self._writers = residual_writers(
+                self.model, self.trace, self.transcoders, attention_saes=self.attention_saes
+            )
         return self._writers
 
     @property
     def graph_kind(self) -> str:
-        """Which graph `graph()` builds: "sae" (residual SAEs, head loadings) or "transcoder" (the plain
-        transcoder graph: transcoders and no residual SAEs); InputError when both are loaded."""
+        """Which graph `graph()` builds: "sae" (residual SAEs, head loadings), "transcoder" (the plain
+        transcoder graph: transcoders and no residual SAEs) or "checkpointed" (transcoders and attention SAEs,
+        strategy 2, head loadings); InputError when residual SAEs and transcoders are both loaded."""
         if self.transcoders is None:
             return "sae"
         if len(self.saes):
             raise InputError(
                 "both residual SAEs and transcoders are loaded: which graph to build is ambiguous; load one of them"
             )
-        return "transcoder"
+        return "transcoder" if self.attention_saes is None else "checkpointed"
 
     def qk(self, layer: int, head: int, query_pos: int, key_pos: int | Sequence[int] | None = None) -> QKAttribution:
         """QK attribution of head (layer, head) from `query_pos` to `key_pos` (None: the whole row): over the
@@ -189,7 +227,9 @@ class Traced:
     ) -> Graph:
         """The attribution graph of this prompt: with residual SAEs, the residual-SAE graph with head loadings
         (`qktrace.graph.build_graph`); with transcoders and no residual SAEs, the plain transcoder graph, pruned
-        and scored as circuit-tracer does (`qktrace.graph.build_transcoder_graph`; `graph_kind` says which).
+        and scored as circuit-tracer does (`qktrace.graph.build_transcoder_graph`), or with attention SAEs too
+        the checkpointed graph, whose edges into attention features carry head loadings
+        (`qktrace.graph.strategy2_graph`); `graph_kind` says which.
 
         `options` (`qktrace.options.GraphOptions`, or any of its fields as keywords, which replace the
         options' own): with `qk_terms`, the `qk_links` most influential cross-position links also carry the
@@ -211,6 +251,14 @@ class Traced:
             assert self.transcoders is not None
             log.info("graph: the plain transcoder graph (%s transcoders, no head loadings)", self.transcoders.kind)
             graph = build_transcoder_graph(self.model, self.transcoders, self.trace, o, targets=targets)
+        elif self.graph_kind == "checkpointed":
+            from .graph.strategy2_graph import build_checkpointed_graph
+
+            assert self.transcoders is not None and self.attention_saes is not None
+            log.info("graph: the checkpointed graph (transcoders and attention SAEs, head loadings)")
+            graph = build_checkpointed_graph(
+                self.model, self.transcoders, self.attention_saes, self.trace, o, targets=targets
+            )
         else:
             graph = build_graph(self.model, self.saes, self.trace, o, targets=targets, progress=progress)
         sources = {c: sae.neuronpedia_id for c, sae in self.saes.items() if sae.neuronpedia_id}
@@ -296,6 +344,11 @@ class Traced:
             act = float(enc.act[hit[0]]) if len(hit) else None
             label = ts.clt.label(node.layer, node.index) if ts.clt is not None else ts[node.layer].label(node.index)
             return QKContributor(label, act)
+        att = self.writers().att if node.kind is Kind.ATTN_FEATURE and self.transcoders is not None else None
+        if att is not None and self.attention_saes is not None:
+            hit = ((att.layer == node.layer) & (att.pos == node.pos) & (att.index == node.index)).nonzero().flatten()
+            act = float(att.act[hit[0]]) if len(hit) else None
+            return QKContributor(self.attention_saes[node.layer].label(node.index), act)
         return QKContributor(describe(node), None)
 
     def _direct_carrier(self, graph: Graph, t: int) -> tuple[int, int, int] | None:

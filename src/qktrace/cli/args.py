@@ -162,15 +162,37 @@ def transcoders_path(text: str) -> str:
     return text
 
 
-def _transcoders_arg(sp: argparse.ArgumentParser) -> None:
-    """--transcoders, for every command that loads a model for graphs, QK or steering (graph, qk, steer, explain,
-    compare, serve)."""
+def attention_saes_path(text: str) -> str:
+    """Attention-output SAEs that exist: a folder (or tree) of SAELens hook_z / hook_attn_out SAEs or Gemma
+    Scope "att" params.npz files."""
+    from pathlib import Path
+
+    if not text.strip() or not Path(text).expanduser().exists():
+        raise argparse.ArgumentTypeError(
+            f"{text[:80]!r} does not exist: pass attention-output SAEs (SAELens hook_z or hook_attn_out folders, "
+            "Gemma Scope att params.npz files, or a tree of them, one per layer)"
+        )
+    return text
+
+
+def _transcoders_arg(sp: argparse.ArgumentParser, attention: bool = False) -> None:
+    """--transcoders for every command that loads a model for graphs, QK, steering or jobs; --attention-saes
+    (`attention=True`) only where checkpointed graphs are built (graph, qk, serve)."""
     sp.add_argument(
         "--transcoders",
         type=transcoders_path,
         metavar="PATH",
         help="a transcoder set; without --saes, graphs are plain transcoder graphs (circuit-tracer's) and QK "
         "components are the residual's writers",
+    )
+    if not attention:
+        return
+    sp.add_argument(
+        "--attention-saes",
+        type=attention_saes_path,
+        metavar="PATH",
+        help="SAEs on every layer's attention output, with --transcoders: graphs are checkpointed graphs "
+        "(strategy 2) whose edges into attention features carry head loadings",
     )
 
 
@@ -250,7 +272,7 @@ def _qk(sub: Sub, commands: Commands) -> None:
     sp.add_argument("--head", type=int_in(0), required=True)
     sp.add_argument("--query-pos", type=int, default=-1, help="negative counts from the end (default -1)")
     sp.add_argument("--key-pos", type=int, default=None, help="default: every key the query can see")
-    _transcoders_arg(sp)
+    _transcoders_arg(sp, attention=True)
     setting(sp, QKOptions, "top")
     sp.add_argument("--json", action="store_true", help="print one JSON object")
 
@@ -261,7 +283,7 @@ def _graph(sub: Sub, commands: Commands) -> None:
     sp.add_argument("--out", required=True, help="the JSON file (replaced atomically if it exists)")
     sp.add_argument("--slug", type=slug, help="the graph's Neuronpedia name (default: the prompt's words and a hash)")
     sp.add_argument("--scan", type=scan, help="its Neuronpedia model id (default: from the model and SAEs)")
-    _transcoders_arg(sp)
+    _transcoders_arg(sp, attention=True)
     _graph_args(sp)
 
 
@@ -332,7 +354,7 @@ def _serve(sub: Sub, commands: Commands) -> None:
     sp.add_argument("paths", nargs="*", help="graph JSON files and/or one directory of them")
     sp.add_argument("--model", help="a model to compute new graphs, QK attributions and sweeps ('demo' works)")
     sp.add_argument("--saes", help="its SAEs (default for 'demo': the embedded ones)")
-    _transcoders_arg(sp)
+    _transcoders_arg(sp, attention=True)
     _labels_arg(sp)
     _device_args(sp)
     _memory_arg(sp)

@@ -40,6 +40,7 @@ def _tracer(args: argparse.Namespace, model: str | None = None, saes: str | None
         dtype=args.dtype,
         labels=getattr(args, "labels", None),
         transcoders=getattr(args, "transcoders", None),
+        attention_saes=getattr(args, "attention_saes", None),
         full_path=getattr(args, "full_path", False),
     )
 
@@ -297,6 +298,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_tokens=args.max_tokens,
         labels=args.labels,
         transcoders=args.transcoders,
+        attention_saes=args.attention_saes,
     )
     return 0
 

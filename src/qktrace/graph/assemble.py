@@ -99,7 +99,7 @@ def _graph_nodes(
 
 
 def _label(model: Model, trace: Trace, node: Node, prob: float, feature_label: FeatureLabel) -> str:
-    if node.kind in (Kind.FEATURE, Kind.TRANSCODER):
+    if node.kind in (Kind.FEATURE, Kind.TRANSCODER, Kind.ATTN_FEATURE):
         return feature_label(node)
     if node.kind is Kind.TOKEN:
         return trace.str_tokens[node.pos]

@@ -143,7 +143,7 @@ class Graph:
         kinds = [n.node.kind for n in self.nodes]
         return {
             "n_nodes": len(self.nodes),
-            "n_features": kinds.count(Kind.FEATURE) + kinds.count(Kind.TRANSCODER),
+            "n_features": sum(kinds.count(k) for k in (Kind.FEATURE, Kind.TRANSCODER, Kind.ATTN_FEATURE)),
             "n_edges": self.n_edges,
             "completeness": self.completeness,
             "replacement": self.replacement,

@@ -40,8 +40,9 @@ from ..errors import InputError
 from ..nodes import CODE, LEAF_KINDS, Kind
 from .blocks import BlockStore
 
-FEATURE_KINDS = (Kind.FEATURE, Kind.TRANSCODER)  # what node_threshold / max_features count as features
-ERROR_KINDS = (Kind.ERROR, Kind.MLP_ERROR)  # reconstruction errors: the scores' unexplained part
+# what node_threshold / max_features count as features
+FEATURE_KINDS = (Kind.FEATURE, Kind.TRANSCODER, Kind.ATTN_FEATURE)
+ERROR_KINDS = (Kind.ERROR, Kind.MLP_ERROR, Kind.ATTN_ERROR)  # reconstruction errors: the scores' unexplained part
 
 
 def is_kind(kinds: Tensor, *wanted: Kind) -> Tensor:

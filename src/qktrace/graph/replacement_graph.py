@@ -6,7 +6,9 @@
    logits <- every other node; then, for each layer from the top, that layer's features <- what is
    written below them (features read at earlier layers, earlier layers' MLP errors, tokens). A feature
    at layer l reads the MLP input of l, which only earlier MLPs write (a cross-layer transcoder's too),
-   so every node's influence is final before its own block is read.
+   so every node's influence is final before its own block is read. (The checkpointed graph,
+   `strategy2_graph`, adds each layer's attention-SAE features below its transcoder features: they read
+   what earlier layers wrote, and the layer's transcoder features read them.)
 3. Prune and score (`prune.prune`): influence from the logits weighted by their probabilities,
    `node_threshold` / `edge_threshold` covers, `max_nodes` features at most, and the replacement and
    completeness scores (circuit-tracer's `prune_graph` and `compute_graph_scores`).
@@ -27,47 +29,81 @@ from ..models.model import Model
 from ..models.trace import Trace
 from ..nodes import CODE, Kind, Node
 from ..options import GraphOptions, with_overrides
+from ..saes.attention import AttentionSAESet
 from ..saes.transcoder import TranscoderSet
 from .assemble import NodeRows, graph_from_pruned
 from .blocks import Block, BlockStore
 from .build import logit_targets
 from .graph import Graph
-from .prune import prune
-from .replacement import TranscoderGraph, transcoder_graph
+from .prune import Pruned, prune
+from .replacement import transcoder_graph
 
 log = logging.getLogger(__name__)
 
 
-def node_rows(tg: TranscoderGraph, last_logits: Tensor) -> NodeRows:
+def node_rows(
+    nodes: Sequence[Node], adjacency: Tensor, features: Sequence[tuple[int, Tensor]], logit_tokens: Tensor,
+    logit_probs: Tensor, last_logits: Tensor,
+) -> NodeRows:  # fmt: skip
     """Step 1's nodes as `assemble`'s columns: kind code, layer (tokens 0, logits n_layers), pos, index,
-    activation (features their activation, logits their value, NaN elsewhere), logit weight."""
-    dev = tg.adjacency.device
-    nodes = tg.nodes
+    activation (features their activation: `features` holds (first column, activations) per run of feature
+    columns; logits their value; NaN elsewhere), logit weight."""
+    dev = adjacency.device
     col = lambda f: torch.tensor([f(n) for n in nodes], dtype=torch.long, device=dev)  # noqa: E731
     kinds, layers = col(lambda n: CODE[n.kind]), col(lambda n: n.checkpoint)  # a layer for features, errors
     pos, index = col(lambda n: n.pos), col(lambda n: n.index)
     acts = torch.full((len(nodes),), float("nan"), device=dev)
-    acts[: tg.n_features] = tg.features.act.to(acts)
-    n_logit = len(tg.logit_tokens)
-    acts[len(nodes) - n_logit :] = last_logits[tg.logit_tokens.to(last_logits.device)].to(acts)
-    weights = torch.zeros(len(nodes), dtype=tg.adjacency.dtype, device=dev)
-    weights[len(nodes) - n_logit :] = tg.logit_probs.to(weights)
+    for first, act in features:
+        acts[first : first + len(act)] = act.to(acts)
+    n_logit = len(logit_tokens)
+    acts[len(nodes) - n_logit :] = last_logits[logit_tokens.to(last_logits.device)].to(acts)
+    weights = torch.zeros(len(nodes), dtype=adjacency.dtype, device=dev)
+    weights[len(nodes) - n_logit :] = logit_probs.to(weights)
     return kinds, layers, pos, index, acts, weights
 
 
-def layered_blocks(tg: TranscoderGraph, kinds: Tensor, layers: Tensor, n_layers: int) -> list[Block]:
-    """Step 2: logits <- every other node, then each layer's features <- the nodes written below them."""
+def layered_blocks(adjacency: Tensor, kinds: Tensor, layers: Tensor, n_layers: int) -> list[Block]:
+    """Step 2: logits <- every other node, then from the top layer down: that layer's transcoder features <-
+    what is written below them (earlier MLPs, attention up to their own layer, tokens), then that layer's
+    attention-SAE features <- what earlier layers and the tokens wrote (a checkpointed graph's: none in a
+    plain one)."""
     logits = (kinds == CODE[Kind.LOGIT]).nonzero().squeeze(1)
     others = (kinds != CODE[Kind.LOGIT]).nonzero().squeeze(1)
-    blocks = [Block.dense(logits, others, tg.adjacency[logits][:, others])]
-    is_tc, is_err, is_tok = (kinds == CODE[k] for k in (Kind.TRANSCODER, Kind.MLP_ERROR, Kind.TOKEN))
+    blocks = [Block.dense(logits, others, adjacency[logits][:, others])]
+    is_ = lambda *ks: torch.stack([kinds == CODE[k] for k in ks]).any(0)  # noqa: E731
+    mlp, attn, is_tok = is_(Kind.TRANSCODER, Kind.MLP_ERROR), is_(Kind.ATTN_FEATURE, Kind.ATTN_ERROR), is_(Kind.TOKEN)
     for layer in range(n_layers - 1, -1, -1):
-        targets = (is_tc & (layers == layer)).nonzero().squeeze(1)
-        if len(targets) == 0:
-            continue
-        sources = (((is_tc | is_err) & (layers < layer)) | is_tok).nonzero().squeeze(1)
-        blocks.append(Block.dense(targets, sources, tg.adjacency[targets][:, sources]))
+        below = (mlp | attn) & (layers < layer)
+        for kind, sources in ((Kind.TRANSCODER, below | (attn & (layers == layer))), (Kind.ATTN_FEATURE, below)):
+            targets = ((kinds == CODE[kind]) & (layers == layer)).nonzero().squeeze(1)
+            if len(targets):
+                src = (sources | is_tok).nonzero().squeeze(1)
+                blocks.append(Block.dense(targets, src, adjacency[targets][:, src]))
     return blocks
+
+
+def prune_adjacency(
+    model: Model, adjacency: Tensor, rows: NodeRows, o: GraphOptions, what: str
+) -> tuple[Tensor, Pruned]:
+    """Steps 2-3: (logit node indices, the pruned graph) of an unpruned adjacency [node, node] whose nodes
+    `rows` describe."""
+    blocks = layered_blocks(adjacency, rows[0], rows[1], model.n_layers)
+    store = BlockStore(blocks, budget=1 << 62)  # the adjacency is held already: every block is a view of it
+    pruned = prune(store, rows[0], rows[5], o.node_threshold, o.edge_threshold, o.max_nodes)
+    log.info("%s: pruned to %d nodes and %d edges", what, int(pruned.node_mask.sum()), len(pruned.edges.weight))
+    return (rows[0] == CODE[Kind.LOGIT]).nonzero().squeeze(1), pruned
+
+
+def graph_settings(kind: str, transcoders: TranscoderSet, o: GraphOptions, top: int) -> dict[str, object]:
+    """What a transcoder-based graph file records of how it was built."""
+    return {
+        "graph": kind,
+        "transcoders": transcoders.kind,
+        "node_threshold": o.node_threshold,
+        "edge_threshold": o.edge_threshold,
+        "max_nodes": o.max_nodes,
+        "top_heads": top,
+    }
 
 
 def build_transcoder_graph(
@@ -88,29 +124,23 @@ def build_transcoder_graph(
     ids, _ = logit_targets(model, trace, targets, o)
     with torch.no_grad():
         tg = transcoder_graph(model, transcoders, trace, logit_ids=ids)
-        rows = node_rows(tg, trace.last_logits)
-        blocks = layered_blocks(tg, rows[0], rows[1], model.n_layers)
-        store = BlockStore(blocks, budget=1 << 62)  # the adjacency is held already: every block is a view of it
-        pruned = prune(store, rows[0], rows[5], o.node_threshold, o.edge_threshold, o.max_nodes)
-    log.info("transcoder graph: pruned to %d nodes and %d edges", int(pruned.node_mask.sum()), len(pruned.edges.weight))
+        rows = node_rows(tg.nodes, tg.adjacency, [(0, tg.features.act)], tg.logit_tokens, tg.logit_probs,
+                         trace.last_logits)  # fmt: skip
+        logits, pruned = prune_adjacency(model, tg.adjacency, rows, o, "transcoder graph")
     n = len(pruned.edges.weight)
     dev = pruned.edges.weight.device
     no_heads = (torch.full((n,), -1, dtype=torch.long, device=dev), torch.zeros(n, 0, dtype=torch.long, device=dev),
                 torch.zeros(n, 0, device=dev), torch.zeros(n, 0, device=dev))  # fmt: skip
-    logits = (rows[0] == CODE[Kind.LOGIT]).nonzero().squeeze(1)
-    settings: dict[str, object] = {
-        "graph": "transcoder",
-        "transcoders": transcoders.kind,
-        "node_threshold": o.node_threshold,
-        "edge_threshold": o.edge_threshold,
-        "max_nodes": o.max_nodes,
-        "top_heads": 0,
-    }
-    return graph_from_pruned(model, trace, rows, logits, pruned, no_heads, settings, _labeller(transcoders))
+    settings = graph_settings("transcoder", transcoders, o, 0)
+    return graph_from_pruned(model, trace, rows, logits, pruned, no_heads, settings, labeller(transcoders))
 
 
-def _labeller(transcoders: TranscoderSet) -> Callable[[Node], str]:
+def labeller(transcoders: TranscoderSet, attention_saes: AttentionSAESet | None = None) -> Callable[[Node], str]:
+    """A feature node's label: its transcoder's (or its attention SAE's)."""
+
     def label(node: Node) -> str:
+        if node.kind is Kind.ATTN_FEATURE and attention_saes is not None:
+            return attention_saes[node.layer].label(node.index)
         if transcoders.clt is not None:
             return transcoders.clt.label(node.layer, node.index)
         return transcoders[node.layer].label(node.index)

@@ -332,7 +332,8 @@ def head_loadings(cp: Checkpoints, features: Tensor, batch_size: int = 256) -> H
     return _gather(cp, found, like)
 
 
-def _check_coverage(model: Model, transcoders: TranscoderSet, attention_saes: AttentionSAESet) -> None:
+def check_coverage(model: Model, transcoders: TranscoderSet, attention_saes: AttentionSAESet) -> None:
+    """One line (SAEMismatchError) unless the transcoders and the attention SAEs each cover every layer."""
     every = tuple(range(model.n_layers))
     for what, have in (("transcoders", transcoders.layers), ("attention SAEs", attention_saes.layers)):
         if tuple(have) != every:
@@ -346,21 +347,24 @@ def checkpointed_graph(
     model: Model,
     transcoders: TranscoderSet,
     attention_saes: AttentionSAESet,
-    prompt: str | Sequence[int] | Tensor,
+    prompt: str | Sequence[int] | Tensor | Trace,
     *,
+    by_head: bool = True,
     max_n_logits: int = 10,
     desired_logit_prob: float = 0.95,
     zero_positions: int = 1,
     batch_size: int = 256,
-    by_head: bool = True,
+    logit_ids: Tensor | None = None,
 ) -> CheckpointedGraph:
     """The unpruned strategy-2 graph of `prompt` (transcoders and attention-output SAEs at every layer),
     every active feature a row, with the head loadings of every non-zero edge into an attention feature
     (`by_head=False`: none, and n_heads times less work for those rows; `head_loadings` computes them later
-    for the features asked): see the module docstring for the steps."""
-    _check_coverage(model, transcoders, attention_saes)
+    for the features asked): see the module docstring for the steps. `prompt` may be a `Trace` already run;
+    `logit_ids`: the logit targets (default: the top tokens covering `desired_logit_prob`, at most
+    `max_n_logits`)."""
+    check_coverage(model, transcoders, attention_saes)
     t0 = time.perf_counter()
-    trace = model.run(prompt)
+    trace = prompt if isinstance(prompt, Trace) else model.run(prompt)
     an = model.anatomy
     enc = replacement.encode(transcoders, replacement.sites(model, trace, transcoders), zero_positions)
     att = encode_attention(attention_saes, attention_inputs(an, trace, attention_saes), zero_positions)
@@ -370,7 +374,12 @@ def checkpointed_graph(
         att.layer.numel(),
         trace.n_pos,
     )
-    ids, probs, vecs = replacement.salient_logits(an, trace, max_n_logits, desired_logit_prob)
+    if logit_ids is None:
+        ids, probs, vecs = replacement.salient_logits(an, trace, max_n_logits, desired_logit_prob)
+    else:
+        ids = logit_ids.to(trace.last_logits.device)
+        probs = torch.softmax(trace.last_logits.float(), dim=-1)[ids]
+        vecs = replacement.logit_vectors(an, ids)
     rep = Replacement(an, trace, transcoders, enc, replacement.token_vectors(an, trace.tokens))
     cp = Checkpoints(rep, attention_saes, att)
     adjacency = enc.errors.new_zeros(cp.n_cols + len(ids), cp.n_cols + len(ids))

@@ -15,6 +15,12 @@ Without residual-stream SAEs, the residual at the input of layer l is the sum of
 - mlp_error_j: the rest of the MLP's output, `mlp_error/l2/p5`, so the parts sum to the residual exactly.
   Features are encoded as the graph encodes them: at the positions it zeroes (the first, as
   circuit-tracer does) no feature is active, and the MLP error holds the MLP's output less tc_bias.
+- With attention-output SAEs (a checkpointed graph, `strategy2`), attn_out_j splits the same way over its
+  SAE: each attention feature's activation times its decoder row (`attn/l2/p5/f12`, the graph's node; a
+  hook_z row through W_O head by head), the SAE's b_dec there plus the layer's b_O (`attn_sae_bias/l2/p5`),
+  both through a post-attention norm at its frozen scale where the SAE reads before it, and the rest
+  (`attn_error/l2/p5`: the graph's attention error, except at the zeroed positions, where it holds the
+  whole output less attn_sae_bias).
 
 1. `residual_writers`: per traced prompt, what each layer's attention and MLP added, and the encodings.
 2. `project_writers`: one side of one head at some positions: every writer through the attention-input
@@ -25,7 +31,7 @@ Without residual-stream SAEs, the residual at the input of layer l is the sum of
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -35,14 +41,18 @@ from ..models.model import Model
 from ..models.trace import Trace
 from ..nodes import CODE, Kind, Node
 from ..qk import QKAttribution, attribution, check_row, finish_side, head_constant, head_weights
+from ..saes.attention import AttentionSAESet
 from ..saes.transcoder import TranscoderSet
 from .edges import norm_adjoint
 from .graph import Graph
 from .replacement import Encoded, Sites, encode, input_adjoint, logit_vectors, sites, token_vectors
+from .strategy2 import AttentionEncoded, attention_inputs, encode_attention
 
-TOKEN, POS_EMBED, ATTN_OUT, TRANSCODER, TC_BIAS, MLP_ERROR, HEAD_BIAS = (
+Project = Callable[[Tensor, Tensor], Tensor]  # vectors [n, d_model] at positions [n] -> [n, d_head]
+
+TOKEN, POS_EMBED, ATTN_OUT, TRANSCODER, TC_BIAS, MLP_ERROR, HEAD_BIAS, ATTN_FEATURE, ATTN_ERROR, ATTN_SAE_BIAS = (
     CODE[k] for k in (Kind.TOKEN, Kind.POS_EMBED, Kind.ATTN_OUT, Kind.TRANSCODER, Kind.TC_BIAS, Kind.MLP_ERROR,
-                      Kind.HEAD_BIAS)
+                      Kind.HEAD_BIAS, Kind.ATTN_FEATURE, Kind.ATTN_ERROR, Kind.ATTN_SAE_BIAS)
 )  # fmt: skip
 
 
@@ -56,12 +66,23 @@ class ResidualWriters:
     tokens: Tensor  # [pos, d_model] token embeddings as they enter the residual
     attn: tuple[Tensor, ...]  # per layer: what attention added
     mlp: tuple[Tensor, ...]  # per layer: what the MLP added (after a post-MLP norm)
+    attention: AttentionSAESet | None = None  # attention-output SAEs (a checkpointed graph's), every layer
+    att: AttentionEncoded | None = None  # their features, encoded as the checkpointed graph encodes them
+
+    @property
+    def nbytes(self) -> int:
+        parts = (*self.attn, *self.mlp, *self.sites.x, *self.sites.y, self.tokens, self.enc.errors, self.enc.act)
+        if self.att is not None:
+            parts += (*self.att.errors, self.att.act)
+        return sum(t.numel() * t.element_size() for t in parts)
 
 
 def residual_writers(
-    model: Model, trace: Trace, transcoders: TranscoderSet, zero_positions: int = 1
-) -> ResidualWriters:
-    """Step 1 (the graph's `sites` and `encode`, and each block's two writes)."""
+    model: Model, trace: Trace, transcoders: TranscoderSet, zero_positions: int = 1,
+    attention_saes: AttentionSAESet | None = None,
+) -> ResidualWriters:  # fmt: skip
+    """Step 1 (the graph's `sites` and `encode`, and each block's two writes; with `attention_saes`, their
+    encodings as `strategy2` makes them)."""
     s = sites(model, trace, transcoders)
     an = model.anatomy
     mlp = []
@@ -73,7 +94,11 @@ def residual_writers(
         mlp.append(out)
     attn = tuple(trace.resid[j + 1] - mlp[j] - trace.resid[j] for j in range(an.n_layers))
     tokens = token_vectors(an, trace.tokens).to(trace.resid[0])
-    return ResidualWriters(transcoders, s, encode(transcoders, s, zero_positions), tokens, attn, tuple(mlp))
+    att = None
+    if attention_saes is not None:
+        att = encode_attention(attention_saes, attention_inputs(an, trace, attention_saes), zero_positions)
+    enc = encode(transcoders, s, zero_positions)
+    return ResidualWriters(transcoders, s, enc, tokens, attn, tuple(mlp), attention_saes, att)
 
 
 def _to_residual(model: Model, trace: Trace, ts: TranscoderSet, j: int, v: Tensor, pos: Tensor) -> Tensor:
@@ -105,6 +130,40 @@ def _constant_part(model: Model, trace: Trace, w: ResidualWriters, j: int, P: Te
     return const
 
 
+def _post_attention(model: Model, trace: Trace, j: int, v: Tensor, pos: Tensor) -> Tensor:
+    """Vectors [n, d_model] written by attention layer j -> what they add to the residual (a post-attention
+    norm, linear at its frozen scale)."""
+    post = model.anatomy.layers[j].post_attn
+    if post is None:
+        return v
+    assert trace.scale_post_attn is not None
+    scale = trace.scale_post_attn[j]
+    return post.linear(v, scale[pos.to(scale.device)].to(v))
+
+
+def _attention_parts(
+    model: Model, trace: Trace, w: ResidualWriters, j: int, P: Tensor, slot: Tensor, through: Project
+) -> tuple[tuple[Tensor, Tensor, Tensor], list[tuple[int, int, Tensor]]]:
+    """Attention layer j's write at positions P split over its SAE: ((pos, index, projection) of its active
+    features there, [(ATTN_SAE_BIAS, j, projection), (ATTN_ERROR, j, projection)]). A hook_z vector reaches
+    the residual through W_O head by head (b_O joins b_dec) and the post-attention norm; an attn_out one as is."""
+    assert w.att is not None and w.attention is not None
+    att, sae, dev, cdt = w.att, w.attention[j], P.device, w.attn[j].dtype
+    W_O = model.anatomy.layers[j].W_O.to(dev, cdt)
+    out = lambda v, pos: _post_attention(model, trace, j, torch.einsum("nhe,hed->nd", sae.heads(v), W_O), pos)  # noqa: E731
+    to_residual = out if sae.site == "z" else lambda v, pos: v
+    rows = ((att.layer == j) & torch.isin(att.pos, P.to(att.pos.device))).nonzero().squeeze(1)
+    pos, index = att.pos[rows].to(dev), att.index[rows].to(dev)
+    v = att.act[rows, None].to(dev, cdt) * sae.W_dec[index.to(sae.W_dec.device)].to(dev, cdt)
+    v = to_residual(v, pos)
+    written = v.new_zeros(len(P), v.shape[1]).index_add_(0, slot[pos], v)
+    const = to_residual(sae.b_dec.to(dev, cdt).expand(len(P), -1), P)
+    if sae.site == "z":
+        const = const + _post_attention(model, trace, j, model.anatomy.layers[j].b_O.to(dev, cdt).expand(len(P), -1), P)
+    error = w.attn[j][P].to(dev, cdt) - written - const
+    return (pos, index, through(v, pos)), [(ATTN_SAE_BIAS, j, through(const, P)), (ATTN_ERROR, j, through(error, P))]
+
+
 def project_writers(
     model: Model, trace: Trace, w: ResidualWriters, layer: int, W: Tensor, positions: Sequence[int]
 ) -> tuple[tuple[Tensor, Tensor, Tensor, Tensor], Tensor]:
@@ -124,7 +183,14 @@ def project_writers(
     parts: list[tuple[int, int, Tensor]] = [(TOKEN, 0, through(w.tokens[P], P))]
     if model.anatomy.W_pos is not None:
         parts.append((POS_EMBED, 0, through(trace.resid[0][P] - w.tokens[P], P)))
+    attn_feats: list[tuple[Tensor, Tensor, Tensor, Tensor]] = []  # (layer, pos, index, projection) per layer
     for j in range(layer):
+        if w.att is None:
+            parts.append((ATTN_OUT, j, through(w.attn[j][P], P)))
+        else:
+            (a_pos, a_index, a_proj), a_parts = _attention_parts(model, trace, w, j, P, slot, through)
+            attn_feats.append((torch.full_like(a_pos, j), a_pos, a_index, a_proj))
+            parts += a_parts
         written = W.new_zeros(len(P), W.shape[0])  # [pos, d_model] what the features wrote into j
         for l_in in range(j + 1):
             rows = (f_layer == l_in).nonzero().squeeze(1)
@@ -136,15 +202,17 @@ def project_writers(
             written.index_add_(0, slot[f_pos[rows]], v)
         const = _constant_part(model, trace, w, j, P).to(dev, cdt)
         error = w.mlp[j][P].to(dev, cdt) - written - const
-        parts += [(ATTN_OUT, j, through(w.attn[j][P], P)), (TC_BIAS, j, through(const, P)),
-                  (MLP_ERROR, j, through(error, P))]  # fmt: skip
+        parts += [(TC_BIAS, j, through(const, P)), (MLP_ERROR, j, through(error, P))]
     n = len(P)
-    kind = torch.cat([torch.full_like(f_pos, TRANSCODER), *(torch.full_like(P, k) for k, _, _ in parts),
+    feats = [(torch.full_like(f_pos, TRANSCODER), f_layer, f_pos, f_index, f_proj)]
+    feats += [(torch.full_like(p, ATTN_FEATURE), ly_, p, i, pr) for ly_, p, i, pr in attn_feats]
+    kind = torch.cat([*(f[0] for f in feats), *(torch.full_like(P, k) for k, _, _ in parts),
                       torch.full_like(P, HEAD_BIAS)])  # fmt: skip
-    pos = torch.cat([f_pos, P.repeat(len(parts) + 1)])
-    lay = torch.cat([f_layer, *(torch.full_like(P, j) for _, j, _ in parts), torch.full_like(P, layer)])
-    index = torch.cat([f_index, trace.tokens.to(dev)[P], torch.full((n * len(parts),), -1, device=dev).long()])
-    proj = torch.cat([f_proj, *(p for _, _, p in parts), W.new_zeros(n, W.shape[1])])
+    pos = torch.cat([*(f[2] for f in feats), P.repeat(len(parts) + 1)])
+    lay = torch.cat([*(f[1] for f in feats), *(torch.full_like(P, j) for _, j, _ in parts), torch.full_like(P, layer)])
+    none = torch.full((n * len(parts),), -1, dtype=torch.long, device=dev)
+    index = torch.cat([*(f[3] for f in feats), trace.tokens.to(dev)[P], none])
+    proj = torch.cat([*(f[4] for f in feats), *(p for _, _, p in parts), W.new_zeros(n, W.shape[1])])
     return (kind, pos, index, lay), proj
 
 

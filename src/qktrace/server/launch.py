@@ -91,6 +91,7 @@ def serve(
     max_tokens: int | None = None,
     labels: str | Sequence[str] | None = None,
     transcoders: str | None = None,
+    attention_saes: str | None = None,
 ) -> None:
     """Serve graph files (a directory and/or files) and, with a model (a path, hub id or 'demo'; or an
     already loaded `tracer`), compute graphs, QK attributions and sweeps. Blocks until interrupted.
@@ -99,7 +100,9 @@ def serve(
     `max_memory`: byte budget of full-mode graph builds ("8GB"). `max_tokens`: the longest prompt the
     server traces (default `LIMITS.server_max_tokens`). `labels`: Neuronpedia explanation exports that label
     the model's SAEs (needs `model`). `transcoders`: a transcoder set for the model (needs `model`); without
-    SAEs, POST /api/graph then builds plain transcoder graphs. Every argument is checked before any loading."""
+    SAEs, POST /api/graph then builds plain transcoder graphs. `attention_saes`: SAEs on every layer's attention
+    output (needs `transcoders`): POST /api/graph then builds checkpointed graphs with head loadings. Every
+    argument is checked before any loading."""
     try:
         import uvicorn
     except ImportError:
@@ -120,6 +123,8 @@ def serve(
         raise InputError("--transcoders are loaded with the model serve loads: add --model")
     if transcoders is not None and not Path(transcoders).expanduser().exists():
         raise InputError(f"transcoders {str(transcoders)[:80]!r} do not exist: pass a transcoder set folder or file")
+    if attention_saes is not None and transcoders is None:
+        raise InputError("--attention-saes go with --transcoders (a checkpointed graph needs both): add --transcoders")
     check_port(host, port)
     data_dir, files = split_paths(paths)
     if tracer is None and model is not None:
@@ -130,6 +135,7 @@ def serve(
             dtype=dt,
             labels=labels,
             transcoders=transcoders,
+            attention_saes=attention_saes,
         )
     if tracer is not None and not isinstance(tracer, Tracer):
         raise InputError(f"tracer must be a qktrace Tracer, got {type(tracer).__name__}")

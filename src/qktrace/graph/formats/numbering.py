@@ -6,7 +6,10 @@
   circuit-tracer's and Neuronpedia's schema_version 1), and one negative number per other kind
   (`FEATURE_NUMBER`). Transcoder features and MLP errors are numbered as circuit-tracer numbers them:
   layer = the MLP's layer (no SAE offset), Cantor(layer, index) and -1 ("mlp reconstruction error"; no
-  residual-SAE error shares a graph with them).
+  residual-SAE error shares a graph with them). Attention-SAE features (Neuronpedia's "lorsa") sit at their
+  attention layer as Cantor(n_layers + layer, index) -- the attention layers counted after the MLP layers,
+  so that none shares (layer, feature) with a transcoder feature of its layer, and the number still decodes
+  to one (layer, index) -- and attention errors ("lorsa error") at -9.
   Both frontends show a node under (layer, feature, ctx_idx): no two nodes share it.
 """
 
@@ -14,7 +17,7 @@ from __future__ import annotations
 
 import math
 
-from ...nodes import TRANSCODER_FEATURE_TYPES, Kind, Node
+from ...nodes import LAYERED_KINDS, TRANSCODER_FEATURE_TYPES, Kind, Node
 from .schema import NodeJSON
 
 FEATURE_TYPE = {
@@ -30,10 +33,11 @@ FEATURE_TYPE = {
     Kind.ATTN_OUT: "attention output",  # QK components of transcoder graphs (qk_only_nodes), never nodes
     Kind.TC_BIAS: "bias",
     Kind.POS_EMBED: "embedding",
+    Kind.ATTN_SAE_BIAS: "bias",
 }
 FEATURE_NUMBER = {
     Kind.ERROR: -1, Kind.SAE_BIAS: -2, Kind.ATTN_BIAS: -3, Kind.MLP_BIAS: -4, Kind.HEAD_BIAS: -5, Kind.MLP_ERROR: -1,
-    Kind.ATTN_OUT: -6, Kind.TC_BIAS: -7, Kind.POS_EMBED: -8,
+    Kind.ATTN_OUT: -6, Kind.TC_BIAS: -7, Kind.POS_EMBED: -8, Kind.ATTN_ERROR: -9, Kind.ATTN_SAE_BIAS: -10,
 }  # fmt: skip
 
 
@@ -59,7 +63,9 @@ def node_json(node: Node, label: str, n_layers: int, offset: int = 0) -> NodeJSO
         layer, feature = str(node.checkpoint + offset), cantor(node.checkpoint + offset, node.index)
     elif node.kind is Kind.TRANSCODER:  # circuit-tracer's numbering: the MLP's layer, Cantor(layer, index)
         layer, feature = str(node.layer), cantor(node.layer, node.index)
-    elif node.kind is Kind.MLP_ERROR:
+    elif node.kind is Kind.ATTN_FEATURE:  # after every MLP layer's numbers: no transcoder feature shares it
+        layer, feature = str(node.layer), cantor(n_layers + node.layer, node.index)
+    elif node.kind in LAYERED_KINDS:  # MLP and attention errors, QK-only parts of a layer: the layer's number
         layer, feature = str(node.layer), FEATURE_NUMBER[node.kind]
     else:
         layer, feature = str(node.checkpoint + offset), FEATURE_NUMBER[node.kind]

@@ -2,8 +2,8 @@
 // at the top); the nodes of one cell side by side, wrapping onto up to four lines. No DOM here.
 
 export const L = { rowH: 72, gap: 13, lineGap: 13, minCol: 66, left: 58, top: 26, bottom: 64, maxLines: 4 };
-const KIND_ORDER = { feature: 0, transcoder: 0, logit: 0, token: 0, error: 1, mlp_error: 1, sae_bias: 2, attn_bias: 3,
-  mlp_bias: 4 };
+const KIND_ORDER = { feature: 0, transcoder: 0, attn: 0, logit: 0, token: 0, error: 1, mlp_error: 1, attn_error: 1,
+  sae_bias: 2, attn_bias: 3, mlp_bias: 4 };
 
 export function rowOf(model, n) {
   if (n.p.kind === "token") return 0;

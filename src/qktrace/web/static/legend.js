@@ -7,10 +7,12 @@ import { C, el, sv } from "./dom.js";
 export const KINDS = {
   feature: ["circle", C.feature, "#92400e", "SAE feature"],
   transcoder: ["circle", C.transcoder, "#075985", "transcoder feature"],
+  attn: ["circle", "#c4b5fd", "#5b21b6", "attention SAE feature"],
   token: ["wide", C.token, "#334155", "token (embedding)"],
   logit: ["wide", C.logit, "#166534", "logit (output token)"],
   error: ["diamond", "#fca5a5", "#991b1b", "SAE error"],
   mlp_error: ["diamond", "#f9a8d4", "#9d174d", "MLP (transcoder) error"],
+  attn_error: ["diamond", "#ddd6fe", "#6d28d9", "attention (SAE) error"],
   sae_bias: ["square", "#e5e7eb", "#64748b", "SAE decoder bias"],
   attn_bias: ["triangle", "#bfdbfe", "#1e40af", "attention bias"],
   mlp_bias: ["triangle-down", "#ddd6fe", "#5b21b6", "MLP bias"],

@@ -1,0 +1,104 @@
+"""`build_checkpointed_graph`: strategy 2 (transcoders + attention-output SAEs) as a pruned `Graph` whose
+edges into attention-SAE features carry their head loadings.
+
+1. Attribute (`strategy2.checkpointed_graph`, `by_head=False`): the unpruned adjacency [node, node] of the
+   traced prompt (transcoder features, MLP errors, attention features, attention errors, tokens, logits),
+   without the head axis (it would multiply the attention rows' sweeps, and their memory, by n_heads).
+2. Blocks, prune and score (`replacement_graph.prune_adjacency`): the plain transcoder graph's layered
+   blocks with each layer's attention features below its transcoder features, circuit-tracer's pruning,
+   and the replacement and completeness scores (attention errors count as errors, as MLP errors do).
+3. Head loadings (`kept_loadings`): `strategy2.head_loadings` for the kept attention features only, then
+   each kept edge into one of them takes its `loadings_per_edge` largest head parts. An edge into an
+   attention feature of layer l crosses layer l's attention once, at its frozen pattern, and nothing else
+   that splits over heads; its parts are exact and sum to the edge (all of them when `loadings_per_edge` is
+   at least n_heads). They are stored as `direct`; `via_mlp` is 0: the MLPs in between are transcoders whose
+   features and errors are nodes of their own, so no path into the attention feature runs through one.
+   Every other edge runs through the residual stream only: no head loadings (`head_layer` -1).
+4. Assemble (`assemble.graph_from_pruned`): a `Graph` like any other.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..models.model import Model
+from ..models.trace import Trace
+from ..options import GraphOptions, with_overrides
+from ..saes.attention import AttentionSAESet
+from ..saes.transcoder import TranscoderSet
+from .assemble import graph_from_pruned
+from .build import logit_targets
+from .graph import Graph
+from .prune import Pruned
+from .replacement_graph import graph_settings, labeller, node_rows, prune_adjacency
+from .strategy2 import CheckpointedGraph, checkpointed_graph, head_loadings
+
+log = logging.getLogger(__name__)
+
+
+def kept_loadings(model: Model, cg: CheckpointedGraph, pruned: Pruned, top: int) -> tuple[Tensor, ...]:
+    """Step 3: the kept edges' head loadings as columns (layer [edge], heads, direct, via_mlp [edge, top])."""
+    e = pruned.edges
+    n, dev = len(e.weight), e.weight.device
+    layer = torch.full((n,), -1, dtype=torch.long, device=dev)
+    heads = torch.full((n, top), -1, dtype=torch.long, device=dev)
+    direct, via = torch.zeros(n, top, device=dev), torch.zeros(n, top, device=dev)
+    first, att = cg.checkpoints.attn_col, cg.attention_features
+    into = ((e.target >= first) & (e.target < first + att.layer.numel())).nonzero().squeeze(1)
+    if top == 0 or len(into) == 0:
+        return layer, heads, direct, via
+    feats = (e.target[into] - first).to(att.layer.device)
+    hl = head_loadings(cg.checkpoints, feats.unique())
+    log.info("checkpointed graph: head loadings of %d kept edges into %d attention features", len(into),
+             len(feats.unique()))  # fmt: skip
+    n_nodes = len(cg.nodes)
+    keys, order = torch.sort(hl.target.to(dev) * n_nodes + hl.source.to(dev))
+    want = e.target[into] * n_nodes + e.source[into]
+    at = torch.searchsorted(keys, want).clamp(max=max(len(keys) - 1, 0))
+    parts = hl.parts.to(dev).new_zeros(len(into), hl.parts.shape[1])  # [kept edge, head], zero-padded
+    found = (keys[at] == want) if len(keys) else torch.zeros_like(want, dtype=torch.bool)
+    parts[found] = hl.parts.to(dev)[order[at[found]]]  # not found: a zero edge kept at threshold 1 (no parts)
+    best = torch.topk(parts.abs(), min(top, parts.shape[1]), dim=1).indices  # largest first
+    n_heads = torch.tensor([ly.n_heads for ly in model.anatomy.layers], device=dev)[att.layer.to(dev)[feats]]
+    real = (best < n_heads[:, None]) & found[:, None]  # padding heads of a narrower layer, zero edges: none
+    w = best.shape[1]
+    heads[into, :w] = torch.where(real, best, -1)
+    direct[into, :w] = torch.where(real, parts.gather(1, best), 0).to(direct)
+    layer[into] = att.layer.to(dev)[feats]
+    return layer, heads, direct, via
+
+
+def build_checkpointed_graph(
+    model: Model,
+    transcoders: TranscoderSet,
+    attention_saes: AttentionSAESet,
+    trace: Trace,
+    options: GraphOptions | None = None,
+    *,
+    targets: Sequence[str | int] | str | int | None = None,
+    **overrides: Any,
+) -> Graph:
+    """The pruned strategy-2 graph of `trace` with head loadings on its edges into attention features (see
+    the module docstring for the steps).
+
+    `options` (`GraphOptions`, or its fields as keywords): node_threshold, edge_threshold, max_nodes (features
+    kept at most, attention features included), max_logits and logit_probability (or `targets`: the logit
+    tokens), loadings_per_edge; the residual-SAE settings (readout, mode, max_memory) do not apply."""
+    o = with_overrides(options, GraphOptions, overrides)
+    ids, _ = logit_targets(model, trace, targets, o)
+    top = max(0, min(o.loadings_per_edge, model.n_heads))
+    with torch.no_grad():
+        cg = checkpointed_graph(model, transcoders, attention_saes, trace, logit_ids=ids, by_head=False)
+        feats = [(0, cg.transcoder_features.act), (cg.checkpoints.attn_col, cg.attention_features.act)]
+        rows = node_rows(cg.nodes, cg.adjacency, feats, cg.logit_tokens, cg.logit_probs, trace.last_logits)
+        logits, pruned = prune_adjacency(model, cg.adjacency, rows, o, "checkpointed graph")
+        edge_cols = kept_loadings(model, cg, pruned, top)
+    settings = graph_settings("checkpointed", transcoders, o, top)
+    settings["attention_saes"] = ",".join(attention_saes[layer].site for layer in attention_saes)
+    label = labeller(transcoders, attention_saes)
+    return graph_from_pruned(model, trace, rows, logits, pruned, edge_cols, settings, label)
