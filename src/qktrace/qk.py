@@ -31,7 +31,7 @@ from torch import Tensor
 from .errors import InputError, OutOfRangeError, check_index
 from .models import Model, Trace, resolve_positions
 from .models.replay import qk_norm_frozen
-from .nodes import CODE, Kind, Node, of_code, parse_positionless, positionless
+from .nodes import CODE, Kind, Node, component_label, component_name, of_code, parse_positionless, positionless
 from .saes import SAE, FeatureActs
 
 FEATURE, SAE_BIAS, ERROR, HEAD_BIAS = (CODE[k] for k in (Kind.FEATURE, Kind.SAE_BIAS, Kind.ERROR, Kind.HEAD_BIAS))
@@ -162,20 +162,16 @@ class QKAttribution:
 
     # -- tables ------------------------------------------------------------------------------------
     def label(self, component: str) -> str:
-        """'feature/c3/p5/f12' -> 'label of f12 @5'tok''; other kinds by kind and position."""
+        """'feature/c3/p5/f12' -> 'its label @5 "␣tok"' (`nodes.component_label`, as every front end writes it)."""
         node = Node.parse(component)
-        pos = node.pos
-        tok = self.str_tokens[pos] if pos < len(self.str_tokens) else "?"
-        return f"{self.plain_label(component)} @{pos}{tok!r}"
+        tok = self.str_tokens[node.pos] if node.pos < len(self.str_tokens) else "?"
+        return component_label(node, tok, self.feature_labels.get(node.index) if node.kind is Kind.FEATURE else None)
 
     def plain_label(self, component: str) -> str:
-        """A component's label without position: its feature's label, or its kind ('error', 'head_bias')."""
+        """A component's label without position (`nodes.component_name`): its feature's label, or its kind."""
         kind, layer, index = parse_positionless(component)
-        if kind is Kind.FEATURE:
-            return str(self.feature_labels.get(index, f"f{index}"))
-        if kind is Kind.TRANSCODER:
-            return f"tc{layer}/f{index}"
-        return kind.value
+        node = Node(kind, layer, 0, index)
+        return component_name(node, self.feature_labels.get(index) if kind is Kind.FEATURE else None)
 
     def terms_frame(self, top: int | None = 50, key_pos: int | None = None) -> pd.DataFrame:
         """Terms sorted by |value|: query, key, key_pos, value, unrotated, positional, labels, prob_effect."""

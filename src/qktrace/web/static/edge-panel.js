@@ -2,7 +2,7 @@
 // loadings, direct and via the MLP, as a chart and a table; click a head for its QK attribution).
 
 import { C, FONT, clear, el, fmt, num, sv } from "./dom.js";
-import { isCross, nodeLabel, nodeWhere } from "./model.js";
+import { isCross, nameIn, nodeWhere } from "./model.js";
 import { attachTips } from "./features.js";
 
 const HINT = "Click an edge, or an input or output of a node.";
@@ -18,8 +18,8 @@ export function createEdgePanel(body, { onHead }) {
     const l = state.selLink, model = state.model;
     clear(body).className = "body";
     const share = `${fmt(100 * Math.abs(l.norm), 3)}% of the |weight| into its target`;
-    body.append(el("h3", {}, el("span", { class: "comp", "data-component": l.s.id }, nodeLabel(l.s)), " → ",
-      el("span", { class: "comp", "data-component": l.t.id }, nodeLabel(l.t))),
+    body.append(el("h3", {}, el("span", { class: "comp", "data-component": l.s.id }, nameIn(model, l.s.id)), " → ",
+      el("span", { class: "comp", "data-component": l.t.id }, nameIn(model, l.t.id))),
     el("dl", { class: "kv" },
       el("dt", {}, "weight"), el("dd", { id: "edge-weight", "data-value": l.weight }, fmt(l.weight)),
       el("dt", { title: "weight / Σ |weight| over every edge into the target" }, "normalised"),

@@ -4,12 +4,11 @@
 
 import * as API from "./api.js";
 import { $, clear, el, fmt } from "./dom.js";
-import { nodeLabel, nodeWhere, parseId, qkSuffix } from "./model.js";
+import { baseLabel, nameIn, nodeWhere, parseId, qkSuffix } from "./model.js";
+import { visible } from "./names.js";
 import { reveal } from "./panels.js";
 import { store } from "./state.js";
 
-/** A token with its whitespace visible. */
-export const visible = (t) => String(t).replace(/ /g, "␣").replace(/\n/g, "⏎").replace(/\t/g, "⇥") || "∅";
 
 const cache = new Map(); // "checkpoint/feature" -> Promise<FeatureResponse | null>
 
@@ -73,8 +72,8 @@ export function showFeatureTip(e, id, fallback) {
 }
 
 export function showNodeTip(e, model, n) {
-  if (n.p.kind === "feature") return showFeatureTip(e, n.id, nodeLabel(n));
-  showTip(e, [el("b", {}, nodeLabel(n)), el("div", { class: "muted" }, `${n.id} ${nodeWhere(model, n)}`),
+  if (n.p.kind === "feature") return showFeatureTip(e, n.id, nameIn(model, n.id));
+  showTip(e, [el("b", {}, nameIn(model, n.id)), el("div", { class: "muted" }, `${n.id} ${nodeWhere(model, n)}`),
     n.activation !== null && n.activation !== undefined ? el("div", {}, `value ${fmt(n.activation)}`) : null]);
 }
 
@@ -112,7 +111,7 @@ export function attachTips(root) {
  */
 export async function refreshLabels(model, changed) {
   if (!store.state.info || !store.state.info.features) return;
-  const base = (n) => { const c = n.clerp || "", s = qkSuffix(n); return s && c.endsWith(s) ? c.slice(0, -s.length) : c; };
+  const base = baseLabel;
   const todo = model.nodes.filter((n) => n.p.kind === "feature" && /^c\d+\/f\d+$/.test(base(n))).slice(0, 400);
   let any = false;
   const worker = async () => {

@@ -5,7 +5,8 @@
 import * as API from "./api.js";
 import { $, C, FONT, clear, el, errorBox, fmt, num, sv, truncate } from "./dom.js";
 import { attachTips } from "./features.js";
-import { parseId, tokText } from "./model.js";
+import { nameIn, parseId, tokText } from "./model.js";
+import { visible } from "./names.js";
 
 const isFeature = (id) => parseId(id).kind === "feature";
 
@@ -18,7 +19,7 @@ export function promptPayload(state) {
   return { prompt: text };
 }
 
-const tokOf = (res, i) => JSON.stringify(res.str_tokens[i] === undefined ? "?" : res.str_tokens[i]);
+const tokOf = (res, i) => `"${visible(res.str_tokens[i] === undefined ? "?" : res.str_tokens[i])}"`;
 const comp = (id, label) => el("td", {}, el("span", { class: "comp", "data-component": id }, label));
 
 /** `state()`: the store's state. Wires the QK form; `explainHead(link, layer, head)` fills it and explains;
@@ -92,8 +93,8 @@ export function createQKPanel(state, { onShown = () => {} } = {}) {
       }
       body.append(el("table", { id: "qk-terms", class: "terms" },
         el("tr", {}, el("th", {}, "query side"), el("th", {}, "key side"), el("th", { class: "num" }, "term")),
-        terms.map((t) => el("tr", { class: "qk-term" }, comp(t.query, t.query_label || t.query),
-          comp(t.key, t.key_label || t.key), num(t.value, "value")))));
+        terms.map((t) => el("tr", { class: "qk-term" }, comp(t.query, nameIn(model, t.query, t.query_label)),
+          comp(t.key, nameIn(model, t.key, t.key_label)), num(t.value, "value")))));
     }
     attachTips(body);
   }
