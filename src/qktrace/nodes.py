@@ -265,4 +265,9 @@ def component_name(node: Node, label: str | None = None) -> str:
 def component_label(node: Node, token: str, label: str | None = None) -> str:
     """The one way to name a component: `component_name`, then `@pos "token"` (whitespace visible), e.g.
     'Mary/John @8 "␣Sally"' or 'SAE bias c0 @8 "␣Sally"'; never a Python repr."""
-    return f'{component_name(node, label)} @{node.pos} "{visible(token)}"'
+    return f"{component_name(node, label)} {position_text(node.pos, token)}"
+
+
+def position_text(pos: int, token: str) -> str:
+    """A position and its token as every label writes them: '@8 "␣Sally"'."""
+    return f'@{pos} "{visible(token)}"'

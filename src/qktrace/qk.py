@@ -287,6 +287,30 @@ class QKAttribution:
         df.attrs["score_diff"] = float(self.sum_of_terms[ia] - self.sum_of_terms[ib])
         return df if top is None else df.head(top)
 
+    def heatmap(self, top: int = 12, key_pos: int | None = None, features_only: bool = False) -> dict[str, object]:
+        """The query x key table of terms (of `key_pos`'s score, default every key's): the `top` components of
+        each side by |marginal| (with `features_only`, the top SAE features), every other component summed
+        into a last row or column "other" (only when one falls there), so the cells sum to the score exactly
+        as the terms do. JSON-ready: query and key ids and labels, `values` [query row][key column]."""
+        keys = torch.ones_like(self.key.pos, dtype=torch.bool) if key_pos is None else self.key.pos == key_pos
+        if key_pos is not None:
+            self._key_index(key_pos)
+        t = self.terms[:, keys]  # [q_component, k_component at key_pos]
+        q_ids, k_ids = list(self.query.ids), [c for c, keep in zip(self.key.ids, keys.tolist(), strict=True) if keep]
+        rows, q_group = _top_groups(t.sum(1), self.query.kind, top, features_only)
+        cols, k_group = _top_groups(t.sum(0), self.key.kind[keys], top, features_only)
+        grid = t.new_zeros(len(rows) + 1, t.shape[1]).index_add_(0, q_group, t)
+        grid = t.new_zeros(len(rows) + 1, len(cols) + 1).index_add_(1, k_group, grid)
+        has_q, has_k = len(rows) < t.shape[0], len(cols) < t.shape[1]  # some component fell into "other"
+        grid = grid[: len(rows) + has_q, : len(cols) + has_k]
+        q = [q_ids[i] for i in rows] + ["other"] * has_q
+        k = [k_ids[i] for i in cols] + ["other"] * has_k
+        name = lambda c: c if c == "other" else self.label(c)  # noqa: E731
+        return {
+            "query": q, "query_labels": [name(c) for c in q], "key": k, "key_labels": [name(c) for c in k],
+            "values": grid.tolist(), "features_only": features_only,
+        }  # fmt: skip
+
     def summary(self) -> dict[str, object]:
         return {
             "layer": self.layer,
@@ -310,6 +334,19 @@ class QKAttribution:
             "query_marginals": [{"component": c, "label": self.label(c), "value": v} for c, v in qm.items()],
             "key_marginals": [{"component": c, "label": self.label(c), "value": v} for c, v in km.items()],
         }
+
+
+def _top_groups(marginal: Tensor, kind: Tensor, top: int, features_only: bool) -> tuple[list[int], Tensor]:
+    """The `top` components by |marginal| (SAE features only, if asked), and each component's group: its
+    rank among them, or `len(top)` ("other")."""
+    score = marginal.abs()
+    if features_only:
+        score = torch.where(kind == FEATURE, score, torch.full_like(score, -1.0))
+    order = score.argsort(descending=True)[:top]
+    chosen = order[score[order] >= 0].tolist()
+    group = torch.full_like(kind, len(chosen), dtype=torch.long)
+    group[chosen] = torch.arange(len(chosen), device=kind.device)
+    return chosen, group
 
 
 def check_row(
