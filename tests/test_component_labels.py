@@ -20,17 +20,17 @@ REPR_POSITION = re.compile(r"@\d+'|@\d+ ?'.*'$")
 @pytest.mark.parametrize(
     ("node_id", "token", "label", "expected"),
     [
-        ("feature/c3/p8/f12", " Sally", "name after 'Mary'", "name after 'Mary' @8 \"␣Sally\""),
+        ("feature/c3/p8/f12", " Sally", "name after 'Mary'", "name after 'Mary' (c3/f12) @8 \"␣Sally\""),
         ("feature/c3/p8/f12", " Sally", None, 'c3/f12 @8 "␣Sally"'),
         ("feature/c3/p8/f12", " Sally", "  ", 'c3/f12 @8 "␣Sally"'),
-        ("feature/c0/p2/f1", "\n", "\\n Quel", '⏎ Quel @2 "⏎"'),
+        ("feature/c0/p2/f1", "\n", "\\n Quel", '⏎ Quel (c0/f1) @2 "⏎"'),
         ("sae_bias/c0/p8", " '", "ignored: not a feature", 'SAE bias c0 @8 "␣\'"'),
         ("error/c3/p5", "\t", None, 'SAE error c3 @5 "⇥"'),
         ("head_bias/c2/p0", "", None, 'head bias L2 @0 "∅"'),
         ("attn_bias/c3/p1", "a b", None, 'attention bias L2 @1 "a␣b"'),
         ("token/c0/p4/t9", " x", None, 'embedding @4 "␣x"'),
         ("transcoder/l2/p5/f7", "y", None, 't2/f7 @5 "y"'),
-        ("transcoder/l2/p5/f7", "y", "writes y", 'writes y @5 "y"'),
+        ("transcoder/l2/p5/f7", "y", "writes y", 'writes y (t2/f7) @5 "y"'),
         ("mlp_error/l1/p3", "z", None, 'MLP error L1 @3 "z"'),
     ],
 )
@@ -75,4 +75,4 @@ def test_qk_tables_use_the_one_label(tiny_models):
         tok = traced.str_tokens[node.pos]
         assert lab == component_label(node, tok, sae.labels.get(node.index) if node.kind is Kind.FEATURE else None)
         assert not REPR_POSITION.search(lab) and "\\n" not in lab
-    assert any(x.startswith("three⏎ @") for x in df["query_label"])
+    assert any(x.startswith(f"three⏎ (c1/f{f}) @") for x in df["query_label"])

@@ -32,8 +32,9 @@ A *positionless* id drops the position (`feature/c3/f1234`, `error/c3`): the sam
 Tensors of many nodes store a kind as an integer: `CODE[kind]` writes it, `KINDS[code]` reads it back.
 `describe(node)` says in words what a node without a feature label is ("SAE error at checkpoint 3").
 `component_label(node, token, label)` is the one way a component is named to a reader, by the library, the CLI,
-the server and the page alike (web/static/names.js mirrors `KIND_NAMES` and `visible`): its label (a feature's
-own, else `KIND_NAMES`), then its position and token with whitespace made visible, `tok @8 "␣Sally"`.
+the server and the page alike (web/static/names.js mirrors `KIND_NAMES` and `visible`): a feature's own label
+and its kind's short name, then its position and token with whitespace made visible: `Sally (c3/f12) @8 "␣Sally"`,
+`SAE bias c3 @8 "␣Sally"`.
 How nodes are written for circuit-tracer and Neuronpedia (feature numbers, feature types) is
 `qktrace.graph.formats`; it builds and reads every id through this module.
 """
@@ -254,17 +255,19 @@ def visible(text: str, spaces: bool = True) -> str:
 
 
 def component_name(node: Node, label: str | None = None) -> str:
-    """A component without its position: `label` for a feature (its SAE's label; None: its number), else
-    its kind's short name ("SAE bias c3"). Newlines and tabs in a label are made visible."""
-    if label is not None and label.strip() and node.kind in LABELLED_KINDS:
-        return visible(label.strip(), spaces=False)
+    """A component without its position: its kind's short name (`KIND_NAMES`: "SAE bias c3", "c3/f12"),
+    after a feature's `label` (its SAE's; newlines and tabs made visible) when it has one, so that two
+    features of one label stay apart: "name after title (c3/f12)"."""
     c = node.checkpoint
-    return KIND_NAMES[node.kind].format(c=c, l=c - 1, i=node.index)
+    name = KIND_NAMES[node.kind].format(c=c, l=c - 1, i=node.index)
+    if label is not None and label.strip() and node.kind in LABELLED_KINDS:
+        return f"{visible(label.strip(), spaces=False)} ({name})"
+    return name
 
 
 def component_label(node: Node, token: str, label: str | None = None) -> str:
     """The one way to name a component: `component_name`, then `@pos "token"` (whitespace visible), e.g.
-    'Mary/John @8 "␣Sally"' or 'SAE bias c0 @8 "␣Sally"'; never a Python repr."""
+    'Mary/John (c3/f12) @8 "␣Sally"' or 'SAE bias c0 @8 "␣Sally"'; never a Python repr."""
     return f"{component_name(node, label)} {position_text(node.pos, token)}"
 
 

@@ -3,6 +3,7 @@
 // Whitespace in tokens is drawn visible (␣ space, ⏎ newline, ⇥ tab).
 
 import * as API from "./api.js";
+import { histogram } from "./chart.js";
 import { $, clear, el, fmt } from "./dom.js";
 import { baseLabel, nameIn, nodeWhere, parseId, qkSuffix } from "./model.js";
 import { visible } from "./names.js";
@@ -43,15 +44,26 @@ export function showTip(e, content) {
   moveTip(e);
 }
 
-function dashboardView(d, fallback, contexts = 6) {
+const chips = (id, title, tokens) => el("div", { class: "chips", id }, title,
+  tokens.map((t) => el("span", { class: "t", title: JSON.stringify(t) }, visible(t))));
+
+/** A feature's label and dashboard; `full` (the Feature panel): every context, its activation histogram
+ * and bottom outputs too. */
+function dashboardView(d, fallback, contexts = 6, full = false) {
   if (!d) return [el("b", {}, fallback)];
-  const out = [el("b", {}, d.label), el("div", { class: "muted" }, `checkpoint ${d.checkpoint}, feature ${d.feature}`)];
+  const out = [el("b", {}, visible(d.label, false)), el("div", { class: "muted" }, `checkpoint ${d.checkpoint}, feature ${d.feature}`)];
   const dash = d.dashboard;
   if (!dash) return out;
   out.push(el("div", { class: "muted" }, `fires on ${fmt(100 * (dash.freq || 0), 3)}% of tokens; max activation `
     + fmt(dash.max_act, 3)));
-  if (dash.top_out.length) {
-    out.push(el("div", { class: "chips" }, "top outputs: ", dash.top_out.map((t) => el("span", { title: JSON.stringify(t) }, visible(t)))));
+  if (dash.top_out.length) out.push(chips("feature-top-out", "top outputs: ", dash.top_out));
+  if (full && dash.bottom_out && dash.bottom_out.length) {
+    out.push(chips("feature-bottom-out", "bottom outputs: ", dash.bottom_out));
+  }
+  if (full && dash.hist) {
+    const total = dash.hist.counts.reduce((a, b) => a + b, 0);
+    out.push(el("div", { class: "muted" }, `activations of its ${total} firings`),
+      histogram("feature-hist", dash.hist.edges, dash.hist.counts));
   }
   for (const c of dash.contexts.slice(0, contexts)) {
     out.push(el("div", { class: "ctx" }, el("span", { class: "muted" }, `${fmt(c.act, 3)} `),
@@ -85,7 +97,7 @@ export async function showFeaturePanel(id, fallback) {
   clear(body).append(el("p", { class: "muted" }, `${fallback} (${id})`));
   reveal("feature-panel");
   const d = await feature(p.cp, p.index);
-  clear(body).append(el("div", { id: "feature-detail", "data-component": id }, dashboardView(d, fallback, 50)),
+  clear(body).append(el("div", { id: "feature-detail", "data-component": id }, dashboardView(d, fallback, 50, true)),
     el("div", { class: "muted" }, id));
 }
 

@@ -1,6 +1,6 @@
 // The one way the page names a component (a graph node or a QK term's query- or key-side part): its label
-// (a feature's own, else its kind's short name), then `@pos "token"` with whitespace visible, e.g.
-// `Mary/John @8 "␣Sally"`, `SAE bias c0 @8 "␣Sally"`; its id goes on hover. The library writes the same
+// (a feature's own, with its kind's short name; else the short name alone), then `@pos "token"` with whitespace
+// visible, e.g. `Mary/John (c3/f12) @8 "␣Sally"`, `SAE bias c0 @8 "␣Sally"`; its id goes on hover. The library writes the same
 // string (qktrace.nodes.component_label: the server's QK labels, the CLI's tables), from the same table
 // (tests/test_component_labels.py checks that KIND_NAMES below is the library's). model.js's `nameIn` names
 // a graph's components with it. No DOM here.
@@ -33,14 +33,16 @@ export function visible(text, spaces = true) {
   return out.trim() ? out : out ? visible(out) : "∅";
 }
 
-/** A component without its position: a feature's `label` (newlines visible), else its kind's short name. */
+/** A component without its position: its kind's short name ("SAE bias c3", "c3/f12"), after a feature's `label`
+ * (newlines visible) when it has one: "name after title (c3/f12)". */
 export function componentName(p, label) {
-  if (label !== undefined && label !== null && String(label).trim() && LABELLED.has(p.kind)) {
-    return visible(String(label).trim(), false);
-  }
   const t = KIND_NAMES[p.kind];
   if (t === undefined) return String(label || p.kind);
-  return t.replace(/\{([cli])\}/g, (_, k) => String(k === "c" ? p.cp : k === "l" ? p.cp - 1 : p.index));
+  const name = t.replace(/\{([cli])\}/g, (_, k) => String(k === "c" ? p.cp : k === "l" ? p.cp - 1 : p.index));
+  if (label !== undefined && label !== null && String(label).trim() && LABELLED.has(p.kind)) {
+    return `${visible(String(label).trim(), false)} (${name})`;
+  }
+  return name;
 }
 
 /** The one label: `componentName`, then `@pos "token"` (qktrace.nodes.component_label). */
