@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from ...models import Model
+from ...nodes import visible
 from ...saes import SAE
 from .stats import HIST_EDGES, PAD, Partial
 
@@ -41,7 +42,8 @@ def token_kind(s: str) -> str | None:
 
 
 def _show(s: str) -> str:
-    return s.replace("\n", "\\n").strip() or repr(s)
+    """A token as a label writes it: stripped, newlines and tabs as ⏎ and ⇥ (`nodes.visible`), spaces alone as ␣."""
+    return visible(s.strip(), spaces=False) if s.strip() else visible(s)
 
 
 def auto_label(
