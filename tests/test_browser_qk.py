@@ -96,6 +96,7 @@ def shots(tmp_path_factory):
 def test_qk_heatmap_rival_feature_detail_and_labels(demo, chrome, live_server, shots):
     tracer, data, saes = demo
     driver = chrome
+    driver.set_window_size(1280, 800)  # the README's screenshots' size
     graph = json.loads((data / GRAPH).read_text())
     mech = json.loads((data / MECH).read_text())
     tokens = graph["metadata"]["prompt_tokens"]
@@ -140,7 +141,7 @@ def test_qk_heatmap_rival_feature_detail_and_labels(demo, chrome, live_server, s
             if only:
                 comps = driver.find_elements(By.CSS_SELECTOR, "#qk-heatmap text.comp[data-component]")
                 assert comps and all(Node.parse(c.get_attribute("data-component")).kind is Kind.FEATURE for c in comps)
-        driver.execute_script("document.getElementById('qk-panel').scrollIntoView()")
+        driver.execute_script("document.getElementById('qk-heatmap').scrollIntoView({block: 'center'})")
         driver.save_screenshot(str(shots / "qk-heatmap.png"))
         click(driver, driver.find_element(By.ID, "qk-show-table"))
         wait(driver, "#qk-terms tr.qk-term")

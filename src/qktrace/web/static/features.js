@@ -107,10 +107,11 @@ export function attachTips(root) {
     if (!span.closest("tr.clickable")) { // a clickable row keeps its own click (its edge)
       span.addEventListener("click", (e) => {
         e.stopPropagation();
-        showFeaturePanel(span.dataset.component, span.textContent);
+        showFeaturePanel(span.dataset.component, span.dataset.label || span.textContent);
       });
     }
-    span.addEventListener("mouseenter", (e) => showFeatureTip(e, span.dataset.component, span.textContent));
+    span.addEventListener("mouseenter", (e) => showFeatureTip(e, span.dataset.component,
+      span.dataset.label || span.textContent)); // a cut label keeps its whole text in data-label
     span.addEventListener("mousemove", moveTip);
     span.addEventListener("mouseleave", hideTip);
   }

@@ -5,7 +5,7 @@
 
 import { C, FONT, fmt, sv, truncate } from "./dom.js";
 
-const CELL_W = 34, CELL_H = 20, LABEL_W = 250, HEAD_H = 150, CHARS = 42;
+const CELL_W = 26, CELL_H = 18, LABEL_W = 215, HEAD_H = 150, CHARS = 36;
 
 const shade = (v, max) => {
   const a = Math.min(1, Math.abs(v) / (max || 1));
@@ -16,17 +16,19 @@ const shade = (v, max) => {
 
 const name = (ids, labels, i, cls, attrs) => ids[i] === "other"
   ? sv("text", { ...attrs, class: `${cls} other`, fill: C.muted }, "other")
-  : sv("text", { ...attrs, class: `${cls} comp`, "data-component": ids[i], fill: C.sel }, truncate(labels[i], CHARS));
+  : sv("text", { ...attrs, class: `${cls} comp`, "data-component": ids[i], "data-label": labels[i], fill: C.sel },
+    truncate(labels[i], CHARS));
 
 /** `hm`: {query, query_labels, key, key_labels, values[row][column], features_only}. */
 export function heatmapView(hm) {
   const rows = hm.query.length, cols = hm.key.length;
   const max = Math.max(1e-30, ...hm.values.flat().map(Math.abs));
-  const svg = sv("svg", { id: "qk-heatmap", class: "chart", width: LABEL_W + cols * CELL_W + 8,
-    height: HEAD_H + rows * CELL_H + 4, "font-family": FONT, "font-size": 10, "data-features-only": hm.features_only });
+  const w = LABEL_W + cols * CELL_W + 8, h = HEAD_H + rows * CELL_H + 4; // scaled down to the panel's width
+  const svg = sv("svg", { id: "qk-heatmap", class: "chart", width: "100%", viewBox: `0 0 ${w} ${h}`,
+    style: `max-width: ${w}px`, "font-family": FONT, "font-size": 10, "data-features-only": hm.features_only });
   hm.key.forEach((_, j) => {
     const x = LABEL_W + j * CELL_W + CELL_W / 2, y = HEAD_H - 4;
-    svg.append(name(hm.key, hm.key_labels, j, "hm-key", { x, y, transform: `rotate(-55 ${x} ${y})` }));
+    svg.append(name(hm.key, hm.key_labels, j, "hm-key", { x, y, transform: `rotate(-60 ${x} ${y})` }));
   });
   hm.query.forEach((_, i) => {
     const y = HEAD_H + i * CELL_H;
