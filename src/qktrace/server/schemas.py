@@ -294,8 +294,11 @@ class Histogram(BaseModel):
     """A feature's activations over the file's fixed bins, from its first to its last non-empty bin; the first
     bin of the file also counts smaller activations and the last larger ones."""
 
-    edges: list[float] = Field(description="len(counts) + 1 bin edges (activation values)")
+    lo: int = Field(ge=0, description="the first bin's index into the file's hist_edges")
     counts: list[int] = Field(description="how many tokens' activations fell in each bin")
+    edges: list[float] = Field(
+        default_factory=list, description="len(counts) + 1 bin edges (activation values), from the file's hist_edges"
+    )
 
 
 class Dashboard(BaseModel):

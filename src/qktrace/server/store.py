@@ -31,6 +31,7 @@ from ..config import LIMITS, Limits
 from ..errors import GraphFileError, InputError, QKTraceError, check_index
 from ..files import atomic_write
 from ..graph import Graph, formats
+from ..jobs.dashboards import VERSION as DASHBOARDS_VERSION
 from ..saes import hook_checkpoint
 from ..saes.formats import read_json
 from ..saes.labels import LABELS_FILE, read_labels_json
@@ -273,7 +274,14 @@ class Features:
                     data = json.loads(path.read_text())
                     feats = data.get("features") or {}
                     self._edges[c] = list(data.get("hist_edges") or [])  # version 1 on
-                except (OSError, ValueError, AttributeError, RecursionError) as e:
+                    if int(data.get("version", 0)) > DASHBOARDS_VERSION:
+                        log.warning(
+                            "%s is version %s, newer than this qktrace reads (%d)",
+                            path,
+                            data["version"],
+                            DASHBOARDS_VERSION,
+                        )
+                except (OSError, ValueError, TypeError, AttributeError, RecursionError) as e:
                     log.warning("ignoring %s (%s: %s)", path, type(e).__name__, e)
             self._dash[c] = feats
         return self._dash[c]
@@ -302,4 +310,4 @@ def _histogram(hist: Any, edges: list[float]) -> dict[str, Any] | None:
     lo, counts = hist["lo"], hist["counts"]
     if lo < 0 or lo + len(counts) + 1 > len(edges):
         return None
-    return {"edges": edges[lo : lo + len(counts) + 1], "counts": counts}
+    return {"lo": lo, "counts": counts, "edges": edges[lo : lo + len(counts) + 1]}
