@@ -161,6 +161,20 @@ def test_qk_heatmap_rival_feature_detail_and_labels(demo, chrome, live_server, s
         assert value(driver, "#qk-score-diff") == pytest.approx(want, rel=1e-5, abs=1e-6)
         diffs = driver.find_elements(By.CSS_SELECTOR, "#qk-contrast td[data-field=diff]")
         assert sum(float(c.get_attribute("data-value")) for c in diffs) == pytest.approx(want, rel=1e-4, abs=1e-5)
+        # the chosen rival is in the URL: a reload reopens the same contrast
+        hash_ = driver.execute_script("return location.hash")
+        assert (
+            f"qk=L{layer}H{head}%3A{q}%3A{key}%3A{rival}" in hash_ or f"qk=L{layer}H{head}:{q}:{key}:{rival}" in hash_
+        )
+        driver.get("about:blank")
+        driver.get(f"{server.url}/{hash_}")
+        WebDriverWait(driver, 60).until(
+            lambda d: (
+                d.find_elements(By.ID, "qk-rival")
+                and d.find_element(By.ID, "qk-rival").get_attribute("value") == str(rival)
+            )
+        )
+        assert value(driver, "#qk-score-diff") == pytest.approx(want, rel=1e-5, abs=1e-6)
 
         # one label per component: the QK table's are the library's
         qk_labels = labels(driver, "#qk-terms")

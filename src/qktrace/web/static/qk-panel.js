@@ -25,7 +25,8 @@ const tokOf = (res, i) => `"${visible(res.str_tokens[i] === undefined ? "?" : re
 const comp = (id, label) => el("td", {}, el("span", { class: "comp", "data-component": id }, label));
 
 /** `state()`: the store's state. Wires the QK form; `explainHead(link, layer, head)` fills it and explains;
- * `onShown({layer, head, query, key})` hears each view shown (the URL keeps it). */
+ * `onShown({layer, head, query, key, rival})` hears each view shown (the URL keeps it; rival: the contrast's
+ * rival key when one was chosen, else null). */
 export function createQKPanel(state, { onShown = () => {} } = {}) {
   const body = $("qk-body");
 
@@ -41,12 +42,12 @@ export function createQKPanel(state, { onShown = () => {} } = {}) {
     clear(body).append(el("p", { class: "muted" }, el("span", { class: "spinner" }),
       `explaining L${req.layer}H${req.head} at query ${req.query_pos}…`));
     try {
-      render(await API.qk({ ...promptPayload(state()), ...req, top: 12 }));
+      render(await API.qk({ ...promptPayload(state()), ...req, top: 12 }), req.rival_pos ?? null);
     } catch (e) { errorBox(body, e); }
   }
 
-  function render(res) {
-    onShown({ layer: res.layer, head: res.head, query: res.query_pos, key: res.key_pos });
+  function render(res, rival) {
+    onShown({ layer: res.layer, head: res.head, query: res.query_pos, key: res.key_pos, rival });
     const qk = res.qk, ours = state().model && state().model.meta.qktrace;
     clear(body).append(el("h3", { id: "qk-title" }, `L${res.layer}H${res.head}: query ${res.query_pos} `
       + `${tokOf(res, res.query_pos)} → key ${res.key_pos} ${tokOf(res, res.key_pos)}`));
@@ -115,7 +116,7 @@ export function createQKPanel(state, { onShown = () => {} } = {}) {
   /** The view `{layer, head, query, key}` (from a link): the form filled, then explained. */
   function show(v) {
     fill(v);
-    return run({ layer: v.layer, head: v.head, query_pos: v.query, key_pos: v.key });
+    return run({ layer: v.layer, head: v.head, query_pos: v.query, key_pos: v.key, rival_pos: v.rival ?? null });
   }
 
   return { run, show, explainHead };

@@ -3,9 +3,10 @@
 // shown, or the compare pair. No DOM here but `location` and `history`.
 //
 //   #graph=NAME&weights=norm&prune=70&pins=ID,ID&sub=1&node=ID&edge=SOURCE>TARGET&qk=L1H3:20:6&mechanism=NAME
+//   (qk=L1H3:20:6:2 when the contrast's rival key, here 2, was chosen)
 //   #compare=A,B
 
-const QK = /^L(\d+)H(\d+):(-?\d+):(-?\d+)$/;
+const QK = /^L(\d+)H(\d+):(-?\d+):(-?\d+)(?::(-?\d+))?$/;
 
 /** The view the URL names (graph also from ?graph=NAME). */
 export function readUrl() {
@@ -23,7 +24,8 @@ export function readUrl() {
     subgraph: hash.get("sub") === "1",
     node: hash.get("node"),
     edge: edge.length === 2 ? { source: edge[0], target: edge[1] } : null,
-    qk: qk ? { layer: +qk[1], head: +qk[2], query: +qk[3], key: +qk[4] } : null,
+    qk: qk ? { layer: +qk[1], head: +qk[2], query: +qk[3], key: +qk[4], rival: qk[5] === undefined ? null : +qk[5] }
+      : null,
     mechanism: hash.get("mechanism"),
   };
 }
@@ -37,7 +39,8 @@ export function viewHash({ graph, weights, prune, pins, subgraph, node, edge, qk
   if (subgraph) p.set("sub", "1");
   if (node) p.set("node", node);
   if (edge) p.set("edge", `${edge.source}>${edge.target}`);
-  if (qk) p.set("qk", `L${qk.layer}H${qk.head}:${qk.query}:${qk.key}`);
+  const rival = qk && qk.rival !== null && qk.rival !== undefined ? `:${qk.rival}` : "";
+  if (qk) p.set("qk", `L${qk.layer}H${qk.head}:${qk.query}:${qk.key}${rival}`);
   if (mechanism) p.set("mechanism", mechanism);
   return p;
 }
