@@ -143,6 +143,7 @@ class QKAttribution:
     softcap: float | None
     key_index: Tensor  # [k_component] index into key_positions of each key component
     feature_labels: Mapping[int, str] = field(default_factory=dict)  # the SAE's labels
+    writer_labels: Mapping[tuple[int, int], str] = field(default_factory=dict)  # transcoders': (layer, index)
     str_tokens: tuple[str, ...] = ()
 
     # -- checks ------------------------------------------------------------------------------------
@@ -165,13 +166,21 @@ class QKAttribution:
         """'feature/c3/p5/f12' -> 'its label @5 "␣tok"' (`nodes.component_label`, as every front end writes it)."""
         node = Node.parse(component)
         tok = self.str_tokens[node.pos] if node.pos < len(self.str_tokens) else "?"
-        return component_label(node, tok, self.feature_labels.get(node.index) if node.kind is Kind.FEATURE else None)
+        return component_label(node, tok, self._own_label(node))
 
     def plain_label(self, component: str) -> str:
         """A component's label without position (`nodes.component_name`): its feature's label, or its kind."""
         kind, layer, index = parse_positionless(component)
         node = Node(kind, layer, 0, index)
-        return component_name(node, self.feature_labels.get(index) if kind is Kind.FEATURE else None)
+        return component_name(node, self._own_label(node))
+
+    def _own_label(self, node: Node) -> str | None:
+        """An SAE feature's or a transcoder feature's label, if its SAE or transcoder has one."""
+        if node.kind is Kind.FEATURE:
+            return self.feature_labels.get(node.index)
+        if node.kind is Kind.TRANSCODER:
+            return self.writer_labels.get((node.layer, node.index))
+        return None
 
     def terms_frame(self, top: int | None = 50, key_pos: int | None = None) -> pd.DataFrame:
         """Terms sorted by |value|: query, key, key_pos, value, unrotated, positional, labels, prob_effect."""
