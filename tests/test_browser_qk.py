@@ -75,8 +75,10 @@ def expected_label(tracer, tokens: list[str], cid: str) -> str:
 
 
 def repr_positions(driver) -> list[str]:
+    """Python-repr positions in the page's text, SVG titles included, and in its title and aria-label attributes."""
     text = driver.execute_script(
-        "return [document.body.innerText, ...[...document.querySelectorAll('[title], [aria-label]')]"
+        "return [document.body.innerText, document.body.textContent,"
+        " ...[...document.querySelectorAll('[title], [aria-label]')]"
         ".map(e => (e.getAttribute('title') || '') + ' ' + (e.getAttribute('aria-label') || ''))].join('\\n')"
     )
     return REPR_POSITION.findall(text)
