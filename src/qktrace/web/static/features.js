@@ -103,7 +103,8 @@ export async function showFeaturePanel(id, fallback) {
 
 /** Tooltips for every `[data-component]` span under `root`; a click opens the Feature panel. */
 export function attachTips(root) {
-  for (const span of root.querySelectorAll("[data-component]")) {
+  for (const span of root.querySelectorAll("[data-component]:not([data-tips])")) { // each once
+    span.dataset.tips = "1";
     if (!span.closest("tr.clickable")) { // a clickable row keeps its own click (its edge)
       span.addEventListener("click", (e) => {
         e.stopPropagation();

@@ -29,6 +29,7 @@ const comp = (id, label) => el("td", {}, el("span", { class: "comp", "data-compo
  * rival key when one was chosen, else null). */
 export function createQKPanel(state, { onShown = () => {} } = {}) {
   const body = $("qk-body");
+  const shown = { mode: "table", only: false }; // table or heatmap, features only: kept from view to view
 
   $("qk-form").addEventListener("submit", (e) => {
     e.preventDefault();
@@ -62,7 +63,7 @@ export function createQKPanel(state, { onShown = () => {} } = {}) {
         num(qk.max_relative_error, "max_relative_error", 2))));
     body.append(el("h4", {}, "Attention of the query over every key (blue: this key, amber: its rival; click a bar)"),
       attentionChart(res, (k) => run({ layer: res.layer, head: res.head, query_pos: res.query_pos, key_pos: k })));
-    body.append(...termsView(res));
+    body.append(...termsView(res, shown));
     body.append(el("div", { class: "two-col" }, marginalTable(qk.query_marginals, "Query side (summed)", "qk-qmarg"),
       marginalTable(qk.key_marginals, "Key side (summed)", "qk-kmarg")));
     body.append(el("h4", {}, "Strongest inhibitory terms (lower p(key) most, over all keys)"),
@@ -140,29 +141,31 @@ function marginalTable(list, title, id) {
         width: Math.max(1, (60 * Math.abs(m.value)) / max), fill: m.value >= 0 ? C.pos : C.neg })))))));
 }
 
-/** The top terms as a table or a query × key heatmap (a toggle beside them); "features only" filters both. */
-function termsView(res) {
-  const table = termTable(res.qk.terms, "qk-terms", false), holder = el("div", { id: "qk-terms-view" }, table);
-  let mode = "table", only = false;
+/** The top terms as a table or a query × key heatmap (a toggle beside them); "features only" filters both.
+ * `shown`: {mode, only}, the choices, which the next view keeps. */
+function termsView(res, shown) {
+  const table = termTable(res.qk.terms, "qk-terms", false), holder = el("div", { id: "qk-terms-view" });
   const draw = () => {
-    table.classList.toggle("features-only", only);
-    holder.replaceChildren(mode === "table" ? table : heatmapView(only ? res.heatmap_features : res.heatmap));
+    table.classList.toggle("features-only", shown.only);
+    holder.replaceChildren(shown.mode === "table" ? table
+      : heatmapView(shown.only ? res.heatmap_features : res.heatmap));
     attachTips(holder);
   };
-  const toggle = el("span", { class: "toggle", role: "group", "aria-label": "show the terms as" },
-    ["table", "heatmap"].map((m) => el("button", { type: "button", id: `qk-show-${m}`, class: m === mode ? "active" : "",
-      "aria-pressed": String(m === mode), onclick: (e) => {
-        mode = m;
-        for (const b of e.target.parentNode.children) {
-          b.classList.toggle("active", b === e.target);
-          b.setAttribute("aria-pressed", String(b === e.target));
-        }
-        draw();
-      } }, m)));
-  return [el("h4", {}, "Top terms: query-side × key-side components ", toggle, " ",
+  const buttons = ["table", "heatmap"].map((m) => el("button", { type: "button", id: `qk-show-${m}`,
+    class: m === shown.mode ? "active" : "", "aria-pressed": String(m === shown.mode), onclick: () => {
+      shown.mode = m;
+      for (const b of buttons) {
+        b.classList.toggle("active", b.id === `qk-show-${m}`);
+        b.setAttribute("aria-pressed", String(b.id === `qk-show-${m}`));
+      }
+      draw();
+    } }, m));
+  draw();
+  return [el("h4", {}, "Top terms: query-side × key-side components ",
+    el("span", { class: "toggle", role: "group", "aria-label": "show the terms as" }, buttons), " ",
     el("label", { class: "muted", title: "hide terms with a bias or error term on either side" },
-      el("input", { type: "checkbox", id: "qk-features-only", onchange: (e) => { only = e.target.checked; draw(); } }),
-      " features only")), holder];
+      el("input", { type: "checkbox", id: "qk-features-only", checked: shown.only,
+        onchange: (e) => { shown.only = e.target.checked; draw(); } }), " features only")), holder];
 }
 
 /** Why the key rather than a rival key (a selector of every other key the query sees): the terms of the score
