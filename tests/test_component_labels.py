@@ -76,3 +76,34 @@ def test_qk_tables_use_the_one_label(tiny_models):
         assert lab == component_label(node, tok, sae.labels.get(node.index) if node.kind is Kind.FEATURE else None)
         assert not REPR_POSITION.search(lab) and "\\n" not in lab
     assert any(x.startswith(f"three⏎ (c1/f{f}) @") for x in df["query_label"])
+
+
+def test_page_formatter_writes_the_librarys_labels():
+    """names.js's componentLabel, run by Node.js where it is installed, writes what component_label writes."""
+    import shutil
+    import subprocess
+
+    node_js = shutil.which("node")
+    if node_js is None:
+        pytest.skip("Node.js is not installed")
+    cases = [
+        ("feature/c3/p8/f12", " Sally", "name after 'Mary'"),
+        ("feature/c3/p8/f12", "\n", None),
+        ("feature/c0/p2/f1", "\t x", "\\n Quel"),
+        ("sae_bias/c0/p8", " '", "ignored"),
+        ("attn_bias/c3/p1", "", None),
+        ("transcoder/l2/p5/f7", "  ", "writes\ty"),
+        ("attn/l1/p0/f3", "é", " "),
+        ("mlp_error/l1/p3", "z", None),
+    ]
+    nodes = [Node.parse(c) for c, _, _ in cases]
+    parts = [{"kind": n.kind.value, "cp": n.checkpoint, "pos": n.pos, "index": n.index} for n in nodes]
+    script = (
+        f"import {{ componentLabel }} from {json.dumps(NAMES_JS.as_uri())};\n"
+        f"const cases = {json.dumps([[p, lab, tok] for p, (_, tok, lab) in zip(parts, cases, strict=True)])};\n"
+        "console.log(JSON.stringify(cases.map(([p, label, tok]) => componentLabel(p, label, tok))));"
+    )
+    out = subprocess.run([node_js, "--input-type=module", "-e", script], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    want = [component_label(n, tok, lab) for n, (_, tok, lab) in zip(nodes, cases, strict=True)]
+    assert json.loads(out.stdout) == want
