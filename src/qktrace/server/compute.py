@@ -11,7 +11,7 @@ queued or running; one more is answered 429 with Retry-After. A queued or runnin
 forgotten; finished ones are, oldest first, past `Limits.max_finished_jobs`. A failed job reports
 its error as its state.
 
-Every number comes from the library (`Traced.qk`, `QKAttribution.effects_frame` / `contrast`,
+Every number comes from the library (`Traced.qk`, `QKAttribution.effects_frame` / `contrast` / `heatmap`,
 `Traced.graph`, `sweep.sweep`); this module only picks keys and rivals and shapes the results
 into `schemas`.
 """
