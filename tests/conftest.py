@@ -39,3 +39,78 @@ def tiny_models(tiny_paths):
 @pytest.fixture(params=TINY_FAMILIES)
 def family(request):
     return request.param
+
+
+# -- the page in headless Chromium (Debian's chromium and chromium-driver, nothing downloaded) -----------
+
+
+class LiveServer:
+    """An app served by uvicorn on 127.0.0.1 in a background thread: `with live_server(app) as server`."""
+
+    def __init__(self, app):
+        import socket
+        import threading
+
+        import uvicorn
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = int(s.getsockname()[1])
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self) -> LiveServer:
+        import time
+
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            assert time.monotonic() < deadline, "uvicorn did not start"
+            time.sleep(0.05)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(10)
+
+    def post(self, path: str, body: dict) -> dict:
+        import json
+        import urllib.request
+
+        req = urllib.request.Request(self.url + path, json.dumps(body).encode(), {"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return json.loads(r.read())
+
+
+@pytest.fixture
+def live_server():
+    pytest.importorskip("uvicorn")
+    return LiveServer
+
+
+@pytest.fixture
+def chrome(tmp_path):
+    """Headless Chromium through Selenium, offline, 1680x1050; skipped where Debian's chromium is missing."""
+    import shutil
+    from pathlib import Path
+
+    chromium, driver_path = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
+    if not chromium.exists() or not driver_path.exists():
+        pytest.skip("headless browser tests need Debian's chromium and chromium-driver: run scripts/ensure-chromium.sh")
+    webdriver = pytest.importorskip("selenium.webdriver")
+    from selenium.webdriver.chrome.service import Service
+
+    os.environ.setdefault("SE_OFFLINE", "true")  # Selenium Manager must not look anything up
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = str(chromium)
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1680,1050"):  # fmt: skip
+        opts.add_argument(flag)
+    opts.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    d = webdriver.Chrome(service=Service(str(driver_path)), options=opts)
+    d.set_script_timeout(30)
+    yield d
+    d.quit()
+    shutil.rmtree(tmp_path / "profile", ignore_errors=True)

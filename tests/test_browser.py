@@ -43,8 +43,9 @@ from selenium.webdriver.support import expected_conditions as EC  # noqa: E402
 from selenium.webdriver.support.ui import Select, WebDriverWait  # noqa: E402
 
 import qktrace  # noqa: E402
+from qktrace.errors import InputError  # noqa: E402
 from qktrace.graph import load_graph  # noqa: E402
-from qktrace.nodes import Kind, Node  # noqa: E402
+from qktrace.nodes import Kind, Node, component_label  # noqa: E402
 from qktrace.nodes import feature as feature_node  # noqa: E402
 from qktrace.options import SweepOptions  # noqa: E402
 from qktrace.server import create_app  # noqa: E402
@@ -350,6 +351,24 @@ def test_view_only_shows_stored_terms(setup, shots, driver):
 FIXTURES = Path(__file__).parent / "fixtures"
 
 
+def page_labels(raw: dict) -> dict[str, str]:
+    """Every component's label as the page writes it (qktrace.nodes.component_label): a feature's clerp (less
+    its QK suffix) and kind, others by kind, then the position; logits and other tools' ids keep their clerp."""
+    tokens = raw["metadata"]["prompt_tokens"]
+    clerps = {n["node_id"]: n["clerp"] for n in raw["nodes"]}
+    clerps |= {k: v["clerp"] for k, v in raw.get("qk_only_nodes", {}).items()}
+    out = {}
+    for cid, clerp in clerps.items():
+        own = re.sub(r" \[QK L\d+H\d+ @\d+\]$", "", clerp)
+        try:
+            node = Node.parse(cid)
+        except InputError:  # another tool's id: its own label
+            out[cid] = own or cid
+            continue
+        out[cid] = own if node.kind is Kind.LOGIT else component_label(node, tokens[node.pos], own)
+    return out
+
+
 def test_other_tools_graphs_and_qk_tracing(setup, shots, driver, tmp_path):
     """circuit-tracer's and Neuronpedia's own graph files open beside qktrace's: drawn node for node, with
     the notice that they have no head loadings (on the graph and on a clicked edge); a node's QK tracing
@@ -382,8 +401,7 @@ def test_other_tools_graphs_and_qk_tracing(setup, shots, driver, tmp_path):
             driver.save_screenshot(str(shots / f"10-{name}.png"))
         for name in ("neuronpedia_graph.json", GRAPH_NAME):
             raw = json.loads((data / name).read_text())
-            labels = {n["node_id"]: n["clerp"] for n in raw["nodes"]}
-            labels |= {k: v["clerp"] for k, v in raw.get("qk_only_nodes", {}).items()}
+            labels = page_labels(raw)
             traced = next(n for n in raw["nodes"] if "qk_tracing_results" in n)
             open_graph(driver, server, name)
             node = driver.find_element(
@@ -748,8 +766,7 @@ def test_transcoder_graph_in_the_browser(setup, shots, driver, tmp_path):
         assert {g.get_attribute("data-id") for g in nodes} == {n["node_id"] for n in raw["nodes"]}
         kinds = {g.get_attribute("data-kind") for g in nodes}
         assert {"transcoder", "mlp_error", "token", "logit"} <= kinds, kinds
-        labels = {n["node_id"]: n["clerp"] for n in raw["nodes"]}
-        labels |= {k: v["clerp"] for k, v in raw.get("qk_only_nodes", {}).items()}
+        labels = page_labels(raw)
         traced_node = next(n for n in raw["nodes"] if "qk_tracing_results" in n)
         node = driver.find_element(
             By.CSS_SELECTOR, f'#graph-svg g.node[data-id="{traced_node["node_id"]}"] > :first-child'

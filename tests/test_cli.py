@@ -377,7 +377,8 @@ def test_labels_slug_and_scan(capsys, tiny_paths, saes_dir, tmp_path):
         }  # fmt: skip
     assert shown[True] and {c for c, _ in shown[True]} == {c for c, _ in shown[False]}
     for component, label in shown[True]:
-        assert label.startswith(f"np feature {Node.parse(component).index} @"), label
+        node = Node.parse(component)
+        assert label.startswith(f"np feature {node.index} (c{node.checkpoint}/f{node.index}) @"), label
     for _, label in shown[False]:
         assert not label.startswith("np feature")
     out = tmp_path / "g.json"

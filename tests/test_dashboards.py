@@ -238,6 +238,8 @@ def test_labels() -> None:
     assert auto_label(["a", "b", "a", "c", "d"], ["x", "y", "z", "u", "v"], ["1", "2", "3", "x", "4"]) == "a/b → number"
     assert auto_label(["a", "b", "a", "c", "d"], ["x", "y", "z", "u", "v"], ["b", "q"]) == "a/b"  # writes what it reads
     assert auto_label([], []) == "dead"
+    assert auto_label([" x"] * 5, ["\n"] * 5) == "⏎ x"  # whitespace visible, never a literal "\n" or a repr
+    assert auto_label([" "] * 5, ["a", "b", "c", "d", "e"]) == "'␣'"
 
 
 class _CTExample(BaseModel):  # circuit-tracer's frontend feature file (feature_models.py), field by field

@@ -161,3 +161,26 @@ def test_effects_frame_ranks_inhibition(tracers):
     assert inh["prob_effect"].iloc[0] == float(att.prob_effects().min())
     exc = att.effects_frame(top=5, inhibitory=False)
     assert exc["prob_effect"].iloc[0] == float(att.prob_effects().max())
+
+
+@pytest.mark.parametrize("features_only", [False, True])
+def test_heatmap_cells_sum_to_the_score(tracers, features_only):
+    """The query x key heatmap: the top components of each side by |marginal| and "other"; its cells sum to
+    the model's own score of that key, and each cell is the sum of the terms of its row's and column's parts."""
+    traced = tracers[("llama", "jumprelu")].run(random_prompt(9, 11))
+    att = traced.qk(1, 2, -1)
+    key = att.key_positions[-2]
+    hm = att.heatmap(top=3, key_pos=key, features_only=features_only)
+    values = torch.tensor(hm["values"], dtype=torch.float64)
+    assert values.shape == (len(hm["query"]), len(hm["key"])) and values.shape[0] <= 4 and values.shape[1] <= 4
+    score = float(att.score[att.key_positions.index(key)])
+    assert abs(float(values.sum()) - score) < 1e-4 * max(1.0, abs(score))
+    named = [c for c in hm["query"] + hm["key"] if c != "other"]
+    assert named and all((Node.parse(c).kind is Kind.FEATURE) or not features_only for c in named)
+    assert all(Node.parse(c).pos == key for c in hm["key"] if c != "other")
+    q0, k0 = att.query.ids.index(hm["query"][0]), att.key.ids.index(hm["key"][0])
+    assert values[0, 0] == pytest.approx(float(att.terms[q0, k0]), rel=1e-6)
+    at_key = att.terms[:, att.key.pos == key].sum(1)  # each query component's share of this key's score
+    top_q = att.query.ids[int(at_key.abs().argmax())]  # the strongest comes first without the filter
+    assert features_only or hm["query"][0] == top_q
+    assert hm["query_labels"][0] == att.label(hm["query"][0])

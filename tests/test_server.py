@@ -16,7 +16,7 @@ pytest.importorskip("httpx")
 
 from fastapi.testclient import TestClient  # noqa: E402
 
-from qktrace.nodes import Node  # noqa: E402
+from qktrace.nodes import Kind, Node  # noqa: E402
 from qktrace.server import API_VERSION, create_app  # noqa: E402
 from qktrace.testing import GRAPH_NAME, make_server_setup  # noqa: E402
 from qktrace.testing import ServerSetup as Setup  # noqa: E402
@@ -158,6 +158,31 @@ def test_qk_equals_direct(client, setup):
     frame = row.contrast(k, rival, top=7)
     assert c["score_diff"] == pytest.approx(frame.attrs["score_diff"])
     assert [t["diff"] for t in c["terms"]] == pytest.approx(frame["diff"].tolist())
+
+
+def test_qk_rival_key_and_heatmap(client, setup):
+    """A chosen rival key: the contrast's listed diffs plus the rest sum to the library's score(key) - score(rival);
+    the heatmaps' cells (all components, features only) sum to the key's score."""
+    link, q, k = cross_link(setup.graph)
+    head = link["head_loadings"][0]
+    row = setup.tracer.run(setup.tokens).qk(head["layer"], head["head"], q)
+    default = max((i for i in row.key_positions if i != k), key=lambda i: float(row.pattern[i]))
+    rival = next(i for i in row.key_positions if i not in (k, default))
+    req = {"tokens": setup.tokens, "layer": head["layer"], "head": head["head"], "query_pos": q, "key_pos": k}
+    body = ok(client.post("/api/qk", json=req | {"top": 5, "rival_pos": rival}))
+    c = body["contrast"]
+    want = float(row.sum_of_terms[row.key_positions.index(k)] - row.sum_of_terms[row.key_positions.index(rival)])
+    assert c["key_b"] == rival and len(c["terms"]) == 5
+    assert c["score_diff"] == pytest.approx(want, rel=1e-5, abs=1e-6)
+    assert sum(t["diff"] for t in c["terms"]) + c["rest"] == pytest.approx(want, rel=1e-4, abs=1e-5)
+    for hm in (body["heatmap"], body["heatmap_features"]):
+        assert len(hm["values"]) == len(hm["query"]) and {len(r) for r in hm["values"]} == {len(hm["key"])}
+        assert sum(map(sum, hm["values"])) == pytest.approx(body["qk"]["sum_of_terms"][0], rel=1e-4, abs=1e-5)
+    named = [x for x in body["heatmap_features"]["query"] + body["heatmap_features"]["key"] if x != "other"]
+    assert all(Node.parse(x).kind is Kind.FEATURE for x in named)
+    for bad, words in ((k, "is the key itself"), (q + 1, "cannot see"), (999, "out of range")):
+        if bad < len(setup.tokens) or words == "out of range":
+            assert words in refused(client.post("/api/qk", json=req | {"rival_pos": bad}), 400, 422)
 
 
 def test_qk_defaults_to_the_most_attended_key(client, setup):
@@ -359,6 +384,27 @@ def test_features(client, viewer):
         assert "no SAE at checkpoint 7" in refused(c.get("/api/features/7/1"), 404)
         assert "checkpoint 1 feature 24 is out of range" in refused(c.get("/api/features/1/24"), 400)
         refused(c.get("/api/features/1/x"), 422)
+
+
+def test_features_carry_histograms_and_bottom_outputs(tmp_path):
+    """The demo's dashboards.json (version 1) holds each feature's histogram and bottom outputs: the features
+    API passes them on, the histogram with its bins' edges; a file without them (before version 1) still reads."""
+    from qktrace.config import DEMO_SAES
+
+    c = TestClient(create_app(tmp_path, saes_dir=DEMO_SAES))
+    path = next(DEMO_SAES.glob("blocks.1.*/dashboards.json"))
+    data = json.loads(path.read_text())
+    for f in list(data["features"])[:3]:
+        want, body = data["features"][f], ok(c.get(f"/api/features/1/{f}"))["dashboard"]
+        lo, counts = want["hist"]["lo"], want["hist"]["counts"]
+        assert body["hist"]["counts"] == counts and body["bottom_out"] == want["bottom_out"] != []
+        assert body["hist"]["edges"] == data["hist_edges"][lo : lo + len(counts) + 1]
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "cfg.json").write_text(json.dumps({"hook_name": "blocks.0.hook_resid_pre", "d_sae": 4}))
+    old = {"features": {"2": {"freq": 0.1, "top_out": ["a"], "contexts": []}}}  # no version, hist nor bottom_out
+    (tmp_path / "old" / "dashboards.json").write_text(json.dumps(old))
+    body = ok(TestClient(create_app(tmp_path, saes_dir=tmp_path / "old")).get("/api/features/0/2"))["dashboard"]
+    assert body["hist"] is None and body["bottom_out"] == [] and body["top_out"] == ["a"]
 
 
 def test_neuronpedia_labels_reach_the_features_api(setup, tmp_path):

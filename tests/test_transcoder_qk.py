@@ -65,6 +65,11 @@ def test_writers_name_the_graphs_nodes_and_read_like_sae_attributions(tiny_model
     assert torch.isfinite(att.prob_effects()).all()
     bottom = transcoder_qk_attribution(model, trace, writers, 0, 1, -1)
     assert {Node.parse(c).kind for c in bottom.key.ids} == {Kind.TOKEN, Kind.HEAD_BIAS}
+    first = Node.parse(feats[0])  # a transcoder's label names its feature in QK tables, as in the graph
+    assert att.label(feats[0]).startswith(f"t{first.layer}/f{first.index} @")
+    ts[first.layer].labels[first.index] = "writes ⏎"
+    named = transcoder_qk_attribution(model, trace, writers, 1, 0, -1)
+    assert named.label(feats[0]).startswith(f"writes ⏎ (t{first.layer}/f{first.index}) @{first.pos} ")
 
 
 def test_tracer_with_transcoders_builds_the_transcoder_graph_and_its_qk(tiny_paths, tmp_path):

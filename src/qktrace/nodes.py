@@ -33,6 +33,10 @@ A *positionless* id drops the position (`feature/c3/f1234`, `error/c3`): the sam
 
 Tensors of many nodes store a kind as an integer: `CODE[kind]` writes it, `KINDS[code]` reads it back.
 `describe(node)` says in words what a node without a feature label is ("SAE error at checkpoint 3").
+`component_label(node, token, label)` is the one way a component is named to a reader, by the library, the CLI,
+the server and the page alike (web/static/names.js mirrors `KIND_NAMES` and `visible`): a feature's own label
+and its kind's short name, then its position and token with whitespace made visible: `Sally (c3/f12) @8 "␣Sally"`,
+`SAE bias c3 @8 "␣Sally"`.
 How nodes are written for circuit-tracer and Neuronpedia (feature numbers, feature types) is
 `qktrace.graph.formats`; it builds and reads every id through this module.
 """
@@ -220,3 +224,59 @@ def attn_error(layer: int, pos: int) -> Node:
 def of_code(code: int, checkpoint: int, pos: int, index: int = -1) -> Node:
     """The node with integer kind `code` (see CODE): how node tables stored as tensors are read back."""
     return Node(KINDS[code], checkpoint, pos, index if KINDS[code] in _INDEXED else -1)
+
+
+# the short name of a component without a label of its own; {c}: its checkpoint or layer, {l}: the layer
+# before a checkpoint, {i}: its index. web/static/names.js holds the same table (tests/test_nodes.py checks).
+KIND_NAMES: dict[Kind, str] = {
+    Kind.TOKEN: "embedding",
+    Kind.FEATURE: "c{c}/f{i}",
+    Kind.ERROR: "SAE error c{c}",
+    Kind.SAE_BIAS: "SAE bias c{c}",
+    Kind.ATTN_BIAS: "attention bias L{l}",
+    Kind.MLP_BIAS: "MLP bias L{l}",
+    Kind.LOGIT: "logit t{i}",
+    Kind.HEAD_BIAS: "head bias L{c}",
+    Kind.TRANSCODER: "t{c}/f{i}",
+    Kind.MLP_ERROR: "MLP error L{c}",
+    Kind.ATTN_OUT: "attention output L{c}",
+    Kind.TC_BIAS: "transcoder bias L{c}",
+    Kind.POS_EMBED: "position embedding",
+    Kind.ATTN_FEATURE: "a{c}/f{i}",
+    Kind.ATTN_ERROR: "attention error L{c}",
+    Kind.ATTN_SAE_BIAS: "attention SAE bias L{c}",
+}
+LABELLED_KINDS = (Kind.FEATURE, Kind.TRANSCODER, Kind.ATTN_FEATURE)  # their label is their SAE's
+_MARKS = {" ": "\u2423", "\n": "\u23ce", "\t": "\u21e5"}  # ␣ ⏎ ⇥
+
+
+def visible(text: str, spaces: bool = True) -> str:
+    """Whitespace made visible: ⏎ newline (a label's written-out "\\n" too), ⇥ tab and, with `spaces`
+    (tokens, not prose labels), ␣ space; ∅ for nothing."""
+    out = str(text).replace("\\n", "\n")
+    for ch, mark in _MARKS.items():
+        if spaces or ch != " ":
+            out = out.replace(ch, mark)
+    return out if out.strip() else visible(out) if out else "\u2205"
+
+
+def component_name(node: Node, label: str | None = None) -> str:
+    """A component without its position: its kind's short name (`KIND_NAMES`: "SAE bias c3", "c3/f12"),
+    after a feature's `label` (its SAE's; newlines and tabs made visible) when it has one, so that two
+    features of one label stay apart: "name after title (c3/f12)"."""
+    c = node.checkpoint
+    name = KIND_NAMES[node.kind].format(c=c, l=c - 1, i=node.index)
+    if label is not None and label.strip() and node.kind in LABELLED_KINDS:
+        return f"{visible(label.strip(), spaces=False)} ({name})"
+    return name
+
+
+def component_label(node: Node, token: str, label: str | None = None) -> str:
+    """The one way to name a component: `component_name`, then `@pos "token"` (whitespace visible), e.g.
+    'Mary/John (c3/f12) @8 "␣Sally"' or 'SAE bias c0 @8 "␣Sally"'; never a Python repr."""
+    return f"{component_name(node, label)} {position_text(node.pos, token)}"
+
+
+def position_text(pos: int, token: str) -> str:
+    """A position and its token as every label writes them: '@8 "␣Sally"'."""
+    return f'@{pos} "{visible(token)}"'

@@ -31,7 +31,7 @@ from torch import Tensor
 from .errors import InputError, OutOfRangeError, check_index
 from .models import Model, Trace, resolve_positions
 from .models.replay import qk_norm_frozen
-from .nodes import CODE, Kind, Node, of_code, parse_positionless, positionless
+from .nodes import CODE, Kind, Node, component_label, component_name, of_code, parse_positionless, positionless
 from .saes import SAE, FeatureActs
 
 FEATURE, SAE_BIAS, ERROR, HEAD_BIAS = (CODE[k] for k in (Kind.FEATURE, Kind.SAE_BIAS, Kind.ERROR, Kind.HEAD_BIAS))
@@ -143,6 +143,7 @@ class QKAttribution:
     softcap: float | None
     key_index: Tensor  # [k_component] index into key_positions of each key component
     feature_labels: Mapping[int, str] = field(default_factory=dict)  # the SAE's labels
+    writer_labels: Mapping[tuple[int, int], str] = field(default_factory=dict)  # transcoders': (layer, index)
     str_tokens: tuple[str, ...] = ()
 
     # -- checks ------------------------------------------------------------------------------------
@@ -162,22 +163,24 @@ class QKAttribution:
 
     # -- tables ------------------------------------------------------------------------------------
     def label(self, component: str) -> str:
-        """'feature/c3/p5/f12' -> 'label of f12 @5'tok''; other kinds by kind and position."""
+        """'feature/c3/p5/f12' -> 'its label @5 "␣tok"' (`nodes.component_label`, as every front end writes it)."""
         node = Node.parse(component)
-        pos = node.pos
-        tok = self.str_tokens[pos] if pos < len(self.str_tokens) else "?"
-        return f"{self.plain_label(component)} @{pos}{tok!r}"
+        tok = self.str_tokens[node.pos] if node.pos < len(self.str_tokens) else "?"
+        return component_label(node, tok, self._own_label(node))
 
     def plain_label(self, component: str) -> str:
-        """A component's label without position: its feature's label, or its kind ('error', 'head_bias')."""
+        """A component's label without position (`nodes.component_name`): its feature's label, or its kind."""
         kind, layer, index = parse_positionless(component)
-        if kind is Kind.FEATURE:
-            return str(self.feature_labels.get(index, f"f{index}"))
-        if kind is Kind.TRANSCODER:
-            return f"tc{layer}/f{index}"
-        if kind is Kind.ATTN_FEATURE:  # an attention-output SAE's feature (a checkpointed graph's QK)
-            return f"a{layer}/f{index}"
-        return kind.value
+        node = Node(kind, layer, 0, index)
+        return component_name(node, self._own_label(node))
+
+    def _own_label(self, node: Node) -> str | None:
+        """An SAE feature's or a transcoder feature's label, if its SAE or transcoder has one."""
+        if node.kind is Kind.FEATURE:
+            return self.feature_labels.get(node.index)
+        if node.kind is Kind.TRANSCODER:
+            return self.writer_labels.get((node.layer, node.index))
+        return None
 
     def terms_frame(self, top: int | None = 50, key_pos: int | None = None) -> pd.DataFrame:
         """Terms sorted by |value|: query, key, key_pos, value, unrotated, positional, labels, prob_effect."""
@@ -293,6 +296,30 @@ class QKAttribution:
         df.attrs["score_diff"] = float(self.sum_of_terms[ia] - self.sum_of_terms[ib])
         return df if top is None else df.head(top)
 
+    def heatmap(self, top: int = 12, key_pos: int | None = None, features_only: bool = False) -> dict[str, object]:
+        """The query x key table of terms (of `key_pos`'s score, default every key's): the `top` components of
+        each side by |marginal| (with `features_only`, the top SAE features), every other component summed
+        into a last row or column "other" (only when one falls there), so the cells sum to the score exactly
+        as the terms do. JSON-ready: query and key ids and labels, `values` [query row][key column]."""
+        keys = torch.ones_like(self.key.pos, dtype=torch.bool) if key_pos is None else self.key.pos == key_pos
+        if key_pos is not None:
+            self._key_index(key_pos)
+        t = self.terms[:, keys]  # [q_component, k_component at key_pos]
+        q_ids, k_ids = list(self.query.ids), [c for c, keep in zip(self.key.ids, keys.tolist(), strict=True) if keep]
+        rows, q_group = _top_groups(t.sum(1), self.query.kind, top, features_only)
+        cols, k_group = _top_groups(t.sum(0), self.key.kind[keys], top, features_only)
+        grid = t.new_zeros(len(rows) + 1, t.shape[1]).index_add_(0, q_group, t)
+        grid = t.new_zeros(len(rows) + 1, len(cols) + 1).index_add_(1, k_group, grid)
+        has_q, has_k = len(rows) < t.shape[0], len(cols) < t.shape[1]  # some component fell into "other"
+        grid = grid[: len(rows) + has_q, : len(cols) + has_k]
+        q = [q_ids[i] for i in rows] + ["other"] * has_q
+        k = [k_ids[i] for i in cols] + ["other"] * has_k
+        name = lambda c: c if c == "other" else self.label(c)  # noqa: E731
+        return {
+            "query": q, "query_labels": [name(c) for c in q], "key": k, "key_labels": [name(c) for c in k],
+            "values": grid.tolist(), "features_only": features_only,
+        }  # fmt: skip
+
     def summary(self) -> dict[str, object]:
         return {
             "layer": self.layer,
@@ -316,6 +343,19 @@ class QKAttribution:
             "query_marginals": [{"component": c, "label": self.label(c), "value": v} for c, v in qm.items()],
             "key_marginals": [{"component": c, "label": self.label(c), "value": v} for c, v in km.items()],
         }
+
+
+def _top_groups(marginal: Tensor, kind: Tensor, top: int, features_only: bool) -> tuple[list[int], Tensor]:
+    """The `top` components by |marginal| (SAE features only, if asked), and each component's group: its
+    rank among them, or `len(top)` ("other")."""
+    score = marginal.abs()
+    if features_only:
+        score = torch.where(kind == FEATURE, score, torch.full_like(score, -1.0))
+    order = score.argsort(descending=True)[:top]
+    chosen = order[score[order] >= 0].tolist()
+    group = torch.full_like(kind, len(chosen), dtype=torch.long)
+    group[chosen] = torch.arange(len(chosen), device=kind.device)
+    return chosen, group
 
 
 def check_row(

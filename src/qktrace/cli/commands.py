@@ -16,6 +16,7 @@ from .. import config
 from ..config import LIMITS
 from ..errors import InputError
 from ..files import check_distinct, check_output, check_output_dir
+from ..nodes import position_text
 from ..options import BatchOptions, DashboardOptions, ExplainSettings, GraphOptions, SweepOptions
 from ..steering.requests import SteerRequest, build_steering, check_request, check_text
 
@@ -94,14 +95,14 @@ def cmd_qk(args: argparse.Namespace) -> int:
     con = _console()
     toks = traced.str_tokens
     con.print(
-        f"layer {att.layer} head {att.head}, query {att.query_pos} {toks[att.query_pos]!r}, "
+        f"layer {att.layer} head {att.head}, query {position_text(att.query_pos, toks[att.query_pos])}, "
         f"{len(att.key_positions)} key position(s)"
     )
     for i, k in enumerate(att.key_positions):
         if len(att.key_positions) > 8 and float(att.pattern[i]) < 0.05 and k != att.key_positions[-1]:
             continue
         con.print(
-            f"  key {k:>3} {toks[k]!r:<14} p={float(att.pattern[i]):.3f}  score {float(att.score[i]):+.5f}  "
+            f"  key {position_text(k, toks[k]):<18} p={float(att.pattern[i]):.3f}  score {float(att.score[i]):+.5f}  "
             f"sum of terms {float(att.capped_sum[i]):+.5f}  diff {float(att.difference[i]):+.1e}"
         )
     table = Table(title=f"top {args.top} terms")

@@ -31,6 +31,7 @@ Without residual-stream SAEs, the residual at the input of layer l is the sum of
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -40,7 +41,7 @@ from torch import Tensor
 from ..models.model import Model
 from ..models.trace import Trace
 from ..nodes import CODE, Kind, Node
-from ..qk import QKAttribution, attribution, check_row, finish_side, head_constant, head_weights
+from ..qk import QKAttribution, SideComponents, attribution, check_row, finish_side, head_constant, head_weights
 from ..saes.attention import AttentionSAESet
 from ..saes.transcoder import TranscoderSet
 from .edges import norm_adjoint
@@ -236,7 +237,22 @@ def transcoder_qk_attribution(
         (kind, pos, index, lay), proj = project_writers(model, trace, writers, layer, W, positions)
         proj[kind == HEAD_BIAS] = head_constant(model, layer, W, b)
         sides.append(finish_side(model, trace, layer, h, side, layer, (kind, pos, index, lay), proj))
-    return attribution(model, trace, row, sides[0], sides[1])
+    att = attribution(model, trace, row, sides[0], sides[1])
+    return dataclasses.replace(att, writer_labels=_writer_labels(writers.transcoders, sides))
+
+
+def _writer_labels(transcoders: TranscoderSet, sides: list[SideComponents]) -> dict[tuple[int, int], str]:
+    """The labels the transcoders hold for the transcoder features among `sides`' components, by (layer, index)."""
+    out: dict[tuple[int, int], str] = {}
+    for s in sides:
+        assert s.layer is not None  # writers carry their own layers
+        chosen = s.kind == TRANSCODER
+        for ly, i in zip(s.layer[chosen].tolist(), s.feature[chosen].tolist(), strict=True):
+            clt = transcoders.clt
+            own = clt.labels.get((ly, i)) if clt is not None else transcoders[ly].labels.get(i)
+            if own:
+                out[(ly, i)] = own
+    return out
 
 
 # -- which head a transcoder graph's node is traced through ----------------------------------------------------

@@ -9,13 +9,15 @@
                                              unless the request says "overwrite": true (else 409)
     GET  /api/jobs/{id}                      the job's stage, then the saved graph's name or the error
     POST /api/qk                             QK attribution at (layer, head, query_pos, key_pos), the head's
-                                             attention row, inhibitory terms, contrast with the rival key
+                                             attention row, inhibitory terms, the query x key heatmaps and the
+                                             contrast with the rival key (rival_pos, default the most attended)
     POST /api/sweep                          steer a feature inside chosen heads' QK circuits over scales
                                              (`also`: more feature sets at the same scale, a mechanism's)
     POST /api/compare, POST /api/explain     two aligned prompts head by head; an answer's mechanism (`explain`)
     POST /api/explain/jobs                   `explain` as a job, saved as <stem>.mechanism.json (explain.py)
     GET  /api/mechanisms/{name}              a saved mechanism (GET /api/graphs lists them under `mechanisms`)
-    GET  /api/features/{checkpoint}/{f}      a feature's label and dashboard (dashboards.json) if any
+    GET  /api/features/{checkpoint}/{f}      a feature's label and dashboard (dashboards.json: contexts, top and
+                                             bottom outputs, activation histogram) if any
 
 Safety (STYLE point 10): the app never unpickles; graph names are plain file names resolved inside the
 data directory (`..`, absolute paths, encoded slashes and symlinks out are refused); no CORS; every

@@ -11,7 +11,7 @@ queued or running; one more is answered 429 with Retry-After. A queued or runnin
 forgotten; finished ones are, oldest first, past `Limits.max_finished_jobs`. A failed job reports
 its error as its state.
 
-Every number comes from the library (`Traced.qk`, `QKAttribution.effects_frame` / `contrast`,
+Every number comes from the library (`Traced.qk`, `QKAttribution.effects_frame` / `contrast` / `heatmap`,
 `Traced.graph`, `sweep.sweep`); this module only picks keys and rivals and shapes the results
 into `schemas`.
 """
@@ -38,6 +38,7 @@ from ..errors import InputError, QKTraceError, check_index
 from ..graph.formats import check_name
 from ..models import Model
 from ..options import GraphOptions, SweepOptions
+from ..qk import QKAttribution
 from ..steering.requests import Checked, SteerPart, SteerRequest, build_steering, check_request, check_text
 from ..tracer import Traced, Tracer
 from . import schemas as S
@@ -245,34 +246,19 @@ class Engine:
 
 
 def qk_response(traced: Traced, req: S.QKRequest) -> S.QKResponse:
+    n = traced.trace.n_pos
+    key = None if req.key_pos is None else check_index(req.key_pos, n, "key position", allow_negative=True)
+    rival = None if req.rival_pos is None else check_index(req.rival_pos, n, "rival key position", allow_negative=True)
     row = traced.qk(req.layer, req.head, req.query_pos)  # every key the query may see
-    if req.key_pos is None:
+    if key is None:
         key = row.key_positions[int(row.pattern.argmax())]
-    else:
-        key = check_index(req.key_pos, traced.trace.n_pos, "key position", allow_negative=True)
+    rival = _rival(row, key, rival)
     single = traced.qk(row.layer, row.head, row.query_pos, key)  # OutOfRangeError if masked
     effects = row.effects_frame(target_key=key, top=req.top, inhibitory=True)
     inhibitory = [
         S.EffectTerm.model_validate(r) for r in effects.to_dict(orient="records") if float(r["prob_effect"]) < 0
     ]
-    contrast = None
-    others = [i for i, k in enumerate(row.key_positions) if k != key]
-    if others:
-        rival = row.key_positions[max(others, key=lambda i: float(row.pattern[i]))]
-        df = row.contrast(key, rival, top=req.top)
-        terms = [
-            S.ContrastTerm(
-                query=r.query,
-                query_label=r.query_label,
-                key=r.key,
-                key_label=row.plain_label(r.key),
-                value_a=r.value_a,
-                value_b=r.value_b,
-                diff=r.diff,
-            )
-            for r in df.itertuples(index=False)
-        ]
-        contrast = S.Contrast(key_a=key, key_b=rival, score_diff=df.attrs["score_diff"], terms=terms)
+    heatmaps = [S.Heatmap.model_validate(single.heatmap(S.HEATMAP_TOP, key, only)) for only in (False, True)]
     return S.QKResponse(
         model=traced.model.name,
         str_tokens=list(traced.str_tokens),
@@ -285,8 +271,42 @@ def qk_response(traced: Traced, req: S.QKRequest) -> S.QKResponse:
             key_positions=list(row.key_positions), pattern=row.pattern.tolist(), score=row.score.tolist()
         ),
         inhibitory=inhibitory,
-        contrast=contrast,
+        contrast=None if rival is None else _contrast(row, key, rival, req.top),
+        heatmap=heatmaps[0],
+        heatmap_features=heatmaps[1],
     )
+
+
+def _rival(row: QKAttribution, key: int, rival: int | None) -> int | None:
+    """The key to contrast with: `rival` when the query sees it and it is not the key (else a one-line
+    InputError), by default the most attended other key; None when the query sees one key."""
+    others = [k for k in row.key_positions if k != key]
+    if rival is not None and rival not in others:
+        why = "the key itself" if rival == key else "a key the query cannot see"
+        raise InputError(f"rival key position {rival} is {why}: give another of {others[:20]}")
+    if rival is None and others:
+        rival = max(others, key=lambda k: float(row.pattern[row.key_positions.index(k)]))
+    return rival
+
+
+def _contrast(row: QKAttribution, key: int, rival: int, top: int) -> S.Contrast:
+    """Why `key` rather than `rival`: `QKAttribution.contrast`'s `top` terms and the sum of the rest."""
+    df = row.contrast(key, rival, top=None)
+    shown = df.head(top)
+    terms = [
+        S.ContrastTerm(
+            query=r.query,
+            query_label=r.query_label,
+            key=r.key,
+            key_label=row.plain_label(r.key),
+            value_a=r.value_a,
+            value_b=r.value_b,
+            diff=r.diff,
+        )
+        for r in shown.itertuples(index=False)
+    ]
+    rest = float(df["diff"].sum() - shown["diff"].sum())
+    return S.Contrast(key_a=key, key_b=rival, score_diff=df.attrs["score_diff"], terms=terms, rest=rest)
 
 
 def _positions(p: int | list[int]) -> int | list[int]:

@@ -70,11 +70,17 @@ class GraphRequest(PromptRequest):
     scan: StrictStr | None = Field(None, max_length=200, description="Neuronpedia model id (default: the model's)")
 
 
+HEATMAP_TOP = 10  # components per side of a QK heatmap
+
+
 class QKRequest(PromptRequest):
     layer: Int
     head: Int
     query_pos: Int
     key_pos: Int | None = Field(None, description="default: the key the head attends to most")
+    rival_pos: Int | None = Field(
+        None, description="the key the contrast is taken against (default: the most attended other key)"
+    )
     top: Annotated[int, Strict(), Field(ge=1, le=LIMITS.max_top)] = QK.top
 
 
@@ -245,8 +251,21 @@ class ContrastTerm(BaseModel):
 class Contrast(BaseModel):
     key_a: int
     key_b: int
-    score_diff: float
+    score_diff: float = Field(description="score(key_a) - score(key_b), pre-cap: the sum of every term's diff")
     terms: list[ContrastTerm]
+    rest: float = Field(0.0, description="the diff of the terms not listed: listed diffs + rest = score_diff")
+
+
+class Heatmap(BaseModel):
+    """`QKAttribution.heatmap`: query rows x key columns of summed terms, the rest in "other"; cells sum to
+    the key's pre-cap score."""
+
+    query: list[str]
+    query_labels: list[str]
+    key: list[str]
+    key_labels: list[str]
+    values: list[list[float]]
+    features_only: bool
 
 
 class EffectTerm(TermPair):
@@ -265,7 +284,9 @@ class QKResponse(Versioned):
     qk: QKAttributionOut
     row: AttentionRow = Field(description="the head's attention over every key the query may see")
     inhibitory: list[EffectTerm] = Field(description="terms that lower p(key) most (most negative prob_effect)")
-    contrast: Contrast | None = Field(description="key vs. the most attended other key; null with one key")
+    contrast: Contrast | None = Field(description="key vs. the rival key; null with one key")
+    heatmap: Heatmap = Field(description=f"the key's query x key heatmap, top {HEATMAP_TOP} of each side")
+    heatmap_features: Heatmap = Field(description="the same over SAE features only (the rest in 'other')")
 
 
 class SweepResponse(Versioned):
@@ -279,11 +300,27 @@ class Context(BaseModel):
     act: float
 
 
+class Histogram(BaseModel):
+    """A feature's activations over the file's fixed bins, from its first to its last non-empty bin; the first
+    bin of the file also counts smaller activations and the last larger ones."""
+
+    lo: int = Field(ge=0, description="the first bin's index into the file's hist_edges")
+    counts: list[int] = Field(description="how many tokens' activations fell in each bin")
+    edges: list[float] = Field(
+        default_factory=list, description="len(counts) + 1 bin edges (activation values), from the file's hist_edges"
+    )
+
+
 class Dashboard(BaseModel):
+    """A feature's entry of dashboards.json (`qktrace.jobs.dashboards`, version 1); files without bottom
+    outputs or histograms (before version 1) read with those empty."""
+
     freq: float | None = None
     max_act: float | None = None
     top_out: list[str] = Field(default_factory=list)
+    bottom_out: list[str] = Field(default_factory=list, description="the output tokens the feature lowers most")
     contexts: list[Context] = Field(default_factory=list)
+    hist: Histogram | None = None
 
 
 class FeatureResponse(Versioned):

@@ -31,6 +31,7 @@ from ..config import LIMITS, Limits
 from ..errors import GraphFileError, InputError, QKTraceError, check_index
 from ..files import atomic_write
 from ..graph import Graph, formats
+from ..jobs.dashboards import VERSION as DASHBOARDS_VERSION
 from ..saes import hook_checkpoint
 from ..saes.formats import read_json
 from ..saes.labels import LABELS_FILE, read_labels_json
@@ -249,6 +250,7 @@ class Features:
         self.d_sae: dict[int, int] = {}
         self.labels: dict[int, Mapping[int, str]] = {}
         self._dash: dict[int, Mapping[str, Any]] = {}
+        self._edges: dict[int, list[float]] = {}  # each dashboards.json's histogram bin edges
         if tracer is not None:
             for c, sae in tracer.saes.items():
                 self.d_sae[c], self.labels[c] = sae.d_sae, sae.labels
@@ -270,8 +272,17 @@ class Features:
             feats: Mapping[str, Any] = {}
             if path is not None and path.is_file():
                 try:
-                    feats = json.loads(path.read_text()).get("features") or {}
-                except (OSError, ValueError, AttributeError, RecursionError) as e:
+                    data = json.loads(path.read_text())
+                    feats = data.get("features") or {}
+                    self._edges[c] = list(data.get("hist_edges") or [])  # version 1 on
+                    if int(data.get("version", 0)) > DASHBOARDS_VERSION:
+                        log.warning(
+                            "%s is version %s, newer than this qktrace reads (%d)",
+                            path,
+                            data["version"],
+                            DASHBOARDS_VERSION,
+                        )
+                except (OSError, ValueError, TypeError, AttributeError, RecursionError) as e:
                     log.warning("ignoring %s (%s: %s)", path, type(e).__name__, e)
             self._dash[c] = feats
         return self._dash[c]
@@ -286,7 +297,18 @@ class Features:
         dash = None
         if isinstance(raw, dict):
             try:
-                dash = S.Dashboard.model_validate(raw)
+                dash = S.Dashboard.model_validate({**raw, "hist": _histogram(raw.get("hist"), self._edges.get(c, []))})
             except ValueError as e:
                 log.warning("dashboard of c%d/f%d is malformed: %s", c, f, e)
         return S.FeatureResponse(checkpoint=c, feature=f, label=str(label), dashboard=dash)
+
+
+def _histogram(hist: Any, edges: list[float]) -> dict[str, Any] | None:
+    """dashboards.json's {"lo": first bin, "counts": [...]} with its bins' edges; None when absent or when the
+    file has too few edges for it."""
+    if not isinstance(hist, dict) or not isinstance(hist.get("lo"), int) or not isinstance(hist.get("counts"), list):
+        return None
+    lo, counts = hist["lo"], hist["counts"]
+    if lo < 0 or lo + len(counts) + 1 > len(edges):
+        return None
+    return {"lo": lo, "counts": counts, "edges": edges[lo : lo + len(counts) + 1]}

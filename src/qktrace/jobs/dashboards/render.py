@@ -16,18 +16,51 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, TypedDict
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from ...models import Model
+from ...nodes import visible
 from .stats import HIST_EDGES, PAD, Partial
 from .transcoders import Coder
 
-VERSION = 1  # of dashboards.json
+VERSION = 1  # of dashboards.json: bottom outputs and histograms (files without "version" have neither)
 TokenKind = Callable[[str], "str | None"]
+
+
+class HistJSON(TypedDict):
+    lo: int  # the first non-empty bin (an index into the file's hist_edges)
+    counts: list[int]  # tokens per bin from `lo` to the last non-empty bin
+
+
+class FeatureJSON(TypedDict):
+    """One alive feature of dashboards.json (dead features are left out)."""
+
+    label: str
+    freq: float  # fraction of tokens it fires on
+    max_act: float
+    top_out: list[str]  # output tokens it raises most (decoder row through the final norm and unembedding)
+    contexts: list[dict[str, Any]]  # {"tokens": [...], "i": the activating token's index, "act": activation}
+    bottom_out: list[str]  # output tokens it lowers most
+    hist: HistJSON
+
+
+class DashboardsJSON(TypedDict):
+    """dashboards.json, one per checkpoint: what the server's GET /api/features reads (the page's contract)."""
+
+    version: int
+    checkpoint: int
+    hook_name: str
+    model: str
+    d_sae: int
+    k: int | None
+    n_tokens: int
+    n_alive: int
+    hist_edges: list[float]  # N_BINS + 1 edges, log-spaced; the first and last bins are open-ended
+    features: dict[str, FeatureJSON]
 
 
 def token_kind(s: str) -> str | None:
@@ -41,7 +74,8 @@ def token_kind(s: str) -> str | None:
 
 
 def _show(s: str) -> str:
-    return s.replace("\n", "\\n").strip() or repr(s)
+    """A token as a label writes it: stripped, newlines and tabs as ⏎ and ⇥ (`nodes.visible`), spaces alone as ␣."""
+    return visible(s.strip(), spaces=False) if s.strip() else visible(s)
 
 
 def auto_label(
@@ -114,7 +148,7 @@ def render(
     """(labels.json, dashboards.json) of one checkpoint. `header`: checkpoint, hook_name, model, d_sae, k."""
     starts = part.starts()
     labels: dict[str, str] = {}
-    feats: dict[str, Any] = {}
+    feats: dict[str, FeatureJSON] = {}
     for f in range(len(part.count)):
         lo, hi = int(starts[f]), int(starts[f + 1])
         if hi == lo:

@@ -183,7 +183,7 @@ function applyView(v) {
     store.set(patch);
     if (node) view.focusNode(node);
     const q = v.qk, had = store.state.qk;
-    if (q && !(had && ["layer", "head", "query", "key"].every((k) => had[k] === q[k]))
+    if (q && !(had && ["layer", "head", "query", "key", "rival"].every((k) => (had[k] ?? null) === (q[k] ?? null)))
       && store.state.info && store.state.info.can_compute) qkPanel.show(q);
     if (v.mechanism && v.mechanism !== store.state.mechanism) openMechanism(v.mechanism, false);
   } finally { restoring = false; }

@@ -45,3 +45,26 @@ export function lineChart(id, xs, series, yRange, mark = null, markLabel = "clea
   });
   return chart;
 }
+
+/** A bar per bin: `counts` over bins between `edges` (len(counts) + 1, drawn evenly: the dashboards' bins are
+ * logarithmic); each bar holds its count in data-count and its range in its title. */
+export function histogram(id, edges, counts, what = "activation") {
+  const w = 500, h = 110, m = { l: 40, r: 10, t: 6, b: 28 };
+  const n = counts.length, bw = (w - m.l - m.r) / Math.max(n, 1), top = Math.max(1, ...counts);
+  const chart = sv("svg", { id, class: "chart", width: "100%", viewBox: `0 0 ${w} ${h}`, "font-family": FONT,
+    "font-size": 10 });
+  chart.append(sv("line", { x1: m.l, x2: w - m.r, y1: h - m.b, y2: h - m.b, stroke: C.line }),
+    sv("text", { x: m.l - 4, y: m.t + 8, "text-anchor": "end", fill: C.muted }, String(top)),
+    sv("text", { x: m.l - 4, y: h - m.b, "text-anchor": "end", fill: C.muted }, "0"));
+  counts.forEach((c, i) => {
+    const bh = ((h - m.t - m.b) * c) / top;
+    chart.append(sv("rect", { class: "hist-bar", x: m.l + i * bw + 0.5, y: h - m.b - bh, width: Math.max(1, bw - 1),
+      height: bh, fill: SERIES[0], "data-count": c },
+    sv("title", {}, `${fmt(edges[i], 3)} ≤ ${what} < ${fmt(edges[i + 1], 3)}: ${c}`)));
+  });
+  const tick = (i) => sv("text", { x: m.l + i * bw, y: h - m.b + 12, "text-anchor": "middle", fill: C.muted },
+    fmt(edges[i], 3));
+  chart.append(tick(0), tick(Math.floor(n / 2)), tick(n),
+    sv("text", { x: w - m.r, y: h - 2, "text-anchor": "end", fill: C.muted }, `${what} (log bins)`));
+  return chart;
+}

@@ -3,7 +3,7 @@
 // supernode's edge: its summed weight and the edges it sums.
 
 import { C, FONT, clear, el, fmt, num, sv } from "./dom.js";
-import { isCross, nodeLabel, nodeWhere, strongest, weightOf } from "./model.js";
+import { isCross, nameIn, nodeLabel, nodeWhere, strongest, weightOf } from "./model.js";
 import { attachTips } from "./features.js";
 
 const HINT = "Click an edge, or an input or output of a node.";
@@ -20,8 +20,8 @@ export function createEdgePanel(body, { onHead, onLink = () => {} }) {
     clear(body).className = "body";
     if (l.members) return summed(l, state.weights);
     const share = `${fmt(100 * Math.abs(l.norm), 3)}% of the |weight| into its target`;
-    body.append(el("h3", {}, el("span", { class: "comp", "data-component": l.s.id }, nodeLabel(l.s)), " → ",
-      el("span", { class: "comp", "data-component": l.t.id }, nodeLabel(l.t))),
+    body.append(el("h3", {}, el("span", { class: "comp", "data-component": l.s.id }, nameIn(model, l.s.id)), " → ",
+      el("span", { class: "comp", "data-component": l.t.id }, nameIn(model, l.t.id))),
     el("dl", { class: "kv" },
       el("dt", {}, "weight"), el("dd", { id: "edge-weight", "data-value": l.weight }, fmt(l.weight)),
       el("dt", { title: "weight / Σ |weight| over every edge into the target" }, "normalised"),

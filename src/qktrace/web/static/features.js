@@ -3,13 +3,13 @@
 // Whitespace in tokens is drawn visible (␣ space, ⏎ newline, ⇥ tab).
 
 import * as API from "./api.js";
+import { histogram } from "./chart.js";
 import { $, clear, el, fmt } from "./dom.js";
-import { nodeLabel, nodeWhere, parseId, qkSuffix } from "./model.js";
+import { baseLabel, nameIn, nodeWhere, parseId, qkSuffix } from "./model.js";
+import { visible } from "./names.js";
 import { reveal } from "./panels.js";
 import { store } from "./state.js";
 
-/** A token with its whitespace visible. */
-export const visible = (t) => String(t).replace(/ /g, "␣").replace(/\n/g, "⏎").replace(/\t/g, "⇥") || "∅";
 
 const cache = new Map(); // "checkpoint/feature" -> Promise<FeatureResponse | null>
 
@@ -44,15 +44,26 @@ export function showTip(e, content) {
   moveTip(e);
 }
 
-function dashboardView(d, fallback, contexts = 6) {
+const chips = (id, title, tokens) => el("div", { class: "chips", id }, title,
+  tokens.map((t) => el("span", { class: "t", title: JSON.stringify(t) }, visible(t))));
+
+/** A feature's label and dashboard; `full` (the Feature panel): every context, its activation histogram
+ * and bottom outputs too. */
+function dashboardView(d, fallback, contexts = 6, full = false) {
   if (!d) return [el("b", {}, fallback)];
-  const out = [el("b", {}, d.label), el("div", { class: "muted" }, `checkpoint ${d.checkpoint}, feature ${d.feature}`)];
+  const out = [el("b", {}, visible(d.label, false)), el("div", { class: "muted" }, `checkpoint ${d.checkpoint}, feature ${d.feature}`)];
   const dash = d.dashboard;
   if (!dash) return out;
   out.push(el("div", { class: "muted" }, `fires on ${fmt(100 * (dash.freq || 0), 3)}% of tokens; max activation `
     + fmt(dash.max_act, 3)));
-  if (dash.top_out.length) {
-    out.push(el("div", { class: "chips" }, "top outputs: ", dash.top_out.map((t) => el("span", { title: JSON.stringify(t) }, visible(t)))));
+  if (dash.top_out.length) out.push(chips("feature-top-out", "top outputs: ", dash.top_out));
+  if (full && dash.bottom_out && dash.bottom_out.length) {
+    out.push(chips("feature-bottom-out", "bottom outputs: ", dash.bottom_out));
+  }
+  if (full && dash.hist) {
+    const total = dash.hist.counts.reduce((a, b) => a + b, 0);
+    out.push(el("div", { class: "muted" }, `activations of its ${total} firings`),
+      histogram("feature-hist", dash.hist.edges, dash.hist.counts));
   }
   for (const c of dash.contexts.slice(0, contexts)) {
     out.push(el("div", { class: "ctx" }, el("span", { class: "muted" }, `${fmt(c.act, 3)} `),
@@ -73,8 +84,8 @@ export function showFeatureTip(e, id, fallback) {
 }
 
 export function showNodeTip(e, model, n) {
-  if (n.p.kind === "feature") return showFeatureTip(e, n.id, nodeLabel(n));
-  showTip(e, [el("b", {}, nodeLabel(n)), el("div", { class: "muted" }, `${n.id} ${nodeWhere(model, n)}`),
+  if (n.p.kind === "feature") return showFeatureTip(e, n.id, nameIn(model, n.id));
+  showTip(e, [el("b", {}, nameIn(model, n.id)), el("div", { class: "muted" }, `${n.id} ${nodeWhere(model, n)}`),
     n.activation !== null && n.activation !== undefined ? el("div", {}, `value ${fmt(n.activation)}`) : null]);
 }
 
@@ -86,20 +97,22 @@ export async function showFeaturePanel(id, fallback) {
   clear(body).append(el("p", { class: "muted" }, `${fallback} (${id})`));
   reveal("feature-panel");
   const d = await feature(p.cp, p.index);
-  clear(body).append(el("div", { id: "feature-detail", "data-component": id }, dashboardView(d, fallback, 50)),
+  clear(body).append(el("div", { id: "feature-detail", "data-component": id }, dashboardView(d, fallback, 50, true)),
     el("div", { class: "muted" }, id));
 }
 
 /** Tooltips for every `[data-component]` span under `root`; a click opens the Feature panel. */
 export function attachTips(root) {
-  for (const span of root.querySelectorAll("[data-component]")) {
+  for (const span of root.querySelectorAll("[data-component]:not([data-tips])")) { // each once
+    span.dataset.tips = "1";
     if (!span.closest("tr.clickable")) { // a clickable row keeps its own click (its edge)
       span.addEventListener("click", (e) => {
         e.stopPropagation();
-        showFeaturePanel(span.dataset.component, span.textContent);
+        showFeaturePanel(span.dataset.component, span.dataset.label || span.textContent);
       });
     }
-    span.addEventListener("mouseenter", (e) => showFeatureTip(e, span.dataset.component, span.textContent));
+    span.addEventListener("mouseenter", (e) => showFeatureTip(e, span.dataset.component,
+      span.dataset.label || span.textContent)); // a cut label keeps its whole text in data-label
     span.addEventListener("mousemove", moveTip);
     span.addEventListener("mouseleave", hideTip);
   }
@@ -112,7 +125,7 @@ export function attachTips(root) {
  */
 export async function refreshLabels(model, changed) {
   if (!store.state.info || !store.state.info.features) return;
-  const base = (n) => { const c = n.clerp || "", s = qkSuffix(n); return s && c.endsWith(s) ? c.slice(0, -s.length) : c; };
+  const base = baseLabel;
   const todo = model.nodes.filter((n) => n.p.kind === "feature" && /^c\d+\/f\d+$/.test(base(n))).slice(0, 400);
   let any = false;
   const worker = async () => {

@@ -9,8 +9,9 @@ import * as API from "./api.js";
 import { lineChart } from "./chart.js";
 import { $, clear, el, errorBox, fmt, num } from "./dom.js";
 import { tokenOf } from "./model.js";
+import { componentLabel, visible } from "./names.js";
 
-const tok = (m, i) => JSON.stringify(m.str_tokens[i] === undefined ? "?" : m.str_tokens[i]);
+const tok = (m, i) => `"${visible(m.str_tokens[i] === undefined ? "?" : m.str_tokens[i])}"`;
 
 /** The graph node ids of a candidate's features: `feature/c<layer>/p<position>/f<index>`. */
 export const candidateIds = (cand) =>
@@ -165,7 +166,8 @@ function partsTable(m, c) {
     c.parts.map((p) => el("tr", {}, el("td", {}, `L${p.layer}H${p.heads.join(",")}`),
       el("td", {}, `${p.side} @${p.position} ${tok(m, p.position)}`),
       el("td", {}, p.features.map((f, i) => el("span", { class: "comp", "data-component":
-        `feature/c${p.layer}/p${p.position}/f${f}` }, `f${f} ${p.labels[i] || ""}`)).flatMap((x) => [x, " "])))));
+        `feature/c${p.layer}/p${p.position}/f${f}` }, componentLabel({ kind: "feature", cp: p.layer, pos: p.position,
+        index: f }, p.labels[i], m.str_tokens[p.position]))).flatMap((x) => [x, " "])))));
 }
 
 function headsTable(m) {

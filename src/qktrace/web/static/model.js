@@ -13,6 +13,8 @@
 // normalises the adjacency matrix before pruning: each edge's weight divided by the sum of |weight| over
 // every edge into its target, so a target's incoming |normalised weights| sum to 1 (the sign is kept).
 
+import { componentLabel, visible } from "./names.js";
+
 const ID = /^([a-z_]+)\/[cl](\d+)\/p(\d+)(?:\/([ft])(\d+))?$/; // c<checkpoint>, or l<layer> (transcoders)
 const FOREIGN_KINDS = { embedding: "token", logit: "logit", bias: "sae_bias" };
 
@@ -99,10 +101,22 @@ export const qkSuffix = (n) => {
   return h ? ` [QK L${h.layer}H${h.head} @${h.key_pos}]` : "";
 };
 
-/** The label of a QK tracing component: its node's, its `qk_only_nodes` entry's, or its id. */
-export function componentLabel(model, id) {
+/** A node's own label: its clerp without the QK suffix a graph appends to it (" [QK L2H6 @5]"). */
+export function baseLabel(n) {
+  const c = n.clerp || "", s = qkSuffix(n);
+  return s && c.endsWith(s) ? c.slice(0, -s.length) : c;
+}
+
+/** The one label of component `id` (a node, or a QK tracing component in `qk_only_nodes`): names.js's
+ * `componentLabel` of its kind, label and position. A logit keeps its own label ('Output " x" (p=…)'), and a
+ * node of another tool (an id qktrace does not write) its clerp. */
+export function nameIn(model, id, fallback) {
   const n = model.byId.get(id) || model.qkOnly[id];
-  return n ? nodeLabel({ ...n, id }) : id;
+  const own = n ? baseLabel(n) : fallback && String(fallback).replace(/ @\d+ .*$/, ""); // a full label's name
+  if (!ID.test(id)) return own || id;
+  const p = parseId(id);
+  if (p.kind === "logit" && own) return own;
+  return componentLabel(p, own, model.tokens[p.pos]);
 }
 export const nodeLabel = (n) => n.clerp || n.id;
 export const LABEL_CHARS = 28; // labels drawn on the graph and listed are cut to this with "…"
@@ -110,7 +124,7 @@ export const shortLabel = (n) => {
   const s = nodeLabel(n);
   return s.length > LABEL_CHARS ? `${s.slice(0, LABEL_CHARS - 1)}…` : s;
 };
-export const tokText = (model, i) => (model.tokens[i] === undefined ? "?" : JSON.stringify(model.tokens[i]));
+export const tokText = (model, i) => `"${visible(model.tokens[i] === undefined ? "?" : model.tokens[i])}"`;
 export const nodeWhere = (model, n) => `@${n.p.pos} ${tokText(model, n.p.pos)}`;
 
 /** The graph file as it should be saved: its qParams carry the pins, supernodes and clicked node. */

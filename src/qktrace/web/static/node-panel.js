@@ -3,7 +3,7 @@
 // the shown weights.
 
 import { clear, el, fmt, num } from "./dom.js";
-import { componentLabel, nodeLabel, nodeWhere, strongest, weightOf } from "./model.js";
+import { nameIn, nodeWhere, strongest, weightOf } from "./model.js";
 import { attachTips, showFeaturePanel } from "./features.js";
 
 const HINT = "Click a node.";
@@ -24,7 +24,7 @@ export function createNodePanel(body, { onLink, onPin, onExplain = null, onSteer
     current = n;
     const { model, weights, pinned } = state;
     clear(body).className = "body";
-    body.append(el("h3", {}, nodeLabel(n)), el("dl", { class: "kv" },
+    body.append(el("h3", { id: "node-title", title: n.id }, nameIn(model, n.id)), el("dl", { class: "kv" },
       el("dt", {}, "id"), el("dd", {}, n.id),
       el("dt", {}, "position"), el("dd", {}, nodeWhere(model, n)),
       el("dt", {}, "activation"), el("dd", {}, fmt(n.activation)),
@@ -35,7 +35,7 @@ export function createNodePanel(body, { onLink, onPin, onExplain = null, onSteer
         title: "explain why the model gives this token rather than the strongest other logit",
         onclick: () => onExplain(n) }, "Explain this answer") : null,
       n.p.kind === "feature" ? el("button", { type: "button", id: "feature-details",
-        onclick: () => showFeaturePanel(n.id, nodeLabel(n)) }, "Details") : null,
+        onclick: () => showFeaturePanel(n.id, nameIn(model, n.id)) }, "Details") : null,
       n.p.kind === "feature" && onSteer ? el("button", { type: "button", id: "steer-node",
         title: "fill the steering panel with this feature at its position", onclick: () => onSteer(n) },
       "Steer this feature") : null));
@@ -49,7 +49,7 @@ export function createNodePanel(body, { onLink, onPin, onExplain = null, onSteer
           return el("tr", { class: "clickable", "data-link": l.i, onclick: () => onLink(l) },
             num(weightOf(l, weights), "weight", 3),
             el("td", {}, el("span", { class: other.p.kind === "feature" ? "comp" : "", "data-component": other.id },
-              nodeLabel(other)), " ", el("span", { class: "muted" }, nodeWhere(model, other))));
+              nameIn(model, other.id))));
         }))];
     };
     if (n.qk_tracing_results) body.append(...qkTracing(model, n));
@@ -67,7 +67,7 @@ export function createNodePanel(body, { onLink, onPin, onExplain = null, onSteer
 /** Neuronpedia's qk_tracing_results of a node: the top (query, key) term pairs and each side summed. */
 function qkTracing(model, n) {
   const r = n.qk_tracing_results, h = n.qk_tracing_head;
-  const comp = (id) => el("td", {}, el("span", { class: "comp", "data-component": id }, componentLabel(model, id)));
+  const comp = (id) => el("td", {}, el("span", { class: "comp", "data-component": id }, nameIn(model, id)));
   const title = h ? `QK tracing of L${h.layer}H${h.head}: query ${h.query_pos} → key ${h.key_pos} `
     + `(score ${fmt(h.score)}, p ${fmt(h.pattern, 3)})` : "QK tracing";
   const side = (list, what, id) => el("div", {}, el("h4", {}, what), el("table", { id },

@@ -1,11 +1,14 @@
 // The QK panel: why a head's query attends to a key, as terms query-side component × key-side component
-// (POST /api/qk), with the head's attention row, inhibitory terms and the contrast with the rival key;
-// without a model, the terms a graph stored for its edges.
+// (POST /api/qk): the top terms as a table or as a query × key heatmap (qk-heatmap.js), "features only" in
+// both; the head's attention row, inhibitory terms and the contrast with a rival key the user picks; without
+// a model, the terms a graph stored for its edges. Components are named as names.js names them.
 
 import * as API from "./api.js";
 import { $, C, FONT, clear, el, errorBox, fmt, num, sv, truncate } from "./dom.js";
 import { attachTips } from "./features.js";
-import { parseId, tokText } from "./model.js";
+import { heatmapView } from "./qk-heatmap.js";
+import { nameIn, parseId, tokText } from "./model.js";
+import { visible } from "./names.js";
 
 const isFeature = (id) => parseId(id).kind === "feature";
 
@@ -18,13 +21,15 @@ export function promptPayload(state) {
   return { prompt: text };
 }
 
-const tokOf = (res, i) => JSON.stringify(res.str_tokens[i] === undefined ? "?" : res.str_tokens[i]);
+const tokOf = (res, i) => `"${visible(res.str_tokens[i] === undefined ? "?" : res.str_tokens[i])}"`;
 const comp = (id, label) => el("td", {}, el("span", { class: "comp", "data-component": id }, label));
 
 /** `state()`: the store's state. Wires the QK form; `explainHead(link, layer, head)` fills it and explains;
- * `onShown({layer, head, query, key})` hears each view shown (the URL keeps it). */
+ * `onShown({layer, head, query, key, rival})` hears each view shown (the URL keeps it; rival: the contrast's
+ * rival key when one was chosen, else null). */
 export function createQKPanel(state, { onShown = () => {} } = {}) {
   const body = $("qk-body");
+  const shown = { mode: "table", only: false }; // table or heatmap, features only: kept from view to view
 
   $("qk-form").addEventListener("submit", (e) => {
     e.preventDefault();
@@ -38,12 +43,12 @@ export function createQKPanel(state, { onShown = () => {} } = {}) {
     clear(body).append(el("p", { class: "muted" }, el("span", { class: "spinner" }),
       `explaining L${req.layer}H${req.head} at query ${req.query_pos}…`));
     try {
-      render(await API.qk({ ...promptPayload(state()), ...req, top: 12 }));
+      render(await API.qk({ ...promptPayload(state()), ...req, top: 12 }), req.rival_pos ?? null);
     } catch (e) { errorBox(body, e); }
   }
 
-  function render(res) {
-    onShown({ layer: res.layer, head: res.head, query: res.query_pos, key: res.key_pos });
+  function render(res, rival) {
+    onShown({ layer: res.layer, head: res.head, query: res.query_pos, key: res.key_pos, rival });
     const qk = res.qk, ours = state().model && state().model.meta.qktrace;
     clear(body).append(el("h3", { id: "qk-title" }, `L${res.layer}H${res.head}: query ${res.query_pos} `
       + `${tokOf(res, res.query_pos)} → key ${res.key_pos} ${tokOf(res, res.key_pos)}`));
@@ -58,16 +63,15 @@ export function createQKPanel(state, { onShown = () => {} } = {}) {
         num(qk.max_relative_error, "max_relative_error", 2))));
     body.append(el("h4", {}, "Attention of the query over every key (blue: this key, amber: its rival; click a bar)"),
       attentionChart(res, (k) => run({ layer: res.layer, head: res.head, query_pos: res.query_pos, key_pos: k })));
-    const table = termTable(qk.terms, "qk-terms", false);
-    body.append(el("h4", {}, "Top terms: query-side × key-side components ",
-      el("label", { class: "muted", title: "hide terms with a bias or error term on either side" },
-        el("input", { type: "checkbox", id: "qk-features-only",
-          onchange: (e) => table.classList.toggle("features-only", e.target.checked) }), " features only")), table);
+    body.append(...termsView(res, shown));
     body.append(el("div", { class: "two-col" }, marginalTable(qk.query_marginals, "Query side (summed)", "qk-qmarg"),
       marginalTable(qk.key_marginals, "Key side (summed)", "qk-kmarg")));
     body.append(el("h4", {}, "Strongest inhibitory terms (lower p(key) most, over all keys)"),
       res.inhibitory.length ? termTable(res.inhibitory, "qk-inhibitory", true) : el("p", { class: "muted" }, "none"));
-    if (res.contrast) body.append(...contrastView(res));
+    if (res.contrast) {
+      body.append(...contrastView(res, (rival) => run({ layer: res.layer, head: res.head, query_pos: res.query_pos,
+        key_pos: res.key_pos, rival_pos: rival })));
+    }
     attachTips(body);
   }
 
@@ -92,8 +96,8 @@ export function createQKPanel(state, { onShown = () => {} } = {}) {
       }
       body.append(el("table", { id: "qk-terms", class: "terms" },
         el("tr", {}, el("th", {}, "query side"), el("th", {}, "key side"), el("th", { class: "num" }, "term")),
-        terms.map((t) => el("tr", { class: "qk-term" }, comp(t.query, t.query_label || t.query),
-          comp(t.key, t.key_label || t.key), num(t.value, "value")))));
+        terms.map((t) => el("tr", { class: "qk-term" }, comp(t.query, nameIn(model, t.query, t.query_label)),
+          comp(t.key, nameIn(model, t.key, t.key_label)), num(t.value, "value")))));
     }
     attachTips(body);
   }
@@ -113,7 +117,7 @@ export function createQKPanel(state, { onShown = () => {} } = {}) {
   /** The view `{layer, head, query, key}` (from a link): the form filled, then explained. */
   function show(v) {
     fill(v);
-    return run({ layer: v.layer, head: v.head, query_pos: v.query, key_pos: v.key });
+    return run({ layer: v.layer, head: v.head, query_pos: v.query, key_pos: v.key, rival_pos: v.rival ?? null });
   }
 
   return { run, show, explainHead };
@@ -137,15 +141,49 @@ function marginalTable(list, title, id) {
         width: Math.max(1, (60 * Math.abs(m.value)) / max), fill: m.value >= 0 ? C.pos : C.neg })))))));
 }
 
-function contrastView(res) {
-  const c = res.contrast;
-  return [el("h4", {}, `Why key ${c.key_a} ${tokOf(res, c.key_a)} rather than key ${c.key_b} ${tokOf(res, c.key_b)}: `
-    + "score difference ", el("span", { id: "qk-score-diff", "data-value": c.score_diff }, fmt(c.score_diff))),
+/** The top terms as a table or a query × key heatmap (a toggle beside them); "features only" filters both.
+ * `shown`: {mode, only}, the choices, which the next view keeps. */
+function termsView(res, shown) {
+  const table = termTable(res.qk.terms, "qk-terms", false), holder = el("div", { id: "qk-terms-view" });
+  const draw = () => {
+    table.classList.toggle("features-only", shown.only);
+    holder.replaceChildren(shown.mode === "table" ? table
+      : heatmapView(shown.only ? res.heatmap_features : res.heatmap));
+    attachTips(holder);
+  };
+  const buttons = ["table", "heatmap"].map((m) => el("button", { type: "button", id: `qk-show-${m}`,
+    class: m === shown.mode ? "active" : "", "aria-pressed": String(m === shown.mode), onclick: () => {
+      shown.mode = m;
+      for (const b of buttons) {
+        b.classList.toggle("active", b.id === `qk-show-${m}`);
+        b.setAttribute("aria-pressed", String(b.id === `qk-show-${m}`));
+      }
+      draw();
+    } }, m));
+  draw();
+  return [el("h4", {}, "Top terms: query-side × key-side components ",
+    el("span", { class: "toggle", role: "group", "aria-label": "show the terms as" }, buttons), " ",
+    el("label", { class: "muted", title: "hide terms with a bias or error term on either side" },
+      el("input", { type: "checkbox", id: "qk-features-only", checked: shown.only,
+        onchange: (e) => { shown.only = e.target.checked; draw(); } }), " features only")), holder];
+}
+
+/** Why the key rather than a rival key (a selector of every other key the query sees): the terms of the score
+ * difference, the rest summed in a last row, so the column adds up to the difference shown. */
+function contrastView(res, onRival) {
+  const c = res.contrast, row = res.row;
+  const select = el("select", { id: "qk-rival", onchange: (e) => onRival(+e.target.value) },
+    row.key_positions.filter((k) => k !== c.key_a).map((k) => el("option", { value: k, selected: k === c.key_b },
+      `@${k} ${tokOf(res, k)} (p ${fmt(row.pattern[row.key_positions.indexOf(k)], 2)})`)));
+  return [el("h4", {}, `Why key ${c.key_a} ${tokOf(res, c.key_a)} rather than `,
+    el("label", { title: "the rival key: another key the query sees" }, "key ", select),
+    ": score difference ", el("span", { id: "qk-score-diff", "data-value": c.score_diff }, fmt(c.score_diff))),
   el("table", { id: "qk-contrast" },
     el("tr", {}, el("th", {}, "query side"), el("th", {}, "key side (either key)"), el("th", { class: "num" }, "at key"),
       el("th", { class: "num" }, "at rival"), el("th", { class: "num" }, "difference")),
-    c.terms.map((t) => el("tr", {}, comp(t.query, t.query_label), comp(t.key, t.key_label),
-      num(t.value_a, "value_a", 3), num(t.value_b, "value_b", 3), num(t.diff, "diff", 3))))];
+    c.terms.map((t) => el("tr", { class: "contrast-term" }, comp(t.query, t.query_label), comp(t.key, t.key_label),
+      num(t.value_a, "value_a", 3), num(t.value_b, "value_b", 3), num(t.diff, "diff", 3))),
+    el("tr", { class: "contrast-rest muted" }, el("td", { colspan: 4 }, "every other term"), num(c.rest, "diff", 3)))];
 }
 
 function attentionChart(res, onKey) {

@@ -5,9 +5,10 @@
 //
 //   #graph=NAME&weights=norm&prune=70&pins=ID,ID&sub=1&group=c:NAME|ID,ID&group=e:NAME|ID,ID&node=ID
 //     &edge=SOURCE>TARGET&qk=L1H3:20:6&mechanism=NAME
+//     (qk=L1H3:20:6:2 when the contrast's rival key, here 2, was chosen)
 //   #compare=A,B&side=b&node=ID
 
-const QK = /^L(\d+)H(\d+):(-?\d+):(-?\d+)$/;
+const QK = /^L(\d+)H(\d+):(-?\d+):(-?\d+)(?::(-?\d+))?$/;
 const GROUP = /^([ce]):(.*)\|([^|]*)$/;
 
 /** `group=c:NAME|ID,ID` values as supernodes, or null when the URL names none. */
@@ -35,7 +36,8 @@ export function readUrl() {
     side: ["a", "b"].includes(hash.get("side")) ? hash.get("side") : null,
     node: hash.get("node"),
     edge: edge.length === 2 ? { source: edge[0], target: edge[1] } : null,
-    qk: qk ? { layer: +qk[1], head: +qk[2], query: +qk[3], key: +qk[4] } : null,
+    qk: qk ? { layer: +qk[1], head: +qk[2], query: +qk[3], key: +qk[4], rival: qk[5] === undefined ? null : +qk[5] }
+      : null,
     mechanism: hash.get("mechanism"),
   };
 }
@@ -50,7 +52,8 @@ export function viewHash({ graph, weights, prune, pins, subgraph, supernodes, no
   for (const s of supernodes || []) p.append("group", `${s.collapsed ? "c" : "e"}:${s.name}|${s.ids.join(",")}`);
   if (node) p.set("node", node);
   if (edge) p.set("edge", `${edge.source}>${edge.target}`);
-  if (qk) p.set("qk", `L${qk.layer}H${qk.head}:${qk.query}:${qk.key}`);
+  const rival = qk && qk.rival !== null && qk.rival !== undefined ? `:${qk.rival}` : "";
+  if (qk) p.set("qk", `L${qk.layer}H${qk.head}:${qk.query}:${qk.key}${rival}`);
   if (mechanism) p.set("mechanism", mechanism);
   return p;
 }
