@@ -50,3 +50,41 @@ def test_info_lists_the_attention_saes_and_the_graph_they_build(tiny_models, tmp
     assert plain["graph"] == "transcoder" and plain["attention_saes"] == [] and plain["transcoders"] == [0, 1]
     view = TestClient(create_app(tmp_path)).get("/api/info").json()
     assert view["graph"] is None and view["attention_saes"] == [] and view["transcoders"] == []
+
+
+def test_server_sweep_and_explain_steer_attention_features(tiny_models, tmp_path):
+    import json
+
+    import torch
+
+    from qktrace.steering.interventions import SCALE, FreezeAttention, SteerFeature, SteerQK
+    from qktrace.steering.requests import SteerRequest, build_steering
+    from qktrace.steering.sweep import sweep, watch_column
+
+    model = tiny_models["llama"]
+    tracer = _tracer(model, tmp_path)
+    (tmp_path / "data").mkdir()
+    client = TestClient(create_app(tmp_path / "data", tracer))
+    traced = tracer.run(A)
+    x = traced.writers().att
+    f = int(x.index[(x.layer == 0) & (x.pos == 3)][0])
+    tokens = traced.trace.tokens.tolist()
+    req = {"tokens": tokens, "heads": [[1, 1]], "side": "key", "feature": f, "feature_layer": 0, "positions": 3,
+           "scales": "0:2:3", "freeze_others": True, "watch_attention": [[1, 1, len(tokens) - 1, 3]],
+           "kind": "attn"}  # fmt: skip
+    r = client.post("/api/sweep", json=req)
+    assert r.status_code == 200, r.text
+    ivs = [SteerQK(1, 1, "key", f, 3, scale=SCALE, kind="attn", feature_layer=0), FreezeAttention()]
+    df = sweep(model, {}, torch.tensor(tokens), ivs, "0:2:3", (), [(1, 1, len(tokens) - 1, 3)],
+               attention_saes=tracer.attention_saes)  # fmt: skip
+    assert r.json()["rows"] == json.loads(json.dumps(df.to_dict(orient="records")))
+    assert df[watch_column(1, 1, len(tokens) - 1, 3)].nunique() == 3  # the steered attention moves
+    bad = client.post("/api/sweep", json=req | {"feature_layer": 1})
+    assert bad.status_code == 400 and "feature layer in 0..0" in bad.text
+    out = build_steering(traced, SteerRequest(f, 3, checkpoint=0, kind="attn")).run()  # its output, no heads
+    want = sweep(model, {}, torch.tensor(tokens), [SteerFeature(0, f, (3,), scale=SCALE, kind="attn")],
+                 [float(s) for s in out["scale"]], attention_saes=tracer.attention_saes)  # fmt: skip
+    assert out.equals(want)
+    r = client.post("/api/explain", json={"tokens": tokens, "answer": "Sally", "null_draws": 2})
+    assert r.status_code == 200, r.text
+    assert r.json()["mechanism"]["verdict"]

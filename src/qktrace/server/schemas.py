@@ -110,12 +110,13 @@ class SweepRequest(PromptRequest):
     also: list[SweepPart] = Field(
         default_factory=list, description="more feature sets steered at the same scale (a mechanism's parts)"
     )
-    kind: Literal["feature", "transcoder"] | None = Field(
+    kind: Literal["feature", "transcoder", "attn"] | None = Field(
         None,
-        description="a residual-SAE or a transcoder feature (default: transcoder when only transcoders are loaded)",
+        description="a residual-SAE, transcoder or attention-SAE feature (default: transcoder when only transcoders "
+        "are loaded)",
     )
     feature_layer: Int | None = Field(
-        None, description="a transcoder feature steered in heads' QK circuits: the layer that reads it (below theirs)"
+        None, description="a transcoder or attention feature steered in heads' QK circuits: its layer (below theirs)"
     )
 
 
