@@ -18,7 +18,7 @@ from qktrace.steering.interventions import SteerQK
 from qktrace.testing import random_attention_saes, random_prompt, write_transcoder_set
 
 PROMPT = "Aunt Sally is the opposite of Uncle Bob . Aunt"
-SMALL = ExplainSettings(sites=2, ablate=3, candidates=3, top_k=(2,), scales=(1.0, 0.0, -2.0), null_draws=4)
+SMALL = ExplainSettings(sites=2, ablate=5, candidates=3, top_k=(2,), scales=(1.0, 0.0, -2.0), null_draws=4)
 
 
 def _tracer(model, tmp_path, sites=("z", "attn_out")) -> Tracer:
@@ -40,7 +40,9 @@ def _active(traced, kind: str) -> set[tuple[int, int, int]]:
     return {(int(ly), int(p), int(f)) for ly, p, f in zip(enc.layer, enc.pos, enc.index)}
 
 
-@pytest.mark.parametrize("fam,sites", [("gpt2", ("z", "attn_out")), ("llama", ("attn_out", "z"))])
+@pytest.mark.parametrize(
+    "fam,sites", [("gpt2", ("z", "attn_out")), ("llama", ("attn_out", "z")), ("gemma2", ("z", "attn_out"))]
+)
 def test_explain_on_a_checkpointed_tracer_equals_its_graph_and_direct_interventions(tiny_models, tmp_path, fam, sites):
     model = tiny_models[fam]
     tracer = _tracer(model, tmp_path, sites)
