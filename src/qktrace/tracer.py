@@ -362,12 +362,14 @@ class Traced:
         last_only: bool = False,
     ) -> InterventionResult:  # fmt: skip
         """This prompt run once more under `interventions` (`qktrace.steering.interventions.run_with`), reusing its
-        clean run, with this tracer's SAEs and transcoders (`SteerFeature` / `SteerQK` of kind transcoder)."""
+        clean run, with this tracer's SAEs, transcoders and attention SAEs (`SteerFeature` / `SteerQK` of kind
+        transcoder or attn)."""
         from .steering.interventions import run_with
 
         return run_with(
             self.model, self.saes, self.trace.tokens, interventions, clean=self.trace,
             record_attention=record_attention, last_only=last_only, transcoders=self.transcoders,
+            attention_saes=self.attention_saes,
         )  # fmt: skip
 
     def compare(self, other: Traced, **kwargs: Any) -> Comparison:

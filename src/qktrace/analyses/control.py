@@ -34,14 +34,19 @@ class Prober(Protocol):
 
 def has_features(traced: Traced, layer: int) -> bool:
     """Whether heads of `layer` read features explain can steer: an SAE at checkpoint `layer`, or, on a tracer
-    of transcoders, transcoder features of a layer below (every layer but the first)."""
+    of transcoders (and attention SAEs), transcoder (and attention) features of a layer below (every layer but
+    the first)."""
     return layer in traced.saes or (traced.transcoders is not None and layer > 0)
 
 
 def feature_label(traced: Traced, kind: str, layer: int, feature: int) -> str:
-    """A feature's label: an SAE feature of checkpoint `layer`, or the transcoder feature read at `layer`."""
+    """A feature's label: an SAE feature of checkpoint `layer`, the transcoder feature read at `layer`, or the
+    attention-output SAE feature of layer `layer` (kind "attn")."""
     if kind == "feature":
         return traced.sae(layer).label(feature)
+    if kind == "attn":
+        assert traced.attention_saes is not None
+        return traced.attention_saes[layer].label(feature)
     ts = traced.transcoders
     assert ts is not None
     return ts.clt.label(layer, feature) if ts.clt is not None else ts[layer].label(feature)
@@ -71,9 +76,11 @@ def carrier_heads(traced: Traced, graph: Graph, n: int) -> list[dict[str, Any]]:
 
 def _pool(traced: Traced, p: Part) -> list[tuple[int, int]]:
     """The other active features a part's control draws from, as (layer, feature): of its checkpoint's SAE at
-    its position, or every transcoder feature active there that its heads read (read at a layer below)."""
-    if p.kind == "transcoder":
-        enc = traced.writers().enc
+    its position, or every transcoder (attention) feature active there that its heads read (of a layer below)."""
+    if p.kind in ("transcoder", "attn"):
+        w = traced.writers()
+        enc = w.enc if p.kind == "transcoder" else w.att
+        assert enc is not None
         at = ((enc.pos == p.position) & (enc.layer < p.layer)).nonzero().flatten()
         active = set(zip(enc.layer[at].tolist(), enc.index[at].tolist()))
     else:
@@ -94,7 +101,7 @@ def draw_controls(traced: Traced, c: Candidate, n: int, seed: int) -> list[Candi
         parts = []
         for p, pool in zip(c.parts, pools):
             keys = sorted(rng.sample(pool, min(len(p.features), len(pool))))
-            layers = tuple(ly for ly, _ in keys) if p.kind == "transcoder" else ()
+            layers = tuple(ly for ly, _ in keys) if p.kind != "feature" else ()
             labels = tuple(feature_label(traced, p.kind, ly, f) for ly, f in keys)
             parts.append(replace(p, features=tuple(f for _, f in keys), labels=labels, feature_layers=layers))
         out.append(Candidate(kind=c.kind, parts=tuple(parts), prob_effect=0.0, predicted=0.0, predicted_attention=()))

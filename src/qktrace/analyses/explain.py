@@ -48,6 +48,11 @@ they carry most directly (`control.carrier_heads`); a site's heads read the feat
 theirs (layer 0's heads none, so they found no site); step 4 ranks those features by the transcoder QK terms
 (`qktrace.graph.transcoder_qk`), step 5 steers their writes inside the site's QK circuits (`SteerQK` of kind
 transcoder), and step 7 draws other transcoder features active at the same position and read below the site.
+On a checkpointed tracer (transcoders and attention-output SAEs, `qktrace.graph.strategy2`) the graph has the
+real head loadings of every edge into an attention feature, so step 2 ranks heads by them (`Graph.top_heads`,
+as on residual-SAE graphs); candidates are the transcoder features and the attention features of the layers
+below a site (`qktrace.analyses.candidates`; each candidate's features of one kind), steered as such
+(`SteerQK` of kind transcoder or attn), and each control draws features of its part's kind.
 
 Budget: at most `ablate + sites + sides * (sites * candidates + 1) * (len(scales) - 1)` intervened
 forward passes (8 + 4 + 2 * 25 * 4 = 212 with the defaults; fewer when candidates coincide), plus
@@ -64,19 +69,20 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
 from ..errors import InputError
 from ..models.tokens import Contrast
-from ..nodes import CODE, Kind
 from ..options import ExplainSettings  # re-exported: explain's settings, declared with the others
 from ..qk import QKAttribution
 from ..steering.interventions import FreezeAttention, Intervention, ScaleHead, run_with
-from .control import carrier_heads, feature_label, has_features, null_for
-from .mechanism import Candidate, HeadEffect, Mechanism, Part, Point, Side, Site
+from .candidates import identity, propose, together
+from .candidates import scaled_row as scaled_row  # re-exported: explain's exact prediction
+from .control import carrier_heads, has_features, null_for
+from .mechanism import Candidate, HeadEffect, Mechanism, Point, Side, Site
 from .null import Null, flips, halves
 
 if TYPE_CHECKING:
@@ -84,7 +90,6 @@ if TYPE_CHECKING:
     from ..tracer import Traced, Tracer
 
 log = logging.getLogger(__name__)
-FEATURE, TRANSCODER = CODE[Kind.FEATURE], CODE[Kind.TRANSCODER]
 SIDES = ("auto", "query", "key")
 MAX_NULLS = 3  # candidates tested against a control at most: the winner and two more
 
@@ -200,14 +205,14 @@ def rank_candidates(
     for s in sides:
         leaders = []  # the strongest predicted candidate of each site, on this side
         for i, site in enumerate(sites):
-            ranked_here = _propose(traced, row, i, site, s, q, settings)
+            ranked_here = propose(traced, row, i, site, s, q, settings)
             leaders += ranked_here[:1]
             for c in ranked_here:
-                proposed.setdefault(_identity(c), c)
+                proposed.setdefault(identity(c), c)
         if len(leaders) > 1:
-            combined.append(_together(leaders))
+            combined.append(together(leaders))
     log.info("explain: ranked %d candidates from %d QK rows", len(proposed), len(atts))
-    return list(proposed.values()), [c for c in combined if _identity(c) not in proposed]
+    return list(proposed.values()), [c for c in combined if identity(c) not in proposed]
 
 
 def confirm_candidates(probe: _Probe, candidates: list[Candidate], settings: ExplainSettings) -> list[Candidate]:
@@ -315,129 +320,6 @@ def attended_key(traced: Traced, layer: int, head: int, query_pos: int) -> int:
     return int(past[int(row[idx].argmax())])
 
 
-# -- attribution: candidates and their predictions (no forward pass) -------------------------------
-
-
-def scaled_row(
-    att: QKAttribution,
-    side: Side,
-    position: int,
-    features: Sequence[int],
-    factor: float,
-    layers: Sequence[int] | None = None,
-) -> Tensor:
-    """The head's attention row [key] with the terms of `features` (on `side`, at `position`) multiplied
-    by `factor`: exact, since a side's terms are parts of the pre-cap score (the same linearisation at
-    frozen norm scales that `SteerQK` applies). `layers`: transcoder features, each read at that layer
-    (None: SAE features of the head's checkpoint)."""
-    comp = att.query if side == "query" else att.key
-    sel = _selected(comp, position, features, layers)
-    per_kc = att.terms[sel].sum(0) if side == "query" else torch.zeros_like(att.terms[0])
-    if side == "key":
-        per_kc = per_kc.index_add(0, sel, att.terms[:, sel].sum(0))
-    per_key = torch.zeros_like(att.sum_of_terms).index_add_(0, att.key_index, per_kc)
-    scores = att.sum_of_terms + (factor - 1.0) * per_key
-    if att.softcap is not None:
-        scores = att.softcap * torch.tanh(scores / att.softcap)
-    return torch.softmax(scores.double(), -1).to(scores.dtype)
-
-
-def _selected(comp: Any, position: int, features: Sequence[int], layers: Sequence[int] | None) -> Tensor:
-    """Indices of the components that are `features` at `position`: SAE features (`layers` None), or the
-    transcoder features read at `layers`."""
-    dev = comp.feature.device
-    at = comp.pos == position
-    if layers is None:
-        feats = torch.as_tensor(list(features), dtype=comp.feature.dtype, device=dev)
-        return ((comp.kind == FEATURE) & at & torch.isin(comp.feature, feats)).nonzero().flatten()
-    width = max([int(comp.feature.max()) if len(comp.feature) else 0, *features]) + 1
-    want = torch.as_tensor([ly * width + f for ly, f in zip(layers, features)], dtype=comp.feature.dtype, device=dev)
-    key = comp.layer.to(dev) * width + comp.feature
-    return ((comp.kind == TRANSCODER) & at & torch.isin(key, want)).nonzero().flatten()
-
-
-def _feature_effects(
-    atts: list[QKAttribution], side: Side, position: int, key_pos: int
-) -> dict[tuple[int, int], float]:
-    """Each active feature's first-order effect on the site's summed attention to its key, by (layer, feature):
-    SAE features of the heads' checkpoint, or transcoder features of the layers below."""
-    per_feature: dict[tuple[int, int], float] = {}
-    for att in atts:
-        comp = att.query if side == "query" else att.key
-        feature = (comp.kind == FEATURE) | (comp.kind == TRANSCODER)
-        idx = (feature & (comp.pos == position)).nonzero().flatten()
-        eff = att.prob_effects(key_pos)  # [q_component, k_component]
-        per = (eff.sum(1) if side == "query" else eff.sum(0))[idx]
-        layers = comp.layer[idx].tolist() if comp.layer is not None else [att.layer] * len(idx)
-        for ly, f, e in zip(layers, comp.feature[idx].tolist(), per.tolist()):
-            per_feature[int(ly), int(f)] = per_feature.get((int(ly), int(f)), 0.0) + float(e)
-    return per_feature
-
-
-def _propose(
-    traced: Traced, row: Any, index: int, site: Site, side: Side, q: int, settings: ExplainSettings
-) -> list[Candidate]:
-    """Candidates of one site and side, ranked by predicted effect (the `settings.candidates` best)."""
-    position = q if side == "query" else site.key_pos
-    kind: Literal["feature", "transcoder"] = "feature" if site.layer in traced.saes else "transcoder"
-    atts = [row(site.layer, h) for h in site.heads]
-    per_feature = _feature_effects(atts, side, position, site.key_pos)
-    sign = 1.0 if site.ablation <= 0 else -1.0  # the site carries the answer: its support raises p(key)
-    order = sorted((f for f in per_feature if per_feature[f] * sign > 0), key=lambda f: -per_feature[f] * sign)
-    if not order:
-        return []
-    groups: list[tuple[str, list[tuple[int, int]]]] = [("feature", [f]) for f in order]
-    groups += [("top-k", order[:k]) for k in settings.top_k if len(order) >= k]
-    by_label: dict[str, list[tuple[int, int]]] = {}
-    for f in per_feature:
-        by_label.setdefault(feature_label(traced, kind, *f), []).append(f)
-    for members in by_label.values():
-        if len(members) > 1 and sum(per_feature[f] for f in members) * sign > 0:
-            groups.append(("supernode", members))
-    # prediction: each head's attention recomputed exactly at the most negative scale, times the site's
-    # ablation effect per unit of its summed attention
-    low = min(settings.scales)
-    base = sum(site.attention)
-    out: dict[tuple[tuple[int, int], ...], Candidate] = {}
-    for group, members in groups:
-        keys = tuple(sorted(members))
-        if keys in out:
-            continue
-        k = [att.key_positions.index(site.key_pos) for att in atts]
-        layers = [ly for ly, _ in keys] if kind == "transcoder" else None
-        feats = [f for _, f in keys]
-        after = tuple(float(scaled_row(att, side, position, feats, low, layers)[i]) for att, i in zip(atts, k))
-        predicted = -(sum(after) - base) * site.ablation / max(base, 1e-6)
-        part = Part(
-            index, site.layer, site.heads, side, position, site.key_pos, tuple(feats),
-            tuple(feature_label(traced, kind, *f) for f in keys), kind, tuple(layers or ()),
-        )  # fmt: skip
-        out[keys] = Candidate(
-            kind=group,  # type: ignore[arg-type]
-            parts=(part,),
-            prob_effect=sum(per_feature[f] for f in keys),
-            predicted=predicted,
-            predicted_attention=after,
-        )
-    ranked = sorted(out.values(), key=lambda c: (c.predicted, -abs(c.prob_effect)))
-    return ranked[: settings.candidates]
-
-
-def _together(leaders: list[Candidate]) -> Candidate:
-    """The strongest predicted candidate of every site, steered together (one part per site)."""
-    return Candidate(
-        kind="sites",
-        parts=tuple(p for c in leaders for p in c.parts),
-        prob_effect=sum(c.prob_effect for c in leaders),
-        predicted=sum(c.predicted for c in leaders),
-        predicted_attention=tuple(a for c in leaders for a in c.predicted_attention),
-    )
-
-
-def _identity(c: Candidate) -> tuple[Any, ...]:
-    return tuple((p.layer, p.heads, p.side, p.position, p.keys) for p in c.parts)
-
-
 # -- confirmation: intervened forward passes -------------------------------------------------------
 
 
@@ -454,7 +336,7 @@ class _Probe:
         self.passes += 1
         return run_with(
             t.model, t.saes, t.trace.tokens, ivs, clean=t.trace, record_attention=record, last_only=True,
-            transcoders=t.transcoders,
+            transcoders=t.transcoders, attention_saes=t.attention_saes,
         )  # fmt: skip
 
     def metric(self, ivs: list[Intervention]) -> float:

@@ -73,18 +73,19 @@ class Part:
     key_pos: int  # the key whose attention it should move
     features: tuple[int, ...]
     labels: tuple[str, ...]
-    kind: Literal["feature", "transcoder"] = "feature"  # residual-SAE features of checkpoint `layer`, or transcoder's
-    feature_layers: tuple[int, ...] = ()  # transcoder features: the layer that reads each (below `layer`)
+    kind: Literal["feature", "transcoder", "attn"] = "feature"  # residual SAE, transcoder, attention-output SAE
+    feature_layers: tuple[int, ...] = ()  # transcoder / attention features: the layer of each (below `layer`)
 
     @property
     def keys(self) -> tuple[tuple[int, int], ...]:
-        """(layer, feature) of each feature: its checkpoint (SAE) or the layer that reads it (transcoder)."""
-        layers = self.feature_layers if self.kind == "transcoder" else (self.layer,) * len(self.features)
+        """(layer, feature) of each feature: its checkpoint (SAE) or its layer (transcoder, attention SAE)."""
+        layers = self.feature_layers if self.kind != "feature" else (self.layer,) * len(self.features)
         return tuple(zip(layers, self.features))
 
     def feature_names(self, table: bool = False) -> tuple[str, ...]:  # `table`: SAE features as L{checkpoint}f{f}
         sae = f"L{self.layer}f" if table else "f"
-        return tuple(f"t{ly}/f{f}" if self.kind == "transcoder" else f"{sae}{f}" for ly, f in self.keys)
+        prefix = {"transcoder": "t", "attn": "a"}.get(self.kind)
+        return tuple(f"{prefix}{ly}/f{f}" if prefix else f"{sae}{f}" for ly, f in self.keys)
 
     @property
     def name(self) -> str:
@@ -92,10 +93,10 @@ class Part:
         return f"L{self.layer} {heads} {self.side}@{self.position} " + "+".join(self.feature_names())
 
     def interventions(self, scale: float) -> list[Intervention]:
-        tc = self.kind == "transcoder"
+        kind = Kind(self.kind)  # "feature", "transcoder" and "attn" are node kinds' values
         return [
             SteerQK(self.layer, self.heads, self.side, f, self.position, scale=float(scale),
-                    kind=Kind.TRANSCODER if tc else Kind.FEATURE, feature_layer=ly if tc else None)
+                    kind=kind, feature_layer=None if kind is Kind.FEATURE else ly)
             for ly, f in self.keys
         ]  # fmt: skip
 

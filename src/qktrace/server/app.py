@@ -1,7 +1,8 @@
 """`create_app(data_dir, tracer=None)`: the local web app's JSON API and its static page.
 
     GET  /                                   the page (static files from qktrace/web/static, no CDN)
-    GET  /api/info                           what is loaded: model, SAE checkpoints, whether it can compute
+    GET  /api/info                           what is loaded: model, SAE checkpoints, transcoder layers, attention
+                                             SAEs (layer, site, width), the graph they build, whether it computes
     GET  /api/graphs                         graph JSON files in the data directory (and files given)
     GET  /api/graphs/{name}                  one graph: {"version", "name", "graph": <circuit-tracer JSON>}
     POST /api/graph                          queue a graph build -> job (429 + Retry-After when the queue is
@@ -254,13 +255,19 @@ def add_info_routes(app: FastAPI, tracer: Tracer | None, features: Features) -> 
             return S.InfoResponse(
                 model=None, checkpoints=sorted(features.d_sae), can_compute=False, features=bool(features.d_sae)
             )
-        m = tracer.model
+        m, ts, att = tracer.model, tracer.transcoders, tracer.attention_saes
+        both = ts is not None and len(tracer.saes) > 0  # which graph to build is ambiguous (Traced.graph_kind)
         return S.InfoResponse(
             model=m.name,
             family=m.family,
             n_layers=m.n_layers,
             n_heads=m.n_heads,
             checkpoints=list(tracer.saes.checkpoints),
+            graph=None if both else "sae" if ts is None else "transcoder" if att is None else "checkpointed",
+            transcoders=[] if ts is None else list(ts.layers),
+            attention_saes=[
+                S.AttentionSAEInfo(layer=x.layer, site=x.site, d_sae=x.d_sae) for x in (att or {}).values()
+            ],
             can_compute=True,
             features=bool(features.d_sae),
         )

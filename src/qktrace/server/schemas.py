@@ -116,12 +116,13 @@ class SweepRequest(PromptRequest):
     also: list[SweepPart] = Field(
         default_factory=list, description="more feature sets steered at the same scale (a mechanism's parts)"
     )
-    kind: Literal["feature", "transcoder"] | None = Field(
+    kind: Literal["feature", "transcoder", "attn"] | None = Field(
         None,
-        description="a residual-SAE or a transcoder feature (default: transcoder when only transcoders are loaded)",
+        description="a residual-SAE, transcoder or attention-SAE feature (default: transcoder when only transcoders "
+        "are loaded)",
     )
     feature_layer: Int | None = Field(
-        None, description="a transcoder feature steered in heads' QK circuits: the layer that reads it (below theirs)"
+        None, description="a transcoder or attention feature steered in heads' QK circuits: its layer (below theirs)"
     )
 
 
@@ -137,12 +138,25 @@ class Defaults(BaseModel):
     qk: dict[str, Any] = Field(default_factory=lambda: dataclasses.asdict(QK))
 
 
+class AttentionSAEInfo(BaseModel):
+    layer: int
+    site: str = Field(description='"z" (hook_z: the heads before W_O) or "attn_out" (the attention output)')
+    d_sae: int
+
+
 class InfoResponse(Versioned):
     model: str | None
     family: str | None = None
     n_layers: int | None = None
     n_heads: int | None = None
     checkpoints: list[int] = Field(default_factory=list, description="checkpoints with an SAE")
+    graph: Literal["sae", "transcoder", "checkpointed"] | None = Field(
+        default=None, description="the graph the dictionaries build (None: no model, or both SAEs and transcoders)"
+    )
+    transcoders: list[int] = Field(default_factory=list, description="layers whose MLP input a transcoder reads")
+    attention_saes: list[AttentionSAEInfo] = Field(
+        default_factory=list, description="attention-output SAEs (strategy-2 checkpoints), one per layer"
+    )
     can_compute: bool = Field(description="a model is loaded: graphs, QK and sweeps can be computed")
     features: bool = Field(description="feature labels or dashboards are available")
     defaults: Defaults = Field(default_factory=lambda: Defaults(), description="the settings' defaults, for forms")

@@ -12,10 +12,13 @@ The algorithm of `run_with(model, saes, prompt, interventions)`:
      a forward hook on the last block for the final residual). A transcoder feature (kind=Kind.TRANSCODER)
      is read at its layer's MLP input site and writes the MLP output of every layer it writes
      (`qktrace.steering.features`): residual adds at checkpoint j + 1, or a forward hook on the MLP module.
+     An attention-output SAE feature (kind=Kind.ATTN_FEATURE) of layer l writes l's attention output: a
+     hook_z row is added to the heads' z before W_O (a forward hook on the attention module adding its image
+     through W_O), an attn_out row to the attention output as it joins the residual (after a post-norm).
    - `SteerQK`: c * v is pushed through the QK circuit only, linearised at the clean run's frozen
      scales: attention-input norm, W_Q (or W_K of the head's kv head), QK-norm, rotary at p. The
      result is a delta on the query (or key) of each chosen head, kept per *query* head. For a transcoder
-     feature v is its writes into the residual the heads' layer reads (`Features.into_residual`).
+     or attention feature v is its writes into the residual the heads' layer reads (`Features.into_residual`).
 3. Run again with the hooks in place. At the attention seam each steered head's scores are recomputed
    from HF's own q and k plus the deltas (same scale, soft-cap and mask as HF), and soft-maxed; every
    other head keeps exactly the pattern HF computed. Frozen heads then get their clean pattern
@@ -34,27 +37,26 @@ running the model with that head's own steered q (or k).
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import Tensor
 
 from ..errors import InputError, check_index
-from ..models.anatomy import Layer
-from ..models.capture import SeamHooks, attention_seam, first_tensor, forward_hooks, output_tensor
 from ..models.model import Model
 from ..models.replay import project, qk_norm_and_rotate
 from ..models.tokens import Positions, resolve_positions
 from ..models.trace import PerLayer, Trace
 from ..nodes import Kind
 from .features import Features, SAELike, steerable_kind
+from .hooks import Plan, applied
 
 if TYPE_CHECKING:
+    from ..saes.attention import AttentionSAESet
     from ..saes.transcoder import TranscoderSet
 
 log = logging.getLogger(__name__)
@@ -83,15 +85,16 @@ def _freeze_positions(obj: Any) -> None:
 class SteerFeature:
     """Steer one feature's output: an SAE feature at checkpoint c (the input of layer c; n_layers = final), its
     decoder added to the residual there; or, with kind=Kind.TRANSCODER, the transcoder feature read at layer
-    `checkpoint`'s MLP input, its decoder added to the MLP output of every layer it writes
-    (`qktrace.steering.features`)."""
+    `checkpoint`'s MLP input, its decoder added to the MLP output of every layer it writes; or, with
+    kind=Kind.ATTN_FEATURE, the attention-output SAE feature of layer `checkpoint`, its decoder added to that
+    layer's attention output at the SAE's site (`qktrace.steering.features`)."""
 
-    checkpoint: int  # the SAE's checkpoint, or the layer whose MLP input the transcoder reads
+    checkpoint: int  # the SAE's checkpoint, the layer whose MLP input the transcoder reads, or the attention layer
     feature: int
     positions: Positions  # int, list of ints, slice or range; negative counts from the end of the prompt
     scale: Amount = None  # activation becomes scale * a
     value: Amount = None  # activation becomes value (injects where the feature is inactive)
-    kind: Kind = Kind.FEATURE  # Kind.FEATURE (residual SAE) or Kind.TRANSCODER
+    kind: Kind = Kind.FEATURE  # Kind.FEATURE (residual SAE), Kind.TRANSCODER or Kind.ATTN_FEATURE
 
     def __post_init__(self) -> None:
         _freeze_positions(self)
@@ -101,8 +104,9 @@ class SteerFeature:
 @dataclass(frozen=True)
 class SteerQK:
     """Steer a feature only inside the QK circuit of `heads` of `layer`: an SAE feature of checkpoint `layer`,
-    or, with kind=Kind.TRANSCODER, the transcoder feature read at layer `feature_layer` (< `layer`), whose
-    writes into the residual that `layer` reads are steered for those heads alone."""
+    or, with kind=Kind.TRANSCODER, the transcoder feature read at layer `feature_layer` (< `layer`), or with
+    kind=Kind.ATTN_FEATURE the attention-output SAE feature of layer `feature_layer` (< `layer`), whose writes
+    into the residual that `layer` reads are steered for those heads alone."""
 
     layer: int
     heads: int | tuple[int, ...]
@@ -111,16 +115,16 @@ class SteerQK:
     positions: Positions  # query positions (side="query") or key positions (side="key")
     scale: Amount = None
     value: Amount = None
-    kind: Kind = Kind.FEATURE  # Kind.FEATURE (residual SAE) or Kind.TRANSCODER
-    feature_layer: int | None = None  # the transcoder feature's layer (None for an SAE feature: `layer`)
+    kind: Kind = Kind.FEATURE  # Kind.FEATURE (residual SAE), Kind.TRANSCODER or Kind.ATTN_FEATURE
+    feature_layer: int | None = None  # the transcoder / attention feature's layer (None for an SAE feature)
 
     def __post_init__(self) -> None:
         _freeze_positions(self)
         object.__setattr__(self, "kind", steerable_kind(self.kind))
-        if (self.kind is Kind.TRANSCODER) != (self.feature_layer is not None):
+        if (self.kind is not Kind.FEATURE) != (self.feature_layer is not None):
             raise InputError(
-                f"SteerQK of kind {self.kind.value} with feature_layer={self.feature_layer}: a transcoder feature "
-                "needs the layer that reads it (feature_layer=), an SAE feature none (it is of checkpoint `layer`)"
+                f"SteerQK of kind {self.kind.value} with feature_layer={self.feature_layer}: a transcoder or "
+                "attention feature needs its layer (feature_layer=), an SAE feature none (it is of checkpoint `layer`)"
             )
         heads = (self.heads,) if isinstance(self.heads, int) else tuple(int(h) for h in self.heads)
         object.__setattr__(self, "heads", heads)
@@ -189,30 +193,17 @@ def _coefficients(iv: SteerFeature | SteerQK, acts: Tensor, pos: list[int]) -> T
     return (iv.scale - 1.0) * a if iv.scale is not None else float(iv.value) - a  # type: ignore[arg-type]
 
 
-@dataclass
-class _Plan:
-    """The explicit numbers of a list of interventions for one sequence (scratch, built per run)."""
-
-    resid_add: dict[int, Tensor] = field(default_factory=dict)  # checkpoint -> [pos, d_model]
-    mlp_add: dict[int, Tensor] = field(default_factory=dict)  # layer -> [pos, d_model] added to the MLP's output
-    q_delta: dict[int, Tensor] = field(default_factory=dict)  # layer -> [head, pos, d_head]
-    k_delta: dict[int, Tensor] = field(default_factory=dict)  # layer -> [head, pos, d_head] per query head
-    recompute: dict[int, set[int]] = field(default_factory=dict)  # layer -> heads whose scores change
-    frozen: set[tuple[int, int]] = field(default_factory=set)
-    head_scale: dict[tuple[int, int], float] = field(default_factory=dict)
-    patched: dict[tuple[int, int], Trace] = field(default_factory=dict)  # (layer, head) -> the trace it reads
-
-
 def _plan(
     model: Model,
     saes: Mapping[int, SAELike],
     clean: Trace | None,
     ivs: Sequence[Intervention],
     transcoders: TranscoderSet | None = None,
-) -> _Plan:
+    attention_saes: AttentionSAESet | None = None,
+) -> Plan:
     L, H = model.n_layers, model.n_heads
-    plan = _Plan()
-    feats = None if clean is None else Features(model, saes, transcoders, clean)
+    plan = Plan()
+    feats = None if clean is None else Features(model, saes, transcoders, clean, attention_saes)
     declared: set[tuple[int, int]] = set()
     for iv in ivs:
         if isinstance(iv, SteerFeature):
@@ -245,7 +236,7 @@ def _add(store: dict[int, Tensor], at: int, like: Tensor, pos: list[int], v: Ten
     add[pos] += v.to(add)
 
 
-def _plan_output(plan: _Plan, feats: Features, iv: SteerFeature) -> None:
+def _plan_output(plan: Plan, feats: Features, iv: SteerFeature) -> None:
     """A feature's output steered: its writes at every site it writes (`Features.output`)."""
     clean = feats.clean
     at = feats.check(iv.kind, iv.checkpoint, iv.feature)
@@ -258,9 +249,13 @@ def _plan_output(plan: _Plan, feats: Features, iv: SteerFeature) -> None:
         _add(plan.resid_add, c, clean.resid[c], pos, v)
     for j, v in writes.mlp.items():
         _add(plan.mlp_add, j, clean.mlp_out[j], pos, v)
+    for j, v in writes.attn.items():
+        _add(plan.attn_add, j, clean.resid[j], pos, v)
+    for j, v in writes.post_attn.items():
+        _add(plan.post_attn_add, j, clean.resid[j], pos, v)
 
 
-def _plan_qk(plan: _Plan, feats: Features, iv: SteerQK) -> set[tuple[int, int]]:
+def _plan_qk(plan: Plan, feats: Features, iv: SteerQK) -> set[tuple[int, int]]:
     """A feature steered inside some heads' QK circuits: its part of the residual those heads read, pushed
     through the frozen attention-input norm, W_Q or W_K, QK-norm and rotary; returns the heads."""
     model, clean = feats.model, feats.clean
@@ -288,7 +283,7 @@ def _plan_qk(plan: _Plan, feats: Features, iv: SteerQK) -> set[tuple[int, int]]:
     return {(layer, h) for h in heads}
 
 
-def _plan_frozen(plan: _Plan, ivs: Sequence[Intervention], declared: set[tuple[int, int]], L: int, H: int) -> None:
+def _plan_frozen(plan: Plan, ivs: Sequence[Intervention], declared: set[tuple[int, int]], L: int, H: int) -> None:
     for iv in ivs:
         if isinstance(iv, FreezeAttention):
             if iv.heads is None:
@@ -305,116 +300,6 @@ def _needs_clean(ivs: Sequence[Intervention]) -> bool:
     return any(isinstance(iv, SteerFeature | SteerQK | FreezeAttention | PatchAttention) for iv in ivs)
 
 
-# -- the hooks -------------------------------------------------------------------------------------
-
-
-@dataclass
-class _Record:
-    resid: dict[int, Tensor] = field(default_factory=dict)
-    scores: dict[int, Tensor] = field(default_factory=dict)
-    patterns: dict[int, Tensor] = field(default_factory=dict)
-
-
-def _recomputed(
-    ly: Layer, plan: _Plan, layer: int, q: Tensor, k: Tensor, x: Tensor, probs: Tensor, masked: Tensor
-) -> tuple[Tensor, Tensor]:
-    """(scores, pattern) of `layer` with the plan's heads recomputed from their steered queries and keys."""
-    kv = ly.kv_head
-    x, new = x.clone(), probs.clone()
-    for h in sorted(plan.recompute[layer]):
-        qh, kh = q[h], k[kv[h]]  # [pos, d_head]
-        if layer in plan.q_delta:
-            qh = qh + plan.q_delta[layer][h].to(qh.dtype)
-        if layer in plan.k_delta:
-            kh = kh + plan.k_delta[layer][h].to(kh.dtype)
-        s = torch.matmul(qh, kh.T) * ly.scale  # [q_pos, k_pos]
-        if ly.softcap is not None:
-            s = ly.softcap * torch.tanh(s / ly.softcap)
-        x[h] = torch.where(masked[h], x[h], s)
-        new[h] = torch.softmax(x[h].float(), dim=-1).to(probs.dtype)
-    return x, new
-
-
-def _replaced(plan: _Plan, clean: Trace | None, layer: int, new: Tensor, probs: Tensor) -> Tensor:
-    """The pattern with the plan's frozen, patched and scaled heads of `layer` put in."""
-    heads = [h for (ly_, h) in plan.frozen if ly_ == layer]
-    scaled = [(h, s) for (ly_, h), s in plan.head_scale.items() if ly_ == layer]
-    patched = [(h, src) for (ly_, h), src in plan.patched.items() if ly_ == layer]
-    if not (heads or scaled or patched):
-        return new
-    new = new.clone() if new is probs else new
-    if heads:
-        assert clean is not None
-        new[heads] = clean.pattern(layer, heads=heads).to(device=new.device, dtype=new.dtype)
-    for h, src in patched:
-        new[h] = src.pattern(layer, heads=[h])[0].to(device=new.device, dtype=new.dtype)
-    for h, factor in scaled:
-        new[h] = new[h] * factor
-    return new
-
-
-@contextlib.contextmanager
-def _applied(model: Model, plan: _Plan, clean: Trace | None, record: set[int]) -> Iterator[_Record]:
-    """Install the plan's hooks plus recorders (attention of the layers in `record`); every hook is
-    removed on exit, even on error."""
-    an, L = model.anatomy, model.n_layers
-    blocks: list[torch.nn.Module] = list(model.blocks)
-    rec = _Record()
-    seen: dict[int, tuple[Tensor, Tensor]] = {}
-
-    def steer_in(add: Tensor) -> Callable[..., Any]:
-        def hook(mod: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-            x = first_tensor(args, kwargs)
-            x = x + add.to(x.dtype)[None]
-            if args and isinstance(args[0], Tensor):
-                return (x, *args[1:]), kwargs
-            return args, {**kwargs, "hidden_states": x}
-
-        return hook
-
-    def steer_out(add: Tensor) -> Callable[..., Any]:
-        def hook(mod: Any, args: Any, kwargs: Any, out: Any) -> Any:
-            x = output_tensor(out)
-            x = x + add.to(x.dtype)[None]
-            return x if isinstance(out, Tensor) else (x, *out[1:])
-
-        return hook
-
-    def record_in(c: int) -> Callable[..., Any]:
-        return lambda mod, args, kwargs: rec.resid.__setitem__(c, first_tensor(args, kwargs)[0].detach())
-
-    def record_out(mod: Any, args: Any, kwargs: Any, out: Any) -> None:
-        rec.resid[L] = output_tensor(out)[0].detach()
-
-    def on_inputs(layer: int, q: Tensor, k: Tensor, v: Tensor) -> None:
-        if layer in plan.recompute:
-            seen[layer] = (q, k)
-        return None
-
-    def on_pattern(layer: int, x: Tensor, probs: Tensor) -> Tensor | None:
-        masked = x <= torch.finfo(x.dtype).min / 2
-        new = probs
-        if layer in plan.recompute:
-            x, new = _recomputed(an.layers[layer], plan, layer, *seen.pop(layer), x, probs, masked)
-        new = _replaced(plan, clean, layer, new, probs)
-        if layer in record:
-            rec.scores[layer] = x.detach().float().masked_fill(masked, float("-inf"))
-            rec.patterns[layer] = new.detach().float()
-        return None if new is probs else new
-
-    steer_pre = [(blocks[c], steer_in(add)) for c, add in plan.resid_add.items() if c < L]
-    steer_post = [(blocks[-1], steer_out(plan.resid_add[L]))] if L in plan.resid_add else []
-    steer_post += [(model.modules.mlp[j], steer_out(add)) for j, add in plan.mlp_add.items()]
-    with (
-        attention_seam(model.attn_modules, SeamHooks(inputs=on_inputs, pattern=on_pattern)),  # first: it locks
-        forward_hooks(steer_pre, pre=True),
-        forward_hooks(steer_post),
-        forward_hooks([(b, record_in(c)) for c, b in enumerate(blocks)], pre=True),
-        forward_hooks([(blocks[-1], record_out)]),
-    ):
-        yield rec
-
-
 # -- public entry points ---------------------------------------------------------------------------
 
 
@@ -428,12 +313,13 @@ def run_with(
     record_attention: bool | Iterable[int] = False,
     last_only: bool = False,
     transcoders: TranscoderSet | None = None,
+    attention_saes: AttentionSAESet | None = None,
 ) -> InterventionResult:
     """One forward pass of `prompt` under all `interventions` (pass `clean` to reuse a clean run).
 
     `record_attention`: keep the scores and patterns of every layer (True) or of the layers given;
-    `last_only`: logits of the last position only; `transcoders`: the set whose features interventions of
-    kind Kind.TRANSCODER steer."""
+    `last_only`: logits of the last position only; `transcoders` / `attention_saes`: the dictionaries whose
+    features interventions of kind Kind.TRANSCODER / Kind.ATTN_FEATURE steer."""
     ids = model.tokenize(prompt)
     ivs = list(interventions)
     if clean is None and _needs_clean(ivs):
@@ -444,8 +330,8 @@ def run_with(
     record = (
         set(range(L)) if record_attention is True else set() if record_attention is False else set(record_attention)
     )
-    plan = _plan(model, saes, clean, ivs, transcoders)
-    with _applied(model, plan, clean, record) as rec:
+    plan = _plan(model, saes, clean, ivs, transcoders, attention_saes)
+    with applied(model, plan, clean, record) as rec:
         logits = model.forward(ids, last_only=last_only)
     return InterventionResult(
         tokens=ids,
@@ -473,6 +359,7 @@ def generate_with(
     interventions: Sequence[Intervention],
     max_new_tokens: int = 5,
     transcoders: TranscoderSet | None = None,
+    attention_saes: AttentionSAESet | None = None,
 ) -> str:
     """Greedy continuation with the interventions re-applied at every step (use_cache off).
 
@@ -483,6 +370,6 @@ def generate_with(
     n = int(ids.shape[0])
     ivs = _pin_positions(interventions, n)
     for _ in range(max_new_tokens):
-        res = run_with(model, saes, ids, ivs, last_only=True, transcoders=transcoders)
+        res = run_with(model, saes, ids, ivs, last_only=True, transcoders=transcoders, attention_saes=attention_saes)
         ids = torch.cat([ids, res.logits[-1].argmax().reshape(1)])
     return model.to_string(ids[n:], special_tokens=True)

@@ -99,10 +99,11 @@ class SteerRequest:
     `checkpoint`. `watch_attention=None`: the first steered head's attention from the last position to the
     steered positions (QK steering only). `options`: scales, side, mode, freeze_others, top_k.
 
-    `kind`: "feature" (a residual-SAE feature) or "transcoder" (a transcoder feature); None: "transcoder" when
-    the tracer holds transcoders and no residual SAEs, else "feature". A transcoder feature is read at layer
-    `feature_layer` (with heads: below the heads' layer) or, without heads, at layer `checkpoint`; steering
-    its output changes the MLP output of every layer it writes."""
+    `kind`: "feature" (a residual-SAE feature), "transcoder" (a transcoder feature) or "attn" (an attention-output
+    SAE feature); None: "transcoder" when the tracer holds transcoders and no residual SAEs, else "feature". A
+    transcoder (attention) feature is of layer `feature_layer` (with heads: below the heads' layer) or, without
+    heads, of layer `checkpoint`; steering its output changes the MLP output of every layer it writes (the
+    attention output of its layer, at its SAE's site)."""
 
     feature: int
     positions: Positions
@@ -112,8 +113,8 @@ class SteerRequest:
     watch_attention: Sequence[tuple[int, int, int, int]] | None = ()
     options: SweepOptions = field(default_factory=SweepOptions)
     also: Sequence[SteerPart] = ()  # more features steered at the same scale (QK steering only)
-    kind: str | None = None  # "feature" | "transcoder" | None (the tracer's kind)
-    feature_layer: int | None = None  # a transcoder feature's layer, when steered inside heads' QK circuits
+    kind: str | None = None  # "feature" | "transcoder" | "attn" | None (the tracer's kind)
+    feature_layer: int | None = None  # a transcoder / attention feature's layer, when steered in heads' QK circuits
 
 
 @dataclass(frozen=True)
@@ -201,26 +202,28 @@ NEEDS_LAYER = "a transcoder feature steered inside QK circuits needs its layer: 
 
 
 def _check_kind(req: SteerRequest, layer: int | None) -> bool:
-    """The request's kind checked against its fields; True when it names a transcoder feature."""
-    if req.kind not in (None, "feature", "transcoder"):
-        raise InputError(f"feature kind {req.kind!r} is neither 'feature' (residual SAE) nor 'transcoder'")
+    """The request's kind checked against its fields; True when it names a transcoder or attention feature."""
+    if req.kind not in (None, "feature", "transcoder", "attn"):
+        raise InputError(
+            f"feature kind {req.kind!r} is not 'feature' (residual SAE), 'transcoder' or 'attn' (attention SAE)"
+        )
     if req.feature_layer is None:
-        if req.kind == "transcoder" and layer is not None:
+        if req.kind in ("transcoder", "attn") and layer is not None:
             raise InputError(
-                "a transcoder feature steered inside QK circuits needs its layer: give feature_layer (--feature-layer)"
+                f"a {req.kind} feature steered inside QK circuits needs its layer: give feature_layer (--feature-layer)"
             )
-        return req.kind == "transcoder"
+        return req.kind in ("transcoder", "attn")
     if req.kind == "feature":
         raise InputError("feature_layer names a transcoder feature's layer: drop it for an SAE feature")
     if layer is None:
         raise InputError("feature_layer is for steering inside heads' QK circuits: give heads, or use checkpoint")
     if _int(req.feature_layer, "feature layer") < 0 or req.feature_layer >= layer:
         raise InputError(
-            f"a transcoder feature of layer {req.feature_layer} writes nothing layer {layer}'s heads read: "
-            f"give a feature layer in 0..{layer - 1}"
+            f"a {req.kind or 'transcoder'} feature of layer {req.feature_layer} writes nothing layer {layer}'s heads "
+            f"read: give a feature layer in 0..{layer - 1}"
         )
     if req.also:
-        raise InputError("steering more parts ('also') is for residual-SAE features: steer transcoder features alone")
+        raise InputError("steering more parts ('also') is for residual-SAE features: steer this feature alone")
     return True
 
 
@@ -232,6 +235,8 @@ def feature_kind(traced: Traced, kind: str | None) -> Kind:
         kind = "transcoder" if traced.transcoders is not None and not len(traced.saes) else "feature"
     if kind == "transcoder" and traced.transcoders is None:
         raise InputError("a transcoder feature was asked for but no transcoders are loaded: pass --transcoders")
+    if kind == "attn" and traced.attention_saes is None:
+        raise InputError("an attention feature was asked for but no attention SAEs are loaded: pass --attention-saes")
     return Kind(kind)
 
 
@@ -261,6 +266,7 @@ class Steering:
             watch_attention=self.watch_attention,
             top_k=self.top_k,
             transcoders=t.transcoders,
+            attention_saes=t.attention_saes,
         )
 
 
@@ -289,9 +295,9 @@ def build_steering(traced: Traced, req: SteerRequest | Checked) -> Steering:
     model, n_pos = traced.model, traced.trace.n_pos
     L = model.n_layers
     kind = feature_kind(traced, r.kind or ("transcoder" if r.feature_layer is not None else None))
-    if kind.value == "transcoder" and checked.layer is not None and r.feature_layer is None:
+    if kind.value != "feature" and checked.layer is not None and r.feature_layer is None:
         raise InputError(
-            "a transcoder feature steered inside QK circuits needs its layer: give feature_layer (--feature-layer)"
+            f"a {kind.value} feature steered inside QK circuits needs its layer: give feature_layer (--feature-layer)"
         )
     c = check_index(checked.checkpoint, L + 1, "checkpoint")
     if checked.layer is not None:
@@ -299,7 +305,7 @@ def build_steering(traced: Traced, req: SteerRequest | Checked) -> Steering:
         n_heads = model.anatomy.layers[layer].n_heads
         heads = tuple(check_index(h, n_heads, "head") for h in checked.heads)
     feature, active = _active(traced, kind, c, r.feature)
-    where = f"checkpoint {c}" if kind.value == "feature" else f"transcoder layer {c}"
+    where = {"feature": f"checkpoint {c}", "attn": f"attention layer {c}"}.get(kind.value, f"transcoder layer {c}")
     pos = _positions(r.positions, n_pos)
     if o.mode == "scale" and not set(active) & set(pos):
         at = f"positions {active[:20]}" if active else "no position of this prompt"
@@ -319,7 +325,7 @@ def build_steering(traced: Traced, req: SteerRequest | Checked) -> Steering:
             watch.append((ly, h, q, check_index(k, n_pos, "watched key position", allow_negative=True)))
     amount: dict[str, Any] = {o.mode: SCALE}  # the swept number scales the activation, or replaces it
     ivs: list[Intervention]
-    f_layer = c if kind.value == "transcoder" and checked.layer is not None else None
+    f_layer = c if kind.value != "feature" and checked.layer is not None else None
     if checked.layer is not None:
         ivs = [SteerQK(layer, heads, o.side, feature, tuple(pos), **amount, kind=kind, feature_layer=f_layer)]
         ivs += [
@@ -339,7 +345,9 @@ def build_steering(traced: Traced, req: SteerRequest | Checked) -> Steering:
 
 
 def _name(kind: Kind, c: int, feature: int) -> str:
-    return f"feature {feature} of checkpoint {c}" if kind.value == "feature" else f"transcoder feature {c}/{feature}"
+    if kind.value == "feature":
+        return f"feature {feature} of checkpoint {c}"
+    return f"{'attention' if kind.value == 'attn' else 'transcoder'} feature {c}/{feature}"
 
 
 def _active(traced: Traced, kind: Kind, c: int, feature: int) -> tuple[int, list[int]]:
@@ -351,7 +359,7 @@ def _active(traced: Traced, kind: Kind, c: int, feature: int) -> tuple[int, list
         return feature, sorted(set(acts.pos[acts.feature == feature].tolist()))
     from .features import Features
 
-    feats = Features(traced.model, traced.saes, traced.transcoders, traced.trace)
+    feats = Features(traced.model, traced.saes, traced.transcoders, traced.trace, traced.attention_saes)
     feats.check(kind, c, feature)
     return feature, (feats.acts(kind, c)[:, feature] != 0).nonzero().flatten().tolist()
 

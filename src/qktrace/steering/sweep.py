@@ -17,6 +17,7 @@ from ..models.model import Model
 from .interventions import Intervention, SAELike, ScalePlaceholder, run_with
 
 if TYPE_CHECKING:
+    from ..saes.attention import AttentionSAESet
     from ..saes.transcoder import TranscoderSet
 
 log = logging.getLogger(__name__)
@@ -45,11 +46,13 @@ def sweep(
     top_k: int = 5,
     pos: int = -1,
     transcoders: TranscoderSet | None = None,
+    attention_saes: AttentionSAESet | None = None,
 ) -> pd.DataFrame:
     """One row per scale: top-k next tokens and probabilities at `pos`, watched tokens' probabilities,
     the logit difference of the first two watched tokens, and watched attention weights.
 
-    `transcoders`: the set whose features interventions of kind Kind.TRANSCODER steer.
+    `transcoders` / `attention_saes`: the dictionaries whose features interventions of kind Kind.TRANSCODER /
+    Kind.ATTN_FEATURE steer.
     Columns: scale, top_1..top_k, p_top_1..p_top_k, 'p:<token>' per watched token, logit_diff (with
     two or more watched tokens), and 'attn:L<layer>.H<head>:<q_pos>-><k_pos>' per watched weight.
     """
@@ -77,6 +80,7 @@ def sweep(
             record_attention=layers,
             last_only=p == n - 1,
             transcoders=transcoders,
+            attention_saes=attention_saes,
         )
         logits = res.logits[p if p < n - 1 else -1].float()
         probs = torch.softmax(logits, dim=-1)
