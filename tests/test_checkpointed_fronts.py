@@ -88,3 +88,34 @@ def test_server_sweep_and_explain_steer_attention_features(tiny_models, tmp_path
     r = client.post("/api/explain", json={"tokens": tokens, "answer": "Sally", "null_draws": 2})
     assert r.status_code == 200, r.text
     assert r.json()["mechanism"]["verdict"]
+
+
+def test_cli_steer_takes_attention_saes_and_kind(capsys, tiny_models, tiny_paths, tmp_path):
+    """`qktrace steer --transcoders T --attention-saes A --kind attn` prints what the library's sweep gives."""
+    import json
+
+    from qktrace.cli import main
+    from qktrace.options import SweepOptions
+    from qktrace.steering.requests import SteerRequest, build_steering
+    from qktrace.testing import write_attention_saes
+
+    model = tiny_models["llama"]
+    ct = write_transcoder_set(tmp_path / "ct", model.d_model, model.n_layers)
+    att = write_attention_saes(tmp_path / "att", random_attention_saes(model, ("z", "attn_out"), d_sae=40))
+    tracer = Tracer.load(tiny_paths["llama"], transcoders=ct, attention_saes=att)
+    traced = tracer.run(A)
+    x = traced.writers().att
+    f = int(x.index[(x.layer == 0) & (x.pos == 3)][0])
+    base = ["steer", str(tiny_paths["llama"]), "--transcoders", str(ct), "--attention-saes", str(att)]
+    args = [*base, "--device", "cpu", "--prompt", A, "--json", "--kind", "attn", "--feature", str(f)]
+    qk = [*args, "--layer", "1", "--heads", "1", "--feature-layer", "0", "--positions", "3", "--side", "key"]
+    assert main([*qk, "--scales", "0,2"]) == 0, capsys.readouterr().err
+    got = json.loads(capsys.readouterr().out)
+    req = SteerRequest(
+        f, 3, heads=[(1, 1)], feature_layer=0, kind="attn", options=SweepOptions(side="key", scales="0,2")
+    )
+    want = build_steering(traced, req).run()
+    assert [r["p_top_1"] for r in got] == pytest.approx(want["p_top_1"].tolist(), abs=1e-6)
+    assert main([*args, "--layer", "0", "--positions", "3", "--scales", "0,3"]) == 0  # its output, no heads
+    capsys.readouterr()
+    assert main([*args[:-4], "--kind", "nope", "--feature", str(f), "--layer", "0", "--positions", "3"]) == 2

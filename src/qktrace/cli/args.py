@@ -177,7 +177,7 @@ def attention_saes_path(text: str) -> str:
 
 def _transcoders_arg(sp: argparse.ArgumentParser, attention: bool = False) -> None:
     """--transcoders for every command that loads a model for graphs, QK, steering or jobs; --attention-saes
-    (`attention=True`) only where checkpointed graphs are built (graph, qk, serve)."""
+    (`attention=True`) where checkpointed tracers work (graph, qk, steer, explain, compare, serve; not the jobs)."""
     sp.add_argument(
         "--transcoders",
         type=transcoders_path,
@@ -300,12 +300,18 @@ def _steer(sub: Sub, commands: Commands) -> None:
     sp.add_argument("--feature", type=feature, required=True)
     sp.add_argument("--positions", required=True, help="5, 3:7 or 2,4 (negative counts from the end)")
     sp.add_argument("--heads", help="comma-separated heads of --layer: steer only inside their QK circuit")
-    _transcoders_arg(sp)
+    _transcoders_arg(sp, attention=True)
     sp.add_argument(
         "--feature-layer",
         type=int_in(0),
         help="with --transcoders and --heads: the layer whose transcoder reads the feature (below --layer); "
         "without --heads, --layer is that layer and the feature's output is steered",
+    )
+    sp.add_argument(
+        "--kind",
+        choices=("feature", "transcoder", "attn"),
+        help="what --feature indexes: a residual-SAE feature, a transcoder feature or an attention-SAE feature "
+        "(default: transcoder with --transcoders and no --saes, else feature)",
     )
     for name in ("side", "mode", "scales", "freeze_others"):
         setting(sp, SweepOptions, name)
@@ -321,7 +327,7 @@ def _explain(sub: Sub, commands: Commands) -> None:
     sp.add_argument("--answer", required=True, help="the answer's token, e.g. ' Sally' (with its leading space)")
     sp.add_argument("--rival", help="the token it should beat (default: the clean runner-up)")
     sp.add_argument("--side", choices=("auto", "query", "key"), default="auto", help="where candidates are sought")
-    _transcoders_arg(sp)
+    _transcoders_arg(sp, attention=True)
     setting(sp, ExplainSettings, "null_draws")
     setting(sp, ExplainSettings, "null_seed")
     sp.add_argument("--json", action="store_true", help="print the mechanism as one JSON object")
@@ -336,7 +342,7 @@ def _compare(sub: Sub, commands: Commands) -> None:
     sp.add_argument("--query-pos", type=int, default=-1, help="the attending position (default -1, the last)")
     sp.add_argument("--answer", help="a token: logit(answer) - logit(rival) in both prompts")
     sp.add_argument("--rival", help="default: prompt A's runner-up")
-    _transcoders_arg(sp)
+    _transcoders_arg(sp, attention=True)
     setting(sp, CompareOptions, "top")
     setting(sp, CompareOptions, "top_terms")
     sp.add_argument("--json", action="store_true", help="print the comparison as one JSON object")

@@ -208,7 +208,7 @@ def steer_request(args: argparse.Namespace) -> SteerRequest:
         watch_tokens=[check_text(w, "watched token") for w in args.watch],
         watch_attention=parse_watch_attn(args.watch_attn) if (args.watch_attn or not heads) else None,
         options=SweepOptions(side=args.side, mode=args.mode, scales=args.scales, freeze_others=args.freeze_others),
-        kind="transcoder" if args.transcoders is not None and args.saes is None else None,
+        kind=args.kind or ("transcoder" if args.transcoders is not None and args.saes is None else None),
         feature_layer=args.feature_layer,
     )
 
