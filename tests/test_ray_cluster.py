@@ -24,9 +24,11 @@ import pytest
 
 from qktrace.errors import InputError
 from qktrace.jobs.batch import BatchOptions, trace_batch
+from qktrace.jobs.dashboards import DashboardOptions, build_dashboards
 from qktrace.jobs.pool import check_reachable
 from qktrace.testing import JobSetup, make_job_setup, tree
 
+DASH = DashboardOptions(seq_len=24, n_contexts=3)  # what the CLI's --seq-len and --contexts give
 BOUND_S = 3.0  # the greeting bound the refusals below are given
 
 
@@ -246,6 +248,7 @@ def batch_cli(job: JobSetup, prompts: Path, out: Path, *more: str) -> list[str]:
     return [*cli, "--prompts", str(prompts), "--out", str(out), "--workers", "2", *more]
 
 
+@pytest.mark.slow
 def test_batch_on_a_head_node_equals_one_process(
     head: tuple[str, str, dict[str, str]], job: JobSetup, one_process: tuple[Path, Path], tmp_path: Path
 ) -> None:
@@ -262,6 +265,23 @@ def test_batch_on_a_head_node_equals_one_process(
     assert off_loopback(sorted(seen)) == []
 
 
+@pytest.mark.slow
+def test_dashboards_through_ray_client_equal_one_process(
+    head: tuple[str, str, dict[str, str]], job: JobSetup, tmp_path: Path
+) -> None:
+    """`qktrace dashboards --ray-address ray://127.0.0.1:PORT` against the token-authenticated head."""
+    _, client, env = head
+    build_dashboards(job.model, job.saes, job.corpus, tmp_path / "one", options=DASH, device="cpu")
+    cli = [sys.executable, "-m", "qktrace", "dashboards", str(job.model), "--saes", str(job.saes), "--device", "cpu"]
+    cli += ["--corpus", str(job.corpus), "--out", str(tmp_path / "two"), "--seq-len", str(DASH.seq_len)]
+    cli += ["--contexts", str(DASH.n_contexts), "--workers", "2", "--ray-address", client]
+    seen, code, err = run_watched(cli, env, 150)
+    assert code == 0, err[-3000:]
+    assert tree(tmp_path / "two") == tree(tmp_path / "one")
+    assert off_loopback(sorted(seen)) == []
+
+
+@pytest.mark.slow
 def test_a_local_runtime_keeps_to_loopback(job: JobSetup, one_process: tuple[Path, Path], tmp_path: Path) -> None:
     """`--workers 2` without an address: a fresh local Ray runtime (never a cluster found on the machine), every
     socket of it on 127.0.0.1 although nothing in the environment asks for that."""
@@ -301,6 +321,7 @@ def run_watched(cli: list[str], env: dict[str, str], timeout: float) -> tuple[se
     return seen, code, b"".join(err).decode(errors="replace")
 
 
+@pytest.mark.slow
 def test_a_wrong_token_is_named_as_what_failed(
     head: tuple[str, str, dict[str, str]], job: JobSetup, one_process: tuple[Path, Path], tmp_path: Path
 ) -> None:
