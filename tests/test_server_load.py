@@ -134,9 +134,12 @@ def _abandon(url: str, path: str, body: dict) -> socket.socket:
     return sock
 
 
-def test_disconnected_clients_work_is_cancelled(setup, tmp_path, caplog):
+@pytest.mark.parametrize("path", ["/api/sweep", "/api/explain"])
+def test_disconnected_clients_work_is_cancelled(setup, tmp_path, caplog, path):
     k = 6
-    sweep = {"tokens": setup.tokens, "heads": [[1, 0]], "feature": 3, "positions": [2], "scales": "0:2:12"}
+    body = {"tokens": setup.tokens, "heads": [[1, 0]], "feature": 3, "positions": [2], "scales": "0:2:12"}
+    if path == "/api/explain":
+        body = {"tokens": setup.tokens, "answer": setup.tokens[1], "null_draws": 0}
     app = create_app(tmp_path, setup.tracer)
     engine = app.state.engine
     with (
@@ -146,19 +149,19 @@ def test_disconnected_clients_work_is_cancelled(setup, tmp_path, caplog):
         caplog.at_level(logging.INFO, logger="qktrace.server.work"),
     ):
         start = time.monotonic()
-        assert client.post("/api/sweep", json=sweep).status_code == 200
+        assert client.post(path, json=body).status_code == 200
         alone = time.monotonic() - start  # one request's own time
-        gone = [_abandon(url, "/api/sweep", sweep) for _ in range(k)]
+        gone = [_abandon(url, path, body) for _ in range(k)]
         wait_until(lambda: engine.work.active == k, f"{k} requests admitted")
         time.sleep(alone / 3)  # the first is running
         for s in gone:
             s.close()
         start = time.monotonic()
-        assert client.post("/api/sweep", json=sweep).status_code == 200
+        assert client.post(path, json=body).status_code == 200
         after = time.monotonic() - start
         # without cancelling, the next request waits for k of them: about (k + 1) * alone
         assert after < alone * 2.5, (alone, after)
-        log.info("one sweep alone %.2f s; after %d abandoned ones %.2f s", alone, k, after)
+        log.info("%s alone %.2f s; after %d abandoned ones %.2f s", path, alone, k, after)
         wait_until(lambda: client.get("/api/info").json()["load"]["cancelled"] == k, f"{k} cancelled")
     cancelled = [r.getMessage() for r in caplog.records if "cancelled" in r.getMessage()]
     assert len(cancelled) == k and all("the client disconnected" in c for c in cancelled), cancelled

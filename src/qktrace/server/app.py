@@ -115,7 +115,7 @@ class Guard:
         """Hand the request on with its body, while watching for the client to go: then its `work.Token` is
         cancelled (its model work stops at the next layer, or never runs) and the app sees the disconnect."""
         token, gone = Token(), anyio.Event()
-        scope.setdefault("state", {})[SCOPE_KEY] = token
+        scope[SCOPE_KEY] = token  # this request's own scope (not "state", which a server may share)
         pending = [{"type": "http.request", "body": body, "more_body": False}]
 
         async def watch() -> None:

@@ -147,7 +147,7 @@ class Engine:
 
     async def run(self, request: Request, fn: Callable[[], T]) -> T:
         """Run a request's model work `fn` (its checks, then the model) in `work`, cancelled when the client goes."""
-        token = request.scope.get("state", {}).get(SCOPE_KEY) or Token()
+        token = request.scope.get(SCOPE_KEY) or Token()
         future = self.work.submit(fn, token, f"{request.method} {request.url.path[:80]}")
         try:
             return await asyncio.wrap_future(future)

@@ -30,7 +30,7 @@ from .store import ApiError
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-SCOPE_KEY = "qktrace.cancel"  # the request's Token, in the ASGI scope's "state" (set by app.Guard)
+SCOPE_KEY = "qktrace.cancel"  # the request's Token, in its ASGI scope (set by app.Guard)
 POLL_S = 0.1  # how often a waiting piece looks at its token
 
 
