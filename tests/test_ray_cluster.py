@@ -266,11 +266,14 @@ def test_batch_on_a_head_node_equals_one_process(
 
 
 @pytest.mark.slow
-def test_dashboards_through_ray_client_equal_one_process(
-    head: tuple[str, str, dict[str, str]], job: JobSetup, tmp_path: Path
+@pytest.mark.parametrize("form", ["ray://", "auto"])
+def test_dashboards_through_ray_client_or_auto_equal_one_process(
+    head: tuple[str, str, dict[str, str]], job: JobSetup, tmp_path: Path, form: str
 ) -> None:
-    """`qktrace dashboards --ray-address ray://127.0.0.1:PORT` against the token-authenticated head."""
+    """`qktrace dashboards --ray-address ray://127.0.0.1:PORT` (or `auto`: the head this machine's Ray
+    address file names) against the token-authenticated head."""
     _, client, env = head
+    client = client if form == "ray://" else "auto"
     build_dashboards(job.model, job.saes, job.corpus, tmp_path / "one", options=DASH, device="cpu")
     cli = [sys.executable, "-m", "qktrace", "dashboards", str(job.model), "--saes", str(job.saes), "--device", "cpu"]
     cli += ["--corpus", str(job.corpus), "--out", str(tmp_path / "two"), "--seq-len", str(DASH.seq_len)]

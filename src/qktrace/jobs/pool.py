@@ -304,6 +304,20 @@ def _is_loopback(address: str | None) -> bool:
     return where is not None and where[0] in LOOPBACK_HOSTS
 
 
+def resolve_auto(address: str) -> str:
+    """What `auto` names, read as Ray reads it (RAY_ADDRESS, else this machine's Ray address file), so that
+    it is checked and kept on loopback like an address given; `auto` itself when there is none."""
+    if address.strip() != "auto":
+        return address
+    if os.environ.get("RAY_ADDRESS"):
+        return os.environ["RAY_ADDRESS"]
+    try:
+        from ray._private.utils import read_ray_address
+    except ImportError:  # another Ray: leave `auto` to it
+        return address
+    return read_ray_address() or address
+
+
 @contextlib.contextmanager
 def loopback(ray: Any) -> Iterator[None]:
     """While inside, Ray keeps 127.0.0.1 as the node's address: a local runtime (and the workers it starts)
@@ -376,6 +390,8 @@ def worker_pool(
             log.warning("Ray is not installed (pip install 'qktrace[scale]'): running in one process")
         yield LocalPool(factory)
         return
+    if ray_address is not None:
+        ray_address = resolve_auto(ray_address)
     with loopback(ray) if _is_loopback(ray_address) else contextlib.nullcontext():
         started = _start(ray, ray_address)
         pool = RayPool(ray, factory, workers, gpu)
