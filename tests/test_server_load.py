@@ -238,3 +238,16 @@ def test_checkpoints_stop_between_layers_and_go_away(setup):
     finally:
         for h in hooks:
             h.remove()
+
+
+def test_serve_checks_its_queue_before_loading(tmp_path):
+    from qktrace.cli.args import build_parser
+    from qktrace.cli.commands import COMMANDS
+    from qktrace.errors import InputError
+    from qktrace.server import serve
+
+    assert build_parser(COMMANDS).parse_args(["serve", "--queue", "3"]).queue == 3
+    assert build_parser(COMMANDS).parse_args(["serve"]).queue == LIMITS.max_queued_jobs
+    for bad in (0, 1025, True):
+        with pytest.raises(InputError, match="queue .* is not a number of requests in 1..1024"):
+            serve([str(tmp_path)], model="no-such-model", queue=bad)
