@@ -14,7 +14,7 @@ import qktrace
 from qktrace.errors import InputError
 from qktrace.jobs.batch import BatchOptions, read_prompts, trace_batch, trace_prompt
 from qktrace.jobs.dashboards import DashboardOptions, build_dashboards
-from qktrace.jobs.pool import import_ray, worker_pool
+from qktrace.jobs.pool import import_ray, loopback, worker_pool
 from qktrace.options import GraphOptions
 from qktrace.testing import JobSetup as Setup
 from qktrace.testing import make_job_setup, tree
@@ -31,10 +31,13 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> Setup:
 
 @pytest.fixture(scope="module")
 def ray_runtime() -> Any:
-    # workers get 1 CPU (so 1 torch thread) each, as the test process has (conftest): the same numerics
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield ray
-    ray.shutdown()
+    # workers get 1 CPU (so 1 torch thread) each, as the test process has (conftest): the same numerics; a fresh
+    # runtime (never a cluster found on the machine), on 127.0.0.1 only
+    with loopback(ray):
+        local = dict(address="local", _node_ip_address="127.0.0.1")
+        ray.init(**local, num_cpus=2, include_dashboard=False, log_to_driver=False)
+        yield ray
+        ray.shutdown()
 
 
 class _Stop(Exception):

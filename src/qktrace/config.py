@@ -121,9 +121,11 @@ class Limits:
     server_max_tokens: int = 1024  # tokens of one prompt the server traces (qktrace serve --max-tokens)
     max_prompt_chars: int = 100_000  # characters of prompt text the server tokenizes
     max_request_bytes: int = 1 << 20  # body of one API request
-    max_queued_jobs: int = 8  # graph jobs queued or running; one more is answered 429 with Retry-After
+    # model work (QK, sweep, compare, explain requests; graph and explain jobs) queued or running in the server,
+    # each on a thread of its own; one more is answered 429 with Retry-After (qktrace serve --queue)
+    max_queued_jobs: int = 8
     retry_after_s: int = 10  # the Retry-After of that 429 (and of a 503)
-    model_wait_s: float = 120.0  # how long a QK or sweep request waits for the model (a graph build) before a 503
+    model_wait_s: float = 120.0  # how long admitted model work waits for its turn and the model before a 503
     max_finished_jobs: int = 256  # finished jobs remembered (the oldest finished are forgotten first)
     trace_cache_bytes: int = 1 << 30  # traced prompts the server keeps for further questions
     max_graph_file_bytes: int = 256 << 20  # a graph file the server reads (bigger ones are listed as invalid)

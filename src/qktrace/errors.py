@@ -9,7 +9,8 @@
     ├── OutOfRangeError          layer, head, position or feature index out of range
     │   └── MissingSAEError      no SAE at a checkpoint asked for (raised by `saes.sae_at` / `require_saes` only;
     │                            also an InputError and an SAEMismatchError, the types this check raised before)
-    └── GraphFileError           graph JSON that is corrupt or of an unknown version
+    ├── GraphFileError           graph JSON that is corrupt or of an unknown version
+    └── Cancelled                work stopped at a checkpoint because whoever asked for it is gone (the server)
 
 The CLI catches QKTraceError and prints its message on one line (exit 2), never a traceback.
 """
@@ -54,6 +55,10 @@ class MissingSAEError(OutOfRangeError, InputError, SAEMismatchError):
 
 class GraphFileError(QKTraceError):
     pass
+
+
+class Cancelled(QKTraceError):
+    """Work stopped at a checkpoint (between layers) or before it ran: its requester went away."""
 
 
 def check_index(value: int, size: int, what: str, *, allow_negative: bool = False) -> int:

@@ -370,6 +370,13 @@ def _serve(sub: Sub, commands: Commands) -> None:
         default=LIMITS.server_max_tokens,
         help=f"longest prompt the server traces, in tokens (default {LIMITS.server_max_tokens})",
     )
+    sp.add_argument(
+        "--queue",
+        type=int_in(1, 1024),
+        default=LIMITS.max_queued_jobs,
+        help="requests and jobs that run the model, queued or running at once; one more is answered 429 "
+        f"(default {LIMITS.max_queued_jobs})",
+    )
     sp.add_argument("--host", default="127.0.0.1", help="default 127.0.0.1 (this machine only)")
     sp.add_argument("--port", type=port, default=8000)
     sp.add_argument("--open", action="store_true", help="open a browser tab")

@@ -297,6 +297,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         max_memory=args.max_memory,
         max_tokens=args.max_tokens,
+        queue=args.queue,
         labels=args.labels,
         transcoders=args.transcoders,
         attention_saes=args.attention_saes,

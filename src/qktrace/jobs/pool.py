@@ -3,8 +3,10 @@
 1. Each worker holds one replica of the model (`Worker`, built by a picklable factory from a `TracerSpec`,
    what `Tracer.load` takes, or from a loaded Tracer in this process) and turns a shard's payload into
    files (`ShardResult`).
-2. The pool is this process, or Ray actors: a local Ray runtime, or an existing cluster given its
-   address; one GPU per worker where the cluster has GPUs.
+2. The pool is this process, or Ray actors: a fresh local Ray runtime on 127.0.0.1 only, or an existing
+   cluster given its address (checked first: something must answer there as Ray does, within
+   `RAY_CONNECT_TIMEOUT_S`; a token-authenticated cluster gets this process's token, as Ray expects it;
+   a loopback address stays on loopback); one GPU per worker where the cluster has GPUs.
 3. Progress (shards done, tokens, tokens/s) goes to a callback; `progress_bar()` draws it with rich.
 
 Ray is the optional `qktrace[scale]` extra: without it the same job runs in this process, with the same
@@ -18,6 +20,7 @@ import logging
 import os
 import re
 import socket
+import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
@@ -251,25 +254,136 @@ def import_ray(required: bool) -> Any:
     return ray
 
 
-RAY_CONNECT_TIMEOUT_S = 10.0  # how long a Ray address may take to accept a connection
+RAY_CONNECT_TIMEOUT_S = 10.0  # how long a Ray address may take to accept a connection and greet as Ray does
+# HTTP/2's client preface and an empty SETTINGS frame: every Ray endpoint an address names (the GCS at
+# HOST:6379, the client server at ray://HOST:10001) speaks gRPC, and answers with a SETTINGS frame of its own
+_HTTP2_HELLO = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0])
+_SETTINGS = 4
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"  # "0": Ray keeps 127.0.0.1 as the node's address
+
+
+def _host_port(address: str) -> tuple[str, int] | None:
+    m = re.fullmatch(r"(?:ray://)?\[?([A-Za-z0-9.:-]+?)\]?:([0-9]{1,5})", address.strip())
+    return None if m is None else (m[1], int(m[2]))
+
+
+def _greeting(sock: socket.socket, deadline: float) -> bytes:
+    """The first 9 bytes (a frame header) the peer sends after our HTTP/2 hello, or fewer at the deadline."""
+    sock.sendall(_HTTP2_HELLO)
+    got = b""
+    while len(got) < 9:
+        sock.settimeout(max(0.01, deadline - time.monotonic()))
+        chunk = sock.recv(9 - len(got))
+        if not chunk:
+            break
+        got += chunk
+    return got
 
 
 def check_reachable(address: str, timeout: float = RAY_CONNECT_TIMEOUT_S) -> None:
     """Refuse, within `timeout` seconds, a `HOST:PORT` or `ray://HOST:PORT` where nothing accepts a
-    connection (Ray itself would wait without bound); `auto` and other forms are left to Ray."""
-    m = re.fullmatch(r"(?:ray://)?\[?([A-Za-z0-9.:-]+?)\]?:([0-9]{1,5})", address.strip())
-    if m is None:
+    connection, or where what accepts does not answer as Ray's gRPC endpoints do (Ray itself would wait
+    without bound); `auto` and other forms are left to Ray."""
+    where = _host_port(address)
+    if where is None:
         return
-    host, port = m[1], int(m[2])
+    deadline = time.monotonic() + timeout
+    usage = "start the head node (ray start --head), or check the host and port (ray://HOST:10001, HOST:6379, or auto)"
     try:
-        with socket.create_connection((host, port), timeout=timeout):
-            pass
+        with socket.create_connection(where, timeout=timeout) as sock:
+            try:
+                hello = _greeting(sock, deadline)
+            except OSError:  # timed out, or reset: either way not Ray
+                hello = b""
     except OSError as e:
         reason = "timed out" if isinstance(e, TimeoutError) else (e.strerror or type(e).__name__)
         raise InputError(
-            f"nothing answers at Ray address {address[:100]} ({reason}, waited at most {timeout:g} s): start the "
-            "head node (ray start --head), or check the host and port (ray://HOST:10001, HOST:6379, or auto)"
+            f"nothing answers at Ray address {address[:100]} ({reason}, waited at most {timeout:g} s): {usage}"
         ) from None
+    if len(hello) < 9 or hello[3] != _SETTINGS:
+        raise InputError(
+            f"the Ray address {address[:100]} accepts connections but does not answer as Ray does (no gRPC greeting "
+            f"within {timeout:g} s): it is another service; {usage}"
+        )
+
+
+def _is_loopback(address: str | None) -> bool:
+    """A local runtime (no address), or a `HOST:PORT` / `ray://HOST:PORT` on this machine's loopback."""
+    if address is None:
+        return True
+    where = _host_port(address)
+    return where is not None and where[0] in LOOPBACK_HOSTS
+
+
+def resolve_auto(address: str) -> str:
+    """What `auto` names, read as Ray reads it (RAY_ADDRESS, else this machine's Ray address file), so that
+    it is checked and kept on loopback like an address given; `auto` itself when there is none."""
+    if address.strip() != "auto":
+        return address
+    if os.environ.get("RAY_ADDRESS"):
+        return os.environ["RAY_ADDRESS"]
+    try:
+        from ray._private.utils import read_ray_address
+    except ImportError:  # another Ray: leave `auto` to it
+        return address
+    return read_ray_address() or address
+
+
+@contextlib.contextmanager
+def loopback(ray: Any) -> Iterator[None]:
+    """While inside, Ray keeps 127.0.0.1 as the node's address: a local runtime (and the workers it starts)
+    binds and dials loopback only. By default Ray rewrites 127.0.0.1 to the machine's network address
+    (`RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER`, read at import, hence the constant set here too)."""
+    constants = getattr(getattr(ray, "_private", None), "ray_constants", None)
+    old_env, old_flag = os.environ.get(LOOPBACK_ENV), getattr(constants, "ENABLE_RAY_CLUSTER", None)
+    os.environ[LOOPBACK_ENV] = "0"
+    if old_flag is not None:
+        constants.ENABLE_RAY_CLUSTER = False  # type: ignore[union-attr]
+    try:
+        yield
+    finally:
+        if old_env is None:
+            os.environ.pop(LOOPBACK_ENV, None)
+        else:
+            os.environ[LOOPBACK_ENV] = old_env
+        if old_flag is not None:
+            constants.ENABLE_RAY_CLUSTER = old_flag  # type: ignore[union-attr]
+
+
+def _use_token_if_any() -> None:
+    """Ray sends its authentication token to an address given explicitly only when RAY_AUTH_MODE=token (it
+    turns that on by itself for `auto` alone): turn it on, as Ray does, when this process has a token
+    (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token) and the mode is not set."""
+    if os.environ.get("RAY_AUTH_MODE") is not None:
+        return
+    try:
+        from ray._private.authentication.authentication_token_setup import (
+            maybe_enable_token_auth_if_token_available as enable,
+        )
+    except ImportError:  # a Ray without token authentication
+        return
+    enable(warn_if_disabled=False)
+
+
+def _connect_error(e: BaseException, ray_address: str | None) -> InputError:
+    """One line for a failed `ray.init`, saying so when the cluster refused this client's authentication."""
+    where = f"the Ray cluster at {ray_address}" if ray_address else "a local Ray runtime"
+    chain: list[BaseException] = []  # the exception and its causes
+    cause: BaseException | None = e
+    while cause is not None and len(chain) < 8:
+        chain.append(cause)
+        cause = cause.__cause__ or cause.__context__
+    if any("Authentication" in type(c).__name__ or "InvalidAuthToken" in str(c) for c in chain):
+        return InputError(
+            f"{where} refused this client's authentication (token authentication is on there): give this process "
+            "the cluster's token (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token; ray get-auth-token on "
+            "the head) and set RAY_AUTH_MODE=token"
+        )
+    first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+    return InputError(
+        f"could not start or reach {where} ({first}): check the address (ray://HOST:10001, or auto on a node)"
+    )
 
 
 @contextlib.contextmanager
@@ -288,29 +402,35 @@ def worker_pool(
             log.warning("Ray is not installed (pip install 'qktrace[scale]'): running in one process")
         yield LocalPool(factory)
         return
-    started = False
-    if not ray.is_initialized():
-        if ray_address:
-            check_reachable(ray_address)
+    if ray_address is not None:
+        ray_address = resolve_auto(ray_address)
+    with loopback(ray) if _is_loopback(ray_address) else contextlib.nullcontext():
+        started = _start(ray, ray_address)
+        pool = RayPool(ray, factory, workers, gpu)
         try:
-            if ray_address:
-                ray.init(address=ray_address, log_to_driver=False)
-            else:
-                ray.init(include_dashboard=False, log_to_driver=False)
-        except (ConnectionError, RuntimeError, ValueError) as e:
-            where = f"the Ray cluster at {ray_address}" if ray_address else "a local Ray runtime"
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
-            raise InputError(
-                f"could not start or reach {where} ({first}): check the address (ray://HOST:10001, or auto on a node)"
-            ) from None
-        started = True
-    pool = RayPool(ray, factory, workers, gpu)
+            yield pool
+        finally:
+            pool.close()
+            if started:
+                ray.shutdown()
+
+
+def _start(ray: Any, ray_address: str | None) -> bool:
+    """Connect to `ray_address` (a token-authenticated cluster included), or start a local runtime on
+    127.0.0.1 (a fresh one, never a cluster found on this machine); False when Ray already runs in this process."""
+    if ray.is_initialized():
+        return False
+    if ray_address:
+        check_reachable(ray_address)
+        _use_token_if_any()
     try:
-        yield pool
-    finally:
-        pool.close()
-        if started:
-            ray.shutdown()
+        if ray_address:
+            ray.init(address=ray_address, log_to_driver=False)
+        else:
+            ray.init(address="local", include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
+    except Exception as e:  # ConnectionError, RuntimeError, ValueError, Ray's own authentication errors
+        raise _connect_error(e, ray_address) from None
+    return True
 
 
 # ------------------------------------------------------------------------------------------- progress

@@ -2,7 +2,8 @@
 
     GET  /                                   the page (static files from qktrace/web/static, no CDN)
     GET  /api/info                           what is loaded: model, SAE checkpoints, transcoder layers, attention
-                                             SAEs (layer, site, width), the graph they build, whether it computes
+                                             SAEs (layer, site, width), the graph they build, whether it computes,
+                                             the model's line of work (queued or running, its limit, cancelled)
     GET  /api/graphs                         graph JSON files in the data directory (and files given)
     GET  /api/graphs/{name}                  one graph: {"version", "name", "graph": <circuit-tracer JSON>}
     POST /api/graph                          queue a graph build -> job (429 + Retry-After when the queue is
@@ -23,8 +24,12 @@
 Safety (STYLE point 10): the app never unpickles; graph names are plain file names resolved inside the
 data directory (`..`, absolute paths, encoded slashes and symlinks out are refused); no CORS; every
 response is versioned JSON; QKTraceError -> 4xx {"version": 1, "error": "<its one-line message>"}.
-Bounded work (`config.Limits`): request bodies (413), prompt tokens, list lengths, scales, queued jobs,
-the trace cache in bytes. A bug still answers one line of JSON (500) and the server keeps serving.
+Bounded work (`config.Limits`): request bodies (413), prompt tokens, list lengths, scales, the trace cache
+in bytes, and the model's line of work: every route that runs the model (QK, sweep, compare, explain and
+both jobs) goes through `Engine.work` (`work.py`): a bounded number queued or running (one more: 429 with
+Retry-After), on threads of their own, so the cheap routes (info, listings, job status, the page) answer
+at once under load; a client that disconnects has its work stopped at the next layer, or never started.
+A bug still answers one line of JSON (500) and the server keeps serving.
 Graph files and dashboards: `store`; what needs the model (behind the model's own lock): `compute`.
 """
 
@@ -36,6 +41,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import anyio
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
@@ -43,12 +49,13 @@ from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..config import LIMITS, Limits
-from ..errors import GraphFileError, QKTraceError
+from ..errors import Cancelled, GraphFileError, QKTraceError
 from ..tracer import Tracer
 from . import schemas as S
 from .compute import Engine, qk_response, steer_request, sweep_response
 from .explain import add_routes as add_explain_routes
 from .store import ApiError, Features, GraphStore
+from .work import SCOPE_KEY, Token
 
 log = logging.getLogger(__name__)
 STATIC = Path(__file__).resolve().parent.parent / "web" / "static"
@@ -73,8 +80,9 @@ def _shown(value: Any) -> str:
 
 
 class Guard:
-    """ASGI wrapper: request bodies past `max_bytes` are refused (413) before anything parses them, and an
-    exception no handler knew (a bug) still answers one line of versioned JSON (500)."""
+    """ASGI wrapper: request bodies past `max_bytes` are refused (413) before anything parses them, a client
+    that disconnects cancels its request's model work (`work.Token`), and an exception no handler knew (a
+    bug) still answers one line of versioned JSON (500)."""
 
     def __init__(self, app: Any, max_bytes: int):
         self.app, self.max_bytes = app, max_bytes
@@ -104,10 +112,26 @@ class Guard:
             if len(body) > self.max_bytes:
                 await self._send_error(send, 413, too_big)
                 return
-        pending = [{"type": "http.request", "body": bytes(body), "more_body": False}]
+        await self._forward(scope, receive, send, bytes(body))
+
+    async def _forward(self, scope: Any, receive: Any, send: Any, body: bytes) -> None:
+        """Hand the request on with its body, while watching for the client to go: then its `work.Token` is
+        cancelled (its model work stops at the next layer, or never runs) and the app sees the disconnect."""
+        token, gone = Token(), anyio.Event()
+        scope[SCOPE_KEY] = token  # this request's own scope (not "state", which a server may share)
+        pending = [{"type": "http.request", "body": body, "more_body": False}]
+
+        async def watch() -> None:
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            token.cancel("the client disconnected")
+            gone.set()
 
         async def replay() -> Any:
-            return pending.pop() if pending else await receive()
+            if pending:
+                return pending.pop()
+            await gone.wait()
+            return {"type": "http.disconnect"}
 
         started = False
 
@@ -116,13 +140,19 @@ class Guard:
             started = started or message["type"] == "http.response.start"
             await send(message)
 
-        try:
-            await self.app(scope, replay, tracked)
-        except Exception as e:
-            log.exception("bug answering %s %s", scope.get("method"), str(scope.get("path"))[:120])
-            if not started:
-                first = " ".join(str(e).split())[:160]
-                await self._send_error(send, 500, f"internal error ({type(e).__name__}: {first}): see the server log")
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(watch)
+            try:
+                await self.app(scope, replay, tracked)
+            except Exception as e:
+                log.exception("bug answering %s %s", scope.get("method"), str(scope.get("path"))[:120])
+                if not started:
+                    first = " ".join(str(e).split())[:160]
+                    await self._send_error(
+                        send, 500, f"internal error ({type(e).__name__}: {first}): see the server log"
+                    )
+            finally:
+                tasks.cancel_scope.cancel()
 
 
 # -- the app ---------------------------------------------------------------------------------------------
@@ -194,6 +224,8 @@ def add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(QKTraceError)
     async def on_qktrace_error(request: Request, e: QKTraceError) -> JSONResponse:
+        if isinstance(e, Cancelled):  # nobody is listening: the answer is for the log and the record
+            return _error(503, str(e))
         return _error(422 if isinstance(e, GraphFileError) else 400, str(e))
 
     @app.exception_handler(ApiError)
@@ -250,10 +282,16 @@ def add_info_routes(app: FastAPI, tracer: Tracer | None, features: Features) -> 
     """GET /api/info (what is loaded) and GET /api/features/{checkpoint}/{f} (a feature's label, dashboard)."""
 
     @app.get("/api/info")
-    def info() -> S.InfoResponse:
+    async def info() -> S.InfoResponse:  # on the event loop: answers at once however busy the model is
+        engine = app.state.engine
+        load = S.Load(**engine.work.load()) if engine is not None else None
         if tracer is None:
             return S.InfoResponse(
-                model=None, checkpoints=sorted(features.d_sae), can_compute=False, features=bool(features.d_sae)
+                model=None,
+                checkpoints=sorted(features.d_sae),
+                can_compute=False,
+                features=bool(features.d_sae),
+                load=None,
             )
         m, ts, att = tracer.model, tracer.transcoders, tracer.attention_saes
         both = ts is not None and len(tracer.saes) > 0  # which graph to build is ambiguous (Traced.graph_kind)
@@ -270,6 +308,7 @@ def add_info_routes(app: FastAPI, tracer: Tracer | None, features: Features) -> 
             ],
             can_compute=True,
             features=bool(features.d_sae),
+            load=load,
         )
 
     @app.get("/api/features/{checkpoint}/{feature}")
@@ -299,7 +338,7 @@ def add_graph_routes(app: FastAPI, store: GraphStore, need_engine: Callable[[], 
         return need_engine().start_graph(req, store).view()
 
     @app.get("/api/jobs/{job_id}")
-    def job(job_id: str) -> S.Job:
+    async def job(job_id: str) -> S.Job:  # on the event loop: answers at once however busy the model is
         state = need_engine().job(job_id)
         if state is None:
             raise ApiError(404, f"no job '{job_id[:40]}': jobs live in memory until the server restarts")
@@ -309,21 +348,30 @@ def add_graph_routes(app: FastAPI, store: GraphStore, need_engine: Callable[[], 
 
 
 def add_model_routes(app: FastAPI, need_engine: Callable[[], Engine]) -> None:
-    """POST /api/qk (one head's QK attribution) and POST /api/sweep (steering inside heads' QK circuits)."""
+    """POST /api/qk (one head's QK attribution) and POST /api/sweep (steering inside heads' QK circuits), each
+    run in the engine's bounded line of model work (`Engine.run`: 429 when full, stopped when the client goes)."""
 
     @app.post("/api/qk")
-    def qk(req: S.QKRequest) -> S.QKResponse:
+    async def qk(req: S.QKRequest, request: Request) -> S.QKResponse:
         eng = need_engine()
-        ids = eng.ids(req)  # checked before waiting for the model
-        with eng.traced(ids) as traced:
-            return qk_response(traced, req)
+
+        def work() -> S.QKResponse:
+            ids = eng.ids(req)  # checked before waiting for the model
+            with eng.traced(ids) as traced:
+                return qk_response(traced, req)
+
+        return await eng.run(request, work)
 
     @app.post("/api/sweep")
-    def steer(req: S.SweepRequest) -> S.SweepResponse:
+    async def steer(req: S.SweepRequest, request: Request) -> S.SweepResponse:
         eng = need_engine()
-        checked = steer_request(req)  # every check that needs no model, before waiting for it
-        ids = eng.ids(req)
-        with eng.traced(ids) as traced:
-            return sweep_response(traced, checked)
+
+        def work() -> S.SweepResponse:
+            checked = steer_request(req)  # every check that needs no model, before waiting for it
+            ids = eng.ids(req)
+            with eng.traced(ids) as traced:
+                return sweep_response(traced, checked)
+
+        return await eng.run(request, work)
 
     log.debug("app: qk and sweep")

@@ -6,10 +6,11 @@ tokenizer and held to the server's token limit, graph options and steering reque
 its hooks are per model, and one model runs one forward pass at a time; requests to other models do not
 wait), with traced prompts cached by token ids up to `Limits.trace_cache_bytes`.
 
-Graph jobs run one at a time on one worker thread, in order. At most `Limits.max_queued_jobs` are
-queued or running; one more is answered 429 with Retry-After. A queued or running job is never
-forgotten; finished ones are, oldest first, past `Limits.max_finished_jobs`. A failed job reports
-its error as its state.
+Every piece of model work (requests and jobs) goes through `Engine.work` (`work.py`): at most
+`Limits.max_queued_jobs` are queued or running, one more is answered 429 with Retry-After; they take
+the model in the order they came, and one whose client has gone stops at the next layer. A queued or
+running job is never forgotten; finished ones are, oldest first, past `Limits.max_finished_jobs`. A
+failed job reports its error as its state.
 
 Every number comes from the library (`Traced.qk`, `QKAttribution.effects_frame` / `contrast` / `heatmap`,
 `Traced.graph`, `sweep.sweep`); this module only picks keys and rivals and shapes the results
@@ -18,20 +19,21 @@ into `schemas`.
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import logging
 import math
-import queue
 import threading
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import pandas as pd
+from starlette.requests import Request
 
 from ..config import LIMITS, Limits
 from ..errors import InputError, QKTraceError, check_index
@@ -43,8 +45,10 @@ from ..steering.requests import Checked, SteerPart, SteerRequest, build_steering
 from ..tracer import Traced, Tracer
 from . import schemas as S
 from .store import ApiError, GraphStore, graph_name
+from .work import POLL_S, SCOPE_KEY, Token, Turns, Work, checkpoints, current
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 @dataclass
@@ -99,8 +103,8 @@ class Engine:
         self._traced: OrderedDict[tuple[int, ...], Traced] = OrderedDict()
         self.jobs: OrderedDict[str, JobState] = OrderedDict()
         self.jobs_lock = threading.Lock()
-        self._queue: queue.SimpleQueue[_GraphJob] = queue.SimpleQueue()
-        self._worker: threading.Thread | None = None
+        self.work = Work(limits.max_queued_jobs, limits.retry_after_s)  # every piece of model work, bounded
+        self.turns = Turns()  # the order they take the model in
 
     @staticmethod
     def _twin(model: Model) -> Model | None:
@@ -142,20 +146,43 @@ class Engine:
             ids = self.tracer.model.tokenize(req.tokens or [])  # checks ids against the vocabulary
         return tuple(int(i) for i in ids.tolist())
 
+    async def run(self, request: Request, fn: Callable[[], T]) -> T:
+        """Run a request's model work `fn` (its checks, then the model) in `work`, cancelled when the client goes."""
+        token = request.scope.get(SCOPE_KEY) or Token()
+        future = self.work.submit(fn, token, f"{request.method} {request.url.path[:80]}")
+        try:
+            return await asyncio.wrap_future(future)
+        finally:
+            if not future.done():
+                token.cancel("the request was cancelled")
+
+    @contextmanager
+    def holding(self) -> Iterator[None]:
+        """The model for the running piece of work: its turn, then the model's lock (503 after
+        `Limits.model_wait_s` in all), with a cancellation checkpoint before every layer while held."""
+        token, wait = current(), self.limits.model_wait_s
+        deadline = time.monotonic() + wait
+        with self.turns.turn(token, wait, self.limits.retry_after_s):
+            while not self.lock.acquire(timeout=POLL_S):
+                token.check("before it ran")
+                if time.monotonic() > deadline:
+                    raise ApiError(
+                        503,
+                        f"the model has been busy for {wait:.0f} s (a graph is being built): try again",
+                        {"Retry-After": str(self.limits.retry_after_s)},
+                    )
+            try:
+                with checkpoints(self.tracer.model.blocks):
+                    yield
+            finally:
+                self.lock.release()
+
     @contextmanager
     def traced(self, ids: tuple[int, ...]) -> Iterator[Traced]:
-        """The traced prompt, holding the model lock for the duration (503 after `Limits.model_wait_s`)."""
-        if not self.lock.acquire(timeout=self.limits.model_wait_s):
-            raise ApiError(
-                503,
-                f"the model has been busy for {self.limits.model_wait_s:.0f} s (a graph is being built): try again",
-                {"Retry-After": str(self.limits.retry_after_s)},
-            )
-        try:
+        """The traced prompt, holding the model (`holding`) for the duration."""
+        with self.holding():
             yield self._cached(ids)
             self._evict()  # what the request computed (SAE encodings, patterns) counts too
-        finally:
-            self.lock.release()
 
     def _cached(self, key: tuple[int, ...]) -> Traced:
         hit = self._traced.get(key)
@@ -192,22 +219,12 @@ class Engine:
         names = {w: check_name(getattr(req, w), w) for w in ("slug", "scan") if getattr(req, w) is not None}
         ids = self.ids(req)
         with self.jobs_lock:
-            active = sum(j.status == "running" for j in self.jobs.values())
-            if active >= self.limits.max_queued_jobs:
-                raise ApiError(
-                    429,
-                    f"{active} graph jobs are queued or running, the most this server takes: try again when one "
-                    "is done",
-                    {"Retry-After": str(self.limits.retry_after_s)},
-                )
             name = store.plan_name(req.name, graph_name(req, self.tracer.model.name), req.overwrite)
-            job = JobState(uuid.uuid4().hex[:12], stage=f"queued ({active} ahead)" if active else "queued")
+            job = JobState(uuid.uuid4().hex[:12])
+            item = _GraphJob(job, ids, options, names, name, req.overwrite)
+            self.work.submit(lambda: self._build(item, store), Token(), f"graph job {job.id}")  # 429 when full
             self.jobs[job.id] = job
             self._forget_finished()
-            self._queue.put(_GraphJob(job, ids, options, names, name, req.overwrite))
-            if self._worker is None or not self._worker.is_alive():
-                self._worker = threading.Thread(target=self._work, args=(store,), name="qktrace-graphs", daemon=True)
-                self._worker.start()
         return job
 
     def job(self, job_id: str) -> JobState | None:
@@ -219,15 +236,11 @@ class Engine:
         for jid in finished[: max(0, len(finished) - self.limits.max_finished_jobs)]:
             del self.jobs[jid]
 
-    def _work(self, store: GraphStore) -> None:
-        while True:
-            self._build(self._queue.get(), store)
-
     def _build(self, item: _GraphJob, store: GraphStore) -> None:
         job = item.job
         try:
             job.stage = "waiting for the model"
-            with self.lock:
+            with self.holding():
                 job.stage = "building the graph"
                 graph = self._cached(item.ids).graph(
                     item.options, slug=item.names.get("slug"), scan=item.names.get("scan"), progress=False

@@ -10,7 +10,8 @@
                          `<graph or prompt>.mechanism.json` in the data directory; the job's `graph` names it
     GET  /api/mechanisms/{name}   a saved `*.mechanism.json` (GET /api/graphs lists them under `mechanisms`)
 
-Both need a loaded model (409 otherwise), hold the model's lock while they compute, and answer with
+Both need a loaded model (409 otherwise), run in the engine's bounded line of model work (429 when it is
+full; stopped when the client disconnects), hold the model's lock while they compute, and answer with
 versioned JSON built from the library's own `to_json`.
 """
 
@@ -18,12 +19,11 @@ from __future__ import annotations
 
 import logging
 import re
-import threading
 import uuid
 from collections.abc import Callable
 from typing import Annotated, Any, Literal
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
 from pydantic import BaseModel, ConfigDict, Field, Strict, StrictStr, model_validator
 
 from ..analyses.compare import compare
@@ -33,6 +33,7 @@ from ..options import CompareOptions, ExplainSettings, doc
 from . import schemas as S
 from .compute import Engine, JobState, error_text
 from .store import MECHANISM, ApiError, GraphStore
+from .work import Token as CancelToken
 
 log = logging.getLogger(__name__)
 
@@ -164,8 +165,6 @@ def start_explain(engine: Engine, store: GraphStore, req: ExplainJobRequest) -> 
     if fname is None:
         raise ApiError(409, f"mechanisms named {stem}-*{MECHANISM} fill the data directory: give this one a name")
     job = JobState(uuid.uuid4().hex[:12], stage="waiting for the model")
-    with engine.jobs_lock:
-        engine.jobs[job.id] = job
 
     def work() -> None:
         try:
@@ -180,7 +179,9 @@ def start_explain(engine: Engine, store: GraphStore, req: ExplainJobRequest) -> 
             log.info("explain job %s failed: %s", job.id, e)
             job.error, job.stage, job.status = error_text(e), "failed", "error"
 
-    threading.Thread(target=work, name="qktrace-explain", daemon=True).start()
+    with engine.jobs_lock:
+        engine.work.submit(work, CancelToken(), f"explain job {job.id}")  # 429 when the line is full
+        engine.jobs[job.id] = job
     return job
 
 
@@ -217,9 +218,11 @@ def add_routes(app: FastAPI, need_engine: Callable[[], Engine], store: GraphStor
         return {"version": S.API_VERSION, "name": fname, "mechanism": data}
 
     @app.post("/api/compare")
-    def compare_prompts(req: CompareRequest) -> CompareResponse:
-        return compare_response(need_engine(), req)
+    async def compare_prompts(req: CompareRequest, request: Request) -> CompareResponse:
+        engine = need_engine()
+        return await engine.run(request, lambda: compare_response(engine, req))
 
     @app.post("/api/explain")
-    def explain_answer(req: ExplainRequest) -> ExplainResponse:
-        return explain_response(need_engine(), req)
+    async def explain_answer(req: ExplainRequest, request: Request) -> ExplainResponse:
+        engine = need_engine()
+        return await engine.run(request, lambda: explain_response(engine, req))

@@ -89,6 +89,7 @@ def serve(
     dtype: str | torch.dtype = "float32",
     max_memory: int | str | None = None,
     max_tokens: int | None = None,
+    queue: int | None = None,
     labels: str | Sequence[str] | None = None,
     transcoders: str | None = None,
     attention_saes: str | None = None,
@@ -98,11 +99,12 @@ def serve(
 
     `device`, `dtype`: where and how the model is loaded (`config.parse_device` / `parse_dtype`).
     `max_memory`: byte budget of full-mode graph builds ("8GB"). `max_tokens`: the longest prompt the
-    server traces (default `LIMITS.server_max_tokens`). `labels`: Neuronpedia explanation exports that label
-    the model's SAEs (needs `model`). `transcoders`: a transcoder set for the model (needs `model`); without
-    SAEs, POST /api/graph then builds plain transcoder graphs. `attention_saes`: SAEs on every layer's attention
-    output (needs `transcoders`): POST /api/graph then builds checkpointed graphs with head loadings. Every
-    argument is checked before any loading."""
+    server traces (default `LIMITS.server_max_tokens`). `queue`: requests and jobs that run the model,
+    queued or running at once (default `LIMITS.max_queued_jobs`; one more is answered 429). `labels`:
+    Neuronpedia explanation exports that label the model's SAEs (needs `model`). `transcoders`: a
+    transcoder set for the model (needs `model`); without SAEs, POST /api/graph then builds plain
+    transcoder graphs. `attention_saes`: SAEs on every layer's attention output (needs `transcoders`): POST
+    /api/graph then builds checkpointed graphs with head loadings. Every argument is checked before any loading."""
     try:
         import uvicorn
     except ImportError:
@@ -116,7 +118,11 @@ def serve(
     if max_tokens is not None:
         if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
             raise InputError(f"max_tokens {max_tokens!r} is not a positive number of tokens")
-        limits = dataclasses.replace(LIMITS, server_max_tokens=max_tokens)
+        limits = dataclasses.replace(limits, server_max_tokens=max_tokens)
+    if queue is not None:
+        if isinstance(queue, bool) or not isinstance(queue, int) or not 1 <= queue <= 1024:
+            raise InputError(f"queue {queue!r} is not a number of requests in 1..1024, e.g. 8")
+        limits = dataclasses.replace(limits, max_queued_jobs=queue)
     if labels is not None and (model is None or tracer is not None):
         raise InputError("--labels label the SAEs of the model serve loads: add --model (and --saes)")
     if transcoders is not None and (model is None or tracer is not None):

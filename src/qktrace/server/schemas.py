@@ -144,6 +144,12 @@ class AttentionSAEInfo(BaseModel):
     d_sae: int
 
 
+class Load(BaseModel):
+    active: int = Field(description="requests and jobs that run the model, queued or running")
+    limit: int = Field(description="the most that may be queued or running; one more is answered 429")
+    cancelled: int = Field(description="stopped because their client disconnected, since the server started")
+
+
 class InfoResponse(Versioned):
     model: str | None
     family: str | None = None
@@ -160,6 +166,7 @@ class InfoResponse(Versioned):
     can_compute: bool = Field(description="a model is loaded: graphs, QK and sweeps can be computed")
     features: bool = Field(description="feature labels or dashboards are available")
     defaults: Defaults = Field(default_factory=lambda: Defaults(), description="the settings' defaults, for forms")
+    load: Load | None = Field(None, description="the model's line of work (None when view only)")
 
 
 class GraphSummary(BaseModel):
