@@ -44,8 +44,10 @@ from ..models.trace import Trace
 from ..nodes import Node, logit, mlp_error, token, transcoder
 from ..saes.transcoder import TranscoderSet, site_input
 from .edges import norm_adjoint
+from .replacement_sweep import Attention, Sweep, reads, sources
 
 log = logging.getLogger(__name__)
+BUCKETS = 4  # the column sweep splits the sources into this many position buckets
 
 
 @dataclass(frozen=True, eq=False)
@@ -273,8 +275,30 @@ def token_vectors(anatomy: Anatomy, tokens: Tensor) -> Tensor:
     return emb.to(anatomy.compute_dtype)
 
 
-def adjacency_rows(rep: Replacement, logit_vecs: Tensor, batch_size: int) -> Tensor:
-    """Step 5: the adjacency [node, node]; rows for every feature and logit, chunks ordered by layer."""
+def adjacency_rows(rep: Replacement, logit_vecs: Tensor, batch_size: int | None = None) -> Tensor:
+    """Step 5: the adjacency [node, node], column by column (`replacement_sweep`: every source's write pushed
+    up the frozen model, read by every feature and logit above it). `batch_size`: sources per chunk
+    (default: what keeps a chunk's residuals and columns near 64 MiB)."""
+    enc, an, trace = rep.enc, rep.anatomy, rep.trace
+    n_feat, n_pos, n_logit = enc.layer.numel(), trace.n_pos, logit_vecs.shape[0]
+    n_nodes = n_feat + (an.n_layers + 1) * n_pos + n_logit
+    dt = enc.errors.dtype
+    width = max(1, -(-n_pos // BUCKETS))
+    src = sources(rep.transcoders, enc.layer, enc.pos, enc.index, enc.act, enc.errors, rep.token_vectors, width)
+    rd = reads(an, trace, rep.transcoders, enc.layer, enc.pos, enc.index, logit_vecs, n_nodes, dt)
+    attention = tuple(Attention.of(an, trace, layer, dt) for layer in range(an.n_layers))
+    sweep = Sweep(an, trace, rep.transcoders, attention, rd, enc.act, enc.index)
+    if batch_size is None:
+        batch_size = max(16, (16 << 20) // (n_pos * an.d_model + n_nodes))
+    adjacency = enc.errors.new_zeros(n_nodes, n_nodes)
+    for chunk in src.chunks(width, batch_size):
+        adjacency.index_copy_(1, chunk.col, sweep.chunk(chunk, n_nodes))
+    return adjacency
+
+
+def adjacency_by_rows(rep: Replacement, logit_vecs: Tensor, batch_size: int) -> Tensor:
+    """The same adjacency row by row (`Replacement.rows`, backwards from each target): the slower route
+    strategy 2 builds on, kept as a cross-check of the column sweep."""
     enc, an = rep.enc, rep.anatomy
     n_feat, n_pos, n_logit = enc.layer.numel(), rep.trace.n_pos, logit_vecs.shape[0]
     n_nodes = n_feat + (an.n_layers + 1) * n_pos + n_logit
@@ -305,7 +329,7 @@ def transcoder_graph(
     max_n_logits: int = 10,
     desired_logit_prob: float = 0.95,
     zero_positions: int = 1,
-    batch_size: int = 256,
+    batch_size: int | None = None,
 ) -> TranscoderGraph:
     """The unpruned transcoder attribution graph of `prompt` (or of a `Trace` already run), as circuit-tracer's
     `attribute()` computes it (every active feature a row): see the module docstring for the steps.
