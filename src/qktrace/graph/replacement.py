@@ -74,7 +74,7 @@ class TranscoderGraph:
     """An unpruned transcoder attribution graph (circuit-tracer's `Graph` content)."""
 
     nodes: tuple[Node, ...]  # features, MLP errors, tokens, logits
-    adjacency: Tensor  # [node, node]: adjacency[target, source]
+    adjacency: Tensor  # [node, node]: adjacency[target, source] (a transposed view: built source by source)
     features: Encoded
     tokens: Tensor  # [pos]
     logit_tokens: Tensor  # [logit]
@@ -285,15 +285,24 @@ def adjacency_rows(rep: Replacement, logit_vecs: Tensor, batch_size: int | None 
     dt = enc.errors.dtype
     width = max(1, -(-n_pos // BUCKETS))
     src = sources(rep.transcoders, enc.layer, enc.pos, enc.index, enc.act, enc.errors, rep.token_vectors, width)
-    rd = reads(an, trace, rep.transcoders, enc.layer, enc.pos, enc.index, logit_vecs, n_nodes, dt)
+    rd = reads(an, trace, rep.transcoders, enc.layer, enc.pos, enc.index, logit_vecs, dt)
     attention = tuple(Attention.of(an, trace, layer, dt) for layer in range(an.n_layers))
     sweep = Sweep(an, trace, rep.transcoders, attention, rd, enc.act, enc.index)
     if batch_size is None:
         batch_size = max(16, (16 << 20) // (n_pos * an.d_model + n_nodes))
-    adjacency = enc.errors.new_zeros(n_nodes, n_nodes)
+    by_source = enc.errors.new_empty(n_nodes, n_nodes)  # [source, target]: every source row written below
+    covered = torch.zeros(n_nodes, dtype=torch.bool, device=by_source.device)
+    covered[src.col] = True
+    by_source.index_fill_(0, (~covered).nonzero()[:, 0], 0)  # the logits and the zeroed positions' errors
+    out = enc.errors.new_empty(min(batch_size, len(src.col)), n_nodes)
     for chunk in src.chunks(width, batch_size):
-        adjacency.index_copy_(1, chunk.col, sweep.chunk(chunk, n_nodes))
-    return adjacency
+        b = len(chunk.col)
+        out[:b].zero_()
+        sweep.chunk(chunk, out[:b])
+        cuts = [0, *((chunk.col[1:] - chunk.col[:-1]) != 1).nonzero()[:, 0].add(1).tolist(), b]
+        for c0, a, e in zip(chunk.col[cuts[:-1]].tolist(), cuts[:-1], cuts[1:]):  # runs of consecutive columns
+            by_source[c0 : c0 + e - a] = out[a:e]
+    return by_source.T
 
 
 def adjacency_by_rows(rep: Replacement, logit_vecs: Tensor, batch_size: int) -> Tensor:

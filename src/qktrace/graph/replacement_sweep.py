@@ -54,11 +54,6 @@ def skip_matrix(ts: TranscoderSet, layer: int) -> Tensor | None:
     return ts[layer].W_skip
 
 
-def norm_forward(norm: Norm | None, x: Tensor, scale: Tensor) -> Tensor:
-    """A norm at frozen scales without its bias: x [..., d_model], scale [...]."""
-    return x if norm is None else norm.linear(x, scale)
-
-
 def input_forward(site: str, norm: Norm, h: Tensor, scale: Tensor) -> Tensor:
     """The residual after attention -> the transcoder input at `site` (the transpose of `input_adjoint`)."""
     if site == "resid_mid":
@@ -79,30 +74,60 @@ def input_pullback(site: str, norm: Norm, g: Tensor, scale: Tensor) -> Tensor:
     return out - out.mean(-1, keepdim=True) if norm.kind == "layernorm" else out
 
 
+def fold_norm(norm: Norm | None, W: Tensor, scale: Tensor | None = None) -> Tensor:
+    """W [..., d_model, n] with the norm's centering and gain folded in: norm.linear(x, 1) @ W = x @ result."""
+    if norm is None:
+        return W
+    W = W * norm.weight.to(W)[:, None]
+    return W - W.mean(-2, keepdim=True) if norm.kind == "layernorm" else W
+
+
 @dataclass(frozen=True, eq=False)
 class Attention:
-    """One layer's frozen attention as three matrices: x [.., d] @ WV -> per query head values,
-    the pattern [head, q, k], and [head * d_head, d_model] @ WO."""
+    """One layer's frozen attention, per query head: x @ WV[h] -> values, the pattern A[h] over positions,
+    @ WO[h] -> the residual. The frozen norms are folded in: the attention-input norm's centering and gain
+    into WV, its per-position scale into A's columns (keys); a post-attention norm's (Gemma-2) centering
+    and gain into WO, its scale into A's rows (queries). Applied to h [pos, source, d_model]
+    (position-major), each step is one plain matmul."""
 
-    WV: Tensor  # [d_model, head * d_head], kv heads repeated per query head
+    WV: Tensor  # [head, d_model, d_head] (a kv head repeated for each query head reading it)
     A: Tensor  # [head, q, k]
-    WO: Tensor  # [head * d_head, d_model]
+    WO: Tensor  # [head, d_head, d_model]
 
     @staticmethod
     def of(an: Anatomy, trace: Trace, layer: int, dtype: torch.dtype) -> Attention:
         ly = an.layers[layer]
-        h, e, d = ly.W_O.shape
-        WV = ly.W_V[ly.kv_index()].permute(1, 0, 2).reshape(d, h * e)
-        return Attention(WV.to(dtype).contiguous(), trace.pattern(layer).to(dtype), ly.W_O.reshape(h * e, d).to(dtype))
+        WV = fold_norm(ly.ln_attn, ly.W_V[ly.kv_index()].to(dtype))
+        A = trace.pattern(layer).to(dtype) * trace.scale_ln_attn[layer].to(dtype)[None, None, :]
+        WO = ly.W_O.to(dtype)
+        if ly.post_attn is not None:
+            assert trace.scale_post_attn is not None
+            WO = fold_norm(ly.post_attn, WO.transpose(1, 2)).transpose(1, 2)
+            A = A * trace.scale_post_attn[layer].to(dtype)[None, :, None]
+        return Attention(WV.contiguous(), A, WO.contiguous())
+
+    def first(self, x: Tensor, pos: Tensor, lo: int) -> Tensor:
+        """The residual [pos - lo, b, d_model] after this layer for writes x [b, d_model] each at one position
+        `pos` [b] (and nothing elsewhere): each head's output is rank one, A[h, :, pos] x WV[h] WO[h]."""
+        b = len(pos)
+        u = torch.bmm(torch.bmm(x.expand(self.WV.shape[0], *x.shape), self.WV), self.WO)  # [head, b, d_model]
+        coef = self.A[:, lo:, pos].permute(2, 1, 0)  # [b, q, head]
+        h = torch.bmm(coef, u.transpose(0, 1)).transpose(0, 1).contiguous()  # [q, b, d_model]
+        h[pos - lo, torch.arange(b, device=pos.device)] += x
+        return h
 
     def forward(self, x: Tensor, lo: int) -> Tensor:
-        """x [b, pos, d_model] (positions lo..) -> the attention output, by the frozen pattern."""
-        b, m, d = x.shape
-        heads = self.A.shape[0]
-        e = self.WO.shape[0] // heads
-        v = (x.reshape(b * m, d) @ self.WV).view(b, m, heads, e).permute(2, 1, 0, 3).reshape(heads, m, b * e)
-        z = torch.bmm(self.A[:, lo:, lo:], v).view(heads, m, b, e).permute(2, 1, 0, 3).reshape(b * m, heads * e)
-        return (z @ self.WO).view(b, m, d)
+        """x [pos - lo, b, d_model] (the positions lo..) -> the attention output, by the frozen pattern."""
+        m, b, d = x.shape
+        e = self.WO.shape[1]
+        xf = x.reshape(m * b, d)
+        out = None
+        for head in range(self.A.shape[0]):
+            v = (xf @ self.WV[head]).view(m, b * e)
+            z = (self.A[head, lo:, lo:] @ v).view(m * b, e)
+            out = z @ self.WO[head] if out is None else out.addmm_(z, self.WO[head])
+        assert out is not None
+        return out.view(m, b, d)
 
 
 @dataclass(frozen=True, eq=False)
@@ -117,9 +142,10 @@ class Sources:
     vec: Tensor  # [source, d_model]: the write at its first layer (tokens: the embedding)
 
     def chunks(self, width: int, batch_size: int) -> list[Sources]:
-        """The sweep's chunks: each position bucket [b * width, (b + 1) * width) in pieces of `batch_size`."""
-        bucket = self.pos // width
-        cuts = torch.searchsorted(bucket, torch.arange(int(bucket.max()) + 2, device=bucket.device)).tolist()
+        """The sweep's chunks: the sources of one layer in one position bucket [b * width, (b + 1) * width),
+        in pieces of `batch_size`."""
+        group = (self.pos // width) * (self.layer.max() + 2) + self.layer + 1  # sorted: bucket, then layer
+        cuts = [0, *((group[1:] != group[:-1]).nonzero()[:, 0] + 1).tolist(), len(group)]
         out = []
         for a, b in zip(cuts[:-1], cuts[1:]):
             for s in range(a, b, batch_size):
@@ -156,42 +182,57 @@ def sources(ts: TranscoderSet, enc_layer: Tensor, enc_pos: Tensor, enc_index: Te
 
 @dataclass(frozen=True, eq=False)
 class Reads:
-    """Step 2: per layer, (position, first row, end row, read directions [n, d_model]) of its feature
-    targets (rows of the adjacency); the logits' rows and directions at the last position."""
+    """Step 2: per layer, its feature targets' read directions padded per position, R [pos, slot, d_model],
+    with their first adjacency row, positions and slots (targets are sorted by layer, position, feature);
+    the logits' directions (their rows are the adjacency's last)."""
 
-    features: tuple[tuple[tuple[int, int, int, Tensor], ...], ...]
-    logit_row: int
+    R: tuple[Tensor | None, ...]  # per layer [pos, slot, d_model]
+    first: tuple[int, ...]  # per layer: the adjacency row of its first target
+    pos: tuple[Tensor, ...]  # per layer [target]
+    slot: tuple[Tensor, ...]
     logits: Tensor  # [logit, d_model]
+
+    def read(self, layer: int, h: Tensor, lo: int, out: Tensor) -> None:
+        """out[:k, target] = <read direction, h [pos - lo, k, d_model] at the target's position> for layer
+        `layer`'s targets at positions >= lo (a suffix of them)."""
+        R, pos = self.R[layer], self.pos[layer]
+        if R is None:
+            return
+        start = int(torch.searchsorted(pos, lo))
+        if start == len(pos):
+            return
+        res = torch.bmm(R[lo:], h.transpose(1, 2))  # [pos - lo, slot, k]
+        k = h.shape[1]
+        vals = res.view(-1, k).index_select(0, (pos[start:] - lo) * R.shape[1] + self.slot[layer][start:])
+        row = self.first[layer] + start
+        out[:k, row : row + len(vals)] = vals.T
 
 
 def reads(an: Anatomy, trace: Trace, ts: TranscoderSet, enc_layer: Tensor, enc_pos: Tensor, enc_index: Tensor,
-          logit_vecs: Tensor, n_nodes: int, dtype: torch.dtype) -> Reads:  # fmt: skip
-    """Step 2: each feature's encoder direction through its input site's frozen norm; logits through the
-    final norm (features are sorted by layer and position, so each (layer, position) is a block of rows)."""
-    per_layer: list[tuple[tuple[int, int, int, Tensor], ...]] = []
+          logit_vecs: Tensor, dtype: torch.dtype) -> Reads:  # fmt: skip
+    """Step 2: each feature's encoder direction through its input site's frozen norm, padded per position
+    (features are sorted by layer and position); the logits' through the final norm at the last position."""
+    Rs: list[Tensor | None] = []
+    first_, pos_, slot_ = [], [], []
     for layer in range(an.n_layers):
         rows = (enc_layer == layer).nonzero()[:, 0]
-        if rows.numel() == 0:
-            per_layer.append(())
-            continue
         scale = trace.scale_ln_mlp[layer]
         pos = enc_pos[rows].to(scale.device)
-        R = input_pullback(
-            ts.input_site,
-            an.layers[layer].ln_mlp,
-            encoder(ts, layer, enc_index[rows]).to(scale.device, dtype),
-            scale[pos].to(dtype),
-        )
-        cuts = torch.searchsorted(pos, torch.arange(trace.n_pos + 1, device=pos.device)).tolist()
-        first = int(rows[0])
-        per_layer.append(
-            tuple((p, first + a, first + b, R[a:b]) for p, (a, b) in enumerate(zip(cuts[:-1], cuts[1:])) if b > a)
-        )
+        direction = encoder(ts, layer, enc_index[rows]).to(scale.device, dtype)
+        R = input_pullback(ts.input_site, an.layers[layer].ln_mlp, direction, scale[pos].to(dtype))
+        first = torch.searchsorted(pos, pos, side="left")  # each target's first row at its position
+        slot = torch.arange(len(pos), device=pos.device) - first
+        padded = None
+        if rows.numel():
+            padded = R.new_zeros(trace.n_pos, int(slot.max()) + 1, R.shape[-1])
+            padded[pos, slot] = R
+        Rs.append(padded)
+        first_.append(int(rows[0]) if rows.numel() else 0)
+        pos_.append(pos)
+        slot_.append(slot)
     last = torch.full((logit_vecs.shape[0],), trace.n_pos - 1, device=trace.scale_final.device)
-    logits = norm_adjoint(
-        an.final_norm, logit_vecs.to(trace.scale_final.device, dtype), trace.scale_final[last].to(dtype)
-    )
-    return Reads(tuple(per_layer), n_nodes - logit_vecs.shape[0], logits)
+    logits = norm_adjoint(an.final_norm, logit_vecs.to(last.device, dtype), trace.scale_final[last].to(dtype))
+    return Reads(tuple(Rs), tuple(first_), tuple(pos_), tuple(slot_), logits)
 
 
 @dataclass(frozen=True, eq=False)
@@ -208,7 +249,8 @@ class Sweep:
 
     def _scale(self, scales: object, layer: int, at: Tensor | slice, dtype: torch.dtype) -> Tensor:
         assert isinstance(scales, (list, tuple))
-        return scales[layer][at].to(dtype)
+        s = scales[layer][at].to(dtype)
+        return s[:, None] if isinstance(at, slice) else s  # positions x sources: one scale per position
 
     def out_forward(self, layer: int, y: Tensor, at: Tensor | slice) -> Tensor:
         """A write at the MLP output site of `layer` -> into the residual (through a frozen post-MLP norm)."""
@@ -217,56 +259,42 @@ class Sweep:
             return y
         return post.linear(y, self._scale(self.trace.scale_post_mlp, layer, at, y.dtype))
 
-    def step(self, layer: int, h: Tensor, lo: int, out: Tensor) -> None:
-        """Layer `layer` on the sources already written (h [k, pos - lo, d_model], in place): attention,
-        the layer's reads into out[:, :k], the skip term."""
+    def step(self, layer: int, h: Tensor, lo: int, out: Tensor, src: Sources) -> None:
+        """Layer `layer` after its attention, on h [pos - lo, b, d_model] (in place): the layer's reads into
+        out, the skip term, a cross-layer transcoder's later writes."""
         ly, tr, dt = self.an.layers[layer], self.trace, h.dtype
-        live = slice(lo, None)
-        a = self.attention[layer].forward(
-            norm_forward(ly.ln_attn, h, self._scale(tr.scale_ln_attn, layer, live, dt)), lo
-        )
-        if ly.post_attn is not None:
-            a = ly.post_attn.linear(a, self._scale(tr.scale_post_attn, layer, live, dt))
-        h += a
-        k = h.shape[0]
-        for p, t0, t1, R in self.reads.features[layer]:
-            if p >= lo:
-                out[t0:t1, :k].addmm_(R, h[:, p - lo].T)
+        self.reads.read(layer, h, lo, out)
         W = skip_matrix(self.ts, layer)
         if W is not None:
+            live = slice(lo, None)
             x = input_forward(self.ts.input_site, ly.ln_mlp, h, self._scale(tr.scale_ln_mlp, layer, live, dt))
             h += self.out_forward(layer, x @ W.to(h), live)
+        if self.ts.clt is not None and int(src.layer[0]) >= 0:
+            self.later_writes(layer, h, src, lo)
 
-    def write(self, layer: int, h: Tensor, rows: Tensor, pos: Tensor, vec: Tensor, lo: int) -> None:
-        """Add writes vec [r, d_model] at the MLP output site of `layer`, at rows `rows`, positions `pos`."""
-        h.index_put_((rows, pos - lo), self.out_forward(layer, vec, pos), accumulate=True)
-
-    def later_writes(self, layer: int, h: Tensor, src: Sources, k: int, lo: int) -> None:
+    def later_writes(self, layer: int, h: Tensor, src: Sources, lo: int) -> None:
         """A cross-layer transcoder's features read below `layer` write into its MLP output too."""
-        feats = (src.feature[:k] >= 0).nonzero()[:, 0]
-        for l_in in src.layer[feats].unique().tolist():
-            rows = feats[src.layer[feats] == l_in]
-            f = src.feature[rows]
-            dec = decoder(self.ts, l_in, layer)
-            vec = self.act[f, None].to(h) * dec[self.index[f].to(dec.device)].to(h)
-            self.write(layer, h, rows, src.pos[rows], vec, lo)
+        rows = (src.feature >= 0).nonzero()[:, 0]
+        f = src.feature[rows]
+        dec = decoder(self.ts, int(src.layer[0]), layer)
+        vec = self.act[f, None].to(h) * dec[self.index[f].to(dec.device)].to(h)
+        pos = src.pos[rows]
+        h.index_put_((pos - lo, rows), self.out_forward(layer, vec, pos), accumulate=True)
 
-    def chunk(self, src: Sources, n_nodes: int) -> Tensor:
-        """Step 3 for one chunk: the adjacency's columns [n_nodes, chunk] of its sources."""
+    def chunk(self, src: Sources, out: Tensor) -> None:
+        """Step 3 for one chunk (sources of one layer): out [chunk, node] (zeros) gets their adjacency columns.
+        The first attention layer above them acts on one position per source (`Attention.first`); from the
+        next on, h [pos - lo, chunk, d_model] goes through each layer whole."""
         n_layers, n_pos = self.an.n_layers, self.trace.n_pos
-        b, lo = len(src.col), int(src.pos.min())
-        h = src.vec.new_zeros(b, n_pos - lo, src.vec.shape[1])
-        out = src.vec.new_zeros(n_nodes, b)
-        cuts = torch.searchsorted(src.layer, torch.arange(-1, n_layers + 1, device=src.layer.device)).tolist()
-        rows = torch.arange(b, device=h.device)
-        h.index_put_((rows[: cuts[1]], src.pos[: cuts[1]] - lo), src.vec[: cuts[1]], accumulate=True)  # tokens
-        for layer in range(n_layers):
-            k, e = cuts[layer + 1], cuts[layer + 2]
-            if k:
-                self.step(layer, h[:k], lo, out)
-                if self.ts.clt is not None:
-                    self.later_writes(layer, h, src, k, lo)
-            if e > k:
-                self.write(layer, h, rows[k:e], src.pos[k:e], src.vec[k:e], lo)
-        out[self.reads.logit_row :] = self.reads.logits @ h[:, n_pos - 1 - lo].T
-        return out
+        lo, first = int(src.pos.min()), int(src.layer[0]) + 1
+        x = src.vec if first == 0 else self.out_forward(first - 1, src.vec, src.pos)
+        n_logit = len(self.reads.logits)
+        if first == n_layers:  # the top layer's sources: only the logits read them, at the last position
+            out[:, out.shape[1] - n_logit :] = (x * (src.pos == n_pos - 1)[:, None]) @ self.reads.logits.T
+            return
+        h = self.attention[first].first(x, src.pos, lo)
+        self.step(first, h, lo, out, src)
+        for layer in range(first + 1, n_layers):
+            h += self.attention[layer].forward(h, lo)
+            self.step(layer, h, lo, out, src)
+        out[:, out.shape[1] - n_logit :] = h[n_pos - 1 - lo] @ self.reads.logits.T
