@@ -47,7 +47,7 @@ from .edges import norm_adjoint
 from .replacement_sweep import Attention, Sweep, reads, sources
 
 log = logging.getLogger(__name__)
-BUCKETS = 4  # the column sweep splits the sources into this many position buckets
+BUCKETS = 4  # the column sweep splits the sources into at most this many position buckets, each 8 positions or more
 
 
 @dataclass(frozen=True, eq=False)
@@ -154,11 +154,11 @@ def logit_vectors(anatomy: Anatomy, ids: Tensor) -> Tensor:
 
 def node_table(enc: Encoded, n_layers: int, tokens: Tensor, logit_ids: Tensor) -> tuple[Node, ...]:
     """Step 4: features, MLP errors (layer-major), token embeddings, logits."""
-    feats = [transcoder(int(l), int(p), int(f)) for l, p, f in zip(enc.layer, enc.pos, enc.index)]  # noqa: E741
+    feats = [transcoder(*lpf) for lpf in zip(enc.layer.tolist(), enc.pos.tolist(), enc.index.tolist())]
     n_pos = int(tokens.numel())
     errs = [mlp_error(layer, p) for layer in range(n_layers) for p in range(n_pos)]
-    toks = [token(p, int(t)) for p, t in enumerate(tokens)]
-    return (*feats, *errs, *toks, *(logit(n_layers, n_pos - 1, int(t)) for t in logit_ids))
+    toks = [token(p, t) for p, t in enumerate(tokens.tolist())]
+    return (*feats, *errs, *toks, *(logit(n_layers, n_pos - 1, t) for t in logit_ids.tolist()))
 
 
 # -- step 5: the linear replacement model, backwards --------------------------------------------------------
@@ -283,7 +283,7 @@ def adjacency_rows(rep: Replacement, logit_vecs: Tensor, batch_size: int | None 
     n_feat, n_pos, n_logit = enc.layer.numel(), trace.n_pos, logit_vecs.shape[0]
     n_nodes = n_feat + (an.n_layers + 1) * n_pos + n_logit
     dt = enc.errors.dtype
-    width = max(1, -(-n_pos // BUCKETS))
+    width = max(8, -(-n_pos // BUCKETS))
     src = sources(rep.transcoders, enc.layer, enc.pos, enc.index, enc.act, enc.errors, rep.token_vectors, width)
     rd = reads(an, trace, rep.transcoders, enc.layer, enc.pos, enc.index, logit_vecs, dt)
     attention = tuple(Attention.of(an, trace, layer, dt) for layer in range(an.n_layers))

@@ -110,9 +110,11 @@ class Attention:
         """The residual [pos - lo, b, d_model] after this layer for writes x [b, d_model] each at one position
         `pos` [b] (and nothing elsewhere): each head's output is rank one, A[h, :, pos] x WV[h] WO[h]."""
         b = len(pos)
-        u = torch.bmm(torch.bmm(x.expand(self.WV.shape[0], *x.shape), self.WV), self.WO)  # [head, b, d_model]
-        coef = self.A[:, lo:, pos].permute(2, 1, 0)  # [b, q, head]
-        h = torch.bmm(coef, u.transpose(0, 1)).transpose(0, 1).contiguous()  # [q, b, d_model]
+        coef = self.A[:, lo:, pos]  # [head, q, b]
+        h = x.new_zeros(coef.shape[1], b, x.shape[1])
+        for head in range(coef.shape[0]):
+            u = (x @ self.WV[head]) @ self.WO[head]  # [b, d_model]
+            h.addcmul_(coef[head].unsqueeze(-1), u)
         h[pos - lo, torch.arange(b, device=pos.device)] += x
         return h
 
