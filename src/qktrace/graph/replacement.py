@@ -15,16 +15,17 @@ so an edge is the gradient of a target's input direction with respect to a sourc
    norm along its demeaned unembedding column (soft-capping ignored, as circuit-tracer does).
 4. Node table (`node_table`), circuit-tracer's order: active features (by layer, position, feature),
    MLP errors (layer-major), token embeddings (per position), logits.
-5. Rows (`adjacency_rows`): targets in chunks go down the model once per chunk: logits enter at the top,
-   a feature enters at its layer's transcoder input with its encoder direction (pre-activation, so the
-   feature's own activation never scales its incoming edges). At each layer the cotangent is read at the
-   MLP output site (feature sources: activation x decoder row; error sources: the error vector), then
-   pulled through the skip term and the input site's frozen norm, then through frozen attention
-   (post-attention norm, W_O, the pattern's transpose, W_V, the frozen attention-input norm). At the
-   bottom it is read against the token embeddings (learned positions and every bias are no nodes).
+5. Edges (`adjacency_rows`), computed as columns (`replacement_sweep`): every source's write (a feature's
+   activation x decoder row, an error vector, a token embedding) is pushed up the frozen model (attention
+   through its pattern and norm scales, the skip term) and read by every target above it: a feature by
+   its encoder direction at its layer's transcoder input (pre-activation, so the feature's own activation
+   never scales its incoming edges), a logit by its demeaned unembedding column after the frozen final
+   norm. Learned positions and every bias are no nodes. The same numbers as rows, each target's cotangent
+   going down the model (`Replacement.rows`, `adjacency_by_rows`), cost more: a feature target at layer L
+   goes back through L + 1 attention layers, a feature source forward through n_layers - 1 - l.
 6. Assemble (`TranscoderGraph`): adjacency [node, node], row = target, column = source.
 
-Memory follows the question: cotangents are [chunk, pos, d_model]; one layer's pattern at a time.
+Memory follows the question: one chunk of sources' residuals [pos, chunk, d_model] at a time.
 """
 
 from __future__ import annotations
@@ -277,8 +278,9 @@ def token_vectors(anatomy: Anatomy, tokens: Tensor) -> Tensor:
 
 def adjacency_rows(rep: Replacement, logit_vecs: Tensor, batch_size: int | None = None) -> Tensor:
     """Step 5: the adjacency [node, node], column by column (`replacement_sweep`: every source's write pushed
-    up the frozen model, read by every feature and logit above it). `batch_size`: sources per chunk
-    (default: what keeps a chunk's residuals and columns near 64 MiB)."""
+    up the frozen model, read by every feature and logit above it), returned as the transpose of the
+    source-major buffer it fills. `batch_size`: sources per chunk (default: what keeps a chunk's residuals
+    and columns near 16 M numbers, 64 MiB in float32)."""
     enc, an, trace = rep.enc, rep.anatomy, rep.trace
     n_feat, n_pos, n_logit = enc.layer.numel(), trace.n_pos, logit_vecs.shape[0]
     n_nodes = n_feat + (an.n_layers + 1) * n_pos + n_logit

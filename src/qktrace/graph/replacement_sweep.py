@@ -7,20 +7,24 @@ columns (sources, forwards), which costs less: a feature target at layer L goes 
 attention layers (its own included), a feature source at layer l forward through n_layers - 1 - l, and
 the top layer's sources reach only the logits.
 
-1. Sources (`sources`), grouped by the layer they first write at (tokens: -1) and by position bucket: a
-   source at position p touches positions >= p only (causal attention), so a bucket starting at `lo`
-   runs on positions [lo, n_pos) alone. Zero writes (the zeroed positions' errors) are skipped.
+1. Sources (`sources`): features (activation x decoder row), MLP errors and token embeddings, grouped by
+   position bucket and by the layer they first write at (tokens: -1). A source at position p touches
+   positions >= p only (causal attention), so a bucket starting at `lo` runs on positions [lo, n_pos)
+   alone. Zero writes (the zeroed positions' errors) are skipped: their columns stay zero.
 2. Reads (`reads`): each feature target's encoder direction pulled back through its input site's frozen
-   norm (so a layer's targets read the residual after attention directly), per (layer, position) a
-   contiguous block of adjacency rows; the logits' demeaned unembedding columns through the frozen final
-   norm, read at the last position.
-3. Sweep (`sweep`): per chunk of sources h [b, pos, d_model] starts at zero; at each layer, for the sources
-   already written (a prefix of the chunk, sorted by layer): frozen attention forward (norm, W_V, pattern,
-   W_O, post-norm), the layer's reads, the skip term, then the writes at this layer's MLP output (a
-   cross-layer transcoder's features write again at every later layer). At the top the logits read.
-4. Columns land in the adjacency (`adjacency[target, source]`) by one index_copy per chunk.
+   norm (so a layer's targets read the residual after attention directly), padded per position; the
+   logits' demeaned unembedding columns through the frozen final norm, read at the last position.
+3. Sweep (`Sweep.chunk`), one chunk = sources of one layer in one bucket. The first attention layer above
+   them sees one position per source, so its output is rank one per head (`Attention.first`: no pass over
+   positions); from there h [pos - lo, chunk, d_model] (position-major) goes through each layer whole:
+   attention as three plain matmuls per head (the frozen norms folded into its matrices and pattern,
+   `Attention.of`), the layer's reads, the skip term, a cross-layer transcoder's later writes. At the top
+   the logits read the last position.
+4. Each chunk's columns land in a source-major buffer, a contiguous run of rows per chunk piece; the
+   adjacency [target, source] is its transpose (a view).
 
-Memory follows the question: h is [chunk, pos, d_model]; the chunk is `batch_size` sources.
+Memory follows the question: h is [pos, chunk, d_model] and the chunk's columns [chunk, node]; a chunk holds
+at most `batch_size` sources.
 """
 
 from __future__ import annotations
