@@ -23,7 +23,7 @@ Rows, per model, dtype and prompt length (`a` against `b`):
 
 Pairs: qk~ct (the tools against each other), qk~truth, ct~truth. Speed (float32 and float64 rows alike):
 circuit-tracer's attribute() median seconds / qktrace's transcoder_graph() median seconds, with every active
-feature (both unpruned), and each side's peak resident memory above its resting size during a run.
+feature (both unpruned). A markdown table of all rows closes the output.
 Targets: jaccard 1.0, pearson >= 0.9999, max_rel <= 1e-4; speed >= 10x.
 
 Not a test (it needs a second stack). Build circuit-tracer's environment once with `bench/ct_env.sh DIR`, then
@@ -220,39 +220,22 @@ class CircuitTracer:
         self.log.close()
 
 
-def peak_reset() -> int:
-    with contextlib.suppress(OSError):
-        Path("/proc/self/clear_refs").write_text("5")
-    return status("VmRSS")
-
-
-def status(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
-    return 0
-
-
-def timed(model, ts, prompt: list[int]) -> tuple[TranscoderGraph, float, int]:  # type: ignore[no-untyped-def]
-    base = peak_reset()
+def timed(model, ts, prompt: list[int]) -> tuple[TranscoderGraph, float]:  # type: ignore[no-untyped-def]
     t = time.perf_counter()
     g = transcoder_graph(model, ts, prompt)
-    return g, time.perf_counter() - t, status("VmHWM") - base
+    return g, time.perf_counter() - t
 
 
 def race(ct: CircuitTracer, model, ts, i: int, prompt: list[int], repeat: int) -> tuple:  # type: ignore[no-untyped-def, type-arg]
-    """One warm-up each, then `repeat` alternating runs: (qktrace graph, medians and peaks of both)."""
+    """One warm-up each, then `repeat` alternating runs: (qktrace's graph, both median seconds)."""
     ct.ask(f"run {i}")
     timed(model, ts, prompt)
-    ct_s, qk_s, ct_m, qk_m = [], [], [], []
+    ct_s, qk_s = [], []
     for _ in range(repeat):
-        r = ct.ask(f"run {i}")
-        ct_s.append(r["seconds"])
-        ct_m.append(r["peak_bytes"])
-        g, sec, mem = timed(model, ts, prompt)
+        ct_s.append(ct.ask(f"run {i}")["seconds"])
+        g, sec = timed(model, ts, prompt)
         qk_s.append(sec)
-        qk_m.append(mem)
-    return g, statistics.median(qk_s), statistics.median(ct_s), max(qk_m), max(ct_m)
+    return g, statistics.median(qk_s), statistics.median(ct_s)
 
 
 def main() -> None:
@@ -270,6 +253,7 @@ def main() -> None:
     root = Path(tempfile.mkdtemp(prefix="agree-ct-"))
     lengths = [int(t) for t in args.tokens.split(",")]
     dtypes = ["float32", "float64"] if args.dtype == "both" else [args.dtype]
+    rows: list[dict] = []  # type: ignore[type-arg]
     for i, (family, shape) in enumerate(SHAPES.items()):
         if family not in args.models.split(","):
             continue
@@ -286,15 +270,31 @@ def main() -> None:
             ts = load_transcoders(tc_dir, model, dtype=getattr(torch, dtype))
             ct = CircuitTracer(args.ct, model_dir, tc_dir, prompts, args.threads, dtype)
             for k, (n, prompt) in enumerate(zip(lengths, prompts)):
-                ours, qk_s, ct_s, qk_m, ct_m = race(ct, model, ts, k, prompt, args.repeat)
+                ours, qk_s, ct_s = race(ct, model, ts, k, prompt, args.repeat)
                 qk, theirs = Side.of_qktrace(ours), Side.of_ct(ct.graph(k), model.n_layers)
                 row: dict[str, object] = {"model": family, "dtype": dtype, "tokens": n}
                 row |= {"qk~ct": compare(qk, theirs), "qk~truth": compare(qk, truth[k]),
                         "ct~truth": compare(theirs, truth[k])}  # fmt: skip
-                row |= {"qktrace_s": qk_s, "circuit_tracer_s": ct_s, "speed": ct_s / qk_s,
-                        "qktrace_peak_mb": qk_m / 2**20, "circuit_tracer_peak_mb": ct_m / 2**20}  # fmt: skip
+                row |= {"qktrace_s": qk_s, "circuit_tracer_s": ct_s, "speed": ct_s / qk_s}
                 print("RESULT " + json.dumps(row), flush=True)
+                rows.append(row)
             ct.close()
+    print(table(rows))
+
+
+def table(rows: list[dict]) -> str:  # type: ignore[type-arg]
+    """The RESULT rows as a markdown table: per pair jaccard / pearson / max_rel / row_rel, then the speed."""
+    pairs = ("qk~ct", "qk~truth", "ct~truth")
+    head = ["model", "dtype", "tokens", "features", *pairs, "qktrace ms", "circuit-tracer ms", "speed"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [r["model"], r["dtype"], str(r["tokens"]), str(r["qk~ct"]["features"])]
+        for p in pairs:
+            c = r[p]
+            cells.append(f"{c['jaccard']:.3g} / {1 - c['pearson']:.0e} / {c['max_rel']:.1e} / {c['row_rel']:.1e}")
+        cells += [f"{r['qktrace_s'] * 1e3:.1f}", f"{r['circuit_tracer_s'] * 1e3:.1f}", f"{r['speed']:.1f}x"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "pairs: jaccard / 1 - pearson / max_rel (strict) / row_rel (scale-relative)\n" + "\n".join(lines)
 
 
 def shape_d(model_dir: Path) -> int:

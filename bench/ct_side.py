@@ -2,7 +2,7 @@
 imports qktrace). Reads an HF save_pretrained model and a circuit-tracer transcoder set, converts the HF
 weights to TransformerLens (its own converters, no folding), builds circuit-tracer's TransformerLens
 ReplacementModel and then answers the bench's requests on stdin: `run I` runs `attribute()` on prompt I
-once and prints its seconds and peak memory; `save I PATH` saves that graph's tensors with torch.save. So the
+once and prints its seconds; `save I PATH` saves that graph's tensors with torch.save. So the
 bench can alternate the two tools run by run, under the same load.
 
   PYTHONPATH=$CT python bench/ct_side.py --model DIR --transcoders DIR --ids 1,5,7;1,8,9 [--dtype float64]
@@ -11,7 +11,6 @@ bench can alternate the two tools run by run, under the same load.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import sys
 import tempfile
@@ -82,22 +81,8 @@ def replacement_model(model_dir: Path, tc_dir: Path, dtype: torch.dtype):  # typ
     return model.eval()
 
 
-def peak_reset() -> int:
-    """Reset the process's peak resident memory to its current size (Linux) and return that size in bytes."""
-    with contextlib.suppress(OSError):
-        Path("/proc/self/clear_refs").write_text("5")
-    return rss("VmRSS")
-
-
-def rss(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
-    return 0
-
-
 def serve(model, prompts: list[torch.Tensor]) -> None:  # type: ignore[no-untyped-def]
-    """Answer `run I` (attribute prompt I once: seconds and peak memory above the resting size), `save I PATH`
+    """Answer `run I` (attribute prompt I once: its seconds), `save I PATH`
     (the last graph of prompt I) and `quit` on stdin, one `CT {json}` line each on stdout."""
     from circuit_tracer import attribute
 
@@ -108,11 +93,9 @@ def serve(model, prompts: list[torch.Tensor]) -> None:  # type: ignore[no-untype
             break
         i = int(cmd[1])
         if cmd[0] == "run":
-            base = peak_reset()
             t = time.perf_counter()
             graphs[i] = attribute(prompts[i], model, max_n_logits=10, desired_logit_prob=0.95, batch_size=256)
-            seconds = time.perf_counter() - t
-            answer = {"seconds": seconds, "peak_bytes": rss("VmHWM") - base}
+            answer = {"seconds": time.perf_counter() - t}
         else:
             g = graphs[i]
             torch.save(
