@@ -23,12 +23,14 @@ Rows, per model, dtype and prompt length (`a` against `b`):
 
 Pairs: qk~ct (the tools against each other), qk~truth, ct~truth. Speed (float32 and float64 rows alike):
 circuit-tracer's attribute() median seconds / qktrace's transcoder_graph() median seconds, with every active
-feature (both unpruned). A markdown table of all rows closes the output.
+feature (both unpruned); `attribute()` runs with batch_size 256, faster on these shapes than its default 512
+(--ct-batch). A markdown table of all rows closes the output.
 Targets: jaccard 1.0, pearson >= 0.9999, max_rel <= 1e-4; speed >= 10x.
 
 Not a test (it needs a second stack). Build circuit-tracer's environment once with `bench/ct_env.sh DIR`, then
 
-  python bench/agree_circuit_tracer.py --ct DIR [--tokens 16,32] [--repeat 7] [--threads 2] [--dtype both]
+  python bench/agree_circuit_tracer.py --ct DIR [--tokens 16,32] [--repeat 7] [--threads 1] [--dtype both]
+      [--ct-batch 256]
 """
 
 from __future__ import annotations
@@ -189,11 +191,11 @@ class CircuitTracer:
     """circuit-tracer's worker (`bench/ct_side.py` in its own environment), asked for one run at a time."""
 
     def __init__(self, ct_dir: Path, model_dir: Path, tc_dir: Path, prompts: list[list[int]], threads: int,
-                 dtype: str) -> None:  # fmt: skip
+                 dtype: str, batch_size: int) -> None:  # fmt: skip
         ids = ";".join(",".join(map(str, p)) for p in prompts)
         script = str(Path(__file__).with_name("ct_side.py"))
         cmd = [sys.executable, script, "--model", str(model_dir), "--transcoders", str(tc_dir), "--ids", ids,
-               "--threads", str(threads), "--dtype", dtype]  # fmt: skip
+               "--threads", str(threads), "--dtype", dtype, "--batch-size", str(batch_size)]  # fmt: skip
         env = {**os.environ, "PYTHONPATH": str(ct_dir), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
         self.log = tempfile.TemporaryFile()  # noqa: SIM115 (closed with the worker)
         self.proc = subprocess.Popen(cmd, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log,
@@ -243,8 +245,11 @@ def main() -> None:
     ap.add_argument("--ct", type=Path, required=True, help="circuit-tracer's folder (bench/ct_env.sh)")
     ap.add_argument("--tokens", default="16,32")
     ap.add_argument("--repeat", type=int, default=7)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1, help="both tools' torch threads (1: robust on a shared machine)")
     ap.add_argument("--models", default=",".join(SHAPES))
+    ap.add_argument(
+        "--ct-batch", type=int, default=256, help="attribute()'s batch_size (its default 512 is slower here)"
+    )
     ap.add_argument(
         "--dtype", default="both", choices=["float32", "float64", "both"], help="both tools' weights and sums"
     )
@@ -268,7 +273,7 @@ def main() -> None:
         for dtype in dtypes:
             model = load_model(model_dir, dtype=getattr(torch, dtype))
             ts = load_transcoders(tc_dir, model, dtype=getattr(torch, dtype))
-            ct = CircuitTracer(args.ct, model_dir, tc_dir, prompts, args.threads, dtype)
+            ct = CircuitTracer(args.ct, model_dir, tc_dir, prompts, args.threads, dtype, args.ct_batch)
             for k, (n, prompt) in enumerate(zip(lengths, prompts)):
                 ours, qk_s, ct_s = race(ct, model, ts, k, prompt, args.repeat)
                 qk, theirs = Side.of_qktrace(ours), Side.of_ct(ct.graph(k), model.n_layers)

@@ -81,7 +81,7 @@ def replacement_model(model_dir: Path, tc_dir: Path, dtype: torch.dtype):  # typ
     return model.eval()
 
 
-def serve(model, prompts: list[torch.Tensor]) -> None:  # type: ignore[no-untyped-def]
+def serve(model, prompts: list[torch.Tensor], batch_size: int) -> None:  # type: ignore[no-untyped-def]
     """Answer `run I` (attribute prompt I once: its seconds), `save I PATH`
     (the last graph of prompt I) and `quit` on stdin, one `CT {json}` line each on stdout."""
     from circuit_tracer import attribute
@@ -94,7 +94,7 @@ def serve(model, prompts: list[torch.Tensor]) -> None:  # type: ignore[no-untype
         i = int(cmd[1])
         if cmd[0] == "run":
             t = time.perf_counter()
-            graphs[i] = attribute(prompts[i], model, max_n_logits=10, desired_logit_prob=0.95, batch_size=256)
+            graphs[i] = attribute(prompts[i], model, max_n_logits=10, desired_logit_prob=0.95, batch_size=batch_size)
             answer = {"seconds": time.perf_counter() - t}
         else:
             g = graphs[i]
@@ -120,11 +120,12 @@ def main() -> None:
     ap.add_argument("--ids", required=True, help="comma-separated token ids, BOS first; ';' separates prompts")
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--batch-size", type=int, default=512, help="attribute()'s batch_size (its default: 512)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     model = replacement_model(args.model, args.transcoders, getattr(torch, args.dtype))
-    serve(model, [torch.tensor([int(i) for i in p.split(",")]) for p in args.ids.split(";")])
+    serve(model, [torch.tensor([int(i) for i in p.split(",")]) for p in args.ids.split(";")], args.batch_size)
 
 
 if __name__ == "__main__":
