@@ -1,15 +1,18 @@
 """circuit-tracer's side of bench/agree_circuit_tracer.py: runs in circuit-tracer's own environment (never
 imports qktrace). Reads an HF save_pretrained model and a circuit-tracer transcoder set, converts the HF
 weights to TransformerLens (its own converters, no folding), builds circuit-tracer's TransformerLens
-ReplacementModel, runs `attribute()` on the given token ids and saves the graph's tensors with torch.save.
+ReplacementModel and then answers the bench's requests on stdin: `run I` runs `attribute()` on prompt I
+once and prints its seconds; `save I PATH` saves that graph's tensors with torch.save. So the
+bench can alternate the two tools run by run, under the same load.
 
-  PYTHONPATH=$CT python bench/ct_side.py --model DIR --transcoders DIR --ids 1,5,7 --out graph.pt [--repeat N]
+  PYTHONPATH=$CT python bench/ct_side.py --model DIR --transcoders DIR --ids 1,5,7;1,8,9 [--dtype float64]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -78,41 +81,51 @@ def replacement_model(model_dir: Path, tc_dir: Path, dtype: torch.dtype):  # typ
     return model.eval()
 
 
+def serve(model, prompts: list[torch.Tensor], batch_size: int) -> None:  # type: ignore[no-untyped-def]
+    """Answer `run I` (attribute prompt I once: its seconds), `save I PATH`
+    (the last graph of prompt I) and `quit` on stdin, one `CT {json}` line each on stdout."""
+    from circuit_tracer import attribute
+
+    graphs: dict[int, object] = {}
+    for line in sys.stdin:
+        cmd = line.split()
+        if not cmd or cmd[0] == "quit":
+            break
+        i = int(cmd[1])
+        if cmd[0] == "run":
+            t = time.perf_counter()
+            graphs[i] = attribute(prompts[i], model, max_n_logits=10, desired_logit_prob=0.95, batch_size=batch_size)
+            answer = {"seconds": time.perf_counter() - t}
+        else:
+            g = graphs[i]
+            torch.save(
+                {
+                    "adjacency": g.adjacency_matrix,  # type: ignore[attr-defined]
+                    "active_features": g.active_features,  # type: ignore[attr-defined]
+                    "activation_values": g.activation_values,  # type: ignore[attr-defined]
+                    "logit_tokens": torch.tensor([t.vocab_idx for t in g.logit_targets]),  # type: ignore[attr-defined]
+                    "logit_probabilities": g.logit_probabilities,  # type: ignore[attr-defined]
+                    "input_tokens": g.input_tokens,  # type: ignore[attr-defined]
+                },
+                cmd[2],
+            )
+            answer = {}
+        print("CT " + json.dumps(answer), flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", type=Path, required=True)
     ap.add_argument("--transcoders", type=Path, required=True)
     ap.add_argument("--ids", required=True, help="comma-separated token ids, BOS first; ';' separates prompts")
-    ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--repeat", type=int, default=1)
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--batch-size", type=int, default=512, help="attribute()'s batch_size (its default: 512)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    from circuit_tracer import attribute
-
     model = replacement_model(args.model, args.transcoders, getattr(torch, args.dtype))
-    results = []
-    for prompt in args.ids.split(";"):
-        ids = torch.tensor([int(i) for i in prompt.split(",")])
-        seconds = []
-        for _ in range(args.repeat):
-            t = time.perf_counter()
-            g = attribute(ids, model, max_n_logits=10, desired_logit_prob=0.95, batch_size=256)
-            seconds.append(time.perf_counter() - t)
-        results.append(
-            {
-                "seconds": seconds,
-                "adjacency": g.adjacency_matrix,
-                "active_features": g.active_features,
-                "activation_values": g.activation_values,
-                "logit_tokens": torch.tensor([t.vocab_idx for t in g.logit_targets]),
-                "logit_probabilities": g.logit_probabilities,
-                "input_tokens": g.input_tokens,
-            }
-        )
-    torch.save(results, args.out)
+    serve(model, [torch.tensor([int(i) for i in p.split(",")]) for p in args.ids.split(";")], args.batch_size)
 
 
 if __name__ == "__main__":

@@ -15,16 +15,17 @@ so an edge is the gradient of a target's input direction with respect to a sourc
    norm along its demeaned unembedding column (soft-capping ignored, as circuit-tracer does).
 4. Node table (`node_table`), circuit-tracer's order: active features (by layer, position, feature),
    MLP errors (layer-major), token embeddings (per position), logits.
-5. Rows (`adjacency_rows`): targets in chunks go down the model once per chunk: logits enter at the top,
-   a feature enters at its layer's transcoder input with its encoder direction (pre-activation, so the
-   feature's own activation never scales its incoming edges). At each layer the cotangent is read at the
-   MLP output site (feature sources: activation x decoder row; error sources: the error vector), then
-   pulled through the skip term and the input site's frozen norm, then through frozen attention
-   (post-attention norm, W_O, the pattern's transpose, W_V, the frozen attention-input norm). At the
-   bottom it is read against the token embeddings (learned positions and every bias are no nodes).
+5. Edges (`adjacency_rows`), computed as columns (`replacement_sweep`): every source's write (a feature's
+   activation x decoder row, an error vector, a token embedding) is pushed up the frozen model (attention
+   through its pattern and norm scales, the skip term) and read by every target above it: a feature by
+   its encoder direction at its layer's transcoder input (pre-activation, so the feature's own activation
+   never scales its incoming edges), a logit by its demeaned unembedding column after the frozen final
+   norm. Learned positions and every bias are no nodes. The same numbers as rows, each target's cotangent
+   going down the model (`Replacement.rows`, `adjacency_by_rows`), cost more: a feature target at layer L
+   goes back through L + 1 attention layers, a feature source forward through n_layers - 1 - l.
 6. Assemble (`TranscoderGraph`): adjacency [node, node], row = target, column = source.
 
-Memory follows the question: cotangents are [chunk, pos, d_model]; one layer's pattern at a time.
+Memory follows the question: one chunk of sources' residuals [pos, chunk, d_model] at a time.
 """
 
 from __future__ import annotations
@@ -44,8 +45,10 @@ from ..models.trace import Trace
 from ..nodes import Node, logit, mlp_error, token, transcoder
 from ..saes.transcoder import TranscoderSet, site_input
 from .edges import norm_adjoint
+from .replacement_sweep import Attention, Sweep, reads, sources
 
 log = logging.getLogger(__name__)
+BUCKETS = 4  # the column sweep splits the sources into at most this many position buckets, each 8 positions or more
 
 
 @dataclass(frozen=True, eq=False)
@@ -72,7 +75,7 @@ class TranscoderGraph:
     """An unpruned transcoder attribution graph (circuit-tracer's `Graph` content)."""
 
     nodes: tuple[Node, ...]  # features, MLP errors, tokens, logits
-    adjacency: Tensor  # [node, node]: adjacency[target, source]
+    adjacency: Tensor  # [node, node]: adjacency[target, source] (a transposed view: built source by source)
     features: Encoded
     tokens: Tensor  # [pos]
     logit_tokens: Tensor  # [logit]
@@ -152,11 +155,11 @@ def logit_vectors(anatomy: Anatomy, ids: Tensor) -> Tensor:
 
 def node_table(enc: Encoded, n_layers: int, tokens: Tensor, logit_ids: Tensor) -> tuple[Node, ...]:
     """Step 4: features, MLP errors (layer-major), token embeddings, logits."""
-    feats = [transcoder(int(l), int(p), int(f)) for l, p, f in zip(enc.layer, enc.pos, enc.index)]  # noqa: E741
+    feats = [transcoder(*lpf) for lpf in zip(enc.layer.tolist(), enc.pos.tolist(), enc.index.tolist())]
     n_pos = int(tokens.numel())
     errs = [mlp_error(layer, p) for layer in range(n_layers) for p in range(n_pos)]
-    toks = [token(p, int(t)) for p, t in enumerate(tokens)]
-    return (*feats, *errs, *toks, *(logit(n_layers, n_pos - 1, int(t)) for t in logit_ids))
+    toks = [token(p, t) for p, t in enumerate(tokens.tolist())]
+    return (*feats, *errs, *toks, *(logit(n_layers, n_pos - 1, t) for t in logit_ids.tolist()))
 
 
 # -- step 5: the linear replacement model, backwards --------------------------------------------------------
@@ -273,8 +276,40 @@ def token_vectors(anatomy: Anatomy, tokens: Tensor) -> Tensor:
     return emb.to(anatomy.compute_dtype)
 
 
-def adjacency_rows(rep: Replacement, logit_vecs: Tensor, batch_size: int) -> Tensor:
-    """Step 5: the adjacency [node, node]; rows for every feature and logit, chunks ordered by layer."""
+def adjacency_rows(rep: Replacement, logit_vecs: Tensor, batch_size: int | None = None) -> Tensor:
+    """Step 5: the adjacency [node, node], column by column (`replacement_sweep`: every source's write pushed
+    up the frozen model, read by every feature and logit above it), returned as the transpose of the
+    source-major buffer it fills. `batch_size`: sources per chunk (default: what keeps a chunk's residuals
+    and columns near 16 M numbers, 64 MiB in float32)."""
+    enc, an, trace = rep.enc, rep.anatomy, rep.trace
+    n_feat, n_pos, n_logit = enc.layer.numel(), trace.n_pos, logit_vecs.shape[0]
+    n_nodes = n_feat + (an.n_layers + 1) * n_pos + n_logit
+    dt = enc.errors.dtype
+    width = max(8, -(-n_pos // BUCKETS))
+    src = sources(rep.transcoders, enc.layer, enc.pos, enc.index, enc.act, enc.errors, rep.token_vectors, width)
+    rd = reads(an, trace, rep.transcoders, enc.layer, enc.pos, enc.index, logit_vecs, dt)
+    attention = tuple(Attention.of(an, trace, layer, dt) for layer in range(an.n_layers))
+    sweep = Sweep(an, trace, rep.transcoders, attention, rd, enc.act, enc.index)
+    if batch_size is None:
+        batch_size = max(16, (16 << 20) // (n_pos * an.d_model + n_nodes))
+    by_source = enc.errors.new_empty(n_nodes, n_nodes)  # [source, target]: every source row written below
+    covered = torch.zeros(n_nodes, dtype=torch.bool, device=by_source.device)
+    covered[src.col] = True
+    by_source.index_fill_(0, (~covered).nonzero()[:, 0], 0)  # the logits and the zeroed positions' errors
+    out = enc.errors.new_empty(min(batch_size, len(src.col)), n_nodes)
+    for chunk in src.chunks(width, batch_size):
+        b = len(chunk.col)
+        out[:b].zero_()
+        sweep.chunk(chunk, out[:b])
+        cuts = [0, *((chunk.col[1:] - chunk.col[:-1]) != 1).nonzero()[:, 0].add(1).tolist(), b]
+        for c0, a, e in zip(chunk.col[cuts[:-1]].tolist(), cuts[:-1], cuts[1:]):  # runs of consecutive columns
+            by_source[c0 : c0 + e - a] = out[a:e]
+    return by_source.T
+
+
+def adjacency_by_rows(rep: Replacement, logit_vecs: Tensor, batch_size: int) -> Tensor:
+    """The same adjacency row by row (`Replacement.rows`, backwards from each target): the slower route
+    strategy 2 builds on, kept as a cross-check of the column sweep."""
     enc, an = rep.enc, rep.anatomy
     n_feat, n_pos, n_logit = enc.layer.numel(), rep.trace.n_pos, logit_vecs.shape[0]
     n_nodes = n_feat + (an.n_layers + 1) * n_pos + n_logit
@@ -305,7 +340,7 @@ def transcoder_graph(
     max_n_logits: int = 10,
     desired_logit_prob: float = 0.95,
     zero_positions: int = 1,
-    batch_size: int = 256,
+    batch_size: int | None = None,
 ) -> TranscoderGraph:
     """The unpruned transcoder attribution graph of `prompt` (or of a `Trace` already run), as circuit-tracer's
     `attribute()` computes it (every active feature a row): see the module docstring for the steps.
