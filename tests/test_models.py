@@ -131,3 +131,15 @@ def test_two_threads_trace_and_intervene_at_once(tiny_models):
     assert len(results["trace"]) == len(results["steer"]) == 8
     assert all(torch.equal(q, alone_trace.q[1]) for q in results["trace"])
     assert all(torch.equal(x, alone_steer) for x in results["steer"])
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_norm_scales_follow_hf_precision_in_a_float64_model(tiny_paths, family):
+    """HF's LayerNorm runs in float64 in a float64 model, its RMSNorms in float32: the frozen norm applied at the
+    anatomy's scale reproduces HF's own module to that precision (float64: to 1e-12)."""
+    model = load_model(tiny_paths[family], dtype=torch.float64)
+    hf_norm = model.hf.model.layers[0].input_layernorm if family == "llama" else model.hf.transformer.h[0].ln_1
+    x = torch.randn(5, model.d_model, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) * 3 + 1
+    mine = model.anatomy.layers[0].ln_attn(x)
+    err = float((mine - hf_norm(x)).detach().abs().max())
+    assert err < (1e-12 if family == "gpt2" else 1e-6)

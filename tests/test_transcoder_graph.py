@@ -35,7 +35,7 @@ HF = {
         None,
     ),
 }
-# HF (and so qktrace's trace) computes norm scales in float32 even in a float64 model; the reference in float64
+# HF (and so qktrace's trace) computes RMSNorm scales in float32 even in a float64 model; the reference in float64
 TOL = dict(rtol=1e-5, atol=1e-5)
 
 

@@ -38,8 +38,10 @@ class Norm:
     eps: float
 
     def scale(self, x: Tensor) -> Tensor:
-        """The frozen factor 1/sqrt(var + eps) per row of x [..., d] -> [...] (float32 like HF)."""
-        xf = x.float()
+        """The frozen factor 1/sqrt(var + eps) per row of x [..., d] -> [...], at HF's precision: RMSNorms
+        compute in float32 (HF casts to it, a float64 model too), LayerNorm (torch's kernel) in float32 or the
+        input's own wider dtype."""
+        xf = x.double() if self.kind == "layernorm" and x.dtype == torch.float64 else x.float()
         if self.kind == "layernorm":
             var = xf.var(-1, unbiased=False)
         else:
