@@ -82,11 +82,18 @@ def regular_file(path: Path, what: str, missing: str, limit: int | None = None) 
     return st.st_size
 
 
+def _json_int(text: str, path: Path) -> int:
+    """An integer literal of a config; one of thousands of digits (past what `int` reads) named as such."""
+    if len(text) > 300:
+        raise SAELoadError(f"{path} holds an integer of {len(text):,} digits: no SAE setting has one; fix that value")
+    return int(text)
+
+
 def read_json(path: Path, what: str = "JSON object") -> dict[str, Any]:
     regular_file(path, what, "re-download the SAE", MAX_CONFIG_BYTES)
     try:
         with open(path, "rb") as f:
-            data = json.loads(f.read(MAX_CONFIG_BYTES + 1).decode("utf-8"))
+            data = json.loads(f.read(MAX_CONFIG_BYTES + 1).decode("utf-8"), parse_int=lambda t: _json_int(t, path))
     except (ValueError, OSError, RecursionError, UnicodeDecodeError) as e:
         raise SAELoadError(f"{path} is not a valid {what} ({type(e).__name__}): re-download or re-export it") from None
     if not isinstance(data, dict):

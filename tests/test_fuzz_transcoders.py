@@ -1,0 +1,521 @@
+# mypy: disable-error-code="func-returns-value"
+"""Hostile transcoder sets and attention-output SAEs: every layout (circuit-tracer PLT and CLT, Gemma Scope
+params.npz, Llama Scope LXTC, SAELens transcoder and hook_z / hook_attn_out folders) made corrupt, truncated,
+header-lying, absurd in its numbers, non-finite, a FIFO or a link to /dev/zero, for another model, or of two
+formats at once. Each must be refused with one short line (a QKTraceError, which the CLI prints with exit 2
+and the server answers with 4xx), within seconds and bounded memory: the cases run in one subprocess under
+an address-space cap, each with an alarm. The table is the record of what was tried."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+import zipfile
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from qktrace.testing import random_sae, write_transcoder_set
+
+SRC = str(Path(__file__).resolve().parents[1] / "src")
+D, N_LAYERS, D_SAE = 32, 2, 48  # the tiny llama's width and depth; the sets' width
+
+
+# ------------------------------------------------------------------------------------------ file builders
+
+
+def _ct(root: Path, **kw) -> Path:
+    return write_transcoder_set(root / "ct", D, N_LAYERS, **kw)
+
+
+def _yaml(root: Path, text: str) -> Path:
+    folder = _ct(root)
+    (folder / "config.yaml").write_text(text)
+    return folder
+
+
+_CT_HEAD = 'model_kind: "transcoder_set"\nfeature_input_hook: "mlp.hook_in"\nfeature_output_hook: "hook_mlp_out"\n'
+
+
+def _replace(path: Path, how: str) -> None:
+    """`path` replaced by a FIFO, a link to /dev/zero, or truncated to half."""
+    if how == "truncate":
+        data = path.read_bytes()
+        path.write_bytes(data[: len(data) // 2])
+        return
+    path.unlink()
+    if how == "fifo":
+        os.mkfifo(path)
+    else:
+        path.symlink_to("/dev/zero")
+
+
+def _st_header_lie(path: Path, name: str, shape: list[int]) -> None:
+    """A safetensors file whose header states `shape` for `name`, holding a few bytes."""
+    header = json.dumps({name: {"dtype": "F32", "shape": shape, "data_offsets": [0, 64]}}).encode()
+    path.write_bytes(len(header).to_bytes(8, "little") + header + b"\0" * 64)
+
+
+def _ct_layer(root: Path, edit: Callable[[dict], dict]) -> Path:
+    folder = _ct(root)
+    from safetensors.torch import load_file
+
+    w = load_file(str(folder / "layer_0.safetensors"))
+    save_file(edit(dict(w)), str(folder / "layer_0.safetensors"))
+    return folder
+
+
+def _gemma_npz(root: Path, layer: int | str = 0, d: int = D, arrays: dict | None = None) -> Path:
+    npz = root / f"layer_{layer}" / "width_16k" / "average_l0_9" / "params.npz"
+    npz.parent.mkdir(parents=True)
+    g = torch.Generator().manual_seed(0)
+    base = {
+        "W_enc": torch.randn(d, D_SAE, generator=g).numpy() * 0.1,
+        "W_dec": torch.randn(D_SAE, d, generator=g).numpy() * 0.1,
+        "b_enc": np.zeros(D_SAE, "f4"),
+        "b_dec": np.zeros(d, "f4"),
+        "threshold": np.full(D_SAE, 0.1, "f4"),
+    }
+    np.savez(npz, **(base | (arrays or {})))
+    return npz
+
+
+def _npz_bomb(root: Path, layer: int = 0) -> Path:
+    """A params.npz whose members state a huge width and hold a few compressed bytes."""
+    npz = root / f"layer_{layer}" / "w" / "params.npz"
+    npz.parent.mkdir(parents=True)
+    with zipfile.ZipFile(npz, "w", zipfile.ZIP_DEFLATED) as z:
+        for name, shape in (("W_enc", (D, 10**8)), ("W_dec", (10**8, D)), ("b_enc", (10**8,)), ("b_dec", (D,)),
+                            ("threshold", (10**8,))):  # fmt: skip
+            buf = io.BytesIO()
+            np.lib.format.write_array_header_1_0(buf, {"descr": "<f4", "fortran_order": False, "shape": shape})
+            z.writestr(f"{name}.npy", buf.getvalue() + b"\0" * (4 * 10**6))
+    return npz
+
+
+def _lxtc(root: Path, **hp_edit) -> Path:
+    folder = root / "lxtc"
+    (folder / "checkpoints").mkdir(parents=True)
+    g = torch.Generator().manual_seed(1)
+    w = {
+        "encoder.weight": torch.randn(D_SAE, D, generator=g) * 0.1,
+        "decoder.weight": torch.randn(D, D_SAE, generator=g) * 0.1,
+        "encoder.bias": torch.zeros(D_SAE),
+        "decoder.bias": torch.zeros(D),
+    }
+    save_file(w, str(folder / "checkpoints" / "final.safetensors"))
+    hp = {
+        "d_model": D, "d_sae": D_SAE, "hook_point_in": "blocks.0.ln2.hook_normalized",
+        "hook_point_out": "blocks.0.hook_mlp_out", "jump_relu_threshold": 0.1,
+        "dataset_average_activation_norm": {"in": 5.0, "out": 5.0},
+    }  # fmt: skip
+    text = json.dumps(hp | hp_edit)
+    for token, literal in (('"@NAN"', "NaN"), ('"@INF"', "1e999"), ('"@BIG"', "1" + "0" * 5000)):
+        text = text.replace(token, literal)
+    (folder / "hyperparams.json").write_text(text)
+    return folder
+
+
+def _sl_transcoder(root: Path, arch: str = "transcoder", **cfg_edit) -> Path:
+    folder = root / "sl"
+    folder.mkdir(parents=True)
+    g = torch.Generator().manual_seed(2)
+    w = {
+        "W_enc": torch.randn(D, D_SAE, generator=g) * 0.1,
+        "W_dec": torch.randn(D_SAE, D, generator=g) * 0.1,
+        "b_enc": torch.zeros(D_SAE),
+        "b_dec": torch.zeros(D),
+    }
+    if "skip" in arch:
+        w["W_skip"] = torch.randn(D, D, generator=g) * 0.1
+    save_file(w, str(folder / "sae_weights.safetensors"))
+    cfg = {
+        "architecture": arch, "d_in": D, "d_sae": D_SAE, "d_out": D, "dtype": "float32",
+        "apply_b_dec_to_input": False, "normalize_activations": "none",
+        "metadata": {"hook_name": "blocks.0.ln2.hook_normalized", "hook_name_out": "blocks.0.hook_mlp_out"},
+    }  # fmt: skip
+    meta = cfg_edit.pop("metadata", {})
+    cfg = cfg | cfg_edit
+    cfg["metadata"] = cfg["metadata"] | meta
+    text = json.dumps(cfg)
+    for token, literal in (('"@NAN"', "NaN"), ('"@INF"', "1e999"), ('"@BIG"', "1" + "0" * 5000)):
+        text = text.replace(token, literal)
+    (folder / "cfg.json").write_text(text)
+    return folder
+
+
+class _Shape:
+    d_model = D
+    n_layers = N_LAYERS
+
+
+def _att(root: Path, site: str = "z", hook: str | None = None, width: int = D, **cfg_edit) -> Path:
+    """One SAELens attention SAE folder at layer 0 (d_in 32 for both sites of the tiny llama: 4 heads x 8)."""
+    hook = hook or ("blocks.0.attn.hook_z" if site == "z" else "blocks.0.hook_attn_out")
+    sae = random_sae("standard", width, D_SAE, seed=3, checkpoint=0, hook_name=hook)
+    from qktrace.saes import save_sae_lens
+
+    folder = save_sae_lens(sae, root / "att" / "blocks.0.attn")
+    if cfg_edit:
+        cfg = json.loads((folder / "cfg.json").read_text())
+        meta = cfg_edit.pop("metadata", {})
+        cfg = cfg | cfg_edit
+        cfg["metadata"] = cfg["metadata"] | meta
+        text = json.dumps(cfg).replace('"@INF"', "1e999").replace('"@BIG"', "1" + "0" * 5000)
+        (folder / "cfg.json").write_text(text)
+    return root / "att"
+
+
+def _att_gemma(root: Path, **kw) -> Path:
+    return _gemma_npz(root / "att", **kw)
+
+
+def _both(root: Path) -> Path:
+    folder = _ct(root)
+    shutil.copytree(_sl_transcoder(root), folder, dirs_exist_ok=True)
+    return folder
+
+
+def _layer_file(root: Path, name: str, how: str) -> Path:
+    folder = _ct(root)
+    _replace(folder / name, how)
+    return folder
+
+
+def _clt(root: Path, n: int = N_LAYERS, d_sae: int = 16, enc_edit: Callable | None = None) -> Path:
+    folder = root / "clt"
+    folder.mkdir(parents=True)
+    (folder / "config.yaml").write_text(_CT_HEAD.replace("transcoder_set", "cross_layer_transcoder"))
+    for i in range(n):
+        enc = {f"W_enc_{i}": torch.randn(d_sae, D) * 0.1, f"b_enc_{i}": torch.zeros(d_sae)}
+        enc[f"b_dec_{i}"] = torch.zeros(D)
+        if enc_edit is not None:
+            enc = enc_edit(enc, i)
+        save_file(enc, str(folder / f"W_enc_{i}.safetensors"))
+        save_file({f"W_dec_{i}": torch.randn(d_sae, N_LAYERS - i, D) * 0.1}, str(folder / f"W_dec_{i}.safetensors"))
+    return folder
+
+
+def _nan_at(name: str, value: float = float("nan")) -> Callable[[dict], dict]:
+    def edit(w: dict) -> dict:
+        w[name] = w[name].clone()
+        w[name].view(-1)[0] = value
+        return w
+
+    return edit
+
+
+# name -> (loader, builder): "t" loads with load_transcoders, "a" with load_attention_saes
+CASES: dict[str, tuple[str, Callable[[Path], Path]]] = {
+    # circuit-tracer config.yaml
+    "ct-yaml-fifo": ("t", lambda r: _layer_file(r, "config.yaml", "fifo")),
+    "ct-yaml-devzero": ("t", lambda r: _layer_file(r, "config.yaml", "devzero")),
+    "ct-yaml-binary": ("t", lambda r: _yaml(r, "\x00\x01\x02: [")),
+    "ct-yaml-list": ("t", lambda r: _yaml(r, "- 1\n- 2\n")),
+    "ct-yaml-huge": ("t", lambda r: _yaml(r, _CT_HEAD + "# " + "x" * (20 << 20) + "\n")),
+    "ct-yaml-deep": ("t", lambda r: _yaml(r, _CT_HEAD + "extra: " + "[" * 10**5 + "]" * 10**5 + "\n")),
+    "ct-yaml-laughs": (
+        "t",
+        lambda r: _yaml(
+            r,
+            _CT_HEAD
+            + 'a: &a ["x","x","x","x","x","x","x","x","x"]\n'
+            + "".join(
+                f"{c}: &{c} [{',='.join(['*' + p] * 9)}]\n".replace("=", "") for p, c in zip("abcdefgh", "bcdefghi")
+            )
+            + "transcoders: *i\n",
+        ),
+    ),  # fmt: skip
+    "ct-kind-int": ("t", lambda r: _yaml(r, _CT_HEAD.replace('"transcoder_set"', "7"))),
+    "ct-kind-unknown": ("t", lambda r: _yaml(r, _CT_HEAD.replace("transcoder_set", "sae"))),
+    "ct-input-hook-unknown": ("t", lambda r: _yaml(r, _CT_HEAD.replace("mlp.hook_in", "attn.hook_q"))),
+    "ct-output-hook-int": ("t", lambda r: _yaml(r, _CT_HEAD.replace('"hook_mlp_out"', "3"))),
+    "ct-activation-int": ("t", lambda r: _yaml(r, _CT_HEAD + "activation: 5\n")),
+    "ct-activation-unknown": ("t", lambda r: _yaml(r, _CT_HEAD + "activation: swish\n")),
+    "ct-topk-k-str": ("t", lambda r: _yaml(r, _CT_HEAD + "activation: topk\nk: abc\n")),
+    "ct-topk-k-huge": ("t", lambda r: _yaml(r, _CT_HEAD + "activation: topk\nk: " + "9" * 5000 + "\n")),
+    "ct-topk-k-negative": ("t", lambda r: _yaml(r, _CT_HEAD + "activation: topk\nk: -3\n")),
+    "ct-topk-k-nan": ("t", lambda r: _yaml(r, _CT_HEAD + "activation: topk\nk: .nan\n")),
+    "ct-topk-k-float": ("t", lambda r: _yaml(r, _CT_HEAD + "activation: topk\nk: 2.5\n")),
+    "ct-list-empty": ("t", lambda r: _yaml(r, _CT_HEAD + "transcoders: []\n")),
+    "ct-list-too-long": (
+        "t",
+        lambda r: _yaml(r, _CT_HEAD + "transcoders: [layer_0.safetensors, layer_1.safetensors, layer_1.safetensors]\n"),
+    ),  # fmt: skip
+    "ct-list-int-entry": ("t", lambda r: _yaml(r, _CT_HEAD + "transcoders: [3]\n")),
+    "ct-list-devzero-entry": ("t", lambda r: _yaml(r, _CT_HEAD + "transcoders: [/dev/zero]\n")),
+    "ct-list-folder-entry": ("t", lambda r: _yaml(r, _CT_HEAD + "transcoders: [.]\n")),
+    "ct-list-dict": ("t", lambda r: _yaml(r, _CT_HEAD + "transcoders: {a: 1}\n")),
+    # circuit-tracer layer files
+    "ct-layer-fifo": ("t", lambda r: _layer_file(r, "layer_0.safetensors", "fifo")),
+    "ct-layer-devzero": ("t", lambda r: _layer_file(r, "layer_0.safetensors", "devzero")),
+    "ct-layer-truncated": ("t", lambda r: _layer_file(r, "layer_0.safetensors", "truncate")),
+    "ct-layer-header-lie": (
+        "t",
+        lambda r: (_st_header_lie(_ct(r) / "layer_0.safetensors", "W_enc", [D_SAE, 10**12]), r / "ct")[1],
+    ),  # fmt: skip
+    "ct-layer-extra": (
+        "t",
+        lambda r: (shutil.copy(_ct(r) / "layer_1.safetensors", r / "ct" / "layer_2.safetensors"), r / "ct")[1],
+    ),  # fmt: skip
+    "ct-layer-none": (
+        "t",
+        lambda r: ((_ct(r) / "layer_0.safetensors").unlink(), (r / "ct" / "layer_1.safetensors").unlink(), r / "ct")[2],
+    ),  # fmt: skip
+    "ct-width-other-model": ("t", lambda r: write_transcoder_set(r / "ct", 64, N_LAYERS)),
+    "ct-deeper-model": ("t", lambda r: write_transcoder_set(r / "ct", D, N_LAYERS + 3)),
+    "ct-nan-W_enc": ("t", lambda r: _ct_layer(r, _nan_at("W_enc"))),
+    "ct-inf-b_dec": ("t", lambda r: _ct_layer(r, _nan_at("b_dec", float("inf")))),
+    "ct-inf-W_skip": ("t", lambda r: _ct_layer(r, lambda w: w | {"W_skip": torch.full((D, D), float("inf"))})),
+    "ct-skip-wrong-shape": ("t", lambda r: _ct_layer(r, lambda w: w | {"W_skip": torch.zeros(D, D + 1)})),
+    "ct-threshold-negative": ("t", lambda r: _ct_layer(r, lambda w: w | {"threshold": -torch.ones(D_SAE)})),
+    "ct-b_enc-2d": ("t", lambda r: _ct_layer(r, lambda w: w | {"b_enc": torch.zeros(D_SAE, 2)})),
+    "ct-b_enc-missing": ("t", lambda r: _ct_layer(r, lambda w: {k: v for k, v in w.items() if k != "b_enc"})),
+    "ct-W_enc-int": ("t", lambda r: _ct_layer(r, lambda w: w | {"W_enc": torch.zeros(D_SAE, D, dtype=torch.int64)})),
+    "ct-and-saelens": ("t", _both),
+    # circuit-tracer CLT
+    "clt-missing-dec": ("t", lambda r: ((_clt(r) / "W_dec_1.safetensors").unlink(), r / "clt")[1]),
+    "clt-extra-layer": ("t", lambda r: _clt(r, n=N_LAYERS + 1)),
+    "clt-nan": (
+        "t",
+        lambda r: _clt(r, enc_edit=lambda e, i: e | {f"b_enc_{i}": torch.full_like(e[f"b_enc_{i}"], float("nan"))}),
+    ),  # fmt: skip
+    "clt-widths-differ": (
+        "t",
+        lambda r: _clt(
+            r,
+            enc_edit=lambda e, i: (
+                e
+                if i == 0
+                else {f"W_enc_{i}": torch.zeros(8, D), f"b_enc_{i}": torch.zeros(8), f"b_dec_{i}": torch.zeros(D)}
+            ),
+        ),
+    ),
+    "clt-enc-devzero": ("t", lambda r: (_replace(_clt(r) / "W_enc_0.safetensors", "devzero"), r / "clt")[1]),
+    "clt-dec-fifo": ("t", lambda r: (_replace(_clt(r) / "W_dec_1.safetensors", "fifo"), r / "clt")[1]),
+    # Gemma Scope transcoder params.npz
+    "gemma-fifo": ("t", lambda r: (_replace(p := _gemma_npz(r), "fifo"), p)[1]),
+    "gemma-devzero": ("t", lambda r: (_replace(p := _gemma_npz(r), "devzero"), p)[1]),
+    "gemma-truncated": ("t", lambda r: (_replace(p := _gemma_npz(r), "truncate"), p)[1]),
+    "gemma-bomb": ("t", _npz_bomb),
+    "gemma-bomb-tree": ("t", lambda r: (_npz_bomb(r / "tree"), r / "tree")[1]),
+    "gemma-other-width": ("t", lambda r: _gemma_npz(r, d=64)),
+    "gemma-layer-out-of-range": ("t", lambda r: _gemma_npz(r, layer=7)),
+    "gemma-layer-digits": ("t", lambda r: _gemma_npz(r / "x", layer="9" * 240)),
+    "gemma-no-layer": ("t", lambda r: (p := _gemma_npz(r), shutil.move(p, r / "params.npz"), r / "params.npz")[2]),
+    "gemma-nan": ("t", lambda r: _gemma_npz(r, arrays={"b_enc": np.full(D_SAE, np.nan, "f4")})),
+    "gemma-threshold-negative": ("t", lambda r: _gemma_npz(r, arrays={"threshold": -np.ones(D_SAE, "f4")})),
+    "gemma-object-array": ("t", lambda r: _gemma_npz(r, arrays={"b_dec": np.array([None] * D, dtype=object)})),
+    "gemma-two-at-a-layer": ("t", lambda r: (_gemma_npz(r / "t"), _gemma_npz(r / "t" / "x"), r / "t")[2]),
+    # Llama Scope LXTC
+    "lxtc-norm-tiny": ("t", lambda r: _lxtc(r, dataset_average_activation_norm={"in": 1e-300, "out": 5.0})),
+    "lxtc-norm-out-tiny": ("t", lambda r: _lxtc(r, dataset_average_activation_norm={"in": 5.0, "out": 1e-300})),
+    "lxtc-threshold-overflow": (
+        "t",
+        lambda r: _lxtc(r, jump_relu_threshold=1e300, dataset_average_activation_norm={"in": 1e-10, "out": 5.0}),
+    ),
+    "lxtc-threshold-negative": ("t", lambda r: _lxtc(r, jump_relu_threshold=-1.0)),
+    "lxtc-threshold-nan": ("t", lambda r: _lxtc(r, jump_relu_threshold="@NAN")),
+    "lxtc-d_sae-big": ("t", lambda r: _lxtc(r, d_sae="@BIG")),
+    "lxtc-d_sae-negative": ("t", lambda r: _lxtc(r, d_sae=-48)),
+    "lxtc-d_sae-lie": ("t", lambda r: _lxtc(r, d_sae=10**12)),
+    "lxtc-d_model-other": ("t", lambda r: _lxtc(r, d_model=64)),
+    "lxtc-norm-inf": ("t", lambda r: _lxtc(r, dataset_average_activation_norm={"in": "@INF", "out": 5.0})),
+    "lxtc-norm-list": ("t", lambda r: _lxtc(r, dataset_average_activation_norm=[1, 2])),
+    "lxtc-hook-layer-digits": ("t", lambda r: _lxtc(r, hook_point_in="blocks." + "7" * 5000 + ".ln2.hook_normalized")),
+    "lxtc-hook-layer-99": (
+        "t",
+        lambda r: _lxtc(r, hook_point_in="blocks.99.ln2.hook_normalized", hook_point_out="blocks.99.hook_mlp_out"),
+    ),  # fmt: skip
+    "lxtc-hook-unknown": ("t", lambda r: _lxtc(r, hook_point_in="blocks.0.attn.hook_q")),
+    "lxtc-layers-differ": ("t", lambda r: _lxtc(r, hook_point_out="blocks.1.hook_mlp_out")),
+    "lxtc-weights-devzero": (
+        "t",
+        lambda r: (_replace((p := _lxtc(r)) / "checkpoints" / "final.safetensors", "devzero"), p)[1],
+    ),  # fmt: skip
+    "lxtc-weights-fifo": (
+        "t",
+        lambda r: (_replace((p := _lxtc(r)) / "checkpoints" / "final.safetensors", "fifo"), p)[1],
+    ),  # fmt: skip
+    "lxtc-hp-fifo": ("t", lambda r: (_replace((p := _lxtc(r)) / "hyperparams.json", "fifo"), p)[1]),
+    # SAELens transcoders
+    "sl-d_sae-big": ("t", lambda r: _sl_transcoder(r, d_sae="@BIG")),
+    "sl-d_sae-huge": ("t", lambda r: _sl_transcoder(r, d_sae=10**400)),
+    "sl-d_sae-lie": ("t", lambda r: _sl_transcoder(r, d_sae=D_SAE * 3)),
+    "sl-d_out-str": ("t", lambda r: _sl_transcoder(r, d_out="32")),
+    "sl-d_out-other": ("t", lambda r: _sl_transcoder(r, d_out=64)),
+    "sl-d_in-other": ("t", lambda r: _sl_transcoder(r, d_in=64)),
+    "sl-hook-out-int": ("t", lambda r: _sl_transcoder(r, metadata={"hook_name_out": 5})),
+    "sl-hook-out-unknown": ("t", lambda r: _sl_transcoder(r, metadata={"hook_name_out": "blocks.0.attn.hook_z"})),
+    "sl-hook-layer-digits": (
+        "t",
+        lambda r: _sl_transcoder(r, metadata={"hook_name": "blocks." + "7" * 5000 + ".ln2.hook_normalized"}),
+    ),
+    "sl-hook-layer-99": (
+        "t",
+        lambda r: _sl_transcoder(
+            r, metadata={"hook_name": "blocks.99.ln2.hook_normalized", "hook_name_out": "blocks.99.hook_mlp_out"}
+        ),
+    ),
+    "sl-arch-sae": ("t", lambda r: _sl_transcoder(r, architecture="standard")),
+    "sl-arch-int": ("t", lambda r: _sl_transcoder(r, architecture=4)),
+    "sl-skip-missing": (
+        "t",
+        lambda r: (p := _sl_transcoder(r, "skip_transcoder"), _replace(p / "sae_weights.safetensors", "truncate"), p)[
+            2
+        ],
+    ),  # fmt: skip
+    "sl-jumprelu-no-threshold": ("t", lambda r: _sl_transcoder(r, "jumprelu_transcoder")),
+    "sl-normalize": ("t", lambda r: _sl_transcoder(r, normalize_activations="expected_average_only_in")),
+    "sl-weights-devzero": (
+        "t",
+        lambda r: (_replace((p := _sl_transcoder(r)) / "sae_weights.safetensors", "devzero"), p)[1],
+    ),  # fmt: skip
+    "sl-cfg-fifo": ("t", lambda r: (_replace((p := _sl_transcoder(r)) / "cfg.json", "fifo"), p)[1]),
+    "sl-weights-header-lie": (
+        "t",
+        lambda r: (_st_header_lie((p := _sl_transcoder(r)) / "sae_weights.safetensors", "W_enc", [D, 10**12]), p)[1],
+    ),  # fmt: skip
+    # paths
+    "path-empty-folder": ("t", lambda r: (r / "empty").mkdir() or r / "empty"),
+    "path-devzero": ("t", lambda r: Path("/dev/zero")),
+    "path-random-file": ("t", lambda r: ((r / "x.txt").write_text("hi"), r / "x.txt")[1]),
+    # attention-output SAEs
+    "att-site-unknown": ("a", lambda r: _att(r, hook="blocks.0.attn.hook_q")),
+    "att-site-resid": ("a", lambda r: _att(r, hook="blocks.0.hook_resid_pre")),
+    "att-layer-99": ("a", lambda r: _att(r, hook="blocks.99.attn.hook_z")),
+    "att-layer-digits": ("a", lambda r: _att(r, hook="blocks." + "7" * 5000 + ".attn.hook_z")),
+    "att-layer-negative": ("a", lambda r: _att(r, hook="blocks.-1.attn.hook_z")),
+    "att-d_in-other": ("a", lambda r: _att(r, width=D + 8)),
+    "att-attn-out-d_in-other": ("a", lambda r: _att(r, site="attn_out", width=D * 2)),
+    "att-d_sae-huge": ("a", lambda r: _att(r, d_sae=10**400)),
+    "att-d_sae-big": ("a", lambda r: _att(r, d_sae="@BIG")),
+    "att-d_in-lie": ("a", lambda r: _att(r, d_in=10**12)),
+    "att-norm-overflow": (
+        "a",
+        lambda r: _att(r, normalize_activations="expected_average_only_in", norm_scaling_factor=1e39),
+    ),  # fmt: skip
+    "att-norm-inf": (
+        "a",
+        lambda r: _att(r, normalize_activations="expected_average_only_in", norm_scaling_factor="@INF"),
+    ),  # fmt: skip
+    "att-two-at-layer": (
+        "a",
+        lambda r: (_att(r), shutil.copytree(r / "att" / "blocks.0.attn", r / "att" / "again"), r / "att")[2],
+    ),  # fmt: skip
+    "att-cfg-fifo": ("a", lambda r: (_replace(_att(r) / "blocks.0.attn" / "cfg.json", "fifo"), r / "att")[1]),
+    "att-weights-devzero": (
+        "a",
+        lambda r: (_replace(_att(r) / "blocks.0.attn" / "sae_weights.safetensors", "devzero"), r / "att")[1],
+    ),  # fmt: skip
+    "att-gemma-fifo": ("a", lambda r: (_replace(p := _att_gemma(r), "fifo"), p)[1]),
+    "att-gemma-devzero": ("a", lambda r: (_replace(p := _att_gemma(r), "devzero"), p)[1]),
+    "att-gemma-bomb": ("a", lambda r: _npz_bomb(r / "att")),
+    "att-gemma-other-width": ("a", lambda r: _att_gemma(r, d=64)),
+    "att-gemma-no-layer": (
+        "a",
+        lambda r: (p := _att_gemma(r), shutil.move(p, r / "params.npz"), r / "params.npz")[2],
+    ),  # fmt: skip
+    "att-gemma-layer-out-of-range": ("a", lambda r: _att_gemma(r, layer=5)),
+    "att-gemma-nan": ("a", lambda r: _att_gemma(r, arrays={"W_dec": np.full((D_SAE, D), np.inf, "f4")})),
+    "att-transcoder-given": ("a", lambda r: _ct(r)),
+    "att-empty-folder": ("a", lambda r: (r / "empty").mkdir() or r / "empty"),
+    "att-and-npz": ("a", lambda r: (_att(r), _gemma_npz(r / "att" / "blocks.0.attn"), r / "att")[2]),
+    "t-attention-given": ("t", lambda r: _att(r)),
+    "ct-kind-alias": ("t", lambda r: _yaml(r, 'k: &k "transcoder_set"\nmodel_kind: *k\n' + _CT_HEAD.split("\n", 1)[1])),
+}
+
+# what the line must name, where an earlier version named something else (or nothing)
+NAMES = {
+    **{name: "FIFO" for name in CASES if "fifo" in name},
+    **{name: "device" for name in CASES if "devzero" in name and name != "ct-list-devzero-entry"},
+    "ct-yaml-laughs": "alias",
+    "ct-yaml-huge": "bytes",
+    "ct-topk-k-str": "k is 'abc'",
+    "ct-layer-extra": "layer_2.safetensors",
+    "ct-deeper-model": "layer_4.safetensors",
+    "ct-and-saelens": "both config.yaml and cfg.json",
+    "ct-W_enc-int": "int64",
+    "ct-list-empty": "no transcoders",
+    "lxtc-norm-tiny": "dataset_average_activation_norm.in",
+    "lxtc-norm-out-tiny": "dataset_average_activation_norm.out",
+    "lxtc-d_sae-big": "5,001 digits",
+    "sl-d_sae-big": "5,001 digits",
+    "att-d_sae-big": "5,001 digits",
+    **{name: "5000 digits" for name in ("lxtc-hook-layer-digits", "sl-hook-layer-digits", "att-layer-digits")},
+    "gemma-layer-digits": "240 digits",
+    "att-gemma-no-layer": "cannot tell the layer",
+}
+
+
+def _script(model: str, cases: dict[str, tuple[str, str]]) -> str:
+    return textwrap.dedent(
+        f"""
+        import json, resource, signal, sys, time
+        sys.path.insert(0, {SRC!r})
+        import torch, transformers, numpy, yaml, safetensors  # before the cap
+        from qktrace.errors import QKTraceError
+        from qktrace.models import load_model
+        from qktrace.saes import load_attention_saes, load_transcoders
+        model = load_model({model!r})
+        resource.setrlimit(resource.RLIMIT_AS, (3 << 30, 3 << 30))
+
+        class Hang(Exception):
+            pass
+
+        def alarm(*_):
+            raise Hang()
+
+        signal.signal(signal.SIGALRM, alarm)
+        results = {{}}
+        for name, (kind, path) in json.loads(sys.stdin.read()).items():
+            start = time.perf_counter()
+            signal.alarm(20)
+            try:
+                (load_transcoders if kind == "t" else load_attention_saes)(path, model)
+                outcome = ("loaded", "")
+            except QKTraceError as e:
+                outcome = ("refused", str(e))
+            except Hang:
+                outcome = ("hang", "")
+            except BaseException as e:
+                outcome = ("crash", f"{{type(e).__name__}}: {{str(e)[:300]}}")
+            finally:
+                signal.alarm(0)
+            results[name] = outcome + (time.perf_counter() - start,)
+        print(json.dumps(results))
+        """
+    )
+
+
+@pytest.fixture(scope="module")
+def outcomes(tiny_paths, tmp_path_factory):
+    """Every case built on disk, then loaded in one capped subprocess: name -> (outcome, message, seconds)."""
+    cases = {}
+    for name, (kind, build) in CASES.items():
+        cases[name] = (kind, str(build(tmp_path_factory.mktemp(name.replace("-", "_")[:40]))))
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
+    proc = subprocess.run(
+        [sys.executable, "-c", _script(str(tiny_paths["llama"]), cases)],
+        input=json.dumps(cases), capture_output=True, text=True, env=env, timeout=1200,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_hostile_coder_files_are_refused_in_one_line(outcomes, name):
+    outcome, message, seconds = outcomes[name]
+    assert outcome == "refused", f"{name}: {outcome} {message[:400]}"
+    assert "\n" not in message and len(message) < 1000, f"{name}: {message[:1100]!r}"
+    assert seconds < 15, f"{name}: {seconds:.1f} s"
+    assert NAMES.get(name, "") in message, f"{name}: {message[:400]!r} does not name {NAMES[name]!r}"
