@@ -519,3 +519,108 @@ def test_hostile_coder_files_are_refused_in_one_line(outcomes, name):
     assert "\n" not in message and len(message) < 1000, f"{name}: {message[:1100]!r}"
     assert seconds < 15, f"{name}: {seconds:.1f} s"
     assert NAMES.get(name, "") in message, f"{name}: {message[:400]!r} does not name {NAMES[name]!r}"
+
+
+# ------------------------------------------------------------------------------ the CLI's transcoder flags
+
+PROMPT = "Aunt Sally is the opposite of Uncle Bob . Aunt"
+
+
+@pytest.fixture(scope="module")
+def cli_world(tiny_paths, tmp_path_factory):
+    """The tiny llama, a transcoder set and attention SAEs of it, a set of another width, an output folder."""
+    from qktrace.models import load_model
+    from qktrace.testing import random_attention_saes, write_attention_saes
+
+    root = tmp_path_factory.mktemp("fuzz_tc_cli")
+    model = load_model(tiny_paths["llama"])
+    att = write_attention_saes(root / "att", random_attention_saes(model, ["z", "attn_out"]))
+    (root / "out").mkdir()
+    (root / "out" / "keep.json").write_text('{"old": 1}')
+    (root / "prompts.jsonl").write_text(json.dumps({"prompt": PROMPT}) + "\n")
+    (root / "corpus.jsonl").write_text(json.dumps({"text": PROMPT}) + "\n")
+    return {
+        "M": str(tiny_paths["llama"]),
+        "T": str(write_transcoder_set(root / "ct", D, N_LAYERS)),
+        "T64": str(write_transcoder_set(root / "ct64", 64, N_LAYERS)),
+        "A": str(att),
+        "OUT": root / "out",
+        "P": str(root / "prompts.jsonl"),
+        "C": str(root / "corpus.jsonl"),
+        "FIFO": (os.mkfifo(root / "fifo"), str(root / "fifo"))[1],
+    }
+
+
+_STEER = "steer @M --transcoders @T --prompt @PROMPT --positions -1 --scales 0,2 --feature 0"
+_COMMON = "--device cpu"
+CLI_CASES = {
+    "steer-feature-layer-equals-heads": f"{_STEER} --layer 1 --heads 0 --feature-layer 1",
+    "steer-feature-layer-above-heads": f"{_STEER} --layer 0 --heads 0 --feature-layer 1",
+    "steer-feature-layer-huge": f"{_STEER} --layer 1 --heads 0 --feature-layer " + "9" * 40,
+    "steer-feature-layer-negative": f"{_STEER} --layer 1 --heads 0 --feature-layer -1",
+    "steer-feature-layer-no-heads": f"{_STEER} --layer 1 --feature-layer 0",
+    "steer-feature-layer-no-transcoders": "steer @M --prompt @PROMPT --positions -1 --feature 0 --layer 1 --heads 0 "
+    "--feature-layer 0",
+    "steer-heads-without-feature-layer": f"{_STEER} --layer 1 --heads 0",
+    "steer-layer-past-model": f"{_STEER} --layer 5",
+    "steer-heads-layer-0": f"{_STEER} --layer 0 --heads 0 --feature-layer 0",
+    "steer-heads-layer-past-model": f"{_STEER} --layer 5 --heads 0 --feature-layer 0",
+    "steer-feature-past-width": _STEER.replace("--feature 0", "--feature 4800") + " --layer 0",
+    "steer-feature-huge": _STEER.replace("--feature 0", "--feature " + "9" * 30) + " --layer 0",
+    "steer-head-past-layer": f"{_STEER} --layer 1 --heads 9 --feature-layer 0",
+    "steer-transcoders-other-width": f"{_STEER.replace('@T', '@T64')} --layer 0",
+    "steer-transcoders-fifo": f"{_STEER.replace('@T', '@FIFO')} --layer 0",
+    "steer-transcoders-empty": f"{_STEER.replace('@T', '')} --layer 0",
+    "qk-transcoders-layer-past-model": "qk @M --transcoders @T --prompt @PROMPT --layer 7 --head 0",
+    "qk-attention-other-model": "qk @M --transcoders @T --attention-saes @T --prompt @PROMPT --layer 1 --head 0",
+    "qk-attention-fifo": "qk @M --transcoders @T --attention-saes @FIFO --prompt @PROMPT --layer 1 --head 0",
+    "qk-key-after-query": "qk @M --transcoders @T --prompt @PROMPT --layer 1 --head 0 --query-pos 2 --key-pos 5",
+    "graph-transcoders-other-width": "graph @M --transcoders @T64 --prompt @PROMPT --out @OUT/keep.json",
+    "graph-attention-without-transcoders": "graph @M --attention-saes @A --prompt @PROMPT --out @OUT/keep.json",
+    "graph-out-is-folder": "graph @M --transcoders @T --prompt @PROMPT --out @OUT",
+    "compare-prompt-b-empty": "compare @M --transcoders @T --prompt-a @PROMPT --prompt-b ''",
+    "compare-prompt-b-blank": "compare @M --transcoders @T --prompt-a @PROMPT --prompt-b '   '",
+    "compare-prompt-b-huge": "compare @M --transcoders @T --prompt-a @PROMPT --prompt-b @HUGE",
+    "explain-transcoders-other-width": "explain @M --transcoders @T64 --prompt @PROMPT --answer Bob",
+    "explain-answer-huge": "explain @M --transcoders @T --prompt @PROMPT --answer @HUGE",
+    "dashboards-transcoders-other-width": "dashboards @M --transcoders @T64 --corpus @C --out @OUT/d",
+    "batch-transcoders-fifo": "batch @M --transcoders @FIFO --prompts @P --out @OUT/b",
+    "serve-transcoders-other-width": "serve @OUT --model @M --transcoders @T64",
+    "serve-attention-fifo": "serve @OUT --model @M --transcoders @T --attention-saes @FIFO",
+}
+
+
+def _argv(w, case: str) -> list[str]:  # type: ignore[no-untyped-def]
+    import shlex
+
+    subs = {"@PROMPT": PROMPT, "@HUGE": "Sally " * 20_000, "@OUT": str(w["OUT"]), "@FIFO": w["FIFO"]}
+    subs |= {f"@{k}": w[k] for k in ("M", "T64", "T", "A", "P", "C")}
+    argv = []
+    for part in shlex.split(case):
+        for key, value in subs.items():
+            part = part.replace(key, value)
+        argv.append(part)
+    return [*argv, *_COMMON.split()]
+
+
+@pytest.mark.parametrize("case", list(CLI_CASES))
+def test_cli_transcoder_flags_are_refused_in_one_line(cli_world, case):
+    import contextlib
+    import time
+
+    from qktrace.cli import main
+
+    before = {p.name: p.read_bytes() for p in cli_world["OUT"].iterdir() if p.is_file()}
+    out, err = io.StringIO(), io.StringIO()
+    start = time.perf_counter()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr("uvicorn.run", lambda *a, **k: (_ for _ in ()).throw(AssertionError("the server started")))
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = main(_argv(cli_world, CLI_CASES[case]))
+    seconds = time.perf_counter() - start
+    lines = err.getvalue().strip().splitlines()
+    assert code == 2, f"{case}: exit {code}, stderr {err.getvalue()[:400]!r}"
+    assert len(lines) == 1 and lines[0].startswith("qktrace: error: "), f"{case}: {err.getvalue()[:400]!r}"
+    assert len(lines[0]) < 1000 and out.getvalue() == "", f"{case}: {lines[0][:300]}"
+    assert seconds < 30, f"{case}: {seconds:.1f} s"
+    assert {p.name: p.read_bytes() for p in cli_world["OUT"].iterdir() if p.is_file()} == before, case

@@ -299,6 +299,10 @@ def load_attention_saes(
     for r in roots:
         if r.exists() and not r.is_dir():
             regular_file(r, "attention SAE", "pass a SAELens folder or a Gemma Scope att params.npz")
+    ct_config = registry()["transcoder_layouts"]["circuit_tracer"]["config"]
+    for r in roots:
+        if (r / ct_config).exists():
+            raise SAELoadError(f"{r} holds a circuit-tracer {ct_config}, a transcoder set: pass it as transcoders")
     paths = [p for r in roots for p in sae_paths(r)]
     by_layer: dict[int, AttentionSAE] = {}
     for path in paths:
