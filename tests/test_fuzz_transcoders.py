@@ -590,7 +590,7 @@ CLI_CASES = {
 }
 
 
-def _argv(w, case: str) -> list[str]:  # type: ignore[no-untyped-def]
+def _argv(w, case: str) -> list[str]:
     import shlex
 
     subs = {"@PROMPT": PROMPT, "@HUGE": "Sally " * 20_000, "@OUT": str(w["OUT"]), "@FIFO": w["FIFO"]}
@@ -624,3 +624,101 @@ def test_cli_transcoder_flags_are_refused_in_one_line(cli_world, case):
     assert len(lines[0]) < 1000 and out.getvalue() == "", f"{case}: {lines[0][:300]}"
     assert seconds < 30, f"{case}: {seconds:.1f} s"
     assert {p.name: p.read_bytes() for p in cli_world["OUT"].iterdir() if p.is_file()} == before, case
+
+
+# ------------------------------------------------------------------------ the server's transcoder fields
+
+
+@pytest.fixture(scope="module")
+def api(tmp_path_factory):
+    """A server whose tracer holds transcoders only, another whose tracer holds SAEs only, and valid bodies."""
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+
+    from qktrace.server import create_app
+    from qktrace.testing import make_server_setup
+    from qktrace.tracer import Tracer
+
+    s = make_server_setup(tmp_path_factory.mktemp("fuzz_tc_api"))
+    ct = write_transcoder_set(s.root / "ct", D, N_LAYERS)
+    tracer = Tracer.load(s.root / "model", transcoders=ct)
+    tc = TestClient(create_app(s.data, tracer), raise_server_exceptions=True)
+    plain = TestClient(create_app(s.data, s.tracer), raise_server_exceptions=True)
+    x = tracer.run(s.tokens).writers().enc
+    f = int(x.index[(x.layer == 0) & (x.pos == len(s.tokens) - 1)][0])
+    sweep = {"tokens": s.tokens, "heads": [[1, 0]], "feature": f, "positions": [-1], "scales": "0,1", "kind":
+             "transcoder", "feature_layer": 0}  # fmt: skip
+    compare = {"prompt_a": "w1 w2 w3 w4", "prompt_b": "w1 w2 w5 w4", "top": 2, "top_terms": 3}
+    assert tc.post("/api/sweep", json=sweep).status_code == 200
+    assert tc.post("/api/compare", json=compare).status_code == 200
+    return {"tc": tc, "plain": plain, "sweep": sweep, "compare": compare, "data": s.data}
+
+
+_BIG = "w1 " * 100_000
+API_CASES: dict[str, tuple[str, str, dict]] = {  # name -> (server, route, fields replaced in the valid body)
+    "sweep-feature-layer-equals-heads": ("tc", "/api/sweep", {"feature_layer": 1}),
+    "sweep-feature-layer-above": ("tc", "/api/sweep", {"feature_layer": 5}),
+    "sweep-feature-layer-negative": ("tc", "/api/sweep", {"feature_layer": -1}),
+    "sweep-feature-layer-huge": ("tc", "/api/sweep", {"feature_layer": 10**18}),
+    "sweep-feature-layer-past-int64": ("tc", "/api/sweep", {"feature_layer": 10**40}),
+    "sweep-feature-layer-str": ("tc", "/api/sweep", {"feature_layer": "0"}),
+    "sweep-feature-layer-float": ("tc", "/api/sweep", {"feature_layer": 0.5}),
+    "sweep-feature-layer-bool": ("tc", "/api/sweep", {"feature_layer": True}),
+    "sweep-feature-layer-no-heads": ("tc", "/api/sweep", {"heads": []}),
+    "sweep-feature-layer-with-feature-kind": ("tc", "/api/sweep", {"kind": "feature"}),
+    "sweep-kind-unknown": ("tc", "/api/sweep", {"kind": "neuron"}),
+    "sweep-kind-int": ("tc", "/api/sweep", {"kind": 3}),
+    "sweep-heads-layer-0": ("tc", "/api/sweep", {"heads": [[0, 0]]}),
+    "sweep-head-past-layer": ("tc", "/api/sweep", {"heads": [[1, 9]]}),
+    "sweep-heads-layer-past-model": ("tc", "/api/sweep", {"heads": [[7, 0]]}),
+    "sweep-feature-past-width": ("tc", "/api/sweep", {"feature": 4800}),
+    "sweep-feature-negative": ("tc", "/api/sweep", {"feature": -1}),
+    "sweep-no-feature-layer": ("tc", "/api/sweep", {"feature_layer": None}),
+    "sweep-transcoder-without-transcoders": ("plain", "/api/sweep", {"heads": [[1, 0]], "checkpoint": None}),
+    "sweep-feature-without-saes": (
+        "tc",
+        "/api/sweep",
+        {"kind": "feature", "feature_layer": None, "checkpoint": 1},
+    ),  # fmt: skip
+    "compare-prompt-b-empty": ("tc", "/api/compare", {"prompt_b": ""}),
+    "compare-prompt-b-blank": ("tc", "/api/compare", {"prompt_b": "   "}),
+    "compare-prompt-b-huge": ("tc", "/api/compare", {"prompt_b": _BIG}),
+    "compare-prompt-b-null": ("tc", "/api/compare", {"prompt_b": None}),
+    "compare-prompt-b-and-tokens": ("tc", "/api/compare", {"tokens_b": [1, 2, 3]}),
+    "compare-tokens-b-empty": ("tc", "/api/compare", {"prompt_b": None, "tokens_b": []}),
+    "compare-tokens-b-past-vocab": ("tc", "/api/compare", {"prompt_b": None, "tokens_b": [1, 10**9]}),
+    "compare-prompt-b-int": ("tc", "/api/compare", {"prompt_b": 5}),
+    "compare-prompt-b-surrogate": ("tc", "/api/compare", {"prompt_b": "w1 \ud800 w2"}),
+    "compare-query-past-b": ("tc", "/api/compare", {"query_pos": 40}),
+    "compare-answer-equals-rival": ("tc", "/api/compare", {"answer": "w1", "rival": "w1"}),
+    "graph-prompt-empty": ("tc", "/api/graph", {"prompt": "", "name": "x"}),
+    "graph-prompt-huge": ("tc", "/api/graph", {"prompt": _BIG, "name": "x"}),
+    "graph-name-escapes": ("tc", "/api/graph", {"prompt": "w1 w2", "name": "../x"}),
+    "graph-max-nodes-zero": ("tc", "/api/graph", {"prompt": "w1 w2", "name": "x", "max_nodes": 0}),
+    "graph-threshold-nan": ("tc", "/api/graph", {"prompt": "w1 w2", "name": "x", "node_threshold": "@NAN"}),
+    "graph-unknown-field": ("tc", "/api/graph", {"prompt": "w1 w2", "name": "x", "transcoders": "/etc"}),
+}
+
+
+# what the line must name, where an earlier version said only "the prompt"
+API_NAMES = {"compare-prompt-b-empty": "prompt_b", "compare-prompt-b-blank": "prompt_b"}
+API_NAMES["compare-tokens-b-empty"] = "tokens_b"
+
+
+@pytest.mark.parametrize("case", list(API_CASES))
+def test_api_transcoder_fields_are_refused_in_one_line(api, case):
+    import time
+
+    server, route, fields = API_CASES[case]
+    base = {"/api/sweep": api["sweep"], "/api/compare": api["compare"], "/api/graph": {}}[route]
+    body = json.dumps(base | fields).replace('"@NAN"', "NaN")
+    before = sorted(p.name for p in api["data"].iterdir())
+    start = time.perf_counter()
+    r = api[server].post(route, content=body, headers={"content-type": "application/json"})
+    seconds = time.perf_counter() - start
+    assert 400 <= r.status_code < 500, f"{case}: {r.status_code} {r.text[:300]}"
+    error = r.json()["error"]
+    assert isinstance(error, str) and len(error.splitlines()) == 1 and len(error) < 1000, f"{case}: {error[:300]!r}"
+    assert seconds < 30, f"{case}: {seconds:.1f} s"
+    assert sorted(p.name for p in api["data"].iterdir()) == before, case
+    assert API_NAMES.get(case, "") in error, f"{case}: {error[:300]!r} does not name {API_NAMES[case]!r}"
