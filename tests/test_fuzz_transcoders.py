@@ -254,6 +254,8 @@ CASES: dict[str, tuple[str, Callable[[Path], Path]]] = {
     "ct-list-int-entry": ("t", lambda r: _yaml(r, _CT_HEAD + "transcoders: [3]\n")),
     "ct-list-devzero-entry": ("t", lambda r: _yaml(r, _CT_HEAD + "transcoders: [/dev/zero]\n")),
     "ct-list-folder-entry": ("t", lambda r: _yaml(r, _CT_HEAD + "transcoders: [.]\n")),
+    "ct-list-surrogate-entry": ("t", lambda r: _yaml(r, _CT_HEAD + 'transcoders: ["\\ud800.safetensors"]\n')),
+    "ct-list-nul-entry": ("t", lambda r: _yaml(r, _CT_HEAD + 'transcoders: ["a\\0b"]\n')),
     "ct-list-dict": ("t", lambda r: _yaml(r, _CT_HEAD + "transcoders: {a: 1}\n")),
     # circuit-tracer layer files
     "ct-layer-fifo": ("t", lambda r: _layer_file(r, "layer_0.safetensors", "fifo")),
@@ -722,3 +724,73 @@ def test_api_transcoder_fields_are_refused_in_one_line(api, case):
     assert seconds < 30, f"{case}: {seconds:.1f} s"
     assert sorted(p.name for p in api["data"].iterdir()) == before, case
     assert API_NAMES.get(case, "") in error, f"{case}: {error[:300]!r} does not name {API_NAMES[case]!r}"
+
+
+# ------------------------------------------------------------------- any value in any config key, in-process
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+_leaf = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.integers(-(10**40), 10**40),
+    st.sampled_from([10**400, -1, 0, 1, 2, 31, 32, 48, 64, 2**53]),
+    st.text(max_size=20),
+    st.sampled_from(["blocks.0.ln2.hook_normalized", "blocks.1.hook_mlp_out", "blocks.0.attn.hook_z", "topk"]),
+)
+_junk = st.recursive(
+    _leaf,
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3),
+    max_leaves=6,
+)
+_KEYS = {
+    "lxtc": ["d_model", "d_sae", "hook_point_in", "hook_point_out", "jump_relu_threshold",
+             "dataset_average_activation_norm"],
+    "sl": ["architecture", "d_in", "d_sae", "d_out", "dtype", "apply_b_dec_to_input", "normalize_activations", "k",
+           "metadata", "hook_name_out"],
+    "ct": ["model_kind", "feature_input_hook", "feature_output_hook", "activation", "k", "transcoders"],
+}  # fmt: skip
+
+
+def _with_value(root: Path, layout: str, key: str, value: object) -> Path:
+    if layout == "lxtc":
+        folder = _lxtc(root)
+        path = folder / "hyperparams.json"
+    elif layout == "sl":
+        folder = _sl_transcoder(root)
+        path = folder / "cfg.json"
+    else:
+        folder = _ct(root)
+        path = folder / "config.yaml"
+        cfg = {
+            "model_kind": "transcoder_set",
+            "feature_input_hook": "mlp.hook_in",
+            "feature_output_hook": "hook_mlp_out",
+        }
+        path.write_text(json.dumps(cfg | {key: value}))  # JSON is YAML
+        return folder
+    path.write_text(json.dumps(json.loads(path.read_text()) | {key: value}))
+    return folder
+
+
+@settings(
+    max_examples=int(os.environ.get("QKTRACE_FUZZ_EXAMPLES", "30")) * 2,
+    deadline=None,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
+@given(data=st.data())
+def test_any_config_value_loads_or_is_refused_in_one_line(tiny_models, tmp_path_factory, data):
+    from qktrace.errors import QKTraceError
+    from qktrace.saes import load_transcoders
+
+    layout = data.draw(st.sampled_from(sorted(_KEYS)), label="layout")
+    key = data.draw(st.sampled_from(_KEYS[layout]), label="key")
+    value = data.draw(_junk, label="value")
+    folder = _with_value(tmp_path_factory.mktemp("cfg"), layout, key, value)
+    try:
+        load_transcoders(folder, tiny_models["llama"])
+    except QKTraceError as e:
+        assert "\n" not in str(e) and 0 < len(str(e)) < 1000, (layout, key, str(e)[:300])

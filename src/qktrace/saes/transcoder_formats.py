@@ -287,6 +287,8 @@ def read_circuit_tracer_clt(folder: Path, cfg: dict[str, Any], expect: Expect) -
 def _ct_file(entry: Any, folder: Path, where: str) -> Path:
     """A `transcoders:` entry: hf://org/repo/path (through the Hugging Face cache) or a path beside config.yaml."""
     entry = typed(entry, "transcoders[]", str, where)
+    if not entry.strip() or not entry.isprintable():  # empty, or NUL, control or lone surrogate characters
+        raise SAELoadError(f"{where}: transcoders[] entry {entry[:80]!r} is not a file name: fix the transcoders list")
     if entry.startswith("hf://"):
         parts = entry.removeprefix("hf://").split("?")[0].split("/")
         if len(parts) < 3:
