@@ -214,7 +214,7 @@ def _nan_at(name: str, value: float = float("nan")) -> Callable[[dict], dict]:
     return edit
 
 
-# name -> (loader, builder): "t" loads with load_transcoders, "a" with load_attention_saes
+# name -> (loader, builder): "t" loads with load_transcoders ("h": in float16), "a" with load_attention_saes
 CASES: dict[str, tuple[str, Callable[[Path], Path]]] = {
     # circuit-tracer config.yaml
     "ct-yaml-fifo": ("t", lambda r: _layer_file(r, "config.yaml", "fifo")),
@@ -256,6 +256,10 @@ CASES: dict[str, tuple[str, Callable[[Path], Path]]] = {
     "ct-list-folder-entry": ("t", lambda r: _yaml(r, _CT_HEAD + "transcoders: [.]\n")),
     "ct-list-surrogate-entry": ("t", lambda r: _yaml(r, _CT_HEAD + 'transcoders: ["\\ud800.safetensors"]\n')),
     "ct-list-nul-entry": ("t", lambda r: _yaml(r, _CT_HEAD + 'transcoders: ["a\\0b"]\n')),
+    "ct-list-tab-entry": ("t", lambda r: _yaml(r, _CT_HEAD + 'transcoders: ["a\\tb"]\n')),
+    "path-nul": ("t", lambda r: Path("a\0b")),
+    "path-surrogate": ("t", lambda r: Path("\ud800")),
+    "att-path-nul": ("a", lambda r: Path("a\0b")),
     "ct-list-dict": ("t", lambda r: _yaml(r, _CT_HEAD + "transcoders: {a: 1}\n")),
     # circuit-tracer layer files
     "ct-layer-fifo": ("t", lambda r: _layer_file(r, "layer_0.safetensors", "fifo")),
@@ -284,6 +288,16 @@ CASES: dict[str, tuple[str, Callable[[Path], Path]]] = {
     "ct-b_enc-missing": ("t", lambda r: _ct_layer(r, lambda w: {k: v for k, v in w.items() if k != "b_enc"})),
     "ct-W_enc-int": ("t", lambda r: _ct_layer(r, lambda w: w | {"W_enc": torch.zeros(D_SAE, D, dtype=torch.int64)})),
     "ct-and-saelens": ("t", _both),
+    # finite in the file, infinite in the dtype asked for (float16: past 65504)
+    "ct-W_skip-past-float16": ("h", lambda r: _ct_layer(r, lambda w: w | {"W_skip": torch.full((D, D), 1e6)})),
+    "ct-W_enc-past-float16": ("h", lambda r: _ct_layer(r, _nan_at("W_enc", 1e6))),
+    "clt-W_dec-past-float16": (
+        "h",
+        lambda r: (
+            save_file({"W_dec_1": torch.full((16, 1, D), 1e6)}, str(_clt(r) / "W_dec_1.safetensors")),
+            r / "clt",
+        )[1],
+    ),
     # circuit-tracer CLT
     "clt-missing-dec": ("t", lambda r: ((_clt(r) / "W_dec_1.safetensors").unlink(), r / "clt")[1]),
     "clt-extra-layer": ("t", lambda r: _clt(r, n=N_LAYERS + 1)),
@@ -483,7 +497,8 @@ def _script(model: str, cases: dict[str, tuple[str, str]]) -> str:
             start = time.perf_counter()
             signal.alarm(20)
             try:
-                (load_transcoders if kind == "t" else load_attention_saes)(path, model)
+                load = load_attention_saes if kind == "a" else load_transcoders
+                load(path, model, dtype="float16" if kind == "h" else "float32")
                 outcome = ("loaded", "")
             except QKTraceError as e:
                 outcome = ("refused", str(e))
@@ -626,6 +641,11 @@ def test_cli_transcoder_flags_are_refused_in_one_line(cli_world, case):
     assert len(lines[0]) < 1000 and out.getvalue() == "", f"{case}: {lines[0][:300]}"
     assert seconds < 30, f"{case}: {seconds:.1f} s"
     assert {p.name: p.read_bytes() for p in cli_world["OUT"].iterdir() if p.is_file()} == before, case
+    assert CLI_NAMES.get(case, "") in lines[0], f"{case}: {lines[0][:300]!r} does not name {CLI_NAMES[case]!r}"
+
+
+# what the line must name, where an earlier version said "0..-1" or "no SAEs found"
+CLI_NAMES = {"steer-heads-layer-0": "no transcoder is below layer 0", "qk-attention-other-model": "transcoder set"}
 
 
 # ------------------------------------------------------------------------ the server's transcoder fields

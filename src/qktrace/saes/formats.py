@@ -72,6 +72,8 @@ def regular_file(path: Path, what: str, missing: str, limit: int | None = None) 
         raise SAELoadError(f"{path} is missing: {missing}") from None
     except OSError as e:
         raise SAELoadError(f"cannot read {path} ({e.strerror or type(e).__name__}): check its permissions") from None
+    except ValueError:  # a NUL byte or a lone surrogate in the name
+        raise SAELoadError(f"{str(path)[:200]!r} is not a file name (NUL or unencodable characters): fix it") from None
     if not stat.S_ISREG(st.st_mode):
         kind = "folder" if stat.S_ISDIR(st.st_mode) else "FIFO" if stat.S_ISFIFO(st.st_mode) else "device or socket"
         raise SAELoadError(f"{path} is a {kind}, not a regular {what} file: put the real file there")

@@ -20,7 +20,7 @@ import torch
 from ..config import parse_device, parse_dtype
 from ..errors import SAELoadError, SAEMismatchError
 from .attention import AttentionSAE, AttentionSAESet, attention_site
-from .conventions import FileConfig, read_sae_lens_cfg
+from .conventions import FileConfig, check_folded, read_sae_lens_cfg
 from .formats import (
     CFG_FILE,
     LLAMA_SCOPE_CFG,
@@ -118,12 +118,15 @@ def build_transcoder(raw: RawTranscoder, model: Any, device: torch.device, dtype
     input_site, output_site = transcoder_sites(raw.input_hook, raw.output_hook, model, where)
     _check_parallel(model, input_site, where)
     skip = raw.weights.get("W_skip")
+    if skip is not None:  # finite in the file, perhaps not in `dtype`
+        skip = skip.detach().to(device=device, dtype=dtype)
+        check_folded({"W_skip": skip}, [], dtype, raw.source)
     return Transcoder(
         layer=raw.layer,
         coder=_coder(raw, device, dtype),
         input_site=input_site,
         output_site=output_site,
-        W_skip=None if skip is None else skip.detach().to(device=device, dtype=dtype),
+        W_skip=skip,
         hook_name_out=raw.output_hook,
     )
 
@@ -133,11 +136,13 @@ def build_clt(raw: RawCLT, model: Any, device: torch.device, dtype: torch.dtype)
     input_site, output_site = transcoder_sites(raw.input_hook, raw.output_hook, model, where)
     _check_parallel(model, input_site, where)
     t = {n: w.detach().to(device=device, dtype=dtype) for n, w in raw.weights.items()}
+    W_dec = tuple(w.detach().to(device=device, dtype=dtype) for w in raw.W_dec)
+    check_folded(t | {f"W_dec_{i}": w for i, w in enumerate(W_dec)}, [], dtype, raw.source)
     return CrossLayerTranscoder(
         architecture=raw.architecture,
         W_enc=t["W_enc"],
         b_enc=t["b_enc"],
-        W_dec=tuple(w.detach().to(device=device, dtype=dtype) for w in raw.W_dec),
+        W_dec=W_dec,
         b_dec=t["b_dec"],
         input_site=input_site,
         output_site=output_site,
