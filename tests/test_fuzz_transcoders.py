@@ -814,3 +814,76 @@ def test_any_config_value_loads_or_is_refused_in_one_line(tiny_models, tmp_path_
         load_transcoders(folder, tiny_models["llama"])
     except QKTraceError as e:
         assert "\n" not in str(e) and 0 < len(str(e)) < 1000, (layout, key, str(e)[:300])
+
+
+# ------------------------------------------------- saved transcoder / checkpointed graphs, edited by hand
+
+
+def _edit_node_id(g: dict, old: str, new: str) -> None:
+    for n in g["nodes"]:
+        if n["node_id"] == old:
+            n["node_id"] = n["jsNodeId"] = new
+    for link in g["links"]:
+        for end in ("source", "target"):
+            if link[end] == old:
+                link[end] = new
+
+
+def _qk_head(g: dict, **fields: int) -> None:
+    next(n for n in g["nodes"] if "qk_tracing_head" in n)["qk_tracing_head"].update(fields)
+
+
+GRAPH_EDITS: dict[str, Callable[[dict, str], object]] = {  # (graph, a feature node's id) -> edited in place
+    "layer-negative": lambda g, i: _edit_node_id(g, i, f"{i.split('/')[0]}/l-1/p1/f0"),
+    "layer-huge": lambda g, i: _edit_node_id(g, i, f"{i.split('/')[0]}/l{'9' * 30}/p1/f0"),
+    "position-past": lambda g, i: _edit_node_id(g, i, f"{i.split('/')[0]}/l0/p999/f0"),
+    "feature-digits": lambda g, i: _edit_node_id(g, i, f"{i.split('/')[0]}/l0/p1/f{'9' * 5000}"),
+    "id-short": lambda g, i: _edit_node_id(g, i, "transcoder/l0/p1"),
+    "kind-unknown": lambda g, i: _edit_node_id(g, i, "attn_sae/l0/p1/f0"),
+    "qk-head-layer-negative": lambda g, i: _qk_head(g, layer=-1),
+    "qk-head-head-huge": lambda g, i: _qk_head(g, head=10**18),
+    "qk-head-key-after-query": lambda g, i: _qk_head(g, query_pos=1, key_pos=3),
+    "qk-head-key-negative": lambda g, i: _qk_head(g, key_pos=-1),
+    "loadings-not-objects": lambda g, i: [link.update({"head_loadings": [[0, 99, 1.0]]}) for link in g["links"][:3]],
+    "transcoder-list-string": lambda g, i: g["metadata"].update({"transcoder_list": "x" * 10}),
+}
+
+
+@pytest.fixture(scope="module")
+def edited_graphs(api, tmp_path_factory):
+    """A plain transcoder graph and a checkpointed one (transcoders + attention SAEs), each edited every way,
+    in one data folder; the listing and each file's GET."""
+    from fastapi.testclient import TestClient
+
+    from qktrace.models import load_model
+    from qktrace.server import create_app
+    from qktrace.testing import random_attention_saes, write_attention_saes
+    from qktrace.tracer import Tracer
+
+    root = tmp_path_factory.mktemp("fuzz_tc_graphs")
+    model_dir = api["data"].parent / "model"
+    ct = write_transcoder_set(root / "ct", D, N_LAYERS)
+    att = write_attention_saes(root / "att", random_attention_saes(load_model(model_dir), ["z", "attn_out"]))
+    data = root / "data"
+    data.mkdir()
+    for kind, tracer in (("plain", Tracer.load(model_dir, transcoders=ct)),
+                         ("checkpointed", Tracer.load(model_dir, transcoders=ct, attention_saes=att))):  # fmt: skip
+        tracer.run("w1 w2 w3 w4").graph(progress=False).save(root / "g.json")
+        graph = json.loads((root / "g.json").read_text())
+        feature = next(n["node_id"] for n in graph["nodes"] if n["node_id"].split("/")[0] in ("transcoder", "attn"))
+        for name, edit in GRAPH_EDITS.items():
+            g = json.loads(json.dumps(graph))
+            edit(g, feature)
+            (data / f"{kind}-{name}.json").write_text(json.dumps(g))
+    client = TestClient(create_app(data, None), raise_server_exceptions=False)
+    listed = {g["name"] for g in client.get("/api/graphs").json()["graphs"]}
+    return {name: (name in listed, client.get(f"/api/graphs/{name}")) for name in os.listdir(data)}
+
+
+@pytest.mark.parametrize("name", [f"{k}-{e}.json" for k in ("plain", "checkpointed") for e in GRAPH_EDITS])
+def test_edited_graphs_are_listed_exactly_when_they_load(edited_graphs, name):
+    listed, r = edited_graphs[name]
+    assert r.status_code < 500, f"{name}: {r.status_code} {r.text[:300]}"
+    assert listed == (r.status_code == 200), f"{name}: listed {listed}, GET {r.status_code} {r.text[:300]}"
+    if r.status_code != 200:
+        assert len(r.json()["error"].splitlines()) == 1, name
