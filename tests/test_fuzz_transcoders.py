@@ -645,7 +645,7 @@ def test_cli_transcoder_flags_are_refused_in_one_line(cli_world, case):
 
 
 # what the line must name, where an earlier version said "0..-1" or "no SAEs found"
-CLI_NAMES = {"steer-heads-layer-0": "no transcoder is below layer 0", "qk-attention-other-model": "transcoder set"}
+CLI_NAMES = {"steer-heads-layer-0": "no feature layer is below layer 0", "qk-attention-other-model": "transcoder set"}
 
 
 # ------------------------------------------------------------------------ the server's transcoder fields
@@ -671,9 +671,13 @@ def api(tmp_path_factory):
     sweep = {"tokens": s.tokens, "heads": [[1, 0]], "feature": f, "positions": [-1], "scales": "0,1", "kind":
              "transcoder", "feature_layer": 0}  # fmt: skip
     compare = {"prompt_a": "w1 w2 w3 w4", "prompt_b": "w1 w2 w5 w4", "top": 2, "top_terms": 3}
+    qk = {"tokens": s.tokens[:5], "layer": 1, "head": 0, "query_pos": 3, "key_pos": 2, "rival_pos": 1, "top": 3}
+    row = tracer.run(s.tokens[:5]).qk(1, 0, 3)
+    top = int(row.key_positions[int(row.pattern.argmax())])  # the key a request without key_pos contrasts
+    assert tc.post("/api/qk", json=qk).status_code == 200
     assert tc.post("/api/sweep", json=sweep).status_code == 200
     assert tc.post("/api/compare", json=compare).status_code == 200
-    return {"tc": tc, "plain": plain, "sweep": sweep, "compare": compare, "data": s.data}
+    return {"tc": tc, "plain": plain, "sweep": sweep, "compare": compare, "qk": qk, "top": top, "data": s.data}
 
 
 _BIG = "w1 " * 100_000
@@ -702,6 +706,16 @@ API_CASES: dict[str, tuple[str, str, dict]] = {  # name -> (server, route, field
         "/api/sweep",
         {"kind": "feature", "feature_layer": None, "checkpoint": 1},
     ),  # fmt: skip
+    "qk-rival-is-key": ("tc", "/api/qk", {"rival_pos": 2}),
+    "qk-rival-is-key-negative-form": ("tc", "/api/qk", {"rival_pos": -3}),
+    "qk-rival-after-query": ("tc", "/api/qk", {"rival_pos": 4}),
+    "qk-rival-past-prompt": ("tc", "/api/qk", {"rival_pos": 40}),
+    "qk-rival-negative-past": ("tc", "/api/qk", {"rival_pos": -40}),
+    "qk-rival-huge": ("tc", "/api/qk", {"rival_pos": 10**30}),
+    "qk-rival-str": ("tc", "/api/qk", {"rival_pos": "1"}),
+    "qk-rival-float": ("tc", "/api/qk", {"rival_pos": 1.0}),
+    "qk-rival-on-saes": ("plain", "/api/qk", {"rival_pos": 2}),
+    "qk-rival-without-key-is-top": ("tc", "/api/qk", {"key_pos": None, "rival_pos": "@TOP"}),
     "compare-prompt-b-empty": ("tc", "/api/compare", {"prompt_b": ""}),
     "compare-prompt-b-blank": ("tc", "/api/compare", {"prompt_b": "   "}),
     "compare-prompt-b-huge": ("tc", "/api/compare", {"prompt_b": _BIG}),
@@ -732,8 +746,8 @@ def test_api_transcoder_fields_are_refused_in_one_line(api, case):
     import time
 
     server, route, fields = API_CASES[case]
-    base = {"/api/sweep": api["sweep"], "/api/compare": api["compare"], "/api/graph": {}}[route]
-    body = json.dumps(base | fields).replace('"@NAN"', "NaN")
+    base = {"/api/sweep": api["sweep"], "/api/compare": api["compare"], "/api/qk": api["qk"], "/api/graph": {}}[route]
+    body = json.dumps(base | fields).replace('"@NAN"', "NaN").replace('"@TOP"', str(api["top"]))
     before = sorted(p.name for p in api["data"].iterdir())
     start = time.perf_counter()
     r = api[server].post(route, content=body, headers={"content-type": "application/json"})
