@@ -25,6 +25,7 @@ from torch import Tensor
 from ..errors import OutOfRangeError, SAELoadError, SAEMismatchError
 from .releases import registry
 from .sae import SAE, CoderView, FeatureActs
+from .transcoder_formats import layer_number
 
 ATTENTION_SITES = ("z", "attn_out")
 _LAYER_HOOK = re.compile(r"^blocks\.(\d+)\.(.+)$")
@@ -37,7 +38,7 @@ def attention_site(hook_name: str, where: str) -> tuple[int, str]:
     if m is None or m.group(2) not in sites:
         known = ", ".join(f"blocks.L.{h}" for h in sites)
         raise SAEMismatchError(f"{where} reads hook '{hook_name}', not an attention output: use an SAE on {known}")
-    return int(m.group(1)), sites[m.group(2)]
+    return layer_number(m.group(1), f"{where}: hook '{hook_name}'"), sites[m.group(2)]
 
 
 @dataclass(frozen=True, eq=False)

@@ -72,6 +72,8 @@ def regular_file(path: Path, what: str, missing: str, limit: int | None = None) 
         raise SAELoadError(f"{path} is missing: {missing}") from None
     except OSError as e:
         raise SAELoadError(f"cannot read {path} ({e.strerror or type(e).__name__}): check its permissions") from None
+    except ValueError:  # a NUL byte or a lone surrogate in the name
+        raise SAELoadError(f"{str(path)[:200]!r} is not a file name (NUL or unencodable characters): fix it") from None
     if not stat.S_ISREG(st.st_mode):
         kind = "folder" if stat.S_ISDIR(st.st_mode) else "FIFO" if stat.S_ISFIFO(st.st_mode) else "device or socket"
         raise SAELoadError(f"{path} is a {kind}, not a regular {what} file: put the real file there")
@@ -82,11 +84,18 @@ def regular_file(path: Path, what: str, missing: str, limit: int | None = None) 
     return st.st_size
 
 
+def _json_int(text: str, path: Path) -> int:
+    """An integer literal of a config; one of thousands of digits (past what `int` reads) named as such."""
+    if len(text) > 300:
+        raise SAELoadError(f"{path} holds an integer of {len(text):,} digits: no SAE setting has one; fix that value")
+    return int(text)
+
+
 def read_json(path: Path, what: str = "JSON object") -> dict[str, Any]:
     regular_file(path, what, "re-download the SAE", MAX_CONFIG_BYTES)
     try:
         with open(path, "rb") as f:
-            data = json.loads(f.read(MAX_CONFIG_BYTES + 1).decode("utf-8"))
+            data = json.loads(f.read(MAX_CONFIG_BYTES + 1).decode("utf-8"), parse_int=lambda t: _json_int(t, path))
     except (ValueError, OSError, RecursionError, UnicodeDecodeError) as e:
         raise SAELoadError(f"{path} is not a valid {what} ({type(e).__name__}): re-download or re-export it") from None
     if not isinstance(data, dict):

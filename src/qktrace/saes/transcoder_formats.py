@@ -18,6 +18,7 @@ W_dec [d_sae, d_model], W_skip [d_model, d_model] applied as x @ W_skip, with co
 from __future__ import annotations
 
 import math
+import os
 import re
 import zipfile
 from collections.abc import Mapping
@@ -32,12 +33,15 @@ from torch import Tensor
 
 from ..errors import SAELoadError, SAEMismatchError
 from .conventions import read_sae_lens_cfg, typed
-from .formats import CFG_FILE, WEIGHTS_FILE, read_json, read_npz, read_safetensors
+from .formats import CFG_FILE, WEIGHTS_FILE, read_json, read_npz, read_safetensors, regular_file
 from .labels import LABELS_FILE, read_labels_json
 from .releases import hub_file, registry
 
 _LAYER_DIR = re.compile(r"^layer_(\d+)$")
 _LAYER_HOOK = re.compile(r"^blocks\.(\d+)\.")
+_LAYER_FILE = re.compile(r"^layer_(\d+)\.safetensors$")
+MAX_YAML_BYTES = 1 << 20  # a circuit-tracer config.yaml (a few hooks and file names)
+_SCALE_RANGE = (2.0**-60, 2.0**60)  # a folded norm scale sqrt(d_model) / norm outside it under- or overflows
 
 
 @dataclass(frozen=True)
@@ -78,9 +82,9 @@ class RawCLT:
 
 
 def safetensors_shapes(path: Path) -> dict[str, tuple[int, ...]]:
-    """Each tensor's shape from a safetensors header, without reading a weight."""
-    if not path.is_file():
-        raise SAELoadError(f"{path} is missing: re-download the transcoder or fix the path in its config")
+    """Each tensor's shape from a safetensors header, without reading a weight (a FIFO or a device such as
+    /dev/zero is refused by name before it is opened)."""
+    regular_file(path, "safetensors", "re-download the transcoder or fix the path in its config")
     try:
         with safe_open(str(path), framework="pt") as f:
             return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
@@ -91,6 +95,7 @@ def safetensors_shapes(path: Path) -> dict[str, tuple[int, ...]]:
 def npz_shapes(path: Path) -> dict[str, tuple[int, ...]]:
     """Each array's shape from the npy headers inside an npz, without reading an array."""
     shapes: dict[str, tuple[int, ...]] = {}
+    regular_file(path, "npz", "re-download the transcoder")
     try:
         with zipfile.ZipFile(path) as zf:
             for member in zf.namelist():
@@ -132,14 +137,53 @@ def _model_what(expect: Expect, d_sae: int, where: str = "") -> str:
     return f"d_model={expect.d_model} of model '{expect.name}', d_sae={d_sae}{where}"
 
 
+def layer_number(digits: str, what: str) -> int:
+    """The layer `digits` names; a number past any model's depth (thousands of digits, which `int` refuses)
+    is one line naming `what`."""
+    if len(digits) > 9:
+        raise SAEMismatchError(
+            f"{what[:120]}{'...' if len(what) > 120 else ''} names layer {digits[:12]}... ({len(digits)} digits): "
+            "no model has it; use coders trained on this model"
+        )
+    return int(digits)
+
+
 def hook_layer_of(hook: str) -> int | None:
     m = _LAYER_HOOK.match(hook)
-    return None if m is None else int(m.group(1))
+    return None if m is None else layer_number(m.group(1), f"hook '{hook}'")
 
 
 def layer_from_path(path: Path) -> int | None:
-    layers = [int(m.group(1)) for part in path.absolute().parts if (m := _LAYER_DIR.match(part))]
+    layers = [layer_number(m.group(1), str(path)) for part in path.absolute().parts if (m := _LAYER_DIR.match(part))]
     return layers[-1] if layers else None
+
+
+def floating(w: Mapping[str, Tensor], path: Path) -> None:
+    """Refuse weights stored as integers or booleans (no transcoder has them): one line naming the tensor."""
+    for name, t in w.items():
+        if name != "k" and not t.is_floating_point():
+            raise SAELoadError(
+                f"{path} stores {name} as {str(t.dtype).removeprefix('torch.')}: transcoder weights are floating "
+                "point; re-export the transcoder"
+            )
+
+
+def _weights(path: Path) -> dict[str, Tensor]:
+    """Every tensor of a safetensors file whose header was checked: finite and floating point."""
+    w = read_safetensors(path)
+    floating(w, path)
+    return w
+
+
+def _scale(norm: float, d_model: int, key: str, where: str) -> float:
+    """sqrt(d_model) / norm, the factor a Llama Scope norm folds in, refused where it would under- or overflow."""
+    s = math.sqrt(d_model) / norm
+    if not _SCALE_RANGE[0] <= s <= _SCALE_RANGE[1]:
+        raise SAELoadError(
+            f"{where}: {key}={norm:g} gives a scale sqrt(d_model)/norm of {s:.3g}, which under- or overflows the "
+            "weights: fix the norm (dataset norms are of order 1 to 10^4)"
+        )
+    return s
 
 
 # ------------------------------------------------------------------------------------------- readers
@@ -164,6 +208,7 @@ def read_gemma_transcoder(
     want = {"W_enc": (D, d_sae), "W_dec": (d_sae, D), "b_enc": (d_sae,), "b_dec": (D,), "threshold": (d_sae,)}
     check_shapes(shapes, want, path, _model_what(expect, d_sae))
     w = {names.get(k, k): t for k, t in read_npz(path).items()}
+    floating(w, path)
     hook_in, hook_out = hooks or (layout["input_hook"], layout["output_hook"])
     return RawTranscoder(layer, w, layout["architecture"], hook_in, hook_out, str(path),
                          labels=read_labels_json(path.parent / LABELS_FILE))  # fmt: skip
@@ -184,7 +229,7 @@ def read_circuit_tracer_layer(path: Path, layer: int, cfg: dict[str, Any], expec
     want |= {"W_skip": (D, D) if "W_skip" in shapes else None}
     want |= {threshold_name: (d_sae,)} if threshold_name else {}
     check_shapes(shapes, want, path, _model_what(expect, d_sae))
-    raw = read_safetensors(path)
+    raw = _weights(path)
     w = {"W_enc": raw["W_enc"].T, "W_dec": raw["W_dec"], "b_enc": raw["b_enc"], "b_dec": raw["b_dec"]}
     if "W_skip" in raw:
         w["W_skip"] = raw["W_skip"].T  # circuit-tracer applies x @ W_skip.T
@@ -199,6 +244,7 @@ def read_circuit_tracer_layer(path: Path, layer: int, cfg: dict[str, Any], expec
             raise SAELoadError(f"{path} is jumprelu but has no threshold tensor: re-export the transcoder")
         w["threshold"] = raw[threshold_name]
     k = cfg.get("k", int(raw["k"]) if "k" in raw else None) if arch == "topk" else None
+    k = typed(k, "k", int, str(path.parent / layout["config"]), optional=True)
     if arch == "topk" and k is None:
         raise SAELoadError(f"{path} is a topk transcoder without k: add k to config.yaml")
     hooks = (cfg["feature_input_hook"], cfg["feature_output_hook"])
@@ -225,7 +271,7 @@ def read_circuit_tracer_clt(folder: Path, cfg: dict[str, Any], expect: Expect) -
         check_shapes(
             safetensors_shapes(d), {f"W_dec_{i}": (d_sae, n - i, D)}, d, _model_what(expect, d_sae, f", {n} layers")
         )
-    raws = [read_safetensors(p) for p in enc]
+    raws = [_weights(p) for p in enc]
     w = {
         "W_enc": torch.stack([r[f"W_enc_{i}"].T for i, r in enumerate(raws)]),
         "b_enc": torch.stack([r[f"b_enc_{i}"] for i, r in enumerate(raws)]),
@@ -233,7 +279,7 @@ def read_circuit_tracer_clt(folder: Path, cfg: dict[str, Any], expect: Expect) -
     }
     if jump:
         w["threshold"] = torch.stack([r[f"threshold_{i}"].reshape(-1) for i, r in enumerate(raws)])
-    W_dec = [read_safetensors(p)[f"W_dec_{i}"] for i, p in enumerate(dec)]
+    W_dec = [_weights(p)[f"W_dec_{i}"] for i, p in enumerate(dec)]
     arch = "jumprelu" if jump else "standard"
     return RawCLT(w, W_dec, arch, cfg["feature_input_hook"], cfg["feature_output_hook"], str(folder))
 
@@ -241,6 +287,8 @@ def read_circuit_tracer_clt(folder: Path, cfg: dict[str, Any], expect: Expect) -
 def _ct_file(entry: Any, folder: Path, where: str) -> Path:
     """A `transcoders:` entry: hf://org/repo/path (through the Hugging Face cache) or a path beside config.yaml."""
     entry = typed(entry, "transcoders[]", str, where)
+    if not entry.strip() or not entry.isprintable():  # empty, or NUL, control or lone surrogate characters
+        raise SAELoadError(f"{where}: transcoders[] entry {entry[:80]!r} is not a file name: fix the transcoders list")
     if entry.startswith("hf://"):
         parts = entry.removeprefix("hf://").split("?")[0].split("/")
         if len(parts) < 3:
@@ -249,16 +297,41 @@ def _ct_file(entry: Any, folder: Path, where: str) -> Path:
     return folder / entry
 
 
-def read_circuit_tracer(path: Path, expect: Expect) -> list[RawTranscoder] | RawCLT:
-    """A circuit-tracer transcoder folder (or its config.yaml): a PLT per layer, or one CLT."""
+def _no_deeper_layers(folder: Path, expect: Expect) -> None:
+    """Refuse a set with layer_L files past the model's depth: it was trained on a deeper model."""
+    names = [m.group(1) for p in folder.iterdir() if (m := _LAYER_FILE.match(p.name))]
+    layers = [layer_number(digits, f"{folder}/layer_{digits}.safetensors") for digits in names]
+    if layers and max(layers) >= expect.n_layers:
+        raise SAEMismatchError(
+            f"{folder} has layer_{max(layers)}.safetensors but model '{expect.name}' has layers "
+            f"0..{expect.n_layers - 1}: use transcoders trained on this model"
+        )
+
+
+def _yaml_config(cfg_path: Path) -> Any:
+    """A circuit-tracer config.yaml, size-capped and without YAML aliases (`*name`: a few lines of them expand
+    to gigabytes when anything walks the result)."""
     import yaml
 
-    layout = registry()["transcoder_layouts"]["circuit_tracer"]
-    cfg_path = path if path.is_file() else path / layout["config"]
+    class NoAliases(yaml.SafeLoader):
+        def compose_node(self, parent: Any, index: Any) -> Any:
+            if self.check_event(yaml.AliasEvent):
+                raise SAELoadError(f"{cfg_path} uses a YAML alias (*name): write the value out in full")
+            return super().compose_node(parent, index)
+
+    regular_file(cfg_path, "circuit-tracer config.yaml", "re-download the transcoders", MAX_YAML_BYTES)
     try:
-        cfg = yaml.safe_load(cfg_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        with open(cfg_path, "rb") as f:
+            return yaml.load(f.read(MAX_YAML_BYTES + 1).decode("utf-8"), Loader=NoAliases)  # noqa: S506 (safe)
+    except (OSError, ValueError, RecursionError, yaml.YAMLError) as e:  # ValueError: an int of 5,000 digits
         raise SAELoadError(f"{cfg_path} is not a readable YAML file ({type(e).__name__}): re-download it") from None
+
+
+def read_circuit_tracer(path: Path, expect: Expect) -> list[RawTranscoder] | RawCLT:
+    """A circuit-tracer transcoder folder (or its config.yaml): a PLT per layer, or one CLT."""
+    layout = registry()["transcoder_layouts"]["circuit_tracer"]
+    cfg_path = path if path.suffix in (".yaml", ".yml") else path / layout["config"]
+    cfg = _yaml_config(cfg_path)
     where, folder = str(cfg_path), cfg_path.parent
     cfg = typed(cfg, "the config", dict, where)
     for key in ("model_kind", "feature_input_hook", "feature_output_hook"):
@@ -271,10 +344,13 @@ def read_circuit_tracer(path: Path, expect: Expect) -> list[RawTranscoder] | Raw
         return read_circuit_tracer_clt(folder, cfg, expect)
     entries = cfg.get("transcoders")
     if entries is None:
+        _no_deeper_layers(folder, expect)
         files = [folder / layout["layer_file"].format(layer=i) for i in range(expect.n_layers)]
-        files = [f for f in files if f.exists()] or files[:1]
+        files = [f for f in files if os.path.lexists(f)] or files[:1]
     else:
         files = [_ct_file(e, folder, where) for e in (entries if isinstance(entries, list) else [entries])]
+    if not files:
+        raise SAELoadError(f"{where} lists no transcoders: list layer files under transcoders, or remove the key")
     if len(files) > expect.n_layers:
         raise SAEMismatchError(
             f"{where} lists {len(files)} transcoders but model '{expect.name}' has {expect.n_layers} layers"
@@ -314,15 +390,19 @@ def read_llama_scope_transcoder(folder: Path, expect: Expect) -> RawTranscoder:
     check_shapes(
         safetensors_shapes(weights_path), want, weights_path, _model_what(expect, d_sae, " in hyperparams.json")
     )
-    raw = read_safetensors(weights_path)
-    s_in, s_out = math.sqrt(D) / n_in, math.sqrt(D) / n_out  # the release reads s_in x and predicts s_out y
+    raw = _weights(weights_path)
+    # the release reads s_in x and predicts s_out y
+    s_in = _scale(n_in, D, "dataset_average_activation_norm.in", where)
+    s_out = _scale(n_out, D, "dataset_average_activation_norm.out", where)
     w = {
         "W_enc": raw["encoder.weight"].T * s_in,
         "b_enc": raw["encoder.bias"],
         "W_dec": raw["decoder.weight"].T / s_out,
         "b_dec": raw["decoder.bias"] / s_out,
     }
-    w["threshold"] = w["b_enc"].new_full((d_sae,), need["jump_relu_threshold"] * s_in)
+    # in float64 first: a threshold past float32's range becomes inf, which the folded-weights check names
+    threshold = torch.full((d_sae,), need["jump_relu_threshold"] * s_in, dtype=torch.float64)
+    w["threshold"] = threshold.to(w["b_enc"].dtype)
     meta = {"model_name": registry()["layouts"]["llama_scope"]["config"]["model_name"]}
     return RawTranscoder(layer, w, layout["architecture"], need["hook_point_in"], need["hook_point_out"], str(folder),
                          labels=read_labels_json(folder / LABELS_FILE), meta=meta)  # fmt: skip
@@ -365,7 +445,7 @@ def read_sae_lens_transcoder(folder: Path, expect: Expect) -> RawTranscoder:
     want |= {"W_skip": (D, D) if "skip" in arch_name else None}
     want |= {threshold: (d_sae,)} if fc.architecture == "jumprelu" else {}
     check_shapes(shapes, want, weights_path, _model_what(expect, d_sae, " in cfg.json"))
-    raw = read_safetensors(weights_path)
+    raw = _weights(weights_path)
     w = {n: raw[n] for n in ("W_enc", "b_enc", "W_dec", "b_dec")}
     if fc.architecture == "jumprelu":
         w["threshold"] = raw[threshold].exp() if threshold == "log_threshold" else raw[threshold]

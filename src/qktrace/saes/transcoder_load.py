@@ -20,8 +20,18 @@ import torch
 from ..config import parse_device, parse_dtype
 from ..errors import SAELoadError, SAEMismatchError
 from .attention import AttentionSAE, AttentionSAESet, attention_site
-from .conventions import FileConfig, read_sae_lens_cfg
-from .formats import CFG_FILE, LLAMA_SCOPE_CFG, NPZ_FILE, RawSAE, find_saes, layout_of, read_json, read_path
+from .conventions import FileConfig, check_folded, read_sae_lens_cfg
+from .formats import (
+    CFG_FILE,
+    LLAMA_SCOPE_CFG,
+    NPZ_FILE,
+    RawSAE,
+    find_saes,
+    layout_of,
+    read_json,
+    read_path,
+    regular_file,
+)
 from .load import ModelLike, build_sae, norm_kind, sae_paths
 from .releases import registry
 from .sae import SAE
@@ -108,12 +118,15 @@ def build_transcoder(raw: RawTranscoder, model: Any, device: torch.device, dtype
     input_site, output_site = transcoder_sites(raw.input_hook, raw.output_hook, model, where)
     _check_parallel(model, input_site, where)
     skip = raw.weights.get("W_skip")
+    if skip is not None:  # finite in the file, perhaps not in `dtype`
+        skip = skip.detach().to(device=device, dtype=dtype)
+        check_folded({"W_skip": skip}, [], dtype, raw.source)
     return Transcoder(
         layer=raw.layer,
         coder=_coder(raw, device, dtype),
         input_site=input_site,
         output_site=output_site,
-        W_skip=None if skip is None else skip.detach().to(device=device, dtype=dtype),
+        W_skip=skip,
         hook_name_out=raw.output_hook,
     )
 
@@ -123,11 +136,13 @@ def build_clt(raw: RawCLT, model: Any, device: torch.device, dtype: torch.dtype)
     input_site, output_site = transcoder_sites(raw.input_hook, raw.output_hook, model, where)
     _check_parallel(model, input_site, where)
     t = {n: w.detach().to(device=device, dtype=dtype) for n, w in raw.weights.items()}
+    W_dec = tuple(w.detach().to(device=device, dtype=dtype) for w in raw.W_dec)
+    check_folded(t | {f"W_dec_{i}": w for i, w in enumerate(W_dec)}, [], dtype, raw.source)
     return CrossLayerTranscoder(
         architecture=raw.architecture,
         W_enc=t["W_enc"],
         b_enc=t["b_enc"],
-        W_dec=tuple(w.detach().to(device=device, dtype=dtype) for w in raw.W_dec),
+        W_dec=W_dec,
         b_dec=t["b_dec"],
         input_site=input_site,
         output_site=output_site,
@@ -136,25 +151,43 @@ def build_clt(raw: RawCLT, model: Any, device: torch.device, dtype: torch.dtype)
     )
 
 
+def _layout(path: Path) -> str | None:
+    """Which transcoder layout a folder or file is, by the config names it holds (a FIFO or a link to a device
+    at such a name counts, so that its reader names it); two at once is ambiguous, and refused."""
+    ct_config = registry()["transcoder_layouts"]["circuit_tracer"]["config"]
+    if not path.is_dir():
+        if path.suffix in (".yaml", ".yml"):
+            return "circuit_tracer"
+        return "gemma_2" if path.suffix == ".npz" else None
+    names = {ct_config: "circuit_tracer", CFG_FILE: "sae_lens", LLAMA_SCOPE_CFG: "llama_scope"}
+    held = [name for name in names if os.path.lexists(path / name)]
+    if len(held) > 1:
+        raise SAELoadError(
+            f"{path} holds both {' and '.join(held)}: one folder is one transcoder layout; move one of them out"
+        )
+    return names[held[0]] if held else None
+
+
 def read_transcoders(path: Path, expect: Expect) -> list[RawTranscoder] | RawCLT:
     """Every transcoder a local source holds: a circuit-tracer folder or config.yaml, a Gemma Scope params.npz,
     a Llama Scope LXTC folder, a SAELens transcoder folder, or a tree of the last three."""
     if not str(path).strip() or not path.exists():
         raise SAELoadError(f"transcoder path {str(path)!r} does not exist: pass a transcoder folder or file")
-    ct_config = registry()["transcoder_layouts"]["circuit_tracer"]["config"]
-    if path.suffix in (".yaml", ".yml") or (path / ct_config).is_file():
-        return read_circuit_tracer(path, expect)
-    kind = layout_of(path)
-    if path.is_file() and kind != "gemma_2":
+    kind = _layout(path)
+    if not path.is_dir() and kind is None:
+        regular_file(path, "transcoder", "pass a folder, a config.yaml or a Gemma Scope params.npz")
         raise SAELoadError(f"{path} is not a transcoder: pass a folder, a config.yaml or a Gemma Scope params.npz")
+    if kind == "circuit_tracer":
+        return read_circuit_tracer(path, expect)
     if kind == "gemma_2":
         return [read_gemma_transcoder(path, expect)]
     if kind == "sae_lens":
         return [read_sae_lens_transcoder(path, expect)]
     if kind == "llama_scope":
         return [read_llama_scope_transcoder(path, expect)]
-    found = find_saes(path)
+    found = [p for p in find_saes(path) if p != path]
     if not found:
+        ct_config = registry()["transcoder_layouts"]["circuit_tracer"]["config"]
         raise SAELoadError(
             f"no transcoders found under {path}: expected {ct_config}, {CFG_FILE}, {LLAMA_SCOPE_CFG} or {NPZ_FILE}"
         )
@@ -215,15 +248,21 @@ def _heads(model: Any, layer: int) -> tuple[int, int]:
 
 def _attention_config(path: Path) -> tuple[FileConfig | None, str]:
     """The config (SAELens) and the hook an attention SAE names, read without its weights."""
+    if not path.is_dir():  # a FIFO or a device at an npz's name is refused by name before it is opened
+        regular_file(path, "attention SAE", "pass a SAELens folder or a Gemma Scope att params.npz")
     kind = layout_of(path)
     folder = path.parent if path.is_file() else path
-    if kind == "sae_lens":
+    if kind == "sae_lens" or os.path.lexists(folder / CFG_FILE):
         cfg = read_sae_lens_cfg(read_json(folder / CFG_FILE, "SAELens cfg.json"), str(folder / CFG_FILE))
         return cfg, cfg.hook_name
     if kind == "gemma_2":
         layer = layer_from_path(path)
-        hook = registry()["layouts"]["gemma_2"]["hook_by_repo_kind"]["att"]
-        return None, hook.format(layer=layer if layer is not None else "?")
+        if layer is None:
+            raise SAELoadError(
+                f"cannot tell the layer of {path}: put it under a layer_N folder as Gemma Scope does "
+                "(layer_12/width_16k/average_l0_82/params.npz)"
+            )
+        return None, registry()["layouts"]["gemma_2"]["hook_by_repo_kind"]["att"].format(layer=layer)
     raise SAELoadError(f"{path} is not an attention SAE: pass a SAELens hook_z folder or a Gemma Scope att params.npz")
 
 
@@ -261,7 +300,15 @@ def load_attention_saes(
     config or npz header before its weights are read; release conventions are folded in as for residual SAEs."""
     device, dtype = parse_device(device), parse_dtype(dtype)
     root = Path(source).expanduser()
-    paths = [p for r in ([root / i for i in sae_ids] if sae_ids else [root]) for p in sae_paths(r)]
+    roots = [root / i for i in sae_ids] if sae_ids else [root]
+    for r in roots:
+        if r.exists() and not r.is_dir():
+            regular_file(r, "attention SAE", "pass a SAELens folder or a Gemma Scope att params.npz")
+    ct_config = registry()["transcoder_layouts"]["circuit_tracer"]["config"]
+    for r in roots:
+        if (r / ct_config).exists():
+            raise SAELoadError(f"{r} holds a circuit-tracer {ct_config}, a transcoder set: pass it as transcoders")
+    paths = [p for r in roots for p in sae_paths(r)]
     by_layer: dict[int, AttentionSAE] = {}
     for path in paths:
         layer, site, _ = _check_attention(path, model)

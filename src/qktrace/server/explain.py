@@ -44,6 +44,9 @@ Token = Annotated[StrictStr, Field(min_length=1, max_length=200)] | S.TokenId  #
 def _one(text: str | None, tokens: list[int] | None, which: str) -> None:
     if (text is None) == (tokens is None):
         raise ValueError(f"give exactly one of 'prompt_{which}' (text) or 'tokens_{which}' (token ids)")
+    if (text is not None and not text.strip()) or tokens == []:
+        given = f"prompt_{which}" if text is not None else f"tokens_{which}"
+        raise ValueError(f"{given} is empty: give at least one token of prompt {which.upper()}")
 
 
 class CompareRequest(BaseModel):

@@ -220,7 +220,11 @@ def _check_kind(req: SteerRequest, layer: int | None) -> bool:
     if _int(req.feature_layer, "feature layer") < 0 or req.feature_layer >= layer:
         raise InputError(
             f"a {req.kind or 'transcoder'} feature of layer {req.feature_layer} writes nothing layer {layer}'s heads "
-            f"read: give a feature layer in 0..{layer - 1}"
+            + (
+                f"read: give a feature layer in 0..{layer - 1}"
+                if layer > 0
+                else "read: no feature layer is below layer 0; give heads of a later layer"
+            )
         )
     if req.also:
         raise InputError("steering more parts ('also') is for residual-SAE features: steer this feature alone")
