@@ -107,3 +107,14 @@ def test_page_formatter_writes_the_librarys_labels():
     assert out.returncode == 0, out.stderr
     want = [component_label(n, tok, lab) for n, (_, tok, lab) in zip(nodes, cases, strict=True)]
     assert json.loads(out.stdout) == want
+
+
+@pytest.mark.parametrize("bad", ["feature/c3/p5/f" + "9" * 5000, "feature/c" + "1" * 19 + "/f2", "error/c3/p" + "7" * 400])
+def test_a_node_id_with_a_huge_number_is_refused_in_one_short_line(bad):
+    from qktrace.errors import InputError
+    from qktrace.nodes import Node, parse_positionless
+
+    for parse in (Node.parse, parse_positionless):
+        with pytest.raises(InputError) as e:
+            parse(bad)
+        assert "is not a node id" in str(e.value) and len(str(e.value)) < 200 and "\n" not in str(e.value)

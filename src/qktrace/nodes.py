@@ -47,7 +47,7 @@ import re
 from dataclasses import dataclass
 from enum import Enum
 
-from .errors import InputError
+from .errors import InputError, quoted
 
 
 class Kind(str, Enum):
@@ -92,8 +92,11 @@ TRANSCODER_FEATURE_TYPES = {
 
 
 _INDEXED = {Kind.TOKEN: "t", Kind.FEATURE: "f", Kind.LOGIT: "t", Kind.TRANSCODER: "f", Kind.ATTN_FEATURE: "f"}
-_PATTERN = re.compile(r"^(?P<kind>[a-z_]+)/(?P<cl>[cl])(?P<c>\d+)/p(?P<p>\d+)(?:/(?P<tag>[ft])(?P<i>\d+))?$")
-_POSITIONLESS = re.compile(r"^(?P<kind>[a-z_]+)/(?P<cl>[cl])(?P<c>\d+)(?:/(?P<tag>[ft])(?P<i>\d+))?$")
+# numbers of at most 18 digits (int64): a 5,000-digit feature is no node id, refused like any other non-id
+_PATTERN = re.compile(
+    r"^(?P<kind>[a-z_]+)/(?P<cl>[cl])(?P<c>\d{1,18})/p(?P<p>\d{1,18})(?:/(?P<tag>[ft])(?P<i>\d{1,18}))?$"
+)
+_POSITIONLESS = re.compile(r"^(?P<kind>[a-z_]+)/(?P<cl>[cl])(?P<c>\d{1,18})(?:/(?P<tag>[ft])(?P<i>\d{1,18}))?$")
 
 
 def _prefix(kind: Kind) -> str:
@@ -129,7 +132,9 @@ class Node:
         except ValueError:
             kind = None
         if m is None or kind is None or (m.group("tag") or None) != _INDEXED.get(kind) or m["cl"] != _prefix(kind):
-            raise InputError(f"'{node_id}' is not a node id: expected e.g. 'feature/c3/p5/f1234' or 'error/c3/p5'")
+            raise InputError(
+                f"{quoted(node_id)} is not a node id: expected e.g. 'feature/c3/p5/f1234' or 'error/c3/p5'"
+            )
         return Node(kind, int(m.group("c")), int(m.group("p")), int(m.group("i")) if m.group("i") else -1)
 
     @property
@@ -151,7 +156,7 @@ def parse_positionless(node_id: str) -> tuple[Kind, int, int]:
     except ValueError:
         kind = None
     if kind is None or (m.group("tag") or None) != _INDEXED.get(kind) or m["cl"] != _prefix(kind):
-        raise InputError(f"'{node_id}' is not a node id: expected e.g. 'feature/c3/f1234' or 'error/c3'")
+        raise InputError(f"{quoted(node_id)} is not a node id: expected e.g. 'feature/c3/f1234' or 'error/c3'")
     return kind, int(m.group("c")), int(m.group("i")) if m.group("i") else -1
 
 
