@@ -72,11 +72,7 @@ const mechPanel = createMechanismPanel(state, {
 const nodePanel = createNodePanel($("node-panel").querySelector(".body"), {
   onLink: (l) => selectLink(l, active()), onPin: (n) => togglePin(n.id, active()),
   onExplain: (n) => { mechPanel.fromLogit(n); reveal("mech-panel"); $("explain-answer").focus(); },
-  onSteer: (n) => {
-    $("steer-checkpoint").value = n.p.cp; $("steer-feature").value = n.p.index; $("steer-positions").value = n.p.pos;
-    $("steer-heads").value = ""; $("steer-also").value = ""; $("steer-freeze").checked = false;
-    reveal("steer-panel");
-  },
+  onSteer: (n) => { sweepPanel.steerNode(n); reveal("steer-panel"); },
 });
 const edgePanel = createEdgePanel($("edge-panel").querySelector(".body"), {
   onLink: (l) => selectLink(l, active()),

@@ -1,0 +1,99 @@
+"""The page on transcoder and checkpointed graphs, with real clicks in headless Chromium: "steer this feature" on
+a transcoder node fills the steering panel's kind and feature layer, and a sweep inside a later layer's heads
+plots the library's own numbers; attention-SAE features are labelled by default like other features; the
+main view keeps token text readable at fit on the demo's largest graph; closing compare clears the panels
+that showed a side's results."""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+
+import pytest
+
+import qktrace
+from qktrace.nodes import Kind, Node
+
+pytestmark = pytest.mark.browser
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A tiny llama with random per-layer transcoders (and attention-output SAEs for the checkpointed graph)."""
+    from qktrace.saes import load_transcoders
+    from qktrace.testing import make_tiny_model, random_attention_saes, write_transcoder_set
+
+    root = tmp_path_factory.mktemp("steer")
+    model = qktrace.Tracer.load(make_tiny_model("llama", root / "model")).model
+    ts = load_transcoders(write_transcoder_set(root / "ct", model.d_model, model.n_layers), model)
+    return model, ts, random_attention_saes(model, ("z", "attn_out"))
+
+
+def transcoder_graph(tiny, data):
+    """A transcoder tracer, its traced prompt and its graph saved as data/tc.json (the file's JSON)."""
+    from qktrace.testing import random_prompt
+
+    model, ts, _ = tiny
+    tracer = qktrace.Tracer(model, transcoders=ts)
+    traced = tracer.run(random_prompt(8, seed=2))
+    data.mkdir()
+    traced.graph(progress=False, node_threshold=0.95).save(data / "tc.json")
+    return tracer, traced, json.loads((data / "tc.json").read_text())
+
+
+def test_steer_a_transcoder_feature_inside_heads(tiny, page, live_server, tmp_path):
+    """'Steer this feature' on a layer-0 transcoder node fills kind and feature layer; heads of layer 1 typed in,
+    the sweep's plotted numbers equal `sweep()` run on the library's own interventions; the request without
+    them (what the page sent before) is refused with a 400 that asks for the feature layer."""
+    from qktrace.server import create_app
+    from qktrace.steering.interventions import SCALE, SteerQK
+    from qktrace.steering.sweep import sweep
+
+    model, ts, _ = tiny
+    tracer, traced, raw = transcoder_graph(tiny, tmp_path / "graphs")
+    nodes = [Node.parse(n["node_id"]) for n in raw["nodes"]]
+    node = next(n for n in nodes if n.kind is Kind.TRANSCODER and n.checkpoint == 0)
+    layer, heads, last = 1, (0, 2), len(raw["metadata"]["prompt_tokens"]) - 1
+    with live_server(create_app(tmp_path / "graphs", tracer)) as server:
+        page.open_graph(server, "tc.json")
+        page.click(page.find(f'#graph-svg g.node[data-id="{node.id}"] > :first-child'))
+        page.click(page.wait("#steer-node"))
+        assert (page.value("steer-kind"), page.value("steer-feature-layer"), page.value("steer-checkpoint")) == (
+            "transcoder",
+            "0",
+            "",
+        )
+        assert (page.value("steer-feature"), page.value("steer-positions")) == (str(node.index), str(node.pos))
+        page.type("steer-heads", " ".join(f"L{layer}H{h}" for h in heads))
+        page.type("steer-scales", "0,0.5,3")
+        page.type("steer-watch-attn", f"L{layer}H{heads[0]}:{last}->{node.pos}")
+        page.type("steer-watch-tokens", "5, 9")
+        page.click(page.find("#steer-run"))
+        page.wait("#sweep-table tr.sweep-row")
+        shown = [
+            {
+                c.get_attribute("data-field"): float(c.get_attribute("data-value"))
+                for c in r.find_elements("css selector", "td[data-field]")
+            }
+            for r in page.find_all("#sweep-table tr.sweep-row")
+        ]
+        assert page.find_all("#sweep-attn polyline.series"), "the watched attention is plotted"
+
+        old = {"tokens": raw["metadata"]["qktrace"]["tokens"], "heads": [[layer, h] for h in heads],
+               "feature": node.index, "positions": [node.pos], "scales": "0,1"}  # fmt: skip
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            server.post("/api/sweep", old)
+        assert refused.value.code == 400 and "feature_layer" in refused.value.read().decode()
+        assert page.console_errors() == []
+
+    iv = SteerQK(layer, heads, "key", node.index, (node.pos,), scale=SCALE, kind=Kind.TRANSCODER, feature_layer=0)
+    ref = sweep(model, {}, traced.trace.tokens, [iv], [0, 0.5, 3], watch_tokens=[5, 9],
+                watch_attention=[(layer, heads[0], last, node.pos)], transcoders=ts)  # fmt: skip
+    attn = f"attn:L{layer}.H{heads[0]}:{last}->{node.pos}"
+    cols = ["p_top_1", *(c for c in ref.columns if c.startswith(("p:", "attn:")))]
+    assert len(cols) == 4 and attn in cols
+    assert [r["scale"] for r in shown] == [0, 0.5, 3]
+    for row, (_, want) in zip(shown, ref.iterrows()):
+        for c in cols:
+            assert row[c] == pytest.approx(float(want[c]), rel=1e-5, abs=1e-7), c
+    assert shown[0][attn] != pytest.approx(shown[-1][attn], abs=1e-6), "steering moves the watched attention"
