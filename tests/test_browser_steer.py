@@ -97,3 +97,28 @@ def test_steer_a_transcoder_feature_inside_heads(tiny, page, live_server, tmp_pa
         for c in cols:
             assert row[c] == pytest.approx(float(want[c]), rel=1e-5, abs=1e-7), c
     assert shown[0][attn] != pytest.approx(shown[-1][attn], abs=1e-6), "steering moves the watched attention"
+
+
+def test_attention_features_are_labelled_by_default(tiny, page, live_server, tmp_path):
+    """On a checkpointed graph the attention-SAE feature of largest |raw influence| carries its label (its short
+    name a<layer>/f<index>) without a hover, as residual-SAE and transcoder features do."""
+    from qktrace.server import create_app
+    from qktrace.testing import random_prompt
+
+    model, ts, att = tiny
+    traced = qktrace.Tracer(model, transcoders=ts, attention_saes=att).run(random_prompt(8, seed=2))
+    data = tmp_path / "graphs"
+    data.mkdir()
+    traced.graph(progress=False, node_threshold=0.95).save(data / "s2.json")
+    raw = json.loads((data / "s2.json").read_text())
+    attn = [n for n in raw["nodes"] if Node.parse(n["node_id"]).kind is Kind.ATTN_FEATURE]
+    top = max(attn, key=lambda n: abs(n["raw_influence"]))
+    short = f"a{Node.parse(top['node_id']).checkpoint}/f{Node.parse(top['node_id']).index}"
+    assert top["clerp"].startswith(short)
+    with live_server(create_app(data)) as server:
+        page.open_graph(server, "s2.json")
+        label = page.wait(f'#graph-svg g.node-label[data-id="{top["node_id"]}"]', 10)
+        assert "hover-only" not in label.get_attribute("class")
+        assert label.get_attribute("data-full") == top["clerp"]
+        assert label.find_element("css selector", "text").text.startswith(short)
+        assert page.console_errors() == []

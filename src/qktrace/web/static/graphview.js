@@ -20,11 +20,14 @@ import { createZoom } from "./zoom.js";
 const LABEL_FONT = 11, LABEL_H = 15; // on screen, whatever the drawing's scale
 export const TOP_LABELLED = 12; // the most influential nodes labelled without a click
 
-/** The nodes labelled by default: every logit, then the features and transcoder features by |raw influence|. */
+const FEATURE_KINDS = new Set(["feature", "transcoder", "attn"]); // residual-SAE, transcoder, attention-SAE
+
+/** The nodes labelled by default: every logit, then the features of every kind (residual-SAE, transcoder and
+ * attention-SAE features) by |raw influence|, each with its label (its SAE's, else its kind's short name). */
 export function defaultLabelled(model) {
   const logits = model.nodes.filter((n) => n.p.kind === "logit");
   const strength = (n) => Math.abs(n.raw_influence || 0) || (n.influence ? 1 - n.influence : 0);
-  const inner = model.nodes.filter((n) => n.p.kind === "feature" || n.p.kind === "transcoder")
+  const inner = model.nodes.filter((n) => FEATURE_KINDS.has(n.p.kind))
     .sort((a, b) => strength(b) - strength(a) || a.id.localeCompare(b.id)).slice(0, TOP_LABELLED);
   return [...logits, ...inner];
 }
