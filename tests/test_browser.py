@@ -818,29 +818,6 @@ def inside(inner: dict, outer: dict) -> bool:
     )
 
 
-@pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    """The demo's induction graph and mechanism, and its largest graph (multiple choice, 300+ nodes), built
-    as `qktrace demo` builds them."""
-    from qktrace.analyses.explain import explain
-    from qktrace.config import DEMO_MODEL, DEMO_SAES
-    from qktrace.demo.run import CASES
-    from qktrace.tracer import Tracer
-
-    tracer = Tracer.load(DEMO_MODEL, DEMO_SAES)
-    data = tmp_path_factory.mktemp("demo-graphs")
-    cases = {c.slug: c for c in CASES}
-    for slug in ("induction", "multiple_choice"):
-        case = cases[slug]
-        graph = tracer.run(case.prompt).graph(targets=[case.answer], progress=False)
-        graph.save(data / f"{slug}.graph.json")
-        if slug == "induction":
-            explain(tracer, case.prompt, case.answer, case.rival, graph=graph).save_json(
-                data / f"{slug}.mechanism.json"
-            )
-    return tracer, data, DEMO_SAES
-
-
 def test_checkpointed_graph_in_the_browser(setup, driver, tmp_path):
     """A checkpointed graph (transcoders + attention SAEs) opens: attention-SAE features drawn as their own kind,
     named in the legend with a marker of their own; an edge into one lists its heads."""

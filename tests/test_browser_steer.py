@@ -122,3 +122,48 @@ def test_attention_features_are_labelled_by_default(tiny, page, live_server, tmp
         assert label.get_attribute("data-full") == top["clerp"]
         assert label.find_element("css selector", "text").text.startswith(short)
         assert page.console_errors() == []
+
+
+def test_token_text_stays_readable_at_fit(demo, page, live_server):
+    """The demo's largest graph at 1280x800 opens fitted at a scale where the grid's own 12-unit text would be
+    under 9 px, yet the answer column is on screen and every token on screen is drawn at 11 px, cut to its
+    column (no two overlap); zooming out keeps it so, and the full token is in the page."""
+    from qktrace.server import create_app
+
+    _, data, saes = demo
+    name = "multiple_choice.graph.json"
+    graph = json.loads((data / name).read_text())
+    assert len(graph["nodes"]) > 300
+    page.driver.set_window_size(1280, 800)
+    with live_server(create_app(data, saes_dir=saes)) as server:
+        page.open_graph(server, name)
+        pane = page.rect(page.find("#graph-scroll"))
+        scale = page.driver.execute_script("return document.getElementById('graph-svg').getScreenCTM().a")
+        assert 12 * scale < 9, "the fitted graph is small enough that drawing-sized text would be unreadable"
+        answer = max(
+            Node.parse(n["node_id"]).pos for n in graph["nodes"] if Node.parse(n["node_id"]).kind is Kind.LOGIT
+        )
+        for when in ("fit", "zoomed out"):
+            column = page.rect(page.find(f'#graph-svg text.token-label[data-pos="{answer}"]'))
+            assert pane["left"] <= column["left"] and column["right"] <= pane["right"], when
+            assert pane["top"] <= column["top"] and column["bottom"] <= pane["bottom"], when
+            texts = [t for t in page.find_all("#graph-svg text.token-label") if t.text]
+            on_screen = []
+            for t in texts:
+                r = page.rect(t)
+                if r["left"] >= pane["left"] and r["right"] <= pane["right"]:
+                    px = page.driver.execute_script(
+                        "const t = arguments[0]; return parseFloat(t.getAttribute('font-size') || "
+                        "getComputedStyle(t).fontSize) * t.getScreenCTM().a",
+                        t,
+                    )
+                    assert px >= 9, (when, t.text, px)
+                    on_screen.append(r)
+            assert len(on_screen) >= 5, when
+            on_screen.sort(key=lambda r: r["left"])
+            assert all(a["right"] <= b["left"] + 0.5 for a, b in zip(on_screen, on_screen[1:])), when
+            page.click(page.find("#zoom-out"))
+        tokens = graph["metadata"]["prompt_tokens"]
+        full = [t.get_attribute("data-full") for t in page.find_all("#graph-svg text.token-label")]
+        assert full == tokens
+        assert page.console_errors() == []
