@@ -167,3 +167,68 @@ def test_token_text_stays_readable_at_fit(demo, page, live_server):
         full = [t.get_attribute("data-full") for t in page.find_all("#graph-svg text.token-label")]
         assert full == tokens
         assert page.console_errors() == []
+
+
+def first_cross_link(graph: dict, skip: tuple[int, int] | None = None) -> dict:
+    """The strongest cross-position link with head loadings whose top head is not `skip`."""
+    links = sorted(graph["links"], key=lambda x: -abs(x["weight"]))
+    return next(
+        x
+        for x in links
+        if x["head_loadings"]
+        and Node.parse(x["source"]).pos != Node.parse(x["target"]).pos
+        and (x["head_loadings"][0]["layer"], x["head_loadings"][0]["head"]) != skip
+    )
+
+
+def test_closing_compare_clears_a_sides_results(page, live_server, tmp_path):
+    """A QK view on the page's graph, then compare: the QK and steering panels start empty there; a head of
+    graph B explained and a sweep run on B; compare closed: the sweep is gone and the QK panel shows the
+    page's own view again (its numbers, not B's)."""
+    from selenium.webdriver.support.ui import Select
+
+    from qktrace.server import create_app
+    from qktrace.testing import make_server_setup
+
+    s = make_server_setup(tmp_path / "setup")
+    data = tmp_path / "graphs"
+    data.mkdir()
+    prompts = {"a.json": "Aunt Sally is the opposite of Uncle Bob . Aunt",
+               "b.json": "Aunt Sally is the opposite of Uncle Sally . Aunt"}  # fmt: skip
+    for name, prompt in prompts.items():
+        s.tracer.run(prompt).graph(progress=False).save(data / name)
+    a, b = (json.loads((data / n).read_text()) for n in prompts)
+
+    def explain_head(svg: str, link: dict) -> tuple[str, float]:
+        edge = page.find(f'{svg} g.edge[data-source="{link["source"]}"][data-target="{link["target"]}"] line.hit')
+        page.driver.execute_script("arguments[0].dispatchEvent(new MouseEvent('click', {bubbles: true}))", edge)
+        h = link["head_loadings"][0]
+        page.click(page.wait(f'#head-table button.head-btn[data-layer="{h["layer"]}"][data-head="{h["head"]}"]'))
+        page.until(lambda d: page.find_all("#qk-title") and f"L{h['layer']}H{h['head']}" in page.find("#qk-title").text)
+        return page.find("#qk-title").text, float(
+            page.find("#qk-check td[data-field=score]").get_attribute("data-value")
+        )
+
+    link_a = first_cross_link(a)
+    top_a = (link_a["head_loadings"][0]["layer"], link_a["head_loadings"][0]["head"])
+    with live_server(create_app(data, s.tracer)) as server:
+        page.open_graph(server, "a.json")
+        view_a = explain_head("#graph-svg", link_a)
+
+        page.driver.execute_script("location.hash = '#compare=a.json,b.json'")
+        page.wait("#compare-table tr.compare-row")
+        assert "hint" in page.find("#qk-body").get_attribute("class") and not page.find_all("#qk-title")
+        view_b = explain_head("#compare-svg-b", first_cross_link(b, skip=top_a))
+        assert view_b != view_a
+        Select(page.find("#steer-mode")).select_by_value("value")  # set the feature's activation: any feature
+        page.type("steer-scales", "0,1")
+        page.click(page.find("#steer-run"))
+        page.wait("#steer-body #sweep-table")
+
+        page.click(page.find("#compare-close"))
+        page.until(lambda d: page.find_all("#qk-title") and page.find("#qk-title").text == view_a[0])
+        score = float(page.find("#qk-check td[data-field=score]").get_attribute("data-value"))
+        assert score == view_a[1]
+        assert "hint" in page.find("#steer-body").get_attribute("class")
+        assert not page.find_all("#steer-body #sweep-table, #steer-body p.error")
+        assert page.console_errors() == []
