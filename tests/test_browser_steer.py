@@ -101,12 +101,15 @@ def test_steer_a_transcoder_feature_inside_heads(tiny, page, live_server, tmp_pa
 
 def test_attention_features_are_labelled_by_default(tiny, page, live_server, tmp_path):
     """On a checkpointed graph the attention-SAE feature of largest |raw influence| carries its label (its short
-    name a<layer>/f<index>) without a hover, as residual-SAE and transcoder features do."""
+    name a<layer>/f<index>) without a hover, as residual-SAE and transcoder features do; a head of an edge
+    from a transcoder feature into an attention feature fills the steering panel with the transcoder's kind and
+    layer, and its sweep runs."""
     from qktrace.server import create_app
     from qktrace.testing import random_prompt
 
     model, ts, att = tiny
-    traced = qktrace.Tracer(model, transcoders=ts, attention_saes=att).run(random_prompt(8, seed=2))
+    tracer = qktrace.Tracer(model, transcoders=ts, attention_saes=att)
+    traced = tracer.run(random_prompt(8, seed=2))
     data = tmp_path / "graphs"
     data.mkdir()
     traced.graph(progress=False, node_threshold=0.95).save(data / "s2.json")
@@ -115,12 +118,35 @@ def test_attention_features_are_labelled_by_default(tiny, page, live_server, tmp
     top = max(attn, key=lambda n: abs(n["raw_influence"]))
     short = f"a{Node.parse(top['node_id']).checkpoint}/f{Node.parse(top['node_id']).index}"
     assert top["clerp"].startswith(short)
-    with live_server(create_app(data)) as server:
+    link = next(
+        x
+        for x in raw["links"]
+        if x["head_loadings"]
+        and Node.parse(x["source"]).kind is Kind.TRANSCODER
+        and Node.parse(x["target"]).kind is Kind.ATTN_FEATURE
+    )
+    source, h = Node.parse(link["source"]), link["head_loadings"][0]
+    with live_server(create_app(data, tracer)) as server:
         page.open_graph(server, "s2.json")
         label = page.wait(f'#graph-svg g.node-label[data-id="{top["node_id"]}"]', 10)
         assert "hover-only" not in label.get_attribute("class")
         assert label.get_attribute("data-full") == top["clerp"]
         assert label.find_element("css selector", "text").text.startswith(short)
+
+        edge = page.find(f'#graph-svg g.edge[data-source="{link["source"]}"][data-target="{link["target"]}"] line.hit')
+        page.driver.execute_script("arguments[0].dispatchEvent(new MouseEvent('click', {bubbles: true}))", edge)
+        page.click(page.wait(f'#head-table button.head-btn[data-layer="{h["layer"]}"][data-head="{h["head"]}"]'))
+        assert [page.value(f"steer-{f}") for f in ("kind", "feature-layer", "feature", "heads", "checkpoint")] == [
+            "transcoder",
+            str(source.checkpoint),
+            str(source.index),
+            f"L{h['layer']}H{h['head']}",
+            "",
+        ]
+        page.type("steer-scales", "0,2")
+        page.click(page.find("#steer-run"))
+        page.wait("#steer-body #sweep-table tr.sweep-row, #steer-body p.error")
+        assert not page.find_all("#steer-body p.error"), page.find("#steer-body").text
         assert page.console_errors() == []
 
 
