@@ -258,3 +258,40 @@ def test_closing_compare_clears_a_sides_results(page, live_server, tmp_path):
         assert "hint" in page.find("#steer-body").get_attribute("class")
         assert not page.find_all("#steer-body #sweep-table, #steer-body p.error")
         assert page.console_errors() == []
+
+
+def test_steer_a_residual_feature_as_before(page, live_server, tmp_path):
+    """On a residual-SAE graph 'steer this feature' fills kind "feature", the node's checkpoint and no feature
+    layer; run without heads, it steers the residual there: the plotted numbers are `sweep()`'s."""
+    from qktrace.server import create_app
+    from qktrace.steering.interventions import SCALE, SteerFeature
+    from qktrace.steering.sweep import sweep
+    from qktrace.testing import GRAPH_NAME, make_server_setup
+
+    s = make_server_setup(tmp_path / "setup")
+    node = max(
+        (Node.parse(n["node_id"]) for n in s.graph["nodes"] if Node.parse(n["node_id"]).kind is Kind.FEATURE),
+        key=lambda n: (n.checkpoint, n.pos),
+    )
+    with live_server(create_app(s.data, s.tracer)) as server:
+        page.open_graph(server, GRAPH_NAME)
+        page.click(page.find(f'#graph-svg g.node[data-id="{node.id}"] > :first-child'))
+        page.click(page.wait("#steer-node"))
+        fields = ("kind", "checkpoint", "feature-layer", "feature", "positions", "heads")
+        assert [page.value(f"steer-{f}") for f in fields] == [
+            "feature",
+            str(node.checkpoint),
+            "",
+            str(node.index),
+            str(node.pos),
+            "",
+        ]
+        page.type("steer-scales", "0,2")
+        page.click(page.find("#steer-run"))
+        page.wait("#sweep-table tr.sweep-row")
+        shown = [float(c.get_attribute("data-value")) for c in page.find_all("#sweep-table td[data-field=p_top_1]")]
+        assert page.console_errors() == []
+    traced = s.tracer.run(s.tokens)
+    iv = SteerFeature(node.checkpoint, node.index, (node.pos,), scale=SCALE)
+    ref = sweep(traced.model, traced.saes, traced.trace.tokens, [iv], [0, 2])
+    assert shown == pytest.approx(ref["p_top_1"].tolist(), rel=1e-5, abs=1e-7)

@@ -74,10 +74,11 @@ export function createSweepPanel(state) {
     if (feature !== null) $("steer-feature").value = feature;
   }
 
-  /** A feature node (its checkpoint) or a transcoder node (its layer), at its position, no heads yet. */
+  /** A feature node (its checkpoint) or a transcoder node (its layer), at its position, no heads yet. Another
+   * tool's feature node could be either: its kind is left to the server (auto). */
   function steerNode(n) {
     if (n.p.kind === "transcoder") setFeature("transcoder", "", n.p.cp, n.p.index);
-    else setFeature("feature", n.p.cp, "", n.p.index);
+    else setFeature(state().model && state().model.foreign ? "" : "feature", n.p.cp, "", n.p.index);
     $("steer-positions").value = n.p.pos;
     $("steer-heads").value = ""; $("steer-also").value = ""; $("steer-freeze").checked = false;
   }
