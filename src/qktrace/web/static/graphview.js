@@ -177,10 +177,9 @@ export function createGraphView(svg, state, { onNode, onLink, onHover, onBackgro
     return `${text.slice(0, n)}…`;
   }
 
-  /** The axes at AXIS_FONT px on screen at scale `k`: tokens under the grid, or at the pane's foot when the grid
-   * runs below it; row names at the pane's left edge (or the drawing's, when that is in view). */
-  function placeAxes(k) {
-    const b = zoom.view();
+  /** The axes at AXIS_FONT px on screen at scale `k` in the view box `b` (default: the pane's): tokens under the
+   * grid, or at the view's foot when the grid runs below it; row names at its left edge (or the drawing's). */
+  function placeAxes(k, b = zoom.view()) {
     if (!model || !axisEls || !b || !(k > 0)) return;
     const u = 1 / k, base = L.top + lay.nRows * L.rowH, a = axisEls;
     const yTok = Math.min(base + 16 * u, b.y + b.h - 20 * u);
@@ -345,5 +344,9 @@ export function createGraphView(svg, state, { onNode, onLink, onHover, onBackgro
     return ids.filter((id) => nodeEls.has(id));
   }
 
-  return { svg, show, fit, highlight, restyle, drawLabels, drawSupernodes, focusNode, zoom, size: () => size };
+  /** The axes as the whole drawing at scale `k` shows them (an export), or, with no arguments, as the pane does. */
+  const placeAxesFor = (k = zoom.scale(), box = undefined) => placeAxes(k, box);
+
+  return { svg, show, fit, highlight, restyle, drawLabels, drawSupernodes, focusNode, zoom, placeAxesFor,
+    size: () => size };
 }
