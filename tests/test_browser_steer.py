@@ -103,8 +103,11 @@ def test_attention_features_are_labelled_by_default(tiny, page, live_server, tmp
     """On a checkpointed graph the attention-SAE feature of largest |raw influence| carries its label (its short
     name a<layer>/f<index>) without a hover, as residual-SAE and transcoder features do; a head of an edge
     from a transcoder feature into an attention feature fills the steering panel with the transcoder's kind and
-    layer, and its sweep runs."""
+    layer, and its sweep runs; "steer this feature" on an attention feature, swept inside later heads, plots
+    `sweep()`'s numbers."""
     from qktrace.server import create_app
+    from qktrace.steering.interventions import SCALE, SteerQK
+    from qktrace.steering.sweep import sweep
     from qktrace.testing import random_prompt
 
     model, ts, att = tiny
@@ -126,6 +129,9 @@ def test_attention_features_are_labelled_by_default(tiny, page, live_server, tmp
         and Node.parse(x["target"]).kind is Kind.ATTN_FEATURE
     )
     source, h = Node.parse(link["source"]), link["head_loadings"][0]
+    last = len(raw["metadata"]["prompt_tokens"]) - 1
+    steered = min((Node.parse(n["node_id"]) for n in attn if Node.parse(n["node_id"]).checkpoint == 0),
+                  key=lambda n: (n.pos == last, n.pos))  # fmt: skip
     with live_server(create_app(data, tracer)) as server:
         page.open_graph(server, "s2.json")
         label = page.wait(f'#graph-svg g.node-label[data-id="{top["node_id"]}"]', 10)
@@ -147,6 +153,38 @@ def test_attention_features_are_labelled_by_default(tiny, page, live_server, tmp
         page.click(page.find("#steer-run"))
         page.wait("#steer-body #sweep-table tr.sweep-row, #steer-body p.error")
         assert not page.find_all("#steer-body p.error"), page.find("#steer-body").text
+
+        # "steer this feature" on a layer-0 attention feature, then inside two heads of layer 1: sweep()'s numbers
+        page.click(page.find(f'#graph-svg g.node[data-id="{steered.id}"] > :first-child'))
+        page.click(page.wait("#steer-node"))
+        assert [page.value(f"steer-{f}") for f in ("kind", "feature-layer", "checkpoint", "feature", "positions")] == [
+            "attn",
+            "0",
+            "",
+            str(steered.index),
+            str(steered.pos),
+        ]
+        page.type("steer-heads", "L1H0 L1H3")
+        page.type("steer-scales", "0,0.5,3")
+        page.type("steer-watch-attn", f"L1H0:{last}->{steered.pos}")
+        page.click(page.find("#steer-run"))
+        page.until(lambda d: page.find_all(f'#sweep-table td[data-field="attn:L1.H0:{last}->{steered.pos}"]'))
+        shown = [
+            {
+                c.get_attribute("data-field"): float(c.get_attribute("data-value"))
+                for c in r.find_elements("css selector", "td[data-field]")
+            }
+            for r in page.find_all("#sweep-table tr.sweep-row")
+        ]
+        assert page.console_errors() == []
+    iv = SteerQK(1, (0, 3), "key", steered.index, (steered.pos,), scale=SCALE, kind=Kind.ATTN_FEATURE, feature_layer=0)
+    ref = sweep(model, {}, traced.trace.tokens, [iv], [0, 0.5, 3], watch_attention=[(1, 0, last, steered.pos)],
+                transcoders=ts, attention_saes=att)  # fmt: skip
+    cols = ["p_top_1", f"attn:L1.H0:{last}->{steered.pos}"]
+    assert [r["scale"] for r in shown] == [0, 0.5, 3]
+    for row, (_, want) in zip(shown, ref.iterrows()):
+        for c in cols:
+            assert row[c] == pytest.approx(float(want[c]), rel=1e-5, abs=1e-7), c
         assert page.console_errors() == []
 
 

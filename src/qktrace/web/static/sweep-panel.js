@@ -2,9 +2,9 @@
 // range of scales (POST /api/sweep) and plot next-token probabilities and watched attention against it.
 // "more features" steers further sets with it at the same scale, each inside its own heads' QK circuit
 // (`also`): `replay(mechanism, candidate)` fills the form with a mechanism's candidate and runs it.
-// The feature is a residual-SAE feature (read at the checkpoint, the heads' layer by default) or a transcoder
-// feature (kind "transcoder": read at its own layer, `feature layer`, below the heads' layer; without heads its
-// output is steered at that layer); `steerNode(n)` fills the form from a clicked feature or transcoder node.
+// The feature is a residual-SAE feature (read at the checkpoint, the heads' layer by default), a transcoder or
+// an attention-SAE feature (kind "transcoder" or "attn": of its own layer, `feature layer`, below the heads'
+// layer; without heads its output is steered at that layer); `steerNode(n)` fills the form from a clicked node.
 //   more features:  L2H6,7 key@6: 143 480; L3H1 query@20: 12   (layer, heads, side@position: features)
 
 import * as API from "./api.js";
@@ -13,9 +13,11 @@ import { $, clear, el, errorBox, num } from "./dom.js";
 import { tokenOf } from "./model.js";
 import { promptPayload } from "./qk-panel.js";
 
+const LAYERED = new Set(["transcoder", "attn"]); // features of a layer, steered in the heads of a later one
+
 /** `state()`: the store's state. Wires the sweep form; `setDefaults(sweep)` fills it with the server's defaults
  * (GET /api/info's `defaults.sweep`, which are `qktrace.options.SweepOptions`'s, as the CLI's are);
- * `prefill(link, layer, head)` fills it from an edge, `steerNode(n)` from a feature or transcoder node. */
+ * `prefill(link, layer, head)` fills it from an edge, `steerNode(n)` from a feature node of any kind. */
 export function createSweepPanel(state) {
   const body = $("steer-body");
   $("steer-form").addEventListener("submit", (e) => { e.preventDefault(); run(); });
@@ -57,7 +59,7 @@ export function createSweepPanel(state) {
     if (defaults) $("steer-side").value = defaults.side;
     const src = l.s.p;
     if (src.kind === "feature" && src.cp === layer) setFeature("feature", "", "", src.index);
-    else if (src.kind === "transcoder" && src.cp < layer) setFeature("transcoder", "", src.cp, src.index);
+    else if (LAYERED.has(src.kind) && src.cp < layer) setFeature(src.kind, "", src.cp, src.index);
     else setFeature($("steer-kind").value, "", "");
     $("steer-positions").value = String(l.s.p.pos);
     $("steer-watch-attn").value = `L${layer}H${head}:${l.t.p.pos}->${l.s.p.pos}`;
@@ -74,10 +76,10 @@ export function createSweepPanel(state) {
     if (feature !== null) $("steer-feature").value = feature;
   }
 
-  /** A feature node (its checkpoint) or a transcoder node (its layer), at its position, no heads yet. Another
-   * tool's feature node could be either: its kind is left to the server (auto). */
+  /** A feature node (its checkpoint) or a transcoder or attention feature node (its layer), at its position, no
+   * heads yet. Another tool's feature node could be any: its kind is left to the server (auto). */
   function steerNode(n) {
-    if (n.p.kind === "transcoder") setFeature("transcoder", "", n.p.cp, n.p.index);
+    if (LAYERED.has(n.p.kind)) setFeature(n.p.kind, "", n.p.cp, n.p.index);
     else setFeature(state().model && state().model.foreign ? "" : "feature", n.p.cp, "", n.p.index);
     $("steer-positions").value = n.p.pos;
     $("steer-heads").value = ""; $("steer-also").value = ""; $("steer-freeze").checked = false;
@@ -99,16 +101,16 @@ export function createSweepPanel(state) {
     const positions = $("steer-positions").value.split(/[\s,]+/).filter(Boolean).map(Number);
     const kind = $("steer-kind").value || null, fl = $("steer-feature-layer").value.trim();
     let cp = $("steer-checkpoint").value.trim();
-    if (kind === "transcoder" && !heads.length && cp === "") cp = fl; // its output, at its own layer
-    if (kind === "transcoder" && heads.length && fl === "") {
-      throw new Error("a transcoder feature steered inside heads needs its layer: fill in feature layer (below the "
-        + "heads' layer)");
+    if (LAYERED.has(kind) && !heads.length && cp === "") cp = fl; // its output, at its own layer
+    if (LAYERED.has(kind) && heads.length && fl === "") {
+      throw new Error(`a ${kind === "attn" ? "attention" : "transcoder"} feature steered inside heads needs its layer: `
+        + "fill in feature layer (below the heads' layer)");
     }
     if (!heads.length && cp === "") {
       throw new Error("name heads (e.g. L1H3 L1H0) to steer inside their QK circuits, or a checkpoint to steer the "
         + "residual stream there");
     }
-    const layered = heads.length && kind !== "feature" && fl !== ""; // a transcoder feature read below the heads
+    const layered = heads.length && kind !== "feature" && fl !== ""; // a feature of a layer below the heads
     return {
       ...promptPayload(state()), heads, side: $("steer-side").value, checkpoint: cp === "" || layered ? null : +cp,
       kind, feature_layer: layered ? +fl : null,
