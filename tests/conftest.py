@@ -41,6 +41,29 @@ def family(request):
     return request.param
 
 
+@pytest.fixture(scope="session")
+def demo(tmp_path_factory):
+    """The demo's induction graph and mechanism, and its largest graph (multiple choice, 300+ nodes), built
+    as `qktrace demo` builds them."""
+    from qktrace.analyses.explain import explain
+    from qktrace.config import DEMO_MODEL, DEMO_SAES
+    from qktrace.demo.run import CASES
+    from qktrace.tracer import Tracer
+
+    tracer = Tracer.load(DEMO_MODEL, DEMO_SAES)
+    data = tmp_path_factory.mktemp("demo-graphs")
+    cases = {c.slug: c for c in CASES}
+    for slug in ("induction", "multiple_choice"):
+        case = cases[slug]
+        graph = tracer.run(case.prompt).graph(targets=[case.answer], progress=False)
+        graph.save(data / f"{slug}.graph.json")
+        if slug == "induction":
+            explain(tracer, case.prompt, case.answer, case.rival, graph=graph).save_json(
+                data / f"{slug}.mechanism.json"
+            )
+    return tracer, data, DEMO_SAES
+
+
 # -- the page in headless Chromium (Debian's chromium and chromium-driver, nothing downloaded) -----------
 
 
@@ -114,3 +137,67 @@ def chrome(tmp_path):
     yield d
     d.quit()
     shutil.rmtree(tmp_path / "profile", ignore_errors=True)
+
+
+class Page:
+    """A headless Chromium driver and the few moves every browser test makes."""
+
+    def __init__(self, driver):
+        from selenium.webdriver.common.by import By
+        from selenium.webdriver.support import expected_conditions as EC
+        from selenium.webdriver.support.ui import WebDriverWait
+
+        self.driver, self.By, self.EC, self.Wait = driver, By, EC, WebDriverWait
+
+    def until(self, condition, timeout: float = 30):
+        return self.Wait(self.driver, timeout).until(condition)
+
+    def wait(self, css: str, timeout: float = 60):
+        return self.until(self.EC.presence_of_element_located((self.By.CSS_SELECTOR, css)), timeout)
+
+    def find(self, css: str):
+        return self.driver.find_element(self.By.CSS_SELECTOR, css)
+
+    def find_all(self, css: str) -> list:
+        return self.driver.find_elements(self.By.CSS_SELECTOR, css)
+
+    def click(self, element) -> None:
+        """A real click; an element under another falls back to a dispatched click on the element itself."""
+        from selenium.common.exceptions import ElementClickInterceptedException
+
+        self.driver.execute_script("arguments[0].scrollIntoView({block: 'center', inline: 'center'})", element)
+        try:
+            element.click()
+        except ElementClickInterceptedException:
+            self.driver.execute_script("arguments[0].dispatchEvent(new MouseEvent('click', {bubbles: true}))", element)
+
+    def type(self, element_id: str, text: str) -> None:
+        """Replace an input's text as a user would."""
+        box = self.driver.find_element(self.By.ID, element_id)
+        box.clear()
+        box.send_keys(text)
+
+    def value(self, element_id: str) -> str:
+        return self.driver.find_element(self.By.ID, element_id).get_attribute("value")
+
+    def opened(self, name: str, timeout: float = 30) -> None:
+        """Wait until the page says it opened graph `name` and has drawn its nodes."""
+        self.until(lambda d: d.find_element(self.By.ID, "status").text == f"opened {name}", timeout)
+        self.wait("#graph-svg g.node")
+
+    def open_graph(self, server: LiveServer, name: str) -> None:
+        self.driver.get(f"{server.url}/#graph={name}")
+        self.opened(name)
+
+    def rect(self, element) -> dict:
+        """The element's box on screen (CSS pixels)."""
+        return self.driver.execute_script("return arguments[0].getBoundingClientRect().toJSON()", element)
+
+    def console_errors(self) -> list[str]:
+        return [e["message"] for e in self.driver.get_log("browser") if e["level"] == "SEVERE"]
+
+
+@pytest.fixture
+def page(chrome):
+    """`chrome` with the moves of a browser test (find, click, type, open a graph, console errors)."""
+    return Page(chrome)

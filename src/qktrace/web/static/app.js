@@ -31,7 +31,7 @@ import { legend } from "./legend.js";
 import { createMechanismPanel } from "./mechanism-panel.js";
 import { indexGraph } from "./model.js";
 import { createNodePanel } from "./node-panel.js";
-import { reveal } from "./panels.js";
+import { rememberHints, restoreHint, reveal } from "./panels.js";
 import { createQKPanel } from "./qk-panel.js";
 import { createSweepPanel } from "./sweep-panel.js";
 import {
@@ -72,11 +72,7 @@ const mechPanel = createMechanismPanel(state, {
 const nodePanel = createNodePanel($("node-panel").querySelector(".body"), {
   onLink: (l) => selectLink(l, active()), onPin: (n) => togglePin(n.id, active()),
   onExplain: (n) => { mechPanel.fromLogit(n); reveal("mech-panel"); $("explain-answer").focus(); },
-  onSteer: (n) => {
-    $("steer-checkpoint").value = n.p.cp; $("steer-feature").value = n.p.index; $("steer-positions").value = n.p.pos;
-    $("steer-heads").value = ""; $("steer-also").value = ""; $("steer-freeze").checked = false;
-    reveal("steer-panel");
-  },
+  onSteer: (n) => { sweepPanel.steerNode(n); reveal("steer-panel"); },
 });
 const edgePanel = createEdgePanel($("edge-panel").querySelector(".body"), {
   onLink: (l) => selectLink(l, active()),
@@ -89,7 +85,7 @@ const edgePanel = createEdgePanel($("edge-panel").querySelector(".body"), {
 const compareView = createCompareView({
   info: () => store.state.info,
   onOpen: (a, b) => setHash(compareHash({ a, b }), false),
-  onEnter: () => { nodePanel.reset(); edgePanel.reset(); },
+  onEnter: () => { nodePanel.reset(); edgePanel.reset(); resetResults(); },
   onChange: (side, changed) => {
     if (side !== compareView.active()) return;
     showPanels(side.state, changed);
@@ -97,16 +93,24 @@ const compareView = createCompareView({
     if ((changed.has("selNode") || changed.has("selLink")) && w.a && w.b) setHash(compareHash(w), false);
   },
   onClose: () => {
-    nodePanel.reset(); // the panels go back to the page's graph
+    nodePanel.reset(); // the panels go back to the page's graph: a side's results go
     edgePanel.reset();
+    resetResults();
     showPanels(store.state, new Set(["selNode", "selLink"]));
     // the URL may already name the graph to show (#compare=A,B followed by #graph=X): that one, not the first
     const want = readUrl().graph || store.state.name;
-    if (want && want === store.state.name) writeUrl(false, true);
-    else if (want) openGraph(want);
+    if (want && want === store.state.name) {
+      writeUrl(false, true);
+      const q = store.state.qk; // the page's own QK view, as it was before compare
+      if (q && store.state.info && store.state.info.can_compute) qkPanel.show(q);
+    } else if (want) openGraph(want);
     else listGraphs().then((d) => d.graphs.length && openGraph(d.graphs[0].name), showError);
   },
 });
+rememberHints("qk-body", "steer-body");
+/** The result panels that show one graph's (or one compare side's) QK terms and sweep back to their hints. */
+function resetResults() { restoreHint("qk-body"); restoreHint("steer-body"); }
+
 const groupPanel = createGroupPanel($("group-body"), {
   onNode: selectNode, onPin: (n) => togglePin(n.id), onGroup: addSupernode, onUngroup: removeSupernode,
   onToggle: toggleSupernode,

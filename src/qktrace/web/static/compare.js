@@ -21,7 +21,7 @@ import { createStore, initialState } from "./state.js";
 
 const HINT = "Pick two graphs of prompts with the same number of tokens (a minimal pair), or type prompt B, and "
   + "press Compare. A click on a node or an edge of either graph opens its panels.";
-const MIN_FIT = 0.85; // the panes open at this scale or more: the graphs' 12-unit token text is at least 10 px
+const MIN_FIT = 0.85; // the panes open at this scale or more: nodes and edges legible (text is 11 px at any scale)
 
 const shown = (t) => JSON.stringify(t === undefined ? "(end)" : t);
 

@@ -22,14 +22,16 @@ export function exportJSON(state) {
 /** Renders `view`'s SVG (no hit areas, tooltips or hidden edges) at up to 2x and downloads it.
  * Resolves to {name, width, height, length}. */
 export function exportPNG(view, name) {
+  const [w, h] = view.size();
+  const scale = Math.min(2, 8000 / Math.max(w, h));
+  view.placeAxesFor(scale, { x: 0, y: 0, w, h }); // the tokens under the whole grid, readable in the image
   const clone = view.svg.cloneNode(true);
+  view.placeAxesFor(); // and back where the pane shows them
   clone.setAttribute("xmlns", SVGNS);
   for (const e of clone.querySelectorAll(".hit, title, [display=none]")) e.remove();
-  const [w, h] = view.size();
   clone.setAttribute("width", w);
   clone.setAttribute("height", h);
   clone.setAttribute("viewBox", `0 0 ${w} ${h}`); // the whole drawing, whatever the zoom
-  const scale = Math.min(2, 8000 / Math.max(w, h));
   return new Promise((resolve, reject) => {
     const img = new Image();
     img.onload = () => {

@@ -1,15 +1,17 @@
 // One graph drawn as SVG: grid, edges, nodes, supernodes and node labels, in layers of one <svg>,
 // zoomed and panned through its viewBox (zoom.js). Labels are drawn at screen size whatever the zoom: the
 // logit nodes' (token and probability) and the most influential nodes' always, the chosen, pinned and
-// hovered ones' on top, placed without overlap (labels.js). Edge sign is colour and line style (inhibitory
-// edges dashed); nodes take focus (Tab) and report keys to `onKey`. Supernodes (supernodes.js): an expanded
+// hovered ones' on top, placed without overlap (labels.js). So are the axes: the prompt's tokens and positions
+// under the grid (held at the pane's foot when the grid runs below it) and the row names at the pane's left,
+// each token cut to its column's width on screen (its full text on hover). Edge sign is colour and line style
+// (inhibitory edges dashed); nodes take focus (Tab) and report keys to `onKey`. Supernodes (supernodes.js): an expanded
 // one rings its members, a collapsed one is one node with summed edges; a click on it or on its label, Enter
 // on it, or "c" on a member toggles it (`onSupernode(i)`).
 // The view holds no selection of its own: it draws what `state()` returns ({selNode, selLink, hover, pinned,
 // supernodes, weights, prune}) and reports clicks and hovers to the handlers it was given, so a second
 // view (e.g. two graphs compared side by side) is a second `createGraphView` over its own store.
 
-import { C, FONT, clear, fmt, sv, truncate } from "./dom.js";
+import { C, FONT, clear, fmt, sv } from "./dom.js";
 import { placeLabels } from "./labels.js";
 import { L, layout, rowName } from "./layout.js";
 import { marker } from "./legend.js";
@@ -17,14 +19,17 @@ import { isCross, nodeLabel, quantile, shortLabel, weightOf } from "./model.js";
 import { collapse, drawGroups, groupOf } from "./supernodes.js";
 import { createZoom } from "./zoom.js";
 
-const LABEL_FONT = 11, LABEL_H = 15; // on screen, whatever the drawing's scale
+const LABEL_FONT = 11, LABEL_H = 15, AXIS_FONT = 11; // on screen, whatever the drawing's scale
 export const TOP_LABELLED = 12; // the most influential nodes labelled without a click
 
-/** The nodes labelled by default: every logit, then the features and transcoder features by |raw influence|. */
+const FEATURE_KINDS = new Set(["feature", "transcoder", "attn"]); // residual-SAE, transcoder, attention-SAE
+
+/** The nodes labelled by default: every logit, then the features of every kind (residual-SAE, transcoder and
+ * attention-SAE features) by |raw influence|, each with its label (its SAE's, else its kind's short name). */
 export function defaultLabelled(model) {
   const logits = model.nodes.filter((n) => n.p.kind === "logit");
   const strength = (n) => Math.abs(n.raw_influence || 0) || (n.influence ? 1 - n.influence : 0);
-  const inner = model.nodes.filter((n) => n.p.kind === "feature" || n.p.kind === "transcoder")
+  const inner = model.nodes.filter((n) => FEATURE_KINDS.has(n.p.kind))
     .sort((a, b) => strength(b) - strength(a) || a.id.localeCompare(b.id)).slice(0, TOP_LABELLED);
   return [...logits, ...inner];
 }
@@ -40,11 +45,12 @@ function labelText(n) {
 export function createGraphView(svg, state, { onNode, onLink, onHover, onBackground, onKey = () => {},
   onSupernode = () => {} }, opts = {}) {
   let model = null, size = null, scale = 1, edgeEls = [], nodeEls = new Map(), drawn = "", pending = 0;
-  let grouped = collapse({ links: [] }, []), groupedFor = null, summedEls = new Map();
+  let grouped = collapse({ links: [] }, []), groupedFor = null, summedEls = new Map(), lay = null, axisEls = null;
   const measure = document.createElement("canvas").getContext("2d");
   measure.font = `${LABEL_FONT}px ${FONT}`;
   svg.addEventListener("click", () => onBackground());
   const zoom = createZoom(svg, opts, (k) => {
+    placeAxes(k);
     if (Math.abs(k - scale) < 1e-6) return;
     scale = k;
     drawn = "";
@@ -57,13 +63,14 @@ export function createGraphView(svg, state, { onNode, onLink, onHover, onBackgro
     drawn = "";
     groupedFor = null;
     clear(svg);
+    axisEls = null;
     if (!model) return;
-    const lay = layout(model);
+    lay = layout(model);
     size = [lay.width, lay.height];
     svg.setAttribute("width", "100%");
     svg.setAttribute("height", "100%");
     zoom.fit(size);
-    svg.append(sv("rect", { x: 0, y: 0, width: lay.width, height: lay.height, fill: "#ffffff" }), grid(lay));
+    svg.append(sv("rect", { x: 0, y: 0, width: lay.width, height: lay.height, fill: "#ffffff" }), grid());
     const edges = sv("g", { class: "edges" });
     edgeEls = model.links.map((l) => {
       const ends = { x1: l.s.x, y1: l.s.y, x2: l.t.x, y2: l.t.y };
@@ -88,8 +95,11 @@ export function createGraphView(svg, state, { onNode, onLink, onHover, onBackgro
       nodes.append(g);
       nodeEls.set(n.id, g);
     }
+    axisEls = axes();
     svg.append(edges, sv("g", { class: "group-edges" }), sv("g", { class: "group-rings" }), nodes,
-      sv("g", { class: "group-nodes", "font-family": FONT }), sv("g", { class: "labels", "font-family": FONT }));
+      sv("g", { class: "group-nodes", "font-family": FONT }), axisEls.g,
+      sv("g", { class: "labels", "font-family": FONT }));
+    placeAxes(zoom.scale());
   }
 
   /** "c" on a grouped node toggles its supernode; every other key goes to `onKey`. */
@@ -123,23 +133,73 @@ export function createGraphView(svg, state, { onNode, onLink, onHover, onBackgro
     return grouped;
   }
 
-  function grid(lay) {
-    const g = sv("g", { class: "grid", "font-family": FONT, "font-size": 11, fill: C.muted });
+  function grid() {
+    const g = sv("g", { class: "grid" });
     for (let r = 0; r < lay.nRows; r++) {
-      const y = L.top + (lay.nRows - 1 - r) * L.rowH;
-      g.append(sv("line", { x1: L.left, x2: lay.width - 8, y1: y + L.rowH, y2: y + L.rowH, stroke: C.line }),
-        sv("text", { x: 6, y: y + L.rowH / 2 + 4 }, rowName(model, r)));
+      const y = L.top + (lay.nRows - r) * L.rowH;
+      g.append(sv("line", { x1: L.left, x2: lay.width - 8, y1: y, y2: y, stroke: C.line }));
     }
     const base = L.top + lay.nRows * L.rowH;
     for (let p = 0; p < lay.nPos; p++) {
-      const cx = lay.colX[p] + lay.colW[p] / 2;
-      const tok = model.tokens[p] === undefined ? "" : model.tokens[p];
-      g.append(sv("line", { x1: lay.colX[p], x2: lay.colX[p], y1: L.top, y2: base, stroke: "#f3f4f6" }),
-        sv("text", { x: cx, y: base + 16, "text-anchor": "middle", fill: C.sel, "font-size": 12, class: "token-label",
-          "data-pos": p }, truncate(tok, 12)),
-        sv("text", { x: cx, y: base + 30, "text-anchor": "middle" }, String(p)));
+      g.append(sv("line", { x1: lay.colX[p], x2: lay.colX[p], y1: L.top, y2: base, stroke: "#f3f4f6" }));
     }
     return g;
+  }
+
+  /** The axes' text, made once per graph (so marks such as compare's "differs" stay), placed by `placeAxes`. */
+  function axes() {
+    const g = sv("g", { class: "axes", "font-family": FONT, fill: C.muted, "pointer-events": "none" });
+    const back = (cls) => sv("rect", { class: cls, fill: "#ffffff", "fill-opacity": 0.85 });
+    const foot = back("axis-back");
+    const tokens = [], positions = [], rows = [], rowBacks = [];
+    g.append(foot);
+    for (let p = 0; p < lay.nPos; p++) {
+      const tok = model.tokens[p] === undefined ? "" : String(model.tokens[p]);
+      tokens.push(sv("text", { "text-anchor": "middle", fill: C.sel, class: "token-label", "data-pos": p,
+        "data-full": tok }));
+      positions.push(sv("text", { "text-anchor": "middle", class: "pos-label" }, String(p)));
+      g.append(sv("g", { class: "axis-token" }, sv("title", {}, `${p}: ${JSON.stringify(tok)}`), tokens[p],
+        positions[p]));
+    }
+    for (let r = 0; r < lay.nRows; r++) {
+      rowBacks.push(back("row-back"));
+      rows.push(sv("text", { class: "row-label" }, rowName(model, r)));
+      g.append(rowBacks[r], rows[r]);
+    }
+    return { g, foot, tokens, positions, rows, rowBacks };
+  }
+
+  /** `text` cut with "…" to at most `px` screen pixels at the axes' font. */
+  function fitText(text, px) {
+    if (measure.measureText(text).width <= px) return text;
+    let n = text.length - 1;
+    while (n > 1 && measure.measureText(`${text.slice(0, n)}…`).width > px) n--;
+    return `${text.slice(0, n)}…`;
+  }
+
+  /** The axes at AXIS_FONT px on screen at scale `k` in the view box `b` (default: the pane's): tokens under the
+   * grid, or at the view's foot when the grid runs below it; row names at its left edge (or the drawing's). */
+  function placeAxes(k, b = zoom.view()) {
+    if (!model || !axisEls || !b || !(k > 0)) return;
+    const u = 1 / k, base = L.top + lay.nRows * L.rowH, a = axisEls;
+    const yTok = Math.min(base + 16 * u, b.y + b.h - 20 * u);
+    a.g.setAttribute("font-size", (AXIS_FONT * u).toFixed(3));
+    measure.font = `${AXIS_FONT}px ${FONT}`;
+    const set = (e, attrs) => { for (const [key, v] of Object.entries(attrs)) e.setAttribute(key, v); };
+    set(a.foot, { x: b.x, y: yTok - 13 * u, width: b.w, height: 31 * u });
+    for (let p = 0; p < lay.nPos; p++) {
+      const cx = lay.colX[p] + lay.colW[p] / 2;
+      set(a.tokens[p], { x: cx, y: yTok });
+      set(a.positions[p], { x: cx, y: yTok + 14 * u });
+      a.tokens[p].textContent = fitText(a.tokens[p].dataset.full, lay.colW[p] * k - 4);
+    }
+    const x = Math.max(6, b.x + 4 * u);
+    for (let r = 0; r < lay.nRows; r++) {
+      const y = L.top + (lay.nRows - 1 - r) * L.rowH + L.rowH / 2 + 4 * u;
+      const w = measure.measureText(a.rows[r].textContent).width;
+      set(a.rows[r], { x, y });
+      set(a.rowBacks[r], { x: x - 2 * u, y: y - 11 * u, width: (w + 4) * u, height: 14 * u });
+    }
   }
 
   /** The whole drawing in the pane (the answer column in view when it is too wide to read whole). */
@@ -284,5 +344,9 @@ export function createGraphView(svg, state, { onNode, onLink, onHover, onBackgro
     return ids.filter((id) => nodeEls.has(id));
   }
 
-  return { svg, show, fit, highlight, restyle, drawLabels, drawSupernodes, focusNode, zoom, size: () => size };
+  /** The axes as the whole drawing at scale `k` shows them (an export), or, with no arguments, as the pane does. */
+  const placeAxesFor = (k = zoom.scale(), box = undefined) => placeAxes(k, box);
+
+  return { svg, show, fit, highlight, restyle, drawLabels, drawSupernodes, focusNode, zoom, placeAxesFor,
+    size: () => size };
 }

@@ -36,7 +36,7 @@ export function createNodePanel(body, { onLink, onPin, onExplain = null, onSteer
         onclick: () => onExplain(n) }, "Explain this answer") : null,
       n.p.kind === "feature" ? el("button", { type: "button", id: "feature-details",
         onclick: () => showFeaturePanel(n.id, nameIn(model, n.id)) }, "Details") : null,
-      n.p.kind === "feature" && onSteer ? el("button", { type: "button", id: "steer-node",
+      ["feature", "transcoder", "attn"].includes(n.p.kind) && onSteer ? el("button", { type: "button", id: "steer-node",
         title: "fill the steering panel with this feature at its position", onclick: () => onSteer(n) },
       "Steer this feature") : null));
     const column = weights === "norm" ? "normalised" : "weight";
