@@ -59,6 +59,12 @@ def collect_sites(model: Model, blocks: Tensor) -> dict[str, list[Tensor]]:
     return {k: [torch.cat(rows) for rows in per_layer] for k, per_layer in out.items()}
 
 
+def hook_z_config(folder: Path) -> None:
+    """SAELens reads a hook_z SAE's input as [pos, head, d_head] and flattens it (`reshape_activations`)."""
+    cfg = json.loads((folder / "cfg.json").read_text())
+    (folder / "cfg.json").write_text(json.dumps(cfg | {"reshape_activations": "hook_z"}, indent=2) + "\n")
+
+
 def save_transcoders(trainers: list[TopKTrainer], k: int, folder: Path) -> None:
     """Step 3: a circuit-tracer transcoder set (config.yaml + layer_L.safetensors)."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -139,7 +145,7 @@ def main(argv: list[str] | None = None) -> None:
         if kind == "transcoder":
             trainers.append(trainer)
         else:
-            save_sae_lens(trainer.to_sae(layer, z_hook(layer)), args.attention_saes / z_hook(layer))
+            hook_z_config(save_sae_lens(trainer.to_sae(layer, z_hook(layer)), args.attention_saes / z_hook(layer)))
         site = ("mlp_in", "mlp_out") if kind == "transcoder" else ("z", "z")
         with torch.no_grad():
             ve = variance_explained(held_out[site[1]][layer], trainer(held_out[site[0]][layer])[0])
