@@ -71,3 +71,34 @@ def test_influence_and_scores_on_a_hand_graph() -> None:
     is_token, is_error = torch.tensor([False, False, True, False]), torch.tensor([False, True, False, False])
     replacement, completeness = scores(A, infl, torch.tensor([0.0, 0.0, 0.0, 1.0]), is_token, is_error)
     assert replacement == pytest.approx(0.375) and completeness == pytest.approx(17 / 22)
+
+
+def test_recipe_trains_reproducibly_and_writes_what_the_loaders_read(model, tmp_path) -> None:
+    """The recipe's sites are the trace's (the z columns head by head); a transcoder trained twice with one seed
+    is the same; written as a circuit-tracer set and a SAELens hook_z folder, both load and compute as the
+    trainer does."""
+    from qktrace.saes import save_sae_lens
+    from recipes.demo.train_saes import corpus_blocks, train_sae
+    from recipes.demo.train_transcoders import collect_sites, hook_z_config, save_transcoders, z_hook
+
+    blocks = corpus_blocks(model.tokenizer, seed=7, n_docs=3)
+    sites = collect_sites(model, blocks[:2])
+    trace = model.run(blocks[1])
+    n = blocks.shape[1] - 1
+    torch.testing.assert_close(sites["mlp_out"][2][n:], trace.mlp_out[2][1:], rtol=0, atol=0)
+    ly = model.anatomy.layers[2]
+    z = trace.pattern(2)[3, 1:] @ trace.v[2][ly.kv_head[3]]  # head 3 [pos, d_head]
+    torch.testing.assert_close(sites["z"][2][n:, 3 * ly.d_head : 4 * ly.d_head], z, rtol=1e-5, atol=1e-6)
+    x, y = sites["mlp_in"][2], sites["mlp_out"][2]
+    runs = [train_sae(x, 64, 4, steps=3, seconds=60, seed=1, batch=64, target=y)[0] for _ in range(2)]
+    for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
+        torch.testing.assert_close(getattr(runs[0], name), getattr(runs[1], name), rtol=0, atol=0)
+    trainers = [runs[0]] * model.n_layers
+    save_transcoders(trainers, 4, tmp_path / "tc")
+    for layer in range(model.n_layers):
+        hook_z_config(save_sae_lens(runs[0].to_sae(layer, z_hook(layer)), tmp_path / "att" / z_hook(layer)))
+    ts, saes = load_transcoders(tmp_path / "tc", model), load_attention_saes(tmp_path / "att", model)
+    with torch.no_grad():
+        y_hat = runs[0](x[:20])[0]
+    torch.testing.assert_close(ts[2].decode(ts[2].encode(x[:20])), y_hat, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(saes[2].decode(saes[2].encode(x[:20])), y_hat, rtol=1e-5, atol=1e-5)

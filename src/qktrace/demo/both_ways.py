@@ -206,7 +206,7 @@ def trace_both_ways(
     """Steps 1-4 for one case whose residual-SAE graph (and its file) `residual` holds; `save(graph, path)`
     writes a graph once and names the file that holds it."""
     ts, att = load_replacement(tracer)
-    plain = Tracer(tracer.model, transcoders=ts).run(case.prompt)
+    plain = Tracer(tracer.model, transcoders=ts).run(tracer.tokenize(case.prompt))  # the residual graph's tokens
     graph = plain.graph(targets=[case.answer], progress=False)
     file = save(graph, out / f"{case.slug}.transcoders.graph.json")
     s2 = checkpointed(tracer, ts, att, case.prompt, case.answer)
