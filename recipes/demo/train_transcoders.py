@@ -70,7 +70,8 @@ def save_transcoders(trainers: list[TopKTrainer], k: int, folder: Path) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     folder.joinpath("config.yaml").write_text(
         f'model_kind: "transcoder_set"\nfeature_input_hook: "{INPUT_HOOK}"\nfeature_output_hook: "{OUTPUT_HOOK}"\n'
-        f'activation: "topk"\nk: {k}\nmodel_name: "{MODEL_NAME}"\n'
+        f'activation: "topk"\nk: {k}\nmodel_name: "{MODEL_NAME}"\ntranscoders:\n'
+        + "".join(f'  - "layer_{layer}.safetensors"\n' for layer in range(len(trainers)))
     )
     for layer, t in enumerate(trainers):
         w = {"W_enc": t.W_enc.T, "W_dec": t.W_dec, "b_enc": t.b_enc, "b_dec": t.b_dec}  # W_enc [d_sae, d_model]
