@@ -151,7 +151,7 @@ def checkpointed(tracer: Tracer, ts: TranscoderSet, att: AttentionSAESet, prompt
 
     m = tracer.model
     answer_id = m.token_id(answer)
-    cg = checkpointed_graph(m, ts, att, tracer.tokenize(prompt), by_head=False)
+    cg = checkpointed_graph(m, ts, att, tracer.tokenize(prompt), by_head=False, batch_size=1024)
     kinds = [n.kind for n in cg.nodes]
     rows = [i for i, k in enumerate(kinds) if k is Kind.LOGIT]
     weights = cg.adjacency.new_zeros(len(kinds))

@@ -334,7 +334,9 @@ def run_demo(
         r = chosen[0]
         con.print(f"[bold]{r.case.slug}[/bold] on the demo's transcoders and attention SAEs")
         assert r.graph is not None
+        t0 = time.perf_counter()
         both = trace_both_ways(tracer, r.case, (r.graph, r.files[0]), out, lambda g, p: save_once(g, p, written))
+        con.print(f"  three graphs compared in {time.perf_counter() - t0:.1f} s")
         for v in both.views:
             heads = ", ".join(f"L{h['layer']}H{h['head']}" for h in v.heads) or "no head loadings"
             con.print(f"  {v.name}: replacement {v.replacement:.3f}, completeness {v.completeness:.3f}; {heads}")
