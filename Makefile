@@ -42,12 +42,14 @@ DEMO_MODEL := src/qktrace/demo/assets/model
 
 # Regenerates the shipped demo (32 minutes measured on 2 CPU cores) with the recipe in recipes/demo (beside the
 # package, run from the repository root): the model from scratch, then a shorter stage that weights facts,
-# multiple choice and yes/no more; then the SAEs and their dashboards (qktrace.jobs.dashboards).
+# multiple choice and yes/no more; then the SAEs and their dashboards (qktrace.jobs.dashboards), then the
+# transcoders and hook_z attention SAEs of the strategy-2 case study (about 6 more minutes).
 train-demo: $(STAMP)
 	$(PY) -m recipes.demo.train --out $(DEMO_MODEL)
 	$(PY) -m recipes.demo.train --init $(DEMO_MODEL) --out $(DEMO_MODEL) --mix stage2 --steps 2600 --lr 1e-3 --minutes 22
 	$(PY) -m recipes.demo.train_saes
 	$(PY) -m recipes.demo.dashboards
+	$(PY) -m recipes.demo.train_transcoders
 
 clean:
 	rm -rf $(VENV) demo-output .pytest_cache .ruff_cache .mypy_cache

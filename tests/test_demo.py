@@ -19,7 +19,8 @@ import qktrace
 from qktrace import FreezeAttention, SteerQK, run_with
 from qktrace.cli import main
 from qktrace.config import DEMO_MODEL, DEMO_SAES
-from qktrace.demo.run import CASES, PAIRS, SHIFT, correctness, report
+from qktrace.demo.both_ways import STRATEGY2
+from qktrace.demo.run import BOTH_WAYS, CASES, PAIRS, SHIFT, correctness, report
 from recipes.demo.corpus import EVAL_FAMILIES, training_documents
 
 
@@ -106,6 +107,29 @@ def test_run_demo_writes_everything(demo_dir: Path) -> None:
         assert json.loads((demo_dir / f"{pair.slug}.last.compare.json").read_text())["differing"]
     assert "concordance" in md and "discordance" in md and "W_QK skew" in md
     assert md.count("patterns patched from B into A") == len(PAIRS)  # both pairs, shown causally
+
+
+def test_one_case_is_traced_on_transcoders_and_attention_saes_too(tracer: qktrace.Tracer, demo_dir: Path) -> None:
+    """The case's plain transcoder graph is its own file (a transcoder graph, its own slug); the strategy-2
+    heads are read from head loadings that sum over heads, and its key head's QK terms are this model's."""
+    case = next(c for c in CASES if c.slug == BOTH_WAYS)
+    md = (demo_dir / "report.md").read_text()
+    assert f"## {case.title}: residual SAEs against transcoders" in md
+    plain = json.loads((demo_dir / f"{case.slug}.transcoders.graph.json").read_text())
+    assert plain["metadata"]["qktrace"]["settings"]["graph"] == "transcoder"
+    residual = json.loads((demo_dir / f"{case.slug}.graph.json").read_text())
+    assert plain["metadata"]["slug"] != residual["metadata"]["slug"]
+    assert any(n["node_id"].startswith("transcoder/") for n in plain["nodes"])
+    s2 = json.loads((demo_dir / f"{case.slug}.checkpointed.json").read_text())
+    assert s2["name"] == STRATEGY2 and 0 < s2["replacement"] <= 1 and 0 < s2["completeness"] <= 1
+    assert s2["heads"] and sum(h["share"] for h in s2["heads"]) <= 1 + 1e-6
+    layer, head, key = s2["key"]
+    assert (layer, head) == (s2["heads"][0]["layer"], s2["heads"][0]["head"])
+    assert all(f["id"].startswith("attn/") for f in s2["features"])
+    assert f"L{layer}H{head} (key position {key})" in md
+    traced = tracer.run(case.prompt)
+    assert traced.str_tokens[key] == case.answer  # the strategy-2 key head reads the name it copies
+    assert s2["qk_terms"] and all(t["key"].split("/")[2] == f"p{key}" for t in s2["qk_terms"])
 
 
 def test_induction_mechanism_hands_the_answer_to_the_distractor(tracer: qktrace.Tracer, demo_dir: Path) -> None:

@@ -104,11 +104,22 @@ class TopKTrainer(nn.Module):
 
 
 def train_sae(
-    acts: Tensor, d_sae: int, k: int, steps: int, seconds: float, seed: int, batch: int = 2048, lr: float = 2e-3
+    acts: Tensor,
+    d_sae: int,
+    k: int,
+    steps: int,
+    seconds: float,
+    seed: int,
+    batch: int = 2048,
+    lr: float = 2e-3,
+    target: Tensor | None = None,
 ) -> tuple[TopKTrainer, int]:
-    """TopK SAE with an AuxK loss on dead latents; fixed step count, `seconds` is a safety cap."""
+    """TopK SAE with an AuxK loss on dead latents; fixed step count, `seconds` is a safety cap.
+    `target` [n_tokens, d_out]: what to reconstruct from `acts` (a transcoder: the MLP output from its
+    input); None: `acts` itself (an SAE)."""
     torch.manual_seed(seed)
-    sae = TopKTrainer(acts.shape[1], d_sae, k, acts.mean(0))
+    target = acts if target is None else target
+    sae = TopKTrainer(acts.shape[1], d_sae, k, target.mean(0))
     opt = torch.optim.Adam(sae.parameters(), lr=lr, betas=(0.9, 0.999))
     last_fired = torch.zeros(d_sae, dtype=torch.long)
     k_aux, dead_after = min(acts.shape[1] // 2, 2 * k), 200
@@ -118,16 +129,17 @@ def train_sae(
         frac = max(step / steps, (time.time() - t0) / seconds)
         for g in opt.param_groups:  # constant, then linear decay over the last 30%
             g["lr"] = lr * min(1.0, (1 - frac) / 0.3)
-        x = acts[torch.randint(0, len(acts), (batch,), generator=gen)]
-        x_hat, idx, val, pre = sae(x)
-        var = (x - x.mean(0)).pow(2).sum(-1).mean()
-        loss = (x - x_hat).pow(2).sum(-1).mean() / var
+        rows = torch.randint(0, len(acts), (batch,), generator=gen)
+        x, y = acts[rows], target[rows]
+        y_hat, idx, val, pre = sae(x)
+        var = (y - y.mean(0)).pow(2).sum(-1).mean()
+        loss = (y - y_hat).pow(2).sum(-1).mean() / var
         fired = torch.zeros(d_sae, dtype=torch.bool)
         fired[idx[val > 0]] = True
         last_fired = torch.where(fired, torch.full_like(last_fired, step), last_fired)
         dead = (step - last_fired) > dead_after
         if dead.any():
-            err = (x - x_hat).detach()
+            err = (y - y_hat).detach()
             aux_pre = pre.masked_fill(~dead, -math.inf)
             av, ai = aux_pre.topk(min(k_aux, int(dead.sum())), dim=-1)
             e_hat = F.embedding_bag(ai, sae.W_dec, per_sample_weights=av.relu(), mode="sum")

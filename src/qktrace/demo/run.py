@@ -12,7 +12,10 @@ their expected answers and rivals).
    heads, lower like its discordance heads; beside each its W_QK eigenvalue sign skew, which the paper
    finds positive for concordance and negative for discordance heads. Attention is read from the last
    position (where this model answers) and from the stated value (where the paper reads it).
-3. Everything goes to the output folder: graph JSON (both prompts of each pair too, for the compare
+3. One case (`BOTH_WAYS`, induction) is traced again on the demo's transcoders and attention-output SAEs
+   (`both_ways`): the plain transcoder graph and the strategy-2 graph beside the residual-SAE graph, each
+   with the heads and features that carry the answer, its scores and its key head's QK terms.
+4. Everything goes to the output folder: graph JSON (both prompts of each pair too, for the compare
    view), mechanism JSON and PNG, QK JSON, comparison JSON, and report.md. Each graph is written once:
    a pair's prompt that a case study already graphed (the same slug) points at that case's file, since
    Neuronpedia refuses a second upload under one slug.
@@ -35,6 +38,7 @@ from ..graph import Graph
 from ..graph.formats import default_slug
 from ..tables import markdown_table
 from ..tracer import Tracer
+from .both_ways import BothWays, section, trace_both_ways
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +108,7 @@ PAIRS = (
         "sum", "18+5=23 vs 18+6=23", "Answer with yes or no. 18+5=23?", "Answer with yes or no. 18+6=23?", "5", "23"
     ),
 )
+BOTH_WAYS = "induction"  # the case study also traced on the demo's transcoders and attention SAEs
 SHIFT = 0.1  # |attention(true) - attention(false)| at the object that makes a head concordance- or discordance-like
 
 
@@ -114,6 +119,7 @@ class CaseResult:
     qk: dict[str, Any] | None  # QK attribution of the mechanism's first head at its key (to_json)
     graph_summary: dict[str, Any]
     files: list[str]
+    graph: Graph | None = field(default=None, repr=False)
 
 
 @dataclass
@@ -158,7 +164,7 @@ def study(tracer: Tracer, case: CaseStudy, out: Path, written: dict[str, str] | 
         qk = att.to_json(top=25)
         qk["top_terms"] = att.terms_frame(top=8, key_pos=part.key_pos).to_dict(orient="records")
         files.append(atomic_write(out / f"{case.slug}.qk.json", json.dumps(qk)).name)
-    return CaseResult(case, m, qk, graph.summary(), files)
+    return CaseResult(case, m, qk, graph.summary(), files, graph)
 
 
 def correctness(tracer: Tracer, pair: MinimalPair, out: Path, written: dict[str, str] | None = None) -> PairResult:
@@ -190,7 +196,9 @@ def correctness(tracer: Tracer, pair: MinimalPair, out: Path, written: dict[str,
     return PairResult(pair, key, comparisons, heads, files, graphs)
 
 
-def report(results: list[CaseResult], pairs: list[PairResult], tracer: Tracer, seconds: float) -> str:
+def report(
+    results: list[CaseResult], pairs: list[PairResult], tracer: Tracer, seconds: float, both: BothWays | None = None
+) -> str:
     md = ["# qktrace demo report\n", f"Model: `{tracer.model.name}`; {len(tracer.saes)} SAEs; {seconds:.0f} s.\n"]
     for r in results:
         c, m = r.case, r.mechanism
@@ -213,6 +221,8 @@ def report(results: list[CaseResult], pairs: list[PairResult], tracer: Tracer, s
             cols = ["query_label", "key_label", "value", "positional"]
             rows = [{k: t[k] for k in cols} for t in r.qk["top_terms"]]
             md.append(markdown_table(rows, {"value": "+.3f", "positional": "+.3f"}))
+        if both is not None and both.case == c:
+            md.append(section(both, m.str_tokens))
     if pairs:
         md.append(correctness_section(pairs))
     return "".join(md)
@@ -295,6 +305,7 @@ def run_demo(
     tracer: Tracer | None = None,
     cases: tuple[CaseStudy, ...] = CASES,
     pairs: tuple[MinimalPair, ...] = PAIRS,
+    both_ways: str | None = BOTH_WAYS,
 ) -> int:
     from rich.console import Console
 
@@ -317,6 +328,18 @@ def run_demo(
             f"{m.verdict()} ({len(m.candidates)} candidates, {m.n_passes} passes "
             f"+ {sum(n.n_passes for n in m.nulls)} for controls, {m.seconds:.1f} s)"
         )
+    both = None
+    chosen = [r for r in results if r.case.slug == both_ways and r.graph is not None]
+    if chosen:
+        r = chosen[0]
+        con.print(f"[bold]{r.case.slug}[/bold] on the demo's transcoders and attention SAEs")
+        assert r.graph is not None
+        t0 = time.perf_counter()
+        both = trace_both_ways(tracer, r.case, (r.graph, r.files[0]), out, lambda g, p: save_once(g, p, written))
+        con.print(f"  three graphs compared in {time.perf_counter() - t0:.1f} s")
+        for v in both.views:
+            heads = ", ".join(f"L{h['layer']}H{h['head']}" for h in v.heads) or "no head loadings"
+            con.print(f"  {v.name}: replacement {v.replacement:.3f}, completeness {v.completeness:.3f}; {heads}")
     compared = []
     for pair in pairs:
         con.print(f"[bold]correctness[/bold]: {pair.title}")
@@ -329,8 +352,8 @@ def run_demo(
             con.print(f"  the top heads' patterns from false into true move m by {patched.together:+.3f} of "
                       f"{patched.total:+.3f}{share}")  # fmt: skip
     seconds = time.perf_counter() - start
-    atomic_write(out / "report.md", report(results, compared, tracer, seconds))
-    n_files = sum(len(r.files) for r in results) + sum(len(p.files) for p in compared)
+    atomic_write(out / "report.md", report(results, compared, tracer, seconds, both))
+    n_files = sum(len(r.files) for r in results) + sum(len(p.files) for p in compared) + len(both.files if both else [])
     con.print(f"wrote {out}/report.md and {n_files} files in {seconds:.0f} s")
     if serve:
         try:

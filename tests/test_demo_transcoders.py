@@ -1,0 +1,104 @@
+"""The demo's transcoders and attention-output SAEs (recipes/demo/train_transcoders.py): the shipped files
+load through the library's loaders, and reconstruct held-out text as well as measured here (not read from
+their eval.json); the strategy-2 scores of the demo's comparison follow circuit-tracer's definitions on a
+graph computed by hand."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from qktrace import load_model
+from qktrace.config import DEMO_MODEL
+from qktrace.demo.both_ways import ATTENTION_SAES, TRANSCODERS, influence, scores
+from qktrace.saes import load_attention_saes, load_transcoders
+from recipes.demo.corpus import training_documents
+
+MIN_VE = {"transcoder": 0.8, "z": 0.8}  # held-out variance explained of the MLP output / of hook_z, every layer
+MAX_L0 = 32  # the recipe's TopK k
+
+
+@pytest.fixture(scope="module")
+def model():
+    return load_model(DEMO_MODEL)
+
+
+def test_shipped_files_are_small_and_in_known_formats() -> None:
+    files = [p for folder in (TRANSCODERS, ATTENTION_SAES) for p in folder.rglob("*") if p.is_file()]
+    assert sum(p.stat().st_size for p in files) < 8 * 2**20
+    assert (TRANSCODERS / "config.yaml").is_file()  # a circuit-tracer transcoder set
+    layers = sorted(p.name for p in TRANSCODERS.glob("layer_*.safetensors"))
+    assert layers == [f"layer_{i}.safetensors" for i in range(4)]
+    assert sorted(p.name for p in ATTENTION_SAES.iterdir() if p.is_dir()) == [
+        f"blocks.{i}.attn.hook_z" for i in range(4)
+    ]
+
+
+@torch.no_grad()
+def test_shipped_transcoders_and_attention_saes_reconstruct_held_out_text(model) -> None:
+    """Every layer: the transcoder maps the MLP's input (the pre-MLP norm's output, circuit-tracer's
+    mlp.hook_in) to its output with VE >= MIN_VE, the hook_z SAE reconstructs the heads' outputs before W_O
+    (computed here from the trace's pattern and values), both with L0 <= MAX_L0; BOS excluded."""
+    ts, saes = load_transcoders(TRANSCODERS, model), load_attention_saes(ATTENTION_SAES, model)
+    assert ts.kind == "per_layer" and ts.layers == tuple(range(model.n_layers))
+    assert (ts.input_site, ts.output_site) == ("mlp_in", "mlp_out")
+    assert saes.layers == ts.layers and {s.site for s in saes.values()} == {"z"}
+    traces = [model.run(d) for d in training_documents(seed=987_654, n=6, min_chars=400)]
+    for layer, ly in enumerate(model.anatomy.layers):
+        x = torch.cat([t.mlp_in[layer][1:] for t in traces])
+        y = torch.cat([t.mlp_out[layer][1:] for t in traces])
+        z = torch.cat(
+            [torch.einsum("hqk,hke->qhe", t.pattern(layer), t.v[layer][ly.kv_index()])[1:].flatten(-2) for t in traces]
+        )  # [tokens, head * d_head], head by head
+        for kind, coder, inp, target in (("transcoder", ts[layer], x, y), ("z", saes[layer], z, z)):
+            acts = coder.encode(inp)
+            ve = 1 - float((target - coder.decode(acts)).pow(2).sum() / (target - target.mean(0)).pow(2).sum())
+            l0 = float((acts > 0).sum(-1).float().mean())
+            assert ve >= MIN_VE[kind], (kind, layer, ve)
+            assert 0 < l0 <= MAX_L0, (kind, layer, l0)
+
+
+def test_influence_and_scores_on_a_hand_graph() -> None:
+    """Nodes: 0 feature, 1 error, 2 token, 3 logit. logit <- feature (3), error (-1); feature <- token (2),
+    error (2). Normalised: logit 3/4 feature, 1/4 error; feature 1/2 token, 1/2 error. Influence of
+    weight 1 on the logit: feature 3/4, error 1/4 + 3/8, token 3/8. Replacement: 3/8 / (3/8 + 5/8);
+    completeness: (3/4 * 1/2 + 5/8 * 1 + 3/8 * 1 + 1 * 3/4) / (3/4 + 5/8 + 3/8 + 1) = 17/22."""
+    adjacency = torch.zeros(4, 4)
+    adjacency[3, 0], adjacency[3, 1], adjacency[0, 2], adjacency[0, 1] = 3.0, -1.0, 2.0, 2.0
+    A, infl = influence(adjacency, torch.tensor([0.0, 0.0, 0.0, 1.0]))
+    torch.testing.assert_close(infl, torch.tensor([0.75, 0.625, 0.375, 0.0]))
+    torch.testing.assert_close(A.sum(1), torch.tensor([1.0, 0.0, 0.0, 1.0]))
+    is_token, is_error = torch.tensor([False, False, True, False]), torch.tensor([False, True, False, False])
+    replacement, completeness = scores(A, infl, torch.tensor([0.0, 0.0, 0.0, 1.0]), is_token, is_error)
+    assert replacement == pytest.approx(0.375) and completeness == pytest.approx(17 / 22)
+
+
+def test_recipe_trains_reproducibly_and_writes_what_the_loaders_read(model, tmp_path) -> None:
+    """The recipe's sites are the trace's (the z columns head by head); a transcoder trained twice with one seed
+    is the same; written as a circuit-tracer set and a SAELens hook_z folder, both load and compute as the
+    trainer does."""
+    from qktrace.saes import save_sae_lens
+    from recipes.demo.train_saes import corpus_blocks, train_sae
+    from recipes.demo.train_transcoders import collect_sites, hook_z_config, save_transcoders, z_hook
+
+    blocks = corpus_blocks(model.tokenizer, seed=7, n_docs=3)
+    sites = collect_sites(model, blocks[:2])
+    trace = model.run(blocks[1])
+    n = blocks.shape[1] - 1
+    torch.testing.assert_close(sites["mlp_out"][2][n:], trace.mlp_out[2][1:], rtol=0, atol=0)
+    ly = model.anatomy.layers[2]
+    z = trace.pattern(2)[3, 1:] @ trace.v[2][ly.kv_head[3]]  # head 3 [pos, d_head]
+    torch.testing.assert_close(sites["z"][2][n:, 3 * ly.d_head : 4 * ly.d_head], z, rtol=1e-5, atol=1e-6)
+    x, y = sites["mlp_in"][2], sites["mlp_out"][2]
+    runs = [train_sae(x, 64, 4, steps=3, seconds=60, seed=1, batch=64, target=y)[0] for _ in range(2)]
+    for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
+        torch.testing.assert_close(getattr(runs[0], name), getattr(runs[1], name), rtol=0, atol=0)
+    trainers = [runs[0]] * model.n_layers
+    save_transcoders(trainers, 4, tmp_path / "tc")
+    for layer in range(model.n_layers):
+        hook_z_config(save_sae_lens(runs[0].to_sae(layer, z_hook(layer)), tmp_path / "att" / z_hook(layer)))
+    ts, saes = load_transcoders(tmp_path / "tc", model), load_attention_saes(tmp_path / "att", model)
+    with torch.no_grad():
+        y_hat = runs[0](x[:20])[0]
+    torch.testing.assert_close(ts[2].decode(ts[2].encode(x[:20])), y_hat, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(saes[2].decode(saes[2].encode(x[:20])), y_hat, rtol=1e-5, atol=1e-5)
