@@ -109,7 +109,9 @@ def test_page_formatter_writes_the_librarys_labels():
     assert json.loads(out.stdout) == want
 
 
-@pytest.mark.parametrize("bad", ["feature/c3/p5/f" + "9" * 5000, "feature/c" + "1" * 19 + "/f2", "error/c3/p" + "7" * 400])
+@pytest.mark.parametrize(
+    "bad", ["feature/c3/p5/f" + "9" * 5000, "feature/c" + "1" * 19 + "/f2", "error/c3/p" + "7" * 400]
+)
 def test_a_node_id_with_a_huge_number_is_refused_in_one_short_line(bad):
     from qktrace.errors import InputError
     from qktrace.nodes import Node, parse_positionless

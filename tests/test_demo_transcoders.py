@@ -1,7 +1,6 @@
 """The demo's transcoders and attention-output SAEs (recipes/demo/train_transcoders.py): the shipped files
 load through the library's loaders, and reconstruct held-out text as well as measured here (not read from
-their eval.json); the strategy-2 scores of the demo's comparison follow circuit-tracer's definitions on a
-graph computed by hand."""
+their eval.json)."""
 
 from __future__ import annotations
 
@@ -9,8 +8,9 @@ import pytest
 import torch
 
 from qktrace import load_model
+from qktrace.config import DEMO_ATTENTION_SAES as ATTENTION_SAES
 from qktrace.config import DEMO_MODEL
-from qktrace.demo.both_ways import ATTENTION_SAES, TRANSCODERS, influence, scores
+from qktrace.config import DEMO_TRANSCODERS as TRANSCODERS
 from qktrace.saes import load_attention_saes, load_transcoders
 from recipes.demo.corpus import training_documents
 
@@ -56,21 +56,6 @@ def test_shipped_transcoders_and_attention_saes_reconstruct_held_out_text(model)
             l0 = float((acts > 0).sum(-1).float().mean())
             assert ve >= MIN_VE[kind], (kind, layer, ve)
             assert 0 < l0 <= MAX_L0, (kind, layer, l0)
-
-
-def test_influence_and_scores_on_a_hand_graph() -> None:
-    """Nodes: 0 feature, 1 error, 2 token, 3 logit. logit <- feature (3), error (-1); feature <- token (2),
-    error (2). Normalised: logit 3/4 feature, 1/4 error; feature 1/2 token, 1/2 error. Influence of
-    weight 1 on the logit: feature 3/4, error 1/4 + 3/8, token 3/8. Replacement: 3/8 / (3/8 + 5/8);
-    completeness: (3/4 * 1/2 + 5/8 * 1 + 3/8 * 1 + 1 * 3/4) / (3/4 + 5/8 + 3/8 + 1) = 17/22."""
-    adjacency = torch.zeros(4, 4)
-    adjacency[3, 0], adjacency[3, 1], adjacency[0, 2], adjacency[0, 1] = 3.0, -1.0, 2.0, 2.0
-    A, infl = influence(adjacency, torch.tensor([0.0, 0.0, 0.0, 1.0]))
-    torch.testing.assert_close(infl, torch.tensor([0.75, 0.625, 0.375, 0.0]))
-    torch.testing.assert_close(A.sum(1), torch.tensor([1.0, 0.0, 0.0, 1.0]))
-    is_token, is_error = torch.tensor([False, False, True, False]), torch.tensor([False, True, False, False])
-    replacement, completeness = scores(A, infl, torch.tensor([0.0, 0.0, 0.0, 1.0]), is_token, is_error)
-    assert replacement == pytest.approx(0.375) and completeness == pytest.approx(17 / 22)
 
 
 def test_recipe_trains_reproducibly_and_writes_what_the_loaders_read(model, tmp_path) -> None:

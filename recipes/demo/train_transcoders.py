@@ -29,8 +29,7 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor
 
-from qktrace.config import DEMO_MODEL
-from qktrace.demo.both_ways import ATTENTION_SAES, TRANSCODERS
+from qktrace.config import DEMO_ATTENTION_SAES, DEMO_MODEL, DEMO_TRANSCODERS
 from qktrace.models import Model, load_model
 from qktrace.saes import load_attention_saes, load_transcoders, save_sae_lens
 
@@ -108,8 +107,8 @@ def evaluate(model: Model, held_out: dict[str, list[Tensor]], transcoders: Path,
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", type=Path, default=DEMO_MODEL)
-    ap.add_argument("--transcoders", type=Path, default=TRANSCODERS)
-    ap.add_argument("--attention-saes", type=Path, default=ATTENTION_SAES)
+    ap.add_argument("--transcoders", type=Path, default=DEMO_TRANSCODERS)
+    ap.add_argument("--attention-saes", type=Path, default=DEMO_ATTENTION_SAES)
     ap.add_argument(
         "--minutes",
         type=float,

@@ -15,6 +15,8 @@ VERSION = "0.1.0"  # qktrace.__version__, written into the files it makes
 DEMO_ASSETS = Path(__file__).parent / "demo" / "assets"
 DEMO_MODEL = DEMO_ASSETS / "model"
 DEMO_SAES = DEMO_ASSETS / "saes"
+DEMO_TRANSCODERS = DEMO_ASSETS / "transcoders"  # a circuit-tracer transcoder set (recipes/demo/train_transcoders.py)
+DEMO_ATTENTION_SAES = DEMO_ASSETS / "attention_saes"  # SAELens folders on blocks.L.attn.hook_z
 DEMO_NAME = "demo"  # what users type for the embedded model and SAEs
 
 
@@ -44,11 +46,19 @@ def resolve_model(name: str) -> str:
     return str(DEMO_MODEL) if name == DEMO_NAME else name
 
 
-def resolve_saes(model: str | None, saes: str | None) -> str | None:
-    """'demo' names the embedded demo SAEs, which are also the default for the demo model."""
-    if saes == DEMO_NAME or (saes is None and model is not None and str(model) in (DEMO_NAME, str(DEMO_MODEL))):
+def resolve_saes(model: str | None, saes: str | None, transcoders: str | None = None) -> str | None:
+    """'demo' names the embedded demo SAEs, which are also the default for the demo model when no transcoders
+    are given (with transcoders, its graphs are transcoder graphs: residual SAEs only when asked)."""
+    demo_model = model is not None and str(model) in (DEMO_NAME, str(DEMO_MODEL))
+    if saes == DEMO_NAME or (saes is None and transcoders is None and demo_model):
         return str(DEMO_SAES)
     return saes
+
+
+def resolve_coders(transcoders: str | None, attention_saes: str | None) -> tuple[str | None, str | None]:
+    """'demo' names the demo's own transcoders and attention-output SAEs; anything else is a path."""
+    ts = str(DEMO_TRANSCODERS) if transcoders == DEMO_NAME else transcoders
+    return ts, str(DEMO_ATTENTION_SAES) if attention_saes == DEMO_NAME else attention_saes
 
 
 DTYPES = ("float32", "bfloat16", "float16")

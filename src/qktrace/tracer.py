@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from .config import DEMO_MODEL, DEMO_NAME, resolve_saes
+from .config import DEMO_MODEL, DEMO_NAME, resolve_coders, resolve_saes
 from .errors import InputError
 from .models import Model, Trace, load_model
 from .options import GraphOptions, ModelOptions, with_overrides
@@ -81,7 +81,10 @@ class Tracer:
         `full_path`: name a local model by its full path in the files written (`ModelOptions.full_path`;
         by default its hub id or folder name)."""
         name = str(model)
-        saes = resolve_saes(name, None if saes is None else str(saes))
+        transcoders, attention_saes = resolve_coders(
+            None if transcoders is None else str(transcoders), None if attention_saes is None else str(attention_saes)
+        )
+        saes = resolve_saes(name, None if saes is None else str(saes), transcoders)
         if saes is None and labels is not None:
             raise InputError("labels were given but no SAEs: pass the SAEs the Neuronpedia export describes")
         _check_pairing(transcoders, attention_saes)

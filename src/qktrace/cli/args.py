@@ -154,10 +154,10 @@ def transcoders_path(text: str) -> str:
     """A transcoder set that exists: a folder, a circuit-tracer config.yaml or a Gemma Scope params.npz."""
     from pathlib import Path
 
-    if not text.strip() or not Path(text).expanduser().exists():
+    if text != "demo" and (not text.strip() or not Path(text).expanduser().exists()):
         raise argparse.ArgumentTypeError(
             f"{text[:80]!r} does not exist: pass a transcoder set (a circuit-tracer folder or config.yaml, a Gemma "
-            "Scope params.npz or a tree of them, a Llama Scope or SAELens transcoder folder)"
+            "Scope params.npz or a tree of them, a Llama Scope or SAELens transcoder folder; 'demo': the demo's own)"
         )
     return text
 
@@ -167,10 +167,10 @@ def attention_saes_path(text: str) -> str:
     Scope "att" params.npz files."""
     from pathlib import Path
 
-    if not text.strip() or not Path(text).expanduser().exists():
+    if text != "demo" and (not text.strip() or not Path(text).expanduser().exists()):
         raise argparse.ArgumentTypeError(
             f"{text[:80]!r} does not exist: pass attention-output SAEs (SAELens hook_z or hook_attn_out folders, "
-            "Gemma Scope att params.npz files, or a tree of them, one per layer)"
+            "Gemma Scope att params.npz files, or a tree of them, one per layer; 'demo': the demo's own)"
         )
     return text
 

@@ -35,7 +35,7 @@ def _tracer(args: argparse.Namespace, model: str | None = None, saes: str | None
     ids = [s.strip() for s in args.sae_ids.split(",")] if getattr(args, "sae_ids", None) else None
     return Tracer.load(
         config.resolve_model(model),
-        config.resolve_saes(model, saes),
+        config.resolve_saes(model, saes, getattr(args, "transcoders", None)),
         sae_ids=ids,
         device=args.device,
         dtype=args.dtype,

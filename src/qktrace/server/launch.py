@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..config import LIMITS, parse_bytes, parse_device, parse_dtype, resolve_model, resolve_saes
+from ..config import LIMITS, parse_bytes, parse_device, parse_dtype, resolve_coders, resolve_model, resolve_saes
 from ..errors import InputError, QKTraceError
 
 if TYPE_CHECKING:
@@ -127,6 +127,7 @@ def serve(
         raise InputError("--labels label the SAEs of the model serve loads: add --model (and --saes)")
     if transcoders is not None and (model is None or tracer is not None):
         raise InputError("--transcoders are loaded with the model serve loads: add --model")
+    transcoders, attention_saes = resolve_coders(transcoders, attention_saes)
     if transcoders is not None and not Path(transcoders).expanduser().exists():
         raise InputError(f"transcoders {str(transcoders)[:80]!r} do not exist: pass a transcoder set folder or file")
     if attention_saes is not None and transcoders is None:
@@ -136,7 +137,7 @@ def serve(
     if tracer is None and model is not None:
         tracer = Tracer.load(
             resolve_model(model),
-            resolve_saes(model, saes),
+            resolve_saes(model, saes, transcoders),
             device=dev,
             dtype=dt,
             labels=labels,
@@ -145,7 +146,7 @@ def serve(
         )
     if tracer is not None and not isinstance(tracer, Tracer):
         raise InputError(f"tracer must be a qktrace Tracer, got {type(tracer).__name__}")
-    saes_dir = resolve_saes(model, saes)
+    saes_dir = resolve_saes(model, saes, transcoders)
     loopback = _is_loopback(host)
     if not loopback:
         log.warning("serving on %s: anyone who can reach this address can read the graphs and run the model", host)
