@@ -597,9 +597,12 @@ def test_neuronpedia_worker_computes_our_scores_from_every_edge(unpruned):
 
 def test_neuronpedia_worker_alone_misreads_bias_nodes(unpruned):
     """Why the scores are in the metadata: on our node types its worker sorts "bias" after the logits, puts
-    the logit weights on bias nodes, and shows replacement 0 and completeness 1 (the issue's observation)."""
+    the logit weights on bias nodes, and shows replacement 0 and completeness 1 (the issue's observation), for
+    the graph and for any pinned subgraph."""
     graph, data = unpruned
     assert np_worker_scores(data) == (0.0, 1.0)
+    pinned = tuple(n["node_id"] for n in data["nodes"] if n["feature_type"] == "cross layer transcoder")[:3]
+    assert len(pinned) == 3 and np_worker_scores(data, pinned) == (0.0, 1.0)  # its subgraph score too
     assert (graph.replacement, graph.completeness) != pytest.approx((0.0, 1.0), abs=0.05)
 
 
