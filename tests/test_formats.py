@@ -470,15 +470,22 @@ def test_transcoder_graph_json_is_what_circuit_tracer_and_neuronpedia_read(tiny_
 
 
 # -- the scores Neuronpedia shows --------------------------------------------------------------------------
-# A Python port of Neuronpedia's graph score worker (apps/webapp/app/[modelId]/graph/score.worker.ts), written
-# from its algorithm: nodes sorted by (feature type in its list, layer, ctx_idx, feature), unlisted types last;
-# adjacency[target, source]; rows normalised by their |weights|; influence w A + w A^2 + ... with the logits'
-# token_prob as w on the LAST n_logits rows; replacement = token / (token + error) influence; completeness =
-# the (influence + w)-weighted mean of each row's non-error share. Unpinned features merge into the error node
-# at their (layer, ctx_idx) when nodes are pinned. Its graph view shows metadata.replacement_score and
-# metadata.completeness_score instead when a file carries both (subgraph.tsx).
+# A Python port of Neuronpedia's graph score worker, read at hijohnnylin/neuronpedia commit ebb8426fc550
+# (2026-08-20), apps/webapp/app/[modelId]/graph/score.worker.ts (the guard came in b8efe8435ea5, "initial crm
+# support"), written from its algorithm: a graph holding any "lorsa" or "lorsa error" node is not scored
+# (-1, which the view prints as "N/A"); otherwise nodes sorted by (feature type in its list, layer, ctx_idx,
+# feature), unlisted types last; adjacency[target, source]; rows normalised by their |weights|; influence
+# w A + w A^2 + ... with the logits' token_prob as w on the LAST n_logits rows; replacement = token / (token +
+# error) influence; completeness = the (influence + w)-weighted mean of each row's non-error share. Unpinned
+# features merge into the error node at their (layer, ctx_idx) when nodes are pinned. Its graph view
+# (subgraph.tsx) shows metadata.replacement_score and metadata.completeness_score instead when a file carries
+# both; its subgraph score (pinned nodes) always comes from the worker.
+# `lorsa=True` drops the guard and slices as the same commit's utils.ts does past its own guard: "lorsa" counted
+# with the features, errors running up to the first embedding ("mlp reconstruction error" and "lorsa error",
+# which its type list sorts together) -- the definition its type order implies once lorsa graphs are scored.
 
 NP_TYPES = ["cross layer transcoder", "lorsa", "mlp reconstruction error", "lorsa error", "embedding", "logit"]
+NP_NOT_SCORED = (-1.0, -1.0)  # what the worker answers for a graph with lorsa nodes; the view prints "N/A"
 
 
 def np_sort_key(n: dict) -> tuple:
@@ -488,8 +495,12 @@ def np_sort_key(n: dict) -> tuple:
     return (kind, number, n["ctx_idx"], n.get("feature") or 0)
 
 
-def np_worker_scores(data: dict, pinned: tuple[str, ...] = ()) -> tuple[float, float]:
+def np_worker_scores(data: dict, pinned: tuple[str, ...] = (), lorsa: bool = False) -> tuple[float, float]:
     """(replacement, completeness) as Neuronpedia's score worker computes them from a file's nodes and links."""
+    has_lorsa = any(n["feature_type"] in ("lorsa", "lorsa error") for n in data["nodes"])
+    if has_lorsa and not lorsa:
+        return NP_NOT_SCORED
+    assert not (lorsa and pinned), "utils.ts scores pinned lorsa graphs another way; not ported"
     nodes = sorted(data["nodes"], key=np_sort_key)
     at = {n["node_id"]: i for i, n in enumerate(nodes)}
     a = torch.zeros(len(nodes), len(nodes), dtype=torch.float64)
@@ -507,7 +518,10 @@ def np_worker_scores(data: dict, pinned: tuple[str, ...] = ()) -> tuple[float, f
                 a[:, j] += a[:, i]
             a[i, :] = 0
             a[:, i] = 0
-    n_feat, n_err, n_tok = (types.count(t) for t in ("cross layer transcoder", "mlp reconstruction error", "embedding"))
+    feature_types = ("cross layer transcoder", "lorsa") if lorsa else ("cross layer transcoder",)
+    error_types = ("mlp reconstruction error", "lorsa error") if lorsa else ("mlp reconstruction error",)
+    n_feat, n_err = sum(t in feature_types for t in types), sum(t in error_types for t in types)
+    n_tok = types.count("embedding")
     logits = [n.get("token_prob", math.nan) for n in nodes if n["feature_type"] == "logit"]
     w = torch.zeros(len(nodes), dtype=torch.float64)
     w[len(nodes) - len(logits) :] = torch.tensor(logits, dtype=torch.float64)
@@ -531,12 +545,14 @@ def np_worker_scores(data: dict, pinned: tuple[str, ...] = ()) -> tuple[float, f
     return (0.0 if math.isnan(replacement) else replacement, 0.0 if math.isnan(completeness) else completeness)
 
 
-def np_shown_scores(data: dict) -> tuple[float, float]:
-    """What Neuronpedia's graph view shows for a file: its metadata scores when present, else the worker's."""
+def np_shown_scores(data: dict) -> tuple[float, float] | None:
+    """What Neuronpedia's graph view shows for a file: its metadata scores when present, else the worker's;
+    None where it prints "N/A" (a negative worker score)."""
     meta = data["metadata"]
     if "replacement_score" in meta and "completeness_score" in meta:
         return meta["replacement_score"], meta["completeness_score"]
-    return np_worker_scores(data)
+    scores = np_worker_scores(data)
+    return None if min(scores) < 0 else scores
 
 
 def test_neuronpedia_shows_our_scores(demo):
@@ -581,9 +597,12 @@ def test_neuronpedia_worker_computes_our_scores_from_every_edge(unpruned):
 
 def test_neuronpedia_worker_alone_misreads_bias_nodes(unpruned):
     """Why the scores are in the metadata: on our node types its worker sorts "bias" after the logits, puts
-    the logit weights on bias nodes, and shows replacement 0 and completeness 1 (the issue's observation)."""
+    the logit weights on bias nodes, and shows replacement 0 and completeness 1 (the issue's observation), for
+    the graph and for any pinned subgraph."""
     graph, data = unpruned
     assert np_worker_scores(data) == (0.0, 1.0)
+    pinned = tuple(n["node_id"] for n in data["nodes"] if n["feature_type"] == "cross layer transcoder")[:3]
+    assert len(pinned) == 3 and np_worker_scores(data, pinned) == (0.0, 1.0)  # its subgraph score too
     assert (graph.replacement, graph.completeness) != pytest.approx((0.0, 1.0), abs=0.05)
 
 
@@ -605,17 +624,24 @@ def test_neuronpedia_worker_computes_our_transcoder_graph_scores(tiny_models, tm
     assert np_worker_scores(data) == pytest.approx((graph.replacement, graph.completeness), abs=1e-6)
 
 
-def test_checkpointed_graph_json_passes_neuronpedia_and_its_worker_computes_our_scores(tiny_models, tmp_path):
-    """A checkpointed graph (transcoders + attention SAEs): Neuronpedia's upload rules with its "lorsa" and
-    "lorsa error" types, distinct (layer, feature, ctx_idx), attention features numbered Cantor(n_layers + layer,
-    index), attention errors -9; its view shows qktrace's scores."""
+@pytest.fixture(scope="module")
+def checkpointed(tiny_models, tmp_path_factory):
+    """A traced prompt on a tiny Gemma-2 with transcoders and attention-output SAEs (hook_z and attn_out)."""
     from qktrace.saes import load_transcoders
     from qktrace.testing import random_attention_saes, random_prompt, write_transcoder_set
 
-    model = tiny_models["gemma2"]
-    write_transcoder_set(tmp_path / "ct", model.d_model, model.n_layers)
-    ts, att = load_transcoders(tmp_path / "ct", model), random_attention_saes(model, ("z", "attn_out"))
-    traced = qktrace.Tracer(model, transcoders=ts, attention_saes=att).run(random_prompt(8, seed=2))
+    model, folder = tiny_models["gemma2"], tmp_path_factory.mktemp("checkpointed") / "ct"
+    write_transcoder_set(folder, model.d_model, model.n_layers)
+    ts, att = load_transcoders(folder, model), random_attention_saes(model, ("z", "attn_out"))
+    return model, qktrace.Tracer(model, transcoders=ts, attention_saes=att).run(random_prompt(8, seed=2))
+
+
+def test_checkpointed_graph_json_passes_neuronpedia_and_shows_our_scores(checkpointed):
+    """A checkpointed graph (transcoders + attention SAEs): Neuronpedia's upload rules with its "lorsa" and
+    "lorsa error" types, distinct (layer, feature, ctx_idx), attention features numbered Cantor(n_layers + layer,
+    index), attention errors -9; its view shows qktrace's scores for the pruned file (the metadata's: its worker
+    does not score graphs with lorsa nodes, and its subgraph score for pinned nodes reads "N/A")."""
+    model, traced = checkpointed
     graph = traced.graph(node_threshold=0.95)
     data = json.loads(json.dumps(graph.to_json(), allow_nan=False))
     check_neuronpedia(data)
@@ -632,6 +658,31 @@ def test_checkpointed_graph_json_passes_neuronpedia_and_its_worker_computes_our_
         elif node.kind is Kind.ATTN_ERROR:
             assert (n["layer"], n["feature"], n["feature_type"]) == (str(node.layer), -9, "lorsa error")
     assert any(link["head_loadings"] for link in data["links"])
-    # Neuronpedia's view shows the metadata's scores (the port of its worker above slices the sorted node list
-    # by transcoder and MLP-error counts only, so it does not model lorsa nodes: no claim about the worker here)
     assert np_shown_scores(data) == (graph.replacement, graph.completeness) and 0 < graph.replacement < 1
+    pinned = tuple(n["node_id"] for n in data["nodes"] if n["feature_type"] == "lorsa")[:2]
+    assert np_worker_scores(data, pinned) == NP_NOT_SCORED
+
+
+def test_neuronpedia_worker_scores_checkpointed_graphs_by_our_definition(checkpointed):
+    """On the unpruned checkpointed graph's every edge: without the metadata Neuronpedia shows "N/A" (its worker
+    refuses lorsa nodes); with lorsa counted as its type order sorts them (attention features with the features,
+    attention errors with the errors, as qktrace counts them) its algorithm gives qktrace's scores. Counting
+    only MLP errors as errors, as its worker did before it refused lorsa, gives other numbers."""
+    _, traced = checkpointed
+    graph = traced.graph(progress=False, node_threshold=1.0, edge_threshold=1.0, max_nodes=None, qk_terms=False)
+    data = json.loads(json.dumps(graph.to_json(), allow_nan=False))
+    assert np_shown_scores(data) == (graph.replacement, graph.completeness)
+    for key in ("replacement_score", "completeness_score"):
+        del data["metadata"][key]
+    types = Counter(n["feature_type"] for n in data["nodes"])
+    assert set(types) == set(NP_TYPES) and len(data["links"]) > 300, types
+    assert np_shown_scores(data) is None and np_worker_scores(data) == NP_NOT_SCORED
+    ours = (graph.replacement, graph.completeness)
+    assert 0.05 < ours[0] < 0.95 and 0.05 < ours[1] < 0.95, ours
+    assert np_worker_scores(data, lorsa=True) == pytest.approx(ours, abs=1e-5)
+    mlp_errors_only = json.loads(json.dumps(data))  # attention features as features, attention errors dropped
+    mlp_errors_only["nodes"] = [n for n in mlp_errors_only["nodes"] if n["feature_type"] != "lorsa error"]
+    for n in mlp_errors_only["nodes"]:
+        if n["feature_type"] == "lorsa":
+            n["feature_type"] = "cross layer transcoder"
+    assert np_worker_scores(mlp_errors_only) != pytest.approx(ours, abs=0.01)
