@@ -87,3 +87,16 @@ def test_recipe_trains_reproducibly_and_writes_what_the_loaders_read(model, tmp_
         y_hat = runs[0](x[:20])[0]
     torch.testing.assert_close(ts[2].decode(ts[2].encode(x[:20])), y_hat, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(saes[2].decode(saes[2].encode(x[:20])), y_hat, rtol=1e-5, atol=1e-5)
+
+
+def test_demo_names_its_own_transcoders_and_attention_saes() -> None:
+    """`Tracer.load("demo", transcoders="demo")` holds the demo's transcoders and no residual SAEs (its graphs are
+    transcoder graphs); with `attention_saes="demo"` too, checkpointed graphs; the demo SAEs stay the default
+    without transcoders."""
+    from qktrace import Tracer
+
+    plain = Tracer.load("demo", transcoders="demo")
+    assert plain.transcoders is not None and len(plain.saes) == 0 and plain.attention_saes is None
+    both = Tracer.load("demo", transcoders="demo", attention_saes="demo")
+    assert both.attention_saes is not None and sorted(both.attention_saes) == list(range(both.model.n_layers))
+    assert len(Tracer.load("demo").saes) > 0
