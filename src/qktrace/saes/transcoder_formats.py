@@ -401,8 +401,9 @@ def read_llama_scope_transcoder(folder: Path, expect: Expect) -> RawTranscoder:
         "b_dec": raw["decoder.bias"] / s_out,
     }
     # in float64 first: a threshold past float32's range becomes inf, which the folded-weights check names
-    threshold = torch.full((d_sae,), need["jump_relu_threshold"] * s_in, dtype=torch.float64)
-    w["threshold"] = threshold.to(w["b_enc"].dtype)
+    b_enc = w["b_enc"]
+    threshold = torch.full((d_sae,), need["jump_relu_threshold"] * s_in, dtype=torch.float64, device=b_enc.device)
+    w["threshold"] = threshold.to(b_enc.dtype)
     meta = {"model_name": registry()["layouts"]["llama_scope"]["config"]["model_name"]}
     return RawTranscoder(layer, w, layout["architecture"], need["hook_point_in"], need["hook_point_out"], str(folder),
                          labels=read_labels_json(folder / LABELS_FILE), meta=meta)  # fmt: skip
