@@ -7,6 +7,7 @@ from __future__ import annotations
 import time
 
 import pytest
+import torch
 
 from qktrace.errors import InputError
 from qktrace.graph.build import logit_targets
@@ -124,3 +125,42 @@ def test_server_graph_job_past_max_memory_fails_with_the_one_line(tiny_paths, ti
         if want == "error":
             assert "\n" not in job["error"] and f"{plan.n_nodes} nodes" in job["error"], job
             assert "--max-memory" in job["error"]
+
+
+@pytest.mark.parametrize("checkpointed", [False, True])
+def test_pruning_gathers_row_chunks_of_the_adjacency_and_keeps_the_same_graph(checkpointed, tiny_models, tmp_path):
+    """With pruning's chunk budget cut to 1 KB, no block is held: every pass gathers row chunks of the
+    adjacency again (no copy of it), and the pruned graph is the one pruning held blocks gives."""
+    import qktrace.graph.replacement_graph as rg
+    from qktrace.graph import blocks
+
+    model = tiny_models["gpt2"]
+    ts = load_transcoders(write_transcoder_set(tmp_path / "ct", model.d_model, model.n_layers, d_sae=D_SAE), model)
+    att = random_attention_saes(model, ("z", "attn_out"), D_SAE) if checkpointed else None
+    trace = model.run(PROMPT)
+    o = GraphOptions(node_threshold=0.9, edge_threshold=0.95, max_nodes=None, qk_terms=False)
+
+    def build():
+        if att is None:
+            return build_transcoder_graph(model, ts, trace, o)
+        return build_checkpointed_graph(model, ts, att, trace, o)
+
+    held = build()
+    stores: list[blocks.BlockStore] = []
+    real = blocks.BlockStore
+
+    class Spy(real):  # type: ignore[misc, valid-type]
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            stores.append(self)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(rg, "PRUNE_CHUNK_BYTES", 1024)
+        mp.setattr(rg, "BlockStore", Spy)
+        chunked = build()
+    assert stores and not any(stores[0].held) and stores[0].recomputed > 0
+    assert [n.id for n in chunked.nodes] == [n.id for n in held.nodes]
+    assert torch.equal(chunked.source, held.source) and torch.equal(chunked.target, held.target)
+    assert torch.allclose(chunked.weight, held.weight, rtol=1e-6, atol=0)
+    assert chunked.replacement == pytest.approx(held.replacement, rel=1e-6)
+    assert chunked.completeness == pytest.approx(held.completeness, rel=1e-6)

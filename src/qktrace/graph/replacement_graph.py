@@ -2,7 +2,8 @@
 
 1. Attribute (`replacement.transcoder_graph`): the unpruned adjacency [node, node] of the traced prompt
    (features, MLP errors, tokens, logits in circuit-tracer's order).
-2. Blocks (`layered_blocks`): the adjacency cut into `prune`'s layered blocks, from the logits down:
+2. Blocks (`layered_blocks`): the adjacency read as `prune`'s layered blocks (row chunks gathered per
+   pass, no copy of the adjacency held), from the logits down:
    logits <- every other node; then, for each layer from the top, that layer's features <- what is
    written below them (features read at earlier layers, earlier layers' MLP errors, tokens). A feature
    at layer l reads the MLP input of l, which only earlier MLPs write (a cross-layer transcoder's too),
@@ -41,6 +42,8 @@ from .prune import Pruned, prune
 from .replacement import encode, node_table, sites, transcoder_graph
 
 log = logging.getLogger(__name__)
+PRUNE_CHUNK_BYTES = 64 << 20  # pruning's blocks held, and one chunk's temporaries, at about this many bytes each
+PRUNE_CELLS = 3 * PRUNE_CHUNK_BYTES // 4  # numbers pruning holds at most besides the adjacency (`graph_bytes`)
 
 
 def node_rows(
@@ -89,8 +92,13 @@ def block_index(kinds: Tensor, layers: Tensor, n_layers: int) -> list[tuple[Tens
 
 
 def layered_blocks(adjacency: Tensor, kinds: Tensor, layers: Tensor, n_layers: int) -> list[Block]:
-    """Step 2: the blocks of `block_index`, each a copy of its part of the adjacency."""
-    return [Block.dense(t, s, adjacency[t][:, s]) for t, s in block_index(kinds, layers, n_layers)]
+    """Step 2: the blocks of `block_index`, read from the adjacency a chunk of rows at a time (`prune_adjacency`
+    holds no copy of it: blocks of `PRUNE_CHUNK_BYTES` in all are held, the rest gathered again per pass)."""
+    return [Block(t, s, _gather(adjacency, t, s)) for t, s in block_index(kinds, layers, n_layers)]
+
+
+def _gather(adjacency: Tensor, targets: Tensor, sources: Tensor) -> Callable[[Tensor], Tensor]:
+    return lambda r: adjacency[targets[r]][:, sources]
 
 
 @dataclass(frozen=True)
@@ -120,12 +128,12 @@ def _size(n: int) -> str:
 
 
 def graph_bytes(kinds: Tensor, layers: Tensor, n_layers: int, itemsize: int) -> int:
-    """Bytes of the adjacency [node, node] plus pruning's copies of its blocks (`layered_blocks`) plus the
-    largest block's transients (the rows it is cut from while copied; |weights| while pruned)."""
+    """Bytes of the adjacency [node, node] plus pruning's: the blocks it holds (all of them in a small graph)
+    and the largest chunk's temporaries (the rows it is gathered from; |weights|), at most `PRUNE_CELLS`."""
     n = len(kinds)
     shapes = [(len(t), len(s)) for t, s in block_index(kinds, layers, n_layers)]
     transient = max((t * max(n + s, 2 * s) for t, s in shapes), default=0)
-    return itemsize * (n * n + sum(t * s for t, s in shapes) + transient)
+    return itemsize * (n * n + min(sum(t * s for t, s in shapes) + transient, PRUNE_CELLS))
 
 
 def plain_plan(model: Model, transcoders: TranscoderSet, trace: Trace, ids: Tensor) -> MemoryPlan:
@@ -135,7 +143,8 @@ def plain_plan(model: Model, transcoders: TranscoderSet, trace: Trace, ids: Tens
     size = enc.errors.element_size()
     n, per_source = len(nodes), trace.n_pos * model.anatomy.d_model + len(nodes)
     chunk = min(n, max(16, (16 << 20) // per_source))  # `adjacency_rows`'s sources per chunk
-    return MemoryPlan(n, graph_bytes(*kinds_layers(nodes), model.n_layers, size), 2 * size * chunk * per_source)
+    work = 4 * size * chunk * per_source  # a chunk's residuals and columns, and the attention's temporaries
+    return MemoryPlan(n, graph_bytes(*kinds_layers(nodes), model.n_layers, size), work)
 
 
 def prune_adjacency(
@@ -144,7 +153,7 @@ def prune_adjacency(
     """Steps 2-3: (logit node indices, the pruned graph) of an unpruned adjacency [node, node] whose nodes
     `rows` describe."""
     blocks = layered_blocks(adjacency, rows[0], rows[1], model.n_layers)
-    store = BlockStore(blocks, budget=1 << 62)  # the adjacency is held already: every block is a view of it
+    store = BlockStore(blocks, budget=2 * PRUNE_CHUNK_BYTES)  # chunks' temporaries near PRUNE_CHUNK_BYTES
     pruned = prune(store, rows[0], rows[5], o.node_threshold, o.edge_threshold, o.max_nodes)
     log.info("%s: pruned to %d nodes and %d edges", what, int(pruned.node_mask.sum()), len(pruned.edges.weight))
     return (rows[0] == CODE[Kind.LOGIT]).nonzero().squeeze(1), pruned

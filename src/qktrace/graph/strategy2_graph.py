@@ -28,6 +28,7 @@ from torch import Tensor
 
 from ..models.model import Model
 from ..models.trace import Trace
+from ..nodes import CODE, Kind
 from ..options import GraphOptions, with_overrides
 from ..saes.attention import AttentionSAESet
 from ..saes.transcoder import TranscoderSet
@@ -39,6 +40,7 @@ from .prune import Pruned
 from .replacement import encode, sites
 from .replacement_graph import (
     MemoryPlan,
+    block_index,
     graph_bytes,
     graph_settings,
     kinds_layers,
@@ -57,6 +59,7 @@ from .strategy2 import (
 )
 
 log = logging.getLogger(__name__)
+ATTN = CODE[Kind.ATTN_FEATURE]
 
 
 def kept_loadings(model: Model, cg: CheckpointedGraph, pruned: Pruned, top: int) -> tuple[Tensor, ...]:
@@ -97,8 +100,8 @@ def checkpointed_plan(
 ) -> MemoryPlan:  # fmt: skip
     """The checkpointed graph's `MemoryPlan`, from its nodes (encoding is cheap; the sweep is what costs):
     the graph's adjacency and blocks; the sweep's rows [batch, node] and the attention rows' per-head
-    cotangents [batch, head, pos, d_model]; with head loadings (`top` > 0), those of every non-zero edge into
-    the attention features pruning may keep (at most `max_nodes`), [edge, head] plus two indices each."""
+    cotangents [batch, head, pos, d_model]; with head loadings (`top` > 0), those of every edge into the
+    attention features pruning may keep (at most `max_nodes`), [edge, head] plus two indices each."""
     check_coverage(model, transcoders, attention_saes)
     an = model.anatomy
     enc = encode(transcoders, sites(model, trace, transcoders))
@@ -106,10 +109,13 @@ def checkpointed_plan(
     nodes = node_table(enc, att, model.n_layers, trace.tokens, ids)
     size, n, heads = enc.errors.element_size(), len(nodes), max(ly.n_heads for ly in an.layers)
     work = size * batch_size * (n + (heads + 1) * trace.n_pos * an.d_model)
-    if top > 0:
+    kinds, layers = kinds_layers(nodes)
+    if top > 0:  # every edge into a kept attention feature: at most its block's sources
+        into = [(len(t), len(s)) for t, s in block_index(kinds, layers, model.n_layers) if kinds[t[0]] == ATTN]
         kept = min(att.layer.numel(), o.max_nodes or att.layer.numel())
-        work += kept * n * (heads * size + 16)
-    return MemoryPlan(n, graph_bytes(*kinds_layers(nodes), model.n_layers, size), work)
+        edges = min(sum(t * s for t, s in into), kept * max((s for _, s in into), default=0))
+        work += edges * (heads * size + 16)
+    return MemoryPlan(n, graph_bytes(kinds, layers, model.n_layers, size), work)
 
 
 def build_checkpointed_graph(
