@@ -108,7 +108,7 @@ def checkpointed_plan(
     att = encode_attention(attention_saes, attention_inputs(an, trace, attention_saes))
     nodes = node_table(enc, att, model.n_layers, trace.tokens, ids)
     size, n, heads = enc.errors.element_size(), len(nodes), max(ly.n_heads for ly in an.layers)
-    work = size * batch_size * (n + (heads + 1) * trace.n_pos * an.d_model)
+    work = 2 * size * batch_size * (n + (heads + 1) * trace.n_pos * an.d_model)  # and their temporaries
     kinds, layers = kinds_layers(nodes)
     if top > 0:  # every edge into a kept attention feature: at most its block's sources
         into = [(len(t), len(s)) for t, s in block_index(kinds, layers, model.n_layers) if kinds[t[0]] == ATTN]
