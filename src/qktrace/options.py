@@ -119,7 +119,9 @@ class GraphOptions:
         5, "head loadings kept per edge, largest first (graph files store it as settings.top_heads)"
     )
     max_memory: int | None = setting(
-        None, "bytes a full-mode build may hold, at least 1MiB (None: half the device's free memory)"
+        None,
+        "bytes a build may hold, at least 1MiB (None: half the device's free memory); residual-SAE full mode "
+        "computes within it, transcoder graphs refuse up front when their adjacency does not fit",
     )
     qk_terms: bool = setting(True, "attach QK terms to the most influential cross-position links (Traced.graph)")
     qk_links: int = setting(200, "cross-position links, by influence, that carry QK terms and QK tracing")

@@ -28,17 +28,38 @@ from torch import Tensor
 
 from ..models.model import Model
 from ..models.trace import Trace
+from ..nodes import CODE, Kind
 from ..options import GraphOptions, with_overrides
 from ..saes.attention import AttentionSAESet
 from ..saes.transcoder import TranscoderSet
 from .assemble import graph_from_pruned
+from .blocks import memory_budget
 from .build import logit_targets
 from .graph import Graph
 from .prune import Pruned
-from .replacement_graph import graph_settings, labeller, node_rows, prune_adjacency
-from .strategy2 import CheckpointedGraph, checkpointed_graph, head_loadings
+from .replacement import encode, sites
+from .replacement_graph import (
+    MemoryPlan,
+    block_index,
+    graph_bytes,
+    graph_settings,
+    kinds_layers,
+    labeller,
+    node_rows,
+    prune_adjacency,
+)
+from .strategy2 import (
+    CheckpointedGraph,
+    attention_inputs,
+    check_coverage,
+    checkpointed_graph,
+    encode_attention,
+    head_loadings,
+    node_table,
+)
 
 log = logging.getLogger(__name__)
+ATTN = CODE[Kind.ATTN_FEATURE]
 
 
 def kept_loadings(model: Model, cg: CheckpointedGraph, pruned: Pruned, top: int) -> tuple[Tensor, ...]:
@@ -73,6 +94,30 @@ def kept_loadings(model: Model, cg: CheckpointedGraph, pruned: Pruned, top: int)
     return layer, heads, direct, via
 
 
+def checkpointed_plan(
+    model: Model, transcoders: TranscoderSet, attention_saes: AttentionSAESet, trace: Trace, ids: Tensor,
+    o: GraphOptions, top: int, batch_size: int = 256,
+) -> MemoryPlan:  # fmt: skip
+    """The checkpointed graph's `MemoryPlan`, from its nodes (encoding is cheap; the sweep is what costs):
+    the graph's adjacency and blocks; the sweep's rows [batch, node] and the attention rows' per-head
+    cotangents [batch, head, pos, d_model]; with head loadings (`top` > 0), those of every edge into the
+    attention features pruning may keep (at most `max_nodes`), [edge, head] plus two indices each."""
+    check_coverage(model, transcoders, attention_saes)
+    an = model.anatomy
+    enc = encode(transcoders, sites(model, trace, transcoders))
+    att = encode_attention(attention_saes, attention_inputs(an, trace, attention_saes))
+    nodes = node_table(enc, att, model.n_layers, trace.tokens, ids)
+    size, n, heads = enc.errors.element_size(), len(nodes), max(ly.n_heads for ly in an.layers)
+    work = 2 * size * batch_size * (n + (heads + 1) * trace.n_pos * an.d_model)  # and their temporaries
+    kinds, layers = kinds_layers(nodes)
+    if top > 0:  # every edge into a kept attention feature: at most its block's sources
+        into = [(len(t), len(s)) for t, s in block_index(kinds, layers, model.n_layers) if kinds[t[0]] == ATTN]
+        kept = min(att.layer.numel(), o.max_nodes or att.layer.numel())
+        edges = min(sum(t * s for t, s in into), kept * max((s for _, s in into), default=0))
+        work += edges * (heads * size + 16)
+    return MemoryPlan(n, graph_bytes(kinds, layers, model.n_layers, size), work)
+
+
 def build_checkpointed_graph(
     model: Model,
     transcoders: TranscoderSet,
@@ -88,11 +133,15 @@ def build_checkpointed_graph(
 
     `options` (`GraphOptions`, or its fields as keywords): node_threshold, edge_threshold, max_nodes (features
     kept at most, attention features included), max_logits and logit_probability (or `targets`: the logit
-    tokens), loadings_per_edge; the residual-SAE settings (readout, mode, max_memory) do not apply."""
+    tokens), loadings_per_edge, max_memory (what the adjacency, pruning, the sweep and the head loadings may
+    hold, checked before the sweep: `checkpointed_plan`); the residual-SAE settings (readout, mode) do not
+    apply."""
     o = with_overrides(options, GraphOptions, overrides)
     ids, _ = logit_targets(model, trace, targets, o)
     top = max(0, min(o.loadings_per_edge, model.n_heads))
     with torch.no_grad():
+        plan = checkpointed_plan(model, transcoders, attention_saes, trace, ids, o, top)
+        plan.check("this checkpointed graph", memory_budget(model.device, o.max_memory))
         cg = checkpointed_graph(model, transcoders, attention_saes, trace, logit_ids=ids, by_head=False)
         feats = [(0, cg.transcoder_features.act), (cg.checkpoints.attn_col, cg.attention_features.act)]
         rows = node_rows(cg.nodes, cg.adjacency, feats, cg.logit_tokens, cg.logit_probs, trace.last_logits)
