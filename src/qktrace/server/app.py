@@ -172,7 +172,8 @@ def create_app(
 
     `saes_dir`: where to find labels and dashboards without a model. `allowed_hosts`: Host headers to
     accept (`serve` passes the loopback names, which blocks DNS rebinding); None accepts any. `limits`:
-    the bounds on requests (`config.LIMITS`). `max_memory`: byte budget of full-mode graph builds.
+    the bounds on requests (`config.LIMITS`). `max_memory`: byte budget of graph builds (full-mode SAE
+    graphs, transcoder and checkpointed graphs).
     """
     store = GraphStore(data_dir, files, limits)
     features = Features(tracer, saes_dir)

@@ -98,8 +98,9 @@ def serve(
     already loaded `tracer`), compute graphs, QK attributions and sweeps. Blocks until interrupted.
 
     `device`, `dtype`: where and how the model is loaded (`config.parse_device` / `parse_dtype`).
-    `max_memory`: byte budget of full-mode graph builds ("8GB"). `max_tokens`: the longest prompt the
-    server traces (default `LIMITS.server_max_tokens`). `queue`: requests and jobs that run the model,
+    `max_memory`: byte budget of graph builds ("8GB": full-mode SAE graphs, transcoder and checkpointed
+    graphs). `max_tokens`: the longest prompt the server traces (default `LIMITS.server_max_tokens`).
+    `queue`: requests and jobs that run the model,
     queued or running at once (default `LIMITS.max_queued_jobs`; one more is answered 429). `labels`:
     Neuronpedia explanation exports that label the model's SAEs (needs `model`). `transcoders`: a
     transcoder set for the model (needs `model`); without SAEs, POST /api/graph then builds plain
