@@ -96,12 +96,13 @@ class Tracer:
         ts = None if transcoders is None else load_transcoders(transcoders, m, device=m.device, dtype=m.anatomy.dtype)
         return cls(m, s, transcoders=ts, attention_saes=_attention_saes(attention_saes, m, ts))
 
-    def tokenize(self, prompt: str | Sequence[int] | Tensor) -> Tensor:
-        """Token ids as this model and these SAEs expect them (BOS first when the SAEs were trained with it)."""
-        return self.model.tokenize(prompt, prepend_bos=getattr(self.saes, "prepend_bos", None))
+    def tokenize(self, prompt: str | Sequence[int] | Tensor, *, what: str = "the prompt") -> Tensor:
+        """Token ids as this model and these SAEs expect them (BOS first when the SAEs were trained with it);
+        `what` names the prompt in a refusal ("prompt B")."""
+        return self.model.tokenize(prompt, prepend_bos=getattr(self.saes, "prepend_bos", None), what=what)
 
-    def run(self, prompt: str | Sequence[int] | Tensor) -> Traced:
-        trace = self.model.run(self.tokenize(prompt))
+    def run(self, prompt: str | Sequence[int] | Tensor, *, what: str = "the prompt") -> Traced:
+        trace = self.model.run(self.tokenize(prompt, what=what))
         return Traced(self.model, self.saes, trace, self.transcoders, attention_saes=self.attention_saes)
 
 
