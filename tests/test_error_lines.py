@@ -207,3 +207,18 @@ def test_a_header_shape_the_config_does_not_state_names_both(tmp_path):
         read_sae_lens_dir(folder)
     msg = str(e.value)
     assert "d_sae is 16" in msg and "W_enc of shape [8, 24]" in msg, msg
+
+
+def test_a_file_given_as_the_wrong_kind_names_the_flag_it_belongs_to(capsys, tiny_paths, tmp_path):
+    from qktrace.cli import main
+
+    sae = _sae_folder(tmp_path)
+    ct = str(write_transcoder_set(tmp_path / "ct", 32, 2))
+    base = ["qk", str(tiny_paths["llama"]), "--device", "cpu", "--prompt", A, "--layer", "1", "--head", "0"]
+    assert main([*base, "--transcoders", str(sae)]) == 2
+    err = capsys.readouterr().err
+    assert "has architecture 'standard', not a transcoder" in err and err.endswith(
+        ": pass it as --saes (an attention-output SAE: --attention-saes)\n"
+    ), err
+    assert main([*base, "--transcoders", ct, "--attention-saes", ct]) == 2
+    assert capsys.readouterr().err.endswith("a transcoder set: pass it as --transcoders\n")
