@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from .config import DEMO_MODEL, DEMO_NAME, resolve_saes
-from .errors import InputError
+from .errors import Fix, InputError
 from .models import Model, Trace, load_model
 from .options import GraphOptions, ModelOptions, with_overrides
 from .qk import QKAttribution, qk_attribution
@@ -111,7 +111,8 @@ def _check_pairing(transcoders: object, attention_saes: object) -> None:
     if attention_saes is not None and transcoders is None:
         raise InputError(
             "attention SAEs were given without transcoders: a checkpointed graph replaces every MLP and every "
-            "attention output, so pass transcoders too (transcoders=PATH, --transcoders)"
+            "attention output",
+            Fix(api="pass transcoders=PATH too", cli="pass --transcoders DIR too", http="pass --transcoders DIR too"),
         )
 
 
