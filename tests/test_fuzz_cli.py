@@ -257,14 +257,16 @@ def run_cli(argv: list[str]) -> tuple[int, str, str, float]:
     return code, out.getvalue(), err.getvalue(), time.perf_counter() - start
 
 
-def check_refused(w, command: str, key: str, value: object) -> None:  # type: ignore[no-untyped-def]
+def check_refused(w, command: str, key: str, value: object, bases=base_args) -> None:  # type: ignore[no-untyped-def]
     out = w["OUT"]
 
     def sub(v: str) -> str:
-        return v.replace("@OUT", str(out))
+        for name in ("OUT", "T", "A", "S"):
+            v = v.replace(f"@{name}", str(w.get(name, f"@{name}")))
+        return v
 
     value = [sub(v) for v in value] if isinstance(value, list) else sub(str(value))
-    args = base_args(w)[command] | {key: value}
+    args = bases(w)[command] | {key: value}
     before = snapshot(out)
     with pytest.MonkeyPatch.context() as mp:  # if a bad value were accepted, these must not block the test
         mp.setattr("uvicorn.run", lambda *a, **k: (_ for _ in ()).throw(AssertionError("the server started")))
@@ -308,6 +310,78 @@ SCALE_BAD = {
 }
 test_fuzz_dashboards = _fuzz("dashboards", SCALE_BAD)
 test_fuzz_batch = _fuzz("batch", SCALE_BAD)
+
+
+# -- the transcoder flags: --transcoders, --attention-saes, --feature-layer, --kind, compare's --prompt-b ---------
+
+FUZZ_TC = settings(FUZZ, max_examples=int(os.environ.get("QKTRACE_FUZZ_EXAMPLES", "8")))  # each run loads a set
+
+
+@pytest.fixture(scope="module")
+def tc_world(world, tmp_path_factory):
+    """`world`, a transcoder set of the tiny llama, attention SAEs of it, and a transcoder feature of layer 0
+    active at the last position."""
+    from qktrace.models import load_model
+    from qktrace.testing import random_attention_saes, write_attention_saes, write_transcoder_set
+    from qktrace.tracer import Tracer
+
+    root = tmp_path_factory.mktemp("fuzz_cli_tc")
+    ct = write_transcoder_set(root / "ct", 32, N_LAYERS)
+    att = write_attention_saes(root / "att", random_attention_saes(load_model(world["M"]), ["z", "attn_out"]))
+    x = Tracer.load(world["M"], transcoders=ct).run(PROMPT).writers().enc
+    f = int(x.index[(x.layer == 0) & (x.pos == N_POS - 1)][0])
+    return world | {"T": str(ct), "A": str(att), "F_TC": f}
+
+
+def tc_args(w) -> dict[str, dict[str, str | list[str]]]:  # type: ignore[no-untyped-def]
+    """Valid arguments of the commands that take transcoders (checked by `test_transcoder_bases_run`)."""
+    m, t, a = w["M"], w["T"], w["A"]
+    common = {"--device": "cpu", "--dtype": "float32"}
+    return {
+        "steer": {"": m, "--transcoders": t, "--attention-saes": a, "--prompt": PROMPT, "--layer": "1",
+                  "--heads": "0", "--kind": "transcoder", "--feature-layer": "0", "--feature": str(w["F_TC"]),
+                  "--positions": "-1", "--scales": "0,2", **common},
+        "qk": {"": m, "--transcoders": t, "--attention-saes": a, "--prompt": PROMPT, "--layer": "1", "--head": "0",
+               "--top": "5", **common},
+        "compare": {"": m, "--transcoders": t, "--prompt-a": PROMPT, "--prompt-b": "Aunt Bob is the", "--top": "2",
+                    **common},
+    }  # fmt: skip
+
+
+bad_coders = st.sampled_from(["@OUT/none", "@OUT/keep.txt", "@OUT/sub", "", "@S", "@OUT/corpus.jsonl"])
+TC_BAD = {
+    **BAD,
+    "--transcoders": st.one_of(bad_coders, st.just("@A")),  # attention SAEs are not transcoders
+    "--attention-saes": st.one_of(bad_coders, st.just("@T")),  # nor transcoders attention SAEs
+    "--feature-layer": ints_outside(0, 0),  # below the heads' layer 1: only 0
+    # "feature": a residual-SAE feature takes no --feature-layer; none are loaded
+    "--kind": st.one_of(st.just("feature"), st.text(max_size=10).filter(lambda s: s not in ("transcoder", "attn"))),
+    "--feature": ints_outside(0, 47),  # the set's width is 48
+    "--prompt-a": bad_prompt,
+    "--prompt-b": st.one_of(bad_prompt, st.just("w1 " * 3000), st.just("Aunt Sally")),  # too long; not aligned
+}
+
+
+def test_transcoder_bases_run(tc_world):
+    """The valid arguments the transcoder fuzzing starts from do run (so a refusal is the bad value's)."""
+    for command, args in tc_args(tc_world).items():
+        code, _, stderr, _ = run_cli(argv_of(command, args))
+        assert code == 0, (command, stderr[-400:])
+
+
+def _fuzz_tc(command: str):  # type: ignore[no-untyped-def]
+    @FUZZ_TC
+    @given(data=st.data())
+    def test(tc_world, data):  # type: ignore[no-untyped-def]
+        key = data.draw(st.sampled_from([k for k in tc_args(tc_world)[command] if k in TC_BAD]), label="argument")
+        check_refused(tc_world, command, key, data.draw(TC_BAD[key], label="value"), bases=tc_args)
+
+    return test
+
+
+test_fuzz_steer_transcoders = _fuzz_tc("steer")
+test_fuzz_qk_transcoders = _fuzz_tc("qk")
+test_fuzz_compare_transcoders = _fuzz_tc("compare")
 
 
 # -- what could allocate without bound, under a memory limit ----------------------------------------------

@@ -62,6 +62,13 @@ def world(tmp_path_factory):
             "watch_attention": [[1, 0, n - 1, 2]],
             "top_k": 3,
         },
+        "/api/compare": {
+            "prompt_a": "w1 w2 w3 w4",
+            "prompt_b": "w1 w2 w5 w4",
+            "answer": "w4",
+            "top": 2,
+            "top_terms": 3,
+        },
         "/api/graph": {
             "prompt": "w1 w2 w3",
             "name": "fuzzed",
@@ -173,6 +180,13 @@ bad_scales = st.one_of(
 )
 
 
+bad_token = st.one_of(
+    st.sampled_from(["Aunt Sally", "w1 w2", "", 10**6, -1, 2**70, True, 1.5]),
+    st.text(min_size=201, max_size=300),
+    not_a(str, int, none_is_valid=True),
+)
+
+
 def field_bad(w) -> dict[str, dict[str, st.SearchStrategy[object]]]:  # type: ignore[no-untyped-def]
     n = w["n"]
     prompt = {"tokens": bad_tokens, "prompt": bad_text_prompt, "bogus": junk}
@@ -184,6 +198,23 @@ def field_bad(w) -> dict[str, dict[str, st.SearchStrategy[object]]]:  # type: ig
             "query_pos": ints_outside(-n, n - 1),
             "key_pos": st.one_of(ints_outside(-n, n - 1), st.integers(4, n - 1)).filter(lambda x: x is not None),
             "top": ints_outside(1, LIMITS.max_top),
+            # the query (3) sees keys 0..3; the key is 2: a rival must be another key the query sees
+            "rival_pos": st.one_of(
+                ints_outside(-n, n - 1).filter(lambda x: x is not None),
+                st.sampled_from([2, 2 - n, *range(4, n), *range(4 - n, 0)]),
+            ),
+        },
+        "/api/compare": {
+            "prompt_a": bad_text_prompt,
+            "prompt_b": st.one_of(bad_text_prompt, st.sampled_from(["w1 w2", "w1 w2 w3 w4 w5", "w1 " * 3000])),
+            "tokens_a": bad_tokens,
+            "tokens_b": bad_tokens,
+            "query_pos": ints_outside(-5, 4),  # 5 tokens with BOS
+            "answer": bad_token,
+            "rival": st.one_of(bad_token, st.just("w4")),  # w4: the answer itself
+            "top": ints_outside(0, 64),
+            "top_terms": ints_outside(0, 200),
+            "bogus": junk,
         },
         "/api/sweep": {
             **prompt,
@@ -216,6 +247,9 @@ def field_bad(w) -> dict[str, dict[str, st.SearchStrategy[object]]]:  # type: ig
                 not_a(list),
             ),
             "top_k": ints_outside(1, 20),
+            # no transcoders or attention SAEs are loaded: a kind of theirs, or a feature layer, is refused
+            "kind": st.one_of(st.sampled_from(["transcoder", "attn"]), junk.filter(lambda x: x != "feature")),
+            "feature_layer": st.one_of(st.integers(-(10**20), 10**20), not_int(none_is_valid=True)),
         },
         "/api/graph": {
             **prompt,
@@ -246,8 +280,9 @@ def _route(path: str):  # type: ignore[no-untyped-def]
         bad = field_bad(world)[path]
         key = data.draw(st.sampled_from(sorted(bad)), label="field")
         body = dict(world["bases"][path])
-        if key in ("prompt", "tokens"):  # the other one goes: exactly one of them is given
-            body.pop("tokens", None), body.pop("prompt", None)
+        field, _, which = key.partition("_")
+        if field in ("prompt", "tokens") and which in ("", "a", "b"):  # exactly one of text or ids is given
+            body.pop(f"tokens{_}{which}", None), body.pop(f"prompt{_}{which}", None)
         body[key] = data.draw(bad[key], label="value")
         check_refused(world, "POST", path, body)
 
@@ -257,6 +292,7 @@ def _route(path: str):  # type: ignore[no-untyped-def]
 test_fuzz_qk = _route("/api/qk")
 test_fuzz_sweep = _route("/api/sweep")
 test_fuzz_graph = _route("/api/graph")
+test_fuzz_compare = _route("/api/compare")
 
 
 @FUZZ
@@ -264,7 +300,7 @@ test_fuzz_graph = _route("/api/graph")
     raw=st.one_of(st.binary(max_size=200), st.text(max_size=100).map(str.encode), junk.map(json.dumps).map(str.encode))
 )
 def test_fuzz_bodies_that_are_not_requests(world, raw):
-    for path in ("/api/qk", "/api/sweep", "/api/graph"):
+    for path in ("/api/qk", "/api/sweep", "/api/graph", "/api/compare"):
         check_refused(world, "POST", path, raw=raw)
 
 

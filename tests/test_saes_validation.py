@@ -154,7 +154,7 @@ def test_truncated_and_corrupt_files(tmp_path: Path) -> None:
     folder = sae_dir(tmp_path, cfg(), name="cut")
     data = (folder / "sae_weights.safetensors").read_bytes()
     (folder / "sae_weights.safetensors").write_bytes(data[: len(data) - 40])
-    refused(folder, str(folder / "sae_weights.safetensors"), "not a readable safetensors")
+    refused(folder, str(folder / "sae_weights.safetensors"), "tensor 'b_enc' is stated as F32 of shape", "cut short")
 
     deep = sae_dir(tmp_path, cfg(), name="deep")
     (deep / "cfg.json").write_text("[" * 100_000 + "]" * 100_000)

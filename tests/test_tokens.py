@@ -140,6 +140,8 @@ def test_missing_sae_is_one_error_from_every_entry_point(tiny_models) -> None:
             call()
         assert type(e.value) is MissingSAEError, where
         msg = one_line(e)
-        assert want in msg and "hook_name blocks.1.hook_resid_pre" in msg and "--saes DIR" in msg, (where, msg)
+        assert want in msg and "hook_name blocks.1.hook_resid_pre" in msg and "(saes=DIR)" in msg, (where, msg)
+        assert "(--saes DIR)" in e.value.line("cli"), where
+        assert "`qktrace serve --model MODEL --saes DIR`" in e.value.line("http"), where
     # the handlers written for the types these checks raised before still catch it
     assert issubclass(MissingSAEError, InputError) and issubclass(MissingSAEError, OutOfRangeError)

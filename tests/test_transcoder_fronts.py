@@ -68,7 +68,7 @@ def test_cli_steer_with_transcoders_prints_the_librarys_sweep(capsys, tiny_paths
     capsys.readouterr()
     assert main([*base, "--layer", "1", "--heads", "2", "--feature", str(f), "--positions", "-1"]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "feature_layer" in err
+    assert err.count("\n") == 1 and "--feature-layer" in err and "feature_layer" not in err
 
 
 def test_cli_explain_and_compare_take_transcoders(capsys, tiny_paths, tmp_path):

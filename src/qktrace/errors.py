@@ -13,13 +13,58 @@
     └── Cancelled                work stopped at a checkpoint because whoever asked for it is gone (the server)
 
 The CLI catches QKTraceError and prints its message on one line (exit 2), never a traceback.
+
+A fix that each front end words its own way (a flag on the command line, a request field or the server's start
+option over HTTP, a keyword in Python) is a `Fix`: the error carries it, and each front end asks for its own
+line (`QKTraceError.line("cli")`, `line("http")`); `str(e)` is the library's (`line("api")`).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Literal
+
+Front = Literal["api", "cli", "http"]
+
+
+@dataclass(frozen=True)
+class Fix:
+    """The way out of a refusal, as each front end says it: `api` (Python: a keyword, e.g. "pass
+    transcoders=PATH"), `cli` (a flag: "pass --transcoders DIR"), `http` (a request field, or how the server
+    is started: "start the server with `qktrace serve --transcoders DIR`")."""
+
+    api: str
+    cli: str
+    http: str
+
+    @classmethod
+    def loaded(cls, keyword: str, flag: str, *, also: str = "") -> Fix:
+        """For what a tracer is loaded with (transcoders, SAEs): the load keyword, the command's flag, or the
+        server's start option, since a request cannot load it (`also`: other start options it needs)."""
+        serve = " ".join(x for x in ("qktrace serve --model MODEL", also, f"{flag} DIR") if x)
+        return cls(
+            api=f"load them (Tracer.load(..., {keyword}=DIR))",
+            cli=f"pass {flag} DIR",
+            http=f"start the server with `{serve}`",
+        )
+
+    @classmethod
+    def option(cls, verb: str, field: str, flag: str) -> Fix:
+        """For a setting of one request: its field (the API's keyword and the HTTP body's) or its flag."""
+        return cls(api=f"{verb} {field}", cli=f"{verb} {flag}", http=f"{verb} {field}")
+
 
 class QKTraceError(Exception):
-    """Base class: the message is a single line that says what happened and how to fix it."""
+    """Base class: the message is a single line that says what happened and how to fix it. Built with a
+    `fix`, the message is `problem: fix.api`, and `line(front)` words the fix for that front end."""
+
+    def __init__(self, message: str = "", fix: Fix | None = None) -> None:
+        super().__init__(message if fix is None else f"{message}: {fix.api}")
+        self.problem, self.fix = message, fix
+
+    def line(self, front: Front) -> str:
+        """The one line front end `front` shows: the problem and the fix in its own words."""
+        return str(self) if self.fix is None else f"{self.problem}: {getattr(self.fix, front)}"
 
 
 class ModelLoadError(QKTraceError):

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from .config import DEMO_MODEL, DEMO_NAME, resolve_coders, resolve_saes
-from .errors import InputError
+from .errors import Fix, InputError
 from .models import Model, Trace, load_model
 from .options import GraphOptions, ModelOptions, with_overrides
 from .qk import QKAttribution, qk_attribution
@@ -99,12 +99,13 @@ class Tracer:
         ts = None if transcoders is None else load_transcoders(transcoders, m, device=m.device, dtype=m.anatomy.dtype)
         return cls(m, s, transcoders=ts, attention_saes=_attention_saes(attention_saes, m, ts))
 
-    def tokenize(self, prompt: str | Sequence[int] | Tensor) -> Tensor:
-        """Token ids as this model and these SAEs expect them (BOS first when the SAEs were trained with it)."""
-        return self.model.tokenize(prompt, prepend_bos=getattr(self.saes, "prepend_bos", None))
+    def tokenize(self, prompt: str | Sequence[int] | Tensor, *, what: str = "the prompt") -> Tensor:
+        """Token ids as this model and these SAEs expect them (BOS first when the SAEs were trained with it);
+        `what` names the prompt in a refusal ("prompt B")."""
+        return self.model.tokenize(prompt, prepend_bos=getattr(self.saes, "prepend_bos", None), what=what)
 
-    def run(self, prompt: str | Sequence[int] | Tensor) -> Traced:
-        trace = self.model.run(self.tokenize(prompt))
+    def run(self, prompt: str | Sequence[int] | Tensor, *, what: str = "the prompt") -> Traced:
+        trace = self.model.run(self.tokenize(prompt, what=what))
         return Traced(self.model, self.saes, trace, self.transcoders, attention_saes=self.attention_saes)
 
 
@@ -113,7 +114,8 @@ def _check_pairing(transcoders: object, attention_saes: object) -> None:
     if attention_saes is not None and transcoders is None:
         raise InputError(
             "attention SAEs were given without transcoders: a checkpointed graph replaces every MLP and every "
-            "attention output, so pass transcoders too (transcoders=PATH, --transcoders)"
+            "attention output",
+            Fix(api="pass transcoders=PATH too", cli="pass --transcoders DIR too", http="pass --transcoders DIR too"),
         )
 
 

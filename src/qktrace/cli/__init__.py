@@ -62,7 +62,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         _quiet_transformers()
         return int(args.func(args) or 0)
     except QKTraceError as e:
-        _fail(f"error: {e}")
+        _fail(f"error: {e.line('cli')}")
         return 2
     except KeyboardInterrupt:
         _fail("interrupted")

@@ -49,7 +49,7 @@ def _typed(name: str, parse: Callable[[str], Any]) -> Callable[[str], Any]:
         try:
             return parse(text)
         except QKTraceError as e:
-            raise argparse.ArgumentTypeError(str(e)) from None
+            raise argparse.ArgumentTypeError(e.line("cli")) from None
 
     convert.__name__ = name
     return convert

@@ -257,7 +257,10 @@ def cmd_compare(args: argparse.Namespace) -> int:
     check_text(args.prompt_a, "--prompt-a")
     check_text(args.prompt_b, "--prompt-b")
     tracer = _tracer(args)
-    a, b = tracer.run(args.prompt_a), tracer.run(args.prompt_b)
+    # both prompts held to the model's positions before either runs; each refusal names its flag
+    ids_a = tracer.tokenize(args.prompt_a, what="prompt A (--prompt-a)")
+    ids_b = tracer.tokenize(args.prompt_b, what="prompt B (--prompt-b)")
+    a, b = tracer.run(ids_a), tracer.run(ids_b)
     c = a.compare(
         b, query_pos=args.query_pos, answer=args.answer, rival=args.rival, top=args.top, top_terms=args.top_terms
     )

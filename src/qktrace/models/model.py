@@ -79,15 +79,18 @@ class Model:
         return self.modules.blocks
 
     # -- tokens ------------------------------------------------------------------------------------
-    def tokenize(self, prompt: str | Sequence[int] | Tensor, *, prepend_bos: bool | None = None) -> Tensor:
+    def tokenize(
+        self, prompt: str | Sequence[int] | Tensor, *, prepend_bos: bool | None = None, what: str = "the prompt"
+    ) -> Tensor:
         """Token ids [pos] of a prompt (the tokenizer's own special tokens, e.g. BOS, included).
 
         `prepend_bos=True` puts the tokenizer's BOS first when it did not (SAEs trained with BOS, e.g.
         SAELens releases on GPT-2); None leaves the tokenizer's convention. A prompt longer than the
-        model's positions is refused before any work."""
+        model's positions is refused before any work. `what` names the prompt in those lines (the caller's
+        name for it: "prompt B" where two are compared)."""
         if isinstance(prompt, str):
             if not prompt.strip():
-                raise InputError("the prompt is empty: give at least one token of text")
+                raise InputError(f"{what} is empty: give at least one token of text")
             if self.tokenizer is None:
                 raise InputError(f"model '{self.name}' has no tokenizer: pass token ids instead of text")
             ids = self.tokenizer(prompt, return_tensors="pt")["input_ids"][0]
@@ -103,15 +106,16 @@ class Model:
             if ids.numel() == 0 or int(ids[0]) != bos:
                 ids = torch.cat([torch.tensor([bos], dtype=torch.long, device="cpu"), ids.cpu()])
         if ids.numel() == 0:
-            raise InputError("the prompt is empty: give at least one token")
+            raise InputError(f"{what} is empty: give at least one token")
         vocab = self.anatomy.W_E.shape[0]
         if int(ids.max()) >= vocab or int(ids.min()) < 0:
-            raise InputError(f"token ids must lie in 0..{vocab - 1} for model '{self.name}'")
+            bad = int(ids[(ids < 0) | (ids >= vocab)][0])
+            raise InputError(f"token ids must lie in 0..{vocab - 1} for model '{self.name}': {what} holds {bad}")
         limit = self.max_positions
         if limit is not None and ids.numel() > limit:
             raise InputError(
-                f"the prompt is {ids.numel()} tokens but model '{self.name}' takes at most {limit} positions: "
-                "shorten the prompt"
+                f"{what} is {ids.numel():,} tokens but model '{self.name}' takes at most {limit:,} positions: "
+                "shorten it"
             )
         return ids.to(self.device)
 

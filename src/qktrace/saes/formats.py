@@ -32,7 +32,7 @@ from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 from torch import Tensor
 
-from ..errors import SAELoadError, SAEMismatchError
+from ..errors import SAELoadError, SAEMismatchError, quoted
 from ..files import atomic_write
 from .conventions import FileConfig, check_tensors, read_sae_lens_cfg, typed
 from .labels import LABELS_FILE, read_labels_json
@@ -103,16 +103,78 @@ def read_json(path: Path, what: str = "JSON object") -> dict[str, Any]:
     return data
 
 
-def safetensors_shapes(path: Path) -> dict[str, list[int]]:
-    """The tensor shapes a safetensors file's header states, read without loading any tensor."""
-    regular_file(path, "safetensors", f"put {path.name} beside the SAE's config")
+MAX_HEADER_BYTES = 100 << 20  # the safetensors library's own bound on a header
+_DTYPE_BITS = {"BOOL": 8, "U8": 8, "I8": 8, "I16": 16, "U16": 16, "F16": 16, "BF16": 16, "I32": 32, "U32": 32,
+               "F32": 32, "C64": 64, "F64": 64, "I64": 64, "U64": 64, "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6}  # fmt: skip
+
+
+def _unreadable(path: Path, why: str) -> SAELoadError:
+    return SAELoadError(f"{path} is not a readable safetensors file ({why[:160]}): re-download or re-save it")
+
+
+def _header(path: Path, size: int) -> tuple[dict[str, Any], int]:
+    """A safetensors file's header (8 bytes of length, then JSON), its length bounded by the file, and the
+    bytes of data after it."""
+    if size < 8:
+        raise _unreadable(path, f"{size} bytes, shorter than a header")
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        if n > min(MAX_HEADER_BYTES, size - 8):
+            raise _unreadable(path, f"its header states {n:,} bytes of header in a file of {size:,}")
+        text = f.read(n)
     try:
-        with safe_open(str(path), framework="pt") as f:
-            return {k: list(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118 (not a dict)
-    except Exception as e:  # safetensors raises several types on truncated/corrupt files
+        header = json.loads(text.decode("utf-8"), parse_int=lambda t: _json_int(t, path))
+    except (ValueError, RecursionError, UnicodeDecodeError) as e:
+        raise _unreadable(path, f"its header is not JSON: {type(e).__name__}") from None
+    if not isinstance(header, dict):
+        raise _unreadable(path, f"its header is a JSON {type(header).__name__}, not an object")
+    return header, size - 8 - n
+
+
+def _check_entry(path: Path, name: str, entry: Any, data_bytes: int) -> list[int]:
+    """One tensor's header entry, its stated shape and dtype checked against the bytes the file gives it: a
+    header that lies about a shape is named (tensor, stated shape, bytes held) before anything is read."""
+    shown = quoted(name, 80)
+    ok = isinstance(entry, dict) and isinstance(entry.get("shape"), list) and isinstance(entry.get("dtype"), str)
+    offsets = entry.get("data_offsets") if ok else None
+    if not ok or not isinstance(offsets, list) or len(offsets) != 2:
+        raise _unreadable(path, f"tensor {shown} has no dtype, shape and data_offsets in the header")
+    shape, dtype = entry["shape"], entry["dtype"]
+    if not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in [*shape, *offsets]):
+        raise _unreadable(path, f"tensor {shown} states shape {quoted(shape)} and offsets {quoted(offsets)}")
+    bits = _DTYPE_BITS.get(dtype, 8 if dtype.startswith("F8_") else None)
+    if bits is None:
+        raise _unreadable(path, f"tensor {shown} has dtype {quoted(dtype)}, which safetensors does not know")
+    need, (begin, end) = (math.prod(shape) * bits + 7) // 8, offsets
+    stated = f"{path}: tensor {shown} is stated as {dtype} of shape {quoted(shape)} ({need:,} bytes"
+    if end > data_bytes:
         raise SAELoadError(
-            f"{path} is not a readable safetensors file ({type(e).__name__}): re-download or re-save it"
+            f"{stated}, at {begin:,}..{end:,}) but the file holds {data_bytes:,} bytes of data: it was cut short or "
+            "its header is wrong; re-download or re-save it"
+        )
+    if end - begin != need:
+        raise SAELoadError(
+            f"{stated}) but the file holds {end - begin:,} bytes for it: its header is wrong; re-download or re-save it"
+        )
+    return list(shape)
+
+
+def safetensors_shapes(path: Path) -> dict[str, list[int]]:
+    """The tensor shapes a safetensors file's header states, read without loading any tensor; every shape's
+    bytes checked against what the file holds for it (one line naming the tensor otherwise)."""
+    size = regular_file(path, "safetensors", f"put {path.name} beside the SAE's config")
+    header, data_bytes = _header(path, size)
+    shapes = {
+        name: _check_entry(path, name, entry, data_bytes) for name, entry in header.items() if name != "__metadata__"
+    }
+    try:
+        with safe_open(str(path), framework="pt") as f:  # what is left: overlapping or uncovered offsets
+            f.keys()
+    except Exception as e:  # safetensors raises several types on truncated/corrupt files
+        raise _unreadable(
+            path, f"{type(e).__name__}: {str(e).removeprefix('Error while deserializing header: ')}"
         ) from None
+    return shapes
 
 
 def read_safetensors(
@@ -131,9 +193,7 @@ def read_safetensors(
     try:
         w = load_file(str(path))
     except Exception as e:  # safetensors raises several types on truncated/corrupt files
-        raise SAELoadError(
-            f"{path} is not a readable safetensors file ({type(e).__name__}): re-download or re-save it"
-        ) from None
+        raise _unreadable(path, type(e).__name__) from None
     check_tensors(w, str(path))
     return w
 

@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 import torch
 from torch import Tensor
 
-from ..errors import MissingSAEError, SAELoadError, SAEMismatchError, check_index, quoted
+from ..errors import Fix, MissingSAEError, SAELoadError, SAEMismatchError, check_index, quoted
 
 ARCHITECTURES = ("standard", "jumprelu", "topk")
 _RESID_HOOK = re.compile(r"^blocks\.([0-9]{1,6})\.hook_resid_(pre|post)$")  # a 5,000-digit layer is no layer
@@ -210,9 +210,15 @@ def require_saes(saes: Mapping[int, Any], checkpoints: Iterable[int], why: str =
         where = f"checkpoint {missing[0]}" if len(missing) == 1 else f"checkpoints {', '.join(map(str, missing))}"
         hooks = ", ".join(f"blocks.{c}.hook_resid_pre" for c in missing[:3]) + (", ..." if len(missing) > 3 else "")
         what = "an SAE" if len(missing) == 1 else "SAEs"
+        load = f"load {what} with hook_name {hooks}"
         raise MissingSAEError(
-            f"no SAE at {where} (loaded: {have}){why}: load {what} with hook_name {hooks} (e.g. --saes DIR), "
-            "or pick a loaded checkpoint"
+            f"no SAE at {where} (loaded: {have}){why}",
+            Fix(
+                api=f"{load} (saes=DIR), or pick a loaded checkpoint",
+                cli=f"{load} (--saes DIR), or pick a loaded checkpoint",
+                http=f"pick a loaded checkpoint, or {load} (start the server with `qktrace serve --model MODEL "
+                "--saes DIR`)",
+            ),
         )
 
 

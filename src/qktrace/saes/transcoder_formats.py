@@ -31,7 +31,7 @@ import torch
 from safetensors import safe_open
 from torch import Tensor
 
-from ..errors import SAELoadError, SAEMismatchError
+from ..errors import Fix, SAELoadError, SAEMismatchError
 from .conventions import read_sae_lens_cfg, typed
 from .formats import CFG_FILE, WEIGHTS_FILE, read_json, read_npz, read_safetensors, regular_file
 from .labels import LABELS_FILE, read_labels_json
@@ -416,8 +416,10 @@ def read_sae_lens_transcoder(folder: Path, expect: Expect) -> RawTranscoder:
     cfg, where = read_json(cfg_path, "SAELens cfg.json"), str(cfg_path)
     arch_name = typed(cfg.get("architecture"), "architecture", str, where)
     if arch_name not in archs:
+        cli = "pass it as --saes (an attention-output SAE: --attention-saes)"
         raise SAELoadError(
-            f"{where} has architecture '{arch_name}', not a transcoder ({', '.join(archs)}): load it with load_saes"
+            f"{where} has architecture '{arch_name}', not a transcoder ({', '.join(archs)})",
+            Fix(api="load it with load_saes (an attention-output SAE: load_attention_saes)", cli=cli, http=cli),
         )
     fc = read_sae_lens_cfg(cfg, where, {"architecture": archs[arch_name], "apply_b_dec_to_input": False})
     meta: dict[str, Any] = cfg["metadata"] if isinstance(cfg.get("metadata"), dict) else {}

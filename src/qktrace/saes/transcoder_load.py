@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from ..config import parse_device, parse_dtype
-from ..errors import SAELoadError, SAEMismatchError
+from ..errors import Fix, SAELoadError, SAEMismatchError
 from .attention import AttentionSAE, AttentionSAESet, attention_site
 from .conventions import FileConfig, check_folded, read_sae_lens_cfg
 from .formats import (
@@ -307,7 +307,10 @@ def load_attention_saes(
     ct_config = registry()["transcoder_layouts"]["circuit_tracer"]["config"]
     for r in roots:
         if (r / ct_config).exists():
-            raise SAELoadError(f"{r} holds a circuit-tracer {ct_config}, a transcoder set: pass it as transcoders")
+            raise SAELoadError(
+                f"{r} holds a circuit-tracer {ct_config}, a transcoder set",
+                Fix(api="pass it as transcoders", cli="pass it as --transcoders", http="pass it as --transcoders"),
+            )
     paths = [p for r in roots for p in sae_paths(r)]
     by_layer: dict[int, AttentionSAE] = {}
     for path in paths:

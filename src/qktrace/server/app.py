@@ -226,8 +226,8 @@ def add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(QKTraceError)
     async def on_qktrace_error(request: Request, e: QKTraceError) -> JSONResponse:
         if isinstance(e, Cancelled):  # nobody is listening: the answer is for the log and the record
-            return _error(503, str(e))
-        return _error(422 if isinstance(e, GraphFileError) else 400, str(e))
+            return _error(503, e.line("http"))
+        return _error(422 if isinstance(e, GraphFileError) else 400, e.line("http"))
 
     @app.exception_handler(ApiError)
     async def on_api_error(request: Request, e: ApiError) -> JSONResponse:

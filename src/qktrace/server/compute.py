@@ -82,10 +82,15 @@ class _GraphJob:
 
 
 def error_text(e: BaseException) -> str:
-    if isinstance(e, QKTraceError | ApiError):
+    if isinstance(e, QKTraceError):
+        return " ".join(e.line("http").split())
+    if isinstance(e, ApiError):
         return " ".join(str(e).split())
     if isinstance(e, MemoryError) or "out of memory" in str(e) or "can't allocate memory" in str(e):
-        return "out of memory while building the graph: use a shorter prompt or restart with --max-memory"
+        return (
+            "out of memory while building the graph: use a shorter prompt, or start the server with a smaller "
+            "budget (`qktrace serve --max-memory SIZE`)"
+        )
     first = " ".join(str(e).split())[:200]
     return f"internal error ({type(e).__name__}: {first}): see the server log"
 
@@ -121,29 +126,31 @@ class Engine:
             return None
 
     # -- prompts ---------------------------------------------------------------------------------------
-    def ids(self, req: S.PromptRequest) -> tuple[int, ...]:
-        """Token ids of the request's prompt, held to the server's token limit; without the model lock."""
+    def ids(self, req: S.PromptRequest, suffix: str = "") -> tuple[int, ...]:
+        """Token ids of the request's prompt, held to the server's token limit; without the model lock.
+        A refusal names the request's field: 'prompt' or 'tokens', plus `suffix` ("_b" for compare's B)."""
         limit = self.limits.server_max_tokens
+        field = ("prompt" if req.prompt is not None else "tokens") + suffix
         if req.prompt is not None:
-            check_text(req.prompt)
+            check_text(req.prompt, field)
             if self._tokenizing is None:
                 with self.lock:
-                    ids = self.tracer.model.tokenize(req.prompt)
+                    ids = self.tracer.model.tokenize(req.prompt, what=field)
             else:
                 with self._tok_lock:
-                    ids = self._tokenizing.tokenize(req.prompt)
+                    ids = self._tokenizing.tokenize(req.prompt, what=field)
             n = int(ids.shape[0])
         else:
             n = len(req.tokens or [])
             if n == 0:
-                raise InputError("the prompt is empty: give at least one token")
+                raise InputError(f"{field} is empty: give at least one token")
         if n > limit:
             raise InputError(
-                f"the prompt is {n} tokens, more than the {limit} this server traces: shorten it, "
-                f"or restart with qktrace serve --max-tokens {n}"
+                f"{field} is {n:,} tokens, more than the {limit:,} this server traces: shorten it, "
+                f"or start the server with `qktrace serve --max-tokens {n}`"
             )
         if req.prompt is None:
-            ids = self.tracer.model.tokenize(req.tokens or [])  # checks ids against the vocabulary
+            ids = self.tracer.model.tokenize(req.tokens or [], what=field)  # checks ids against the vocabulary
         return tuple(int(i) for i in ids.tolist())
 
     async def run(self, request: Request, fn: Callable[[], T]) -> T:

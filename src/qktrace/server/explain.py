@@ -190,8 +190,8 @@ def start_explain(engine: Engine, store: GraphStore, req: ExplainJobRequest) -> 
 
 def compare_response(engine: Engine, req: CompareRequest) -> CompareResponse:
     # both prompts checked (and held to the token limit) before waiting for the model
-    ids_a = engine.ids(S.PromptRequest(prompt=req.prompt_a, tokens=req.tokens_a))
-    ids_b = engine.ids(S.PromptRequest(prompt=req.prompt_b, tokens=req.tokens_b))
+    ids_a = engine.ids(S.PromptRequest(prompt=req.prompt_a, tokens=req.tokens_a), "_a")
+    ids_b = engine.ids(S.PromptRequest(prompt=req.prompt_b, tokens=req.tokens_b), "_b")
     with engine.traced(ids_a) as a:  # holds the model's lock
         b = engine.tracer.run(list(ids_b))
         c = compare(

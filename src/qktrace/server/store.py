@@ -290,7 +290,10 @@ class Features:
     def get(self, c: int, f: int) -> S.FeatureResponse:
         if c not in self.d_sae:
             known = ", ".join(map(str, sorted(self.d_sae))) or "none"
-            raise ApiError(404, f"no SAE at checkpoint {c} (known: {known}): start the server with --saes DIR")
+            raise ApiError(
+                404,
+                f"no SAE at checkpoint {c} (known: {known}): start the server with `qktrace serve --model M --saes D`",
+            )
         check_index(f, self.d_sae[c], f"checkpoint {c} feature")
         raw = self.dashboards(c).get(str(f))
         label = self.labels.get(c, {}).get(f) or (raw or {}).get("label") or f"c{c}/f{f}"

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 from ..config import LIMITS
-from ..errors import InputError, check_index
+from ..errors import Fix, InputError, check_index
 from ..models.tokens import Positions, resolve_positions
 from ..options import SweepOptions
 
@@ -198,7 +198,13 @@ def check_request(req: SteerRequest) -> Checked:
     return Checked(req, checkpoint, layer, tuple(h for _, h in pairs), scales)
 
 
-NEEDS_LAYER = "a transcoder feature steered inside QK circuits needs its layer: give feature_layer (--feature-layer)"
+FEATURE_LAYER = ("feature_layer", "--feature-layer")  # the request's field, the command's flag
+
+
+def _needs_layer(kind: str) -> InputError:
+    return InputError(
+        f"a {kind} feature steered inside QK circuits needs its layer", Fix.option("give", *FEATURE_LAYER)
+    )
 
 
 def _check_kind(req: SteerRequest, layer: int | None) -> bool:
@@ -209,14 +215,22 @@ def _check_kind(req: SteerRequest, layer: int | None) -> bool:
         )
     if req.feature_layer is None:
         if req.kind in ("transcoder", "attn") and layer is not None:
-            raise InputError(
-                f"a {req.kind} feature steered inside QK circuits needs its layer: give feature_layer (--feature-layer)"
-            )
+            raise _needs_layer(req.kind)
         return req.kind in ("transcoder", "attn")
     if req.kind == "feature":
-        raise InputError("feature_layer names a transcoder feature's layer: drop it for an SAE feature")
+        raise InputError(
+            "a feature layer names a transcoder feature's layer, not an SAE feature's",
+            Fix.option("drop", *FEATURE_LAYER),
+        )
     if layer is None:
-        raise InputError("feature_layer is for steering inside heads' QK circuits: give heads, or use checkpoint")
+        raise InputError(
+            "a feature layer is for steering inside heads' QK circuits",
+            Fix(
+                api="give heads, or use checkpoint",
+                cli="give --heads, or drop --feature-layer (without heads, --layer is the feature's layer)",
+                http="give heads, or use checkpoint instead",
+            ),
+        )
     if _int(req.feature_layer, "feature layer") < 0 or req.feature_layer >= layer:
         raise InputError(
             f"a {req.kind or 'transcoder'} feature of layer {req.feature_layer} writes nothing layer {layer}'s heads "
@@ -238,9 +252,15 @@ def feature_kind(traced: Traced, kind: str | None) -> Kind:
     if kind is None:
         kind = "transcoder" if traced.transcoders is not None and not len(traced.saes) else "feature"
     if kind == "transcoder" and traced.transcoders is None:
-        raise InputError("a transcoder feature was asked for but no transcoders are loaded: pass --transcoders")
+        raise InputError(
+            "a transcoder feature was asked for but no transcoders are loaded",
+            Fix.loaded("transcoders", "--transcoders"),
+        )
     if kind == "attn" and traced.attention_saes is None:
-        raise InputError("an attention feature was asked for but no attention SAEs are loaded: pass --attention-saes")
+        raise InputError(
+            "an attention feature was asked for but no attention SAEs are loaded",
+            Fix.loaded("attention_saes", "--attention-saes", also="--transcoders DIR"),
+        )
     return Kind(kind)
 
 
@@ -300,9 +320,7 @@ def build_steering(traced: Traced, req: SteerRequest | Checked) -> Steering:
     L = model.n_layers
     kind = feature_kind(traced, r.kind or ("transcoder" if r.feature_layer is not None else None))
     if kind.value != "feature" and checked.layer is not None and r.feature_layer is None:
-        raise InputError(
-            f"a {kind.value} feature steered inside QK circuits needs its layer: give feature_layer (--feature-layer)"
-        )
+        raise _needs_layer(kind.value)
     c = check_index(checked.checkpoint, L + 1, "checkpoint")
     if checked.layer is not None:
         layer = check_index(checked.layer, L, "layer")
