@@ -206,6 +206,8 @@ def head() -> Iterator[tuple[str, str, dict[str, str]]]:
     try:
         # 127.0.0.1 stays 127.0.0.1 (Ray rewrites it to the machine's address by default); token auth as deployed
         head_env = {**env, "RAY_AUTH_MODE": "token", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+        # a ray:// client's own server process may take over Ray's 30 s to answer on a loaded 2-core machine
+        head_env["RAY_CLIENT_SERVER_CHECK_CHANNEL_TIMEOUT_S"] = "120"
         done = subprocess.run(args, env=head_env, capture_output=True, timeout=START_S)
         assert done.returncode == 0, done.stderr.decode()[-2000:]
         assert (
