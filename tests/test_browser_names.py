@@ -110,6 +110,16 @@ def test_one_name_in_drawn_labels_panels_supernodes_and_compare(setup, page, liv
         page.click(page.find("#supernode-table button.group-toggle"))
         tag = page.wait("#graph-svg .labels g.group-label.collapsed")
         assert "my group (2)" in tag.text
+        # a summed edge of the collapsed group: its ends and the edges it sums named the same way
+        summed = page.find("#graph-svg g.edge.summed line.hit")
+        page.driver.execute_script("arguments[0].dispatchEvent(new MouseEvent('click', {bubbles: true}))", summed)
+        page.wait("#summed-table span.comp")
+        assert page.find("#edge-panel h3 b.group-name").text == "my group (2)"
+        clerps = {n["node_id"]: n["clerp"] for n in raw["nodes"]}
+        for span in page.find_all("#summed-table span.comp"):
+            cid = span.get_attribute("data-component")  # a logit keeps its own label: 'Output " x" (p=…)'
+            want = clerps[cid] if Node.parse(cid).kind is Kind.LOGIT else expected_name(tracer, tokens, cid)
+            assert span.text == want
         assert not repr_positions(page.driver)
 
         # the compare view's terms name a component as the graph does
