@@ -45,7 +45,7 @@ from selenium.webdriver.support.ui import Select, WebDriverWait  # noqa: E402
 import qktrace  # noqa: E402
 from qktrace.errors import InputError  # noqa: E402
 from qktrace.graph import load_graph  # noqa: E402
-from qktrace.nodes import Kind, Node, component_label  # noqa: E402
+from qktrace.nodes import Kind, Node, component_label, visible  # noqa: E402
 from qktrace.nodes import feature as feature_node  # noqa: E402
 from qktrace.options import SweepOptions  # noqa: E402
 from qktrace.server import create_app  # noqa: E402
@@ -537,12 +537,18 @@ def test_first_graph_labels_normalised_weights_and_url(setup, shots, driver, tmp
         WebDriverWait(driver, 10).until(lambda d: label_boxes(d))
         shown = set(label_boxes(driver))  # unasked: every logit, and top nodes by influence where they fit
         assert {n for n in unasked if "logit/" in n} <= shown <= unasked
-        # hover: the node's label, cut to 28 characters, the full text in its title; gone when the mouse leaves
+        # hover: the node's name (qktrace.nodes.component_label), its label cut to fit but its position kept, the
+        # whole name in its title; gone when the mouse leaves
         marker = driver.find_element(By.CSS_SELECTOR, f'#graph-svg g.node[data-id="{node_id}"] > :first-child')
         ActionChains(driver).move_to_element(marker).perform()
         label = wait(driver, f'#graph-svg g.labels g.node-label[data-id="{node_id}"]', 10)
-        assert text_of(label.find_element(By.TAG_NAME, "text")) == LONG_LABEL[:27] + "…"
-        assert text_of(label.find_element(By.TAG_NAME, "title")) == LONG_LABEL
+        node = Node.parse(node_id)
+        tok = graph["metadata"]["prompt_tokens"][node.pos]
+        assert text_of(label.find_element(By.TAG_NAME, "title")) == component_label(node, tok, LONG_LABEL)
+        full = component_label(node, tok, LONG_LABEL)
+        cut = lambda t, n: t if len(t) <= n else t[: n - 1] + "…"  # noqa: E731
+        short = f'{cut(full.split(f" @{node.pos} ")[0], 24)} @{node.pos} "{cut(visible(tok), 10)}"'
+        assert text_of(label.find_element(By.TAG_NAME, "text")) == (full if len(full) <= 40 else short)
         assert "hover-only" in label.get_attribute("class")
         ActionChains(driver).move_to_element(driver.find_element(By.ID, "graph-info")).perform()
         WebDriverWait(driver, 10).until(lambda d: set(label_boxes(d)) == shown)

@@ -1,8 +1,9 @@
 """The QK panel and the feature detail in headless Chromium, with real clicks, on the demo's induction graph:
 the query x key heatmap (its cells add up to the score shown, "features only" too), a rival key chosen in the
 contrast (its terms add up to the library's score difference), the feature detail's histogram (the
-dashboards file's counts) and bottom outputs, one label per component in the node panel, the QK table and
-the mechanism view (qktrace.nodes.component_label's), and no Python-repr position anywhere on the page."""
+dashboards file's counts) and bottom outputs, one label per component in the labels drawn on the graph, the
+node panel, the QK table and the mechanism view (qktrace.nodes.component_label's), and no Python-repr position
+anywhere on the page."""
 
 from __future__ import annotations
 
@@ -197,14 +198,26 @@ def test_qk_heatmap_rival_feature_detail_and_labels(demo, chrome, live_server, s
         driver.execute_script("document.getElementById('feature-panel').scrollIntoView()")
         driver.save_screenshot(str(shots / "feature-detail.png"))
 
-        # the node panel names a graph node as the QK table does
+        # the node panel names a graph node as the QK table does, and so does its label drawn on the graph
         title = lambda d: d.find_element(By.ID, "node-title").get_attribute("title")  # noqa: E731
+        drawn = lambda c: driver.find_element(By.CSS_SELECTOR, f'#graph-svg .labels g.node-label[data-id="{c}"]')  # noqa: E731
         shared = [c for c in qk_labels if c in node_ids]
         assert shared, "no QK component of the mechanism's head is a node of the graph"
         for cid in shared[:3]:
             click(driver, driver.find_element(By.CSS_SELECTOR, f'#graph-svg g.node[data-id="{cid}"] .mark'))
             WebDriverWait(driver, 10).until(lambda d, c=cid: title(d) == c)
             assert driver.find_element(By.ID, "node-title").text == qk_labels[cid]
+            WebDriverWait(driver, 10).until(lambda d, c=cid: drawn(c).get_attribute("data-full") == qk_labels[c])
+        # every feature label drawn on the graph (the top nodes by influence) is the library's, not the file's clerp
+        tags = driver.find_elements(By.CSS_SELECTOR, "#graph-svg .labels g.node-label[data-id]")
+        features = [
+            g.get_attribute("data-id") for g in tags if Node.parse(g.get_attribute("data-id")).kind is Kind.FEATURE
+        ]
+        assert len(features) >= 5
+        for cid in features:
+            full = drawn(cid).get_attribute("data-full")
+            assert full == expected_label(tracer, tokens, cid) and "[QK " not in full
+            assert f" @{Node.parse(cid).pos} " in drawn(cid).find_element(By.CSS_SELECTOR, "text").text
         assert not repr_positions(driver)
 
         # the mechanism view names its features the same way

@@ -7,12 +7,13 @@ that showed a side's results."""
 from __future__ import annotations
 
 import json
+import re
 import urllib.error
 
 import pytest
 
 import qktrace
-from qktrace.nodes import Kind, Node
+from qktrace.nodes import Kind, Node, component_label
 
 pytestmark = pytest.mark.browser
 
@@ -136,7 +137,10 @@ def test_attention_features_are_labelled_by_default(tiny, page, live_server, tmp
         page.open_graph(server, "s2.json")
         label = page.wait(f'#graph-svg g.node-label[data-id="{top["node_id"]}"]', 10)
         assert "hover-only" not in label.get_attribute("class")
-        assert label.get_attribute("data-full") == top["clerp"]
+        node = Node.parse(top["node_id"])  # its name: the label without its QK suffix, kind and position
+        own = re.sub(r" \[QK L\d+H\d+ @\d+\]$", "", top["clerp"])
+        tok = raw["metadata"]["prompt_tokens"][node.pos]
+        assert label.get_attribute("data-full") == component_label(node, tok, own)
         assert label.find_element("css selector", "text").text.startswith(short)
 
         edge = page.find(f'#graph-svg g.edge[data-source="{link["source"]}"][data-target="{link["target"]}"] line.hit')

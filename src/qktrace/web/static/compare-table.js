@@ -3,9 +3,12 @@
 // terms in A and B, matched component by component). POST /api/compare's answer, drawn; no state.
 
 import { clear, el, fmt, num } from "./dom.js";
+import { attachTips } from "./features.js";
+import { nameIn } from "./model.js";
 
-/** Draws POST /api/compare's answer `res` into `body`. */
-export function renderComparison(body, res) {
+/** Draws POST /api/compare's answer `res` into `body`; a component is named as in A's graph `model` (names.js's
+ * name through `nameIn`, so as A's panels name it), else as the server labels it. */
+export function renderComparison(body, res, model = null) {
   const tok = (i) => JSON.stringify(res.str_tokens_a[i] === undefined ? "?" : res.str_tokens_a[i]);
   const tokB = (i) => JSON.stringify(res.str_tokens_b[i] === undefined ? "?" : res.str_tokens_b[i]);
   const where = res.differing.map((p) => `${p} (${tok(p)} → ${tokB(p)})`).join(", ") || "nowhere";
@@ -25,7 +28,7 @@ export function renderComparison(body, res) {
     const tr = el("tr", { class: "clickable compare-row", "data-layer": h.layer, "data-head": h.head,
       "data-key": h.key_pos, onclick: () => {
         for (const r of body.querySelectorAll("tr.compare-row")) r.classList.toggle("selected", r === tr);
-        showTerms(terms.get(`${h.layer}/${h.head}`), h, detail, tok);
+        showTerms(terms.get(`${h.layer}/${h.head}`), h, detail, tok, model);
       } },
     el("td", {}, `L${h.layer}H${h.head}`), el("td", {}, `${h.key_pos} ${tok(h.key_pos)}`),
     num(h.attention_a, "attention_a"), num(h.attention_b, "attention_b"), num(h.diff, "diff"), num(h.skew, "skew"));
@@ -54,7 +57,9 @@ function patching(p) {
       row("together", p.together, "patch-together")));
 }
 
-function showTerms(t, h, detail, tok) {
+function showTerms(t, h, detail, tok, model) {
+  const comp = (id, label) => el("td", {}, el("span", { class: "comp", "data-component": id },
+    model ? nameIn(model, id, label) : label));
   clear(detail);
   if (!t) {
     detail.append(el("p", { class: "muted" }, `L${h.layer}H${h.head} is not among the heads whose terms were `
@@ -66,7 +71,8 @@ function showTerms(t, h, detail, tok) {
   el("table", {},
     el("tr", {}, el("th", {}, "query"), el("th", {}, "key"), el("th", { class: "num" }, "A"),
       el("th", { class: "num" }, "B"), el("th", { class: "num" }, "B − A")),
-    t.terms.map((x) => el("tr", { class: "compare-term" }, el("td", {}, x.query_label), el("td", {}, x.key_label),
+    t.terms.map((x) => el("tr", { class: "compare-term" }, comp(x.query, x.query_label), comp(x.key, x.key_label),
       num(x.value_a, "value_a"), num(x.value_b, "value_b"), num(x.diff, "diff")))),
   el("p", { class: "muted" }, `${t.n_terms} terms in all; the others add ${fmt(t.rest)}.`));
+  attachTips(detail);
 }

@@ -250,7 +250,7 @@ export function createCompareView({ info, onOpen, onEnter = () => {}, onClose, o
     const answer = $("compare-answer").value, rival = $("compare-rival").value, q = $("compare-query").value.trim();
     const res = await API.compare({ ...prompts, query_pos: q === "" ? -1 : +q,
       answer: answer === "" ? null : answer, rival: rival === "" ? null : rival, top: 5 });
-    if (mine === ticket) renderComparison(body, res);
+    if (mine === ticket) renderComparison(body, res, sides.a.store.state.model);
     return res;
   }
 

@@ -3,7 +3,7 @@
 // supernode's edge: its summed weight and the edges it sums.
 
 import { C, FONT, clear, el, fmt, num, sv } from "./dom.js";
-import { isCross, nameIn, nodeLabel, nodeWhere, strongest, weightOf } from "./model.js";
+import { isCross, nameIn, nodeName, nodeWhere, strongest, weightOf } from "./model.js";
 import { attachTips } from "./features.js";
 
 const HINT = "Click an edge, or an input or output of a node.";
@@ -18,7 +18,7 @@ export function createEdgePanel(body, { onHead, onLink = () => {} }) {
   function show(state) {
     const l = state.selLink, model = state.model;
     clear(body).className = "body";
-    if (l.members) return summed(l, state.weights);
+    if (l.members) return summed(model, l, state.weights);
     const share = `${fmt(100 * Math.abs(l.norm), 3)}% of the |weight| into its target`;
     body.append(el("h3", {}, el("span", { class: "comp", "data-component": l.s.id }, nameIn(model, l.s.id)), " → ",
       el("span", { class: "comp", "data-component": l.t.id }, nameIn(model, l.t.id))),
@@ -50,16 +50,18 @@ export function createEdgePanel(body, { onHead, onLink = () => {} }) {
   }
 
   /** A collapsed supernode's edge (supernodes.js): the sum, and the edges it sums, strongest first. */
-  function summed(l, weights) {
-    const n = l.members.length;
-    body.append(el("h3", {}, nodeLabel(l.s), " → ", nodeLabel(l.t)), el("dl", { class: "kv" },
+  function summed(model, l, weights) {
+    const n = l.members.length; // a collapsed supernode's end keeps its group name
+    const end = (x) => (model.byId.get(x.id) === x ? el("span", { class: "comp", "data-component": x.id },
+      nodeName(model, x)) : el("b", { class: "group-name" }, nodeName(model, x)));
+    body.append(el("h3", {}, end(l.s), " → ", end(l.t)), el("dl", { class: "kv" },
       el("dt", {}, "weight"), el("dd", {}, el("span", { id: "edge-weight", "data-value": l.weight }, fmt(l.weight)),
         el("span", { class: "muted" }, ` the sum of ${n} edge${n === 1 ? "" : "s"}`)),
       el("dt", {}, "normalised"), el("dd", { id: "edge-weight-norm", "data-value": l.norm }, fmt(l.norm))),
     el("h4", {}, "The edges it sums (click one for its head loadings)"),
     el("table", { id: "summed-table", class: "links" }, strongest(l.members, weights).map((m) =>
       el("tr", { class: "clickable", "data-link": m.i, onclick: () => onLink(m) }, num(weightOf(m, weights), "weight", 3),
-        el("td", {}, nodeLabel(m.s), " → ", nodeLabel(m.t))))));
+        el("td", {}, end(m.s), " → ", end(m.t))))));
   }
 
   /** Marks the chosen head's buttons. */

@@ -15,7 +15,7 @@ import { C, FONT, clear, fmt, sv } from "./dom.js";
 import { placeLabels } from "./labels.js";
 import { L, layout, rowName } from "./layout.js";
 import { marker } from "./legend.js";
-import { isCross, nodeLabel, quantile, shortLabel, weightOf } from "./model.js";
+import { isCross, nodeName, quantile, shortName, weightOf } from "./model.js";
 import { collapse, drawGroups, groupOf } from "./supernodes.js";
 import { createZoom } from "./zoom.js";
 
@@ -34,10 +34,11 @@ export function defaultLabelled(model) {
   return [...logits, ...inner];
 }
 
-/** A logit's label names its token and probability. */
-function labelText(n) {
-  if (n.p.kind !== "logit" || n.token_prob === undefined || /p=/.test(n.clerp)) return shortLabel(n);
-  return `${shortLabel(n)} (p=${fmt(n.token_prob, 3)})`;
+/** A node's drawn label: its name (names.js's, through `nameIn`) shortened to fit; a logit's names its token and
+ * probability. */
+function labelText(model, n) {
+  if (n.p.kind !== "logit" || n.token_prob === undefined || /p=/.test(n.clerp)) return shortName(model, n);
+  return `${shortName(model, n)} (p=${fmt(n.token_prob, 3)})`;
 }
 
 /** handlers: onNode(n, event), onLink(l), onHover(n or null, event), onBackground(), onKey(n, event),
@@ -80,7 +81,7 @@ export function createGraphView(svg, state, { onNode, onLink, onHover, onBackgro
       sv("line", { ...ends, class: "vis", stroke: l.weight >= 0 ? C.pos : C.neg, "stroke-linecap": "round",
         "stroke-dasharray": l.weight >= 0 ? "none" : "5 2.5" }),
       sv("line", { ...ends, class: "hit", stroke: "#000", "stroke-opacity": 0, "stroke-width": 9 }),
-      sv("title", {}, `${nodeLabel(l.s)} → ${nodeLabel(l.t)}: ${fmt(l.weight)} (normalised ${fmt(l.norm)})`));
+      sv("title", {}, `${nodeName(model, l.s)} → ${nodeName(model, l.t)}: ${fmt(l.weight)} (normalised ${fmt(l.norm)})`));
       edges.append(g);
       return g;
     });
@@ -88,7 +89,7 @@ export function createGraphView(svg, state, { onNode, onLink, onHover, onBackgro
     nodeEls = new Map();
     for (const n of model.nodes) {
       const g = sv("g", { class: "node", "data-id": n.id, "data-kind": n.p.kind, transform: `translate(${n.x},${n.y})`,
-        tabindex: 0, role: "button", "aria-label": `${nodeLabel(n)} (${n.id})`,
+        tabindex: 0, role: "button", "aria-label": `${nodeName(model, n)} (${n.id})`,
         onclick: (e) => { e.stopPropagation(); onNode(n, e); }, onkeydown: (e) => nodeKey(n, e),
         onmouseenter: (e) => onHover(n, e), onmouseleave: (e) => onHover(null, e) }, marker(n.p.kind),
       sv("circle", { class: "ring", r: 8.5, fill: "none", stroke: C.sel, "stroke-width": 1.6, opacity: 0 }));
@@ -266,7 +267,7 @@ export function createGraphView(svg, state, { onNode, onLink, onHover, onBackgro
     const all = hover && !keep.includes(hover.id) && !hidden.has(hover.id) ? [...keep, hover.id] : keep;
     const tags = groupTags(sn, shut);
     const key = [...tags.map((t) => `${t.id}=${t.text}`),
-      ...all.map((id) => `${keep.includes(id) ? "" : "hover:"}${id}=${nodeLabel(model.byId.get(id))}`)].join("\n");
+      ...all.map((id) => `${keep.includes(id) ? "" : "hover:"}${id}`)].join("\n");
     if (key === drawn) return;
     drawn = key;
     const u = 1 / scale; // one screen pixel in drawing units
@@ -275,7 +276,7 @@ export function createGraphView(svg, state, { onNode, onLink, onHover, onBackgro
       return { w: (Math.ceil(measure.measureText(text).width) + 8) * u, h: LABEL_H * u };
     };
     const items = [...tags.map((t) => ({ ...t, ...box(t.text, true) })), ...all.map((id) => {
-      const n = model.byId.get(id), text = labelText(n); // the full text goes in its title
+      const n = model.byId.get(id), text = labelText(model, n); // the full name goes in its title
       return { id, x: n.x, y: n.y, n, text, ...box(text),
         optional: keep.includes(id) && !chosen.has(id) && n.p.kind !== "logit" }; // top nodes by influence give way
     })];
@@ -309,7 +310,7 @@ export function createGraphView(svg, state, { onNode, onLink, onHover, onBackgro
   }
 
   function nodeTag(it, b, u, hoverOnly) {
-    const n = it.n, full = nodeLabel(n);
+    const n = it.n, full = nodeName(model, n);
     return sv("g", { class: `node-label${hoverOnly ? " hover-only" : ""}`, "data-id": it.id, "data-full": full,
       onclick: (e) => { e.stopPropagation(); onNode(n, e); },
       onmouseenter: (e) => onHover(n, e), onmouseleave: (e) => onHover(null, e) },

@@ -2,7 +2,7 @@
 // collapsed into one node or expanded (supernodes.js draws them).
 
 import { clear, el } from "./dom.js";
-import { nodeLabel, nodeWhere, shortLabel } from "./model.js";
+import { nameIn } from "./model.js";
 
 const HINT = "Shift-click nodes (or use Pin) to pin them; group pinned nodes into a labelled supernode.";
 
@@ -21,8 +21,8 @@ export function createGroupPanel(body, { onNode, onPin, onGroup, onUngroup, onTo
       body.append(el("h4", {}, "Pinned"), el("table", { id: "pinned-table" }, free.map((id) => {
         const n = model.byId.get(id);
         return el("tr", {}, el("td", {}, el("input", { type: "checkbox", class: "pin-check", value: id, checked: true })),
-          el("td", { class: "clickable", onclick: () => onNode(n) }, nodeLabel(n), " ",
-            el("span", { class: "muted" }, nodeWhere(model, n))),
+          el("td", { class: "clickable", onclick: () => onNode(n) },
+            el("span", { class: "comp", "data-component": id, title: id }, nameIn(model, id))),
           el("td", {}, el("button", { type: "button", onclick: () => onPin(n) }, "unpin")));
       })));
       const name = el("input", { type: "text", id: "group-name", placeholder: "supernode label", size: 18 });
@@ -34,7 +34,8 @@ export function createGroupPanel(body, { onNode, onPin, onGroup, onUngroup, onTo
     if (supernodes.length) {
       body.append(el("h4", {}, "Supernodes"), el("table", { id: "supernode-table" }, supernodes.map((s, i) =>
         el("tr", { "data-i": i }, el("td", {}, el("b", {}, s.name), ` (${s.ids.length})`),
-          el("td", { class: "muted" }, s.ids.map((id) => shortLabel(model.byId.get(id))).join("; ")),
+          el("td", { class: "muted" }, s.ids.filter((id) => model.byId.has(id)).flatMap((id, j) => [j ? "; " : "",
+            el("span", { class: "comp", "data-component": id, title: id }, nameIn(model, id))])),
           el("td", { class: "btnrow" }, el("button", { type: "button", class: "group-toggle",
             onclick: () => onToggle(i) }, s.collapsed ? "expand" : "collapse"),
           el("button", { type: "button", onclick: () => onUngroup(i) }, "ungroup"))))));

@@ -118,12 +118,17 @@ export function nameIn(model, id, fallback) {
   if (p.kind === "logit" && own) return own;
   return componentLabel(p, own, model.tokens[p.pos]);
 }
-export const nodeLabel = (n) => n.clerp || n.id;
-export const LABEL_CHARS = 28; // labels drawn on the graph and listed are cut to this with "…"
-export const shortLabel = (n) => {
-  const s = nodeLabel(n);
-  return s.length > LABEL_CHARS ? `${s.slice(0, LABEL_CHARS - 1)}…` : s;
-};
+/** The name of a drawn node `n`: a graph node's `nameIn`; a collapsed supernode (supernodes.js) keeps its group
+ * name and member count. */
+export const nodeName = (model, n) => (model.byId.get(n.id) === n ? nameIn(model, n.id) : n.clerp || n.name || n.id);
+export const LABEL_CHARS = 40; // names drawn on the graph and listed are cut to this with "…" (the whole on hover)
+/** `text` cut to `chars` with "…". */
+export const cut = (text, chars = LABEL_CHARS) => (text.length > chars ? `${text.slice(0, chars - 1)}…` : text);
+/** `nodeName` shortened to fit a drawn label: the name part cut first, the position `@8 "tok"` kept. */
+export function shortName(model, n) {
+  const full = nodeName(model, n), at = / @(\d+) "(.*)"$/.exec(full);
+  return at ? `${cut(full.slice(0, at.index), LABEL_CHARS - 16)} @${at[1]} "${cut(at[2], 10)}"` : cut(full);
+}
 export const tokText = (model, i) => `"${visible(model.tokens[i] === undefined ? "?" : model.tokens[i])}"`;
 export const nodeWhere = (model, n) => `@${n.p.pos} ${tokText(model, n.p.pos)}`;
 

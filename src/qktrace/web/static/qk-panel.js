@@ -1,16 +1,19 @@
 // The QK panel: why a head's query attends to a key, as terms query-side component × key-side component
 // (POST /api/qk): the top terms as a table or as a query × key heatmap (qk-heatmap.js), "features only" in
 // both; the head's attention row, inhibitory terms and the contrast with a rival key the user picks; without
-// a model, the terms a graph stored for its edges. Components are named as names.js names them.
+// a model, the terms a graph stored for its edges (a table and a heatmap too). Components are named as names.js
+// names them. The latest request wins: an answer that comes back after another request was made, or after the
+// panel was reset (compare closed), is dropped.
 
 import * as API from "./api.js";
 import { $, C, FONT, clear, el, errorBox, fmt, num, sv, truncate } from "./dom.js";
 import { attachTips } from "./features.js";
-import { heatmapView } from "./qk-heatmap.js";
+import { heatmapView, storedHeatmap } from "./qk-heatmap.js";
 import { nameIn, parseId, tokText } from "./model.js";
 import { visible } from "./names.js";
 
 const isFeature = (id) => parseId(id).kind === "feature";
+const bothFeatures = (t) => isFeature(t.query) && isFeature(t.key);
 
 /** The prompt to compute on: the open graph's token ids, else the text in the prompt box. */
 export function promptPayload(state) {
@@ -30,6 +33,7 @@ const comp = (id, label) => el("td", {}, el("span", { class: "comp", "data-compo
 export function createQKPanel(state, { onShown = () => {} } = {}) {
   const body = $("qk-body");
   const shown = { mode: "table", only: false }; // table or heatmap, features only: kept from view to view
+  let asked = 0; // requests made: an answer to any but the latest is dropped
 
   $("qk-form").addEventListener("submit", (e) => {
     e.preventDefault();
@@ -39,13 +43,21 @@ export function createQKPanel(state, { onShown = () => {} } = {}) {
   });
 
   async function run(req) {
+    const mine = ++asked;
     body.className = "body";
-    clear(body).append(el("p", { class: "muted" }, el("span", { class: "spinner" }),
-      `explaining L${req.layer}H${req.head} at query ${req.query_pos}…`));
+    const wait = el("p", { class: "muted qk-pending", "data-request": mine }, el("span", { class: "spinner" }),
+      `explaining L${req.layer}H${req.head} at query ${req.query_pos}…`);
+    clear(body).append(wait);
+    // still wanted: no later request, and the panel not reset meanwhile (its waiting line still shown)
+    const current = () => mine === asked && wait.isConnected;
     try {
-      render(await API.qk({ ...promptPayload(state()), ...req, top: 12 }), req.rival_pos ?? null);
-    } catch (e) { errorBox(body, e); }
+      const res = await API.qk({ ...promptPayload(state()), ...req, top: 12 });
+      if (current()) render(res, req.rival_pos ?? null);
+    } catch (e) { if (current()) errorBox(body, e); }
   }
+
+  /** Drop the answer of any request still running (the panel is going back to its hint). */
+  const cancel = () => { asked++; };
 
   function render(res, rival) {
     onShown({ layer: res.layer, head: res.head, query: res.query_pos, key: res.key_pos, rival });
@@ -63,7 +75,8 @@ export function createQKPanel(state, { onShown = () => {} } = {}) {
         num(qk.max_relative_error, "max_relative_error", 2))));
     body.append(el("h4", {}, "Attention of the query over every key (blue: this key, amber: its rival; click a bar)"),
       attentionChart(res, (k) => run({ layer: res.layer, head: res.head, query_pos: res.query_pos, key_pos: k })));
-    body.append(...termsView(res, shown));
+    const hm = (only) => (only ? res.heatmap_features : res.heatmap);
+    body.append(...termsView(termTable(res.qk.terms, "qk-terms", false), hm, shown));
     body.append(el("div", { class: "two-col" }, marginalTable(qk.query_marginals, "Query side (summed)", "qk-qmarg"),
       marginalTable(qk.key_marginals, "Key side (summed)", "qk-kmarg")));
     body.append(el("h4", {}, "Strongest inhibitory terms (lower p(key) most, over all keys)"),
@@ -76,6 +89,7 @@ export function createQKPanel(state, { onShown = () => {} } = {}) {
   }
 
   function stored(l, layer, head) {
+    asked++; // a request still running must not replace these terms
     const model = state().model;
     clear(body).className = "body";
     const entries = (Array.isArray(l.qk_top_terms) ? l.qk_top_terms : [])
@@ -85,19 +99,25 @@ export function createQKPanel(state, { onShown = () => {} } = {}) {
         + "start qktrace serve with --model to compute them."));
       return;
     }
-    const q = l.t.p.pos, k = l.s.p.pos;
+    const q = l.t.p.pos, k = l.s.p.pos, name = (id, label) => nameIn(model, id, label);
     for (const e of entries) {
-      const terms = Array.isArray(e.terms) ? e.terms : [e];
+      const terms = (Array.isArray(e.terms) ? e.terms : [e]).filter((t) => t && typeof t.value === "number");
       body.append(el("h3", { id: "qk-title" }, `L${layer}H${head}: query ${q} ${tokText(model, q)} → key `
         + `${k} ${tokText(model, k)} (stored in the graph; no model loaded)`));
-      if (e.score !== undefined) {
-        body.append(el("dl", { class: "kv" }, el("dt", {}, "score"), el("dd", {}, fmt(e.score)),
-          el("dt", {}, "p(key)"), el("dd", {}, fmt(e.pattern))));
-      }
-      body.append(el("table", { id: "qk-terms", class: "terms" },
+      const score = typeof e.score === "number" ? e.score : undefined;
+      body.append(score === undefined
+        ? el("p", { id: "qk-top-only", class: "muted" }, "The graph stores the top terms only (no score): they "
+          + "need not add up to the head's score.")
+        : el("dl", { class: "kv" }, el("dt", {}, "score"), el("dd", { id: "qk-stored-score", "data-value": score },
+          fmt(score)), el("dt", {}, "p(key)"), el("dd", {}, fmt(e.pattern))));
+      const table = el("table", { id: "qk-terms", class: "terms" },
         el("tr", {}, el("th", {}, "query side"), el("th", {}, "key side"), el("th", { class: "num" }, "term")),
-        terms.map((t) => el("tr", { class: "qk-term" }, comp(t.query, nameIn(model, t.query, t.query_label)),
-          comp(t.key, nameIn(model, t.key, t.key_label)), num(t.value, "value")))));
+        terms.map((t) => el("tr", { class: `qk-term${bothFeatures(t) ? "" : " not-features"}` },
+          comp(t.query, name(t.query, t.query_label)), comp(t.key, name(t.key, t.key_label)), num(t.value, "value"))));
+      const heatmap = (only) => storedHeatmap(only ? terms.filter(bothFeatures) : terms, score,
+        (id, side) => name(id, side === "query" ? terms.find((t) => t.query === id).query_label
+          : terms.find((t) => t.key === id).key_label), only);
+      body.append(...termsView(table, heatmap, shown));
     }
     attachTips(body);
   }
@@ -120,14 +140,14 @@ export function createQKPanel(state, { onShown = () => {} } = {}) {
     return run({ layer: v.layer, head: v.head, query_pos: v.query, key_pos: v.key, rival_pos: v.rival ?? null });
   }
 
-  return { run, show, explainHead };
+  return { run, show, explainHead, cancel };
 }
 
 function termTable(terms, id, withPos) {
   return el("table", { id, class: "terms" },
     el("tr", {}, el("th", {}, "query side"), el("th", {}, "key side"), withPos ? el("th", { class: "num" }, "key") : null,
       el("th", { class: "num" }, "term"), el("th", { class: "num" }, "Δp(key)")),
-    terms.map((t) => el("tr", { class: `qk-term${isFeature(t.query) && isFeature(t.key) ? "" : " not-features"}` },
+    terms.map((t) => el("tr", { class: `qk-term${bothFeatures(t) ? "" : " not-features"}` },
       comp(t.query, t.query_label), comp(t.key, t.key_label),
       withPos ? el("td", { class: "num" }, String(t.key_pos)) : null, num(t.value, "value"),
       num(t.prob_effect, "prob_effect"))));
@@ -141,14 +161,13 @@ function marginalTable(list, title, id) {
         width: Math.max(1, (60 * Math.abs(m.value)) / max), fill: m.value >= 0 ? C.pos : C.neg })))))));
 }
 
-/** The top terms as a table or a query × key heatmap (a toggle beside them); "features only" filters both.
- * `shown`: {mode, only}, the choices, which the next view keeps. */
-function termsView(res, shown) {
-  const table = termTable(res.qk.terms, "qk-terms", false), holder = el("div", { id: "qk-terms-view" });
+/** The top terms as a `table` or a query × key heatmap (`heatmap(featuresOnly)`, a toggle beside them); "features
+ * only" filters both. `shown`: {mode, only}, the choices, which the next view keeps. */
+function termsView(table, heatmap, shown) {
+  const holder = el("div", { id: "qk-terms-view" });
   const draw = () => {
     table.classList.toggle("features-only", shown.only);
-    holder.replaceChildren(shown.mode === "table" ? table
-      : heatmapView(shown.only ? res.heatmap_features : res.heatmap));
+    holder.replaceChildren(shown.mode === "table" ? table : heatmapView(heatmap(shown.only)));
     attachTips(holder);
   };
   const buttons = ["table", "heatmap"].map((m) => el("button", { type: "button", id: `qk-show-${m}`,

@@ -5,7 +5,7 @@
 // members are inside it and not drawn. `collapse` has no DOM; `drawGroups` draws into the view's layers.
 
 import { C, fmt, sv } from "./dom.js";
-import { nodeLabel } from "./model.js";
+import { nodeName } from "./model.js";
 
 export const groupId = (i) => `supernode:${i}`;
 
@@ -72,8 +72,8 @@ export function drawGroups({ rings, edges, nodes }, model, supernodes, collapsed
     sv("line", { ...ends, class: "vis", stroke: l.weight >= 0 ? C.pos : C.neg, "stroke-linecap": "round",
       "stroke-dasharray": l.weight >= 0 ? "none" : "5 2.5" }),
     sv("line", { ...ends, class: "hit", stroke: "#000", "stroke-opacity": 0, "stroke-width": 9 }),
-    sv("title", {}, `${nodeLabel(l.s)} → ${nodeLabel(l.t)}: ${fmt(l.weight)}, the sum of ${l.members.length} `
-      + `edge${l.members.length === 1 ? "" : "s"} (normalised ${fmt(l.norm)})`));
+    sv("title", {}, `${nodeName(model, l.s)} → ${nodeName(model, l.t)}: ${fmt(l.weight)}, the sum of `
+      + `${l.members.length} edge${l.members.length === 1 ? "" : "s"} (normalised ${fmt(l.norm)})`));
     edges.append(g);
     els.set(l.key, g);
   }
