@@ -32,6 +32,7 @@ REPR_POSITION = re.compile(r"@\d+'|@\d+ ?'.*'$")
         ("transcoder/l2/p5/f7", "y", None, 't2/f7 @5 "y"'),
         ("transcoder/l2/p5/f7", "y", "writes y", 'writes y (t2/f7) @5 "y"'),
         ("mlp_error/l1/p3", "z", None, 'MLP error L1 @3 "z"'),
+        ("attn/l1/p8/f15", "w", "a1/f15", 'a1/f15 @8 "w"'),  # a label that is only the short name: not twice
     ],
 )
 def test_component_label(node_id, token, label, expected):
@@ -95,6 +96,7 @@ def test_page_formatter_writes_the_librarys_labels():
         ("transcoder/l2/p5/f7", "  ", "writes\ty"),
         ("attn/l1/p0/f3", "é", " "),
         ("mlp_error/l1/p3", "z", None),
+        ("attn/l1/p8/f15", "w", "a1/f15"),
     ]
     nodes = [Node.parse(c) for c, _, _ in cases]
     parts = [{"kind": n.kind.value, "cp": n.checkpoint, "pos": n.pos, "index": n.index} for n in nodes]

@@ -271,9 +271,9 @@ def component_name(node: Node, label: str | None = None) -> str:
     features of one label stay apart: "name after title (c3/f12)"."""
     c = node.checkpoint
     name = KIND_NAMES[node.kind].format(c=c, l=c - 1, i=node.index)
-    if label is not None and label.strip() and node.kind in LABELLED_KINDS:
+    if label is not None and label.strip() and label.strip() != name and node.kind in LABELLED_KINDS:
         return f"{visible(label.strip(), spaces=False)} ({name})"
-    return name
+    return name  # (a label that is only the short name, as unlabelled features are written, is not repeated)
 
 
 def component_label(node: Node, token: str, label: str | None = None) -> str:

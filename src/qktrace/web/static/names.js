@@ -40,7 +40,7 @@ export function componentName(p, label) {
   const t = KIND_NAMES[p.kind];
   if (t === undefined) return String(label || p.kind);
   const name = t.replace(/\{([cli])\}/g, (_, k) => String(k === "c" ? p.cp : k === "l" ? p.cp - 1 : p.index));
-  if (label !== undefined && label !== null && String(label).trim() && LABELLED.has(p.kind)) {
+  if (label !== undefined && label !== null && String(label).trim() && String(label).trim() !== name && LABELLED.has(p.kind)) {
     return `${visible(String(label).trim(), false)} (${name})`;
   }
   return name;
