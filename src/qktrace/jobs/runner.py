@@ -44,7 +44,8 @@ class RunArgs(TypedDict, total=False):
     (1: this process; more: Ray actors), on the Ray cluster at `ray_address` (see `pool.worker_pool`),
     each loading the model with `sae_ids`, on `device` in `dtype` (as `Tracer.load` takes them); `progress`
     hears where the job stands; `full_path`: job files name a local model by its full path
-    (`ModelOptions.full_path`); `transcoders`: a transcoder set each replica loads (`Tracer.load`)."""
+    (`ModelOptions.full_path`); `transcoders`: a transcoder set each replica loads (`Tracer.load`), with
+    `attention_saes` (attention-output SAEs) when given."""
 
     workers: int
     ray_address: str | None
@@ -54,6 +55,7 @@ class RunArgs(TypedDict, total=False):
     dtype: str
     full_path: bool
     transcoders: PathArg | None
+    attention_saes: PathArg | None
 
 
 def check_args(how: Mapping[str, Any], args: Any) -> None:
@@ -102,7 +104,7 @@ def run_job(
     ids, device, dtype = how.get("sae_ids"), how.get("device", "auto"), how.get("dtype", "float32")
     source = tracer_source(
         model, saes, sae_ids=ids, device=device, dtype=dtype, distributed=distributed, full_path=how.get("full_path"),
-        transcoders=how.get("transcoders"),
+        transcoders=how.get("transcoders"), attention_saes=how.get("attention_saes"),
     )  # fmt: skip
     identity = {"job": spec.name, "version": spec.version, **describe_source(source), **spec.identity}
     resumed = check_job(out, identity, write=False)  # job.json is written once `prepare` has passed

@@ -1,0 +1,143 @@
+"""Dashboards of attention-output SAE features (`--attention-saes`), against encoding the corpus directly
+through `Model.run` + `strategy2.attention_inputs`; their top outputs against HF's own weights; resuming
+to the same bytes; and the server reading transcoder and attention dashboards by kind."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from qktrace.errors import InputError
+from qktrace.jobs.corpus import iter_documents
+from qktrace.jobs.dashboards import build_dashboards
+from qktrace.models import load_model
+from qktrace.options import DashboardOptions
+from qktrace.saes import load_attention_saes
+from qktrace.testing import (
+    make_tiny_model,
+    random_attention_saes,
+    tree,
+    write_attention_saes,
+    write_corpus,
+    write_transcoder_set,
+)
+
+OPTS = DashboardOptions(seq_len=16, docs_per_shard=6, n_contexts=3, before=2, after=1)
+SITES = ("z", "attn_out")
+
+
+class Setup:
+    def __init__(self, root: Path, family: str) -> None:
+        self.model = make_tiny_model(family, root / "model", seed=3)
+        m = load_model(self.model)
+        self.transcoders = write_transcoder_set(root / "ct", m.d_model, m.n_layers)
+        self.attention = write_attention_saes(root / "att", random_attention_saes(m, SITES[: m.n_layers]))
+        self.corpus = write_corpus(root / "corpus.jsonl", n_docs=20)
+
+    def build(self, out: Path, **how: Any) -> Any:
+        return build_dashboards(
+            self.model, None, self.corpus, out, options=OPTS, device="cpu", transcoders=self.transcoders,
+            attention_saes=self.attention, **how,
+        )  # fmt: skip
+
+
+@pytest.fixture(scope="module", params=["llama", "gemma2", "gpt2"])
+def setup(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Setup:
+    return Setup(tmp_path_factory.mktemp(f"att-{request.param}"), request.param)
+
+
+@pytest.fixture(scope="module")
+def reference(setup: Setup, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("ref")
+    setup.build(out)
+    return out
+
+
+def _fired(setup: Setup) -> tuple[dict[tuple[int, int], list[float]], int]:
+    """{(layer, feature): activations} of every firing over the corpus, chunk by chunk through `Model.run` and
+    the checkpointed graph's own attention inputs (the one-prompt path), BOS not counted."""
+    from qktrace.graph.strategy2 import attention_inputs
+
+    model = load_model(setup.model)
+    att = load_attention_saes(setup.attention, model)
+    fired: dict[tuple[int, int], list[float]] = {}
+    n_tokens = 0
+    for text in iter_documents(setup.corpus):
+        toks = model.tokenizer(text, add_special_tokens=False)["input_ids"]
+        for start in range(0, len(toks), OPTS.seq_len - 1):
+            ids = [model.tokenizer.bos_token_id] + toks[start : start + OPTS.seq_len - 1]
+            xs = attention_inputs(model.anatomy, model.run(torch.tensor(ids)), att)
+            n_tokens += len(ids) - 1
+            for layer, x in enumerate(xs):
+                acts = att[layer].encode(x.to(att[layer].W_enc))[1:]
+                for p, f in zip(*torch.nonzero(acts > 0, as_tuple=True)):
+                    fired.setdefault((layer, int(f)), []).append(float(acts[p, f]))
+    return fired, n_tokens
+
+
+def test_attention_dashboards_equal_encoding_the_corpus_directly(setup: Setup, reference: Path) -> None:
+    fired, n_tokens = _fired(setup)
+    index = json.loads((reference / "index.json").read_text())
+    assert [e["hook_name"] for e in index["checkpoints"]] == ["blocks.0.attn", "blocks.1.attn"]
+    for layer, site in enumerate(SITES):
+        dash = json.loads((reference / f"blocks.{layer}.attn" / "dashboards.json").read_text())
+        assert (dash["kind"], dash["layer"], dash["site"], dash["n_tokens"]) == ("attn", layer, site, n_tokens)
+        want = {f for ly, f in fired if ly == layer}
+        assert {int(f) for f in dash["features"]} == want and want
+        for f, d in dash["features"].items():
+            acts = sorted(fired[layer, int(f)], reverse=True)
+            assert d["max_act"] == pytest.approx(round(acts[0], 3), abs=1.01e-3)
+            assert [c["act"] for c in d["contexts"]] == pytest.approx([round(a, 3) for a in acts[:3]], abs=1.01e-3)
+            assert d["freq"] == round(len(acts) / n_tokens, 5)
+        labels = json.loads((reference / f"blocks.{layer}.attn" / "labels.json").read_text())
+        assert {f: d["label"] for f, d in dash["features"].items()} == {f: labels[f] for f in dash["features"]}
+
+
+def test_top_outputs_are_the_decoder_row_through_w_o_and_the_unembedding(setup: Setup, reference: Path) -> None:
+    model = load_model(setup.model)
+    if model.family != "llama":
+        pytest.skip("the direct computation below reads llama's modules")
+    hf, att = model.hf, load_attention_saes(setup.attention, model)
+    vocab = [model.tokenizer.decode([i]) for i in range(hf.config.vocab_size)]
+    for layer, site in enumerate(SITES):
+        W = att[layer].W_dec.detach()
+        if site == "z":  # HF's o_proj weight [d_model, head * d_head], heads side by side
+            W = W @ hf.model.layers[layer].self_attn.o_proj.weight.detach().T
+        with torch.no_grad():
+            logits = (W * hf.model.norm.weight) @ hf.lm_head.weight.T  # RMSNorm at unit scale is its gain
+        dash = json.loads((reference / f"blocks.{layer}.attn" / "dashboards.json").read_text())
+        for f, d in dash["features"].items():
+            assert d["top_out"] == [vocab[int(t)] for t in logits[int(f)].topk(OPTS.n_out).indices]
+            assert d["bottom_out"] == [vocab[int(t)] for t in (-logits[int(f)]).topk(OPTS.n_out).indices]
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_interrupted_attention_job_resumes_to_the_same_files(setup: Setup, reference: Path, tmp_path: Path) -> None:
+    def stop_after_one(p: Any) -> None:
+        if p.done >= 1:
+            raise _Stop
+
+    with pytest.raises(_Stop):
+        setup.build(tmp_path, progress=stop_after_one)
+    assert len(list((tmp_path / "shards").glob("*.npz"))) == 1 and not (tmp_path / "index.json").exists()
+    result = setup.build(tmp_path)
+    assert result.resumed == 1 and result.shards == 4
+    assert tree(tmp_path) == tree(reference)
+
+
+def test_attention_saes_without_transcoders_and_missing_layers_are_one_line(setup: Setup, tmp_path: Path) -> None:
+    with pytest.raises(InputError, match="without transcoders"):
+        build_dashboards(setup.model, None, setup.corpus, tmp_path / "a", device="cpu", attention_saes=setup.attention)
+    opts = DashboardOptions(seq_len=16, checkpoints=(5,))
+    with pytest.raises(InputError, match=r"no attention SAE reads layers \[5\]"):
+        build_dashboards(
+            setup.model, None, setup.corpus, tmp_path / "b", options=opts, device="cpu",
+            transcoders=setup.transcoders, attention_saes=setup.attention,
+        )  # fmt: skip
