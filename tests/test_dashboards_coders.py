@@ -141,3 +141,70 @@ def test_attention_saes_without_transcoders_and_missing_layers_are_one_line(setu
             setup.model, None, setup.corpus, tmp_path / "b", options=opts, device="cpu",
             transcoders=setup.transcoders, attention_saes=setup.attention,
         )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def in_place(tmp_path_factory: pytest.TempPathFactory) -> Setup:
+    """The llama setup with its transcoders' dashboards written to a `dashboards` folder in the transcoder folder,
+    and its attention SAEs' copied into theirs (where `Tracer.load` and `serve` look)."""
+    import shutil
+
+    root = tmp_path_factory.mktemp("in-place")
+    s = Setup(root, "llama")
+    out = s.transcoders / "dashboards"
+    build_dashboards(s.model, None, s.corpus, out, options=OPTS, device="cpu", transcoders=s.transcoders)
+    s.build(root / "att-dash")
+    for layer in (0, 1):
+        shutil.copytree(root / "att-dash" / f"blocks.{layer}.attn", s.attention / f"blocks.{layer}.attn")
+    return s
+
+
+def _labels(s: Setup, kind: str, layer: int | str) -> dict[str, str]:
+    root = s.transcoders / "dashboards" if kind == "transcoder" else s.attention
+    return json.loads((root / f"blocks.{layer}.{kind}" / "labels.json").read_text())
+
+
+def test_loaded_transcoders_and_attention_saes_carry_the_dashboards_labels(in_place: Setup) -> None:
+    from qktrace import Tracer
+
+    tracer = Tracer.load(in_place.model, transcoders=in_place.transcoders, attention_saes=in_place.attention)
+    ts, att = tracer.transcoders, tracer.attention_saes
+    assert ts is not None and att is not None
+    for layer in (0, 1):
+        for kind, coder in (("transcoder", ts[layer]), ("attn", att[layer])):
+            labels = _labels(in_place, kind, layer)
+            assert {f: coder.label(int(f)) for f in labels} == labels
+    traced = tracer.run("w3 w8 w2 of the w9 w4 Aunt Sally")
+    graph = traced.graph(progress=False, node_threshold=0.95).to_json()
+    named = [n for n in graph["nodes"] if n["node_id"].startswith(("transcoder/", "attn/"))]
+    assert named
+    for n in named:
+        kind, layer, _, f = n["node_id"].split("/")
+        label = _labels(in_place, kind, layer[1:])[f[1:]]
+        assert n["clerp"].startswith(label), (n["clerp"], label)
+
+
+def test_server_serves_transcoder_and_attention_dashboards_by_kind(in_place: Setup) -> None:
+    from fastapi.testclient import TestClient
+
+    from qktrace import Tracer
+    from qktrace.server import create_app
+
+    tracer = Tracer.load(in_place.model, transcoders=in_place.transcoders, attention_saes=in_place.attention)
+    client = TestClient(create_app(in_place.corpus.parent, tracer))
+    assert client.get("/api/info").json()["features"] is True
+    for kind, root in (("transcoder", in_place.transcoders / "dashboards"), ("attn", in_place.attention)):
+        dash = json.loads((root / f"blocks.1.{kind}" / "dashboards.json").read_text())
+        f, want = next(iter(dash["features"].items()))
+        got = client.get(f"/api/features/{kind}/1/{f}").json()
+        assert (got["kind"], got["checkpoint"], got["feature"], got["label"]) == (kind, 1, int(f), want["label"])
+        assert got["dashboard"]["contexts"] == want["contexts"] and got["dashboard"]["top_out"] == want["top_out"]
+        assert got["dashboard"]["hist"]["counts"] == want["hist"]["counts"]
+        for dead in [i for i in range(dash["d_sae"]) if str(i) not in dash["features"]][:1]:
+            assert client.get(f"/api/features/{kind}/1/{dead}").json()["dashboard"] is None
+        r = client.get(f"/api/features/{kind}/7/0")
+        assert r.status_code == 404 and "layer 7" in r.json()["error"] and "\n" not in r.json()["error"]
+        assert client.get(f"/api/features/{kind}/1/{dash['d_sae']}").status_code == 400
+    assert client.get("/api/features/mlp/1/0").status_code in (400, 404, 422)
+    r = client.get("/api/features/1/0")  # the residual route: this tracer has no residual SAEs
+    assert r.status_code == 404 and "checkpoint 1" in r.json()["error"]

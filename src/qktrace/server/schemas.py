@@ -345,7 +345,10 @@ class Dashboard(BaseModel):
 
 
 class FeatureResponse(Versioned):
-    checkpoint: int
+    checkpoint: int = Field(description="the residual SAE's checkpoint; a transcoder or attention feature's layer")
     feature: int
     label: str
     dashboard: Dashboard | None
+    kind: Literal["feature", "transcoder", "attn"] = Field(
+        default="feature", description="the node kind: a residual-SAE feature, a transcoder or attention-SAE feature"
+    )
