@@ -208,3 +208,41 @@ def test_server_serves_transcoder_and_attention_dashboards_by_kind(in_place: Set
     assert client.get("/api/features/mlp/1/0").status_code in (400, 404, 422)
     r = client.get("/api/features/1/0")  # the residual route: this tracer has no residual SAEs
     assert r.status_code == 404 and "checkpoint 1" in r.json()["error"]
+
+
+def test_batch_with_attention_saes_equals_tracing_each_prompt_alone(tmp_path: Path) -> None:
+    from qktrace import Tracer
+    from qktrace.jobs.batch import BatchOptions, trace_batch
+
+    s = Setup(tmp_path / "s", "llama")
+    prompts = tmp_path / "prompts.jsonl"
+    rows = ["Aunt Sally is the opposite of Uncle Bob . Aunt", "w3 w8 w2 of the w9 w4"]
+    prompts.write_text("".join(json.dumps({"prompt": r}) + "\n" for r in rows))
+    o = BatchOptions(explain=False)
+    how: dict[str, Any] = {"transcoders": s.transcoders, "attention_saes": s.attention}
+    trace_batch(s.model, None, prompts, tmp_path / "b", device="cpu", options=o, **how)
+    tracer = Tracer.load(s.model, **how)
+    for i, prompt in enumerate(rows):
+        graph = tracer.run(prompt).graph(o.graph, progress=False)
+        assert graph.settings.get("graph") == "checkpointed"
+        got = (tmp_path / "b" / "prompts" / f"p{i:05d}" / "graph.json").read_bytes()
+        assert got == graph.save(tmp_path / "g.json").read_bytes()
+    assert json.loads((tmp_path / "b" / "job.json").read_text())["attention_saes"] == "att"
+
+
+def test_cli_dashboards_takes_attention_saes(setup: Setup, reference: Path, tmp_path: Path, capsys: Any) -> None:
+    from qktrace.cli import main
+
+    if load_model(setup.model).family != "llama":
+        pytest.skip("one family is enough for the command line")
+    capsys.readouterr()
+    base = ["dashboards", str(setup.model), "--corpus", str(setup.corpus), "--device", "cpu", "--seq-len", "16"]
+    base += ["--contexts", "3"]
+    att = ["--attention-saes", str(setup.attention)]
+    assert main([*base, "--out", str(tmp_path / "a"), *att]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--transcoders" in err
+    assert main([*base, "--out", str(tmp_path / "b"), "--transcoders", str(setup.transcoders), *att]) == 0
+    for layer in (0, 1):
+        got = json.loads((tmp_path / "b" / f"blocks.{layer}.attn" / "dashboards.json").read_text())
+        assert got["kind"] == "attn" and got["features"]

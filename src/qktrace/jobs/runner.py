@@ -59,11 +59,17 @@ class RunArgs(TypedDict, total=False):
 
 
 def check_args(how: Mapping[str, Any], args: Any) -> None:
-    """InputError for a keyword argument the job's TypedDict `args` does not declare (as a signature would)."""
+    """InputError for a keyword argument the job's TypedDict `args` does not declare (as a signature would), and
+    for attention SAEs without transcoders."""
     known = set(args.__required_keys__) | set(args.__optional_keys__)
     unknown = sorted(set(how) - known)
     if unknown:
         raise InputError(f"unknown keyword argument {unknown[0]!r}: use one of {', '.join(sorted(known))}")
+    if how.get("attention_saes") is not None and how.get("transcoders") is None:  # before any corpus or model work
+        raise InputError(
+            "attention SAEs were given without transcoders: a checkpointed tracer needs both, so pass transcoders "
+            "too (transcoders=PATH, --transcoders)"
+        )
 
 
 @dataclass(frozen=True)
