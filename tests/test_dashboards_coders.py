@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from qktrace.errors import InputError
+from qktrace.graph.formats.numbering import cantor
 from qktrace.jobs.corpus import iter_documents
 from qktrace.jobs.dashboards import build_dashboards
 from qktrace.models import load_model
@@ -41,7 +42,7 @@ class Setup:
     def build(self, out: Path, **how: Any) -> Any:
         return build_dashboards(
             self.model, None, self.corpus, out, options=OPTS, device="cpu", transcoders=self.transcoders,
-            attention_saes=self.attention, **how,
+            attention_saes=self.attention, circuit_tracer=True, **how,
         )  # fmt: skip
 
 
@@ -95,6 +96,10 @@ def test_attention_dashboards_equal_encoding_the_corpus_directly(setup: Setup, r
             assert d["freq"] == round(len(acts) / n_tokens, 5)
         labels = json.loads((reference / f"blocks.{layer}.attn" / "labels.json").read_text())
         assert {f: d["label"] for f, d in dash["features"].items()} == {f: labels[f] for f in dash["features"]}
+        scan = reference / index["circuit_tracer_features"]
+        for f in dash["features"]:  # numbered as graph JSON numbers attention features: after every MLP layer's
+            ct = json.loads((scan / f"{cantor(len(SITES) + layer, int(f))}.json").read_text())
+            assert ct["index"] == int(f) and ct["transcoder_id"].endswith(f"blocks.{layer}.attn")
 
 
 def test_top_outputs_are_the_decoder_row_through_w_o_and_the_unembedding(setup: Setup, reference: Path) -> None:

@@ -84,7 +84,7 @@ class DashboardWorker:
             elif isinstance(sae, AttentionFeatures):  # keyed by the attention layer
                 header |= {"kind": "attn", "layer": c, "site": sae.site}
             saes[c] = {"header": header, "top": top, "bottom": bottom}
-        return {"vocab": vocab, "saes": saes}
+        return {"vocab": vocab, "saes": saes, "n_layers": model.n_layers}
 
     def process(self, index: int, docs: list[tuple[int, str]]) -> ShardResult:
         o = self.options
@@ -225,7 +225,8 @@ def _write_checkpoint(
     if circuit_tracer:
         scan = _scan_folder(s["header"]["model"])
         for f, data in circuit_tracer_features(dash, f"{scan}/{hook}").items():
-            node = cantor(c, f)  # the feature's number in qktrace's graph JSON
+            attn = s["header"].get("kind") == "attn"  # numbered after every MLP layer's (`formats.numbering`)
+            node = cantor(info["n_layers"] + c if attn else c, f)  # the feature's number in qktrace's graph JSON
             atomic_write(out / "features" / scan / f"{node}.json", json.dumps(data, ensure_ascii=False), parents=True)
     log.info("dashboards: checkpoint %d: %d features alive, written to %s", c, dash["n_alive"], folder)
     return {"checkpoint": c, "hook_name": hook, "folder": hook, "n_alive": dash["n_alive"]}
