@@ -197,7 +197,8 @@ def test_server_serves_transcoder_and_attention_dashboards_by_kind(in_place: Set
 
     tracer = Tracer.load(in_place.model, transcoders=in_place.transcoders, attention_saes=in_place.attention)
     client = TestClient(create_app(in_place.corpus.parent, tracer))
-    assert client.get("/api/info").json()["features"] is True
+    info = client.get("/api/info").json()
+    assert info["features"] is True and info["coder_features"] == {"transcoder": [0, 1], "attn": [0, 1]}
     for kind, root in (("transcoder", in_place.transcoders / "dashboards"), ("attn", in_place.attention)):
         dash = json.loads((root / f"blocks.1.{kind}" / "dashboards.json").read_text())
         f, want = next(iter(dash["features"].items()))
@@ -251,3 +252,20 @@ def test_cli_dashboards_takes_attention_saes(setup: Setup, reference: Path, tmp_
     for layer in (0, 1):
         got = json.loads((tmp_path / "b" / f"blocks.{layer}.attn" / "dashboards.json").read_text())
         assert got["kind"] == "attn" and got["features"]
+
+
+def test_view_only_server_reads_coder_dashboards_under_saes_dir(in_place: Setup, tmp_path: Path) -> None:
+    from fastapi.testclient import TestClient
+
+    from qktrace.server import create_app
+
+    (tmp_path / "graphs").mkdir()
+    client = TestClient(create_app(tmp_path / "graphs", None, saes_dir=in_place.transcoders))
+    info = client.get("/api/info").json()
+    assert info["model"] is None and info["coder_features"] == {"transcoder": [0, 1], "attn": []}
+    dash = json.loads((in_place.transcoders / "dashboards" / "blocks.0.transcoder" / "dashboards.json").read_text())
+    f, want = next(iter(dash["features"].items()))
+    got = client.get(f"/api/features/transcoder/0/{f}").json()
+    assert got["label"] == want["label"] and got["dashboard"]["contexts"] == want["contexts"]
+    assert client.get(f"/api/features/transcoder/0/{dash['d_sae']}").status_code == 400  # width from labels.json
+    assert client.get("/api/features/attn/0/0").status_code == 404

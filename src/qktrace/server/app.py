@@ -295,6 +295,7 @@ def add_info_routes(app: FastAPI, tracer: Tracer | None, features: Features) -> 
                 checkpoints=features.checkpoints,
                 can_compute=False,
                 features=bool(features.d_sae),
+                coder_features=features.coder_layers(),
                 load=None,
             )
         m, ts, att = tracer.model, tracer.transcoders, tracer.attention_saes
@@ -312,6 +313,7 @@ def add_info_routes(app: FastAPI, tracer: Tracer | None, features: Features) -> 
             ],
             can_compute=True,
             features=bool(features.d_sae),
+            coder_features=features.coder_layers(),
             load=load,
         )
 

@@ -243,6 +243,7 @@ def graph_name(req: S.GraphRequest, model: str = "") -> str:
 
 
 CODER_KINDS = {"transcoder": "transcoder", "attn": "attention SAE"}  # node kind -> what its features are
+_CODER_FOLDER = re.compile(r"blocks\.(\d{1,6})\.(transcoder|attn)")
 Key = tuple[str, int]  # ("feature", checkpoint) for residual SAEs; (kind, layer) for CODER_KINDS
 
 
@@ -272,6 +273,7 @@ class Features:
                     self.labels["feature", c] = read_labels_json(cfg_path.parent / LABELS_FILE)
                 except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError, QKTraceError) as e:
                     log.warning("skipping SAE config %s (%s: %s)", cfg_path, type(e).__name__, e)
+            self._coder_dashboards(Path(saes_dir))
 
     def _coders(self, tracer: Tracer) -> None:
         """The tracer's transcoder and attention-SAE layers: widths, labels, where their dashboards are."""
@@ -290,6 +292,25 @@ class Features:
             where = dashboards_folder(source, f"blocks.{ly}.{kind}")
             if where is not None:
                 self.dirs[kind, ly] = where
+
+    def _coder_dashboards(self, root: Path) -> None:
+        """View only: the dashboards job's `blocks.L.transcoder` / `blocks.L.attn` folders under `root` (their
+        labels.json lists every feature, dead ones too: its length is the width)."""
+        for path in sorted(root.rglob(LABELS_FILE)):
+            m = _CODER_FOLDER.fullmatch(path.parent.name)
+            if m is None or (m.group(2), int(m.group(1))) in self.d_sae:
+                continue
+            try:
+                labels = read_labels_json(path)
+            except QKTraceError as e:
+                log.warning("skipping %s (%s)", path, e)
+                continue
+            key = (m.group(2), int(m.group(1)))
+            self.d_sae[key], self.labels[key], self.dirs[key] = max(labels, default=-1) + 1, labels, path.parent
+
+    def coder_layers(self) -> dict[str, list[int]]:
+        """kind -> layers of transcoder / attention-SAE features known here (GET /api/info)."""
+        return {k: sorted(n for kind, n in self.d_sae if kind == k) for k in CODER_KINDS}
 
     @property
     def checkpoints(self) -> list[int]:

@@ -16,10 +16,10 @@ const cache = new Map(); // "kind/checkpoint/feature" -> Promise<FeatureResponse
 /** Node kinds with a label and dashboard: residual-SAE, transcoder and attention-SAE features. */
 export const hasDashboard = (kind) => kind === "feature" || kind === "transcoder" || kind === "attn";
 
-/** Whether the server knows features of this kind at `cp` (/api/info: its transcoder and attention-SAE layers). */
-const served = (info, cp, kind) => Boolean(info && info.features && (kind === "feature"
-  || (kind === "transcoder" && (info.transcoders || []).includes(cp))
-  || (kind === "attn" && (info.attention_saes || []).some((a) => a.layer === cp))));
+/** Whether the server knows features of this kind at `cp` (/api/info's `coder_features`: transcoder and
+ * attention-SAE layers). */
+const served = (info, cp, kind) => Boolean(info && info.features
+  && (kind === "feature" || ((info.coder_features || {})[kind] || []).includes(cp)));
 
 /** A feature's label and dashboard, or null when the server has none (`cp`: a transcoder or attention
  * feature's layer). */
