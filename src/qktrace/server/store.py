@@ -345,10 +345,8 @@ class Features:
         if key not in self.d_sae:
             known = ", ".join(str(n) for k, n in sorted(self.d_sae) if k == kind) or "none"
             if kind == "feature":
-                raise ApiError(
-                    404,
-                    f"no SAE at checkpoint {c} (known: {known}): start the server with `qktrace serve --model M --saes D`",
-                )
+                fix = "start the server with `qktrace serve --model M --saes D`"
+                raise ApiError(404, f"no SAE at checkpoint {c} (known: {known}): {fix}")
             flag = "--transcoders T" if kind == "transcoder" else "--transcoders T --attention-saes A"
             raise ApiError(
                 404,
