@@ -788,6 +788,53 @@ def test_transcoder_graph_in_the_browser(setup, shots, driver, tmp_path):
         driver.save_screenshot(str(shots / "12-transcoder-graph.png"))
 
 
+def test_transcoder_node_opens_its_dashboard(setup, driver, tmp_path):
+    """A transcoder graph served with its transcoders' dashboards (`qktrace dashboards --transcoders CT --out
+    CT/dashboards`): a transcoder node carries the dashboards' label, and its Details open the feature panel
+    with the file's label and top contexts."""
+    from qktrace.jobs.dashboards import build_dashboards
+    from qktrace.nodes import visible
+    from qktrace.options import DashboardOptions
+    from qktrace.saes import load_transcoders
+    from qktrace.testing import random_prompt, write_transcoder_set
+
+    model = setup.tracer.model
+    ct = write_transcoder_set(tmp_path / "ct", model.d_model, model.n_layers)
+    prompt = random_prompt(8, seed=2)
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text(json.dumps({"text": prompt}) + "\n" + json.dumps({"text": random_prompt(12, seed=5)}) + "\n")
+    opts = DashboardOptions(seq_len=32)
+    build_dashboards(qktrace.Tracer(model, transcoders=load_transcoders(ct, model)), None, corpus, ct / "dashboards",
+                     options=opts)  # fmt: skip
+    tracer = qktrace.Tracer(model, transcoders=load_transcoders(ct, model))  # now labelled by the dashboards
+    data = tmp_path / "graphs"
+    data.mkdir()
+    tracer.run(prompt).graph(progress=False, node_threshold=0.95).save(data / "tc.json")
+    raw = json.loads((data / "tc.json").read_text())
+    node = next(n for n in raw["nodes"] if n["node_id"].startswith("transcoder/"))
+    _, layer, _, f = node["node_id"].split("/")
+    dash = json.loads((ct / "dashboards" / f"blocks.{layer[1:]}.transcoder" / "dashboards.json").read_text())
+    want = dash["features"][f[1:]]
+    assert node["clerp"].startswith(want["label"])
+    with LiveServer(create_app(data, tracer)) as server:
+        open_graph(driver, server, "tc.json")
+        click(
+            driver,
+            driver.find_element(By.CSS_SELECTOR, f'#graph-svg g.node[data-id="{node["node_id"]}"] > :first-child'),
+        )
+        click(driver, wait(driver, "#feature-details"))
+        detail = wait(driver, f'#feature-detail[data-component="{node["node_id"]}"]')
+        WebDriverWait(driver, 10).until(lambda d: d.find_elements(By.CSS_SELECTOR, "#feature-detail .ctx"))
+        assert detail.find_element(By.CSS_SELECTOR, "b").text == want["label"]
+        assert f"layer {layer[1:]} transcoder, feature {f[1:]}" in detail.text
+        ctxs = detail.find_elements(By.CSS_SELECTOR, ".ctx")
+        assert len(ctxs) == len(want["contexts"])
+        for el_, c in zip(ctxs, want["contexts"]):
+            assert el_.find_element(By.CSS_SELECTOR, "mark").text == visible(c["tokens"][c["i"]])
+            assert len(el_.find_elements(By.CSS_SELECTOR, ".t")) == len(c["tokens"])
+        assert console_errors(driver) == []
+
+
 # -- the page researchers keep open: fitted big graphs, the explained answer, every view a link ---------------
 
 

@@ -177,7 +177,8 @@ def attention_saes_path(text: str) -> str:
 
 def _transcoders_arg(sp: argparse.ArgumentParser, attention: bool = False) -> None:
     """--transcoders for every command that loads a model for graphs, QK, steering or jobs; --attention-saes
-    (`attention=True`) where checkpointed tracers work (graph, qk, steer, explain, compare, serve; not the jobs)."""
+    (`attention=True`) where checkpointed tracers work (graph, qk, steer, explain, compare, serve, dashboards,
+    batch)."""
     sp.add_argument(
         "--transcoders",
         type=transcoders_path,
@@ -192,7 +193,7 @@ def _transcoders_arg(sp: argparse.ArgumentParser, attention: bool = False) -> No
         type=attention_saes_path,
         metavar="PATH",
         help="SAEs on every layer's attention output, with --transcoders: graphs are checkpointed graphs "
-        "(strategy 2) whose edges into attention features carry head loadings",
+        "(strategy 2) whose edges into attention features carry head loadings; dashboards describe their features",
     )
 
 
@@ -389,7 +390,7 @@ def _dashboards(sub: Sub, commands: Commands) -> None:
     for name in ("seq_len", "max_docs", "text_field"):
         setting(sp, DashboardOptions, name)
     setting(sp, DashboardOptions, "n_contexts", "--contexts")
-    _transcoders_arg(sp)
+    _transcoders_arg(sp, attention=True)
     sp.add_argument("--circuit-tracer", action="store_true", help="also write circuit-tracer's per-feature files")
 
 
@@ -397,7 +398,7 @@ def _batch(sub: Sub, commands: Commands) -> None:
     sp = _command(sub, commands, "batch", "trace a JSONL of prompts: graphs, QK rows of top heads, explain (Ray)")
     _scale_args(sp, "--prompts", 'JSONL: {"prompt": ..., optional "answer", "rival", "id"}')
     _graph_args(sp, memory_budget=False)
-    _transcoders_arg(sp)
+    _transcoders_arg(sp, attention=True)
     sp.add_argument("--no-explain", action="store_true", help=f"do not {doc(BatchOptions, 'explain')}")
 
 

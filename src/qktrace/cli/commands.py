@@ -348,6 +348,7 @@ def cmd_dashboards(args: argparse.Namespace) -> int:
             model, saes, args.corpus, out, workers=args.workers, ray_address=args.ray_address, progress=bar,
             options=options, circuit_tracer=args.circuit_tracer, sae_ids=ids, device=str(args.device),
             dtype=str(args.dtype).removeprefix("torch."), full_path=args.full_path, transcoders=args.transcoders,
+            attention_saes=args.attention_saes,
         )  # fmt: skip
     _console().print(
         f"{result.n_tokens} tokens in {result.shards} shards ({result.resumed} already done); "
@@ -368,7 +369,7 @@ def cmd_batch(args: argparse.Namespace) -> int:
         result = trace_batch(
             model, saes, args.prompts, out, workers=args.workers, ray_address=args.ray_address, progress=bar,
             options=options, sae_ids=ids, device=str(args.device), dtype=str(args.dtype).removeprefix("torch."),
-            full_path=args.full_path, transcoders=args.transcoders,
+            full_path=args.full_path, transcoders=args.transcoders, attention_saes=args.attention_saes,
         )  # fmt: skip
     _console().print(f"{result.n_prompts} prompts ({result.resumed} already done); summary {result.summary}")
     return 0

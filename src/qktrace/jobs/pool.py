@@ -45,13 +45,14 @@ class TracerSpec:
     dtype: str = "float32"
     full_path: bool = False  # ModelOptions.full_path: files name a local model by its full path
     transcoders: str | None = None  # a transcoder set (`Tracer.load(..., transcoders=)`)
+    attention_saes: str | None = None  # attention-output SAEs, with transcoders (`Tracer.load(..., attention_saes=)`)
 
     def load(self) -> Tracer:
         from ..tracer import Tracer
 
         return Tracer.load(
             self.model, self.saes, sae_ids=self.sae_ids, device=self.device, dtype=self.dtype, full_path=self.full_path,
-            transcoders=self.transcoders,
+            transcoders=self.transcoders, attention_saes=self.attention_saes,
         )  # fmt: skip
 
 
@@ -65,19 +66,24 @@ def tracer_source(
     distributed: bool = False,
     full_path: bool | None = None,
     transcoders: str | os.PathLike[str] | None = None,
+    attention_saes: str | os.PathLike[str] | None = None,
 ) -> TracerSpec | Tracer:
     """A loaded Tracer as given (in this process only), or the spec each worker loads its replica from."""
     from ..tracer import Tracer
 
     if isinstance(model, Tracer):
-        if saes is not None or transcoders is not None:
-            raise InputError("a loaded Tracer carries its SAEs and transcoders: pass saes=None, transcoders=None")
+        if saes is not None or transcoders is not None or attention_saes is not None:
+            raise InputError(
+                "a loaded Tracer carries its SAEs, transcoders and attention SAEs: pass saes=None, transcoders=None, "
+                "attention_saes=None"
+            )
         if distributed:
             raise InputError("Ray workers load their own replica: pass the model as a path or hub id, not a Tracer")
         return model
     return TracerSpec(
         str(model), None if saes is None else str(saes), tuple(sae_ids) if sae_ids else None, device, dtype,
         bool(full_path), None if transcoders is None else str(transcoders),
+        None if attention_saes is None else str(attention_saes),
     )  # fmt: skip
 
 
@@ -94,14 +100,15 @@ def describe_source(source: TracerSpec | Tracer) -> dict[str, Any]:
         out: dict[str, Any] = {"model": model, "saes": named, "sae_ids": source.sae_ids, "dtype": source.dtype}
         if source.transcoders is not None:  # absent otherwise: jobs of SAEs keep their identity
             out["transcoders"] = public_name(source.transcoders, source.full_path)
+        if source.attention_saes is not None:
+            out["attention_saes"] = public_name(source.attention_saes, source.full_path)
         return out
     saes = {str(c): public_name(s.source) if s.source else s.hook_name for c, s in source.saes.items()}
     loaded: dict[str, Any] = {"model": source.model.name, "saes": saes, "dtype": str(source.model.anatomy.dtype)}
-    if source.transcoders is not None:
-        rows = source.transcoders.describe()
-        loaded["transcoders"] = [
-            {k: public_name(v) if k == "source" and v else str(v) for k, v in r.items()} for r in rows
-        ]
+    for name, held in (("transcoders", source.transcoders), ("attention_saes", source.attention_saes)):
+        if held is not None:
+            rows = held.describe()
+            loaded[name] = [{k: public_name(v) if k == "source" and v else str(v) for k, v in r.items()} for r in rows]
     return loaded
 
 

@@ -44,7 +44,8 @@ class RunArgs(TypedDict, total=False):
     (1: this process; more: Ray actors), on the Ray cluster at `ray_address` (see `pool.worker_pool`),
     each loading the model with `sae_ids`, on `device` in `dtype` (as `Tracer.load` takes them); `progress`
     hears where the job stands; `full_path`: job files name a local model by its full path
-    (`ModelOptions.full_path`); `transcoders`: a transcoder set each replica loads (`Tracer.load`)."""
+    (`ModelOptions.full_path`); `transcoders`: a transcoder set each replica loads (`Tracer.load`), with
+    `attention_saes` (attention-output SAEs) when given."""
 
     workers: int
     ray_address: str | None
@@ -54,14 +55,21 @@ class RunArgs(TypedDict, total=False):
     dtype: str
     full_path: bool
     transcoders: PathArg | None
+    attention_saes: PathArg | None
 
 
 def check_args(how: Mapping[str, Any], args: Any) -> None:
-    """InputError for a keyword argument the job's TypedDict `args` does not declare (as a signature would)."""
+    """InputError for a keyword argument the job's TypedDict `args` does not declare (as a signature would), and
+    for attention SAEs without transcoders."""
     known = set(args.__required_keys__) | set(args.__optional_keys__)
     unknown = sorted(set(how) - known)
     if unknown:
         raise InputError(f"unknown keyword argument {unknown[0]!r}: use one of {', '.join(sorted(known))}")
+    if how.get("attention_saes") is not None and how.get("transcoders") is None:  # before any corpus or model work
+        raise InputError(
+            "attention SAEs were given without transcoders: a checkpointed tracer needs both, so pass transcoders "
+            "too (transcoders=PATH, --transcoders)"
+        )
 
 
 @dataclass(frozen=True)
@@ -102,7 +110,7 @@ def run_job(
     ids, device, dtype = how.get("sae_ids"), how.get("device", "auto"), how.get("dtype", "float32")
     source = tracer_source(
         model, saes, sae_ids=ids, device=device, dtype=dtype, distributed=distributed, full_path=how.get("full_path"),
-        transcoders=how.get("transcoders"),
+        transcoders=how.get("transcoders"), attention_saes=how.get("attention_saes"),
     )  # fmt: skip
     identity = {"job": spec.name, "version": spec.version, **describe_source(source), **spec.identity}
     resumed = check_job(out, identity, write=False)  # job.json is written once `prepare` has passed

@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from .sae import SAESet
 
 LABELS_FILE = "labels.json"
+DASHBOARDS_DIR = "dashboards"  # a coder set's dashboards, as `qktrace dashboards --out SET/dashboards` writes them
 _SUFFIXES = (".json", ".jsonl", ".json.gz", ".jsonl.gz")
 _LAYER_NUMBER = re.compile(r"^([0-9]{1,9})-")
 _INDEX = re.compile(r"[0-9]{1,15}")  # a feature number: ASCII digits only ("²" is a digit to str.isdigit)
@@ -42,6 +43,26 @@ def read_labels_json(path: Path) -> dict[int, str]:
         raise SAELoadError(
             f"{path} is not a JSON object of feature index -> label ({type(e).__name__}): fix or delete it"
         ) from None
+
+
+def dashboards_folder(source: str | os.PathLike[str] | None, folder: str) -> Path | None:
+    """Where the dashboards job wrote `folder` (`blocks.L.transcoder`, `blocks.L.attn`) for a coder loaded from
+    `source`: in the source folder, or one or two folders above a source file or folder (where its folders were
+    copied), or in a `dashboards` folder there (the job's `out`); None when nowhere."""
+    if not source:
+        return None
+    p = Path(source)
+    for root in ([p] if p.is_dir() else []) + [p.parent, p.parent.parent]:
+        for where in (root / folder, root / DASHBOARDS_DIR / folder):
+            if (where / LABELS_FILE).is_file() or (where / "dashboards.json").is_file():
+                return where
+    return None
+
+
+def dashboard_labels(source: str | os.PathLike[str] | None, folder: str) -> dict[int, str]:
+    """The labels the dashboards job wrote in `folder` for a coder loaded from `source` ({} when none)."""
+    where = dashboards_folder(source, folder)
+    return {} if where is None else read_labels_json(where / LABELS_FILE)
 
 
 def _files(path: Path) -> list[Path]:

@@ -9,9 +9,10 @@ depend on the model's norm and on whether it has post-MLP norms), and builds the
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,7 @@ from .formats import (
     read_path,
     regular_file,
 )
+from .labels import dashboard_labels
 from .load import ModelLike, build_sae, norm_kind, sae_paths
 from .releases import registry
 from .sae import SAE
@@ -216,6 +218,8 @@ def load_transcoders(
     raws = read_transcoders(Path(source).expanduser(), expect)
     if isinstance(raws, RawCLT):
         clt = build_clt(raws, model, device, dtype)
+        labels = {(ly, f): t for ly in range(clt.n_layers) for f, t in _dash_labels(clt.source, ly, "transcoder")}
+        clt = dataclasses.replace(clt, labels={**labels, **clt.labels})
         logger.info(
             "loaded a %s cross-layer transcoder over %d layers from %s", clt.architecture, clt.n_layers, clt.source
         )
@@ -232,9 +236,16 @@ def load_transcoders(
                 f"two transcoders at layer {raw.layer}: {by_layer[raw.layer].source} and {raw.source}: "
                 "keep one per layer"
             )
+        raw = dataclasses.replace(raw, labels={**dict(_dash_labels(raw.source, raw.layer, "transcoder")), **raw.labels})
         by_layer[raw.layer] = build_transcoder(raw, model, device, dtype)
         logger.info("loaded a %s transcoder at layer %d from %s", raw.architecture, raw.layer, raw.source)
     return TranscoderSet(by_layer)
+
+
+def _dash_labels(source: str, layer: int, kind: str) -> Iterable[tuple[int, str]]:
+    """The dashboards job's labels of layer `layer`'s features (`blocks.L.transcoder` or `blocks.L.attn`, found
+    from the coder's `source` by `labels.dashboards_folder`); files beside the weights win over them."""
+    return dashboard_labels(source, f"blocks.{layer}.{kind}").items()
 
 
 def _heads(model: Any, layer: int) -> tuple[int, int]:
@@ -315,7 +326,11 @@ def load_attention_saes(
     by_layer: dict[int, AttentionSAE] = {}
     for path in paths:
         layer, site, _ = _check_attention(path, model)
-        sae = build_sae(read_path(path, repo_kind="att"), None, device, dtype, checkpoint=layer)
+        raw_sae = read_path(path, repo_kind="att")
+        raw_sae = dataclasses.replace(
+            raw_sae, labels={**dict(_dash_labels(raw_sae.source, layer, "attn")), **raw_sae.labels}
+        )
+        sae = build_sae(raw_sae, None, device, dtype, checkpoint=layer)
         if layer in by_layer:
             raise SAELoadError(
                 f"two attention SAEs at layer {layer}: {by_layer[layer].source} and {sae.source}: keep one"

@@ -20,6 +20,8 @@
     GET  /api/mechanisms/{name}              a saved mechanism (GET /api/graphs lists them under `mechanisms`)
     GET  /api/features/{checkpoint}/{f}      a feature's label and dashboard (dashboards.json: contexts, top and
                                              bottom outputs, activation histogram) if any
+    GET  /api/features/{kind}/{layer}/{f}    the same for a transcoder ("transcoder") or attention-SAE ("attn")
+                                             feature (the dashboards job's blocks.L.transcoder / blocks.L.attn)
 
 Safety (STYLE point 10): the app never unpickles; graph names are plain file names resolved inside the
 data directory (`..`, absolute paths, encoded slashes and symlinks out are refused); no CORS; every
@@ -39,7 +41,7 @@ import json
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import anyio
 from fastapi import FastAPI, Request
@@ -280,7 +282,8 @@ def _engine_needed(engine: Engine | None) -> Callable[[], Engine]:
 
 
 def add_info_routes(app: FastAPI, tracer: Tracer | None, features: Features) -> None:
-    """GET /api/info (what is loaded) and GET /api/features/{checkpoint}/{f} (a feature's label, dashboard)."""
+    """GET /api/info (what is loaded) and GET /api/features/{checkpoint}/{f} and /{kind}/{layer}/{f} (a
+    feature's label, dashboard)."""
 
     @app.get("/api/info")
     async def info() -> S.InfoResponse:  # on the event loop: answers at once however busy the model is
@@ -289,9 +292,10 @@ def add_info_routes(app: FastAPI, tracer: Tracer | None, features: Features) -> 
         if tracer is None:
             return S.InfoResponse(
                 model=None,
-                checkpoints=sorted(features.d_sae),
+                checkpoints=features.checkpoints,
                 can_compute=False,
                 features=bool(features.d_sae),
+                coder_features=features.coder_layers(),
                 load=None,
             )
         m, ts, att = tracer.model, tracer.transcoders, tracer.attention_saes
@@ -309,12 +313,17 @@ def add_info_routes(app: FastAPI, tracer: Tracer | None, features: Features) -> 
             ],
             can_compute=True,
             features=bool(features.d_sae),
+            coder_features=features.coder_layers(),
             load=load,
         )
 
     @app.get("/api/features/{checkpoint}/{feature}")
     def feature(checkpoint: int, feature: int) -> S.FeatureResponse:
         return features.get(checkpoint, feature)
+
+    @app.get("/api/features/{kind}/{layer}/{feature}")
+    def coder_feature(kind: Literal["transcoder", "attn"], layer: int, feature: int) -> S.FeatureResponse:
+        return features.get(layer, feature, kind)
 
     log.debug("app: info and features of %d checkpoints", len(features.d_sae))
 

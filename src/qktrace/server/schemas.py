@@ -165,6 +165,11 @@ class InfoResponse(Versioned):
     )
     can_compute: bool = Field(description="a model is loaded: graphs, QK and sweeps can be computed")
     features: bool = Field(description="feature labels or dashboards are available")
+    coder_features: dict[str, list[int]] = Field(
+        default_factory=dict,
+        description='layers whose transcoder ("transcoder") or attention-SAE ("attn") features GET '
+        "/api/features/{kind}/{layer}/{f} answers",
+    )
     defaults: Defaults = Field(default_factory=lambda: Defaults(), description="the settings' defaults, for forms")
     load: Load | None = Field(None, description="the model's line of work (None when view only)")
 
@@ -345,7 +350,10 @@ class Dashboard(BaseModel):
 
 
 class FeatureResponse(Versioned):
-    checkpoint: int
+    checkpoint: int = Field(description="the residual SAE's checkpoint; a transcoder or attention feature's layer")
     feature: int
     label: str
     dashboard: Dashboard | None
+    kind: Literal["feature", "transcoder", "attn"] = Field(
+        default="feature", description="the node kind: a residual-SAE feature, a transcoder or attention-SAE feature"
+    )

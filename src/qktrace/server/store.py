@@ -34,7 +34,7 @@ from ..graph import Graph, formats
 from ..jobs.dashboards import VERSION as DASHBOARDS_VERSION
 from ..saes import hook_checkpoint
 from ..saes.formats import read_json
-from ..saes.labels import LABELS_FILE, read_labels_json
+from ..saes.labels import LABELS_FILE, dashboards_folder, read_labels_json
 from ..tracer import Tracer
 from . import schemas as S
 
@@ -242,39 +242,90 @@ def graph_name(req: S.GraphRequest, model: str = "") -> str:
 # -- feature labels and dashboards -------------------------------------------------------------------
 
 
+CODER_KINDS = {"transcoder": "transcoder", "attn": "attention SAE"}  # node kind -> what its features are
+_CODER_FOLDER = re.compile(r"blocks\.(\d{1,6})\.(transcoder|attn)")
+Key = tuple[str, int]  # ("feature", checkpoint) for residual SAEs; (kind, layer) for CODER_KINDS
+
+
 class Features:
-    """Labels (labels.json or the SAE's own) and dashboards (dashboards.json) per SAE checkpoint."""
+    """Labels (labels.json or the coder's own) and dashboards (dashboards.json) per residual-SAE checkpoint, and
+    per layer of the tracer's transcoders and attention SAEs (`blocks.L.transcoder` / `blocks.L.attn`, as the
+    dashboards job writes them, found from the coders' sources by `saes.labels.dashboards_folder`)."""
 
     def __init__(self, tracer: Tracer | None, saes_dir: str | Path | None):
-        self.dirs: dict[int, Path] = {}
-        self.d_sae: dict[int, int] = {}
-        self.labels: dict[int, Mapping[int, str]] = {}
-        self._dash: dict[int, Mapping[str, Any]] = {}
-        self._edges: dict[int, list[float]] = {}  # each dashboards.json's histogram bin edges
+        self.dirs: dict[Key, Path] = {}
+        self.d_sae: dict[Key, int] = {}
+        self.labels: dict[Key, Mapping[int, str]] = {}
+        self._dash: dict[Key, Mapping[str, Any]] = {}
+        self._edges: dict[Key, list[float]] = {}  # each dashboards.json's histogram bin edges
         if tracer is not None:
             for c, sae in tracer.saes.items():
-                self.d_sae[c], self.labels[c] = sae.d_sae, sae.labels
+                self.d_sae["feature", c], self.labels["feature", c] = sae.d_sae, sae.labels
                 if sae.source and Path(sae.source).is_dir():
-                    self.dirs[c] = Path(sae.source)
+                    self.dirs["feature", c] = Path(sae.source)
+            self._coders(tracer)
         elif saes_dir is not None:
             for cfg_path in sorted(Path(saes_dir).rglob("cfg.json")):
                 try:
                     cfg = read_json(cfg_path, "SAELens cfg.json")  # a regular file, bounded: never a FIFO
                     c = hook_checkpoint((cfg.get("metadata") or {}).get("hook_name") or cfg["hook_name"])
-                    self.d_sae[c], self.dirs[c] = int(cfg["d_sae"]), cfg_path.parent
-                    self.labels[c] = read_labels_json(cfg_path.parent / LABELS_FILE)
+                    self.d_sae["feature", c], self.dirs["feature", c] = int(cfg["d_sae"]), cfg_path.parent
+                    self.labels["feature", c] = read_labels_json(cfg_path.parent / LABELS_FILE)
                 except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError, QKTraceError) as e:
                     log.warning("skipping SAE config %s (%s: %s)", cfg_path, type(e).__name__, e)
+            self._coder_dashboards(Path(saes_dir))
 
-    def dashboards(self, c: int) -> Mapping[str, Any]:
-        if c not in self._dash:
-            path = self.dirs[c] / "dashboards.json" if c in self.dirs else None
+    def _coders(self, tracer: Tracer) -> None:
+        """The tracer's transcoder and attention-SAE layers: widths, labels, where their dashboards are."""
+        ts, att = tracer.transcoders, tracer.attention_saes
+        rows: list[tuple[Key, int, Mapping[int, str], str]] = []
+        if ts is not None and ts.clt is not None:
+            clt = ts.clt
+            for ly in ts.layers:
+                own = {f: t for (lt, f), t in clt.labels.items() if lt == ly}
+                rows.append((("transcoder", ly), clt.d_sae, own, clt.source))
+        elif ts is not None:
+            rows += [(("transcoder", ly), t.d_sae, t.labels, t.source) for ly, t in ts.items()]
+        rows += [(("attn", ly), a.d_sae, a.labels, a.source) for ly, a in (att or {}).items()]
+        for (kind, ly), d_sae, labels, source in rows:
+            self.d_sae[kind, ly], self.labels[kind, ly] = d_sae, labels
+            where = dashboards_folder(source, f"blocks.{ly}.{kind}")
+            if where is not None:
+                self.dirs[kind, ly] = where
+
+    def _coder_dashboards(self, root: Path) -> None:
+        """View only: the dashboards job's `blocks.L.transcoder` / `blocks.L.attn` folders under `root` (their
+        labels.json lists every feature, dead ones too: its length is the width)."""
+        for path in sorted(root.rglob(LABELS_FILE)):
+            m = _CODER_FOLDER.fullmatch(path.parent.name)
+            if m is None or (m.group(2), int(m.group(1))) in self.d_sae:
+                continue
+            try:
+                labels = read_labels_json(path)
+            except QKTraceError as e:
+                log.warning("skipping %s (%s)", path, e)
+                continue
+            key = (m.group(2), int(m.group(1)))
+            self.d_sae[key], self.labels[key], self.dirs[key] = max(labels, default=-1) + 1, labels, path.parent
+
+    def coder_layers(self) -> dict[str, list[int]]:
+        """kind -> layers of transcoder / attention-SAE features known here (GET /api/info)."""
+        return {k: sorted(n for kind, n in self.d_sae if kind == k) for k in CODER_KINDS}
+
+    @property
+    def checkpoints(self) -> list[int]:
+        """The residual-SAE checkpoints (GET /api/info)."""
+        return sorted(c for kind, c in self.d_sae if kind == "feature")
+
+    def dashboards(self, key: Key) -> Mapping[str, Any]:
+        if key not in self._dash:
+            path = self.dirs[key] / "dashboards.json" if key in self.dirs else None
             feats: Mapping[str, Any] = {}
             if path is not None and path.is_file():
                 try:
                     data = json.loads(path.read_text())
                     feats = data.get("features") or {}
-                    self._edges[c] = list(data.get("hist_edges") or [])  # version 1 on
+                    self._edges[key] = list(data.get("hist_edges") or [])  # version 1 on
                     if int(data.get("version", 0)) > DASHBOARDS_VERSION:
                         log.warning(
                             "%s is version %s, newer than this qktrace reads (%d)",
@@ -284,26 +335,46 @@ class Features:
                         )
                 except (OSError, ValueError, TypeError, AttributeError, RecursionError) as e:
                     log.warning("ignoring %s (%s: %s)", path, type(e).__name__, e)
-            self._dash[c] = feats
-        return self._dash[c]
+            self._dash[key] = feats
+        return self._dash[key]
 
-    def get(self, c: int, f: int) -> S.FeatureResponse:
-        if c not in self.d_sae:
-            known = ", ".join(map(str, sorted(self.d_sae))) or "none"
+    def get(self, c: int, f: int, kind: str = "feature") -> S.FeatureResponse:
+        """Feature `f` of the residual SAE at checkpoint `c` (kind "feature"), or of layer `c`'s transcoder
+        ("transcoder") or attention SAE ("attn")."""
+        key = (kind, c)
+        if key not in self.d_sae:
+            known = ", ".join(str(n) for k, n in sorted(self.d_sae) if k == kind) or "none"
+            if kind == "feature":
+                fix = "start the server with `qktrace serve --model M --saes D`"
+                raise ApiError(404, f"no SAE at checkpoint {c} (known: {known}): {fix}")
+            flag = "--transcoders T" if kind == "transcoder" else "--transcoders T --attention-saes A"
             raise ApiError(
                 404,
-                f"no SAE at checkpoint {c} (known: {known}): start the server with `qktrace serve --model M --saes D`",
+                f"no {CODER_KINDS[kind]} at layer {c} (known: {known}): start the server with "
+                f"`qktrace serve --model M {flag}`",
             )
-        check_index(f, self.d_sae[c], f"checkpoint {c} feature")
-        raw = self.dashboards(c).get(str(f))
-        label = self.labels.get(c, {}).get(f) or (raw or {}).get("label") or f"c{c}/f{f}"
+        where = f"checkpoint {c} feature" if kind == "feature" else f"layer {c} {CODER_KINDS[kind]} feature"
+        check_index(f, self.d_sae[key], where)
+        raw = self.dashboards(key).get(str(f))
+        label = self.labels.get(key, {}).get(f) or (raw or {}).get("label") or _placeholder(kind, c, f)
         dash = None
         if isinstance(raw, dict):
             try:
-                dash = S.Dashboard.model_validate({**raw, "hist": _histogram(raw.get("hist"), self._edges.get(c, []))})
+                hist = _histogram(raw.get("hist"), self._edges.get(key, []))
+                dash = S.Dashboard.model_validate({**raw, "hist": hist})
             except ValueError as e:
-                log.warning("dashboard of c%d/f%d is malformed: %s", c, f, e)
-        return S.FeatureResponse(checkpoint=c, feature=f, label=str(label), dashboard=dash)
+                log.warning("dashboard of %s %d/f%d is malformed: %s", kind, c, f, e)
+        return S.FeatureResponse.model_validate(
+            {"checkpoint": c, "feature": f, "label": str(label), "dashboard": dash, "kind": kind}
+        )
+
+
+_PREFIX = {"feature": "c", "transcoder": "t", "attn": "a"}
+
+
+def _placeholder(kind: str, n: int, f: int) -> str:
+    """The label a feature without one shows: as `SAE.label`, `Transcoder.label`, `AttentionSAE.label` write it."""
+    return f"{_PREFIX[kind]}{n}/f{f}"
 
 
 def _histogram(hist: Any, edges: list[float]) -> dict[str, Any] | None:

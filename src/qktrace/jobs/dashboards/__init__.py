@@ -17,6 +17,12 @@ through the final norm and unembedding, and a short automatic label.
 
 Copy (or write, with `out` = the SAE folder) `dashboards.json` and `labels.json` beside an SAE's
 `cfg.json` and `load_saes`, the server and graphs pick the labels and dashboards up.
+
+Without residual SAEs the job describes the tracer's attention-output SAEs' features when it has them
+(`attention.py`: `blocks.L.attn/`, "kind": "attn"), else its transcoders' (`transcoders.py`:
+`blocks.L.transcoder/`, "kind": "transcoder"), keyed by layer. With `out` = a `dashboards` folder inside the
+set's folder (or those folders copied beside its files), loading the set labels its features from them and
+the server serves them (`saes.labels.dashboards_folder`).
 """
 
 from .job import DashboardOptions, DashboardsResult, DashboardWorker, build_dashboards

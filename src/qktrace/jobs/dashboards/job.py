@@ -26,6 +26,7 @@ from ...tracer import Tracer
 from ..corpus import bos_token, count_documents, fingerprint, shards, tokenize_chunks
 from ..pool import ShardResult, TracerSpec, replica
 from ..runner import JobSpec, ModelArg, PathArg, RunArgs, check_args, run_job
+from .attention import AttentionFeatures, attention_features, attention_inputs
 from .render import VERSION, TokenKind, circuit_tracer_features, render, token_kind, top_outputs
 from .stats import Partial, collect, from_bytes, merge, to_bytes
 from .transcoders import Coder, TranscoderFeatures, transcoder_inputs
@@ -67,19 +68,7 @@ class DashboardWorker:
                 f"seq_len {options.seq_len} is more than the {limit} positions model '{model.name}' takes: "
                 f"give --seq-len {limit} or less"
             )
-        self.saes: dict[int, Coder]
-        self.inputs: Callable[[Model, Tensor, list[int]], dict[int, Tensor]] = residuals
-        if len(saes) == 0 and ts is not None:  # transcoder features, keyed by the layer that reads them
-            layers = options.checkpoints if options.checkpoints is not None else ts.layers
-            bad = sorted(set(layers) - set(ts.layers))
-            if bad:
-                raise InputError(f"no transcoder reads layers {bad}: loaded are layers {list(ts.layers)}")
-            self.saes = {ly: TranscoderFeatures(ly, ts) for ly in sorted(layers)}
-            self.inputs = functools.partial(transcoder_inputs, site=ts.input_site)
-        else:
-            cps = options.checkpoints if options.checkpoints is not None else saes.checkpoints
-            require_saes(saes, cps)
-            self.saes = {c: saes[c] for c in sorted(cps)}
+        self.saes, self.inputs = _coders(self.tracer, options.checkpoints)
         self.bos = bos_token(model.tokenizer, getattr(saes, "prepend_bos", None))
 
     def info(self) -> dict[str, Any]:
@@ -92,8 +81,10 @@ class DashboardWorker:
             header = {"checkpoint": c, "hook_name": sae.hook_name, "model": model.name, "d_sae": sae.d_sae, "k": sae.k}
             if isinstance(sae, TranscoderFeatures):  # keyed by the layer that reads them
                 header |= {"kind": "transcoder", "layer": c}
+            elif isinstance(sae, AttentionFeatures):  # keyed by the attention layer
+                header |= {"kind": "attn", "layer": c, "site": sae.site}
             saes[c] = {"header": header, "top": top, "bottom": bottom}
-        return {"vocab": vocab, "saes": saes}
+        return {"vocab": vocab, "saes": saes, "n_layers": model.n_layers}
 
     def process(self, index: int, docs: list[tuple[int, str]]) -> ShardResult:
         o = self.options
@@ -109,6 +100,30 @@ class DashboardWorker:
             inputs=self.inputs,
         )
         return ShardResult({shard_file(index): to_bytes(parts)}, tokens=chunks.n_tokens)
+
+
+def _coders(
+    tracer: Tracer, checkpoints: tuple[int, ...] | None
+) -> tuple[dict[int, Coder], Callable[[Model, Tensor, list[int]], dict[int, Tensor]]]:
+    """What the worker describes and how it reads their inputs: the residual SAEs when loaded, else the attention
+    SAEs when loaded, else the transcoders' features (the last two keyed by layer; `checkpoints` picks)."""
+    model, saes, ts, att = tracer.model, tracer.saes, tracer.transcoders, tracer.attention_saes
+    if len(saes) > 0 or ts is None:
+        cps = checkpoints if checkpoints is not None else saes.checkpoints
+        require_saes(saes, cps)
+        return {c: saes[c] for c in sorted(cps)}, residuals
+    what, have = ("attention SAE", att.layers) if att is not None else ("transcoder", ts.layers)
+    layers = checkpoints if checkpoints is not None else have
+    bad = sorted(set(layers) - set(have))
+    if bad:
+        raise InputError(f"no {what} reads layers {bad}: loaded are layers {list(have)}")
+    if att is not None:
+        sites = {ly: att[ly].site for ly in layers}
+        coders: dict[int, Coder] = {ly: attention_features(model, att, ly) for ly in sorted(layers)}
+        return coders, functools.partial(attention_inputs, sites=sites)
+    return {ly: TranscoderFeatures(ly, ts) for ly in sorted(layers)}, functools.partial(
+        transcoder_inputs, site=ts.input_site
+    )
 
 
 def shard_file(index: int) -> str:
@@ -210,7 +225,8 @@ def _write_checkpoint(
     if circuit_tracer:
         scan = _scan_folder(s["header"]["model"])
         for f, data in circuit_tracer_features(dash, f"{scan}/{hook}").items():
-            node = cantor(c, f)  # the feature's number in qktrace's graph JSON
+            attn = s["header"].get("kind") == "attn"  # numbered after every MLP layer's (`formats.numbering`)
+            node = cantor(info["n_layers"] + c if attn else c, f)  # the feature's number in qktrace's graph JSON
             atomic_write(out / "features" / scan / f"{node}.json", json.dumps(data, ensure_ascii=False), parents=True)
     log.info("dashboards: checkpoint %d: %d features alive, written to %s", c, dash["n_alive"], folder)
     return {"checkpoint": c, "hook_name": hook, "folder": hook, "n_alive": dash["n_alive"]}

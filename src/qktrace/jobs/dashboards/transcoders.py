@@ -26,6 +26,7 @@ from ...models import Model
 from ...models.capture import first_tensor, forward_hooks
 from ...saes import SAE, TranscoderSet
 from ...saes.transcoder import site_input
+from .attention import AttentionFeatures
 
 
 class _Enough(Exception):
@@ -70,7 +71,8 @@ class TranscoderFeatures:
         return ts.clt.k if ts.clt is not None else ts[self.layer].coder.k
 
 
-Coder = SAE | TranscoderFeatures  # what the dashboards encode with: an SAE, or one layer's transcoder features
+# what the dashboards encode with: an SAE, or one layer's transcoder or attention-SAE features
+Coder = SAE | TranscoderFeatures | AttentionFeatures
 
 
 def transcoder_inputs(model: Model, ids: Tensor, layers: Iterable[int], site: str) -> dict[int, Tensor]:

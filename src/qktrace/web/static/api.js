@@ -24,7 +24,9 @@ export const graph = (name) => api(`/api/graphs/${encodeURIComponent(name)}`);
 export const qk = (req) => api("/api/qk", req);
 export const sweep = (req) => api("/api/sweep", req);
 export const compare = (req) => api("/api/compare", req);
-export const feature = (checkpoint, index) => api(`/api/features/${checkpoint}/${index}`);
+/** A residual-SAE feature (kind "feature", at a checkpoint), or a transcoder / attention-SAE one (at a layer). */
+export const feature = (checkpoint, index, kind = "feature") => api(kind === "feature"
+  ? `/api/features/${checkpoint}/${index}` : `/api/features/${kind}/${checkpoint}/${index}`);
 
 /** Start a graph build and poll its job every half second; `progress(job)` hears each stage. The saved name. */
 export async function buildGraph(prompt, progress) {

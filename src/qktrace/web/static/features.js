@@ -11,17 +11,29 @@ import { reveal } from "./panels.js";
 import { store } from "./state.js";
 
 
-const cache = new Map(); // "checkpoint/feature" -> Promise<FeatureResponse | null>
+const cache = new Map(); // "kind/checkpoint/feature" -> Promise<FeatureResponse | null>
 
-/** A feature's label and dashboard, or null when the server has none. */
-export function feature(cp, f) {
-  const key = `${cp}/${f}`;
+/** Node kinds with a label and dashboard: residual-SAE, transcoder and attention-SAE features. */
+export const hasDashboard = (kind) => kind === "feature" || kind === "transcoder" || kind === "attn";
+
+/** Whether the server knows features of this kind at `cp` (/api/info's `coder_features`: transcoder and
+ * attention-SAE layers). */
+const served = (info, cp, kind) => Boolean(info && info.features
+  && (kind === "feature" || ((info.coder_features || {})[kind] || []).includes(cp)));
+
+/** A feature's label and dashboard, or null when the server has none (`cp`: a transcoder or attention
+ * feature's layer). */
+export function feature(cp, f, kind = "feature") {
+  const key = `${kind}/${cp}/${f}`;
   if (!cache.has(key)) {
-    const info = store.state.info;
-    cache.set(key, info && info.features ? API.feature(cp, f).catch(() => null) : Promise.resolve(null));
+    cache.set(key, served(store.state.info, cp, kind) ? API.feature(cp, f, kind).catch(() => null)
+      : Promise.resolve(null));
   }
   return cache.get(key);
 }
+
+const where = (d) => (d.kind === "transcoder" ? `layer ${d.checkpoint} transcoder`
+  : d.kind === "attn" ? `layer ${d.checkpoint} attention SAE` : `checkpoint ${d.checkpoint}`);
 
 // -- the tooltip -----------------------------------------------------------------------------------
 
@@ -51,7 +63,7 @@ const chips = (id, title, tokens) => el("div", { class: "chips", id }, title,
  * and bottom outputs too. */
 function dashboardView(d, fallback, contexts = 6, full = false) {
   if (!d) return [el("b", {}, fallback)];
-  const out = [el("b", {}, visible(d.label, false)), el("div", { class: "muted" }, `checkpoint ${d.checkpoint}, feature ${d.feature}`)];
+  const out = [el("b", {}, visible(d.label, false)), el("div", { class: "muted" }, `${where(d)}, feature ${d.feature}`)];
   const dash = d.dashboard;
   if (!dash) return out;
   out.push(el("div", { class: "muted" }, `fires on ${fmt(100 * (dash.freq || 0), 3)}% of tokens; max activation `
@@ -76,15 +88,15 @@ function dashboardView(d, fallback, contexts = 6, full = false) {
 export function showFeatureTip(e, id, fallback) {
   const p = parseId(id);
   showTip(e, [el("b", {}, fallback), el("div", { class: "muted" }, id)]);
-  if (p.kind !== "feature") return;
+  if (!hasDashboard(p.kind)) return;
   const target = e.currentTarget;
-  feature(p.cp, p.index).then((d) => {
+  feature(p.cp, p.index, p.kind).then((d) => {
     if (!tip().hidden && target.matches(":hover")) showTip(e, dashboardView(d, fallback));
   });
 }
 
 export function showNodeTip(e, model, n) {
-  if (n.p.kind === "feature") return showFeatureTip(e, n.id, nameIn(model, n.id));
+  if (hasDashboard(n.p.kind)) return showFeatureTip(e, n.id, nameIn(model, n.id));
   showTip(e, [el("b", {}, nameIn(model, n.id)), el("div", { class: "muted" }, `${n.id} ${nodeWhere(model, n)}`),
     n.activation !== null && n.activation !== undefined ? el("div", {}, `value ${fmt(n.activation)}`) : null]);
 }
@@ -92,11 +104,11 @@ export function showNodeTip(e, model, n) {
 /** The Feature panel: a feature's label and whole dashboard, until another is clicked. */
 export async function showFeaturePanel(id, fallback) {
   const p = parseId(id), body = $("feature-body");
-  if (p.kind !== "feature") return;
+  if (!hasDashboard(p.kind)) return;
   body.className = "body";
   clear(body).append(el("p", { class: "muted" }, `${fallback} (${id})`));
   reveal("feature-panel");
-  const d = await feature(p.cp, p.index);
+  const d = await feature(p.cp, p.index, p.kind);
   clear(body).append(el("div", { id: "feature-detail", "data-component": id }, dashboardView(d, fallback, 50, true)),
     el("div", { class: "muted" }, id));
 }
@@ -119,18 +131,19 @@ export function attachTips(root) {
 }
 
 /**
- * Graphs built before the SAEs had labels carry placeholder clerps ("c3/f12", after which a node with QK tracing
+ * Graphs built before the SAEs had labels carry placeholder clerps ("c3/f12", "t2/f5", "a1/f7", after which a node with QK tracing
  * names its head, see `qkSuffix`): ask the server for the real
  * ones (4 requests at a time, at most 400) and call `changed()` once some label changed.
  */
 export async function refreshLabels(model, changed) {
   if (!store.state.info || !store.state.info.features) return;
   const base = baseLabel;
-  const todo = model.nodes.filter((n) => n.p.kind === "feature" && /^c\d+\/f\d+$/.test(base(n))).slice(0, 400);
+  const todo = model.nodes.filter((n) => hasDashboard(n.p.kind) && /^(c|t|clt|a)\d+\/f\d+$/.test(base(n)))
+    .slice(0, 400);
   let any = false;
   const worker = async () => {
     for (let n = todo.shift(); n; n = todo.shift()) {
-      const d = await feature(n.p.cp, n.p.index);
+      const d = await feature(n.p.cp, n.p.index, n.p.kind);
       const label = d && d.label + (base(n) === n.clerp ? "" : qkSuffix(n));
       if (d && label !== n.clerp) { n.clerp = label; any = true; }
     }

@@ -4,7 +4,7 @@
 
 import { clear, el, fmt, num } from "./dom.js";
 import { nameIn, nodeWhere, strongest, weightOf } from "./model.js";
-import { attachTips, showFeaturePanel } from "./features.js";
+import { attachTips, hasDashboard, showFeaturePanel } from "./features.js";
 
 const HINT = "Click a node.";
 const ROWS = 12;
@@ -34,7 +34,7 @@ export function createNodePanel(body, { onLink, onPin, onExplain = null, onSteer
       n.p.kind === "logit" && onExplain ? el("button", { type: "button", id: "explain-logit",
         title: "explain why the model gives this token rather than the strongest other logit",
         onclick: () => onExplain(n) }, "Explain this answer") : null,
-      n.p.kind === "feature" ? el("button", { type: "button", id: "feature-details",
+      hasDashboard(n.p.kind) ? el("button", { type: "button", id: "feature-details",
         onclick: () => showFeaturePanel(n.id, nameIn(model, n.id)) }, "Details") : null,
       ["feature", "transcoder", "attn"].includes(n.p.kind) && onSteer ? el("button", { type: "button", id: "steer-node",
         title: "fill the steering panel with this feature at its position", onclick: () => onSteer(n) },
