@@ -14,8 +14,6 @@ import json
 import os
 import re
 import shutil
-import socket
-import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -32,7 +30,6 @@ pytest.importorskip("selenium")
 pytest.importorskip("uvicorn")
 pytest.importorskip("fastapi")
 
-import uvicorn  # noqa: E402
 from selenium import webdriver  # noqa: E402
 from selenium.common.exceptions import ElementClickInterceptedException  # noqa: E402
 from selenium.webdriver.chrome.service import Service  # noqa: E402
@@ -53,39 +50,6 @@ from qktrace.testing import GRAPH_NAME, make_server_setup  # noqa: E402
 
 pytestmark = pytest.mark.browser
 STORED = "stored.json"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class LiveServer:
-    """uvicorn on 127.0.0.1 in a background thread."""
-
-    def __init__(self, app):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    def __enter__(self) -> LiveServer:
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            assert time.monotonic() < deadline, "uvicorn did not start"
-            time.sleep(0.05)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.server.should_exit = True
-        self.thread.join(10)
-
-    def post(self, path: str, body: dict) -> dict:
-        req = urllib.request.Request(self.url + path, json.dumps(body).encode(), {"Content-Type": "application/json"})
-        with urllib.request.urlopen(req, timeout=60) as r:
-            return json.loads(r.read())
 
 
 @pytest.fixture(scope="module")
@@ -157,7 +121,7 @@ def opened(driver, name: str, timeout: float = 30) -> None:
     wait(driver, "#graph-svg g.node")
 
 
-def open_graph(driver, server: LiveServer, name: str) -> None:
+def open_graph(driver, server, name: str) -> None:
     driver.get(server.url + "/")
     WebDriverWait(driver, 30).until(
         lambda d: (
@@ -191,10 +155,10 @@ def visible_cross_link(graph: dict) -> tuple[dict, int, int]:
     raise AssertionError("no cross-position link to click in the tiny graph")
 
 
-def test_explain_an_edge_end_to_end(setup, shots, driver):
+def test_explain_an_edge_end_to_end(setup, shots, driver, live_server):
     graph = setup.graph
     link, q, k = visible_cross_link(graph)
-    with LiveServer(create_app(setup.data, setup.tracer)) as server:
+    with live_server(create_app(setup.data, setup.tracer)) as server:
         open_graph(driver, server, GRAPH_NAME)
         n_nodes = len(driver.find_elements(By.CSS_SELECTOR, "#graph-svg g.node"))
         assert n_nodes == len(graph["nodes"])
@@ -323,10 +287,10 @@ def test_explain_an_edge_end_to_end(setup, shots, driver):
         assert console_errors(driver) == []
 
 
-def test_view_only_shows_stored_terms(setup, shots, driver):
+def test_view_only_shows_stored_terms(setup, shots, driver, live_server):
     data = json.loads((setup.data / STORED).read_text())
     link = next(x for x in sorted(data["links"], key=lambda x: -abs(x["weight"])) if x.get("qk_top_terms"))
-    with LiveServer(create_app(setup.data, saes_dir=setup.saes)) as server:
+    with live_server(create_app(setup.data, saes_dir=setup.saes)) as server:
         open_graph(driver, server, STORED)
         assert "no model" in driver.find_element(By.ID, "model-info").text
         assert not driver.find_element(By.ID, "build-btn").is_enabled()
@@ -369,7 +333,7 @@ def page_labels(raw: dict) -> dict[str, str]:
     return out
 
 
-def test_other_tools_graphs_and_qk_tracing(setup, shots, driver, tmp_path):
+def test_other_tools_graphs_and_qk_tracing(setup, shots, driver, tmp_path, live_server):
     """circuit-tracer's and Neuronpedia's own graph files open beside qktrace's: drawn node for node, with
     the notice that they have no head loadings (on the graph and on a clicked edge); a node's QK tracing
     (qktrace's or Neuronpedia's fields) lists its pairs with the labels of the nodes or QK-only nodes named."""
@@ -378,7 +342,7 @@ def test_other_tools_graphs_and_qk_tracing(setup, shots, driver, tmp_path):
     for name in ("circuit_tracer_0.5_graph.json", "neuronpedia_graph.json"):
         (data / name).write_text((FIXTURES / name).read_text())
     (data / GRAPH_NAME).write_text((setup.data / GRAPH_NAME).read_text())
-    with LiveServer(create_app(data, saes_dir=setup.saes)) as server:
+    with live_server(create_app(data, saes_dir=setup.saes)) as server:
         for name, maker in (("circuit_tracer_0.5_graph.json", "another tool"),
                             ("neuronpedia_graph.json", "llamascopium (CRM) by OpenMOSS")):  # fmt: skip
             raw = json.loads((data / name).read_text())
@@ -420,7 +384,7 @@ def test_other_tools_graphs_and_qk_tracing(setup, shots, driver, tmp_path):
         assert console_errors(driver) == []
 
 
-def test_demo_graph_in_the_browser(tmp_path, shots, driver):
+def test_demo_graph_in_the_browser(tmp_path, shots, driver, live_server):
     """The embedded demo: its induction graph, the strongest cross-position edge, its top head's QK panel
     (numbers equal to the API's), a feature's real dashboard on hover, and a sweep."""
     from qktrace.config import DEMO_MODEL, DEMO_SAES
@@ -435,7 +399,7 @@ def test_demo_graph_in_the_browser(tmp_path, shots, driver):
     graph = json.loads((data / "induction.graph.json").read_text())
     link, q, k = visible_cross_link(graph)
     top = link["head_loadings"][0]
-    with LiveServer(create_app(data, tracer, saes_dir=DEMO_SAES)) as server:
+    with live_server(create_app(data, tracer, saes_dir=DEMO_SAES)) as server:
         open_graph(driver, server, "induction.graph.json")
         tokens = [t.text for t in driver.find_elements(By.CSS_SELECTOR, "#graph-svg text.token-label")]
         assert tokens[-2:] == [",", "Aunt"]
@@ -508,7 +472,7 @@ def strongest_input(graph: dict) -> tuple[dict, float]:
     return link, norm
 
 
-def test_first_graph_labels_normalised_weights_and_url(setup, shots, driver, tmp_path):
+def test_first_graph_labels_normalised_weights_and_url(setup, shots, driver, tmp_path, live_server):
     """No click: the page opens the first graph GET /api/graphs lists; hovering a node draws its label on the
     graph (cut, the full text in its title), pinning keeps it, pinned labels do not overlap; the normalised
     toggle shows a known edge's weight over its target's incoming |weights|, as computed here; a URL that
@@ -524,7 +488,7 @@ def test_first_graph_labels_normalised_weights_and_url(setup, shots, driver, tmp
     data.mkdir()
     (data / "b-other.json").write_text((setup.data / STORED).read_text())
     (data / "a-first.json").write_text(json.dumps(graph))
-    with LiveServer(create_app(data)) as server:
+    with live_server(create_app(data)) as server:
         with urllib.request.urlopen(server.url + "/api/graphs", timeout=30) as r:
             first = json.loads(r.read())["graphs"][0]["name"]
         assert first == "a-first.json"
@@ -632,11 +596,11 @@ def test_first_graph_labels_normalised_weights_and_url(setup, shots, driver, tmp
         assert console_errors(driver) == []
 
 
-def test_page_modules_are_served_as_javascript(setup):
+def test_page_modules_are_served_as_javascript(setup, live_server):
     """Every module the page imports is a sibling file under /static, served with a JavaScript MIME type
     (Chromium refuses module scripts otherwise) and without any external address."""
     static = Path(qktrace.__file__).parent / "web" / "static"
-    with LiveServer(create_app(setup.data)) as server:
+    with live_server(create_app(setup.data)) as server:
         with urllib.request.urlopen(server.url + "/", timeout=30) as r:
             page = r.read().decode()
         assert '<script type="module" src="/static/app.js"></script>' in page
@@ -655,7 +619,7 @@ def test_page_modules_are_served_as_javascript(setup):
         assert seen == {p.name for p in static.glob("*.js")}, "a module no one imports, or one not found"
 
 
-def test_compare_view(setup, shots, driver, tmp_path):
+def test_compare_view(setup, shots, driver, tmp_path, live_server):
     """#compare=A,B opens two graphs side by side, the differing token marked in both, and the heads whose
     attention differs most, with the numbers the API computes; a head's row shows its QK term differences;
     closing it returns to one graph; without a model the graphs still show, with a note."""
@@ -671,7 +635,7 @@ def test_compare_view(setup, shots, driver, tmp_path):
         traced[name] = tracer.run(prompt)
         traced[name].graph(progress=False).save(data / name)
     graphs = {name: json.loads((data / name).read_text()) for name in prompts}
-    with LiveServer(create_app(data, tracer)) as server:
+    with live_server(create_app(data, tracer)) as server:
         driver.get(server.url + "/#compare=a.json,b.json")
         wait(driver, "#compare-table tr.compare-row")
         assert driver.find_element(By.ID, "compare-pane").is_displayed()
@@ -739,7 +703,7 @@ def test_compare_view(setup, shots, driver, tmp_path):
         assert Select(driver.find_element(By.ID, "compare-b")).first_selected_option.get_attribute("value") == "b.json"
         assert console_errors(driver) == []
 
-    with LiveServer(create_app(data)) as server:  # view only: no model
+    with live_server(create_app(data)) as server:  # view only: no model
         driver.get(server.url + "/#compare=a.json,b.json")
         note = wait(driver, "#compare-note")
         assert "No model is loaded" in note.text
@@ -753,7 +717,7 @@ def test_compare_view(setup, shots, driver, tmp_path):
         assert console_errors(driver) == []
 
 
-def test_transcoder_graph_in_the_browser(setup, shots, driver, tmp_path):
+def test_transcoder_graph_in_the_browser(setup, shots, driver, tmp_path, live_server):
     """A plain transcoder graph opens: every node drawn (transcoder features as their own kind), no head
     loadings, and a traced node's QK pairs name the residual's writers with their labels."""
     from qktrace.saes import load_transcoders
@@ -766,7 +730,7 @@ def test_transcoder_graph_in_the_browser(setup, shots, driver, tmp_path):
     data.mkdir()
     traced.graph(progress=False, node_threshold=0.95).save(data / "tc.json")
     raw = json.loads((data / "tc.json").read_text())
-    with LiveServer(create_app(data, setup.tracer)) as server:
+    with live_server(create_app(data, setup.tracer)) as server:
         open_graph(driver, server, "tc.json")
         nodes = driver.find_elements(By.CSS_SELECTOR, "#graph-svg g.node")
         assert {g.get_attribute("data-id") for g in nodes} == {n["node_id"] for n in raw["nodes"]}
@@ -788,7 +752,7 @@ def test_transcoder_graph_in_the_browser(setup, shots, driver, tmp_path):
         driver.save_screenshot(str(shots / "12-transcoder-graph.png"))
 
 
-def test_transcoder_node_opens_its_dashboard(setup, driver, tmp_path):
+def test_transcoder_node_opens_its_dashboard(setup, driver, tmp_path, live_server):
     """A transcoder graph served with its transcoders' dashboards (`qktrace dashboards --transcoders CT --out
     CT/dashboards`): a transcoder node carries the dashboards' label, and its Details open the feature panel
     with the file's label and top contexts."""
@@ -816,7 +780,7 @@ def test_transcoder_node_opens_its_dashboard(setup, driver, tmp_path):
     dash = json.loads((ct / "dashboards" / f"blocks.{layer[1:]}.transcoder" / "dashboards.json").read_text())
     want = dash["features"][f[1:]]
     assert node["clerp"].startswith(want["label"])
-    with LiveServer(create_app(data, tracer)) as server:
+    with live_server(create_app(data, tracer)) as server:
         open_graph(driver, server, "tc.json")
         click(
             driver,
@@ -871,7 +835,7 @@ def inside(inner: dict, outer: dict) -> bool:
     )
 
 
-def test_checkpointed_graph_in_the_browser(setup, driver, tmp_path):
+def test_checkpointed_graph_in_the_browser(setup, driver, tmp_path, live_server):
     """A checkpointed graph (transcoders + attention SAEs) opens: attention-SAE features drawn as their own kind,
     named in the legend with a marker of their own; an edge into one lists its heads."""
     from qktrace.saes import load_transcoders
@@ -885,7 +849,7 @@ def test_checkpointed_graph_in_the_browser(setup, driver, tmp_path):
     data.mkdir()
     traced.graph(progress=False, node_threshold=0.95).save(data / "s2.json")
     raw = json.loads((data / "s2.json").read_text())
-    with LiveServer(create_app(data, setup.tracer)) as server:
+    with live_server(create_app(data, setup.tracer)) as server:
         open_graph(driver, server, "s2.json")
         nodes = driver.find_elements(By.CSS_SELECTOR, "#graph-svg g.node")
         assert {g.get_attribute("data-id") for g in nodes} == {n["node_id"] for n in raw["nodes"]}
@@ -910,7 +874,7 @@ def test_checkpointed_graph_in_the_browser(setup, driver, tmp_path):
         assert console_errors(driver) == []
 
 
-def test_big_graph_opens_fitted_and_labelled(demo, shots, driver):
+def test_big_graph_opens_fitted_and_labelled(demo, shots, driver, live_server):
     """The demo's largest graph at 1280x800: every logit node and the answer column on screen after load,
     logits labelled with token and probability, the top nodes by influence labelled without overlap, a
     legend of the kinds present, inhibitory edges dashed; zoom and fit change the view, labels stay 11 px."""
@@ -919,7 +883,7 @@ def test_big_graph_opens_fitted_and_labelled(demo, shots, driver):
     graph = json.loads((data / name).read_text())
     assert len(graph["nodes"]) > 300
     driver.set_window_size(1280, 800)
-    with LiveServer(create_app(data, saes_dir=saes)) as server:
+    with live_server(create_app(data, saes_dir=saes)) as server:
         driver.get(f"{server.url}/#graph={name}")
         opened(driver, name)
         pane = screen_rect(driver, driver.find_element(By.ID, "graph-scroll"))
@@ -985,7 +949,7 @@ def test_big_graph_opens_fitted_and_labelled(demo, shots, driver):
         assert console_errors(driver) == []
 
 
-def test_mechanism_view_replay_and_explain(demo, shots, driver):
+def test_mechanism_view_replay_and_explain(demo, shots, driver, live_server):
     """A *.mechanism.json from the list opens on its graph: the candidates table and the winning curve as the
     file holds them, the clean scale marked, the chosen features highlighted; Replay runs them all (several
     features, all its heads) in the steering panel, whose p(answer) and p(rival) equal the curve's; and
@@ -995,7 +959,7 @@ def test_mechanism_view_replay_and_explain(demo, shots, driver):
     mech = json.loads((data / "induction.mechanism.json").read_text())
     best = mech["candidates"][mech["best"]]
     graph = json.loads((data / "induction.graph.json").read_text())
-    with LiveServer(create_app(data, tracer, saes_dir=saes)) as server:
+    with live_server(create_app(data, tracer, saes_dir=saes)) as server:
         open_graph(driver, server, "multiple_choice.graph.json")
         option = driver.find_element(
             By.CSS_SELECTOR, '#graph-select option[value="mechanism:induction.mechanism.json"]'
@@ -1088,7 +1052,7 @@ def qk_view(driver) -> tuple[str, list[float]]:
     return title, [float(c.get_attribute("data-value")) for c in cells]
 
 
-def test_every_view_is_a_link(setup, shots, driver, tmp_path):
+def test_every_view_is_a_link(setup, shots, driver, tmp_path, live_server):
     """Pins, prune level, the selected edge, the head and the QK query and key go into the URL; the URL opened
     afresh shows the same edge, the same QK numbers (the API's), the same pins and prune level; Back
     returns to the selected node; #compare=A,B then #graph=X opens X; tooltips never end in "null" and go
@@ -1106,7 +1070,7 @@ def test_every_view_is_a_link(setup, shots, driver, tmp_path):
     tokenless["nodes"] = [n for n in tokenless["nodes"] if not is_token(n["node_id"])]
     tokenless["links"] = [x for x in tokenless["links"] if not (is_token(x["source"]) or is_token(x["target"]))]
     (data / "c.json").write_text(json.dumps(tokenless))
-    with LiveServer(create_app(data, setup.tracer)) as server:
+    with live_server(create_app(data, setup.tracer)) as server:
         driver.get(server.url + "/#compare=a.json,b.json")
         wait(driver, "#compare-table tr.compare-row")
         driver.execute_script("location.hash = '#graph=b.json'")
@@ -1278,7 +1242,7 @@ def drawn_summed_edges(driver) -> dict[tuple[str, str], float]:
             for e in edges}  # fmt: skip
 
 
-def test_supernode_collapses_into_one_node(setup, shots, driver):
+def test_supernode_collapses_into_one_node(setup, shots, driver, live_server):
     """Three pinned nodes grouped, then collapsed by a click on the group's label: one node drawn for them
     (three fewer graph nodes), its edges the sums over the members' edges read from the graph file, its
     member count shown; the URL keeps it collapsed (a reload reopens it so); a click on it expands it into its
@@ -1290,7 +1254,7 @@ def test_supernode_collapses_into_one_node(setup, shots, driver):
         degree[x["source"]] += 1
         degree[x["target"]] += 1
     members = sorted((i for i in degree if kind(i) is Kind.FEATURE), key=lambda i: (-degree[i], i))[:3]
-    with LiveServer(create_app(setup.data, setup.tracer)) as server:
+    with live_server(create_app(setup.data, setup.tracer)) as server:
         open_graph(driver, server, GRAPH_NAME)
         everyone = shown_nodes(driver)
         assert len(everyone) == len(graph["nodes"])
@@ -1396,7 +1360,7 @@ def font_px(driver, element) -> float:
     return float(driver.execute_script("return parseFloat(getComputedStyle(arguments[0]).fontSize)", element))
 
 
-def test_compare_opens_full_panels_on_either_side(setup, shots, driver, tmp_path):
+def test_compare_opens_full_panels_on_either_side(setup, shots, driver, tmp_path, live_server):
     """At 1280x800, a click on a node of graph B opens the node panel with B's numbers (from B's graph file,
     which differ from A's there), the edge panel with B's head loadings, and the QK panel computed on B's
     tokens (the API's numbers); the graphs are fitted at a readable scale (token text and labels at least
@@ -1421,7 +1385,7 @@ def test_compare_opens_full_panels_on_either_side(setup, shots, driver, tmp_path
         and any(x["target"] == n["node_id"] and x["head_loadings"] for x in b["links"])
     ]
     driver.set_window_size(1280, 800)
-    with LiveServer(create_app(data, setup.tracer)) as server:
+    with live_server(create_app(data, setup.tracer)) as server:
         driver.get(server.url + "/#compare=a.json,b.json")
         wait(driver, "#compare-table tr.compare-row")
         target = driver.execute_script(
@@ -1496,7 +1460,7 @@ def compare_error(driver) -> str:
     return box.text
 
 
-def test_compare_pairs_aligned_prompts_and_takes_a_typed_prompt_b(setup, shots, driver, tmp_path):
+def test_compare_pairs_aligned_prompts_and_takes_a_typed_prompt_b(setup, shots, driver, tmp_path, live_server):
     """The Compare button pairs the open graph with one whose tokens align (not the first listed, which does
     not), or says in one line that none does; a pair that does not align is refused in one line naming both
     token counts and the first differing position; a typed prompt B is compared (the table is
@@ -1507,7 +1471,7 @@ def test_compare_pairs_aligned_prompts_and_takes_a_typed_prompt_b(setup, shots, 
     graphs = compare_graphs(setup.tracer, data, PAIR)
     short = graphs["0-short.json"]["metadata"]["prompt_tokens"]
     long = graphs["a.json"]["metadata"]["prompt_tokens"]
-    with LiveServer(create_app(data, setup.tracer)) as server:
+    with live_server(create_app(data, setup.tracer)) as server:
         open_graph(driver, server, "a.json")
         click(driver, driver.find_element(By.ID, "compare-open"))
         WebDriverWait(driver, 10).until(lambda d: Select(d.find_element(By.ID, "compare-b")).options)
