@@ -201,3 +201,52 @@ class Page:
 def page(chrome):
     """`chrome` with the moves of a browser test (find, click, type, open a graph, console errors)."""
     return Page(chrome)
+
+
+# -- steering a transcoder or attention-SAE feature inside one head's QK circuit --------------------------------
+
+
+@pytest.fixture
+def check_qk_steering():
+    """`check(model, ids, ts, side, kind, attention_saes=None)`: the layer-0 feature of `kind` that moves
+    layer 1 head 2's `side` most, steered at s in (0, 2, -1.5) inside that head only, moves its scores by
+    exactly its QK terms times s - 1 (HF's soft-cap applied); every other head of the layer is bit-identical."""
+    import torch
+
+    from qktrace.config import TOLERANCE
+    from qktrace.graph.transcoder_qk import residual_writers, transcoder_qk_attribution
+    from qktrace.nodes import Kind, Node
+    from qktrace.steering.interventions import SteerQK, run_with
+
+    def check(model, ids, ts, side, kind, attention_saes=None) -> None:
+        clean = model.run(ids)
+        writers = residual_writers(model, clean, ts, attention_saes=attention_saes)
+        q, head, others = len(ids) - 1, 2, [0, 1, 3]
+        att = transcoder_qk_attribution(model, clean, writers, 1, head, q)
+        comp = att.query if side == "query" else att.key
+        prefix = f"{kind.value}/l0/"
+        feats = [(i, c) for i, c in enumerate(comp.ids) if c.startswith(prefix)]
+        assert feats
+        strength = (lambda i: att.terms[i].abs().sum()) if side == "query" else (lambda i: att.terms[:, i].abs().sum())
+        i, cid = max(feats, key=lambda ic: float(strength(ic[0])))
+        node = Node.parse(cid)
+        if side == "query":
+            per_key = torch.zeros_like(att.sum_of_terms).index_add_(0, att.key_index, att.terms[i])
+        else:
+            per_key = torch.zeros_like(att.sum_of_terms)
+            per_key[att.key_index[i]] = att.terms[:, i].sum()
+        base = run_with(model, {}, ids, [], clean=clean, record_attention=[1]).scores[1]
+        coders = {"attention_saes": attention_saes} if kind is Kind.ATTN_FEATURE else {"transcoders": ts}
+        keys = list(att.key_positions)
+        for s in (0.0, 2.0, -1.5):
+            iv = SteerQK(1, head, side, node.index, node.pos, scale=s, kind=kind, feature_layer=0)
+            got = run_with(model, {}, ids, [iv], clean=clean, record_attention=[1], **coders).scores[1]
+            assert torch.equal(got[others], base[others])
+            want = att.sum_of_terms + (s - 1) * per_key  # the QK terms' prediction, before Gemma-2's soft-cap
+            if att.softcap is not None:
+                want = att.softcap * torch.tanh(want / att.softcap)
+            err = float((got[head, q, keys] - want).abs().max())
+            assert err < 10 * TOLERANCE["float32"] * float(att.terms.abs().max()), s
+        assert float(per_key.abs().max()) > 1e-4
+
+    return check

@@ -10,8 +10,7 @@ import torch
 
 from qktrace.config import TOLERANCE
 from qktrace.errors import InputError, OutOfRangeError
-from qktrace.graph.transcoder_qk import residual_writers, transcoder_qk_attribution
-from qktrace.nodes import Kind, Node
+from qktrace.nodes import Kind
 from qktrace.saes import load_transcoders
 from qktrace.steering.interventions import SteerFeature, SteerQK, run_with
 from qktrace.testing import random_attention_saes, random_prompt, write_transcoder_set
@@ -91,39 +90,13 @@ def test_steering_an_attention_feature_equals_hf_with_its_write_added(family, si
 @pytest.mark.parametrize("sites", [("z", "attn_out"), ("attn_out", "z")])
 @pytest.mark.parametrize("side", ["query", "key"])
 def test_qk_steering_of_an_attention_feature_moves_only_the_chosen_heads_by_its_qk_terms(
-    family, sites, side, tiny_models, tmp_path
+    family, sites, side, tiny_models, tmp_path, check_qk_steering
 ):
     model = tiny_models[family]
     ts = load_transcoders(write_transcoder_set(tmp_path / "ct", model.d_model, 2), model)
     saes = random_attention_saes(model, sites)
     ids = model.tokenize(random_prompt(10, seed=5))
-    clean = model.run(ids)
-    writers = residual_writers(model, clean, ts, attention_saes=saes)
-    q, head, others = len(ids) - 1, 2, [0, 1, 3]
-    att = transcoder_qk_attribution(model, clean, writers, 1, head, q)
-    comp = att.query if side == "query" else att.key
-    feats = [(i, c) for i, c in enumerate(comp.ids) if c.startswith("attn/l0/")]
-    assert feats
-    strength = (lambda i: att.terms[i].abs().sum()) if side == "query" else (lambda i: att.terms[:, i].abs().sum())
-    i, cid = max(feats, key=lambda ic: float(strength(ic[0])))
-    node = Node.parse(cid)
-    if side == "query":
-        per_key = torch.zeros_like(att.sum_of_terms).index_add_(0, att.key_index, att.terms[i])
-    else:
-        per_key = torch.zeros_like(att.sum_of_terms)
-        per_key[att.key_index[i]] = att.terms[:, i].sum()
-    base = run_with(model, {}, ids, [], clean=clean, record_attention=[1]).scores[1]
-    keys = list(att.key_positions)
-    for s in (0.0, 2.0, -1.5):
-        iv = SteerQK(1, head, side, node.index, node.pos, scale=s, kind=Kind.ATTN_FEATURE, feature_layer=0)
-        got = run_with(model, {}, ids, [iv], clean=clean, record_attention=[1], attention_saes=saes).scores[1]
-        assert torch.equal(got[others], base[others])
-        want = att.sum_of_terms + (s - 1) * per_key  # the QK terms' prediction, before Gemma-2's soft-cap
-        if att.softcap is not None:
-            want = att.softcap * torch.tanh(want / att.softcap)
-        err = float((got[head, q, keys] - want).abs().max())
-        assert err < 10 * TOLERANCE["float32"] * float(att.terms.abs().max()), s
-    assert float(per_key.abs().max()) > 1e-4
+    check_qk_steering(model, ids, ts, side, Kind.ATTN_FEATURE, attention_saes=saes)
 
 
 def test_attention_steering_refuses_what_it_cannot_do(tiny_models):
