@@ -15,9 +15,7 @@ import pytest
 pytest.importorskip("selenium")
 pytest.importorskip("fastapi")
 
-from selenium.common.exceptions import ElementClickInterceptedException  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
-from selenium.webdriver.support import expected_conditions as EC  # noqa: E402
 from selenium.webdriver.support.ui import Select, WebDriverWait  # noqa: E402
 
 from qktrace.nodes import Kind, Node, component_label, visible  # noqa: E402
@@ -45,18 +43,6 @@ def demo(tmp_path_factory):
     small = ExplainSettings(sites=1, ablate=2, candidates=2, top_k=(2,), scales=(1.0, 0.0), null_draws=0)
     explain(tracer, case.prompt, case.answer, case.rival, settings=small, graph=graph).save_json(data / MECH)
     return tracer, data, DEMO_SAES
-
-
-def wait(driver, css: str, timeout: float = 60):
-    return WebDriverWait(driver, timeout).until(EC.presence_of_element_located((By.CSS_SELECTOR, css)))
-
-
-def click(driver, element) -> None:
-    driver.execute_script("arguments[0].scrollIntoView({block: 'center', inline: 'center'})", element)
-    try:
-        element.click()
-    except ElementClickInterceptedException:
-        driver.execute_script("arguments[0].dispatchEvent(new MouseEvent('click', {bubbles: true}))", element)
 
 
 def value(driver, css: str) -> float:
@@ -96,9 +82,9 @@ def shots(tmp_path_factory):
     return path
 
 
-def test_qk_heatmap_rival_feature_detail_and_labels(demo, chrome, live_server, shots):
+def test_qk_heatmap_rival_feature_detail_and_labels(demo, page, live_server, shots):
     tracer, data, saes = demo
-    driver = chrome
+    driver = page.driver
     driver.set_window_size(1280, 800)  # the README's screenshots' size
     graph = json.loads((data / GRAPH).read_text())
     mech = json.loads((data / MECH).read_text())
@@ -118,8 +104,8 @@ def test_qk_heatmap_rival_feature_detail_and_labels(demo, chrome, live_server, s
             box = driver.find_element(By.ID, field)
             box.clear()
             box.send_keys(str(v))
-        click(driver, driver.find_element(By.ID, "qk-run"))
-        wait(driver, "#qk-terms tr.qk-term")
+        page.click(driver.find_element(By.ID, "qk-run"))
+        page.wait("#qk-terms tr.qk-term")
         req = {"tokens": graph["metadata"]["qktrace"]["tokens"], "layer": layer, "head": head, "query_pos": q,
                "key_pos": key, "top": 12}  # fmt: skip
         api = server.post("/api/qk", req)
@@ -127,10 +113,10 @@ def test_qk_heatmap_rival_feature_detail_and_labels(demo, chrome, live_server, s
         assert score == api["qk"]["score"][0]
 
         # the heatmap, beside the table: the expected cells, adding up to the score shown
-        click(driver, driver.find_element(By.ID, "qk-show-heatmap"))
+        page.click(driver.find_element(By.ID, "qk-show-heatmap"))
         for only, hm in ((False, api["heatmap"]), (True, api["heatmap_features"])):
             if only:
-                click(driver, driver.find_element(By.ID, "qk-features-only"))
+                page.click(driver.find_element(By.ID, "qk-features-only"))
             flag = str(only).lower()
             WebDriverWait(driver, 10).until(
                 lambda d, f=flag: d.find_element(By.ID, "qk-heatmap").get_attribute("data-features-only") == f
@@ -146,8 +132,8 @@ def test_qk_heatmap_rival_feature_detail_and_labels(demo, chrome, live_server, s
                 assert comps and all(Node.parse(c.get_attribute("data-component")).kind is Kind.FEATURE for c in comps)
         driver.execute_script("document.getElementById('qk-heatmap').scrollIntoView({block: 'center'})")
         driver.save_screenshot(str(shots / "qk-heatmap.png"))
-        click(driver, driver.find_element(By.ID, "qk-show-table"))
-        wait(driver, "#qk-terms tr.qk-term")
+        page.click(driver.find_element(By.ID, "qk-show-table"))
+        page.wait("#qk-terms tr.qk-term")
 
         # a rival key chosen: the contrast's terms (and the rest) add up to the library's score difference
         rival_before = int(Select(driver.find_element(By.ID, "qk-rival")).first_selected_option.get_attribute("value"))
@@ -186,8 +172,8 @@ def test_qk_heatmap_rival_feature_detail_and_labels(demo, chrome, live_server, s
 
         # the feature detail: histogram counts and bottom outputs from the dashboards file
         fid = next(c for c in qk_labels if Node.parse(c).kind is Kind.FEATURE)
-        click(driver, driver.find_element(By.CSS_SELECTOR, f'#qk-terms span.comp[data-component="{fid}"]'))
-        wait(driver, "#feature-hist rect.hist-bar")
+        page.click(driver.find_element(By.CSS_SELECTOR, f'#qk-terms span.comp[data-component="{fid}"]'))
+        page.wait("#feature-hist rect.hist-bar")
         node = Node.parse(fid)
         path = next(saes.glob(f"blocks.{node.checkpoint}.hook_resid_pre/dashboards.json"))
         dash = json.loads(path.read_text())["features"][str(node.index)]
@@ -204,7 +190,7 @@ def test_qk_heatmap_rival_feature_detail_and_labels(demo, chrome, live_server, s
         shared = [c for c in qk_labels if c in node_ids]
         assert shared, "no QK component of the mechanism's head is a node of the graph"
         for cid in shared[:3]:
-            click(driver, driver.find_element(By.CSS_SELECTOR, f'#graph-svg g.node[data-id="{cid}"] .mark'))
+            page.click(driver.find_element(By.CSS_SELECTOR, f'#graph-svg g.node[data-id="{cid}"] .mark'))
             WebDriverWait(driver, 10).until(lambda d, c=cid: title(d) == c)
             assert driver.find_element(By.ID, "node-title").text == qk_labels[cid]
             WebDriverWait(driver, 10).until(lambda d, c=cid: drawn(c).get_attribute("data-full") == qk_labels[c])
@@ -222,7 +208,7 @@ def test_qk_heatmap_rival_feature_detail_and_labels(demo, chrome, live_server, s
 
         # the mechanism view names its features the same way
         Select(driver.find_element(By.ID, "graph-select")).select_by_value(f"mechanism:{MECH}")
-        wait(driver, "#mech-parts span.comp")
+        page.wait("#mech-parts span.comp")
         mech_labels = labels(driver, "#mech-parts")
         assert mech_labels
         for cid, text in mech_labels.items():
